@@ -1,0 +1,207 @@
+"""`arat`: train, evaluate, export, list recipes, fetch data.
+
+Bad input (unknown recipe, bad --set, missing data, unusable output directory, unreadable checkpoint) ends with one
+line on stderr and exit status 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, EvalConfig, ModelConfig, TrainConfig, apply_overrides, default_data_dir
+from .errors import UserError
+from .recipes import RECIPES, get_recipe
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="dataset root (default: $ARAT_DATA_DIR or ./data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe, then evaluate it")
+    p.add_argument("--recipe", help="recipe name (`arat recipes`)")
+    _add_data_dir(p)
+    p.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+
+    sub.add_parser("recipes", help="list recipes")
+
+    p = sub.add_parser("eval", help="evaluate a run, a checkpoint, or a plain state_dict")
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--attacks", default="clean,pgd20,aa", help="comma list of clean, pgd20, aa")
+    p.add_argument("--num-examples", type=int, default=None, help="first N test images (default 10000)")
+    p.add_argument("--aa-num-examples", type=int, default=None, help="first N for AutoAttack (default: same)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--model", choices=["resnet18", "wrn34-10"], help="architecture of a plain state_dict")
+    p.add_argument("--width", type=int, default=64, help="ResNet-18 width of a plain state_dict")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100"], default=None)
+    p.add_argument("--device", default="auto")
+    _add_data_dir(p)
+
+    p = sub.add_parser("export", help="write the plain network (single BN holding the adv-BN statistics)")
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("out", metavar="OUT.pt")
+
+    p = sub.add_parser("data", help="dataset tools")
+    data = p.add_subparsers(dest="data_command", required=True)
+    d = data.add_parser("download", help="fetch the official archive, verify its MD5, extract it")
+    d.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
+    _add_data_dir(d)
+    d.add_argument("--url", help="alternative source (e.g. file:///path/cifar-10-python.tar.gz)")
+    d.add_argument("--md5", help="expected MD5 (default: the published one)")
+    d = data.add_parser("ffcv", help="write train/test .beton files from the official layout")
+    d.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
+    _add_data_dir(d)
+    d.add_argument("--out", required=True)
+    return parser
+
+
+def cmd_recipes(args) -> None:
+    width = max(map(len, RECIPES))
+    for name, (_, description) in RECIPES.items():
+        print(f"{name:<{width}}  {description}")
+
+
+def cmd_train(args) -> None:
+    from .train import load_run_config, run_training
+
+    if args.resume:
+        if args.recipe or args.overrides:
+            raise ConfigError("--resume continues a run with its saved config.json: drop --recipe and --set")
+        cfg, out = load_run_config(args.resume), args.resume
+    else:
+        if not args.recipe:
+            raise ConfigError("train needs --recipe NAME (or --resume RUN_DIR); `arat recipes` lists recipes")
+        cfg = get_recipe(args.recipe)
+        overrides = ([f"data.data_dir={args.data_dir}"] if args.data_dir else []) + args.overrides
+        cfg = apply_overrides(cfg, overrides)
+        out = args.out or f"runs/{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_training(cfg, out, resume=bool(args.resume), evaluate_at_end=not args.no_eval)
+
+
+def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
+    """(checkpoint file, its run config if it belongs to a run)."""
+    from .models import CheckpointError
+    from .train import FINAL, LATEST, load_run_config
+
+    path = Path(target)
+    if path.is_dir():
+        cfg = load_run_config(path)
+        for name in (FINAL, LATEST):
+            if (path / "checkpoints" / name).exists():
+                return path / "checkpoints" / name, cfg
+        raise CheckpointError(f"{path} has no checkpoint yet; train it first")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    return path, None
+
+
+def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
+    """The network to evaluate (Split-BN from a run/engine checkpoint, or plain from a bare state_dict)."""
+    from .models import build_model, load_plain, read_checkpoint
+
+    ckpt_path, run_cfg = resolve_target(args.target)
+    state = read_checkpoint(ckpt_path)
+    engine_ckpt = isinstance(state, dict) and "model" in state and "config" in state
+    if engine_ckpt:
+        from .config import from_dict
+
+        cfg = run_cfg or from_dict(state["config"])
+        model = build_model(cfg.model, cfg.data.num_classes)
+        load_plain(model, state["model"], str(ckpt_path))
+        return model, cfg
+    if not args.model:
+        raise ConfigError(f"{ckpt_path} is a plain state_dict: say which network with --model resnet18|wrn34-10")
+    cfg = TrainConfig(model=ModelConfig(arch=args.model, width=args.width, split_bn=False))
+    model = build_model(
+        cfg.model, cfg.data.num_classes if not args.dataset else (100 if args.dataset == "cifar100" else 10)
+    )
+    load_plain(model, state, str(ckpt_path))
+    return model, cfg
+
+
+def cmd_eval(args) -> None:
+    from .data import load_test_split
+    from .evaluate import evaluate, format_results
+    from .perf import resolve_device
+
+    model, cfg = load_for_eval(args)
+    data_cfg = apply_overrides(cfg, [f"data.dataset={args.dataset}"] if args.dataset else []).data
+    if args.data_dir:
+        data_cfg.data_dir = args.data_dir
+    eval_cfg = EvalConfig(
+        attacks=args.attacks,
+        num_examples=args.num_examples or 10000,
+        aa_num_examples=args.aa_num_examples or 0,
+        batch_size=args.batch_size,
+    )
+    device = resolve_device(args.device)
+    results = evaluate(model.to(device), load_test_split(data_cfg, cfg.seed), eval_cfg, device, cfg.seed)
+    print(f"{args.target}: {format_results(results)}")
+    if Path(args.target).is_dir():
+        record = {"dataset": data_cfg.dataset, "results": results}
+        (Path(args.target) / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def cmd_export(args) -> None:
+    from .models import build_model, export_state_dict, load_plain, read_checkpoint
+    from .rundir import RunDirError, atomic_write
+
+    ckpt_path, _ = resolve_target(args.target)
+    state = read_checkpoint(ckpt_path)
+    raw = state["model"] if isinstance(state, dict) and "model" in state else state
+    plain = export_state_dict(raw)
+    if isinstance(state, dict) and "config" in state:  # check it loads into the plain network before writing
+        from .config import from_dict
+
+        cfg = from_dict(state["config"])
+        load_plain(build_model(cfg.model, cfg.data.num_classes, split_bn=False), plain, str(ckpt_path))
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise RunDirError(f"{out.parent} does not exist; create it or pick another OUT.pt")
+    atomic_write(out, lambda f: torch.save(plain, f))
+    print(f"wrote {out} ({len(plain)} tensors; plain network with the adv-BN statistics)")
+
+
+def cmd_data(args) -> None:
+    data_dir = args.data_dir or default_data_dir()
+    if args.data_command == "download":
+        from .data.download import download
+
+        print(f"{args.dataset} ready in {download(args.dataset, data_dir, args.url, args.md5)}")
+    else:
+        from .data.ffcv_backend import write_betons_from_layout
+
+        paths = write_betons_from_layout(args.dataset, data_dir, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths))
+
+
+COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "eval": cmd_eval, "export": cmd_export, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as e:  # bad input: one line saying what to do, no traceback
+        print(f"arat: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("arat: interrupted; a training run continues with `arat train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

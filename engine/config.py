@@ -1,0 +1,267 @@
+"""Run configuration: one plain dataclass per component, validated on construction.
+
+A run is a `TrainConfig` (see `engine.recipes`); `--set section.key=value` overrides a field, where `section` is a
+component (`data`, `model`, ...) or `train` for the top-level fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+EPS_8 = 8 / 255
+STEP_2 = 2 / 255
+
+
+class ConfigError(UserError):
+    """Bad user configuration; the message says what to do."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def default_data_dir() -> str:
+    return os.environ.get("ARAT_DATA_DIR", "./data")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10 | cifar100 | synthetic
+    data_dir: str = field(default_factory=default_data_dir)
+    backend: str = "device"  # device | ffcv | dali
+    train_subset: int = 0  # 0 = the whole training set; else the first N images (official order)
+    test_subset: int = 0
+    synthetic_fallback: bool = False  # use synthetic data (with a notice) when the real dataset is absent
+    synthetic_size: int = 2048
+    drop_last: bool = True
+    augment: bool = True
+
+    def __post_init__(self):
+        _one_of("data.dataset", self.dataset, ("cifar10", "cifar100", "synthetic"))
+        _one_of("data.backend", self.backend, ("device", "ffcv", "dali"))
+        _check(self.train_subset >= 0 and self.test_subset >= 0, "data.*_subset must be >= 0 (0 = all)")
+        _check(self.synthetic_size > 0, "data.synthetic_size must be positive")
+
+    @property
+    def num_classes(self) -> int:
+        return 100 if self.dataset == "cifar100" else 10
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # resnet18 | wrn34-10
+    width: int = 64  # ResNet-18 stem width (64 = the real network; 16 for CPU tests)
+    split_bn: bool = True
+
+    def __post_init__(self):
+        _one_of("model.arch", self.arch, ("resnet18", "wrn34-10"))
+        _check(self.width > 0 and self.width % 4 == 0, "model.width must be a positive multiple of 4")
+
+
+@dataclass
+class AttackConfig:
+    eps: float = EPS_8
+    step_size: float = STEP_2
+    num_steps: int = 10
+    start: str = "uniform"  # uniform | gaussian | none
+    official_quirk: bool = False  # reproduce the official code's in-place random start (METHOD 4); off = correct
+
+    def __post_init__(self):
+        _check(0 < self.eps <= 1, "attack.eps must be in (0, 1]")
+        _check(self.step_size > 0, "attack.step_size must be positive")
+        _check(self.num_steps >= 0, "attack.num_steps must be >= 0")
+        _one_of("attack.start", self.start, ("uniform", "gaussian", "none"))
+
+
+@dataclass
+class MethodConfig:
+    name: str = "arat"
+    invariance_weight: float = 30.0  # lambda, split evenly over the tapped layers
+    auto_balance: bool = True  # w_adv = clean-BN eval accuracy at epoch start, w_clean = 1 - w_adv
+    balance_images: int = 1024
+    fixed_adv_weight: float = 0.5  # used when auto_balance is off
+    stop_grad: bool = True
+    predictor: bool = True
+
+    def __post_init__(self):
+        _check(self.invariance_weight >= 0, "method.invariance_weight must be >= 0")
+        _check(0 <= self.fixed_adv_weight <= 1, "method.fixed_adv_weight must be in [0, 1]")
+        _check(self.balance_images > 0, "method.balance_images must be positive")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    first_epoch_lr: float = 0.02  # METHOD 4: lr 0.02 in epoch 1
+    milestones: tuple[int, ...] = (76, 91)  # lr *= decay after these epochs
+    decay: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+
+    def __post_init__(self):
+        self.milestones = tuple(int(m) for m in self.milestones)
+        _check(self.lr > 0 and self.first_epoch_lr > 0, "optim.lr and optim.first_epoch_lr must be positive")
+        _check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
+        _check(self.weight_decay >= 0 and 0 <= self.momentum < 1, "optim.weight_decay >= 0, 0 <= momentum < 1")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 1-based `epoch` (piecewise constant)."""
+        if epoch == 1:
+            return self.first_epoch_lr
+        return self.lr * self.decay ** sum(epoch > m for m in self.milestones)
+
+
+@dataclass
+class SWAConfig:
+    enabled: bool = False
+    start_epoch: int = 76  # averaging runs from this (1-based) epoch on
+    every: int = 500  # iterations between averaging updates
+
+    def __post_init__(self):
+        _check(self.start_epoch >= 0 and self.every > 0, "swa.start_epoch >= 0 and swa.every > 0")
+
+
+@dataclass
+class EvalConfig:
+    attacks: tuple[str, ...] = ("clean", "pgd20", "aa")
+    num_examples: int = 10000  # first N test images (official order) for clean and PGD-20
+    aa_num_examples: int = 0  # first N for AutoAttack (0 = num_examples): AA costs ~10^4 forwards per robust image
+    batch_size: int = 500
+    aa_version: str = "standard"
+
+    def __post_init__(self):
+        if isinstance(self.attacks, str):
+            self.attacks = tuple(a for a in self.attacks.split(",") if a)
+        self.attacks = tuple(self.attacks)
+        for name in self.attacks:
+            _one_of("eval.attacks entry", name, ("clean", "pgd20", "aa"))
+        _check(self.num_examples > 0 and self.batch_size > 0, "eval.num_examples and eval.batch_size must be > 0")
+        _check(self.aa_num_examples >= 0, "eval.aa_num_examples must be >= 0 (0 = eval.num_examples)")
+
+
+@dataclass
+class PerfConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "bf16"  # autocast dtype: bf16 | fp16 (with grad scaler) | fp32 (no autocast)
+    channels_last: bool = True
+    compile: bool = False
+    dual_forward: bool = True  # clean + adv forwards as one pass over the concatenated batch (per-half BN stats)
+    kernels: str = "auto"  # auto (on for CUDA) | on | off: fused Triton PGD step and dual BN
+
+    def __post_init__(self):
+        _one_of("perf.dtype", self.dtype, ("bf16", "fp16", "fp32"))
+        _one_of("perf.kernels", self.kernels, ("auto", "on", "off"))
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "perf.device: auto|cpu|cuda")
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    sync_bn: bool = False
+
+    def __post_init__(self):
+        _one_of("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class AnalysisConfig:
+    grad_sim: bool = False
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "custom"
+    description: str = ""
+    seed: int = 0
+    epochs: int = 100
+    batch_size: int = 128
+    log_every: int = 50  # steps between progress-bar updates (reads device metrics: a host sync)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    swa: SWAConfig = field(default_factory=SWAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def __post_init__(self):
+        _check(self.epochs > 0, "train.epochs must be positive")
+        _check(self.batch_size > 1, "train.batch_size must be > 1 (batch statistics)")
+        _check(self.log_every > 0, "train.log_every must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+SECTIONS = {f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
+
+
+def from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """Inverse of `TrainConfig.to_dict` (for `config.json` of a run being resumed or evaluated)."""
+    top = {k: v for k, v in raw.items() if k not in SECTIONS}
+    sections = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SECTIONS and f.name in raw:
+            sections[f.name] = f.default_factory().__class__(**raw[f.name])  # type: ignore[misc]
+    return TrainConfig(**top, **sections)
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            lowered = text.lower()
+            _check(lowered in ("true", "false", "1", "0", "yes", "no", "on", "off"), f"{key} needs true or false")
+            return lowered in ("true", "1", "yes", "on")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(eval_fraction(text))
+        if isinstance(current, tuple):
+            items = [s for s in text.split(",") if s.strip()]
+            return tuple(type(current[0])(s) for s in items) if current else tuple(items)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"--set {key}={text}: expected a {type(current).__name__}") from None
+    return text
+
+
+def eval_fraction(text: str) -> float:
+    """'8/255' -> 0.0313...; plain numbers pass through."""
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Return a new config with `section.key=value` overrides applied and everything re-validated."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        _check(bool(sep and dot and name), f"--set {item!r}: expected section.key=value (e.g. train.epochs=5)")
+        target = raw if section == "train" else raw.get(section) if section in SECTIONS else None
+        _check(target is not None, f"--set {key}: unknown section {section!r} (train, {', '.join(sorted(SECTIONS))})")
+        _check(name in target and not isinstance(target[name], dict), f"--set {key}: unknown key {name!r}")
+        target[name] = _parse_value(text.strip(), target[name], key)
+    return from_dict(raw)

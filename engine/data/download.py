@@ -1,0 +1,81 @@
+"""`arat data download`: fetch an official CIFAR archive, verify its published MD5, extract it."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .cifar import LAYOUTS, DataError, find_layout
+
+ARCHIVES = {  # published by the dataset authors (https://www.cs.toronto.edu/~kriz/cifar.html)
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(url: str, dest: Path) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {Path(url).name}") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(
+            f"could not download {url} ({getattr(e, 'reason', e)}); check the network or pass --url "
+            "to a local copy (file:///path/to/archive.tar.gz)"
+        ) from None
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            target = (dest / member.name).resolve()
+            if not target.is_relative_to(dest.resolve()) or member.issym() or member.islnk():
+                raise DataError(f"{archive} has an unsafe member {member.name!r}; not extracting it")
+        tar.extractall(dest)
+
+
+def download(dataset: str, data_dir: str | Path, url: str | None = None, md5: str | None = None) -> Path:
+    """Download (unless already present), verify, extract; returns the dataset folder."""
+    if dataset not in ARCHIVES:
+        raise DataError(f"unknown dataset {dataset!r} (cifar10, cifar100)")
+    data_dir = Path(data_dir)
+    if found := find_layout(dataset, data_dir):
+        return found
+    default_url, published_md5 = ARCHIVES[dataset]
+    url, md5 = url or default_url, md5 or published_md5
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
+        archive = Path(tmp) / Path(url).name
+        fetch(url, archive)
+        if (got := md5sum(archive)) != md5:
+            raise DataError(
+                f"{url}: MD5 {got} does not match the published {md5}; the download is corrupt, run the command again"
+            )
+        staging = Path(tmp) / "extract"
+        staging.mkdir()
+        safe_extract(archive, staging)
+        folder = LAYOUTS[dataset][0]
+        if not (staging / folder).is_dir():
+            raise DataError(f"{url} does not contain {folder}/; is it the official python archive?")
+        shutil.move(str(staging / folder), data_dir / folder)
+    if (found := find_layout(dataset, data_dir)) is None:
+        raise DataError(f"{data_dir / LAYOUTS[dataset][0]} is incomplete after extraction; delete it and retry")
+    return found

@@ -1,0 +1,77 @@
+"""Networks: CIFAR ResNet-18 and WRN-34-10 with Split-BN, feature taps, and export to a plain network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import UserError
+from .resnet import ResNet18
+from .splitbn import BRANCHES, SplitBatchNorm2d, check_branch, set_dual_kernel, split_bn_layers
+from .wrn import WideResNet
+
+__all__ = [
+    "BRANCHES",
+    "ResNet18",
+    "SplitBatchNorm2d",
+    "WideResNet",
+    "build_model",
+    "check_branch",
+    "export_state_dict",
+    "set_dual_kernel",
+    "split_bn_layers",
+]
+
+
+class CheckpointError(UserError):
+    """A checkpoint that can't be read or doesn't fit the model; the message says what to do."""
+
+
+def build_model(cfg: ModelConfig, num_classes: int, split_bn: bool | None = None) -> nn.Module:
+    split = cfg.split_bn if split_bn is None else split_bn
+    if cfg.arch == "resnet18":
+        return ResNet18(num_classes, cfg.width, split)
+    return WideResNet(num_classes, depth=34, widen=10, split_bn=split)
+
+
+def export_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split-BN state_dict -> plain state_dict: each adv BN becomes the ordinary BN, clean BNs are dropped."""
+    plain = {}
+    for key, value in state.items():
+        if ".clean." in key:
+            continue
+        plain[key.replace(".adv.", ".")] = value
+    return plain
+
+
+def load_plain(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a plain state_dict, with a one-line error when it belongs to another network."""
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or resized:
+        what = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
+            else (f"shape of {resized[:3]}")
+        )
+        raise CheckpointError(f"{source} does not fit this model ({what}...): check --model / --width / model.width")
+    model.load_state_dict(state)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}); it is corrupt or not a PyTorch file"
+        ) from None

@@ -1,0 +1,88 @@
+"""SWA (METHOD 4): equal-weight running mean of the parameters, then adv-BN re-estimation on attacked data."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .attacks import pgd
+from .config import AttackConfig, SWAConfig
+from .data import Loader
+
+
+class SWA:
+    def __init__(self, model: nn.Module, cfg: SWAConfig):
+        self.cfg = cfg
+        self.count = 0
+        self.average = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in model.named_parameters()}
+
+    def active(self, epoch: int) -> bool:
+        return self.cfg.enabled and epoch >= self.cfg.start_epoch
+
+    @torch.no_grad()
+    def maybe_update(self, model: nn.Module, epoch: int, step: int) -> None:
+        """Call after optimizer step number `step` (1-based, counted over the whole run)."""
+        if not self.active(epoch) or step % self.cfg.every:
+            return
+        self.count += 1
+        for name, p in model.named_parameters():
+            self.average[name].add_(p.float() - self.average[name], alpha=1 / self.count)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+        self.average = {k: v.to(self.average[k].device) for k, v in state["average"].items()}
+
+    def averaged_model(self, model: nn.Module, loader: Loader, attack: AttackConfig, autocast) -> nn.Module:
+        """A copy of `model` holding the averaged parameters and freshly estimated adv-BN statistics."""
+        assert self.count > 0, "SWA collected no average (swa.start_epoch beyond the run?)"
+        averaged = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, p in averaged.named_parameters():
+                p.copy_(self.average[name])
+        reestimate_adv_bn(averaged, loader, attack, autocast)
+        return averaged
+
+
+def _batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """Forwards inside leave every BN's running statistics as they were (attack forwards must not count)."""
+    saved = [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in _batch_norms(model)
+    ]
+    try:
+        yield
+    finally:
+        for m, mean, var, tracked in saved:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(tracked)
+
+
+def reestimate_adv_bn(model: nn.Module, loader: Loader, attack: AttackConfig, autocast) -> None:
+    """Reset all BN statistics; one pass over `loader`: attack each batch (PGD on the averaged model, adv BNs,
+    train mode), then accumulate adv-BN statistics on the attacked batch as a cumulative moving average."""
+    norms = _batch_norms(model)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for x, y in tqdm(loader, desc="swa: adv-BN re-estimation", leave=False, dynamic_ncols=True):
+        with frozen_bn_stats(model):
+            x_adv = pgd(model, x, y, attack, bn="adv", train=True, autocast=autocast)
+        with torch.no_grad(), autocast():
+            model(x_adv, bn="adv")
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()

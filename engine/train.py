@@ -1,0 +1,281 @@
+"""The training loop: method-agnostic, resumable, no host sync inside the step."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import distributed, perf
+from .config import ConfigError, TrainConfig, from_dict
+from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, resolve_dataset
+from .evaluate import evaluate, format_results
+from .methods import Method, Nets, build_method
+from .models import build_model
+from .rundir import RunDir, RunDirError, environment
+from .swa import SWA
+
+LATEST, FINAL = "latest.pt", "final.pt"
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; a checkpoint saves and restores exactly the mutable part."""
+
+    cfg: TrainConfig
+    dist: distributed.DistInfo
+    perf: perf.Perf
+    nets: Nets
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    swa: SWA
+    train_loader: Loader
+    test_split: ArraySplit
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    log: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.nets.raw.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "swa": self.swa.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.perf.device) if self.perf.device.type == "cuda" else None,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.nets.raw.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.swa.load_state_dict(state["swa"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None and self.perf.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.perf.device)
+
+
+def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.SGD(
+        params,
+        lr=o.lr_at(1),
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov,
+        fused=device.type == "cuda",
+    )
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Set up the process group, data, network, method and optimizer, with every perf switch applied."""
+    device = perf.resolve_device(cfg.perf.device)
+    info = distributed.init(cfg.dist, device.type)
+    cfg.perf.device = str(distributed.local_device(info, device))
+    torch.manual_seed(cfg.seed)
+    train_split, test_split = load_splits(cfg.data, cfg.seed)
+    model = build_model(cfg.model, cfg.data.num_classes)
+    method = build_method(cfg, model)
+    runner, switches = perf.apply(model, cfg.perf)
+    method.to(switches.device)
+    nets = Nets(train=distributed.wrap(runner, info, cfg.dist, switches.device), attack=runner, raw=model)
+    train_loader, _ = build_loaders(
+        cfg.data,
+        train_split,
+        test_split,
+        cfg.batch_size,
+        cfg.eval.batch_size,
+        switches.device,
+        cfg.seed,
+        cfg.perf.channels_last,
+        info.rank,
+        info.world_size,
+    )
+    if len(train_loader) == 0:
+        raise ConfigError(
+            f"{train_loader.num_images} training images make no batch of {cfg.batch_size}: "
+            "lower train.batch_size or use more data"
+        )
+    optimizer = build_optimizer(itertools.chain(model.parameters(), method.parameters()), cfg, switches.device)
+    return Run(
+        cfg,
+        info,
+        switches,
+        nets,
+        method,
+        optimizer,
+        switches.grad_scaler(),
+        SWA(model, cfg.swa),
+        train_loader,
+        test_split,
+    )
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Attack, loss, backward, SGD step. Returns device scalars to accumulate (no host sync)."""
+    out = run.method.step(run.nets, x, y, run.perf.autocast)
+    loss = out.loss
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in out.terms.items()}, **out.sums}
+
+
+def train_epoch(run: Run, epoch: int) -> dict[str, float]:
+    cfg, loader = run.cfg, run.train_loader
+    loader.set_epoch(epoch)
+    lr = cfg.optim.lr_at(epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batches = iter(loader)
+    head = list(itertools.islice(batches, math.ceil(cfg.method.balance_images / cfg.batch_size)))
+    extra = run.method.on_epoch_start(run.nets, head, run.perf.autocast)
+    run.method.train()
+    run.nets.raw.train()
+    totals: dict[str, torch.Tensor] = {}
+    bar = tqdm(
+        total=len(loader),
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not run.dist.is_main,
+    )
+    start, images = time.perf_counter(), 0
+    for i, (x, y) in enumerate(itertools.chain(head, batches), 1):
+        for k, v in train_step(run, x, y).items():
+            totals[k] = totals.get(k, 0) + v
+        run.step += 1
+        run.swa.maybe_update(run.nets.raw, epoch, run.step)
+        images += len(y)
+        if i % cfg.log_every == 0 or i == len(loader):
+            bar.set_postfix(loss=f"{float(totals['loss']) / i:.3f}")  # host sync, once per log interval
+        bar.update(1)
+    bar.close()
+    if run.perf.device.type == "cuda":
+        torch.cuda.synchronize(run.perf.device)
+    seconds = time.perf_counter() - start
+    throughput = round(images * run.dist.world_size / seconds, 1)
+    timing = {"lr": lr, "epoch_seconds": round(seconds, 3), "images_per_s": throughput}
+    return summarize(totals, i, images, run.dist) | extra | timing
+
+
+def summarize(totals: dict[str, torch.Tensor], steps: int, images: int, info: distributed.DistInfo) -> dict:
+    """Per-epoch means: loss terms per step, correct counts as accuracies (summed over ranks)."""
+    row = {}
+    for k, v in totals.items():
+        v = distributed.all_reduce_sum(v.detach().float().clone(), info)
+        if k.startswith("correct_"):
+            row["train_acc_" + k.removeprefix("correct_")] = round(float(v) / (images * info.world_size), 4)
+        else:
+            row[k] = round(float(v) / (steps * info.world_size), 5)
+    return row
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}"]
+    parts += [f"{k} {row[k]:.4g}" for k in ("loss", "cls", "inv", "adv_weight", "lr") if k in row]
+    parts += [f"{k.removeprefix('train_')} {100 * row[k]:.1f}%" for k in row if k.startswith("train_acc_")]
+    parts += [f"{row['images_per_s']:.0f} img/s", f"{row['epoch_seconds']:.0f}s"]
+    return "  ".join(parts)
+
+
+def start_line(run: Run) -> str:
+    cfg = run.cfg
+    dataset = resolve_dataset(cfg.data)
+    return (
+        f"arat: recipe={cfg.recipe} method={cfg.method.name} model={cfg.model.arch}"
+        f"{'' if cfg.model.arch != 'resnet18' or cfg.model.width == 64 else f'(width {cfg.model.width})'} "
+        f"split_bn={cfg.model.split_bn} data={dataset}/{cfg.data.backend} ({run.train_loader.num_images} train "
+        f"images) {run.perf.summary()} world_size={run.dist.world_size}"
+    )
+
+
+def final_model(run: Run) -> nn.Module:
+    """The network to evaluate and save: the SWA average (with re-estimated adv BNs) when SWA is on."""
+    if not run.cfg.swa.enabled:
+        return run.nets.raw
+    return run.swa.averaged_model(run.nets.raw, run.train_loader, run.cfg.attack, run.perf.autocast)
+
+
+def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, evaluate_at_end: bool = True) -> Path:
+    """Train (or resume) a run in `out_dir`, then evaluate it; returns the run directory."""
+    rundir = RunDir(out_dir)
+    if rundir.path.exists() and not rundir.path.is_dir():
+        raise RunDirError(f"{rundir.path} is a file; pick a directory for --out")
+    run = build_run(cfg)
+    say = print if run.dist.is_main else (lambda *a, **k: None)
+    if run.dist.is_main:
+        rundir.create(resume)
+        rundir.save_config(cfg)
+        rundir.write_json("env.json", environment(run.perf.device))
+    if resume and rundir.checkpoint(LATEST).exists():
+        run.load_state_dict(torch.load(rundir.checkpoint(LATEST), map_location=run.perf.device, weights_only=False))
+        if run.dist.is_main:
+            rundir.rewrite_metrics([r for r in rundir.metrics() if r["epoch"] <= run.epoch])
+    say(start_line(run))
+    if notice := data_notice(cfg.data):
+        say(notice)
+    if run.epoch:
+        say(f"resuming after epoch {run.epoch}/{cfg.epochs} from {rundir.checkpoint(LATEST)}")
+    wall = time.perf_counter()
+    for epoch in range(run.epoch + 1, cfg.epochs + 1):
+        row = {"epoch": epoch} | train_epoch(run, epoch)
+        run.epoch = epoch
+        row["wall_seconds"] = round(time.perf_counter() - wall, 2)
+        if run.dist.is_main:
+            rundir.append_metrics(row)
+            rundir.save_checkpoint(LATEST, run.state_dict())
+        say(epoch_line(row, cfg.epochs))
+    finish(run, rundir, evaluate_at_end, say)
+    distributed.shutdown(run.dist)
+    return rundir.path
+
+
+def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
+    model = final_model(run)
+    if not run.dist.is_main:
+        return
+    rundir.save_checkpoint(
+        FINAL,
+        {
+            "model": model.state_dict(),
+            "method": run.method.state_dict(),
+            "config": run.cfg.to_dict(),
+            "epoch": run.epoch,
+        },
+    )
+    if evaluate_at_end:
+        results = evaluate(model, run.test_split, run.cfg.eval, run.perf.device, run.cfg.seed)
+        rundir.write_json(
+            "results.json",
+            {
+                "recipe": run.cfg.recipe,
+                "epochs": run.epoch,
+                "model": "adv-bn",
+                "swa": run.cfg.swa.enabled,
+                "results": results,
+            },
+        )
+        say(f"results: {format_results(results)}")
+    say(f"run saved in {rundir.path}")
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    rundir = RunDir(run_dir)
+    if not (rundir.path / "config.json").exists():
+        raise RunDirError(f"{rundir.path} holds no run (no config.json); pass the --out of an earlier `arat train`")
+    return from_dict(rundir.read_json("config.json"))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU build of torch (pinned in constraints/cpu.txt) and the engine; prepare real CIFAR-10
+# into ./data when the shared copy is beside the checkout. Idempotent: a second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.arat-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/cpu.txt -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -c constraints/cpu.txt -e ".[test]"
+    touch "$stamp"
+fi
+data=${ARAT_DATA_DIR:-data}
+prepare=../shared/data/cifar10/prepare.py
+if [ ! -f "$data/cifar-10-batches-py/test_batch" ] && [ -f "$prepare" ]; then
+    echo "preparing real CIFAR-10 (JPEG-degraded copy) into $data"
+    .venv/bin/python "$prepare" "$data"
+fi

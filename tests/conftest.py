@@ -1,0 +1,36 @@
+"""Shared fixtures. Real CIFAR-10 is looked up in $ARAT_TEST_DATA (CI prepares it), then ./data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.data.cifar import find_layout
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def real_data_dir() -> Path | None:
+    for candidate in (os.environ.get("ARAT_TEST_DATA"), "data"):
+        if candidate and find_layout("cifar10", candidate):
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    found = real_data_dir()
+    if found is None:
+        pytest.skip("real CIFAR-10 absent: run `python ../shared/data/cifar10/prepare.py data` or set ARAT_TEST_DATA")
+    return found
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The smoke recipe: synthetic data, ResNet-18 width 8, seconds per run."""
+    from engine.recipes import get_recipe
+
+    return get_recipe("smoke")

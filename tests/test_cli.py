@@ -1,0 +1,115 @@
+import hashlib
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli import main
+from engine.config import ModelConfig
+from engine.models import build_model
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--recipe", "nope"], "unknown recipe"),
+        (["train", "--recipe", "smoke", "--set", "train.epochs=x"], "expected a int"),
+        (["train", "--recipe", "smoke", "--set", "model.nope=1"], "unknown key"),
+        (["train", "--recipe", "arat-resnet18-cifar10", "--data-dir", "/nonexistent"], "arat data download"),
+        (["train"], "--recipe"),
+        (["eval", "/nonexistent.pt"], "no such"),
+        (["export", "/nonexistent", "out.pt"], "no such"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, args, message):
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_corrupt_and_mismatched_checkpoints(capsys, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = run_cli(capsys, "eval", str(bad), "--model", "resnet18")
+    assert code == 2 and "corrupt" in err
+    wrong = tmp_path / "wrong.pt"
+    torch.save(build_model(ModelConfig(width=8, split_bn=False), 10).state_dict(), wrong)
+    code, _, err = run_cli(capsys, "eval", str(wrong), "--model", "wrn34-10")
+    assert code == 2 and "does not fit" in err
+    code, _, err = run_cli(capsys, "eval", str(wrong))
+    assert code == 2 and "--model" in err
+
+
+def test_existing_run_dir_is_not_overwritten(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "train", "--recipe", "smoke", "--out", str(out))
+    assert code == 2 and "--resume" in err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_train_eval_export_round_trip(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1", "--no-eval"]) == 0
+    assert main(["eval", str(run), "--attacks", "clean,pgd20", "--num-examples", "32"]) == 0
+    assert "PGD-20" in capsys.readouterr().out and (run / "eval.json").exists()
+    assert main(["export", str(run), str(tmp_path / "plain.pt")]) == 0
+    plain = torch.load(tmp_path / "plain.pt")
+    assert not any(".clean." in k or ".adv." in k for k in plain)
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "plain.pt"),
+                "--model",
+                "resnet18",
+                "--width",
+                "8",
+                "--attacks",
+                "clean",
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(tmp_path / "nodata"),
+            ]
+        )
+        == 2
+    )  # no data: clear error
+    assert main(["recipes"]) == 0 and "arat-wrn34-10-cifar10" in capsys.readouterr().out
+
+
+def fake_cifar_archive(path):
+    """A tiny archive in the official layout (the real one needs a network)."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        for name in names:
+            batch = {b"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), b"labels": list(range(10))}
+            blob = pickle.dumps(batch)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_data_download_verifies_md5(capsys, tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    md5 = fake_cifar_archive(archive)
+    code, _, err = run_cli(capsys, "data", "download", "--data-dir", str(tmp_path / "d1"), "--url", archive.as_uri())
+    assert code == 2 and "does not match the published" in err  # the published MD5 is of the real archive
+    assert not (tmp_path / "d1" / "cifar-10-batches-py").exists()
+    code, out, _ = run_cli(
+        capsys, "data", "download", "--data-dir", str(tmp_path / "d2"), "--url", archive.as_uri(), "--md5", md5
+    )
+    assert code == 0 and (tmp_path / "d2" / "cifar-10-batches-py" / "test_batch").exists()
+    from engine.data import load_split
+
+    assert load_split("cifar10", tmp_path / "d2", train=True).images.shape == (50, 32, 32, 3)

@@ -1,0 +1,76 @@
+import pytest
+
+from engine.config import ConfigError, OptimConfig, TrainConfig, apply_overrides, from_dict
+from engine.recipes import RECIPES, get_recipe
+
+
+def test_overrides_parse_each_type():
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            "train.epochs=3",
+            "attack.eps=8/255",
+            "perf.compile=true",
+            "optim.milestones=2,4",
+            "data.backend=dali",
+            "eval.attacks=clean,aa",
+        ],
+    )
+    assert cfg.epochs == 3 and cfg.attack.eps == pytest.approx(8 / 255) and cfg.perf.compile is True
+    assert cfg.optim.milestones == (2, 4) and cfg.data.backend == "dali" and cfg.eval.attacks == ("clean", "aa")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=x", "expected a int"),
+        ("nope.key=1", "unknown section"),
+        ("model.depth=3", "unknown key"),
+        ("model.arch=vgg", "not one of"),
+        ("perf.compile=maybe", "true or false"),
+        ("epochs=3", "section.key=value"),
+        ("attack.eps=0", "attack.eps"),
+    ],
+)
+def test_bad_overrides_say_what_is_wrong(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(TrainConfig(), [override])
+
+
+def test_round_trip_through_dict():
+    cfg = get_recipe("arat-swa-wrn34-10-cifar10")
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_method_lr_schedule():
+    o = OptimConfig()
+    assert [o.lr_at(e) for e in (1, 2, 76, 77, 91, 92, 100)] == pytest.approx(
+        [0.02, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
+
+
+def test_full_scale_recipes_match_method():
+    names = {
+        "arat-resnet18-cifar10",
+        "arat-wrn34-10-cifar10",
+        "arat-resnet18-cifar100",
+        "arat-wrn34-10-cifar100",
+        "arat-swa-resnet18-cifar10",
+        "arat-swa-wrn34-10-cifar10",
+        "demo",
+        "smoke",
+    }
+    assert names <= set(RECIPES)
+    rn, wrn = get_recipe("arat-resnet18-cifar10"), get_recipe("arat-wrn34-10-cifar10")
+    assert (rn.epochs, rn.batch_size, rn.method.invariance_weight, rn.attack.num_steps) == (100, 128, 30.0, 10)
+    assert rn.attack.step_size == pytest.approx(2 / 255) and rn.attack.eps == pytest.approx(8 / 255)
+    assert (rn.optim.momentum, rn.optim.weight_decay, rn.optim.nesterov) == (0.9, 5e-4, False)
+    assert wrn.method.invariance_weight == 100.0 and wrn.model.arch == "wrn34-10"
+    swa = get_recipe("arat-swa-resnet18-cifar10").swa
+    assert (swa.enabled, swa.start_epoch, swa.every) == (True, 76, 500)
+    assert get_recipe("arat-resnet18-cifar100").data.num_classes == 100
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="arat recipes"):
+        get_recipe("nope")

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+
+from engine.config import DataConfig
+from engine.data import DataError, DeviceLoader, load_split, load_splits
+from engine.data.synthetic import synthetic_split
+
+
+def indexed_split(n=64):
+    """Images whose pixels encode their index, so every output can be traced to its source."""
+    images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        images[i] = rng.integers(1, 256, (32, 32, 3))  # no zeros: the padding is recognisable
+    return synthetic_split(n, 10, 0).__class__(images, np.arange(n) % 10)
+
+
+def candidates(image):
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    for dy in range(9):
+        for dx in range(9):
+            crop = padded[dy : dy + 32, dx : dx + 32]
+            yield (dy - 4, dx - 4, False), crop
+            yield (dy - 4, dx - 4, True), crop[:, ::-1]
+
+
+def test_device_loader_semantics():
+    split = indexed_split()
+    loader = DeviceLoader(split, 16, torch.device("cpu"), train=True, seed=3)
+    loader.set_epoch(1)
+    seen, shifts = [], []
+    source = {split.images[i].tobytes(): i for i in range(len(split))}
+    for x, y in loader:
+        assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.min() >= 0 and x.max() <= 1
+        hwc = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        for img, label in zip(hwc, y.numpy(), strict=True):
+            # find the source: the one whose some crop/flip equals the output
+            match = [
+                (i, aug) for i in range(len(split)) for aug, c in candidates(split.images[i]) if np.array_equal(c, img)
+            ]
+            assert match, "output is no allowed crop/flip of any source image"
+            i, aug = match[0]
+            assert split.labels[i] == label
+            seen.append(i)
+            shifts.append(aug)
+    assert sorted(seen) == list(range(len(split)))  # every image exactly once
+    assert source  # (source map built from distinct images)
+    loader.set_epoch(2)
+    order2 = [tuple(y.tolist()) for _, y in loader]
+    loader.set_epoch(1)
+    assert [tuple(y.tolist()) for _, y in loader] != order2
+
+
+def test_device_loader_is_deterministic_and_shards():
+    split = synthetic_split(100, 10, 0)
+    a = DeviceLoader(split, 10, torch.device("cpu"), train=True, seed=1)
+    b = DeviceLoader(split, 10, torch.device("cpu"), train=True, seed=1)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    ranks = [DeviceLoader(split, 10, torch.device("cpu"), train=True, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    labels = [torch.cat([y for _, y in r]) for r in ranks]
+    assert len(ranks[0]) == 5 and len(labels[0]) == len(labels[1]) == 50
+
+
+def test_augmentation_statistics():
+    split = synthetic_split(4000, 10, 0)
+    loader = DeviceLoader(split, 4000, torch.device("cpu"), train=True, seed=0)
+    from engine.data.loader import draw_augmentation, epoch_generator
+
+    dy, dx, flip = draw_augmentation(epoch_generator(0, 1), 50000)
+    counts = np.bincount(dy.numpy(), minlength=9)
+    expected = 50000 / 9
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 30  # 8 degrees of freedom: p ~ 2e-4
+    assert abs(flip.float().mean().item() - 0.5) < 0.01
+    assert len(loader) == 1
+
+
+def test_test_loader_in_order_with_partial_batch():
+    split = synthetic_split(25, 10, 0)
+    loader = DeviceLoader(split, 10, torch.device("cpu"), train=False)
+    xs, ys = zip(*loader, strict=True)
+    assert [len(y) for y in ys] == [10, 10, 5]
+    x = torch.cat(xs)
+    expected = torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(x, expected) and torch.equal(torch.cat(ys), torch.from_numpy(split.labels))
+
+
+def test_missing_and_corrupt_data(tmp_path):
+    with pytest.raises(DataError, match="arat data download"):
+        load_split("cifar10", tmp_path, train=True)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (root / name).write_bytes(b"garbage")
+    with pytest.raises(DataError, match="corrupt"):
+        load_split("cifar10", tmp_path, train=False)
+
+
+def test_synthetic_fallback_only_when_allowed(tmp_path):
+    cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path), synthetic_fallback=True, synthetic_size=100)
+    train, test = load_splits(cfg, 0)
+    assert len(train) == 100
+    with pytest.raises(DataError):
+        load_splits(DataConfig(dataset="cifar10", data_dir=str(tmp_path)), 0)
+
+
+@pytest.mark.data
+def test_real_cifar10_layout(cifar_dir):
+    train, test = load_split("cifar10", cifar_dir, True), load_split("cifar10", cifar_dir, False)
+    assert train.images.shape == (50000, 32, 32, 3) and test.images.shape == (10000, 32, 32, 3)
+    assert np.bincount(train.labels).tolist() == [5000] * 10 and np.bincount(test.labels).tolist() == [1000] * 10
+    assert np.allclose(test.images.reshape(-1, 3).mean(0) / 255, [0.4942, 0.4851, 0.4504], atol=2e-3)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import apply_overrides
+from engine.methods import Nets, build_method
+from engine.methods.arat import forward_pair
+from engine.models import build_model
+from engine.perf import Perf
+
+NO_AMP = Perf(torch.device("cpu"), torch.float32, False, False, "off").autocast
+
+
+def setup(tiny_cfg, *overrides):
+    cfg = apply_overrides(tiny_cfg, ["perf.dtype=fp32", "perf.channels_last=false", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 10)
+    method = build_method(cfg, model)
+    return cfg, model, method, Nets(model, model, model)
+
+
+def test_arat_loss_by_hand(tiny_cfg):
+    cfg, model, method, nets = setup(tiny_cfg)
+    method.adv_weight = 0.3
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    torch.manual_seed(5)
+    out = method.step(nets, x, y, NO_AMP)
+    # by hand, with the same attack randomness and separate passes
+    torch.manual_seed(5)
+    from engine.attacks import pgd
+
+    x_adv = pgd(model, x, y, cfg.attack, bn="adv", train=True)
+    (lc, fc), (la, fa) = forward_pair(model, x, x_adv, dual=False)
+    cls = 0.3 * F.cross_entropy(la, y) + 0.7 * F.cross_entropy(lc, y)
+    inv = sum(1 - F.cosine_similarity(h(a), c, dim=1).mean() for h, a, c in zip(method.predictors, fa, fc, strict=True))
+    torch.testing.assert_close(out.terms["cls"], cls, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.terms["inv"], 30.0 / 4 * inv, rtol=1e-4, atol=1e-5)
+
+
+def test_stop_gradient_keeps_clean_bn_out_of_invariance(tiny_cfg):
+    _, model, method, nets = setup(tiny_cfg)
+    out = method.step(nets, torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,)), NO_AMP)
+    out.terms["inv"].backward()
+    for name, p in model.named_parameters():
+        if ".clean." in name:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+    assert model.bn1.adv.weight.grad.abs().max() > 0
+    assert all(p.grad is not None for p in method.predictors.parameters())
+
+
+def test_without_stop_gradient_clean_bn_gets_invariance_gradient(tiny_cfg):
+    _, model, method, nets = setup(tiny_cfg, "method.stop_grad=false")
+    method.step(nets, torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,)), NO_AMP).terms["inv"].backward()
+    assert model.bn1.clean.weight.grad.abs().max() > 0
+
+
+def test_auto_balance_is_clean_branch_eval_accuracy(tiny_cfg):
+    _, model, method, nets = setup(tiny_cfg)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    model.eval()
+    with torch.no_grad():
+        expected = (model(x, bn="clean").argmax(1) == y).float().mean().item()
+    model.train()
+    logged = method.on_epoch_start(nets, [(x, y)], NO_AMP)
+    assert logged["adv_weight"] == pytest.approx(expected) and method.adv_weight == pytest.approx(expected)
+    assert model.training
+
+
+def test_official_quirk_switch(tiny_cfg):
+    cfg, model, method, nets = setup(tiny_cfg, "attack.official_quirk=true", "attack.num_steps=1")
+    from engine.methods.arat import attack_inputs
+
+    x = torch.full((4, 3, 32, 32), 0.5)
+    x_clean, x_adv = attack_inputs(nets, x, torch.zeros(4, dtype=torch.long), cfg.attack, NO_AMP)
+    assert torch.equal(x, torch.full_like(x, 0.5))  # still no mutation of the caller's batch
+    assert 0 < (x_clean - x).abs().max() <= cfg.attack.eps + 1e-6  # the noisy "clean" input
+    assert (x_adv - x).abs().max() > cfg.attack.eps  # can leave the eps-ball around x (up to 2 eps)
+    assert (x_adv - x_clean).abs().max() <= cfg.attack.eps + 1e-6
+
+
+def test_invariance_term_on_known_vectors(tiny_cfg):
+    _, model, method, _ = setup(tiny_cfg, "method.predictor=false", "method.invariance_weight=8")
+    za = [torch.tensor([[1.0, 0.0], [1.0, 1.0]])] * 4
+    zc = [torch.tensor([[0.0, 1.0], [2.0, 2.0]])] * 4
+    # per layer: mean(1 - cos) = mean(1, 0) = 0.5; lambda / |S| * 4 layers * 0.5 = 8 / 4 * 2 = 4
+    assert method.invariance(za, zc).item() == pytest.approx(4.0)

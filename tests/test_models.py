@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.models import build_model, export_state_dict, load_plain
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_parameter_counts_match_method():
+    assert n_params(build_model(ModelConfig(split_bn=False), 10)) == pytest.approx(11.17e6, rel=1e-3)
+    assert n_params(build_model(ModelConfig(arch="wrn34-10", split_bn=False), 10)) == pytest.approx(46.16e6, rel=1e-3)
+
+
+def test_feature_taps():
+    x = torch.rand(4, 3, 32, 32)
+    logits, feats = build_model(ModelConfig(width=8), 10)(x, bn="adv", features=True)
+    assert logits.shape == (4, 10) and [f.shape for f in feats] == [(4, 64)] * 4
+    assert all((f >= 0).all() for f in feats)  # z = GAP(ReLU(.))
+
+
+def test_wrn_taps_shape():
+    m = build_model(ModelConfig(arch="wrn34-10"), 10)
+    assert m.feature_dims == [320] + [640] * 10
+
+
+def test_branch_routing_uses_only_that_bn():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(width=8), 10).train()
+    x = torch.rand(6, 3, 32, 32)
+    m(x, bn="clean").sum().backward()
+    assert m.bn1.clean.weight.grad is not None and m.bn1.adv.weight.grad is None
+    assert m.bn1.adv.num_batches_tracked == 0 and m.bn1.clean.num_batches_tracked == 1
+
+
+def test_dual_pass_equals_two_passes():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(width=8), 10).train()
+    xc, xa = torch.rand(5, 3, 32, 32), torch.rand(5, 3, 32, 32)
+    twin = build_model(ModelConfig(width=8), 10).train()
+    twin.load_state_dict(m.state_dict())
+    logits, _ = m(torch.cat([xc, xa]), bn="dual", features=True)
+    lc, la = twin(xc, bn="clean"), twin(xa, bn="adv")
+    torch.testing.assert_close(logits, torch.cat([lc, la]), rtol=1e-4, atol=1e-5)
+    (logits[:5].square().sum() + logits[5:].sum()).backward()
+    (lc.square().sum() + la.sum()).backward()
+    for (name, p), q in zip(m.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), c in zip(m.named_buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(b, c, msg=name)
+
+
+def test_export_equals_adv_branch():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(width=8), 10)
+    m.train()
+    for _ in range(3):  # make clean and adv statistics differ
+        m(torch.rand(8, 3, 32, 32), bn="clean")
+        m(torch.rand(8, 3, 32, 32) * 0.5, bn="adv")
+    plain = build_model(ModelConfig(width=8), 10, split_bn=False)
+    load_plain(plain, export_state_dict(m.state_dict()), "test")
+    x = torch.rand(4, 3, 32, 32)
+    m.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), m(x, bn="adv"))
+        assert not torch.allclose(plain(x), m(x, bn="clean"))

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+from engine.config import apply_overrides
+from engine.train import run_training
+
+
+def read_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_run_writes_a_complete_run_dir(tiny_cfg, tmp_path):
+    run = run_training(tiny_cfg, tmp_path / "run")
+    assert {p.name for p in run.iterdir()} >= {
+        "config.json",
+        "env.json",
+        "metrics.jsonl",
+        "results.json",
+        "checkpoints",
+    }
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"latest.pt", "final.pt"}
+    rows = read_rows(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in (
+        "loss",
+        "cls",
+        "inv",
+        "adv_weight",
+        "lr",
+        "train_acc_adv",
+        "train_acc_clean",
+        "images_per_s",
+        "wall_seconds",
+    ):
+        assert key in rows[0], key
+    assert rows[0]["lr"] == pytest.approx(0.02)
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and "git_commit" in env
+    results = json.loads((run / "results.json").read_text())["results"]
+    assert set(results) == {"clean", "pgd20"} and results["pgd20"]["accuracy"] <= results["clean"]["accuracy"]
+    assert results["clean"]["num_examples"] == 64
+
+
+def test_resume_gives_identical_results(tiny_cfg, tmp_path):
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=3", "eval.attacks=clean"])
+    full = run_training(cfg, tmp_path / "full")
+    partial = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "resumed", evaluate_at_end=False)
+    (partial / "checkpoints" / "final.pt").unlink()
+    # a run interrupted after epoch 1: its saved config says 3 epochs
+    cfg_json = json.loads((partial / "config.json").read_text())
+    cfg_json["epochs"] = 3
+    (partial / "config.json").write_text(json.dumps(cfg_json))
+    from engine.train import load_run_config
+
+    resumed = run_training(load_run_config(partial), partial, resume=True)
+    drop = ("epoch_seconds", "images_per_s", "wall_seconds")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
+    assert strip(read_rows(full)) == strip(read_rows(resumed))
+    a = torch.load(full / "checkpoints" / "final.pt")["model"]
+    b = torch.load(resumed / "checkpoints" / "final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_swa_run(tiny_cfg, tmp_path):
+    cfg = apply_overrides(tiny_cfg, ["swa.enabled=true", "swa.start_epoch=2", "swa.every=2", "eval.attacks=clean"])
+    run = run_training(cfg, tmp_path / "swa")
+    final = torch.load(run / "checkpoints" / "final.pt")["model"]
+    latest = torch.load(run / "checkpoints" / "latest.pt")["model"]
+    assert not torch.equal(final["conv1.weight"], latest["conv1.weight"])  # the average, not the last weights
+    assert final["bn1.clean.num_batches_tracked"] == 0  # all BN stats reset; only adv BNs re-estimated
+    assert final["bn1.adv.num_batches_tracked"] == 8  # one pass: 256 images / batch 32
+    assert json.loads((run / "results.json").read_text())["swa"] is True
+
+
+@pytest.mark.data
+def test_short_real_data_run_beats_chance(cifar_dir, tmp_path):
+    from engine.recipes import get_recipe
+
+    cfg = apply_overrides(
+        get_recipe("demo"),
+        [
+            f"data.data_dir={cifar_dir}",
+            "train.epochs=2",
+            "data.train_subset=4096",
+            "eval.attacks=clean,pgd20",
+            "eval.num_examples=500",
+            "attack.num_steps=2",
+            "attack.step_size=5/255",
+            "optim.milestones=1",
+        ],
+    )
+    results = json.loads((run_training(cfg, tmp_path / "real") / "results.json").read_text())["results"]
+    assert results["clean"]["accuracy"] > 0.25  # chance is 0.10
+    assert results["pgd20"]["accuracy"] <= results["clean"]["accuracy"]
