@@ -1,4 +1,4 @@
-"""`arat`: train, evaluate, export, list recipes, fetch data.
+"""`arat`: train, evaluate, export, tabulate results, list recipes, fetch data.
 
 Bad input (unknown recipe, bad --set, missing data, unusable output directory, unreadable checkpoint) ends with one
 line on stderr and exit status 2; nothing is half-written.
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    p.add_argument("--init", metavar="CHECKPOINT", help="ARREST: fine-tune this checkpoint or run (no standard stage)")
 
     sub.add_parser("recipes", help="list recipes")
 
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     _add_data_dir(p)
 
+    p = sub.add_parser("table", help="results table (markdown) and trade-off plot from run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="runs (or directories of runs) with results")
+    p.add_argument("--out", metavar="TABLE.md", help="also write the markdown here")
+    p.add_argument("--plot", metavar="PLOT.png", help="clean-vs-AA scatter beside the seed's published points")
+
     p = sub.add_parser("export", help="write the plain network (single BN holding the adv-BN statistics)")
     p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
     p.add_argument("out", metavar="OUT.pt")
@@ -63,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = data.add_parser("ffcv", help="write train/test .beton files from the official layout")
     d.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
     _add_data_dir(d)
-    d.add_argument("--out", required=True)
+    d.add_argument(
+        "--out",
+        help="where to write (default: the cache that `--set data.backend=ffcv` reads, "
+        "$ARAT_CACHE_DIR/ffcv or ~/.cache/arat/ffcv)",
+    )
     return parser
 
 
@@ -77,14 +87,18 @@ def cmd_train(args) -> None:
     from .train import load_run_config, run_training
 
     if args.resume:
-        if args.recipe or args.overrides:
-            raise ConfigError("--resume continues a run with its saved config.json: drop --recipe and --set")
+        if args.recipe or args.overrides or args.init:
+            raise ConfigError("--resume continues a run with its saved config.json: drop --recipe, --set and --init")
         cfg, out = load_run_config(args.resume), args.resume
     else:
         if not args.recipe:
             raise ConfigError("train needs --recipe NAME (or --resume RUN_DIR); `arat recipes` lists recipes")
         cfg = get_recipe(args.recipe)
         overrides = ([f"data.data_dir={args.data_dir}"] if args.data_dir else []) + args.overrides
+        if args.init:
+            from .methods.arrest import init_overrides
+
+            overrides = init_overrides(cfg, args.init) + overrides
         cfg = apply_overrides(cfg, overrides)
         out = args.out or f"runs/{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_training(cfg, out, resume=bool(args.resume), evaluate_at_end=not args.no_eval)
@@ -154,6 +168,22 @@ def cmd_eval(args) -> None:
         (Path(args.target) / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def cmd_table(args) -> None:
+    from .table import TableError, plot, render, table
+
+    for out in filter(None, (args.out, args.plot)):
+        if not Path(out).parent.is_dir():
+            raise TableError(f"{Path(out).parent} does not exist; create it or pick another path for {out}")
+    rows = table(args.runs)
+    markdown = render(rows)
+    print(markdown)
+    if args.out:
+        Path(args.out).write_text(markdown + "\n")
+    if args.plot:
+        drawn = plot(rows, args.plot)
+        print(f"wrote {args.plot} ({drawn} measured points; runs without AutoAttack are left out)")
+
+
 def cmd_export(args) -> None:
     from .models import build_model, export_state_dict, load_plain, read_checkpoint
     from .rundir import RunDirError, atomic_write
@@ -181,13 +211,20 @@ def cmd_data(args) -> None:
 
         print(f"{args.dataset} ready in {download(args.dataset, data_dir, args.url, args.md5)}")
     else:
-        from .data.ffcv_backend import write_betons_from_layout
+        from .data.ffcv_backend import cache_dir, write_betons_from_layout
 
-        paths = write_betons_from_layout(args.dataset, data_dir, args.out)
+        paths = write_betons_from_layout(args.dataset, data_dir, args.out or cache_dir())
         print("wrote " + ", ".join(str(p) for p in paths))
 
 
-COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "eval": cmd_eval, "export": cmd_export, "data": cmd_data}
+COMMANDS = {
+    "train": cmd_train,
+    "recipes": cmd_recipes,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "table": cmd_table,
+    "data": cmd_data,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

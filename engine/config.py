@@ -94,11 +94,30 @@ class MethodConfig:
     fixed_adv_weight: float = 0.5  # used when auto_balance is off
     stop_grad: bool = True
     predictor: bool = True
+    beta: float = 6.0  # TRADES / MART / LBGAT: weight of the KL term (LBGAT: 0 in the paper's runs)
+    # ARREST (METHOD 6; reconstructed, unverified): invariance_weight is its lambda
+    init: str = ""  # checkpoint or run directory to fine-tune; replaces the standard-training stage
+    pretrain_epochs: int = 0  # standard-training epochs at the start of the run (optim.* schedule)
+    finetune_lr: float = 0.025
+    finetune_milestones: tuple[int, ...] = (10, 15)  # lr *= optim.decay after these fine-tuning epochs
+    replay_cos: float = 0.8660254  # noisy replay while the clean-feature cosine to the teacher is below cos(30 deg)
+    replay_until: float = 0.5  # ... and within this fraction of the fine-tuning epochs
 
     def __post_init__(self):
+        self.finetune_milestones = tuple(int(m) for m in self.finetune_milestones)
         _check(self.invariance_weight >= 0, "method.invariance_weight must be >= 0")
         _check(0 <= self.fixed_adv_weight <= 1, "method.fixed_adv_weight must be in [0, 1]")
         _check(self.balance_images > 0, "method.balance_images must be positive")
+        _check(self.beta >= 0, "method.beta must be >= 0")
+        _check(self.pretrain_epochs >= 0 and self.finetune_lr > 0, "method.pretrain_epochs >= 0, finetune_lr > 0")
+        _check(list(self.finetune_milestones) == sorted(self.finetune_milestones), "method.finetune_milestones: sort")
+        _check(-1 <= self.replay_cos <= 1, "method.replay_cos must be in [-1, 1]")
+        _check(0 <= self.replay_until <= 1, "method.replay_until must be in [0, 1]")
+        _check(
+            not (self.init and self.pretrain_epochs),
+            "method.init replaces the standard-training stage: also set method.pretrain_epochs=0 and train.epochs "
+            "to the fine-tuning length (`arat train --init PATH` does all three)",
+        )
 
 
 @dataclass
@@ -170,7 +189,6 @@ class PerfConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    sync_bn: bool = False
 
     def __post_init__(self):
         _one_of("dist.backend", self.backend, ("auto", "nccl", "gloo"))

@@ -45,7 +45,9 @@ def local_device(info: DistInfo, device: torch.device) -> torch.device:
     return torch.device("cuda", info.local_rank) if device.type == "cuda" and info.enabled else device
 
 
-def wrap(model: nn.Module, info: DistInfo, cfg: DistConfig, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """DDP around the (compiled) network. BN statistics stay per rank (no SyncBN), as in single-GPU recipes
+    scaled out; rank 0's running statistics are the ones saved."""
     if not info.enabled:
         return model
     ids = [device.index] if device.type == "cuda" else None
@@ -56,6 +58,39 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t)
     return t
+
+
+def average_gradients(params, info: DistInfo) -> None:
+    """All-reduce (mean) the gradients of parameters that live outside the DDP module (e.g. AR-AT's predictors),
+    as one flat buffer."""
+    if not info.enabled:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat.div_(info.world_size)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(synced)
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a per-rank host value over all ranks (a no-op outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

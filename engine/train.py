@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed, perf
+from .analysis import GradSim, build_grad_sim
 from .config import ConfigError, TrainConfig, from_dict
 from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, resolve_dataset
 from .evaluate import evaluate, format_results
@@ -38,9 +39,9 @@ class Run:
     swa: SWA
     train_loader: Loader
     test_split: ArraySplit
+    grad_sim: GradSim | None = None  # per-step gradient-similarity analysis (analysis.grad_sim)
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
-    log: list[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return {
@@ -51,8 +52,7 @@ class Run:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "swa": self.swa.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(self.perf.device) if self.perf.device.type == "cuda" else None,
+            "rng": distributed.gather_objects(self.rng_state(), self.dist),  # one entry per rank
             "config": self.cfg.to_dict(),
         }
 
@@ -63,9 +63,16 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.swa.load_state_dict(state["swa"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] is not None and self.perf.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.perf.device)
+        if len(state["rng"]) != self.dist.world_size:
+            raise RunDirError(f"the checkpoint was written by {len(state['rng'])} processes; resume with as many")
+        rng_cpu, rng_cuda = state["rng"][self.dist.rank]
+        torch.set_rng_state(rng_cpu)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, self.perf.device)
+
+    def rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cuda = self.perf.device.type == "cuda"
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.perf.device) if cuda else None
 
 
 def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -91,7 +98,8 @@ def build_run(cfg: TrainConfig) -> Run:
     method = build_method(cfg, model)
     runner, switches = perf.apply(model, cfg.perf)
     method.to(switches.device)
-    nets = Nets(train=distributed.wrap(runner, info, cfg.dist, switches.device), attack=runner, raw=model)
+    nets = Nets(train=distributed.wrap(runner, info, switches.device), attack=runner, raw=model)
+    torch.manual_seed(cfg.seed + info.rank)  # same initial weights everywhere, distinct attack noise per rank
     train_loader, _ = build_loaders(
         cfg.data,
         train_split,
@@ -109,7 +117,8 @@ def build_run(cfg: TrainConfig) -> Run:
             f"{train_loader.num_images} training images make no batch of {cfg.batch_size}: "
             "lower train.batch_size or use more data"
         )
-    optimizer = build_optimizer(itertools.chain(model.parameters(), method.parameters()), cfg, switches.device)
+    params = [p for p in itertools.chain(model.parameters(), method.parameters()) if p.requires_grad]  # no teachers
+    optimizer = build_optimizer(params, cfg, switches.device)
     return Run(
         cfg,
         info,
@@ -121,6 +130,7 @@ def build_run(cfg: TrainConfig) -> Run:
         SWA(model, cfg.swa),
         train_loader,
         test_split,
+        build_grad_sim(cfg, model, method.backbones()),
     )
 
 
@@ -128,22 +138,24 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Te
     """Attack, loss, backward, SGD step. Returns device scalars to accumulate (no host sync)."""
     out = run.method.step(run.nets, x, y, run.perf.autocast)
     loss = out.loss
+    analysis = run.grad_sim(out.terms) if run.grad_sim else {}  # two extra backwards, off by default
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
+    distributed.average_gradients(run.method.parameters(), run.dist)  # DDP syncs only the network's gradients
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in out.terms.items()}, **out.sums}
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in out.terms.items()}, **out.sums, **analysis}
 
 
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     cfg, loader = run.cfg, run.train_loader
     loader.set_epoch(epoch)
-    lr = cfg.optim.lr_at(epoch)
+    lr = run.method.lr_at(epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batches = iter(loader)
     head = list(itertools.islice(batches, math.ceil(cfg.method.balance_images / cfg.batch_size)))
-    extra = run.method.on_epoch_start(run.nets, head, run.perf.autocast)
+    extra = run.method.on_epoch_start(run.nets, head, run.perf.autocast, epoch)
     run.method.train()
     run.nets.raw.train()
     totals: dict[str, torch.Tensor] = {}
@@ -187,7 +199,8 @@ def summarize(totals: dict[str, torch.Tensor], steps: int, images: int, info: di
 
 def epoch_line(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}"]
-    parts += [f"{k} {row[k]:.4g}" for k in ("loss", "cls", "inv", "adv_weight", "lr") if k in row]
+    keys = ("loss", "cls", "inv", "adv_weight", "grad_sim", "grad_conflict", "lr")
+    parts += [f"{k} {row[k]:.4g}" for k in keys if k in row]
     parts += [f"{k.removeprefix('train_')} {100 * row[k]:.1f}%" for k in row if k.startswith("train_acc_")]
     parts += [f"{row['images_per_s']:.0f} img/s", f"{row['epoch_seconds']:.0f}s"]
     return "  ".join(parts)
@@ -236,9 +249,10 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
         row = {"epoch": epoch} | train_epoch(run, epoch)
         run.epoch = epoch
         row["wall_seconds"] = round(time.perf_counter() - wall, 2)
+        state = run.state_dict()  # a collective under DDP (per-rank RNG states): every rank calls it
         if run.dist.is_main:
             rundir.append_metrics(row)
-            rundir.save_checkpoint(LATEST, run.state_dict())
+            rundir.save_checkpoint(LATEST, state)
         say(epoch_line(row, cfg.epochs))
     finish(run, rundir, evaluate_at_end, say)
     distributed.shutdown(run.dist)

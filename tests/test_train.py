@@ -82,15 +82,15 @@ def test_short_real_data_run_beats_chance(cifar_dir, tmp_path):
         get_recipe("demo"),
         [
             f"data.data_dir={cifar_dir}",
-            "train.epochs=2",
-            "data.train_subset=4096",
+            "train.epochs=3",
+            "data.train_subset=6144",
             "eval.attacks=clean,pgd20",
             "eval.num_examples=500",
             "attack.num_steps=2",
             "attack.step_size=5/255",
-            "optim.milestones=1",
+            "optim.milestones=2",
         ],
     )
     results = json.loads((run_training(cfg, tmp_path / "real") / "results.json").read_text())["results"]
-    assert results["clean"]["accuracy"] > 0.25  # chance is 0.10
+    assert results["clean"]["accuracy"] > 0.25  # chance is 0.10; this seed reads 0.302 here
     assert results["pgd20"]["accuracy"] <= results["clean"]["accuracy"]

@@ -23,6 +23,20 @@ def mode(model: nn.Module, train: bool):
         model.train(was_training)
 
 
+@contextmanager
+def frozen(model: nn.Module):
+    """Parameters stop requiring gradients: the attack's backward then computes only the input gradient, also in a
+    compiled graph (where autograd could not prune the weight gradients at run time)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def objective(logits: torch.Tensor, y: torch.Tensor, target_probs: torch.Tensor | None) -> torch.Tensor:
     """Sum-reduced CE to the labels, or (with target_probs) sum-reduced KL(target || p(x_adv)) as in TRADES."""
     logits = logits.float()
@@ -49,12 +63,12 @@ def pgd(
     """
     x = x.detach()
     x_adv = random_start(x, cfg.eps, cfg.start)
-    with mode(model, train):
+    with mode(model, train), frozen(model):
         for _ in range(cfg.num_steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad(), autocast() if autocast else nullcontext():
                 loss = objective(model(x_adv, bn=bn), y, target_probs)
-            (grad,) = torch.autograd.grad(loss, x_adv)  # only the input gradient: no weight grads computed
+            (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
                 x_adv = pgd_step(x, x_adv.detach(), grad, cfg.eps, cfg.step_size)
     return x_adv.detach()

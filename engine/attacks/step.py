@@ -27,10 +27,20 @@ def pgd_step(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eps: floa
     return _step(x, x_adv, grad, eps, alpha)
 
 
+def noise_like(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """U(-1, 1) or N(0, 1) noise shaped like x, drawn in logical (contiguous) order so that the same seed gives
+    the same noise whatever x's memory format; returned in x's memory format."""
+    draw = torch.rand if kind == "uniform" else torch.randn
+    noise = draw(x.shape, device=x.device, dtype=x.dtype)
+    noise = noise.mul_(2).sub_(1) if kind == "uniform" else noise
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return noise.contiguous(memory_format=torch.channels_last) if channels_last else noise
+
+
 def random_start(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
     """A new starting point: uniform in the eps-ball (clamped to [0, 1]), 0.001 * N(0, 1) (TRADES/MART), or x."""
     if kind == "uniform":
-        return torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), 0, 1)
+        return torch.clamp(x + eps * noise_like(x, "uniform"), 0, 1)
     if kind == "gaussian":
-        return torch.clamp(x + 0.001 * torch.randn_like(x), 0, 1)
+        return torch.clamp(x + 0.001 * noise_like(x, "gaussian"), 0, 1)
     return x.clone()

@@ -6,9 +6,15 @@ from torch import nn
 
 from ..config import ConfigError, TrainConfig
 from .arat import ARAT
+from .arrest import ARREST
+from .at import AT
 from .base import Method, Nets, StepOutput
+from .lbgat import LBGAT
+from .mart import MART
+from .std import Standard
+from .trades import TRADES
 
-METHODS: dict[str, type[Method]] = {"arat": ARAT}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ARAT, AT, TRADES, MART, LBGAT, ARREST, Standard)}
 
 __all__ = ["METHODS", "Method", "Nets", "StepOutput", "build_method", "method_class"]
 
@@ -20,4 +26,8 @@ def method_class(name: str) -> type[Method]:
 
 
 def build_method(cfg: TrainConfig, model: nn.Module) -> Method:
-    return method_class(cfg.method.name)(cfg, model)
+    cls = method_class(cfg.method.name)
+    if cls.split_bn is not None and cls.split_bn != cfg.model.split_bn:
+        need = "true" if cls.split_bn else "false"
+        raise ConfigError(f"method {cls.name} needs model.split_bn={need}: add --set model.split_bn={need}")
+    return cls(cfg, model)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import mode, pgd
+from ..attacks.step import noise_like
 from ..config import AttackConfig, TrainConfig
+from ..distributed import mean_over_ranks
 from .base import Method, Nets, StepOutput, correct
 
 
@@ -34,7 +36,7 @@ def attack_inputs(nets: Nets, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfi
     """(clean input, adversarial input). With the official-code quirk, the clean input is x + U(-eps, eps)
     (unclamped) and the attack starts there and projects around it, as the official in-place PGD does."""
     if cfg.official_quirk:
-        x = x + torch.empty_like(x).uniform_(-cfg.eps, cfg.eps)
+        x = x + cfg.eps * noise_like(x, "uniform")
         cfg = AttackConfig(cfg.eps, cfg.step_size, cfg.num_steps, start="none")
     return x, pgd(nets.attack, x, y, cfg, bn="adv", train=True, autocast=autocast)
 
@@ -53,7 +55,7 @@ def forward_pair(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, d
 
 class ARAT(Method):
     name = "arat"
-    split_bn = True
+    split_bn = None  # AR-AT and +split-BN use Split-BN; the V0 and +stop-grad ablations a single BN
 
     def __init__(self, cfg: TrainConfig, model: nn.Module):
         super().__init__(cfg, model)
@@ -63,9 +65,9 @@ class ARAT(Method):
         self.layer_weight = m.invariance_weight / len(dims)
         self.adv_weight = m.fixed_adv_weight
 
-    def on_epoch_start(self, nets: Nets, head, autocast) -> dict[str, float]:
+    def on_epoch_start(self, nets: Nets, head, autocast, epoch: int = 1) -> dict[str, float]:
         if self.cfg.method.auto_balance:
-            self.adv_weight = clean_branch_accuracy(nets.attack, head, autocast)
+            self.adv_weight = mean_over_ranks(clean_branch_accuracy(nets.attack, head, autocast))
         return {"adv_weight": self.adv_weight}
 
     def invariance(self, feats_a: list[torch.Tensor], feats_c: list[torch.Tensor]) -> torch.Tensor:

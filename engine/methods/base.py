@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..attacks import mode
 from ..config import TrainConfig
 from ..data import Batch
 
@@ -36,19 +38,29 @@ class StepOutput:
 
 class Method(nn.Module):
     """A training objective: its attack, its loss, and any extra trainable modules (held as submodules, so they
-    are saved in checkpoints and optimized with the network)."""
+    are saved in checkpoints and optimized with the network; frozen ones hold parameters with requires_grad
+    False, which the optimizer leaves out)."""
 
     name = "base"
-    split_bn = False  # whether the network is built with Split-BN
+    split_bn: bool | None = False  # True: needs Split-BN; False: single BN only; None: either (model.split_bn)
 
     def __init__(self, cfg: TrainConfig, model: nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def on_epoch_start(self, nets: Nets, head: list[Batch], autocast) -> dict[str, float]:
-        """Called before each epoch with its first batches (~cfg.method.balance_images images, augmented,
-        not yet trained on). Returns values to log."""
+    def on_epoch_start(self, nets: Nets, head: list[Batch], autocast, epoch: int = 1) -> dict[str, float]:
+        """Called before each (1-based) epoch with its first batches (~cfg.method.balance_images images,
+        augmented, not yet trained on). Returns values to log."""
         return {}
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 1-based `epoch` (methods with stages override it)."""
+        return self.cfg.optim.lr_at(epoch)
+
+    def backbones(self) -> list[nn.Module]:
+        """Trained networks besides the model whose Conv2d/Linear weights the gradient-similarity analysis
+        counts as backbone (LBGAT's clean model)."""
+        return []
 
     def step(self, nets: Nets, x: torch.Tensor, y: torch.Tensor, autocast) -> StepOutput:
         raise NotImplementedError
@@ -56,3 +68,35 @@ class Method(nn.Module):
 
 def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) == y).sum()
+
+
+def logits_pair(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, dual: bool):
+    """(logits of x_clean, logits of x_adv), each half normalized with its own batch statistics: one pass over the
+    concatenated batch (bn="dual"; a single-BN model uses its one BN for both halves), or two passes."""
+    if not dual:
+        return model(x_clean, bn="clean"), model(x_adv, bn="adv")
+    both = torch.cat([x_clean, x_adv])  # (2B, 3, 32, 32): clean half first
+    if x_clean.is_contiguous(memory_format=torch.channels_last):
+        both = both.contiguous(memory_format=torch.channels_last)
+    logits = model(both, bn="dual")
+    return logits[: len(x_clean)], logits[len(x_clean) :]
+
+
+@torch.no_grad()
+def eval_probs(model: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor:
+    """softmax(f(x)) in eval mode, fp32 (B, classes): the fixed target of a TRADES-KL attack."""
+    with mode(model, train=False), autocast():
+        return F.softmax(model(x, bn="adv").float(), dim=1)
+
+
+def kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row (B,), p and q given by logits (fp32 math)."""
+    log_p, log_q = F.log_softmax(logits_p.float(), dim=1), F.log_softmax(logits_q.float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """`module`'s parameters stop requiring gradients (kept in state_dict, left out of the optimizer)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

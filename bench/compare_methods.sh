@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# CPU-sized comparison of the seed table's methods on real CIFAR-10 (docs/methods.md, "Evidence on real data"):
+# one small network (ResNet-18 at width 16), one budget (20k training images, $EPOCHS epochs, PGD-5 training),
+# every method with its own loss hyper-parameters; clean and PGD-20 on 1000 test images, AutoAttack (standard) on
+# $AA_N; then `arat table` renders the markdown table and the trade-off plot beside the seed's published points.
+#
+#   bash bench/compare_methods.sh [OUT_DIR]        (default runs/compare)
+#   env: DATA_DIR (default $ARAT_DATA_DIR or ./data), SEEDS ("0"; e.g. "0 1 2" for mean ± std), EPOCHS (5),
+#        AA_N (1000), ABLATIONS (0; 1 adds the four ablation rows with analysis.grad_sim on)
+#
+# Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/compare}
+DATA_DIR=${DATA_DIR:-${ARAT_DATA_DIR:-data}}
+SEEDS=${SEEDS:-0}
+EPOCHS=${EPOCHS:-5}
+AA_N=${AA_N:-1000}
+ABLATIONS=${ABLATIONS:-0}
+ARAT=${ARAT:-.venv/bin/arat}
+
+if [ ! -d "$DATA_DIR/cifar-10-batches-py" ]; then
+  echo "compare_methods: no real CIFAR-10 in $DATA_DIR; prepare it (python ../shared/data/cifar10/prepare.py $DATA_DIR" \
+    "or $ARAT data download --data-dir $DATA_DIR) or set DATA_DIR" >&2
+  exit 2
+fi
+
+DECAY=$((EPOCHS > 1 ? EPOCHS - 1 : 1))  # lr x0.1 for the last epoch
+COMMON=(
+  --data-dir "$DATA_DIR"
+  --set model.width=16 --set data.train_subset=20000
+  --set train.epochs="$EPOCHS" --set optim.milestones="$DECAY"
+  --set attack.num_steps=5 --set attack.step_size=2.5/255
+  --set eval.attacks=clean,pgd20,aa --set eval.num_examples=1000 --set eval.aa_num_examples="$AA_N"
+  --set eval.batch_size=250
+)
+
+train() {  # train RUN_DIR ARGS...: skip a finished run, resume an interrupted one
+  local run=$1
+  shift
+  if [ -f "$run/results.json" ]; then
+    echo "compare_methods: $run is done"
+  elif [ -f "$run/config.json" ]; then
+    "$ARAT" train --resume "$run"
+  else
+    "$ARAT" train --out "$run" "$@"
+  fi
+}
+
+RECIPES="std at trades mart lbgat arat"
+[ "$ABLATIONS" = 1 ] && RECIPES="$RECIPES ablation-v0 ablation-stopgrad ablation-splitbn ablation-arat"
+for seed in $SEEDS; do
+  for name in $RECIPES; do
+    extra=()
+    [[ $name == ablation-* ]] && extra=(--set analysis.grad_sim=true)
+    train "$OUT/$name-s$seed" --recipe "$name-resnet18-cifar10" "${COMMON[@]}" --set train.seed="$seed" "${extra[@]}"
+  done
+  # ARREST fine-tunes this comparison's standard-trained network for the same budget
+  train "$OUT/arrest-s$seed" --recipe arrest-resnet18-cifar10 --init "$OUT/std-s$seed" "${COMMON[@]}" \
+    --set train.seed="$seed" --set method.finetune_milestones="$DECAY"
+done
+
+"$ARAT" table "$OUT" --out "$OUT/table.md" --plot "$OUT/tradeoff.png"

@@ -1,0 +1,58 @@
+"""Training-time analysis (METHOD 5): gradient similarity and conflict ratio between the classification and the
+invariance loss, per step, over the concatenated weights of every Conv2d and Linear of the backbone (no BN, no
+biases, no predictors). It costs two extra backward passes per step; results stay on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def backbone_weights(networks: list[nn.Module]) -> list[nn.Parameter]:
+    """The weight of every Conv2d and Linear of `networks` that is trained (frozen teachers drop out)."""
+    return [
+        m.weight
+        for net in networks
+        for m in net.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.requires_grad
+    ]
+
+
+def grad_similarity(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cosine between the two concatenated gradients, and the fraction of weights where they disagree in sign."""
+    dot, norm_a, norm_b, conflicts, count = 0, 0, 0, 0, 0
+    for a, b in zip(grads_a, grads_b, strict=True):
+        a, b = a.float(), b.float()
+        dot = dot + (a * b).sum()
+        norm_a, norm_b = norm_a + a.square().sum(), norm_b + b.square().sum()
+        conflicts = conflicts + (a * b < 0).sum()
+        count += a.numel()
+    cosine = dot / (norm_a.sqrt() * norm_b.sqrt()).clamp_min(1e-12)
+    return {"grad_sim": cosine, "grad_conflict": conflicts.float() / count}
+
+
+class GradSim:
+    """Per-step gradient similarity of the `cls` and `inv` loss terms over fixed backbone weights."""
+
+    def __init__(self, weights: list[nn.Parameter]):
+        self.weights = weights
+
+    def __call__(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "cls" not in terms or "inv" not in terms:  # no invariance term (AT, standard training)
+            return {}
+        grads = [self._grads(terms[k]) for k in ("cls", "inv")]
+        return grad_similarity(*grads)
+
+    def _grads(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        # retain_graph: the step's own backward runs on the same graph afterwards
+        grads = torch.autograd.grad(loss, self.weights, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(w) if g is None else g for w, g in zip(self.weights, grads, strict=True)]
+
+
+def build_grad_sim(cfg: TrainConfig, model: nn.Module, extra: list[nn.Module]) -> GradSim | None:
+    """The analysis for a run (None unless `analysis.grad_sim`): the model plus the method's other trained
+    networks (`Method.backbones`, e.g. LBGAT's clean model)."""
+    return GradSim(backbone_weights([model, *extra])) if cfg.analysis.grad_sim else None

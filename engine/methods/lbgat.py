@@ -1,0 +1,50 @@
+"""LBGAT (Cui et al.; METHOD 6): MSE(f(x'), g(x)) + CE(g(x), y) (+ beta * KL(p_f(x) || p_f(x')), beta = 0 in the
+paper's runs), where g is a naturally trained ResNet-18 trained jointly, in the same optimizer.
+
+x' = TRADES-KL attack on f in eval mode. g is a plain (single-BN) ResNet-18 held as a submodule (checkpointed,
+optimized); its width follows the student's when the student is a ResNet-18, else 64 (the real network). The MSE
+reaches both networks: f is pulled to g's logits and g's boundary is pulled toward f's (the "learnable boundary").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, TrainConfig
+from ..models import build_model
+from .base import Method, Nets, StepOutput, correct, logits_pair
+from .trades import trades_attack, trades_kl
+
+
+def clean_model_config(cfg: TrainConfig) -> ModelConfig:
+    width = cfg.model.width if cfg.model.arch == "resnet18" else 64
+    return ModelConfig(arch="resnet18", width=width, split_bn=False)
+
+
+class LBGAT(Method):
+    name = "lbgat"
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module):
+        super().__init__(cfg, model)
+        self.clean_model = build_model(clean_model_config(cfg), cfg.data.num_classes)  # g
+
+    def backbones(self) -> list[nn.Module]:
+        return [self.clean_model]
+
+    def step(self, nets: Nets, x: torch.Tensor, y: torch.Tensor, autocast) -> StepOutput:
+        x_adv = trades_attack(nets, x, y, self.cfg, autocast)
+        beta = self.cfg.method.beta
+        with autocast():
+            if beta > 0:
+                logits_c, logits_a = logits_pair(nets.train, x, x_adv, self.cfg.perf.dual_forward)
+            else:
+                logits_a = nets.train(x_adv, bn="adv")
+            logits_g = self.clean_model(x)
+            cls = F.cross_entropy(logits_g.float(), y)
+            inv = F.mse_loss(logits_a.float(), logits_g.float())
+            if beta > 0:
+                inv = inv + beta * trades_kl(logits_c, logits_a)
+        sums = {"correct_adv": correct(logits_a, y), "correct_clean_model": correct(logits_g, y)}
+        return StepOutput({"cls": cls, "inv": inv}, sums)

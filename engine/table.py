@@ -1,0 +1,243 @@
+"""`arat table`: the seed's results table from run directories, and a clean-vs-AutoAttack trade-off plot.
+
+Rows are method x model (mean ± sample std over the runs that share a recipe, e.g. several seeds): clean, AA and
+their sum (in %), with PGD-20, the mean gradient similarity (analysis.grad_sim runs) and the seed's published
+numbers (METHOD 5 and 8) when there are any. A run's accuracies come from its `results.json`, overridden by a
+later `arat eval RUN_DIR` (`eval.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+# recipe prefix -> method label, in table order
+METHOD_LABELS = {
+    "std": "Std. training",
+    "at": "AT",
+    "trades": "TRADES",
+    "mart": "MART",
+    "lbgat": "LBGAT",
+    "arrest": "ARREST",
+    "arat": "AR-AT",
+    "arat-swa": "AR-AT+SWA",
+    "ablation-v0": "V0 (naive)",
+    "ablation-stopgrad": "+stop-grad",
+    "ablation-splitbn": "+split-BN",
+    "ablation-arat": "AR-AT (ablation)",
+}
+ABLATION_LABELS = {v for k, v in METHOD_LABELS.items() if k.startswith("ablation-")}
+# (arch, label) -> (clean, AA, grad-sim or None): the seed's CIFAR-10 numbers (METHOD 8; ablations METHOD 5 and
+# the seed poster)
+PUBLISHED = {
+    ("resnet18", "Std. training"): (94.17, 0.00, None),
+    ("resnet18", "AT"): (83.77, 42.42, None),
+    ("resnet18", "TRADES"): (81.25, 48.54, None),
+    ("resnet18", "MART"): (82.15, 47.83, None),
+    ("resnet18", "LBGAT"): (85.00, 48.85, None),
+    ("resnet18", "ARREST"): (86.63, 46.14, None),
+    ("resnet18", "AR-AT"): (87.82, 49.02, None),
+    ("resnet18", "AR-AT+SWA"): (86.44, 50.28, None),
+    ("wrn34-10", "AR-AT"): (90.89, 50.77, None),
+    ("wrn34-10", "AR-AT+SWA"): (90.06, 54.03, None),
+    ("resnet18", "V0 (naive)"): (82.93, 46.50, 0.06),
+    ("resnet18", "+stop-grad"): (82.47, 45.21, 0.68),
+    ("resnet18", "+split-BN"): (84.35, 47.96, 0.14),
+    ("resnet18", "AR-AT (ablation)"): (85.51, 49.30, 0.59),
+    ("wrn34-10", "V0 (naive)"): (86.25, 41.17, 0.03),
+    ("wrn34-10", "+stop-grad"): (86.60, 42.04, 0.31),
+    ("wrn34-10", "+split-BN"): (87.13, 47.31, 0.01),
+    ("wrn34-10", "AR-AT (ablation)"): (88.27, 47.98, 0.23),
+}
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic"}
+
+
+class TableError(UserError):
+    """A run directory that can't be tabulated; the message says what to do."""
+
+
+@dataclass
+class RunResult:
+    recipe: str
+    label: str  # method label
+    arch: str  # resnet18 | wrn34-10
+    model: str  # display name, with the width when it is not the real network's
+    dataset: str
+    accuracy: dict[str, float]  # attack -> accuracy in %
+    num_examples: dict[str, int]
+    grad_sim: float | None
+
+
+def method_label(recipe: str) -> str:
+    prefixes = sorted(METHOD_LABELS, key=len, reverse=True)  # "arat-swa" before "arat"
+    return next((METHOD_LABELS[p] for p in prefixes if recipe.startswith(p + "-")), recipe)
+
+
+def model_name(model: dict) -> str:
+    if model["arch"] == "wrn34-10":
+        return "WRN-34-10"
+    return "ResNet-18" if model.get("width", 64) == 64 else f"ResNet-18 (width {model['width']})"
+
+
+def run_dirs(paths: list[str]) -> list[Path]:
+    """The runs named on the command line; a directory of runs stands for the runs inside it."""
+    found = []
+    for name in paths:
+        path = Path(name)
+        if (path / "config.json").exists():
+            found.append(path)
+            continue
+        inner = sorted(p.parent for p in path.glob("*/config.json")) if path.is_dir() else []
+        if not inner:
+            raise TableError(
+                f"{path} is no run directory (no config.json) and holds none: pass `arat train` --out dirs"
+            )
+        found += inner
+    return found
+
+
+def read_run(path: Path) -> RunResult:
+    cfg = json.loads((path / "config.json").read_text())
+    results: dict = {}
+    for name in ("results.json", "eval.json"):  # a later `arat eval` overrides the end-of-training evaluation
+        if (path / name).exists():
+            results |= json.loads((path / name).read_text())["results"]
+    if not results:
+        raise TableError(f"{path} has no results.json or eval.json: evaluate it with `arat eval {path}`")
+    metrics = path / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    sims = [r["grad_sim"] for r in rows if "grad_sim" in r]
+    return RunResult(
+        recipe=cfg["recipe"],
+        label=method_label(cfg["recipe"]),
+        arch=cfg["model"]["arch"],
+        model=model_name(cfg["model"]),
+        dataset=cfg["data"]["dataset"],
+        accuracy={k: 100 * v["accuracy"] for k, v in results.items()},
+        num_examples={k: v["num_examples"] for k, v in results.items()},
+        grad_sim=statistics.fmean(sims) if sims else None,
+    )
+
+
+@dataclass
+class Row:
+    """One table row: the runs of one recipe on one model and dataset."""
+
+    label: str
+    arch: str
+    model: str
+    dataset: str
+    runs: list[RunResult]
+
+    def values(self, key: str) -> list[float]:
+        if key == "sum":
+            pairs = [(r.accuracy.get("clean"), r.accuracy.get("aa")) for r in self.runs]
+            return [c + a for c, a in pairs if c is not None and a is not None]
+        if key == "grad_sim":
+            return [r.grad_sim for r in self.runs if r.grad_sim is not None]
+        return [r.accuracy[key] for r in self.runs if key in r.accuracy]
+
+    def mean(self, key: str) -> float | None:
+        values = self.values(key)
+        return statistics.fmean(values) if values else None
+
+    def cell(self, key: str, digits: int = 2) -> str:
+        values = self.values(key)
+        if not values:
+            return "–"
+        text = f"{statistics.fmean(values):.{digits}f}"
+        return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+    def paper(self, with_sim: bool) -> str:
+        """The seed's published clean / AA (/ grad-sim) for this method and network, on CIFAR-10."""
+        published = PUBLISHED.get((self.arch, self.label)) if self.dataset == "cifar10" else None
+        if published is None:
+            return ""
+        clean, aa, sim = published
+        return f"{clean:.2f} / {aa:.2f}" + (f" / {sim:.2f}" if with_sim and sim is not None else "")
+
+
+def group(runs: list[RunResult]) -> list[Row]:
+    grouped: dict[tuple, list[RunResult]] = defaultdict(list)
+    for r in runs:
+        grouped[(r.dataset, r.model, r.recipe)].append(r)
+    rows = [Row(rs[0].label, rs[0].arch, rs[0].model, rs[0].dataset, rs) for rs in grouped.values()]
+    order = list(METHOD_LABELS.values())
+    return sorted(rows, key=lambda r: (r.dataset, r.model, order.index(r.label) if r.label in order else 99, r.label))
+
+
+COLUMNS = [("clean", "clean"), ("aa", "AA"), ("sum", "sum"), ("pgd20", "PGD-20"), ("grad_sim", "grad-sim")]
+
+
+def render(rows: list[Row]) -> str:
+    """Markdown: one table per dataset; columns without any value are left out."""
+    out = []
+    for dataset in sorted({r.dataset for r in rows}):
+        part = [r for r in rows if r.dataset == dataset]
+        cols = [(k, name) for k, name in COLUMNS if k in ("clean", "aa", "sum") or any(r.values(k) for r in part)]
+        sim = any(k == "grad_sim" for k, _ in cols)
+        paper = any(r.paper(sim) for r in part)
+        header = ["model", "method", *(name for _, name in cols), "runs"]
+        header += [f"seed paper (clean / AA{' / grad-sim' if sim else ''})"] if paper else []
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        for r in part:
+            cells = [r.model, r.label, *(r.cell(k, 3 if k == "grad_sim" else 2) for k, _ in cols), str(len(r.runs))]
+            lines.append("| " + " | ".join(cells + ([r.paper(sim)] if paper else [])) + " |")
+        counts = sorted({n for r in part for run in r.runs for k, n in run.num_examples.items() if k == "aa"})
+        note = f"; AutoAttack on {', '.join(map(str, counts))} test images" if counts else ""
+        out += [f"### {DATASETS.get(dataset, dataset)}", "", *lines, ""]
+        out.append(f"Accuracy in %, mean ± sample std over the runs of a recipe{note}.")
+        out.append("")
+    return "\n".join(out)
+
+
+MARKERS = {"resnet18": "s", "wrn34-10": "^"}
+
+
+def plot(rows: list[Row], path: str | Path) -> int:
+    """Clean vs AA scatter: measured rows (filled, with std error bars) beside the seed's published points for the
+    same networks and methods (hollow; main-table points always, ablation and standard-training points when such
+    runs were measured). Returns the number of measured points drawn (rows without AA are left out)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TableError("--plot needs matplotlib: pip install matplotlib") from None
+    measured = [r for r in rows if r.values("aa") and r.values("clean")]
+    several_models = len({r.model for r in measured}) > 1
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for r in measured:
+        err = [statistics.stdev(r.values(k)) if len(r.values(k)) > 1 else 0 for k in ("clean", "aa")]
+        marker = MARKERS.get(r.arch, "o")
+        ax.errorbar(r.mean("clean"), r.mean("aa"), xerr=err[0], yerr=err[1], fmt=marker, color="C0", capsize=2)
+        text = f"{r.label} ({r.model})" if several_models else r.label
+        ax.annotate(text, (r.mean("clean"), r.mean("aa")), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    shown = {(r.arch, r.label) for r in measured}
+    for (arch, label), (clean, aa, _) in PUBLISHED.items():
+        optional = label in ABLATION_LABELS or label == "Std. training"
+        if arch in {a for a, _ in shown} and (not optional or (arch, label) in shown):
+            ax.scatter(clean, aa, marker=MARKERS[arch], facecolors="none", edgecolors="C3")
+            ax.annotate(label, (clean, aa), fontsize=6, color="C3", xytext=(4, -8), textcoords="offset points")
+    for arch, marker in MARKERS.items():
+        if arch in {a for a, _ in shown}:
+            name = "ResNet-18" if arch == "resnet18" else "WRN-34-10"
+            ax.scatter([], [], marker=marker, color="C0", label=f"measured, {name} (mean ± std)")
+            ax.scatter([], [], marker=marker, facecolors="none", edgecolors="C3", label=f"seed table, {name}")
+    ax.set(xlabel="clean accuracy (%)", ylabel="AutoAttack accuracy (%)", title="robustness-accuracy trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return len(measured)
+
+
+def table(paths: list[str]) -> list[Row]:
+    return group([read_run(p) for p in run_dirs(paths)])

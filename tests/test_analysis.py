@@ -1,0 +1,73 @@
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.analysis import GradSim, backbone_weights
+from engine.config import apply_overrides
+from engine.train import run_training
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def direct(model, weights, loss_a, loss_b):
+    """The gradient of each loss by its own backward, concatenated; cosine and sign-conflict ratio by hand."""
+    flat = []
+    for loss in (loss_a, loss_b):
+        model.zero_grad()
+        loss.backward(retain_graph=True)
+        flat.append(torch.cat([w.grad.flatten().double() for w in weights]))
+    a, b = flat
+    return (a @ b / (a.norm() * b.norm())).item(), (a * b < 0).double().mean().item()
+
+
+def test_backbone_weights_are_conv_and_linear_weights_only():
+    model, predictor = Tiny(), nn.Linear(4, 4)
+    teacher = Tiny().requires_grad_(False)
+    weights = backbone_weights([model, teacher])
+    assert [id(w) for w in weights] == [id(model.conv.weight), id(model.fc.weight)]
+    assert all(w is not predictor.weight for w in weights)
+
+
+def test_grad_sim_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model, predictor = Tiny(), nn.Linear(3, 3)
+    x, y = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    logits = model(x)
+    cls = 0.7 * F.cross_entropy(logits, y)
+    inv = 3.0 * (1 - F.cosine_similarity(predictor(logits), model(x.flip(3)).detach(), dim=1)).mean()
+    weights = backbone_weights([model])
+    got = GradSim(weights)({"cls": cls, "inv": inv})
+    cosine, conflict = direct(model, weights, cls, inv)
+    assert abs(got["grad_sim"].item() - cosine) < 1e-5
+    assert abs(got["grad_conflict"].item() - conflict) < 1e-6  # fp32 ratio of two counts
+    assert -1 < cosine < 1 and 0 < conflict < 1
+
+
+def test_grad_sim_needs_an_invariance_term_and_leaves_no_gradients():
+    model = Tiny()
+    loss = model(torch.rand(2, 3, 8, 8)).sum()
+    assert GradSim(backbone_weights([model]))({"cls": loss}) == {}
+    GradSim(backbone_weights([model]))({"cls": loss, "inv": loss.square()})
+    assert all(p.grad is None for p in model.parameters())  # the step's own backward is unaffected
+
+
+def test_grad_sim_is_logged_and_changes_nothing_else(tiny_cfg, tmp_path):
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=1", "data.synthetic_size=64", "eval.attacks=clean"])
+    plain = run_training(cfg, tmp_path / "plain")
+    analysed = run_training(apply_overrides(cfg, ["analysis.grad_sim=true"]), tmp_path / "analysed")
+    row_plain, row = (json.loads((r / "metrics.jsonl").read_text()) for r in (plain, analysed))
+    assert "grad_sim" not in row_plain and -1 <= row["grad_sim"] <= 1 and 0 <= row["grad_conflict"] <= 1
+    assert row["loss"] == row_plain["loss"]
+    a, b = (torch.load(r / "checkpoints" / "final.pt")["model"] for r in (plain, analysed))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,217 @@
+"""ARREST: the frozen teacher, the two stages, the noisy-replay switch, --init from existing checkpoints."""
+
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.attacks import random_start
+from engine.cli import main
+from engine.config import ConfigError, apply_overrides
+from engine.methods import Nets, build_method
+from engine.methods.arrest import init_overrides, read_init_state, replay_switch
+from engine.models import build_model
+from engine.perf import Perf
+from engine.recipes import get_recipe
+
+NO_AMP = Perf(torch.device("cpu"), torch.float32, False, False, "off").autocast
+COS_30 = math.cos(math.radians(30))
+
+
+def setup(tiny_cfg, *overrides):
+    cfg = apply_overrides(
+        tiny_cfg,
+        ["method.name=arrest", "model.split_bn=false", "perf.dtype=fp32", "perf.channels_last=false", *overrides],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 10)
+    method = build_method(cfg, model)
+    model.train()
+    method.train()
+    return cfg, model, method, Nets(model, model, model)
+
+
+def at_angle(degrees: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher features (3, 2) at `degrees` from each other, in every row."""
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    a = math.radians(degrees)
+    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return t @ rot.T, t
+
+
+@pytest.mark.parametrize("degrees, fires", [(0, False), (29.9, False), (30.1, True), (90, True)])
+def test_replay_switch_fires_exactly_below_cos_30(degrees, fires):
+    student, teacher = at_angle(degrees)
+    assert bool(replay_switch(student, teacher, COS_30)) is fires
+
+
+def test_replay_switch_uses_the_batch_mean():
+    s1, t1 = at_angle(10)  # cos 0.985
+    s2, t2 = at_angle(50)  # cos 0.643; mean 0.814 < cos 30
+    assert bool(replay_switch(torch.cat([s1, s2]), torch.cat([t1, t2]), COS_30))
+    assert not bool(replay_switch(torch.cat([s1, s1, s2]), torch.cat([t1, t1, t2]), COS_30))  # mean 0.871
+
+
+def test_replay_window_is_the_first_half_of_fine_tuning(tiny_cfg):
+    _, model, method, nets = setup(tiny_cfg, "method.pretrain_epochs=2", "train.epochs=6")
+    window = []
+    for epoch in range(1, 7):
+        method.on_epoch_start(nets, [], NO_AMP, epoch)
+        window.append(method.replay_window())
+    assert window == [False, False, True, True, False, False]  # 4 fine-tuning epochs: the first 2
+
+
+def fine_tune_step(tiny_cfg, replay_cos: float, epoch: int):
+    """One fine-tuning step with a deterministic attack (x~ = x unless replay), the student moved off the teacher."""
+    overrides = [f"method.replay_cos={replay_cos}", "attack.num_steps=0", "attack.start=none", "train.epochs=4"]
+    cfg, model, method, nets = setup(tiny_cfg, *overrides)
+    method.on_epoch_start(nets, [], NO_AMP, 1)  # teacher = student
+    with torch.no_grad():
+        model.linear.weight.add_(0.5 * torch.randn_like(model.linear.weight))
+        model.layer4[1].conv2.weight.mul_(-1)  # penultimate features now differ from the teacher's
+    method.on_epoch_start(nets, [], NO_AMP, epoch)
+    ref, teacher = copy.deepcopy(model), copy.deepcopy(method.teacher)
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    torch.manual_seed(3)
+    out = method.step(nets, x, y, NO_AMP)
+    torch.manual_seed(3)
+    noisy = random_start(x, cfg.attack.eps, "uniform")
+    return cfg, out, ref, teacher, x, noisy, y
+
+
+def by_hand(cfg, ref, teacher, x_in, x, y):
+    with torch.no_grad():
+        teacher(x)
+        h_t = teacher.last_pre_linear
+    logits = ref(x_in)
+    h = ref.last_pre_linear
+    inv = cfg.method.invariance_weight * (1 - F.cosine_similarity(h_t, h, dim=1)).mean()
+    return F.cross_entropy(logits, y), inv
+
+
+@pytest.fixture
+def capture_penultimate(monkeypatch):
+    """Record the classifier's input on every ResNet-18 forward (as `last_pre_linear`)."""
+    from engine.models.resnet import ResNet18
+
+    original = ResNet18.forward
+
+    def forward(self, x, bn="adv", features=False):
+        self.last_pre_linear = None
+        handle = self.linear.register_forward_pre_hook(lambda m, a: setattr(self, "last_pre_linear", a[0]))
+        try:
+            return original(self, x, bn, features)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(ResNet18, "forward", forward)
+
+
+def test_replay_fires_in_the_first_half(tiny_cfg, capture_penultimate):
+    cfg, out, ref, teacher, x, noisy, y = fine_tune_step(tiny_cfg, replay_cos=1.0, epoch=2)  # 2 of 4: in the window
+    assert out.sums["replay"].item() == 1
+    cls, inv = by_hand(cfg, ref, teacher, noisy, x, y)  # x~ = x + U(-eps, eps)
+    torch.testing.assert_close(out.terms["cls"], cls, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.terms["inv"], inv, rtol=1e-4, atol=1e-5)
+
+
+def test_no_replay_above_the_threshold(tiny_cfg, capture_penultimate):
+    cfg, out, ref, teacher, x, _, y = fine_tune_step(tiny_cfg, replay_cos=-1.0, epoch=2)
+    assert out.sums["replay"].item() == 0
+    cls, inv = by_hand(cfg, ref, teacher, x, x, y)  # x~ = the attack's output (here x itself: 0 steps, no start)
+    torch.testing.assert_close(out.terms["cls"], cls, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.terms["inv"], inv, rtol=1e-4, atol=1e-5)
+
+
+def test_no_replay_in_the_second_half(tiny_cfg, capture_penultimate):
+    cfg, out, ref, teacher, x, _, y = fine_tune_step(tiny_cfg, replay_cos=1.0, epoch=3)  # 3 of 4: past the half
+    assert out.sums["replay"].item() == 0
+    cls, _ = by_hand(cfg, ref, teacher, x, x, y)
+    torch.testing.assert_close(out.terms["cls"], cls, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_is_frozen_saved_and_in_eval_mode(tiny_cfg):
+    _, model, method, nets = setup(tiny_cfg, "train.epochs=2")
+    method.on_epoch_start(nets, [], NO_AMP, 1)
+    assert all(not p.requires_grad for p in method.teacher.parameters())
+    assert any(k.startswith("teacher.") for k in method.state_dict()) and method.teacher_ready.item()
+    method.train()
+    assert not method.teacher.training  # its BN keeps the pretrained statistics
+    before = copy.deepcopy(method.teacher.state_dict())
+    out = method.step(nets, torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)), NO_AMP)
+    out.loss.backward()
+    assert all(p.grad is None for p in method.teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in method.teacher.state_dict().items())
+    assert model.linear.weight.grad.abs().max() > 0
+
+
+def test_two_stages_and_their_lr(tiny_cfg):
+    overrides = ["method.pretrain_epochs=2", "train.epochs=6", "method.finetune_lr=0.025"]
+    _, model, method, nets = setup(tiny_cfg, *overrides, "method.finetune_milestones=2,3", "optim.milestones=1")
+    assert [method.lr_at(e) for e in range(1, 7)] == pytest.approx([0.02, 0.005, 0.025, 0.025, 0.0025, 0.00025])
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    method.on_epoch_start(nets, [], NO_AMP, 2)
+    assert not method.teacher_ready.item() and set(method.step(nets, x, y, NO_AMP).terms) == {"cls"}
+    method.on_epoch_start(nets, [], NO_AMP, 3)  # fine-tuning starts: the teacher is the current network
+    assert method.teacher_ready.item()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in method.teacher.state_dict().items())
+    assert set(method.step(nets, x, y, NO_AMP).terms) == {"cls", "inv"}
+
+
+def test_init_needs_the_standard_stage_dropped(tiny_cfg):
+    with pytest.raises(ConfigError, match="pretrain_epochs=0"):
+        apply_overrides(get_recipe("arrest-resnet18-cifar10"), ["method.init=x.pt"])
+    cfg = get_recipe("arrest-resnet18-cifar10")
+    assert init_overrides(cfg, "x.pt") == ["method.init=x.pt", "method.pretrain_epochs=0", "train.epochs=20"]
+    with pytest.raises(ConfigError, match="ARREST"):
+        init_overrides(get_recipe("at-resnet18-cifar10"), "x.pt")
+
+
+def test_init_from_pyautoattack_standard_resnet18(tiny_cfg):
+    pyautoattack = pytest.importorskip("pyautoattack")
+    path = os.path.join(os.path.dirname(pyautoattack.__file__), "examples", "model_test.pt")
+    if not os.path.exists(path):
+        pytest.skip("pyautoattack ships no examples/model_test.pt here")
+    cfg, model, method, _ = setup(tiny_cfg, "model.width=64", f"method.init={path}", "method.pretrain_epochs=0")
+    plain = read_init_state(path)
+    assert torch.equal(model.conv1.weight, plain["conv1.weight"].float())
+    assert torch.equal(method.teacher.linear.weight, plain["linear.weight"].float()) and method.teacher_ready.item()
+
+
+def test_cli_init_fine_tunes_a_standard_run(tiny_cfg, tmp_path, capsys):
+    small = ["data.dataset=synthetic", "data.synthetic_size=64", "model.width=8", "train.batch_size=32"]
+    small += ["attack.num_steps=1", "eval.attacks=clean", "eval.num_examples=64", "method.balance_images=32"]
+    small += ["perf.dtype=fp32"]
+    args = [f"--set={s}" for s in [*small, "train.epochs=1"]]
+    assert main(["train", "--recipe", "std-resnet18-cifar10", "--out", str(tmp_path / "std"), *args]) == 0
+    init = ["--init", str(tmp_path / "std")]
+    code = main(["train", "--recipe", "arrest-resnet18-cifar10", *init, "--out", str(tmp_path / "ft"), *args])
+    assert code == 0, capsys.readouterr().err
+    std = torch.load(tmp_path / "std" / "checkpoints" / "final.pt")["model"]
+    ft = torch.load(tmp_path / "ft" / "checkpoints" / "final.pt")
+    assert all(torch.equal(ft["method"][f"teacher.{k}"], v) for k, v in std.items())  # the teacher: the init
+    assert not torch.equal(ft["model"]["linear.weight"], std["linear.weight"])  # the student moved
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["method"]["init"] == str(tmp_path / "std") and cfg["method"]["pretrain_epochs"] == 0
+
+
+def test_resume_across_the_stage_boundary(tiny_cfg, tmp_path):
+    from engine.train import load_run_config, run_training
+
+    small = ["data.synthetic_size=64", "eval.attacks=clean", "perf.dtype=fp32", "method.balance_images=32"]
+    arrest = ["method.name=arrest", "model.split_bn=false", "method.pretrain_epochs=1", "method.replay_until=1"]
+    cfg = apply_overrides(tiny_cfg, [*arrest, *small])  # replay window: all of fine-tuning, however long
+    full = run_training(apply_overrides(cfg, ["train.epochs=3"]), tmp_path / "full")
+    partial = run_training(apply_overrides(cfg, ["train.epochs=2"]), tmp_path / "part", evaluate_at_end=False)
+    (partial / "checkpoints" / "final.pt").unlink()
+    saved = json.loads((partial / "config.json").read_text())
+    saved["epochs"] = 3  # a 3-epoch run interrupted after epoch 2 (its first fine-tuning epoch)
+    (partial / "config.json").write_text(json.dumps(saved))
+    resumed = run_training(load_run_config(partial), partial, resume=True)
+    a, b = (torch.load(r / "checkpoints" / "final.pt") for r in (full, resumed))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])  # the same teacher
