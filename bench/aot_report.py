@@ -1,0 +1,50 @@
+"""Compile every Triton kernel x config for sm_80 and sm_90 ahead of time (no GPU needed) and report resources.
+
+    python bench/aot_report.py --out bench/results/aot.jsonl
+
+Prints a markdown table (registers per thread, static shared memory, local memory, spill bytes) and appends one
+JSON line per kernel x config x arch. Exits non-zero if any kernel fails to compile or spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import harness  # noqa: F401  (puts the repository on sys.path)
+from harness import append_jsonl, markdown_table, provenance
+
+COLUMNS = [
+    "kernel",
+    "arch",
+    "num_warps",
+    "registers",
+    "shared_bytes",
+    "local_bytes",
+    "spill_store_bytes",
+    "spill_load_bytes",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/aot.jsonl", help="JSON-lines file to append to")
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 80 and 90)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
+    from kernels import aot
+
+    stamp = provenance()
+    rows = [{**aot.compile_spec(spec, arch), **stamp} for spec in aot.all_specs() for arch in args.arch or aot.ARCHS]
+    print(markdown_table(rows, COLUMNS))
+    append_jsonl(args.out, rows)
+    spilled = [r for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"] or r["local_bytes"]]
+    for row in spilled:
+        print(f"SPILL: {row['kernel']} on {row['arch']}", file=sys.stderr)
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

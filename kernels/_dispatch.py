@@ -1,0 +1,103 @@
+"""Backend selection shared by the fused ops: Triton on CUDA, native C++ on CPU when loaded, the reference otherwise.
+
+Every op asks `select_backend` with the reasons (or None) why Triton and the native library cannot take this call.
+A fallback to the reference is logged once per (op, reason) and the choice of every call is kept in `last_backend`,
+so nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from . import native
+
+log = logging.getLogger("kernels")
+
+BACKENDS = ("triton", "native", "reference")
+NO_NATIVE_KERNEL = "the native library has no kernel for this op"
+_forced: str | None = None
+_last: dict[str, str] = {}
+_logged: set[tuple[str, str]] = set()
+
+
+@functools.cache
+def triton_status() -> tuple[bool, bool, str]:
+    """(importable, interpreter active, detail). The interpreter is fixed when triton is first imported."""
+    try:
+        import triton
+    except ImportError as err:  # the package is optional: pip install arat[kernels]
+        return False, False, f"triton not importable ({err})"
+    from . import _triton_util
+
+    interpreted = _triton_util.interpreter_active()
+    mode = "interpreter (TRITON_INTERPRET=1)" if interpreted else "compiled"
+    return True, interpreted, f"triton {triton.__version__}, {mode}"
+
+
+def triton_unsupported_device(device: torch.device) -> str | None:
+    """Why Triton cannot run on this device (None when it can): CUDA, or CPU tensors under the interpreter."""
+    importable, interpreted, detail = triton_status()
+    if not importable:
+        return detail
+    if device.type == "cuda" or (device.type == "cpu" and interpreted):
+        return None
+    return f"Triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type}"
+
+
+def native_unsupported_device(device: torch.device) -> str | None:
+    """Why the native library cannot run on this device (None when it can)."""
+    if not native.is_loaded():
+        return "native library not loaded (build it with CMake, then kernels.load_native())"
+    if device.type != "cpu":
+        return f"the native library runs on CPU tensors, got {device.type}"
+    return None
+
+
+@contextlib.contextmanager
+def force_backend(name: str | None) -> Iterator[None]:
+    """Make every op use `name` (tests and benchmarks); an op that cannot honour it raises instead of falling back."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {BACKENDS}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def select_backend(op: str, device: torch.device, triton_reason: str | None, native_reason: str | None) -> str:
+    """The backend for one call of `op`; reasons are None when that backend can take the call."""
+    reasons = {"triton": triton_reason, "native": native_reason, "reference": None}
+    if _forced is not None:
+        if reasons[_forced] is not None:
+            raise RuntimeError(f"{op}: backend {_forced!r} was forced but cannot run this call: {reasons[_forced]}")
+        return _record(op, _forced)
+    preferred = {"cuda": "triton", "cpu": "native"}.get(device.type)
+    if preferred == "native" and (not native.is_loaded() or native_reason == NO_NATIVE_KERNEL):
+        return _record(op, "reference")  # a configuration, not a per-call fallback: available_backends() reports it
+    if preferred is not None and reasons[preferred] is not None:
+        _log_once(op, f"{preferred} cannot run this call ({reasons[preferred]}); using the reference")
+        return _record(op, "reference")
+    return _record(op, preferred or "reference")
+
+
+def last_backend() -> dict[str, str]:
+    """The backend each op used on its most recent eager call (custom-op bodies also run under torch.compile)."""
+    return dict(_last)
+
+
+def _record(op: str, backend: str) -> str:
+    _last[op] = backend
+    return backend
+
+
+def _log_once(op: str, message: str) -> None:
+    if (op, message) not in _logged:
+        _logged.add((op, message))
+        log.warning("%s: %s", op, message)

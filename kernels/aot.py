@@ -1,0 +1,100 @@
+"""Ahead-of-time compilation of every Triton kernel for sm_80 / sm_90 without a GPU, with resource usage.
+
+triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) runs the whole pipeline (TTIR -> PTX -> cubin
+via the ptxas shipped in the triton wheel); no driver is needed. Registers, shared and local memory come from
+`cuobjdump -res-usage` on the cubin; spill bytes from `ptxas -v` re-run on the same PTX with Triton's flags.
+Run in a process where triton was imported WITHOUT TRITON_INTERPRET=1 (the interpreter replaces @triton.jit).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ARCHS = (80, 90)
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def all_specs() -> list[dict]:
+    """Every kernel x config the launchers produce for the shapes we care about (each op's aot_specs.py)."""
+    from .dual_bn import aot_specs as dual_bn_specs
+    from .pgd_step import aot_specs as pgd_specs
+
+    return pgd_specs.aot_specs() + dual_bn_specs.aot_specs()
+
+
+def compile_spec(spec: dict, arch: int) -> dict:
+    """Compile one spec for sm_<arch>; returns one JSON-able row of resource usage."""
+    fn = spec["fn"]
+    signature, constexprs, attrs = _specialise(spec)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
+    usage = _res_usage(compiled.asm["cubin"])
+    return {
+        "kernel": spec["name"],
+        "arch": f"sm_{arch}",
+        "num_warps": spec["num_warps"],
+        "registers": usage["REG"],
+        "shared_bytes": compiled.metadata.shared,
+        "local_bytes": usage["LOCAL"],
+        "stack_bytes": usage["STACK"],
+        **_ptxas_spills(compiled.asm["ptx"], arch),
+        "values": spec.get("values", {}),
+    }
+
+
+def _specialise(spec: dict) -> tuple[dict, dict, dict]:
+    """Signature (in argument order), constexprs and attributes as the runtime would build them for these values.
+
+    JITFunction turns an int argument equal to 1 into a constant and marks ints divisible by 16 and (16-byte aligned,
+    as torch allocations are) pointers with tt.divisibility=16; "values" holds the ints a launcher passes.
+    """
+    fn, values = spec["fn"], spec.get("values", {})
+    assert set(spec["signature"]) == set(fn.arg_names), f"{spec['name']}: signature must name every argument"
+    signature = {name: spec["signature"][name] for name in fn.arg_names}
+    constexprs = dict(spec["constexprs"])
+    divisible = [name for name, kind in signature.items() if kind.startswith("*")]
+    for name, value in values.items():
+        if value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif value % 16 == 0:
+            divisible.append(name)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    return signature, constexprs, attrs
+
+
+def _res_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [str(_BIN / "cuobjdump"), "-res-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def _ptxas_spills(ptx: str, arch: int) -> dict[str, int]:
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # as triton's sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [
+            str(_BIN / "ptxas"),
+            "-lineinfo",
+            "-v",
+            "--regAllocOptLevel=2",
+            f"--gpu-name={gpu}",
+            str(src),
+            "-o",
+            str(Path(tmp) / "kernel.o"),
+        ]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    return {"spill_store_bytes": int(stores.group(1)), "spill_load_bytes": int(loads.group(1))}

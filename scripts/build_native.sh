@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Build the optional C++ CPU kernels (build/libarat_native.so) against the venv's torch; see docs/kernels.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+command -v cmake >/dev/null || { echo "cmake not found: apt-get install -y cmake g++ (or skip the native build)"; exit 1; }
+prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+cmake -S . -B build -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$(nproc)" >/dev/null
+echo "built build/libarat_native.so"

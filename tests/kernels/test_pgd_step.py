@@ -1,0 +1,179 @@
+"""pgd_step and uniform_start: reference invariants, every backend against the reference, opcheck, compile.
+
+Tolerances: pgd_step is exact on every backend and dtype (each computes in fp32 and rounds once; sign(grad) * alpha
+is exact, so there is no reassociation to differ on), with one exception: triton 3.7's interpreter rounds fp32 ->
+bf16 toward zero (compiled Triton, like torch, rounds to nearest even), so bf16 under the interpreter is allowed one
+bf16 ulp (relative 2**-7). uniform_start agrees across backends in distribution only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import pgd_step, pgd_step_reference, uniform_start
+
+EPS, ALPHA = 8 / 255, 2 / 255
+LAYOUTS = [  # (shape, channels_last): odd sizes, size-1 dims, non-4-D
+    ((3, 3, 5, 7), False),
+    ((3, 3, 5, 7), True),
+    ((1, 3, 1, 1), True),
+    ((5, 1, 3, 2), True),
+    ((7,), False),
+    ((2, 9), False),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def exact_tolerance(name: str, device: torch.device, dtype: torch.dtype) -> dict:
+    interpreted_bf16 = name == "triton" and device.type == "cpu" and dtype == torch.bfloat16
+    return {"rtol": 2**-7 if interpreted_bf16 else 0.0, "atol": 0.0}
+
+
+def make_inputs(shape, dtype=torch.float32, channels_last=False, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=generator)
+    x_adv = (x + EPS * (2 * torch.rand(shape, generator=generator) - 1)).clamp(0, 1)
+    grad = torch.randn(shape, generator=generator)
+    grad.view(-1)[::5] = 0.0  # sign(0) = 0: these entries do not move
+    tensors = [t.to(device=device, dtype=dtype) for t in (x, x_adv, grad)]
+    if channels_last:
+        tensors = [t.contiguous(memory_format=torch.channels_last) for t in tensors]
+    return tensors
+
+
+def test_reference_invariants():
+    x, x_adv, grad = make_inputs((4, 3, 6, 5))
+    originals = [t.clone() for t in (x, x_adv, grad)]
+    out = pgd_step_reference(x, x_adv, grad, EPS, ALPHA)
+    assert all(torch.equal(a, b) for a, b in zip((x, x_adv, grad), originals, strict=True))
+    assert (out - x).abs().max() <= EPS + 1e-7
+    assert out.min() >= 0 and out.max() <= 1
+    still = grad == 0
+    assert torch.equal(out[still], x_adv[still].clamp(0, 1))
+
+
+def test_reference_matches_plain_formula():
+    x, x_adv, grad = make_inputs((3, 3, 5, 7))
+    expected = torch.clamp(torch.clamp(x_adv + ALPHA * grad.sign(), x - EPS, x + EPS), 0, 1)
+    torch.testing.assert_close(pgd_step_reference(x, x_adv, grad, EPS, ALPHA), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape, channels_last", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backend_matches_reference(backend, shape, channels_last, dtype):
+    name, device = backend
+    x, x_adv, grad = make_inputs(shape, dtype, channels_last, device)
+    out = pgd_step(x, x_adv, grad, EPS, ALPHA)
+    assert kernels.last_backend()["pgd_step"] == name
+    assert out.dtype == dtype and out.stride() == x_adv.stride()
+    expected = pgd_step_reference(x, x_adv, grad, EPS, ALPHA)
+    torch.testing.assert_close(out, expected, **exact_tolerance(name, device, dtype))
+
+
+def test_backend_mixed_layouts_and_nan(backend):
+    """x contiguous while x_adv is channels-last (restrided first); NaN grad does not move (torch.sign(nan) == 0),
+    NaN in x_adv propagates."""
+    _, device = backend
+    x, x_adv, grad = make_inputs((3, 4, 5, 3), device=device)
+    x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+    grad[0, 0, 0, 0] = float("nan")
+    x_adv[1, 0, 0, 0] = float("nan")
+    out = pgd_step(x, x_adv, grad, EPS, ALPHA)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, pgd_step_reference(x, x_adv, grad, EPS, ALPHA), rtol=0, atol=0, equal_nan=True)
+    assert out[0, 0, 0, 0] == x_adv[0, 0, 0, 0] and out[1, 0, 0, 0].isnan()
+
+
+def test_opcheck(backend):
+    _, device = backend
+    x, x_adv, grad = make_inputs((3, 3, 5, 7), channels_last=True, device=device)
+    torch.library.opcheck(torch.ops.arat.pgd_step.default, (x, x_adv, grad, EPS, ALPHA))
+
+
+def test_compile_fullgraph_equals_eager(backend):
+    _, device = backend
+    x, x_adv, grad = make_inputs((3, 3, 5, 7), device=device)
+    compiled = torch.compile(pgd_step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(
+        compiled(x, x_adv, grad, EPS, ALPHA), pgd_step(x, x_adv, grad, EPS, ALPHA), rtol=0, atol=0
+    )
+
+
+def test_compile_inductor_equals_eager():
+    x, x_adv, grad = make_inputs((3, 3, 5, 7))
+
+    def attack_step(x, x_adv, grad):
+        return pgd_step(x, x_adv, grad * 2.0, EPS, ALPHA)  # something for inductor to fuse around the op
+
+    compiled = torch.compile(attack_step, fullgraph=True)
+    torch.testing.assert_close(compiled(x, x_adv, grad), attack_step(x, x_adv, grad), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(((2, 3), (2, 3), (3, 2), EPS, ALPHA), "one shape"), (((4,), (4,), (4,), -1.0, ALPHA), "eps >= 0")],
+)
+def test_bad_input_raises(args, message):
+    *shapes, eps, alpha = args
+    with pytest.raises(ValueError, match=message):
+        pgd_step(*(torch.zeros(s) for s in shapes), eps, alpha)
+
+
+@pytest.fixture
+def rng_backend(backend):
+    if backend[0] == "native":
+        pytest.skip("uniform_start has no native kernel: on CPU it always runs the reference")
+    return backend
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_uniform_start_in_ball_and_deterministic(rng_backend, dtype, channels_last):
+    name, device = rng_backend
+    x = torch.rand(4, 3, 9, 7, device=device).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    first = uniform_start(x, EPS)
+    torch.manual_seed(0)
+    second = uniform_start(x, EPS)
+    third = uniform_start(x, EPS)
+    assert kernels.last_backend()["uniform_start"] == name
+    assert torch.equal(first, second) and not torch.equal(first, third)
+    assert first.dtype == dtype and first.stride() == x.stride()
+    bf16_slack = 0.0 if dtype == torch.float32 else 2**-8  # one rounding of the noisy value to bf16
+    assert (first.float() - x.float()).abs().max() <= EPS + 1e-6 + bf16_slack
+    assert first.min() >= 0 and first.max() <= 1
+
+
+def test_uniform_start_distribution(rng_backend):
+    """Noise away from the [0, 1] clamp is U(-eps, eps): mean ~ 0, std ~ eps / sqrt(3), deciles evenly spaced."""
+    _, device = rng_backend
+    x = torch.full((64, 3, 16, 16), 0.5, device=device)
+    noise = (uniform_start(x, EPS) - x).flatten().float().cpu() / EPS  # ~ U(-1, 1), 49152 samples
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 3**-0.5) < 0.01
+    deciles = torch.quantile(noise[:16384], torch.linspace(0.1, 0.9, 9))
+    torch.testing.assert_close(deciles, torch.linspace(-0.8, 0.8, 9), rtol=0, atol=0.03)
+
+
+def test_uniform_start_generator_argument():
+    x = torch.rand(2, 3, 4, 4)
+    first = uniform_start(x, EPS, generator=torch.Generator().manual_seed(3))
+    second = uniform_start(x, EPS, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+    with pytest.raises(ValueError, match="eps >= 0"):
+        uniform_start(x, -0.1)
+
+
+def test_uniform_start_opcheck_and_compile(rng_backend):
+    _, device = rng_backend
+    x = torch.rand(3, 3, 5, 7, device=device)
+    seed = torch.tensor([1234], device=device)
+    torch.library.opcheck(torch.ops.arat.uniform_start.default, (x, EPS, seed))
+    compiled = torch.compile(uniform_start, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    expected = uniform_start(x, EPS)
+    torch.manual_seed(5)
+    torch.testing.assert_close(compiled(x, EPS), expected, rtol=0, atol=0)
