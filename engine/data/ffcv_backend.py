@@ -1,0 +1,242 @@
+"""FFCV backend: each split written once as a .beton of raw uint8 pixels (cached by content hash), read by FFCV's
+compiled pipeline, with the crop/flip done by a numba kernel inside that pipeline.
+
+Order and augmentation follow the epoch plan of `backends.PlannedLoader` (the draws `DeviceLoader` makes), not
+FFCV's own RNG: FFCV 1.0.2's `RandomTranslate(padding=4)` and `RandomHorizontalFlip()` have the same distribution
+(uniform offsets in [0, 8] into the zero-padded image, p = 0.5) but draw from numba's per-thread generators, which
+FFCV 1.0.2 never seeds, so runs with them would not be reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends import PlannedLoader, require
+from .cifar import ArraySplit, load_split
+from .loader import PAD, SIZE, Batch
+
+try:
+    from numba import prange
+except ImportError:  # numba comes with FFCV; without it nothing here is ever compiled
+    prange = range
+
+BETON_FORMAT = "rgb-raw+int64/v1"  # part of the cache key: change it when the written layout changes
+
+
+def cache_dir() -> Path:
+    """Where `build` keeps betons: $ARAT_CACHE_DIR/ffcv, default ~/.cache/arat/ffcv."""
+    return Path(os.environ.get("ARAT_CACHE_DIR", Path.home() / ".cache" / "arat")) / "ffcv"
+
+
+def split_digest(split: ArraySplit) -> str:
+    """Content hash of a split: two runs on the same images and labels share one beton."""
+    h = hashlib.blake2b(digest_size=10)
+    h.update(f"{BETON_FORMAT}:{split.images.shape}".encode())
+    h.update(np.ascontiguousarray(split.images).data)
+    h.update(np.ascontiguousarray(split.labels, dtype=np.int64).data)
+    return h.hexdigest()
+
+
+def _check_split(split: ArraySplit) -> None:
+    # FFCV's writer waits forever when a worker process dies on a bad sample: refuse bad input up front
+    if len(split) == 0 or split.images.shape != (len(split), SIZE, SIZE, 3) or split.images.dtype != np.uint8:
+        raise ValueError(
+            f"cannot write a beton of images {split.images.shape} {split.images.dtype}: "
+            f"expected a non-empty (N, {SIZE}, {SIZE}, 3) uint8 array (an engine.data ArraySplit)"
+        )
+
+
+class _IndexedSplit:
+    """The indexable dataset FFCV's writer reads: sample i -> (HWC uint8 image, int label)."""
+
+    def __init__(self, split: ArraySplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.split.images[i], int(self.split.labels[i])
+
+
+def write_beton(split: ArraySplit, path: Path) -> Path:
+    """Write `split` to `path` unless it is already there (written to a temporary name, then renamed)."""
+    if path.is_file():
+        return path
+    require("ffcv")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    _check_split(split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+    writer = DatasetWriter(str(tmp), fields, num_workers=min(4, os.cpu_count() or 1))
+    try:
+        writer.from_indexed_dataset(_IndexedSplit(split), chunksize=1000)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_betons(split_train: ArraySplit, split_test: ArraySplit, out_dir: str | Path) -> tuple[Path, Path]:
+    """(train, test) betons in `out_dir`, named by content hash and reused when present."""
+    out = Path(out_dir)
+    return (
+        write_beton(split_train, out / f"train-{split_digest(split_train)}.beton"),
+        write_beton(split_test, out / f"test-{split_digest(split_test)}.beton"),
+    )
+
+
+def write_betons_from_layout(dataset: str, data_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """Betons of an official CIFAR layout (`arat data ffcv --data-dir DIR --out DIR`)."""
+    return write_betons(load_split(dataset, data_dir, True), load_split(dataset, data_dir, False), out_dir)
+
+
+def _crop_flip(images, out, indices, dy, dx, flip):
+    """out[i] = crop at (dy, dx) of the zero-padded image of sample indices[i], mirrored if flip: as `crop_flip`."""
+    for i in prange(len(indices)):  # (B, 32, 32, 3) uint8 -> (B, 32, 32, 3) uint8
+        k = indices[i]
+        for r in range(SIZE):
+            src_r = r + dy[k] - PAD
+            for c in range(SIZE):
+                src_c = (SIZE - 1 - c if flip[k] else c) + dx[k] - PAD
+                inside = 0 <= src_r < SIZE and 0 <= src_c < SIZE
+                for ch in range(3):
+                    out[i, r, c, ch] = images[i, src_r, src_c, ch] if inside else 0
+
+
+@functools.cache
+def _crop_flip_kernel(parallel: bool):
+    import numba
+
+    # not cache=True: numba's on-disk cache key ignores `parallel`, so the two variants would overwrite each other
+    return numba.njit(parallel=parallel, nogil=True)(_crop_flip)
+
+
+@functools.cache
+def _crop_flip_op():
+    """The FFCV operation, defined on first use so that this module imports without FFCV."""
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.operation import Operation
+
+    class CropFlip(Operation):
+        """Crop/flip by the epoch plan, looked up by dataset index (FFCV passes each batch's indices)."""
+
+        def __init__(self, tables: dict, parallel: bool):
+            super().__init__()
+            self.parallel = parallel
+            self.tables = tables  # {"aug": (dy, dx, flip)}, (N,) uint8 arrays by dataset index, set every epoch
+
+        def generate_code(self):
+            kernel, tables = _crop_flip_kernel(self.parallel), self.tables
+
+            def crop_flip(images, dst, indices):
+                dst = dst[: len(images)]
+                kernel(images, dst, indices, *tables["aug"])
+                return dst
+
+            crop_flip.with_indices = True
+            return crop_flip
+
+        def declare_state_and_memory(self, previous_state):
+            # jit_mode=False: FFCV calls this op from Python, so it sees each epoch's tables (numba would freeze
+            # them as constants); the kernel it calls is compiled all the same.
+            return replace(previous_state, jit_mode=False), AllocationQuery(previous_state.shape, np.dtype("u1"))
+
+    return CropFlip
+
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """FFCV sets torch's thread count to its own (`Compiler.set_num_threads`): put the trainer's back."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+class _PlanOrder:
+    """FFCV traversal order that returns the order our epoch plan chose (FFCV calls `sample_order(its_epoch)`)."""
+
+    def __init__(self):
+        self.order = np.zeros(0, dtype=np.uint64)
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.order
+
+
+class FFCVLoader(PlannedLoader):
+    """`Loader` over a beton: decode (memcpy of raw pixels), crop/flip, ToTensor, ToDevice on CUDA, to float."""
+
+    def __init__(
+        self, split: ArraySplit, beton: Path, batch_size: int, device: torch.device, *, num_threads: int = 0, **kwargs
+    ):
+        super().__init__(split, batch_size, device, **kwargs)
+        require("ffcv")
+        import numba
+        from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import ToDevice, ToTensor
+
+        on_cuda = self.device.type == "cuda"
+        # On the CPU the training step uses every core, and a batch here is a memcpy and a crop per image: one loader
+        # thread, no numba thread pool. On CUDA, as many threads as torch has (at most numba's limit).
+        threads = num_threads or (min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) if on_cuda else 1)
+        self.tables: dict = {}
+        image_ops = [SimpleRGBImageDecoder()] + ([_crop_flip_op()(self.tables, threads > 1)] if self.augment else [])
+        image_ops.append(ToTensor())
+        label_ops = [IntDecoder(), ToTensor()]
+        if on_cuda:  # FFCV's transfer: pinned buffers, copies on its own CUDA streams
+            image_ops.append(ToDevice(self.device, non_blocking=True))
+            label_ops.append(ToDevice(self.device, non_blocking=True))
+        with _torch_threads_kept():
+            self.ffcv = Loader(
+                str(beton),
+                batch_size=batch_size,
+                num_workers=threads,
+                order=OrderOption.SEQUENTIAL,
+                drop_last=False,
+                os_cache=True,
+                pipelines={"image": image_ops, "label": label_ops},
+            )
+        # Our plan decides order and length (FFCV's `distributed` needs a process group and its own sampler)
+        self.order = self.ffcv.traversal_order = _PlanOrder()
+        self.ffcv.first_traversal_order = np.zeros(self.num_images, dtype=np.uint64)
+
+    def _install_plan(self) -> None:
+        plan = self.plan()
+        if self.augment:  # by dataset index, since that is what FFCV hands the op
+            tables = tuple(np.zeros(self.num_total, dtype=np.uint8) for _ in range(3))
+            for table, values in zip(tables, (plan.dy, plan.dx, plan.flip), strict=True):
+                table[plan.order] = values
+            self.tables["aug"] = tables  # one swap: a stray batch of an abandoned epoch sees old or new, not a mix
+        self.order.order = plan.order.astype(np.uint64)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._install_plan()
+        with _torch_threads_kept():
+            epoch = iter(self.ffcv)
+        try:
+            for images, labels in epoch:  # (B, 32, 32, 3) uint8, (B, 1) int64
+                yield self.finish(images, labels)
+        finally:  # FFCV's reader thread only stops when told (a loop left early would leak it)
+            epoch.close()
+
+
+def make_loader(split: ArraySplit, batch_size: int, *, train: bool, device: torch.device, **kwargs) -> FFCVLoader:
+    """FFCV loader of `split`, writing its beton into `cache_dir()` the first time."""
+    beton = write_beton(split, cache_dir() / f"{'train' if train else 'test'}-{split_digest(split)}.beton")
+    return FFCVLoader(split, beton, batch_size, device, train=train, **kwargs)

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Install the optional data backends into the project's python: bash scripts/install_data_backends.sh [ffcv|dali|all]
+#
+#   ffcv  system libraries (apt: libopencv-dev libturbojpeg0-dev pkg-config g++), then ffcv==1.0.2 built from source
+#         with --no-deps: its declared deps pull opencv-python (the GUI build) and pytorch-pfn-extras (torch); we
+#         install what it really imports instead (numba, opencv-python-headless, pillow, ...).
+#   dali  nvidia-dali-cuda130 (its wheel runs on the CPU too, with device_id=None).
+#
+# Idempotent: a backend that already imports is left alone (a rerun takes seconds). Pip runs with the CPU torch
+# constraints, so nothing here replaces torch. PYTHON picks the interpreter (default .venv/bin/python).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+CONSTRAINTS="constraints/cpu.txt"
+FFCV_DEPS=(numba opencv-python-headless "pillow>=9" terminaltables fastargs assertpy psutil tqdm)
+WHAT="${1:-all}"
+
+pip_install() {
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" "$@"
+}
+
+imports() {
+    "$PYTHON" -c "import $1" >/dev/null 2>&1
+}
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "need root for: $*" >&2
+        exit 1
+    fi
+}
+
+ffcv_system_libs() {
+    if command -v pkg-config >/dev/null && command -v g++ >/dev/null &&
+        pkg-config --exists libturbojpeg && { pkg-config --exists opencv4 || pkg-config --exists opencv; }; then
+        return
+    fi
+    echo "ffcv: installing system libraries (apt-get)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopencv-dev libturbojpeg0-dev pkg-config g++ \
+        >/dev/null
+}
+
+install_ffcv() {
+    if imports ffcv.loader; then
+        echo "ffcv: already installed"
+        return
+    fi
+    ffcv_system_libs
+    echo "ffcv: installing ffcv==1.0.2 and its runtime dependencies"
+    pip_install "${FFCV_DEPS[@]}"
+    pip_install --no-deps "ffcv==1.0.2"
+    "$PYTHON" -c "import ffcv.loader, ffcv._libffcv" && echo "ffcv: ok"
+}
+
+install_dali() {
+    if imports nvidia.dali; then
+        echo "dali: already installed"
+        return
+    fi
+    echo "dali: installing nvidia-dali-cuda130"
+    pip_install nvidia-dali-cuda130
+    "$PYTHON" -c "import nvidia.dali" && echo "dali: ok"
+}
+
+case "$WHAT" in
+ffcv) install_ffcv ;;
+dali) install_dali ;;
+all) install_ffcv && install_dali ;;
+*)
+    echo "usage: $0 [ffcv|dali|all]" >&2
+    exit 2
+    ;;
+esac

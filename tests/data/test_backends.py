@@ -1,0 +1,290 @@
+"""Every data backend (device-resident, FFCV, DALI) against the loader semantics, on the CPU.
+
+The synthetic splits label image i with i, so each output batch says which source image every output came from;
+an output must then equal exactly one of the 9 x 9 x 2 allowed crops/flips of that source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from engine.config import DataConfig
+from engine.data import DeviceLoader, build_loaders, load_splits
+from engine.data import backends as data_backends
+from engine.data.cifar import ArraySplit, DataError, find_layout, load_split
+from engine.data.loader import PAD, SIZE
+
+BACKENDS = ["device", "ffcv", "dali"]
+CPU = torch.device("cpu")
+NUM_TRAIN, NUM_TEST, BATCH = 640, 250, 64
+SEED = 7
+CHI2_DF8_P1E4 = 31.8  # chi-square quantile, 8 degrees of freedom, p = 1e-4: a generous bound for 9 uniform bins
+DATA_DIR = Path(os.environ.get("ARAT_TEST_DATA", "./data"))
+
+
+def indexed_split(num: int, seed: int) -> ArraySplit:
+    """Random non-zero pixels (so the zero padding shows) and label i for image i."""
+    images = np.random.default_rng(seed).integers(1, 256, size=(num, SIZE, SIZE, 3), dtype=np.uint8)
+    return ArraySplit(images, np.arange(num, dtype=np.int64))
+
+
+TRAIN, TEST = indexed_split(NUM_TRAIN, 0), indexed_split(NUM_TEST, 1)
+
+
+def need(backend: str) -> None:
+    if backend != "device" and not data_backends.available(backend):
+        pytest.skip(data_backends.INSTALL[backend])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def beton_cache(tmp_path_factory):
+    """Betons go to a temporary cache, not ~/.cache/arat."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ARAT_CACHE_DIR", str(tmp_path_factory.mktemp("arat-cache")))
+        yield
+
+
+def make_loaders(
+    backend: str,
+    train: ArraySplit = TRAIN,
+    test: ArraySplit = TEST,
+    *,
+    batch_size: int = BATCH,
+    drop_last: bool = True,
+    augment: bool = True,
+    channels_last: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = SEED,
+):
+    need(backend)
+    if backend == "device":
+        common = dict(seed=seed, channels_last=channels_last)
+        shard = dict(rank=rank, world_size=world_size)
+        return (
+            DeviceLoader(train, batch_size, CPU, train=True, drop_last=drop_last, augment=augment, **shard, **common),
+            DeviceLoader(test, 100, CPU, train=False, **common),
+        )
+    cfg = DataConfig(dataset="synthetic", backend=backend, drop_last=drop_last, augment=augment)
+    return data_backends.build(cfg, train, test, batch_size, 100, CPU, seed, channels_last, rank, world_size)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, 32, 32) float in [0, 1] -> (B, 32, 32, 3) uint8, checking that x is exactly u / 255."""
+    u = (x * 255).round().to(torch.uint8)
+    assert torch.equal(x, u.float() / 255)
+    return u.permute(0, 2, 3, 1).numpy()
+
+
+def recover_augmentation(out: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dy, dx, flip) of each output, asserting it equals exactly one allowed crop/flip of its source."""
+    padded = np.pad(source, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+    windows = sliding_window_view(padded, (SIZE, SIZE), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)  # (B,9,9,32,32,3)
+    candidates = np.stack([windows, windows[:, :, :, :, ::-1]], axis=1)  # (B, 2, 9, 9, 32, 32, 3)
+    match = (candidates == out[:, None, None, None]).all(axis=(-3, -2, -1))  # (B, 2, 9, 9)
+    assert (match.sum(axis=(1, 2, 3)) == 1).all(), "an output is not a 4-pixel zero-padded crop/flip of its source"
+    _, flip, dy, dx = np.nonzero(match)
+    return dy, dx, flip.astype(bool)
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+    assert x.shape == (batch_size, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.device == CPU
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == (batch_size,) and y.dtype == torch.int64
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def two_epochs(request):
+    """Two training epochs of a backend: per epoch, the labels in order and the recovered augmentation."""
+    backend = request.param
+    train_loader, _ = make_loaders(backend)
+    epochs = []
+    for epoch in (1, 2):
+        train_loader.set_epoch(epoch)
+        labels, dys, dxs, flips = [], [], [], []
+        for x, y in train_loader:
+            check_batch(x, y, BATCH)
+            dy, dx, flip = recover_augmentation(to_uint8(x), TRAIN.images[y.numpy()])
+            labels.append(y.numpy()), dys.append(dy), dxs.append(dx), flips.append(flip)
+        columns = {"labels": labels, "dy": dys, "dx": dxs, "flip": flips}
+        epochs.append({name: np.concatenate(parts) for name, parts in columns.items()})
+    return backend, len(train_loader), epochs
+
+
+def test_every_image_once_per_epoch_in_a_new_order(two_epochs):
+    _, num_batches, epochs = two_epochs
+    assert num_batches == NUM_TRAIN // BATCH
+    for epoch in epochs:
+        assert np.array_equal(np.sort(epoch["labels"]), np.arange(NUM_TRAIN))
+    assert not np.array_equal(epochs[0]["labels"], epochs[1]["labels"])
+
+
+def test_shifts_uniform_and_flips_half(two_epochs):
+    _, _, epochs = two_epochs
+    expected = 2 * NUM_TRAIN / 9
+    for name in ("dy", "dx"):
+        counts = np.bincount(np.concatenate([e[name] for e in epochs]), minlength=9)
+        assert len(counts) == 9 and (counts > 0).all(), f"{name}: some shift in [-4, 4] never occurs"
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < CHI2_DF8_P1E4, f"{name} shifts not uniform: counts {counts.tolist()}, chi2 {chi2:.1f}"
+    flips = np.concatenate([e["flip"] for e in epochs])
+    assert abs(flips.mean() - 0.5) < 5 * 0.5 / np.sqrt(len(flips)), f"flip rate {flips.mean():.3f}"
+    by_image = [e["dy"][np.argsort(e["labels"])] for e in epochs]  # row shift of image 0, 1, ... per epoch
+    assert (by_image[0] != by_image[1]).mean() > 0.8, "images keep their shifts across epochs (expected 8/9 change)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_test_split_in_order_unaugmented(backend):
+    _, test_loader = make_loaders(backend)
+    sizes, images, labels = [], [], []
+    for x, y in test_loader:
+        sizes.append(len(y)), images.append(to_uint8(x)), labels.append(y.numpy())
+        assert x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
+    assert sizes == [100, 100, 50] and len(test_loader) == 3
+    assert np.array_equal(np.concatenate(images), TEST.images)
+    assert np.array_equal(np.concatenate(labels), TEST.labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_last_and_sharding(backend):
+    split = indexed_split(600, 2)  # 600 = 9 * 64 + 24
+    dropped, kept = make_loaders(backend, split)[0], make_loaders(backend, split, drop_last=False)[0]
+    assert len(dropped) == 9 and len(np.unique(np.concatenate([y.numpy() for _, y in dropped]))) == 576
+    assert len(kept) == 10 and [len(y) for _, y in kept][-1] == 24
+    ranks = [make_loaders(backend, split, rank=r, world_size=2)[0] for r in (0, 1)]
+    seen = [np.concatenate([y.numpy() for _, y in loader]) for loader in ranks]
+    assert [len(loader) for loader in ranks] == [4, 4] and [r.num_images for r in ranks] == [300, 300]
+    assert len(seen[0]) == len(seen[1]) == 256 and not set(seen[0]) & set(seen[1])
+
+
+@pytest.mark.parametrize("augment", [True, False])
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_same_batches_as_device_loader(backend, augment):
+    """Both backends follow DeviceLoader's (seed, epoch) plan: the batches are bit-identical."""
+    options = dict(seed=3, augment=augment, channels_last=augment)  # both memory formats, on the way
+    got, want = make_loaders(backend, **options), make_loaders("device", **options)
+    assert next(iter(got[0]))[0].is_contiguous() != augment
+    for epoch in (1, 2):
+        got[0].set_epoch(epoch), want[0].set_epoch(epoch)
+        for ours, theirs in zip(got, want, strict=True):
+            pairs = list(zip(ours, theirs, strict=True))
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_epoch_left_early_then_full_epoch(backend):
+    train_loader, _ = make_loaders(backend)
+    for i, _ in enumerate(train_loader):
+        if i == 1:
+            break
+    labels = np.concatenate([y.numpy() for _, y in train_loader])
+    assert np.array_equal(np.sort(labels), np.arange(NUM_TRAIN))
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_through_build_loaders(backend):
+    need(backend)
+    cfg = DataConfig(dataset="synthetic", backend=backend, synthetic_size=256)
+    splits = load_splits(cfg, 0)
+    ours = build_loaders(cfg, *splits, 64, 100, CPU, 0)
+    theirs = build_loaders(DataConfig(dataset="synthetic", synthetic_size=256), *splits, 64, 100, CPU, 0)
+    for a, b in zip(ours, theirs, strict=True):
+        assert len(a) == len(b)
+        assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_missing_package_is_one_line_data_error(backend, monkeypatch):
+    monkeypatch.setitem(data_backends.MODULES, backend, "arat_no_such_module")
+    cfg = DataConfig(dataset="synthetic", backend=backend)
+    with pytest.raises(DataError, match="install_data_backends.sh") as err:
+        data_backends.build(cfg, TRAIN, TEST, BATCH, 100, CPU, SEED, True, 0, 1)
+    assert "\n" not in str(err.value) and isinstance(err.value, ValueError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU paths run for real on a GPU machine")
+def test_gpu_pipelines_construct_without_a_gpu():
+    """Only that the CUDA branches build their graphs: ToDevice in FFCV, GPU operators in DALI (not run here)."""
+    cuda = torch.device("cuda", 0)
+    if data_backends.available("ffcv"):
+        from engine.data import ffcv_backend
+
+        loader = ffcv_backend.make_loader(TEST, 100, train=True, device=cuda)
+        ops = [type(op).__name__ for op in loader.ffcv.pipeline_specs["image"].transforms]
+        assert ops == ["CropFlip", "ToTensor", "ToDevice"]
+    if data_backends.available("dali"):
+        from engine.data import dali_backend
+
+        pipe = dali_backend.build_pipeline(64, cuda, augment=True, num_threads=1, seed=0)
+        outputs = getattr(pipe, "_graph_out", None)  # private: checked where this DALI version has it
+        assert pipe.device_id == 0 and (outputs is None or [node.device for node in outputs] == ["gpu"])
+
+
+def test_betons_are_cached_by_content(tmp_path):
+    need("ffcv")
+    from engine.data import ffcv_backend
+
+    train_path, test_path = ffcv_backend.write_betons(TRAIN, TEST, tmp_path)
+    mtime = train_path.stat().st_mtime_ns
+    assert ffcv_backend.write_betons(TRAIN, TEST, tmp_path) == (train_path, test_path)
+    assert train_path.stat().st_mtime_ns == mtime
+    other = ArraySplit(TRAIN.images[:100], TRAIN.labels[:100])
+    assert ffcv_backend.write_betons(other, TEST, tmp_path)[0] != train_path
+    with pytest.raises(ValueError, match="uint8"):
+        ffcv_backend.write_betons(ArraySplit(TRAIN.images.astype(np.float32), TRAIN.labels), TEST, tmp_path / "x")
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_real_cifar10_same_as_device_loader(backend, tmp_path):
+    if find_layout("cifar10", DATA_DIR) is None:
+        pytest.skip(f"no CIFAR-10 layout under ARAT_TEST_DATA={DATA_DIR}")
+    need(backend)
+    if backend == "ffcv":
+        from engine.data import ffcv_backend
+
+        betons = ffcv_backend.write_betons_from_layout("cifar10", DATA_DIR, tmp_path)
+        assert [p.stat().st_size > n * 3072 for p, n in zip(betons, (50_000, 10_000), strict=True)] == [True, True]
+        for path in betons:  # 228 MB: not worth keeping in pytest's temporary directories
+            path.unlink()
+    train, test = load_split("cifar10", DATA_DIR, True).head(2048), load_split("cifar10", DATA_DIR, False).head(500)
+    got, want = make_loaders(backend, train, test, batch_size=256), make_loaders("device", train, test, batch_size=256)
+    for ours, theirs in zip(got, want, strict=True):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, theirs, strict=True))
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.endswith(("seconds", "_per_s"))}
+
+
+def test_short_arat_run_same_metrics(tmp_path):
+    """Same structure; and since the batches are bit-identical, the same numbers (up to trainer nondeterminism)."""
+    from engine.config import apply_overrides
+    from engine.recipes import get_recipe
+    from engine.train import run_training
+
+    rows = {}
+    for backend in BACKENDS:
+        if backend != "device" and not data_backends.available(backend):
+            continue
+        cfg = apply_overrides(get_recipe("smoke"), [f"data.backend={backend}"])
+        rows[backend] = metrics_rows(run_training(cfg, tmp_path / backend, evaluate_at_end=False))
+    assert len(rows["device"]) == get_recipe("smoke").epochs, "the smoke run wrote no metrics"
+    if len(rows) == 1:
+        pytest.skip("neither FFCV nor DALI is installed: nothing to compare the device backend with")
+    for backend, got in rows.items():
+        assert [sorted(r) for r in got] == [sorted(r) for r in rows["device"]], f"{backend}: other metrics"
+        for ours, theirs in zip(got, rows["device"], strict=True):
+            assert untimed(ours) == pytest.approx(untimed(theirs), rel=1e-3), f"{backend}: other numbers"
