@@ -28,7 +28,7 @@ import torch
 from engine.config import DataConfig, default_data_dir
 from engine.data import DeviceLoader, Loader, backends, build_loaders, load_splits
 from engine.data.cifar import ArraySplit
-from engine.data.loader import PAD, SIZE
+from engine.data.loader import PAD, SIZE, EpochPlan, PlannedLoader
 
 BACKENDS = ("device", "ffcv", "dali", "dataloader")
 
@@ -39,7 +39,7 @@ class _PlannedImages(torch.utils.data.Dataset):
     def __init__(self, split: ArraySplit):
         self.padded = np.pad(split.images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))  # (N, 40, 40, 3)
         self.labels = split.labels
-        self.plan: backends.EpochPlan | None = None
+        self.plan: EpochPlan | None = None
 
     def __len__(self) -> int:
         return len(self.plan.order)
@@ -50,7 +50,7 @@ class _PlannedImages(torch.utils.data.Dataset):
         return np.ascontiguousarray(image[:, ::-1] if self.plan.flip[p] else image), int(self.labels[i])
 
 
-class DataLoaderBaseline(backends.PlannedLoader):
+class DataLoaderBaseline(PlannedLoader):
     """torch.utils.data.DataLoader with per-image numpy augmentation in worker processes (forked every epoch, so
     they see the epoch's plan)."""
 

@@ -9,14 +9,12 @@ so for a given (seed, epoch, rank, world_size) every backend yields the same bat
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..config import DataConfig
 from .cifar import ArraySplit, DataError
-from .loader import Batch, Loader, draw_augmentation, epoch_generator, shard
+from .loader import Loader
 
 INSTALL = {
     "ffcv": (
@@ -50,70 +48,6 @@ def available(backend: str) -> bool:
     except DataError:
         return False
     return True
-
-
-@dataclass
-class EpochPlan:
-    """Which images this rank loads this epoch, in order, and how each is augmented (None: no augmentation)."""
-
-    order: np.ndarray  # (M,) int64 indices into the split
-    dy: np.ndarray | None = None  # (M,) int64 crop offset into the zero-padded image, in [0, 2*PAD]
-    dx: np.ndarray | None = None
-    flip: np.ndarray | None = None  # (M,) bool
-
-
-class PlannedLoader:
-    """Bookkeeping shared by the backends: sizes, the epoch, its plan, and the final uint8 -> float step."""
-
-    def __init__(
-        self,
-        split: ArraySplit,
-        batch_size: int,
-        device: torch.device,
-        *,
-        train: bool,
-        seed: int = 0,
-        drop_last: bool = True,
-        augment: bool = True,
-        channels_last: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: use a positive batch size")
-        self.batch_size, self.device, self.train, self.seed = batch_size, torch.device(device), train, seed
-        self.augment, self.channels_last = augment and train, channels_last
-        self.rank, self.world_size = rank, world_size
-        self.drop_last = drop_last and train
-        self.num_total = len(split)
-        self.num_images = self.num_total // world_size if train else self.num_total
-        self.epoch = 1
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.num_images, self.batch_size)
-        return full + (rest > 0 and not self.drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def plan(self) -> EpochPlan:
-        """This epoch's plan: the same draws, in the same order, as `DeviceLoader._epoch_plan`."""
-        used = min(len(self) * self.batch_size, self.num_images)  # drop_last cuts the partial tail here
-        if not self.train:
-            return EpochPlan(np.arange(used, dtype=np.int64))
-        gen = epoch_generator(self.seed, self.epoch)
-        order = torch.randperm(self.num_total, generator=gen)[shard(self.num_total, self.rank, self.world_size)]
-        if not self.augment:
-            return EpochPlan(order[:used].numpy())
-        dy, dx, flip = (t[:used].numpy() for t in draw_augmentation(gen, len(order)))
-        return EpochPlan(order[:used].numpy(), dy, dx, flip)
-
-    def finish(self, hwc: torch.Tensor, labels: torch.Tensor) -> Batch:
-        """(B, 32, 32, 3) uint8 on the device -> (B, 3, 32, 32) float in [0, 1], as `DeviceLoader` computes it."""
-        x = hwc.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        x = x if self.channels_last else x.contiguous()
-        # copy=True: a backend may hand out labels in a buffer it reuses a few batches later
-        return x, labels.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
 
 
 def build(

@@ -3,7 +3,7 @@ operators (on the GPU when training on CUDA: the batch is copied there inside th
 
 The crop is `fn.slice` at an absolute start of (dy - 4, dx - 4) with `out_of_bounds_policy="pad"` and zero fill,
 which is exactly a 32x32 window of the 4-pixel zero-padded image; `fn.flip(horizontal=...)` mirrors it. The start
-and flip of each image are fed in from the epoch plan (`backends.PlannedLoader`) instead of drawn by DALI's random
+and flip of each image are fed in from the epoch plan (`loader.PlannedLoader`) instead of drawn by DALI's random
 operators, so DALI batches equal the other backends' for the same seed and epoch, and resumed runs repeat them.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .backends import EpochPlan, PlannedLoader, require
+from .backends import require
 from .cifar import ArraySplit
-from .loader import PAD, SIZE, Batch
+from .loader import PAD, SIZE, Batch, EpochPlan, PlannedLoader
 
 
 def build_pipeline(batch_size: int, device: torch.device, augment: bool, num_threads: int, seed: int):

@@ -1,7 +1,7 @@
 """FFCV backend: each split written once as a .beton of raw uint8 pixels (cached by content hash), read by FFCV's
 compiled pipeline, with the crop/flip done by a numba kernel inside that pipeline.
 
-Order and augmentation follow the epoch plan of `backends.PlannedLoader` (the draws `DeviceLoader` makes), not
+Order and augmentation follow the epoch plan of `loader.PlannedLoader` (the draws `DeviceLoader` makes), not
 FFCV's own RNG: FFCV 1.0.2's `RandomTranslate(padding=4)` and `RandomHorizontalFlip()` have the same distribution
 (uniform offsets in [0, 8] into the zero-padded image, p = 0.5) but draw from numba's per-thread generators, which
 FFCV 1.0.2 never seeds, so runs with them would not be reproducible.
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import PlannedLoader, require
+from .backends import require
 from .cifar import ArraySplit, load_split
-from .loader import PAD, SIZE, Batch
+from .loader import PAD, SIZE, Batch, PlannedLoader
 
 try:
     from numba import prange

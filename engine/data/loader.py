@@ -9,6 +9,7 @@ test split in order without augmentation.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -60,8 +61,18 @@ def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, dx: tor
     return padded[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-class DeviceLoader:
-    """The whole uint8 split lives on the training device; shuffling and augmentation run there in batches."""
+@dataclass
+class EpochPlan:
+    """Which images this rank loads this epoch, in order, and how each is augmented (None: no augmentation)."""
+
+    order: np.ndarray  # (M,) int64 indices into the split
+    dy: np.ndarray | None = None  # (M,) int64 crop offset into the zero-padded image, in [0, 2*PAD]
+    dx: np.ndarray | None = None
+    flip: np.ndarray | None = None  # (M,) bool
+
+
+class PlannedLoader:
+    """Bookkeeping shared by every backend: sizes, the epoch, its plan, and the final uint8 -> float step."""
 
     def __init__(
         self,
@@ -77,16 +88,14 @@ class DeviceLoader:
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.batch_size, self.device, self.train, self.seed = batch_size, device, train, seed
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: use a positive batch size")
+        self.batch_size, self.device, self.train, self.seed = batch_size, torch.device(device), train, seed
         self.augment, self.channels_last = augment and train, channels_last
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last and train
-        images = torch.from_numpy(np.ascontiguousarray(split.images))  # (N, 32, 32, 3) uint8
-        if self.augment:
-            images = torch.nn.functional.pad(images, (0, 0, PAD, PAD, PAD, PAD))  # (N, 40, 40, 3), zero border
-        self.images = images.to(device)
-        self.labels = torch.from_numpy(split.labels).to(device)
-        self.num_images = len(split) // world_size if train else len(split)
+        self.num_total = len(split)
+        self.num_images = self.num_total // world_size if train else self.num_total
         self.epoch = 1
 
     def __len__(self) -> int:
@@ -96,21 +105,43 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _epoch_plan(self) -> tuple[torch.Tensor, ...]:
+    def plan(self) -> EpochPlan:
+        """This epoch's plan (the same for every backend, given seed, epoch, rank and world size)."""
+        used = min(len(self) * self.batch_size, self.num_images)  # drop_last cuts the partial tail here
         if not self.train:
-            return (torch.arange(self.num_images),)
+            return EpochPlan(np.arange(used, dtype=np.int64))
         gen = epoch_generator(self.seed, self.epoch)
-        order = torch.randperm(len(self.labels), generator=gen)[shard(len(self.labels), self.rank, self.world_size)]
-        return (order, *draw_augmentation(gen, len(order))) if self.augment else (order,)
+        order = torch.randperm(self.num_total, generator=gen)[shard(self.num_total, self.rank, self.world_size)]
+        if not self.augment:
+            return EpochPlan(order[:used].numpy())
+        dy, dx, flip = (t[:used].numpy() for t in draw_augmentation(gen, len(order)))
+        return EpochPlan(order[:used].numpy(), dy, dx, flip)
 
-    def _to_float(self, hwc: torch.Tensor) -> torch.Tensor:
-        x = hwc.permute(0, 3, 1, 2).float().div_(255)  # channels-last strides for free
-        return x if self.channels_last else x.contiguous()
+    def finish(self, hwc: torch.Tensor, labels: torch.Tensor) -> Batch:
+        """(B, 32, 32, 3) uint8 on the device -> (B, 3, 32, 32) float in [0, 1], as `DeviceLoader` computes it."""
+        x = hwc.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = x if self.channels_last else x.contiguous()
+        # copy=True: a backend may hand out labels in a buffer it reuses a few batches later
+        return x, labels.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
+
+
+class DeviceLoader(PlannedLoader):
+    """The whole uint8 split lives on the training device; shuffling and augmentation run there in batches."""
+
+    def __init__(self, split: ArraySplit, batch_size: int, device: torch.device, **kwargs):
+        super().__init__(split, batch_size, device, **kwargs)
+        images = torch.from_numpy(np.ascontiguousarray(split.images))  # (N, 32, 32, 3) uint8
+        if self.augment:
+            images = torch.nn.functional.pad(images, (0, 0, PAD, PAD, PAD, PAD))  # (N, 40, 40, 3), zero border
+        self.images = images.to(self.device)
+        self.labels = torch.from_numpy(split.labels).to(self.device)
 
     def __iter__(self) -> Iterator[Batch]:
-        plan = [t.to(self.device) for t in self._epoch_plan()]
+        plan = self.plan()
+        columns = [plan.order] + ([plan.dy, plan.dx, plan.flip] if self.augment else [])
+        columns = [torch.from_numpy(c).to(self.device) for c in columns]
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            idx = plan[0][sl]
-            hwc = crop_flip(self.images, idx, *(t[sl] for t in plan[1:])) if self.augment else self.images[idx]
-            yield self._to_float(hwc), self.labels[idx]
+            idx = columns[0][sl]
+            hwc = crop_flip(self.images, idx, *(c[sl] for c in columns[1:])) if self.augment else self.images[idx]
+            yield self.finish(hwc, self.labels[idx])
