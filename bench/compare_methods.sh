@@ -6,7 +6,8 @@
 #
 #   bash bench/compare_methods.sh [OUT_DIR]        (default runs/compare)
 #   env: DATA_DIR (default $ARAT_DATA_DIR or ./data), SEEDS ("0"; e.g. "0 1 2" for mean ± std), EPOCHS (5),
-#        AA_N (1000), ABLATIONS (0; 1 adds the four ablation rows with analysis.grad_sim on)
+#        AA_N (1000), ABLATIONS (0; 1 adds the four ablation rows with analysis.grad_sim on),
+#        METHODS ("std at trades mart lbgat arat arrest"; arrest fine-tunes the std run, so it needs std)
 #
 # Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch.
 set -euo pipefail
@@ -47,7 +48,8 @@ train() {  # train RUN_DIR ARGS...: skip a finished run, resume an interrupted o
   fi
 }
 
-RECIPES="std at trades mart lbgat arat"
+METHODS=${METHODS:-std at trades mart lbgat arat arrest}
+RECIPES=$(echo "$METHODS" | tr ' ' '\n' | grep -vx arrest | tr '\n' ' ')
 [ "$ABLATIONS" = 1 ] && RECIPES="$RECIPES ablation-v0 ablation-stopgrad ablation-splitbn ablation-arat"
 for seed in $SEEDS; do
   for name in $RECIPES; do
@@ -56,6 +58,7 @@ for seed in $SEEDS; do
     train "$OUT/$name-s$seed" --recipe "$name-resnet18-cifar10" "${COMMON[@]}" --set train.seed="$seed" "${extra[@]}"
   done
   # ARREST fine-tunes this comparison's standard-trained network for the same budget
+  [[ " $METHODS " == *" arrest "* ]] || continue
   train "$OUT/arrest-s$seed" --recipe arrest-resnet18-cifar10 --init "$OUT/std-s$seed" "${COMMON[@]}" \
     --set train.seed="$seed" --set method.finetune_milestones="$DECAY"
 done

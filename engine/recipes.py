@@ -126,18 +126,18 @@ for _arch in ("resnet18", "wrn34-10"):
 @recipe(
     "demo",
     "AR-AT on a CPU budget (~10 min on 2 cores): ResNet-18 width 16, 20k real CIFAR-10 images (synthetic if "
-    "absent), 4 epochs, PGD-5 training; clean and PGD-20 on 1000, AutoAttack on 200 test images",
+    "absent), 6 epochs, PGD-5 training; clean and PGD-20 on 1000, AutoAttack on 200 test images",
 )
 def demo() -> TrainConfig:
     return TrainConfig(
-        epochs=4,
+        epochs=6,
         batch_size=128,
         log_every=10,
         data=DataConfig(dataset="cifar10", train_subset=20000, synthetic_fallback=True, synthetic_size=20000),
         model=ModelConfig(arch="resnet18", width=16),
         attack=AttackConfig(num_steps=5, step_size=2.5 / 255),
         method=MethodConfig(name="arat", invariance_weight=30.0),
-        optim=OptimConfig(lr=0.1, first_epoch_lr=0.02, milestones=(3,)),
+        optim=OptimConfig(lr=0.1, first_epoch_lr=0.02, milestones=(5,)),
         eval=EvalConfig(attacks=("clean", "pgd20", "aa"), num_examples=1000, aa_num_examples=200, batch_size=200),
     )
 
