@@ -30,7 +30,7 @@ def test_arat_loss_by_hand(tiny_cfg):
     from engine.attacks import pgd
 
     x_adv = pgd(model, x, y, cfg.attack, bn="adv", train=True)
-    (lc, fc), (la, fa) = forward_pair(model, x, x_adv, dual=False)
+    (lc, fc), (la, fa) = forward_pair(model, x, x_adv, dual=False, features=True)
     cls = 0.3 * F.cross_entropy(la, y) + 0.7 * F.cross_entropy(lc, y)
     inv = sum(1 - F.cosine_similarity(h(a), c, dim=1).mean() for h, a, c in zip(method.predictors, fa, fc, strict=True))
     torch.testing.assert_close(out.terms["cls"], cls, rtol=1e-4, atol=1e-5)

@@ -68,7 +68,7 @@ def test_symmetric_distance_is_both_one_sided_halves(tiny_cfg, variant):
     """Dist(z', z) with gradient into both sides = Dist(z', sg(z)) + Dist(sg(z'), z), gradient-wise."""
     _, model, method = setup(tiny_cfg, variant)
     x, x_adv = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
-    (_, fc), (_, fa) = forward_pair(model, x, x_adv, dual=True)
+    (_, fc), (_, fa) = forward_pair(model, x, x_adv, dual=True, features=True)
     both = weight_grads(model, method.invariance(fa, fc))
     adv_side = weight_grads(model, method.invariance(fa, [f.detach() for f in fc]))
     clean_side = weight_grads(model, method.invariance([f.detach() for f in fa], fc))
@@ -81,7 +81,7 @@ def test_symmetric_distance_is_both_one_sided_halves(tiny_cfg, variant):
 def test_stop_grad_rows_take_no_gradient_through_the_clean_branch(tiny_cfg, variant):
     _, model, method = setup(tiny_cfg, variant)
     x, x_adv = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
-    (_, fc), (_, fa) = forward_pair(model, x, x_adv, dual=True)
+    (_, fc), (_, fa) = forward_pair(model, x, x_adv, dual=True, features=True)
     got = weight_grads(model, method.invariance(fa, fc))
     expected = weight_grads(model, method.invariance(fa, [f.detach() for f in fc]))
     for g, e in zip(got, expected, strict=True):
@@ -92,7 +92,7 @@ def test_single_bn_normalizes_each_half_with_its_own_batch_statistics(tiny_cfg):
     cfg, model, _ = setup(tiny_cfg, "v0")
     x, x_adv = torch.rand(4, 3, 32, 32), 0.5 * torch.rand(4, 3, 32, 32)
     separate = copy.deepcopy(model)
-    (lc, _), (la, _) = forward_pair(model, x, x_adv, dual=True)
+    (lc, _), (la, _) = forward_pair(model, x, x_adv, dual=True, features=True)
     torch.testing.assert_close(lc, separate(x, bn="clean"), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(la, separate(x_adv, bn="adv"), rtol=1e-4, atol=1e-5)
     joint = copy.deepcopy(model)(torch.cat([x, x_adv]), bn="adv")  # one batch: mixed statistics, not what runs

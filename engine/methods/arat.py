@@ -16,7 +16,7 @@ from ..attacks import mode, pgd
 from ..attacks.step import noise_like
 from ..config import AttackConfig, TrainConfig
 from ..distributed import mean_over_ranks
-from .base import Method, Nets, StepOutput, correct
+from .base import Method, Nets, StepOutput, correct, forward_pair
 
 
 class Predictor(nn.Module):
@@ -39,18 +39,6 @@ def attack_inputs(nets: Nets, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfi
         x = x + cfg.eps * noise_like(x, "uniform")
         cfg = AttackConfig(cfg.eps, cfg.step_size, cfg.num_steps, start="none")
     return x, pgd(nets.attack, x, y, cfg, bn="adv", train=True, autocast=autocast)
-
-
-def forward_pair(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, dual: bool):
-    """(logits_c, feats_c), (logits_a, feats_a): as one dual pass over the concatenated batch, or two passes."""
-    if not dual:
-        return model(x_clean, bn="clean", features=True), model(x_adv, bn="adv", features=True)
-    both = torch.cat([x_clean, x_adv])  # (2B, 3, 32, 32): clean half first
-    if x_clean.is_contiguous(memory_format=torch.channels_last):
-        both = both.contiguous(memory_format=torch.channels_last)
-    logits, feats = model(both, bn="dual", features=True)
-    half = x_clean.shape[0]
-    return (logits[:half], [f[:half] for f in feats]), (logits[half:], [f[half:] for f in feats])
 
 
 class ARAT(Method):
@@ -83,7 +71,7 @@ class ARAT(Method):
         x_clean, x_adv = attack_inputs(nets, x, y, self.cfg.attack, autocast)
         with autocast():
             (logits_c, feats_c), (logits_a, feats_a) = forward_pair(
-                nets.train, x_clean, x_adv, self.cfg.perf.dual_forward
+                nets.train, x_clean, x_adv, self.cfg.perf.dual_forward, features=True
             )
             w = self.adv_weight
             cls = w * F.cross_entropy(logits_a.float(), y) + (1 - w) * F.cross_entropy(logits_c.float(), y)

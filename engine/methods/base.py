@@ -70,16 +70,26 @@ def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) == y).sum()
 
 
-def logits_pair(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, dual: bool):
-    """(logits of x_clean, logits of x_adv), each half normalized with its own batch statistics: one pass over the
-    concatenated batch (bn="dual"; a single-BN model uses its one BN for both halves), or two passes."""
+def forward_pair(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, dual: bool, features: bool = False):
+    """(output of x_clean, output of x_adv), each half normalized with its own batch statistics: one pass over the
+    concatenated batch (bn="dual"; a single-BN model uses its one BN for both halves), or two passes. An output is
+    the logits, or with `features` (logits, tapped features)."""
     if not dual:
-        return model(x_clean, bn="clean"), model(x_adv, bn="adv")
+        return model(x_clean, bn="clean", features=features), model(x_adv, bn="adv", features=features)
     both = torch.cat([x_clean, x_adv])  # (2B, 3, 32, 32): clean half first
     if x_clean.is_contiguous(memory_format=torch.channels_last):
         both = both.contiguous(memory_format=torch.channels_last)
-    logits = model(both, bn="dual")
-    return logits[: len(x_clean)], logits[len(x_clean) :]
+    out = model(both, bn="dual", features=features)
+    halves = (slice(None, len(x_clean)), slice(len(x_clean), None))
+    if not features:
+        return tuple(out[h] for h in halves)
+    logits, feats = out
+    return tuple((logits[h], [f[h] for f in feats]) for h in halves)
+
+
+def logits_pair(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, dual: bool):
+    """(logits of x_clean, logits of x_adv): `forward_pair` without features."""
+    return forward_pair(model, x_clean, x_adv, dual)
 
 
 @torch.no_grad()
