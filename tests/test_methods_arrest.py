@@ -8,13 +8,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import method_case
 
 from engine.attacks import random_start
 from engine.cli import main
 from engine.config import ConfigError, apply_overrides
-from engine.methods import Nets, build_method
 from engine.methods.arrest import init_overrides, read_init_state, replay_switch
-from engine.models import build_model
 from engine.perf import Perf
 from engine.recipes import get_recipe
 
@@ -23,16 +22,7 @@ COS_30 = math.cos(math.radians(30))
 
 
 def setup(tiny_cfg, *overrides):
-    cfg = apply_overrides(
-        tiny_cfg,
-        ["method.name=arrest", "model.split_bn=false", "perf.dtype=fp32", "perf.channels_last=false", *overrides],
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 10)
-    method = build_method(cfg, model)
-    model.train()
-    method.train()
-    return cfg, model, method, Nets(model, model, model)
+    return method_case(tiny_cfg, "arrest", *overrides)
 
 
 def at_angle(degrees: float) -> tuple[torch.Tensor, torch.Tensor]:

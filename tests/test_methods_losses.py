@@ -7,29 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import method_case as setup
 
 from engine.attacks import pgd
 from engine.config import apply_overrides
-from engine.methods import Nets, build_method
+from engine.methods import build_method
 from engine.methods.mart import boosted_ce, weighted_kl
 from engine.methods.trades import trades_kl
 from engine.models import build_model
 from engine.perf import Perf
 
 NO_AMP = Perf(torch.device("cpu"), torch.float32, False, False, "off").autocast
-
-
-def setup(tiny_cfg, method, *overrides):
-    cfg = apply_overrides(
-        tiny_cfg,
-        [f"method.name={method}", "model.split_bn=false", "perf.dtype=fp32", "perf.channels_last=false", *overrides],
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 10)
-    method = build_method(cfg, model)
-    model.train()
-    method.train()
-    return cfg, model, method, Nets(model, model, model)
 
 
 def batch(n=6):
