@@ -8,10 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import apply_overrides
 from engine.data.cifar import find_layout
-from engine.methods import Nets, build_method
-from engine.models import build_model
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -37,17 +34,3 @@ def tiny_cfg():
     from engine.recipes import get_recipe
 
     return get_recipe("smoke")
-
-
-def method_case(tiny_cfg, method, *overrides):
-    """(cfg, model, method, nets) for a single-BN method on the tiny config: fp32, contiguous, train mode."""
-    cfg = apply_overrides(
-        tiny_cfg,
-        [f"method.name={method}", "model.split_bn=false", "perf.dtype=fp32", "perf.channels_last=false", *overrides],
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 10)
-    method = build_method(cfg, model)
-    model.train()
-    method.train()
-    return cfg, model, method, Nets(model, model, model)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_case
+from method_cases import method_case
 
 from engine.attacks import random_start
 from engine.cli import main

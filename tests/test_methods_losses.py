@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_case as setup
+from method_cases import method_case as setup
 
 from engine.attacks import pgd
 from engine.config import apply_overrides
