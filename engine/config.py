@@ -174,15 +174,17 @@ class EvalConfig:
 @dataclass
 class PerfConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "bf16"  # autocast dtype: bf16 | fp16 (with grad scaler) | fp32 (no autocast)
+    dtype: str = "auto"  # autocast: auto (bf16 where native, else fp16 on CUDA / fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
     dual_forward: bool = True  # clean + adv forwards as one pass over the concatenated batch (per-half BN stats)
     kernels: str = "auto"  # auto (on for CUDA) | on | off: fused Triton PGD step and dual BN
+    cudnn_benchmark: str = "auto"  # auto (on for CUDA: static shapes) | on | off
 
     def __post_init__(self):
-        _one_of("perf.dtype", self.dtype, ("bf16", "fp16", "fp32"))
+        _one_of("perf.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         _one_of("perf.kernels", self.kernels, ("auto", "on", "off"))
+        _one_of("perf.cudnn_benchmark", self.cudnn_benchmark, ("auto", "on", "off"))
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "perf.device: auto|cpu|cuda")
 
 

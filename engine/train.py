@@ -66,9 +66,9 @@ class Run:
         if len(state["rng"]) != self.dist.world_size:
             raise RunDirError(f"the checkpoint was written by {len(state['rng'])} processes; resume with as many")
         rng_cpu, rng_cuda = state["rng"][self.dist.rank]
-        torch.set_rng_state(rng_cpu)
+        torch.set_rng_state(rng_cpu.cpu())  # both setters take CPU byte tensors only, whatever the device
         if rng_cuda is not None:
-            torch.cuda.set_rng_state(rng_cuda, self.perf.device)
+            torch.cuda.set_rng_state(rng_cuda.cpu(), self.perf.device)
 
     def rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         cuda = self.perf.device.type == "cuda"
@@ -236,7 +236,7 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
         rundir.save_config(cfg)
         rundir.write_json("env.json", environment(run.perf.device))
     if resume and rundir.checkpoint(LATEST).exists():
-        run.load_state_dict(torch.load(rundir.checkpoint(LATEST), map_location=run.perf.device, weights_only=False))
+        run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
         if run.dist.is_main:
             rundir.rewrite_metrics([r for r in rundir.metrics() if r["epoch"] <= run.epoch])
     say(start_line(run))
@@ -286,6 +286,12 @@ def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
         )
         say(f"results: {format_results(results)}")
     say(f"run saved in {rundir.path}")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, on the CPU: load_state_dict moves weights and optimizer state to their parameters'
+    device, and the RNG states must stay CPU byte tensors. weights_only: a checkpoint holds tensors and plain data."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:

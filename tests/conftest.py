@@ -11,6 +11,12 @@ import torch
 from engine.data.cifar import find_layout
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests compare paths bit for bit or to float precision: on CUDA, pin what would otherwise vary (TF32 matmuls and
+# convolutions, cuDNN's algorithm choice), so that they test the engine, not cuDNN. No effect on CPU.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cudnn.deterministic = True
+torch.backends.cudnn.benchmark = False
 
 
 def real_data_dir() -> Path | None:
@@ -33,4 +39,6 @@ def tiny_cfg():
     """The smoke recipe: synthetic data, ResNet-18 width 8, seconds per run."""
     from engine.recipes import get_recipe
 
-    return get_recipe("smoke")
+    cfg = get_recipe("smoke")
+    cfg.perf.cudnn_benchmark = "off"  # deterministic cuDNN algorithms (see above)
+    return cfg

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -79,3 +81,49 @@ def test_step_matches_formula_and_sign_of_zero():
     torch.testing.assert_close(out, expected)
     edge = pgd_step_reference(torch.tensor([0.99]), torch.tensor([0.99]), torch.tensor([1.0]), 0.03, 0.02)
     assert edge.item() == 1.0  # clamped to [0, 1]
+
+
+def confident_model():
+    """A network as confident as a trained one on its training data (class 0 by a logit margin of ~12): its input
+    gradients (~1e-9) fall below fp16's smallest subnormal (6e-8) unless the attack loss is scaled."""
+    torch.manual_seed(1)
+    m = build_model(ModelConfig(width=8), 10).eval()
+    with torch.no_grad():
+        m.linear.bias.zero_()[0] = 12.0
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def sign_agreement(grad, reference):
+    return (grad.sign() == reference.sign()).float().mean().item()
+
+
+def test_fp16_attack_gradient_signs_agree_with_fp32(monkeypatch):
+    pgd_module = importlib.import_module("engine.attacks.pgd")  # the module (engine.attacks.pgd is the function)
+
+    m = confident_model()
+    x, y = torch.rand(16, 3, 32, 32), torch.zeros(16, dtype=torch.long)  # correctly classified, confidently
+
+    def fp16():
+        return torch.autocast("cpu", dtype=torch.float16)
+
+    reference = pgd_module.input_gradient(m, x, y, "adv", None, None)  # fp32
+    scaled = pgd_module.input_gradient(m, x, y, "adv", None, fp16)
+    monkeypatch.setattr(pgd_module, "fp16_gradient_scale", lambda *a: 1.0)
+    unscaled = pgd_module.input_gradient(m, x, y, "adv", None, fp16)
+    zeros_unscaled, zeros_scaled = (unscaled == 0).float().mean().item(), (scaled == 0).float().mean().item()
+    agree_unscaled, agree_scaled = sign_agreement(unscaled, reference), sign_agreement(scaled, reference)
+    assert zeros_unscaled > 0.5, f"the case must underflow unscaled (zeros {zeros_unscaled:.3f})"
+    assert zeros_scaled < 0.01 and torch.isfinite(scaled).all(), f"zeros with the scale: {zeros_scaled:.4f}"
+    assert agree_scaled > 0.9 and agree_scaled > agree_unscaled + 0.4, (agree_scaled, agree_unscaled)
+
+
+def test_fp16_gradient_scale_is_a_power_of_two_bounding_the_logit_gradient():
+    from engine.attacks.pgd import fp16_gradient_scale
+
+    logits = torch.tensor([[30.0, 0.0, -5.0], [0.0, 0.0, 0.0]])
+    scale = fp16_gradient_scale(logits, torch.tensor([0, 1]), None)
+    assert torch.log2(scale) == torch.round(torch.log2(scale))
+    largest = (torch.softmax(logits, 1) - torch.eye(3)[[0, 1]]).abs().max()
+    assert 2**7 <= largest * scale <= 2**8

@@ -45,6 +45,17 @@ def objective(logits: torch.Tensor, y: torch.Tensor, target_probs: torch.Tensor 
     return F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="sum")
 
 
+def fp16_gradient_scale(logits: torch.Tensor, y: torch.Tensor, target_probs: torch.Tensor | None) -> torch.Tensor:
+    """A power of two that lifts the largest logit gradient of `objective` to [2^7, 2^8], so that an fp16 backward
+    neither underflows (a confident network's gradients fall below fp16's 6e-8; sign(0) = 0 silently weakens the
+    attack) nor overflows (the logit gradient of CE or KL is at most 1 per entry, as at initialization). One scalar
+    for the whole batch: every sign, and batch-norm's coupling of the samples, stay exactly those of fp32. No sync."""
+    probs = F.softmax(logits.detach().float(), dim=1)  # (B, classes)
+    target = F.one_hot(y, probs.shape[1]).to(probs.dtype) if target_probs is None else target_probs
+    largest = (probs - target).abs().amax().clamp_min(2.0**-100)
+    return torch.exp2(8 - torch.ceil(torch.log2(largest)))
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -65,10 +76,20 @@ def pgd(
     x_adv = random_start(x, cfg.eps, cfg.start)
     with mode(model, train), frozen(model):
         for _ in range(cfg.num_steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad(), autocast() if autocast else nullcontext():
-                loss = objective(model(x_adv, bn=bn), y, target_probs)
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            grad = input_gradient(model, x_adv, y, bn, target_probs, autocast)
             with torch.no_grad():
                 x_adv = pgd_step(x, x_adv.detach(), grad, cfg.eps, cfg.step_size)
     return x_adv.detach()
+
+
+def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, bn: str, target_probs, autocast):
+    """d objective / d x_adv (its signs are what PGD uses); under fp16 autocast, of the loss scaled by
+    `fp16_gradient_scale` so that no gradient underflows."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad(), autocast() if autocast else nullcontext():
+        logits = model(x_adv, bn=bn)
+        loss = objective(logits, y, target_probs)
+        if logits.dtype == torch.float16:
+            loss = loss * fp16_gradient_scale(logits, y, target_probs)
+    (grad,) = torch.autograd.grad(loss, x_adv)
+    return grad

@@ -1,0 +1,133 @@
+"""The GPU check (scripts/gpu_check.sh, ../shared/docs/GPU_CHECK.md) keeps working between GPU windows: a CPU-sized
+run of every stage (slow), and the merge, schema, pytest parsing and stage list on their own (fast, torch-free)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from gpucheck import STAGE_NAMES, STAGES  # noqa: E402
+from gpucheck.merge import merge  # noqa: E402
+from gpucheck.pytest_stages import parse  # noqa: E402
+from gpucheck.schema import (  # noqa: E402
+    MAX_FILE_BYTES,
+    MAX_FILES,
+    SCHEMA,
+    STAGE_KEYS,
+    STATUSES,
+    TOP_KEYS,
+    check_output_dir,
+    validate,
+)
+
+
+def assert_output_limits(out: Path) -> None:
+    files = sorted(out.iterdir())
+    assert len(files) <= MAX_FILES, [f.name for f in files]
+    for f in files:
+        assert f.is_file() and re.fullmatch(r"[A-Za-z0-9._-]+", f.name), f.name
+        assert f.stat().st_size < MAX_FILE_BYTES, f.name
+    assert check_output_dir(out) == []
+
+
+def assert_schema(doc: dict) -> None:
+    assert validate(doc) == []
+    assert doc["schema"] == SCHEMA and set(TOP_KEYS) <= set(doc)
+    assert set(doc["ceilings"]) >= {"copy_tb_s", "bf16_matmul_tflops"}
+    assert list(doc["stages"]) == STAGE_NAMES
+    for name, record in doc["stages"].items():
+        assert set(STAGE_KEYS) <= set(record), name
+        assert record["status"] in STATUSES, name
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_stage(tmp_path):
+    """The whole check, CPU-sized (about 1.5 min on 2 cores): every stage ends ok or skipped, the JSON is
+    schema-valid, and the output folder keeps the limits (<= 8 files, plain names, each < 16 MiB)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = os.environ | {"GPU_CHECK_OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    doc = json.loads((out / "gpu_check.json").read_text())
+    assert_schema(doc)
+    assert doc["cpu_smoke"] is True
+    bad = {n: (r["status"], r["error"]) for n, r in doc["stages"].items() if r["status"] in ("failed", "timeout")}
+    assert not bad
+    methods = doc["summary"]["methods"]
+    assert doc["stages"]["env"]["status"] == "ok" and methods["ok"] == methods["total"] > 10
+    assert_output_limits(out)
+    assert done.stdout.rstrip().splitlines()[-1].startswith("outputs:")  # the summary table is printed last
+
+
+def write_stage(work: Path, name: str, status: str, rc, data: dict | None = None, log: str = "", reason=None) -> None:
+    status_doc = {"stage": name, "status": status, "rc": rc, "seconds": 1.5, "cap_s": 15, "reason": reason}
+    (work / f"{name}.status").write_text(json.dumps(status_doc))
+    if data is not None:
+        (work / f"{name}.json").write_text(json.dumps({"rows": [], "figures": {}, "error": None} | data))
+    (work / f"{name}.log").write_text(log)
+
+
+def test_merge_folds_statuses_and_keeps_the_limits(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    (out / "profile_eager.txt").write_text("stale: from an earlier run")
+    (work / "run.json").write_text(json.dumps({"started": "t0", "started_ms": 0, "budget_s": 480, "cpu_smoke": True}))
+    write_stage(work, "env", "ok", 0, {"figures": {"torch": "2.11.0", "commit": "abc", "dirty": False}})
+    write_stage(work, "ceilings", "timeout", 124, {"rows": [{"case": "copy"}]}, log="a\nb\nkilled\n")
+    write_stage(work, "kernels_correct", "failed", 1, {"error": "pgd_step bf16: mismatch"})
+    write_stage(work, "kernels_speed", "failed", 139, None, log="Segmentation fault\n")
+    write_stage(work, "step_eager", "skipped", None, None, reason="budget")
+    write_stage(work, "compile", "ok", 0, {"skipped": "pyautoattack not importable"})
+    (work / "compile_torch_logs.txt").write_text("noise\nRecompiling function forward: guard failed\n")
+    (work / "pytest_kernels.txt").write_text("3 passed in 1.0s\n")
+    rc = merge(work, out, REPO)
+    doc = json.loads((out / "gpu_check.json").read_text())
+    assert_schema(doc)
+    stages = doc["stages"]
+    assert stages["env"]["status"] == "ok" and doc["commit"] == "abc" and doc["env"]["torch"] == "2.11.0"
+    assert stages["ceilings"]["status"] == "timeout" and stages["ceilings"]["rows"] == [{"case": "copy"}]
+    assert "timeout" in stages["ceilings"]["error"] and stages["ceilings"]["log_tail"][-1] == "killed"
+    assert stages["kernels_correct"]["error"] == "pgd_step bf16: mismatch"
+    assert stages["kernels_speed"]["error"] == "Segmentation fault"  # no record: the log's last line
+    assert stages["step_eager"]["reason"] == "budget" and stages["compile"]["status"] == "skipped"
+    assert stages["methods"]["status"] == "skipped" and "not run" in stages["methods"]["reason"]
+    assert stages["env"]["log_tail"] is None  # only on failure or timeout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["compile_log.txt", "gpu_check.json", "gpu_check.log", "gpu_check.md", "pytest_kernels.txt"]
+    assert "Recompiling" in (out / "compile_log.txt").read_text()
+    assert rc == 0
+    assert_output_limits(out)
+
+
+def test_validate_names_what_is_wrong():
+    assert "missing top-level key 'summary'" in validate({"schema": SCHEMA})
+    assert validate([]) == ["the document is not an object"]
+
+
+def test_pytest_output_parsing():
+    failure = "FAILED tests/test_perf.py::test_x - AssertionError: rel 2e-5"
+    full = f"....F.s\n{failure}\n1 failed, 5 passed, 1 skipped in 3.2s\n"
+    assert parse(full) | {"failures": None} == {"failed": 1, "passed": 5, "skipped": 1, "failures": None}
+    assert parse(full)["failures"] == [failure]
+    cut = "$ -m pytest -q tests/kernels\n........F...  [ 12%]\n.....s\n"
+    assert parse(cut) == {"passed": 16, "failed": 1, "errors": 0, "skipped": 1, "failures": []}
+    assert parse("a::b\n\n5/6 tests collected (1 deselected) in 0.1s\n")["collected"] == 5
+
+
+def test_orchestrator_lists_the_same_stages():
+    text = (REPO / "scripts" / "gpu_check.sh").read_text()
+    listed = re.search(r"^STAGES=\(([^)]*)\)", text, re.MULTILINE)[1].split()
+    assert [(entry.split(":")[0], int(entry.split(":")[1])) for entry in listed] == STAGES
+    assert sum(cap for _, cap in STAGES) == 480  # the caps fill the 8-minute budget
