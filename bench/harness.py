@@ -24,6 +24,8 @@ def provenance() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    from engine.perf import cpu_has_native_bf16
+
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {
@@ -31,9 +33,23 @@ def provenance() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "device": device,
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "cpu_threads": torch.get_num_threads(),
         "commit": commit.stdout.strip() or None,
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (benchmark rows differ by CPU: AVX2 vs AVX-512, native bf16 or not)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,7 +292,16 @@ def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
 def load_checkpoint(path: Path) -> dict:
     """A training checkpoint, on the CPU: load_state_dict moves weights and optimizer state to their parameters'
     device, and the RNG states must stay CPU byte tensors. weights_only: a checkpoint holds tensors and plain data."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RunDirError(
+            f"{path} is not a checkpoint this engine can read ({reason}); delete it to restart that run"
+        ) from None
+    if not isinstance(state, dict) or not {"epoch", "model", "rng", "config"} <= state.keys():
+        raise RunDirError(f"{path} is not a training checkpoint (no epoch/model/rng/config); delete it to restart")
+    return state
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:

@@ -113,3 +113,44 @@ def test_real_cifar10_layout(cifar_dir):
     assert train.images.shape == (50000, 32, 32, 3) and test.images.shape == (10000, 32, 32, 3)
     assert np.bincount(train.labels).tolist() == [5000] * 10 and np.bincount(test.labels).tolist() == [1000] * 10
     assert np.allclose(test.images.reshape(-1, 3).mean(0) / 255, [0.4942, 0.4851, 0.4504], atol=2e-3)
+
+
+class _RunsCode:
+    """Unpickling this creates a marker file: what a crafted dataset or checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _fake_cifar10(tmp_path, test_batch) -> None:
+    import pickle
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (root / name).write_bytes(pickle.dumps(test_batch))
+
+
+def test_a_crafted_dataset_file_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    _fake_cifar10(tmp_path, {b"data": _RunsCode(marker), b"labels": [0]})
+    with pytest.raises(DataError, match="not an official CIFAR file"):
+        load_split("cifar10", tmp_path, train=False)
+    assert not marker.exists()
+
+
+def test_official_pickles_of_numpy_arrays_still_load(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8)
+    _fake_cifar10(tmp_path, {b"data": data, b"labels": [0, 1, 2, 3], b"batch_label": b"testing batch 1 of 1"})
+    split = load_split("cifar10", tmp_path, train=False)
+    assert split.images.shape == (4, 32, 32, 3) and list(split.labels) == [0, 1, 2, 3]
+
+
+def test_pixels_out_of_range_are_refused_not_wrapped(tmp_path):
+    data = np.full((2, 3072), 300, dtype=np.int64)
+    _fake_cifar10(tmp_path, {b"data": data, b"labels": [0, 1]})
+    with pytest.raises(DataError, match="outside 0..255"):
+        load_split("cifar10", tmp_path, train=False)

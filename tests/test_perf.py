@@ -82,3 +82,40 @@ def test_channels_last_equals_contiguous(tiny_cfg):
 def test_compile_equals_eager(tiny_cfg):
     base = apply_overrides(tiny_cfg, EXACT)
     assert_same_step(base, apply_overrides(base, ["perf.compile=true"]))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_follows_the_cpu(monkeypatch, native):
+    from engine import perf
+
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: native)
+    dtype, why = perf.resolve_dtype("auto", torch.device("cpu"))
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert why.startswith("auto") and ("no native" in why) != native
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_follows_the_gpu(monkeypatch, native):
+    from engine import perf
+
+    monkeypatch.setattr(perf, "cuda_has_native_bf16", lambda device: native)
+    dtype, _ = perf.resolve_dtype("auto", torch.device("cuda"))
+    assert dtype == (torch.bfloat16 if native else torch.float16)
+
+
+def test_explicit_bf16_on_an_emulating_cpu_warns_in_the_start_line(monkeypatch, tiny_cfg):
+    from engine import perf
+    from engine.train import start_line
+
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: False)
+    run = build_run(apply_overrides(tiny_cfg, ["perf.dtype=bf16"]))
+    assert run.perf.dtype == torch.bfloat16 and "emulates bf16" in start_line(run)
+    run = build_run(tiny_cfg)  # the smoke recipe keeps the default: auto
+    assert run.perf.dtype == torch.float32 and "no native bf16" in start_line(run)
+
+
+def test_auto_switches_are_on_for_cuda_only():
+    from engine.perf import resolve_switch
+
+    assert resolve_switch("auto", torch.device("cuda")) and not resolve_switch("auto", torch.device("cpu"))
+    assert resolve_switch("on", torch.device("cpu")) and not resolve_switch("off", torch.device("cuda"))

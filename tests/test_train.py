@@ -94,3 +94,35 @@ def test_short_real_data_run_beats_chance(cifar_dir, tmp_path):
     results = json.loads((run_training(cfg, tmp_path / "real") / "results.json").read_text())["results"]
     assert results["clean"]["accuracy"] > 0.25  # chance is 0.10; this seed reads 0.302 here
     assert results["pgd20"]["accuracy"] <= results["clean"]["accuracy"]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_checkpoint_runs_no_code_on_resume(tiny_cfg, tmp_path):
+    from engine.rundir import RunDirError
+
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
+    run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    marker = tmp_path / "pwned"
+    torch.save({"epoch": 1, "payload": _RunsCode(marker)}, run / "checkpoints" / "latest.pt")
+    with pytest.raises(RunDirError, match="not a checkpoint this engine can read"):
+        run_training(cfg, run, resume=True)
+    assert not marker.exists()
+
+
+def test_resume_loads_the_checkpoint_on_the_cpu(tiny_cfg, tmp_path, monkeypatch):
+    """RNG states must reach torch.set_rng_state / torch.cuda.set_rng_state as CPU byte tensors: the checkpoint is
+    read with map_location="cpu" (mapping it to a CUDA device broke resume on GPUs)."""
+    seen = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k) or real_load(*a, **k))
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
+    run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    run_training(cfg, run, resume=True, evaluate_at_end=False)
+    assert seen and all(k.get("map_location") == "cpu" and k.get("weights_only") for k in seen)

@@ -47,14 +47,40 @@ def find_layout(dataset: str, data_dir: str | Path) -> Path | None:
     return root if all((root / name).is_file() for name in train + test) else None
 
 
+# What the official batches (and their numpy re-pickles) reference: numpy's array reconstruction, nothing else.
+ALLOWED_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _DatasetUnpickler(pickle.Unpickler):
+    """The official format is a pickle: read it without letting a crafted file call anything but numpy's own
+    array reconstruction (plain dicts, lists, bytes, str and ints need no global)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: not part of the official CIFAR format")
+        return super().find_class(module, name)
+
+
 def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
+            batch = _DatasetUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+    except pickle.UnpicklingError as e:
+        raise DataError(
+            f"{path} is not an official CIFAR file ({e}); delete it and download the dataset again"
+        ) from None
+    except (OSError, EOFError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise DataError(f"{path} is corrupt ({type(e).__name__}); delete it and download the dataset again") from None
+    in_range = data.size == 0 or (np.issubdtype(data.dtype, np.integer) and data.min() >= 0 and data.max() <= 255)
+    if data.dtype != np.uint8 and not in_range:
+        raise DataError(f"{path} holds pixel values outside 0..255 ({data.dtype}); download the dataset again")
+    data = data.astype(np.uint8, copy=False)
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DataError(f"{path} has data of shape {data.shape}, expected (N, 3072); download the dataset again")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # official: R, G, B planes -> HWC
