@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,12 +225,24 @@ class TrainConfig:
         _check(self.epochs > 0, "train.epochs must be positive")
         _check(self.batch_size > 1, "train.batch_size must be > 1 (batch statistics)")
         _check(self.log_every > 0, "train.log_every must be positive")
+        _check(0 <= self.seed < 2**63, "train.seed must be in [0, 2^63) (what torch's RNG takes)")
+        _check_finite(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """Every float of the config is finite (inf, nan and 8/0 train garbage or NaN without an error)."""
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        items = dataclasses.asdict(value).items() if dataclasses.is_dataclass(value) else [(None, value)]
+        for name, v in items:
+            key = f"{section.name}.{name}" if name else f"train.{section.name}"
+            _check(not isinstance(v, float) or math.isfinite(v), f"{key}={v} is not a finite number")
 
 
 SECTIONS = {f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
@@ -269,6 +282,8 @@ def eval_fraction(text: str) -> float:
     """'8/255' -> 0.0313...; plain numbers pass through."""
     if "/" in text:
         num, den = text.split("/", 1)
+        if float(den) == 0:
+            raise ValueError(f"{text}: division by zero")
         return float(num) / float(den)
     return float(text)
 

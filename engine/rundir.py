@@ -100,8 +100,26 @@ class RunDir:
         return self.checkpoints / name
 
     def metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl; a half-written last line (a kill during the append) is dropped."""
         path = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = path.read_text().splitlines() if path.exists() else []
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise RunDirError(
+                        f"{path} line {i + 1} is not JSON; fix or delete that line, then resume"
+                    ) from None
+        return rows
+
+    def remove_stale_temp_files(self) -> None:
+        """Temporary files of atomic writes that a kill interrupted (`.latest.pt.XXXX`): never read, only clutter."""
+        for folder in (self.path, self.checkpoints):
+            for tmp in folder.glob(".*.*") if folder.is_dir() else []:
+                if tmp.is_file() and tmp.name != ".write-test":
+                    tmp.unlink(missing_ok=True)
 
     def rewrite_metrics(self, rows: list[dict]) -> None:
         text = "".join(json.dumps(r) + "\n" for r in rows)

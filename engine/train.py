@@ -17,6 +17,7 @@ from . import distributed, perf
 from .analysis import GradSim, build_grad_sim
 from .config import ConfigError, TrainConfig, from_dict
 from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, resolve_dataset
+from .errors import UserError
 from .evaluate import evaluate, format_results
 from .methods import Method, Nets, build_method
 from .models import build_model
@@ -24,6 +25,10 @@ from .rundir import RunDir, RunDirError, environment
 from .swa import SWA
 
 LATEST, FINAL = "latest.pt", "final.pt"
+
+
+class Diverged(UserError):
+    """A non-finite training loss: the run stops before writing anything of the diverged epoch."""
 
 
 @dataclass
@@ -175,7 +180,14 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         run.swa.maybe_update(run.nets.raw, epoch, run.step)
         images += len(y)
         if i % cfg.log_every == 0 or i == len(loader):
-            bar.set_postfix(loss=f"{float(totals['loss']) / i:.3f}")  # host sync, once per log interval
+            mean_loss = float(totals["loss"]) / i  # host sync, once per log interval
+            if not math.isfinite(mean_loss):
+                bar.close()
+                raise Diverged(
+                    f"the loss became {mean_loss} in epoch {epoch} (by step {i}): training diverged; the last good "
+                    "checkpoint is kept. Try a lower optim.lr (or perf.dtype=fp32), then `arat train --resume`"
+                )
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
         bar.update(1)
     bar.close()
     if run.perf.device.type == "cuda":
@@ -238,9 +250,12 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
         rundir.write_json("env.json", environment(run.perf.device))
     if resume and rundir.checkpoint(LATEST).exists():
         run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
-        if run.dist.is_main:
-            rundir.rewrite_metrics([r for r in rundir.metrics() if r["epoch"] <= run.epoch])
+    if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone
+        rundir.remove_stale_temp_files()
+        rundir.rewrite_metrics([r for r in rundir.metrics() if r.get("epoch", 0) <= run.epoch])
     say(start_line(run))
+    if resume and not run.epoch:
+        say(f"{rundir.path} has no checkpoint yet (none is written before epoch 1 ends): starting it from epoch 1")
     if notice := data_notice(cfg.data):
         say(notice)
     if run.epoch:

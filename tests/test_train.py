@@ -126,3 +126,54 @@ def test_resume_loads_the_checkpoint_on_the_cpu(tiny_cfg, tmp_path, monkeypatch)
     run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
     run_training(cfg, run, resume=True, evaluate_at_end=False)
     assert seen and all(k.get("map_location") == "cpu" and k.get("weights_only") for k in seen)
+
+
+def test_a_diverged_run_stops_keeps_its_last_checkpoint_and_writes_no_results(tiny_cfg, tmp_path):
+    from engine.train import Diverged
+
+    run = run_training(apply_overrides(tiny_cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    (run / "checkpoints" / "final.pt").unlink()
+    good = (run / "checkpoints" / "latest.pt").read_bytes()
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "optim.lr=1e30"])
+    with pytest.raises(Diverged, match="epoch 2"):
+        run_training(cfg, run, resume=True)
+    assert (run / "checkpoints" / "latest.pt").read_bytes() == good
+    assert not (run / "results.json").exists() and [r["epoch"] for r in read_rows(run)] == [1]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "8/0", "1e999"])
+def test_non_finite_config_values_are_refused(tiny_cfg, value):
+    from engine.config import ConfigError
+
+    for key in ("attack.step_size", "optim.lr", "method.invariance_weight"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            apply_overrides(tiny_cfg, [f"{key}={value}"])
+
+
+def test_a_seed_torch_cannot_take_is_refused_before_anything_is_written(tiny_cfg, tmp_path):
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.seed"):
+        apply_overrides(tiny_cfg, [f"train.seed={2**64}"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_trims_metrics_to_the_checkpoint_and_cleans_temp_files(tiny_cfg, tmp_path, capsys):
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
+    run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    (run / "checkpoints" / "final.pt").unlink()
+    with (run / "metrics.jsonl").open("a") as f:  # a kill after epoch 2's row, before its checkpoint ...
+        f.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n" + '{"epoch": 3, "lo')  # ... and a half line
+    stale = run / "checkpoints" / ".latest.pt.abc123"
+    stale.write_bytes(b"partial")
+    run_training(cfg, run, resume=True, evaluate_at_end=False)
+    assert [r["epoch"] for r in read_rows(run)] == [1, 2] and not stale.exists()
+
+
+def test_resume_without_a_checkpoint_says_it_starts_over(tiny_cfg, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 1.0}) + "\n")
+    run_training(apply_overrides(tiny_cfg, ["train.epochs=1"]), run, resume=True, evaluate_at_end=False)
+    assert "has no checkpoint yet" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_rows(run)] == [1]

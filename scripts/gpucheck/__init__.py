@@ -1,0 +1,24 @@
+"""The GPU check's driver library (../shared/docs/GPU_CHECK.md): one module per group of stages, plus the merge.
+
+`scripts/gpu_check.sh` runs each stage as its own process through `scripts/gpu_check.py --stage NAME`; the
+modules here are imported from there (scripts/ on sys.path), never installed. Only `record`, `schema` and `merge`
+are torch-free, so the merge starts in well under a second.
+"""
+
+from __future__ import annotations
+
+# (stage, cap in seconds), in priority order; gpu_check.sh holds the same list (tests/test_gpu_check.py compares).
+STAGES: list[tuple[str, int]] = [
+    ("env", 15),
+    ("ceilings", 15),
+    ("kernels_correct", 40),
+    ("kernels_speed", 35),
+    ("step_eager", 45),
+    ("compile", 150),
+    ("methods", 35),
+    ("real_run", 65),
+    ("probes", 35),
+    ("pytest_kernels", 45),
+]
+STAGE_NAMES = [name for name, _ in STAGES]
+CAPS = dict(STAGES)

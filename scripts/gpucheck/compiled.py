@@ -1,0 +1,266 @@
+"""Stage `compile`: AR-AT ResNet-18 at B=128 with perf.compile=true and kernels=on (no CPU test covers the pair).
+
+1. the first step's time is `compile_s`; then 2 warm-ups and one on_epoch_start (the third graph);
+2. unique graphs, graph breaks, cache entries on forward.__code__, dynamic dims;
+3. with torch._dynamo.config.error_on_recompile, 20 timed steps and another on_epoch_start: recompiles after warm-up;
+4. a profile (profile_compiled.txt) and the layouts the dual-BN op received.
+While >= 70 s remain: kernels=off, TRADES, and mode="reduce-overhead" (CUDA graphs) as attack and train net.
+TORCH_LOGS output (recompiles, graph breaks, dynamic shapes, perf hints) goes to compile_torch_logs.txt.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from engine.methods import Nets
+from engine.train import Run, build_run, train_step
+
+from .common import (
+    DEFAULT_ROW,
+    ceiling_tflops,
+    first_batch,
+    flops_per_image_step,
+    ladder_config,
+    ms_per_call,
+    peak_mem_gib,
+    profile_steps,
+    recipe_config,
+    reset_peak,
+    smoke_compile,
+    sync,
+)
+from .cost import derived
+from .record import BUDGET_SKIP, SMOKE_SKIP, StageFailed, StageRecord, error_line, guarded
+
+COMPILED = ["perf.compile=true", "perf.kernels=on"]
+WARMUP, STEPS, SMOKE_STEPS = 2, 20, 2
+EXTRA_STEPS = 10
+EXTRAS_NEED_S = 70.0
+SYMBOL = re.compile(r"create_symbol (\w+) = (\S+) for (\S+)")
+
+
+def timed_first_step(run: Run, x, y) -> tuple[float, dict]:
+    sync(run.perf.device)
+    start = time.perf_counter()
+    out = train_step(run, x, y)
+    sync(run.perf.device)
+    return time.perf_counter() - start, out
+
+
+def epoch_start(run: Run, x, y) -> None:
+    """The method's epoch-start hook (AR-AT: the clean branch in eval mode, a graph of its own)."""
+    run.method.on_epoch_start(run.nets, [(x, y)], run.perf.autocast, 1)
+
+
+def cache_entries(model: torch.nn.Module) -> dict[str, Any]:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    entries = {}
+    for name, fn in (("forward", type(model).forward), ("_call_impl", torch.nn.Module._call_impl)):
+        try:
+            entries[name] = len(_debug_get_cache_entry_list(fn.__code__))
+        except Exception as exc:  # noqa: BLE001 - a private API: record why it is missing
+            entries[name] = error_line(exc)
+    return entries
+
+
+def dynamic_dims(record: StageRecord) -> dict[str, Any]:
+    """The symbols dynamo created, from the torch logs: dynamic tensor dims (size/stride), and a count of scalar
+    symbols (e.g. from .item())."""
+    dims, scalars = [], 0
+    for line in torch_log_lines(record):
+        match = SYMBOL.search(line)
+        if match and ("size()" in match[3] or "stride()" in match[3]):
+            dims.append(f"{match[1]}={match[2]} {match[3]}")
+        elif match:
+            scalars += 1
+    return {"dynamic_dims": sorted(set(dims))[:20], "scalar_symbols": scalars}
+
+
+def torch_log_lines(record: StageRecord) -> list[str]:
+    path = record.side_file("compile_torch_logs.txt")
+    return path.read_text(errors="replace").splitlines() if path.is_file() else []
+
+
+def graph_figures(run: Run) -> dict[str, Any]:
+    return {
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "graph_break_reasons": [str(k)[:200] for k in list(counters["graph_break"])[:10]],
+        "cache_entries": cache_entries(run.nets.raw),
+    }
+
+
+def count_recompiles(run: Run, x, y, steps: int) -> tuple[int, str | None, float]:
+    """Steps and an epoch start under error_on_recompile: (recompiles, the error, ms per step)."""
+    before = counters["stats"]["unique_graphs"]
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        step_ms = ms_per_call(lambda: train_step(run, x, y), steps, run.perf.device)
+        epoch_start(run, x, y)
+        return counters["stats"]["unique_graphs"] - before, None, step_ms
+    except Exception as exc:  # noqa: BLE001 - a RecompileError is the finding
+        return max(1, counters["stats"]["unique_graphs"] - before), error_line(exc), math.nan
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+
+
+def dual_bn_layouts(fn) -> Counter:
+    """Which (shape, layout, dtype) the Triton dual-BN kernels received while fn ran (wraps triton_impl.plan)."""
+    from kernels._layout import layout_4d
+    from kernels.dual_bn import triton_impl
+
+    seen: Counter = Counter()
+    original = triton_impl.plan
+
+    def plan(x):
+        seen[f"{tuple(x.shape)} {layout_4d(x)} {str(x.dtype).removeprefix('torch.')}"] += 1
+        return original(x)
+
+    triton_impl.plan = plan
+    try:
+        fn()
+    finally:
+        triton_impl.plan = original
+    return seen
+
+
+def loss_of(out: dict) -> float:
+    return float(out["loss"])
+
+
+def write_notes(record: StageRecord, lines: list[str]) -> None:
+    with record.side_file("compile_notes.txt").open("a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def profile_with_layouts(record: StageRecord, run: Run, x, y) -> tuple[dict[str, Any], Counter]:
+    """Step 4: two profiled steps (profile_compiled.txt) and the dual-BN layouts they used (compile_notes.txt)."""
+    title = f"compiled, kernels on, B={len(y)}"
+    profile: dict[str, Any] = {}
+    out_file = record.side_file("profile_compiled.txt")
+    step = lambda: train_step(run, x, y)  # noqa: E731
+    layouts = dual_bn_layouts(lambda: profile.update(profile_steps(step, 2, run.perf.device, out_file, title)))
+    if layouts:
+        write_notes(record, [f"dual_bn layout {key}: {n} calls in 2 profiled steps" for key, n in layouts.items()])
+    return profile, layouts
+
+
+def main_case(record: StageRecord) -> dict[str, Any]:
+    """Steps 1-4 on the main configuration; returns its row (also written)."""
+    run = build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, COMPILED))
+    x, y = first_batch(run)
+    reset_peak(run.perf.device)
+    compile_s, _ = timed_first_step(run, x, y)
+    record.figure("compile_s", round(compile_s, 1))
+    for _ in range(WARMUP):
+        train_step(run, x, y)
+    epoch_start(run, x, y)
+    for key, value in graph_figures(run).items():
+        record.figure(key, value)
+    for key, value in dynamic_dims(record).items():
+        record.figure(key, value)
+    recompiles, recompile_error, step_ms = count_recompiles(run, x, y, SMOKE_STEPS if record.smoke else STEPS)
+    record.figure("recompiles_after_warmup", recompiles)
+    record.figure("recompile_error", recompile_error)
+    profile, layouts = profile_with_layouts(record, run, x, y)
+    loss = loss_of(train_step(run, x, y))
+    flops = flops_per_image_step(run, x, run.cfg.attack.num_steps)
+    speed = derived(len(y) / (step_ms / 1e3), flops, ceiling_tflops(record)) if math.isfinite(step_ms) else {}
+    row = {
+        "case": "main",
+        "config": "row 4 + compile, kernels on",
+        "batch_size": len(y),
+        "compile_s": round(compile_s, 1),
+        "step_ms": round(step_ms, 2),
+        **speed,
+        "peak_mem_gib": peak_mem_gib(run.perf.device),
+        "loss": loss,
+        "finite_loss": math.isfinite(loss),
+        "recompiles_after_warmup": recompiles,
+        **profile,
+        "dual_bn_layouts": dict(layouts) or "none (the Triton kernels did not run: CPU reference path)",
+        "perf": run.perf.summary(),
+    }
+    return record.row(row)
+
+
+def headline(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("images_per_s", "tflops", "pct_989", "pct_ceiling", "epoch_s", "run100_min", "step_ms", "peak_mem_gib")
+    return {k: row.get(k) for k in keys} | {"busy_fraction": row.get("busy_fraction")}
+
+
+def extra_run(record: StageRecord, name: str) -> tuple[Run, Any]:
+    """The run of an extra case, and its step function."""
+    if name == "kernels=off":
+        return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, ["perf.compile=true", "perf.kernels=off"])), None
+    if name == "trades":
+        return build_run(recipe_config("trades-resnet18-cifar10", 128, record.smoke, COMPILED)), None
+    run = build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, ["perf.kernels=on"]))
+    graphed = torch.compile(run.nets.raw, mode="reduce-overhead", dynamic=False)
+    run.nets = Nets(train=graphed, attack=graphed, raw=run.nets.raw)
+    return run, torch.compiler.cudagraph_mark_step_begin
+
+
+def extra_case(record: StageRecord, name: str) -> dict[str, Any]:
+    torch._dynamo.reset()  # fresh caches and counters: this case's graphs only
+    run, step_begin = extra_run(record, name)
+    x, y = first_batch(run)
+
+    def step():
+        if step_begin is not None:
+            step_begin()
+        return train_step(run, x, y)
+
+    start = time.perf_counter()
+    step()
+    sync(run.perf.device)
+    compile_s = time.perf_counter() - start
+    for _ in range(WARMUP):
+        step()
+    step_ms = ms_per_call(step, SMOKE_STEPS if record.smoke else EXTRA_STEPS, run.perf.device)
+    loss = loss_of(step())
+    skips = [line.strip()[-300:] for line in torch_log_lines(record) if "skipping cudagraphs" in line]
+    return record.row({
+        "case": name, "batch_size": len(y), "compile_s": round(compile_s, 1), "step_ms": round(step_ms, 2),
+        "images_per_s": round(len(y) / (step_ms / 1e3), 1), "loss": loss, "finite_loss": math.isfinite(loss),
+        "unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+        "cudagraph_skips": skips[-5:], "perf": run.perf.summary(),
+    })  # fmt: skip
+
+
+def extras(record: StageRecord) -> None:
+    for name in ("trades", "reduce-overhead") if record.smoke else ("kernels=off", "trades", "reduce-overhead"):
+        if name == "reduce-overhead" and not torch.cuda.is_available():
+            record.row({"case": name, "status": SMOKE_SKIP})
+        elif not record.has_time(EXTRAS_NEED_S if not record.smoke else 20.0):
+            record.row({"case": name, "status": BUDGET_SKIP})
+        else:
+            row = guarded(record, name, extra_case, record, name)
+            if row.get("ok") is False or not row.get("finite_loss", True):
+                record.data["figures"].setdefault("extra_problems", []).append(f"{name}: {row.get('error', 'loss')}")
+
+
+def compile_stage(record: StageRecord) -> None:
+    for name in ("profile_compiled.txt", "compile_notes.txt"):
+        record.side_file(name).unlink(missing_ok=True)
+    torch._dynamo.config.recompile_limit = 64  # the extras compile the same forward again; never fall back silently
+    with smoke_compile(record.smoke):
+        row = main_case(record)
+        record.figure("b128", headline(row))
+        extras(record)
+    if not row["finite_loss"]:
+        record.fail(f"loss {row['loss']} after compile")
+    if row["recompiles_after_warmup"]:
+        error = record.data["figures"]["recompile_error"]
+        record.fail(f"{row['recompiles_after_warmup']} recompiles after warm-up: {error}")
+    if record.failed:
+        raise StageFailed(record.data["error"])

@@ -1,0 +1,172 @@
+"""Stages `env` (versions, device, defaults, commit) and `ceilings` (copy bandwidth and bf16 matmul throughput)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import torch
+from kernels_bench import timed  # bench/: CUDA-event median on the GPU
+
+import kernels
+
+from .record import REPO, SMOKE_SKIP, StageFailed, StageRecord, read_commit
+
+NVIDIA_SMI_QUERY = [
+    "nvidia-smi",
+    "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,power.limit",
+    "--format=csv",
+]
+COPY_BYTES = 4 * 2**30
+MATMUL_N = 8192
+EXPECTED = {"copy_tb_s": 4.3, "bf16_matmul_tflops": 790.0}  # measured on the target H200 (GPU_CHECK.md)
+FLAG_BELOW = 0.7
+NOT_COVERED = {  # recorded as skipped, with the reason
+    "DDP": "needs >= 2 GPUs (and a multi-process launch)",
+    "FFCV, DALI": "not installable offline on the GPU machine (data.backend=device only)",
+    "compute-sanitizer": "only for a rerun, if kernels_correct shows an error that moves between runs",
+}
+
+
+def nvidia_smi() -> dict[str, Any]:
+    """The read-only query (no setting is changed), as {header: value} for the first GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return {"error": "nvidia-smi not found"}
+    try:
+        done = subprocess.run(NVIDIA_SMI_QUERY, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"error": str(exc)}
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode != 0 or len(lines) < 2:
+        return {"error": (done.stderr or done.stdout).strip()[-300:]}
+    header = [h.strip() for h in lines[0].split(",")]
+    return dict(zip(header, [v.strip() for v in lines[1].split(",")], strict=False)) | {"gpus": len(lines) - 1}
+
+
+def package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def module_version(name: str) -> str | None:
+    """__version__ of an importable module without metadata (the slim .gpucheck/site/ form)."""
+    try:
+        module = __import__(name)
+    except ImportError:
+        return None
+    return getattr(module, "__version__", "importable, version unknown")
+
+
+def versions() -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "pyautoattack": package_version("pyautoattack") or module_version("pyautoattack"),
+        "pyautoattack_from": autoattack_location(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "executable": sys.executable,
+    }
+
+
+def autoattack_location() -> str | None:
+    from importlib.util import find_spec
+
+    spec = find_spec("pyautoattack")
+    return os.path.dirname(spec.origin) if spec and spec.origin else None
+
+
+def device_properties() -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"cuda_available": False}
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "cuda_available": True,
+        "gpu_name": props.name,
+        "gpu_count": torch.cuda.device_count(),
+        "capability": f"{props.major}.{props.minor}",
+        "sm_count": props.multi_processor_count,
+        "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "bf16_native": torch.cuda.is_bf16_supported(including_emulation=False),
+    }
+
+
+def tf32_defaults() -> dict[str, Any]:
+    return {
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+    }
+
+
+def env(record: StageRecord) -> None:
+    commit, dirty = read_commit(REPO)
+    smi = nvidia_smi() if torch.cuda.is_available() or shutil.which("nvidia-smi") else {"error": "no CUDA"}
+    figures = {**versions(), **device_properties(), "driver": smi.get("driver_version"), "nvidia_smi": smi}
+    figures |= {"tf32": tf32_defaults(), "kernels": kernels.available_backends(), "commit": commit, "dirty": dirty}
+    figures["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
+    for key, value in figures.items():
+        record.figure(key, value)
+    record.row({"case": "env", **{k: v for k, v in figures.items() if not isinstance(v, dict)}})
+    for case, reason in NOT_COVERED.items():
+        record.row({"case": case, "status": f"skipped: {reason}"})
+    record.figure("not_covered", NOT_COVERED)
+    if not torch.cuda.is_available() and not record.smoke:
+        raise StageFailed("CUDA is not available: torch.cuda.is_available() is False")
+
+
+def measure_copy() -> dict[str, Any]:
+    """A 4 GiB device-to-device copy; bandwidth counts read + write."""
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), torch.device("cuda"), 3, 10)
+    return {"case": "copy 4 GiB d2d", "median_ms": round(ms, 3), "value": round(2 * COPY_BYTES / ms / 1e9, 3)}
+
+
+def measure_matmul() -> dict[str, Any]:
+    a = torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    ms = timed(lambda: a @ b, torch.device("cuda"), 3, 10)
+    return {
+        "case": f"bf16 matmul {MATMUL_N}^3",
+        "median_ms": round(ms, 3),
+        "value": round(2 * MATMUL_N**3 / ms / 1e9, 1),
+    }
+
+
+def ceilings(record: StageRecord) -> None:
+    flags = []
+    for key, measure in (("copy_tb_s", measure_copy), ("bf16_matmul_tflops", measure_matmul)):
+        if not torch.cuda.is_available():
+            record.row({"case": key, "status": SMOKE_SKIP if record.smoke else "skipped: no CUDA"})
+            continue
+        row = measure() | {"figure": key, "expected": EXPECTED[key]}
+        row["flag"] = row["value"] < FLAG_BELOW * EXPECTED[key]
+        if row["flag"]:
+            flags.append(f"{key} {row['value']} < 70% of {EXPECTED[key]}: throttled or shared GPU?")
+        record.row(row)
+        record.figure(key, row["value"])
+    record.figure("flags", flags)
+    if not torch.cuda.is_available() and not record.smoke:
+        raise StageFailed("CUDA is not available")

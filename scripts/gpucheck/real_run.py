@@ -1,0 +1,308 @@
+"""Stage `real_run`: the real path end to end. engine.train.run_training on arat-resnet18-cifar10 for 2 epochs
+(device loader, epoch-start eval, checkpoints), then clean and PGD-20 on 1000 and AutoAttack on 200 test images.
+
+Pass: clean > 30%, PGD-20 < clean, AA <= PGD-20 + 2 points. Flagged, not failed: an epoch 2 more than 25% off
+390 x stage step_eager's default step. If time remains: pyautoattack's examples/model_test.pt on the 10k test set
+(85.6% on CPU with this JPEG copy), each AA attack timed at small iteration counts on 500 images to project a 10k
+standard AA, and one DeviceLoader epoch at B=512.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import EPS_8, apply_overrides
+from engine.data import DeviceLoader, load_splits
+from engine.data.cifar import find_layout
+from engine.recipes import get_recipe
+from engine.train import run_training
+
+from .common import read_figures, sync
+from .record import SMOKE_SKIP, StageFailed, StageRecord, guarded
+
+RECIPE = "arat-resnet18-cifar10"
+EVAL = ["eval.num_examples=1000", "eval.aa_num_examples=200", "eval.batch_size=500"]
+SMOKE = ["data.dataset=synthetic", "data.synthetic_size=256", "model.width=8", "train.batch_size=8",
+         "attack.num_steps=2", "method.balance_images=64", "eval.num_examples=64", "eval.aa_num_examples=4",
+         "eval.batch_size=64"]  # fmt: skip
+SMOKE_AA_ITERS = 2
+PREP_WAIT_S = 20.0
+EXTRA_SECONDS = 8.0
+# standard AA (Linf): iterations per attacked image, targets included
+STANDARD = {"apgd-ce": 100, "apgd-t": 9 * 100, "fab-t": 9 * 100, "square": 5000}
+TIMING_ITERS = {"apgd-ce": 10, "apgd-t": 9 * 10, "fab-t": 9 * 10, "square": 100}  # per image, targets included
+SMOKE_TIMING_ITERS = {"apgd-ce": 1, "apgd-t": 9, "fab-t": 9, "square": 1}
+TIMING_IMAGES, SMOKE_TIMING_IMAGES = 500, 4
+
+
+def set_iterations(adversary, iters: dict[str, int]) -> None:
+    """Fewer iterations for a pyautoattack AutoAttack (APGD's schedule is derived from n_iter at construction)."""
+    for apgd, key in ((adversary.apgd, "apgd-ce"), (adversary.apgd_targeted, "apgd-t")):
+        n = iters[key] if key == "apgd-ce" else max(1, iters[key] // apgd.n_target_classes)
+        apgd.n_iter, apgd.n_iter_2 = n, max(int(0.22 * n), 1)
+        apgd.n_iter_min, apgd.size_decr = max(int(0.06 * n), 1), max(int(0.03 * n), 1)
+    adversary.fab.n_iter = max(1, iters["fab-t"] // adversary.fab.n_target_classes)
+    adversary.square.n_queries = iters["square"]
+
+
+@contextlib.contextmanager
+def short_autoattack(n_iter: int):
+    """--cpu-smoke: the engine's AutoAttack with n_iter iterations per attack (EvalConfig has no such field)."""
+    import pyautoattack
+
+    original = pyautoattack.AutoAttack
+
+    class ShortAutoAttack(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            set_iterations(self, {"apgd-ce": n_iter, "apgd-t": n_iter * 9, "fab-t": n_iter * 9, "square": n_iter})
+
+    pyautoattack.AutoAttack = ShortAutoAttack
+    try:
+        yield
+    finally:
+        pyautoattack.AutoAttack = original
+
+
+def process_running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.is_file():
+        with contextlib.suppress(OSError):
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has finished
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def wait_for_data(record: StageRecord, data_dir: Path) -> str | None:
+    """Wait (at most 20 s) for the background prepare.py the orchestrator started. Returns a reason to skip when
+    nothing could prepare the data (no .gpucheck/), raises when the preparation failed or is too slow."""
+    pid = int(os.environ.get("GPU_CHECK_PREP_PID") or 0)
+    start = time.monotonic()
+    while pid and process_running(pid) and time.monotonic() - start < min(PREP_WAIT_S, record.remaining()):
+        time.sleep(0.5)
+    record.figure("data_wait_s", round(time.monotonic() - start, 1))
+    if pid and process_running(pid):  # its last files may be half-written
+        raise StageFailed(f"data prep (pid {pid}) still running after {PREP_WAIT_S:.0f} s")
+    if find_layout("cifar10", data_dir) is not None:
+        return None
+    if not pid and not Path(".gpucheck/prepare.py").is_file():
+        return "no .gpucheck/prepare.py (run scripts/gpu_check_prepare.sh first): no CIFAR-10 offline"
+    log = record.work / "prepare.log"
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+    raise StageFailed(f"no CIFAR-10 under {data_dir}: {tail[0] if tail else 'data prep did not run'}")
+
+
+def autoattack_importable() -> str | None:
+    try:
+        import pyautoattack  # noqa: F401
+    except ImportError as exc:
+        return f"pyautoattack not importable ({exc}); see pip.log"
+    return None
+
+
+def run_config(record: StageRecord):
+    overrides = ["train.epochs=2", f"data.data_dir={record.work / 'data'}", *EVAL]
+    if record.smoke:
+        overrides += SMOKE
+    if autoattack_importable() is not None:
+        overrides.append("eval.attacks=clean,pgd20")
+    return apply_overrides(get_recipe(RECIPE), overrides)
+
+
+def read_run(run_dir: Path) -> tuple[list[dict], dict]:
+    import json
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return metrics, json.loads((run_dir / "results.json").read_text())["results"]
+
+
+def salvage(record: StageRecord, run_dir: Path) -> None:
+    """At the cap, inside run_training: keep the epochs (and evaluations) it finished."""
+    import json
+
+    metrics_file, results_file = run_dir / "metrics.jsonl", run_dir / "results.json"
+    metrics = (
+        [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()] if metrics_file.is_file() else []
+    )
+    results = json.loads(results_file.read_text())["results"] if results_file.is_file() else {}
+    record_run(record, metrics, results)
+
+
+def epoch_flag(record: StageRecord, epoch2_s: float | None) -> str | None:
+    """An epoch 2 more than 25% off 390 x step_eager's default step (B=128) is flagged, not failed."""
+    step_ms = (read_figures(record, "step_eager").get("b128") or {}).get("step_ms")
+    if not step_ms or not epoch2_s or record.smoke:
+        return None
+    expected = 390 * step_ms / 1e3
+    off = epoch2_s / expected - 1
+    return f"epoch 2 took {epoch2_s:.1f} s, {100 * off:+.0f}% vs 390 x {step_ms} ms" if abs(off) > 0.25 else None
+
+
+def record_run(record: StageRecord, metrics: list[dict], results: dict) -> dict[str, Any]:
+    for row in metrics:
+        record.row({"case": f"epoch {row['epoch']}"} | {k: v for k, v in row.items() if isinstance(v, (int, float))})
+    for name, result in results.items():
+        record.row({"case": f"eval {name}"} | result)
+    last = metrics[-1] if metrics else {}
+    figures = {name: results[name]["accuracy"] for name in results}
+    figures |= {f"{name}_s": results[name]["seconds"] for name in results}
+    figures |= {"aa_n": results.get("aa", {}).get("num_examples"), "epoch_s": [m.get("epoch_seconds") for m in metrics]}
+    figures |= {"epoch2_s": last.get("epoch_seconds"), "epoch2_images_per_s": last.get("images_per_s")}
+    figures["epoch2_flag"] = epoch_flag(record, figures["epoch2_s"])
+    for key, value in figures.items():
+        record.figure(key, value)
+    return figures
+
+
+def criteria(record: StageRecord, figures: dict[str, Any]) -> None:
+    clean, pgd20, aa = figures.get("clean"), figures.get("pgd20"), figures.get("aa")
+    checks = {
+        "clean > 30%": clean is not None and clean > 0.30,
+        "PGD-20 < clean": None not in (clean, pgd20) and pgd20 < clean,
+        "AA <= PGD-20 + 2 points": aa is None or (pgd20 is not None and aa <= pgd20 + 0.02),
+    }
+    record.figure("criteria", checks | ({"note": "informative only in cpu-smoke"} if record.smoke else {}))
+    failed = [name for name, ok in checks.items() if not ok]
+    if failed and not record.smoke:
+        record.fail(f"failed: {', '.join(failed)} (clean {clean}, PGD-20 {pgd20}, AA {aa})")
+
+
+def trained_model(run_dir: Path, cfg, dev: torch.device) -> torch.nn.Module:
+    from engine.models import build_model
+
+    model = build_model(cfg.model, cfg.data.num_classes)
+    model.load_state_dict(torch.load(run_dir / "checkpoints" / "final.pt", map_location="cpu")["model"])
+    return model.to(dev).eval()
+
+
+def model_test_row(record: StageRecord, cfg, dev) -> dict[str, Any]:
+    """pyautoattack's standard-trained examples/model_test.pt in the plain ResNet-18 on the 10k test set."""
+    import pyautoattack
+
+    from engine.config import EvalConfig, ModelConfig
+    from engine.data import load_test_split
+    from engine.evaluate import evaluate
+    from engine.models import build_model, load_plain
+
+    path = Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"
+    if not path.is_file():
+        return record.row({"case": "model_test.pt", "status": "skipped: not shipped (slim .gpucheck/site)"})
+    model = build_model(ModelConfig(split_bn=False), 10)
+    load_plain(model, torch.load(path, map_location="cpu"), "model_test.pt")
+    split = load_test_split(cfg.data, cfg.seed)
+    results = evaluate(model.to(dev), split, EvalConfig(attacks=("clean",), num_examples=10000), dev)
+    record.figure("model_test_clean", results["clean"]["accuracy"])
+    return record.row({"case": "model_test.pt", "expected": 0.856, **results["clean"]})
+
+
+def time_attacks(record: StageRecord, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Seconds per attacked image and iteration of each standard-AA attack, at small fixed iteration counts."""
+    from pyautoattack import AutoAttack
+
+    from engine.evaluate import AdvBranch
+
+    iters = SMOKE_TIMING_ITERS if record.smoke else TIMING_ITERS
+    adversary = AutoAttack(AdvBranch(model), norm="Linf", eps=EPS_8, version="standard", device=x.device, seed=0)
+    set_iterations(adversary, iters)
+    adversary.fab.targeted, adversary.fab.n_restarts, adversary.apgd.loss = True, 1, "ce"
+    with torch.no_grad():
+        attacked = max(1, int((AdvBranch(model)(x).argmax(1) == y).sum()))  # each attack skips misclassified images
+    calls = {"apgd-ce": adversary.apgd.perturb, "apgd-t": adversary.apgd_targeted.perturb,
+             "fab-t": adversary.fab.perturb, "square": adversary.square.perturb}  # fmt: skip
+    per_image_iter = {}
+    for name, perturb in calls.items():
+        sync(x.device)
+        start = time.perf_counter()
+        perturb(x, y)
+        sync(x.device)
+        seconds = time.perf_counter() - start
+        per_image_iter[name] = seconds / attacked / iters[name]
+        record.row({"case": f"time {name}", "images": len(y), "attacked": attacked, "iterations": iters[name],
+                    "seconds": round(seconds, 3)})  # fmt: skip
+    return per_image_iter
+
+
+def aa_projection(per_image_iter: dict[str, float], figures: dict[str, Any], timed_on: str) -> dict[str, Any]:
+    """Standard AA on 10k: APGD-CE attacks the clean-correct images, APGD-T those PGD-20 leaves robust, FAB-T and
+    Square those still robust (the 200-image AA's accuracy)."""
+    clean, pgd20 = figures.get("clean") or 0.0, figures.get("pgd20") or 0.0
+    robust = figures.get("aa") if figures.get("aa") is not None else pgd20
+    faced = {"apgd-ce": clean, "apgd-t": pgd20, "fab-t": robust, "square": robust}
+    seconds = {k: per_image_iter[k] * STANDARD[k] * 10_000 * faced[k] for k in per_image_iter}
+    return {
+        "aa_10k_min": round(sum(seconds.values()) / 60, 1),
+        "per_attack_s": {k: round(v, 1) for k, v in seconds.items()},
+        "basis": f"timed on {timed_on}, scaled to standard iterations and to the "
+        f"images each attack faces (clean {clean:.3f}, PGD-20 {pgd20:.3f}, robust {robust:.3f} of 10k)",
+    }
+
+
+def loader_epoch_row(record: StageRecord, cfg, dev) -> dict[str, Any]:
+    train_split, _ = load_splits(cfg.data, cfg.seed)
+    batch = 8 if record.smoke else 512
+    loader = DeviceLoader(train_split, batch, dev, train=True, seed=0)
+    sync(dev)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    sync(dev)
+    seconds = time.perf_counter() - start
+    record.figure("loader_epoch_s", round(seconds, 3))
+    return record.row({"case": f"DeviceLoader epoch B={batch}", "images": loader.num_images, "seconds": seconds,
+                       "images_per_s": round(loader.num_images / seconds)})  # fmt: skip
+
+
+def aa_timing_row(record: StageRecord, run_dir: Path, cfg, dev, figures) -> dict[str, Any]:
+    from engine.data import load_test_split
+    from engine.evaluate import test_tensors
+
+    n = SMOKE_TIMING_IMAGES if record.smoke else TIMING_IMAGES
+    x, y = test_tensors(load_test_split(cfg.data, cfg.seed), n, dev)
+    iters = SMOKE_TIMING_ITERS if record.smoke else TIMING_ITERS
+    per_image_iter = time_attacks(record, trained_model(run_dir, cfg, dev), x, y)
+    projection = aa_projection(per_image_iter, figures, f"{len(y)} images at {iters} iterations")
+    record.figure("aa_projection", projection)
+    return record.row({"case": "AA projection", **projection})
+
+
+def extras(record: StageRecord, run_dir: Path, cfg, figures: dict[str, Any]) -> None:
+    dev = torch.device(cfg.perf.device)
+    aa_missing = autoattack_importable()
+    cases = [("model_test.pt", lambda: model_test_row(record, cfg, dev), record.smoke and SMOKE_SKIP),
+             ("AA projection", lambda: aa_timing_row(record, run_dir, cfg, dev, figures), aa_missing),
+             ("DeviceLoader epoch", lambda: loader_epoch_row(record, cfg, dev), None)]  # fmt: skip
+    for name, fn, skip in cases:
+        if skip or not record.has_time(EXTRA_SECONDS):
+            record.row({"case": name, "status": skip or "skipped: budget"})
+        else:
+            guarded(record, name, fn)
+
+
+def real_run(record: StageRecord) -> None:
+    if not record.smoke and (reason := wait_for_data(record, record.work / "data")):
+        return record.skip(reason)
+    cfg = run_config(record)
+    if missing := autoattack_importable():
+        record.row({"case": "eval aa", "status": f"skipped: {missing}"})
+    run_dir = record.work / "real_run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # our own scratch from an earlier run of this stage
+    record.on_timeout = lambda: salvage(record, run_dir)
+    with short_autoattack(SMOKE_AA_ITERS) if record.smoke and not missing else contextlib.nullcontext():
+        run_training(cfg, run_dir)
+    cfg.perf.device = str(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    record.on_timeout = None
+    figures = record_run(record, *read_run(run_dir))
+    criteria(record, figures)
+    extras(record, run_dir, cfg, figures)
+    if record.failed:
+        raise StageFailed(record.data["error"])

@@ -1,0 +1,143 @@
+"""One stage's record: rows and figures, rewritten to `$W/<stage>.json` after every change (temp file, then rename),
+so a stage killed on timeout keeps what it measured. Torch-free."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+SMOKE_SKIP = "skipped: cpu-smoke"
+BUDGET_SKIP = "skipped: budget"
+REPO = Path(__file__).resolve().parents[2]
+FLUSH_MARGIN_S = 3.0  # kept free before the stage's cap: the last flush must land before `timeout` kills it
+child_processes: set[int] = set()  # process groups a stage started in their own session (pytest): killed on SIGTERM
+
+
+class StageFailed(Exception):
+    """A pass criterion failed after the rows were written; the driver exits 1 with this message as the error."""
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become strings (json.dumps would write invalid JSON), tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(clean(data), indent=1, default=str) + "\n")  # default: never lose a row to a type
+    os.replace(tmp, path)
+
+
+class StageRecord:
+    """What a stage measured. `budget_s` is the stage's cap: `remaining()` counts down to it."""
+
+    def __init__(self, stage: str, path: str | Path, budget_s: float, smoke: bool):
+        self.path = Path(path)
+        self.work = self.path.parent
+        self.smoke = smoke
+        self.deadline = time.monotonic() + budget_s
+        self.data: dict[str, Any] = {
+            "stage": stage,
+            "cpu_smoke": smoke,
+            "budget_s": budget_s,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "finished": False,
+            "skipped": None,  # a reason: the stage chose not to run (e.g. pyautoattack absent)
+            "error": None,  # the first failing criterion, or the exception's last line
+            "rows": [],
+            "figures": {},
+        }
+        self.on_timeout = None  # called by the driver's SIGTERM handler before the last flush (salvage results)
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+    def row(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.data["rows"].append(row)
+        self.flush()
+        return row
+
+    def figure(self, key: str, value: Any) -> None:
+        self.data["figures"][key] = value
+        self.flush()
+
+    def fail(self, message: str) -> None:
+        """Note a failed criterion (the first one is the stage's error) and keep going."""
+        if self.data["error"] is None:
+            self.data["error"] = message
+        self.flush()
+
+    def skip(self, reason: str) -> None:
+        self.data["skipped"] = reason
+        self.flush()
+
+    def finish(self) -> None:
+        self.data["finished"] = True
+        self.flush()
+
+    @property
+    def failed(self) -> bool:
+        return self.data["error"] is not None
+
+    # -- time ------------------------------------------------------------------------------------------------
+    def remaining(self) -> float:
+        """Seconds left before the stage must have flushed (its cap minus a margin)."""
+        return self.deadline - FLUSH_MARGIN_S - time.monotonic()
+
+    def has_time(self, seconds: float) -> bool:
+        return self.remaining() >= seconds
+
+    # -- files next to the record ------------------------------------------------------------------------------
+    def side_file(self, name: str) -> Path:
+        return self.work / name
+
+
+def error_line(exc: BaseException) -> str:
+    """The exception's last line, as a traceback would end."""
+    return traceback.format_exception_only(type(exc), exc)[-1].strip()[:500]
+
+
+def traceback_tail(exc: BaseException, lines: int = 6) -> list[str]:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def guarded(record: StageRecord, name: str, fn, *args, **kwargs) -> dict[str, Any]:
+    """Run one optional measurement; an exception becomes a row with its last lines instead of ending the stage."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one broken case must not hide the others
+        row = {"case": name, "ok": False, "error": error_line(exc), "traceback": traceback_tail(exc)}
+        record.row(row)
+        return row
+
+
+def read_commit(repo: str | Path) -> tuple[str | None, bool | None]:
+    """(commit, dirty) from `.gpucheck/commit.txt` (the GPU machine's copy may lack .git), else from git."""
+    import subprocess
+
+    stamp = Path(repo) / ".gpucheck" / "commit.txt"
+    if stamp.is_file():
+        words = stamp.read_text().split()
+        return (words[0] if words else None), "dirty" in words[1:]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if head.returncode != 0:
+        return None, None
+    return head.stdout.strip(), bool(status.stdout.strip())

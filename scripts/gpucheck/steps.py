@@ -1,0 +1,94 @@
+"""Stage `step_eager`: the AR-AT ResNet-18 step along bench/train_step.py's ladder, at B=128 and B=512.
+
+Rows 0-4 run with cudnn.benchmark off (as the ladder was measured), then row 4 with it on: that last row is the
+engine's default on CUDA (perf.cudnn_benchmark=auto) and gives the headline figures. Rows 3-4 at B=128 are also
+profiled: aten ops and CUDA kernels per step, the GPU-busy fraction and aten::_to_copy per step.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+from train_step import LADDER
+
+from engine.train import build_run, train_step
+
+from .common import DEFAULT_ROW, first_batch, ladder_config, measure_steps, profile_steps
+from .record import BUDGET_SKIP, StageFailed, StageRecord
+
+CUDNN_OFF, CUDNN_ON = "perf.cudnn_benchmark=off", "perf.cudnn_benchmark=on"
+# (batch, ladder row, cudnn.benchmark, profile)
+ROWS = [(128, row, False, row in (3, 4)) for row in range(DEFAULT_ROW + 1)]
+ROWS += [(128, DEFAULT_ROW, True, False), (512, 3, False, False), (512, DEFAULT_ROW, False, False)]
+ROWS += [(512, DEFAULT_ROW, True, True)]
+SMOKE_ROWS = [r for r in ROWS if r[0] == 128 or r[3]]  # B=512 only as the profiled default row
+WARMUP, STEPS, SMOKE_WARMUP, SMOKE_STEPS = 3, 20, 1, 2
+PROFILE_STEPS = 2
+ROW_SECONDS = {128: 4.0, 512: 8.0}
+
+
+def release_memory() -> None:
+    """Free the last row's network and optimizer before the next row measures its own peak memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def profile_row(run, title: str, record: StageRecord) -> dict[str, Any]:
+    x, y = first_batch(run)
+    out_file = record.side_file("profile_eager.txt")
+    return profile_steps(lambda: train_step(run, x, y), PROFILE_STEPS, run.perf.device, out_file, title)
+
+
+def step_row(record: StageRecord, batch: int, row: int, cudnn: bool, profile: bool) -> dict[str, Any]:
+    name = LADDER[row][0] + (" +cudnn.benchmark" if cudnn else "")
+    cfg = ladder_config(row, batch, record.smoke, [CUDNN_ON if cudnn else CUDNN_OFF])
+    run = build_run(cfg)
+    warmup, steps = (SMOKE_WARMUP, SMOKE_STEPS) if record.smoke else (WARMUP, STEPS)
+    result = {"row": row, "config": name, "cudnn_benchmark": cudnn, **measure_steps(run, record, warmup, steps)}
+    if profile:
+        result |= profile_row(run, f"{name}, B={result['batch_size']}", record)
+    return result
+
+
+def headline(row: dict[str, Any], busy: float | str | None) -> dict[str, Any]:
+    keys = ("images_per_s", "tflops", "pct_989", "pct_ceiling", "epoch_s", "run100_min", "step_ms", "peak_mem_gib")
+    return {k: row.get(k) for k in keys} | {"busy_fraction": busy, "config": row["config"]}
+
+
+def cudnn_gain(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """img/s of row 4 without and with cudnn.benchmark, per batch size."""
+    gain = {}
+    for batch in (128, 512):
+        pair = {r["cudnn_benchmark"]: r["images_per_s"] for r in rows if r["nominal_batch"] == batch and
+                r["row"] == DEFAULT_ROW}  # fmt: skip
+        if len(pair) == 2:
+            gain[str(batch)] = {"off": pair[False], "on": pair[True], "gain_pct": round(100 * (pair[True] / pair[False]
+                                - 1), 1)}  # fmt: skip
+    return gain
+
+
+def step_eager(record: StageRecord) -> None:
+    rows, busy = [], {}
+    record.side_file("profile_eager.txt").unlink(missing_ok=True)
+    for batch, row, cudnn, profile in SMOKE_ROWS if record.smoke else ROWS:
+        if not record.has_time(ROW_SECONDS[batch]):
+            record.row({"row": row, "nominal_batch": batch, "cudnn_benchmark": cudnn, "status": BUDGET_SKIP})
+            continue
+        result = record.row({"nominal_batch": batch, **step_row(record, batch, row, cudnn, profile)})
+        release_memory()
+        rows.append(result)
+        if profile and row == DEFAULT_ROW:
+            busy[batch] = result.get("busy_fraction")
+        if row == DEFAULT_ROW and cudnn:
+            record.figure(f"b{batch}", headline(result, busy.get(batch, busy.get(128))))
+        if not result["finite_loss"]:
+            record.fail(f"{result['config']} B={batch}: loss {result['loss']}")
+    record.figure("cudnn_benchmark", cudnn_gain(rows))
+    profiled = [r for r in rows if "aten_ops_per_step" in r]
+    record.figure("profile", [{k: r.get(k) for k in ("config", "nominal_batch", "aten_ops_per_step", "kernels_per_step",
+                  "busy_fraction", "to_copy_per_step")} for r in profiled])  # fmt: skip
+    if record.failed:
+        raise StageFailed(record.data["error"])

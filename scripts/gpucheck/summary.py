@@ -1,0 +1,141 @@
+"""The headline numbers of gpu_check.json (`summary`) and the printed tables. Torch-free."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CELL_CHARS = 220
+
+
+def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The headline numbers, each taken from the figures of the stage that measured it (None: not measured)."""
+    fig = {name: record["figures"] for name, record in stages.items()}
+    correct, speed, compiled = fig["kernels_correct"], fig["kernels_speed"], fig["compile"]
+    return {
+        "eager": {"b128": fig["step_eager"].get("b128"), "b512": fig["step_eager"].get("b512")},
+        "cudnn_benchmark": fig["step_eager"].get("cudnn_benchmark"),
+        "compiled": {"b128": compiled.get("b128"), "compile_s": compiled.get("compile_s")},
+        "graphs": compiled.get("unique_graphs"),
+        "graph_breaks": compiled.get("graph_breaks"),
+        "recompiles_after_warmup": compiled.get("recompiles_after_warmup"),
+        "kernels": {
+            "passed": correct.get("passed"),
+            "total": correct.get("total"),
+            "pgd_stream_tb_s": speed.get("pgd_stream_tb_s"),
+            "bn_stream_tb_s": speed.get("bn_stream_tb_s"),
+            "inductor_beats_triton": speed.get("inductor_beats_triton"),
+        },
+        "methods": {k: fig["methods"].get(k) for k in ("ok", "total", "failed")},
+        "wrn34_10": fig["methods"].get("wrn34_10"),
+        "real_run": {k: v for k, v in fig["real_run"].items() if k != "aa_projection"},
+        "aa": fig["real_run"].get("aa_projection"),
+        "probes": fig["probes"] or None,
+        "pytest_kernels": fig["pytest_kernels"] or None,
+    }
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(c)[:CELL_CHARS] for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stage_rows(doc: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, r in doc["stages"].items():
+        note = r["error"] or r["reason"] or ""
+        rows.append([name, r["status"], fmt(r["seconds"]), fmt(r["cap_s"]), str(note).replace("|", "/")[:160]])
+    return rows
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if not isinstance(value, float):
+        return f"{value}{unit}"
+    return (f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}") + unit
+
+
+def throughput(h: dict[str, Any] | None) -> str:
+    """One img/s headline: throughput, TFLOP/s, % of 989 and of the ceiling, epoch and 100-epoch time, memory."""
+    if not h:
+        return "not measured"
+    return (
+        f"{fmt(h.get('images_per_s'))} img/s, {fmt(h.get('tflops'))} TFLOP/s ({fmt(h.get('pct_989'), '%')} of 989, "
+        f"{fmt(h.get('pct_ceiling'), '%')} of ceiling), {fmt(h.get('step_ms'))} ms/step, epoch "
+        f"{fmt(h.get('epoch_s'))} s, 100 epochs {fmt(h.get('run100_min'))} min, {fmt(h.get('peak_mem_gib'))} GiB, "
+        f"busy {fmt(h.get('busy_fraction'))}"
+    )
+
+
+def versions(env: dict[str, Any]) -> str:
+    if not env:
+        return "not recorded"
+    keys = ("gpu_name", "driver", "torch", "triton", "cuda", "cudnn", "python", "pyautoattack")
+    return ", ".join(f"{k} {env.get(k)}" for k in keys if env.get(k) is not None)
+
+
+def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
+    s, env, c = doc["summary"], doc["env"], doc["ceilings"]
+    k, m, real = s["kernels"], s["methods"], s["real_run"]
+    flags = doc["stages"]["ceilings"]["figures"].get("flags")
+    return [
+        ["versions", versions(env)],
+        ["ceilings", f"copy {fmt(c['copy_tb_s'])} TB/s, bf16 matmul {fmt(c['bf16_matmul_tflops'])} TFLOP/s"
+         + (f" FLAGGED: {'; '.join(flags)}" if flags else "")],
+        ["kernels correct", f"{fmt(k['passed'])}/{fmt(k['total'])} pass"],
+        ["kernels speed", f"pgd_step 64M stream {fmt(k['pgd_stream_tb_s'])} TB/s, dual BN stream "
+         f"{fmt(k['bn_stream_tb_s'])} TB/s, Inductor beats Triton at: {fmt(k['inductor_beats_triton'])}"],
+        ["RN18 B=128 eager", throughput(s["eager"]["b128"])],
+        ["RN18 B=512 eager", throughput(s["eager"]["b512"])],
+        ["cudnn.benchmark", cudnn_line(s.get("cudnn_benchmark"))],
+        ["RN18 B=128 compiled", throughput(s["compiled"]["b128"]) + f"; graphs {fmt(s['graphs'])}, breaks "
+         f"{fmt(s['graph_breaks'])}, recompiles after warm-up {fmt(s['recompiles_after_warmup'])}, cold compile "
+         f"{fmt(s['compiled']['compile_s'])} s"],
+        ["methods", f"{fmt(m['ok'])}/{fmt(m['total'])} ok" + (f" (failed: {', '.join(m['failed'])})" if m["failed"]
+                                                              else "")],
+        ["WRN-34-10 AR-AT", throughput(s["wrn34_10"])],
+        ["2-epoch run", real_run_line(real)],
+        ["AA projection", aa_line(s["aa"])],
+        ["probes", pytest_line(s["probes"])],
+        ["pytest kernels", pytest_line(s["pytest_kernels"])],
+    ]  # fmt: skip
+
+
+def cudnn_line(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "not measured"
+    return "; ".join(
+        f"B={b}: off {fmt(v.get('off'))} -> on {fmt(v.get('on'))} img/s ({fmt(v.get('gain_pct'), '%')})"
+        for b, v in c.items()
+    )
+
+
+def real_run_line(r: dict[str, Any]) -> str:
+    if not r:
+        return "not run"
+    pct = lambda v: fmt(None if v is None else round(100 * v, 2), "%")  # noqa: E731
+    return (
+        f"clean {pct(r.get('clean'))}, PGD-20 {pct(r.get('pgd20'))}, AA {pct(r.get('aa'))} (n={fmt(r.get('aa_n'))}); "
+        f"epoch 2 {fmt(r.get('epoch2_s'))} s ({fmt(r.get('epoch2_images_per_s'))} img/s)"
+        + (f"; FLAG: {r['epoch2_flag']}" if r.get("epoch2_flag") else "")
+        + (f"; model_test.pt clean {pct(r['model_test_clean'])}" if r.get("model_test_clean") is not None else "")
+    )
+
+
+def aa_line(a: dict[str, Any] | None) -> str:
+    if not a:
+        return "not measured"
+    return f"standard AA on 10k ~{fmt(a.get('aa_10k_min'))} min ({a.get('basis', '')})"
+
+
+def pytest_line(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "not run"
+    counts = ", ".join(f"{p[k]} {k}" for k in ("passed", "failed", "errors", "skipped", "collected") if p.get(k))
+    first = p.get("failures") or []
+    return (
+        (counts or "no result")
+        + (" (partial: cut at the cap)" if p.get("partial") else "")
+        + (f"; first: {first[0]}" if first else "")
+    )
