@@ -28,10 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a recipe, then evaluate it")
-    p.add_argument("--recipe", help="recipe name (`arat recipes`)")
+    p.add_argument("--recipe", help="recipe name (`arat recipes`; e.g. demo); required unless --resume")
     _add_data_dir(p)
     p.add_argument("--out", help="run directory (default: runs/<recipe>-<time>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field, repeatable (e.g. --set train.epochs=5 --set attack.eps=8/255); "
+        "sections: train, data, model, attack, method, optim, swa, eval, perf, dist, analysis",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--init", metavar="CHECKPOINT", help="ARREST: fine-tune this checkpoint or run (no standard stage)")
@@ -100,6 +108,8 @@ def cmd_train(args) -> None:
 
             overrides = init_overrides(cfg, args.init) + overrides
         cfg = apply_overrides(cfg, overrides)
+        if args.out is not None and not args.out.strip():
+            raise ConfigError("--out is empty: name a run directory, or leave --out out for runs/<recipe>-<time>")
         out = args.out or f"runs/{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_training(cfg, out, resume=bool(args.resume), evaluate_at_end=not args.no_eval)
 
@@ -115,7 +125,10 @@ def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
         for name in (FINAL, LATEST):
             if (path / "checkpoints" / name).exists():
                 return path / "checkpoints" / name, cfg
-        raise CheckpointError(f"{path} has no checkpoint yet; train it first")
+        raise CheckpointError(
+            f"{path} has no checkpoint yet: one is written when its first epoch ends; wait for that, or continue "
+            f"an interrupted run with `arat train --resume {path}`"
+        )
     if not path.exists():
         raise CheckpointError(f"{path}: no such run directory or checkpoint")
     return path, None
@@ -150,16 +163,16 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate, format_results
     from .perf import resolve_device
 
+    eval_cfg = EvalConfig(  # validated before anything is loaded
+        attacks=args.attacks,
+        num_examples=10000 if args.num_examples is None else args.num_examples,
+        aa_num_examples=args.aa_num_examples or 0,
+        batch_size=args.batch_size,
+    )
     model, cfg = load_for_eval(args)
     data_cfg = apply_overrides(cfg, [f"data.dataset={args.dataset}"] if args.dataset else []).data
     if args.data_dir:
         data_cfg.data_dir = args.data_dir
-    eval_cfg = EvalConfig(
-        attacks=args.attacks,
-        num_examples=args.num_examples or 10000,
-        aa_num_examples=args.aa_num_examples or 0,
-        batch_size=args.batch_size,
-    )
     device = resolve_device(args.device)
     results = evaluate(model.to(device), load_test_split(data_cfg, cfg.seed), eval_cfg, device, cfg.seed)
     print(f"{args.target}: {format_results(results)}")

@@ -168,6 +168,7 @@ class EvalConfig:
         self.attacks = tuple(self.attacks)
         for name in self.attacks:
             _one_of("eval.attacks entry", name, ("clean", "pgd20", "aa"))
+        _check(bool(self.attacks), "eval.attacks is empty: name at least one of clean, pgd20, aa")
         _check(self.num_examples > 0 and self.batch_size > 0, "eval.num_examples and eval.batch_size must be > 0")
         _check(self.aa_num_examples >= 0, "eval.aa_num_examples must be >= 0 (0 = eval.num_examples)")
 

@@ -108,6 +108,11 @@ def read_run(path: Path) -> RunResult:
         if (path / name).exists():
             results |= json.loads((path / name).read_text())["results"]
     if not results:
+        if not (path / "checkpoints" / "latest.pt").exists() and not (path / "checkpoints" / "final.pt").exists():
+            raise TableError(
+                f"{path} has no results and no checkpoint yet: it is still in its first epoch (wait for it) or "
+                f"was interrupted (continue it with `arat train --resume {path}`)"
+            )
         raise TableError(f"{path} has no results.json or eval.json: evaluate it with `arat eval {path}`")
     metrics = path / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []

@@ -113,3 +113,37 @@ def test_data_download_verifies_md5(capsys, tmp_path):
     from engine.data import load_split
 
     assert load_split("cifar10", tmp_path / "d2", train=True).images.shape == (50, 32, 32, 3)
+
+
+def test_refusals_that_used_to_pass_silently(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["train", "--recipe", "smoke", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert main(["train", "--recipe", "smoke", "--set", "eval.attacks=", "--out", str(tmp_path / "r")]) == 2
+    assert "eval.attacks is empty" in capsys.readouterr().err
+    assert main(["train", "--recipe", "smoke", "--set", "attack.eps=8/0", "--out", str(tmp_path / "r")]) == 2
+    assert "attack.eps" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_unfinished_run_points_to_waiting_or_resuming(tmp_path, capsys):
+    from engine.cli import main
+    from engine.recipes import get_recipe
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    get_recipe("smoke").save(run / "config.json")
+    for argv in (["eval", str(run)], ["table", str(run)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--resume" in err and "train it first" not in err and "evaluate it with" not in err
+
+
+def test_eval_refuses_zero_examples(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["eval", str(tmp_path / "missing.pt"), "--num-examples", "0"]) == 2
+    assert "eval.num_examples" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.pt"), "--attacks", ""]) == 2
+    assert "eval.attacks is empty" in capsys.readouterr().err

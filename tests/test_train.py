@@ -89,6 +89,8 @@ def test_short_real_data_run_beats_chance(cifar_dir, tmp_path):
             "attack.num_steps=2",
             "attack.step_size=5/255",
             "optim.milestones=2",
+            "train.batch_size=128",
+            "optim.first_epoch_lr=0.02",
         ],
     )
     results = json.loads((run_training(cfg, tmp_path / "real") / "results.json").read_text())["results"]
