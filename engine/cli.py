@@ -7,7 +7,6 @@ line on stderr and exit status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -176,9 +175,11 @@ def cmd_eval(args) -> None:
     device = resolve_device(args.device)
     results = evaluate(model.to(device), load_test_split(data_cfg, cfg.seed), eval_cfg, device, cfg.seed)
     print(f"{args.target}: {format_results(results)}")
-    if Path(args.target).is_dir():
-        record = {"dataset": data_cfg.dataset, "results": results}
-        (Path(args.target) / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    if Path(args.target).is_dir():  # results are printed above: a failed write loses nothing
+        from .rundir import RunDir
+
+        with RunDir(args.target).open_for_writing(resume=True) as rundir:
+            rundir.write_json("eval.json", {"dataset": data_cfg.dataset, "results": results})
 
 
 def cmd_table(args) -> None:

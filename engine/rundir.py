@@ -5,6 +5,8 @@ Every file is written atomically (temporary file + rename), so an interrupted ru
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -18,9 +20,18 @@ import torch
 from .config import TrainConfig
 from .errors import UserError
 
+LOCK = ".lock"  # held by the process writing the run (train, or eval writing eval.json)
+
 
 class RunDirError(UserError):
     """An output directory that can't be used; the message says what to do."""
+
+
+def file_mode() -> int:
+    """One permission policy for every file of a run: what the umask gives a new file (mkstemp alone gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: Path, write) -> None:
@@ -28,6 +39,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -70,8 +82,27 @@ class RunDir:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
 
+    @contextlib.contextmanager
+    def open_for_writing(self, resume: bool):
+        """Create (or reopen, to resume) the run directory and hold an exclusive lock on it until the block ends:
+        a second process writing into the same run gets one line naming the holder."""
+        self.create(resume)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirError(f"{self.path} is in use by {holder}: wait for it to end (or stop it), retry") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {platform.node()}".encode(), 0)
+        try:
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
     def create(self, resume: bool) -> None:
-        if self.path.exists() and not resume and any(self.path.iterdir()):
+        if self.path.exists() and not resume and any(p.name != LOCK for p in self.path.iterdir()):
             raise RunDirError(
                 f"{self.path} already holds a run: resume it with `arat train --resume {self.path}` "
                 "or pick another --out"
@@ -89,6 +120,18 @@ class RunDir:
 
     def read_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())
+
+    def record_environment(self, env: dict[str, Any], resume: bool) -> None:
+        """env.json: the environment the run started in; each resume appends its own under "resumes"."""
+        path = self.path / "env.json"
+        if resume and path.exists():
+            try:
+                first = self.read_json("env.json")
+            except json.JSONDecodeError:
+                first = None
+            if isinstance(first, dict):
+                env = first | {"resumes": [*first.get("resumes", []), env]}
+        self.write_json("env.json", env)
 
     def save_config(self, cfg: TrainConfig) -> None:
         self.write_json("config.json", cfg.to_dict())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import pickle
@@ -243,11 +244,18 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
     if rundir.path.exists() and not rundir.path.is_dir():
         raise RunDirError(f"{rundir.path} is a file; pick a directory for --out")
     run = build_run(cfg)
+    with rundir.open_for_writing(resume) if run.dist.is_main else contextlib.nullcontext():
+        train_and_finish(run, rundir, resume, evaluate_at_end)
+    distributed.shutdown(run.dist)
+    return rundir.path
+
+
+def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bool) -> None:
+    cfg = run.cfg
     say = print if run.dist.is_main else (lambda *a, **k: None)
     if run.dist.is_main:
-        rundir.create(resume)
         rundir.save_config(cfg)
-        rundir.write_json("env.json", environment(run.perf.device))
+        rundir.record_environment(environment(run.perf.device), resume)
     if resume and rundir.checkpoint(LATEST).exists():
         run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
     if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone
@@ -271,8 +279,6 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
             rundir.save_checkpoint(LATEST, state)
         say(epoch_line(row, cfg.epochs))
     finish(run, rundir, evaluate_at_end, say)
-    distributed.shutdown(run.dist)
-    return rundir.path
 
 
 def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:

@@ -205,3 +205,12 @@ def test_resume_across_the_stage_boundary(tiny_cfg, tmp_path):
     a, b = (torch.load(r / "checkpoints" / "final.pt") for r in (full, resumed))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])  # the same teacher
+
+
+def test_init_paths_are_stored_resolved(tmp_path, monkeypatch):
+    from engine.methods.arrest import init_overrides
+    from engine.recipes import get_recipe
+
+    monkeypatch.chdir(tmp_path)
+    overrides = init_overrides(get_recipe("arrest-resnet18-cifar10"), "runs/std")
+    assert f"method.init={tmp_path / 'runs' / 'std'}" in overrides

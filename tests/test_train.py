@@ -179,3 +179,44 @@ def test_resume_without_a_checkpoint_says_it_starts_over(tiny_cfg, tmp_path, cap
     run_training(apply_overrides(tiny_cfg, ["train.epochs=1"]), run, resume=True, evaluate_at_end=False)
     assert "has no checkpoint yet" in capsys.readouterr().out
     assert [r["epoch"] for r in read_rows(run)] == [1]
+
+
+def test_one_permission_policy_and_env_json_kept_on_resume(tiny_cfg, tmp_path):
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
+    run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    first = json.loads((run / "env.json").read_text())
+    run_training(cfg, run, resume=True)
+    env = json.loads((run / "env.json").read_text())
+    assert {k: v for k, v in env.items() if k != "resumes"} == first and len(env["resumes"]) == 1
+    modes = {p.relative_to(run).as_posix(): p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
+
+
+HOLDER = """
+import sys, time
+from engine.rundir import RunDir
+with RunDir(sys.argv[1]).open_for_writing(True):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_process_cannot_write_into_a_run_in_use(tiny_cfg, tmp_path):
+    import subprocess
+    import sys
+
+    from engine.rundir import RunDir, RunDirError
+
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
+    run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=f"in use by process {proc.pid}"):
+            run_training(cfg, run, resume=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    with RunDir(run).open_for_writing(resume=True):  # free again once the holder is gone
+        pass
+    assert [r["epoch"] for r in read_rows(run)] == [1]

@@ -71,7 +71,8 @@ def init_overrides(cfg: TrainConfig, path: str) -> list[str]:
     if cfg.method.name != "arrest":
         raise ConfigError(f"--init fine-tunes a checkpoint with ARREST; recipe {cfg.recipe} trains {cfg.method.name}")
     epochs = cfg.epochs - cfg.method.pretrain_epochs
-    return [f"method.init={path}", "method.pretrain_epochs=0", f"train.epochs={epochs}"]
+    resolved = Path(path).expanduser().resolve()  # stored absolute: a resume from another directory finds it
+    return [f"method.init={resolved}", "method.pretrain_epochs=0", f"train.epochs={epochs}"]
 
 
 class ARREST(Method):
