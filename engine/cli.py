@@ -248,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # bad input: one line saying what to do, no traceback
         print(f"arat: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that can't be read or written (read-only, full disk, missing): one line too
+        where = f" {e.filename}" if e.filename else ""
+        print(f"arat: error: cannot access{where}: {e.strerror or e}; check the path, its permissions and free space",
+              file=sys.stderr)  # fmt: skip
+        return 2
     except KeyboardInterrupt:
         print("arat: interrupted; a training run continues with `arat train --resume RUN_DIR`", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import pickle
 import time
@@ -65,7 +66,14 @@ class Run:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
-        self.nets.raw.load_state_dict(state["model"])
+        try:
+            self.nets.raw.load_state_dict(state["model"])
+        except RuntimeError as e:  # e.g. config.json edited (another width) after the checkpoint was written
+            first = str(e).strip().splitlines()
+            raise RunDirError(
+                f"the checkpoint does not fit the run's config.json ({first[-1].strip() if first else e}); restore "
+                "the config the run was started with"
+            ) from None
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -329,4 +337,10 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     rundir = RunDir(run_dir)
     if not (rundir.path / "config.json").exists():
         raise RunDirError(f"{rundir.path} holds no run (no config.json); pass the --out of an earlier `arat train`")
-    return from_dict(rundir.read_json("config.json"))
+    try:
+        return from_dict(rundir.read_json("config.json"))
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:  # ConfigError (a bad value) passes through
+        raise RunDirError(
+            f"{rundir.path / 'config.json'} is not a config this engine wrote ({type(e).__name__}: {e}); restore "
+            "it or start a new run"
+        ) from None

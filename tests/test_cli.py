@@ -147,3 +147,46 @@ def test_eval_refuses_zero_examples(tmp_path, capsys):
     assert "eval.num_examples" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing.pt"), "--attacks", ""]) == 2
     assert "eval.attacks is empty" in capsys.readouterr().err
+
+
+def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--set", "train.epochs=1", "--no-eval", "--out", str(run)]) == 0
+    (run / "checkpoints" / "final.pt").unlink()
+    config = json.loads((run / "config.json").read_text())
+    edits = {
+        "width changed": lambda c: c["model"].update(width=16),
+        "unknown key": lambda c: c["model"].update(colour="red"),
+    }
+    for what, edit in edits.items():
+        edited = json.loads(json.dumps(config))
+        edit(edited)
+        (run / "config.json").write_text(json.dumps(edited))
+        assert main(["train", "--resume", str(run)]) == 2, what
+        assert "config" in capsys.readouterr().err, what
+    (run / "config.json").write_text("{not json")
+    assert main(["train", "--resume", str(run)]) == 2
+    (run / "config.json").write_text(json.dumps(config))
+    latest = run / "checkpoints" / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "not a checkpoint this engine can read" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    import os
+
+    from engine.cli import main
+
+    if os.geteuid() == 0:
+        target = "/proc/arat-cannot-write-here"  # root ignores permission bits; /proc refuses everyone
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        target = str(tmp_path / "ro" / "run")
+    assert main(["train", "--recipe", "smoke", "--out", target]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("arat: error:") and "\n" not in err
