@@ -127,3 +127,13 @@ def test_fp16_gradient_scale_is_a_power_of_two_bounding_the_logit_gradient():
     assert torch.log2(scale) == torch.round(torch.log2(scale))
     largest = (torch.softmax(logits, 1) - torch.eye(3)[[0, 1]]).abs().max()
     assert 2**7 <= largest * scale <= 2**8
+
+
+def test_gaussian_start_is_not_clamped_as_in_the_published_codes():
+    from engine.attacks.step import random_start
+
+    torch.manual_seed(0)
+    x = torch.zeros(2, 3, 8, 8)
+    start = random_start(x, EPS, "gaussian")
+    assert start.min() < 0 and (start - x).abs().max() < 0.01  # below 0 where the noise is negative
+    assert random_start(x, EPS, "uniform").min() >= 0

@@ -38,9 +38,10 @@ def noise_like(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def random_start(x: torch.Tensor, eps: float, kind: str) -> torch.Tensor:
-    """A new starting point: uniform in the eps-ball (clamped to [0, 1]), 0.001 * N(0, 1) (TRADES/MART), or x."""
+    """A new starting point: uniform in the eps-ball (clamped to [0, 1]), x + 0.001 * N(0, 1) unclamped as in the
+    published TRADES and MART codes (METHOD 6; the first PGD step projects into [0, 1]), or x."""
     if kind == "uniform":
         return torch.clamp(x + eps * noise_like(x, "uniform"), 0, 1)
     if kind == "gaussian":
-        return torch.clamp(x + 0.001 * noise_like(x, "gaussian"), 0, 1)
+        return x + 0.001 * noise_like(x, "gaussian")
     return x.clone()
