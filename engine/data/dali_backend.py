@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .backends import require
 from .cifar import ArraySplit
 from .loader import PAD, SIZE, Batch, EpochPlan, PlannedLoader
+from .optional import require
 
 
 def build_pipeline(batch_size: int, device: torch.device, augment: bool, num_threads: int, seed: int):

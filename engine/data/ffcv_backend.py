@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import require
 from .cifar import ArraySplit, load_split
 from .loader import PAD, SIZE, Batch, PlannedLoader
+from .optional import require
 
 try:
     from numba import prange

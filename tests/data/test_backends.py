@@ -288,3 +288,19 @@ def test_short_arat_run_same_metrics(tmp_path):
         assert [sorted(r) for r in got] == [sorted(r) for r in rows["device"]], f"{backend}: other metrics"
         for ours, theirs in zip(got, rows["device"], strict=True):
             assert untimed(ours) == pytest.approx(untimed(theirs), rel=1e-3), f"{backend}: other numbers"
+
+
+def test_backend_modules_do_not_import_each_other():
+    """ffcv_backend and dali_backend share `engine.data.optional`, never `backends` (which imports them)."""
+    import ast
+    from pathlib import Path
+
+    import engine.data as data_pkg
+
+    root = Path(data_pkg.__file__).parent
+    for name in ("ffcv_backend.py", "dali_backend.py", "optional.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and not n.module
+                     for a in n.names}  # fmt: skip
+        assert not imported & {"backends", "ffcv_backend", "dali_backend"}, (name, imported)
