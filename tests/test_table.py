@@ -89,5 +89,8 @@ def test_missing_matplotlib_is_one_line(runs, tmp_path, capsys, monkeypatch):
 def test_runs_without_results_are_refused(tmp_path, capsys):
     run = write_run(tmp_path, "r", "at-resnet18-cifar10", 0.8)
     (run / "results.json").unlink()
+    assert main(["table", str(run)]) == 2 and "--resume" in capsys.readouterr().err  # no checkpoint either
+    (run / "checkpoints").mkdir(exist_ok=True)
+    (run / "checkpoints" / "final.pt").write_bytes(b"")
     assert main(["table", str(run)]) == 2 and "arat eval" in capsys.readouterr().err
     assert main(["table", str(tmp_path / "empty")]) == 2 and "no run directory" in capsys.readouterr().err
