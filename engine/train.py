@@ -162,7 +162,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Te
     return {"loss": loss.detach(), **{k: v.detach() for k, v in out.terms.items()}, **out.sums, **analysis}
 
 
-def train_epoch(run: Run, epoch: int) -> dict[str, float]:
+def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
+    """One epoch; `on_progress(row)` is called at each log interval (the run directory's progress.json)."""
     cfg, loader = run.cfg, run.train_loader
     loader.set_epoch(epoch)
     lr = run.method.lr_at(epoch)
@@ -197,6 +198,10 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
                     "checkpoint is kept. Try a lower optim.lr (or perf.dtype=fp32), then `arat train --resume`"
                 )
             bar.set_postfix(loss=f"{mean_loss:.3f}")
+            if on_progress:
+                elapsed = time.perf_counter() - start
+                on_progress({"epoch": epoch, "step": i, "steps": len(loader), "loss": round(mean_loss, 5),
+                             "seconds": round(elapsed, 2), "images_per_s": round(images / elapsed, 1)})  # fmt: skip
         bar.update(1)
     bar.close()
     if run.perf.device.type == "cuda":
@@ -276,9 +281,10 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         say(notice)
     if run.epoch:
         say(f"resuming after epoch {run.epoch}/{cfg.epochs} from {rundir.checkpoint(LATEST)}")
+    progress = (lambda row: rundir.write_json("progress.json", row)) if run.dist.is_main else None
     wall = time.perf_counter()
     for epoch in range(run.epoch + 1, cfg.epochs + 1):
-        row = {"epoch": epoch} | train_epoch(run, epoch)
+        row = {"epoch": epoch} | train_epoch(run, epoch, progress)
         run.epoch = epoch
         row["wall_seconds"] = round(time.perf_counter() - wall, 2)
         state = run.state_dict()  # a collective under DDP (per-rank RNG states): every rank calls it

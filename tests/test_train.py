@@ -220,3 +220,19 @@ def test_a_second_process_cannot_write_into_a_run_in_use(tiny_cfg, tmp_path):
     with RunDir(run).open_for_writing(resume=True):  # free again once the holder is gone
         pass
     assert [r["epoch"] for r in read_rows(run)] == [1]
+
+
+def test_progress_is_on_disk_before_an_epoch_ends(tiny_cfg, tmp_path, monkeypatch):
+    from engine.rundir import RunDir
+
+    written, real_write = [], RunDir.write_json
+
+    def recording_write(self, name, data):
+        written.append((name, dict(data), (self.path / "metrics.jsonl").exists()))
+        real_write(self, name, data)
+
+    monkeypatch.setattr(RunDir, "write_json", recording_write)
+    run_training(apply_overrides(tiny_cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    progress = [(row, metrics_exist) for name, row, metrics_exist in written if name == "progress.json"]
+    assert progress[0][0]["step"] < progress[0][0]["steps"] and not progress[0][1]  # mid-epoch, before any row
+    assert json.loads((tmp_path / "run" / "progress.json").read_text())["step"] == progress[-1][0]["steps"]
