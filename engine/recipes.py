@@ -127,7 +127,7 @@ for _arch in ("resnet18", "wrn34-10"):
 @recipe(
     "demo",
     "AR-AT on a CPU budget (~10 min on 2 cores without native bf16, ~4 with it): ResNet-18 width 16, 9.6k real "
-    "CIFAR-10 images (synthetic if absent), 3 epochs, batch 64, PGD-3; clean and PGD-20 on 500, AutoAttack on 100",
+    "CIFAR-10 images (synthetic if absent), 3 epochs, batch 64, PGD-3; clean and PGD-20 on 500, AutoAttack on 50",
 )
 def demo() -> TrainConfig:
     """Sized for a 2-core CPU without native bf16 (fp32), where the README's first command must end in about 10
@@ -142,7 +142,7 @@ def demo() -> TrainConfig:
         attack=AttackConfig(num_steps=3, step_size=2.5 * EPS_8 / 3),
         method=MethodConfig(name="arat", invariance_weight=30.0),
         optim=OptimConfig(lr=0.1, first_epoch_lr=0.05, milestones=(2,)),
-        eval=EvalConfig(attacks=("clean", "pgd20", "aa"), num_examples=500, aa_num_examples=100, batch_size=250),
+        eval=EvalConfig(attacks=("clean", "pgd20", "aa"), num_examples=500, aa_num_examples=50, batch_size=250),
     )
 
 
