@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import json
 import math
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, r
 from .errors import UserError
 from .evaluate import evaluate, format_results
 from .methods import Method, Nets, build_method
-from .models import build_model
+from .models import build_model, read_checkpoint
 from .rundir import RunDir, RunDirError, environment
 from .swa import SWA
 
@@ -326,14 +325,8 @@ def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """A training checkpoint, on the CPU: load_state_dict moves weights and optimizer state to their parameters'
-    device, and the RNG states must stay CPU byte tensors. weights_only: a checkpoint holds tensors and plain data."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise RunDirError(
-            f"{path} is not a checkpoint this engine can read ({reason}); delete it to restart that run"
-        ) from None
+    device, and the RNG states must stay CPU byte tensors. Read with weights_only (tensors and plain data)."""
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or not {"epoch", "model", "rng", "config"} <= state.keys():
         raise RunDirError(f"{path} is not a training checkpoint (no epoch/model/rng/config); delete it to restart")
     return state

@@ -6,6 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from hostile import RunsCode
 
 from engine.cli import main
 from engine.config import ModelConfig
@@ -174,7 +175,7 @@ def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
     latest = run / "checkpoints" / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
     assert main(["train", "--resume", str(run)]) == 2
-    assert "not a checkpoint this engine can read" in capsys.readouterr().err
+    assert "not a readable checkpoint" in capsys.readouterr().err
 
 
 def test_unwritable_output_is_one_line(tmp_path, capsys):
@@ -190,3 +191,15 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     assert main(["train", "--recipe", "smoke", "--out", target]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("arat: error:") and "\n" not in err
+
+
+def test_crafted_checkpoints_run_no_code_in_eval_and_export(tmp_path, capsys):
+    import torch
+
+    from engine.cli import main
+
+    marker, crafted = tmp_path / "pwned", tmp_path / "crafted.pt"
+    torch.save({"model": RunsCode(marker)}, crafted)
+    assert main(["eval", str(crafted), "--model", "resnet18", "--attacks", "clean"]) == 2
+    assert main(["export", str(crafted), str(tmp_path / "out.pt")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err and not marker.exists()

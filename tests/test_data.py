@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from hostile import RunsCode
 
 from engine.config import DataConfig
 from engine.data import DataError, DeviceLoader, load_split, load_splits
@@ -115,16 +116,6 @@ def test_real_cifar10_layout(cifar_dir):
     assert np.allclose(test.images.reshape(-1, 3).mean(0) / 255, [0.4942, 0.4851, 0.4504], atol=2e-3)
 
 
-class _RunsCode:
-    """Unpickling this creates a marker file: what a crafted dataset or checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def _fake_cifar10(tmp_path, test_batch) -> None:
     import pickle
 
@@ -136,7 +127,7 @@ def _fake_cifar10(tmp_path, test_batch) -> None:
 
 def test_a_crafted_dataset_file_runs_no_code(tmp_path):
     marker = tmp_path / "pwned"
-    _fake_cifar10(tmp_path, {b"data": _RunsCode(marker), b"labels": [0]})
+    _fake_cifar10(tmp_path, {b"data": RunsCode(marker), b"labels": [0]})
     with pytest.raises(DataError, match="not an official CIFAR file"):
         load_split("cifar10", tmp_path, train=False)
     assert not marker.exists()

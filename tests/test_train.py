@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from hostile import RunsCode
 
 from engine.config import apply_overrides
 from engine.train import run_training
@@ -98,22 +99,14 @@ def test_short_real_data_run_beats_chance(cifar_dir, tmp_path):
     assert results["pgd20"]["accuracy"] <= results["clean"]["accuracy"]
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_crafted_checkpoint_runs_no_code_on_resume(tiny_cfg, tmp_path):
     from engine.rundir import RunDirError
 
     cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
     run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
     marker = tmp_path / "pwned"
-    torch.save({"epoch": 1, "payload": _RunsCode(marker)}, run / "checkpoints" / "latest.pt")
-    with pytest.raises(RunDirError, match="not a checkpoint this engine can read"):
+    torch.save({"epoch": 1, "payload": RunsCode(marker)}, run / "checkpoints" / "latest.pt")
+    with pytest.raises(RunDirError, match="not a readable checkpoint"):
         run_training(cfg, run, resume=True)
     assert not marker.exists()
 
