@@ -100,13 +100,13 @@ def test_short_real_data_run_beats_chance(cifar_dir, tmp_path):
 
 
 def test_a_crafted_checkpoint_runs_no_code_on_resume(tiny_cfg, tmp_path):
-    from engine.rundir import RunDirError
+    from engine.errors import UserError
 
     cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
     run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
     marker = tmp_path / "pwned"
     torch.save({"epoch": 1, "payload": RunsCode(marker)}, run / "checkpoints" / "latest.pt")
-    with pytest.raises(RunDirError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match="not a readable checkpoint"):  # the CLI: one line, exit 2
         run_training(cfg, run, resume=True)
     assert not marker.exists()
 
