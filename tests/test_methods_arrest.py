@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,7 +157,8 @@ def test_init_needs_the_standard_stage_dropped(tiny_cfg):
     with pytest.raises(ConfigError, match="pretrain_epochs=0"):
         apply_overrides(get_recipe("arrest-resnet18-cifar10"), ["method.init=x.pt"])
     cfg = get_recipe("arrest-resnet18-cifar10")
-    assert init_overrides(cfg, "x.pt") == ["method.init=x.pt", "method.pretrain_epochs=0", "train.epochs=20"]
+    resolved = Path("x.pt").resolve()
+    assert init_overrides(cfg, "x.pt") == [f"method.init={resolved}", "method.pretrain_epochs=0", "train.epochs=20"]
     with pytest.raises(ConfigError, match="ARREST"):
         init_overrides(get_recipe("at-resnet18-cifar10"), "x.pt")
 
