@@ -43,13 +43,9 @@ def provenance() -> dict:
 
 def cpu_model() -> str:
     """The CPU's model name (benchmark rows differ by CPU: AVX2 vs AVX-512, native bf16 or not)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from engine.compile_cache import cpuinfo
+
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:

@@ -17,19 +17,22 @@ from pathlib import Path
 ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
+def cpuinfo(*keys: str) -> str:
+    """The value of the first /proc/cpuinfo line starting with one of `keys` ("" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(keys):
+                return line.split(":", 1)[-1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_key() -> str:
     """The CPU capability torch uses (honours ATEN_CPU_CAPABILITY) plus a hash of the CPU's feature flags."""
     import torch
 
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    digest = hashlib.sha256(flags.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(cpuinfo("flags", "Features").encode()).hexdigest()[:8]
     return f"{torch.backends.cpu.get_cpu_capability().lower()}-{digest}"
 
 
