@@ -1,32 +1,47 @@
-"""Training-step throughput, feature by feature: images/s, step time, attack cost, achieved TFLOP/s.
+"""Training-step throughput, feature by feature: images/s, step time, attack cost, achieved TFLOP/s, ops per step.
 
-Each row adds one performance switch to the previous one (fp32 eager -> channels-last -> bf16 autocast -> dual
-forward -> fused kernels -> torch.compile), on the same AR-AT step (PGD attack + clean/adv forwards + SGD step).
-FLOPs follow METHOD 9: per image and step, (2 * attack steps + 6) forward passes F, with F counted by
+The switch ladder (fp32 eager -> channels-last -> bf16 autocast -> dual forward -> fused kernels -> cudnn.benchmark
+-> torch.compile) runs on the same AR-AT step (PGD attack + clean/adv forwards + SGD step). Two orders:
+
+- greedy (default): each switch is tried on top of the fastest configuration so far, the two timed interleaved in
+  one process (round after round), and kept only if it is faster; so the ladder follows what is fastest on the
+  machine at hand (on a CPU without native bf16, bf16 autocast is dropped). `vs_fp32_eager` chains the kept ratios.
+- cumulative (`--cumulative`): every switch on top of the previous row, all rows interleaved (the GPU check's view).
+
+Per row also: aten ops dispatched per step (top-level, from the profiler; compiled code counts the ops its kernels
+call), and for compiled rows the graphs compiled, recompiles after warm-up and graph breaks (torch._dynamo's
+counters). FLOPs follow METHOD 9: per image and step, (2 * attack steps + 6) forward passes F, with F counted by
 torch.utils.flop_counter on the network itself.
 
-    python bench/train_step.py --quick                      # CPU-sized: ResNet-18 width 16, batch 64
-    python bench/train_step.py --arch resnet18 --batch-size 128 --steps 20      # the real network (GPU)
+    python bench/train_step.py --quick                      # CPU-sized: ResNet-18 width 16, batch 64, PGD-5
+    python bench/train_step.py --width 64 --batch-size 32   # the issue's CPU figure: the real ResNet-18 at batch 32
+    python bench/train_step.py --batch-size 128 --steps 20 --cumulative                  # the real network (GPU)
     python bench/train_step.py --train-epochs 2 --data-dir data                 # plus accuracy after a short run
+    python bench/train_step.py --width 16 --batch-size 64 --attack-steps 3 --rounds 9 \
+        --set perf.dtype=fp32 --compare perf.kernels=off,on                      # one switch, the demo's step
 
-Rows go to --out (JSON lines); a markdown table is printed.
+Rows go to --out (JSON lines) with the CPU model and whether it runs bf16 natively; a markdown table is printed.
+Take figures on a quiet machine (one torch job).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from harness import append_jsonl, markdown_table, provenance
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.config import apply_overrides
+from engine.config import TrainConfig, apply_overrides
 from engine.methods.arat import attack_inputs
 from engine.perf import peak_tflops
 from engine.recipes import get_recipe
-from engine.train import build_run, train_step
+from engine.train import Run, build_run, train_step
 
 LADDER = [
     (
@@ -37,6 +52,7 @@ LADDER = [
             "perf.dual_forward=false",
             "perf.kernels=off",
             "perf.cudnn_benchmark=off",
+            "perf.compile=off",
         ],
     ),
     ("+channels-last", ["perf.channels_last=true"]),
@@ -44,8 +60,9 @@ LADDER = [
     ("+dual forward", ["perf.dual_forward=true"]),
     ("+fused kernels", ["perf.kernels=on"]),
     ("+cudnn.benchmark", ["perf.cudnn_benchmark=on"]),  # CUDA only: a no-op on CPU
-    ("+torch.compile", ["perf.compile=true"]),
+    ("+torch.compile", ["perf.compile=on"]),
 ]
+CUDA_ONLY = {"+cudnn.benchmark"}
 
 
 def sync(device: torch.device) -> None:
@@ -75,25 +92,160 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def measure(cfg, name: str, steps: int, warmup: int) -> dict:
+def ops_per_call(fn) -> int:
+    """Top-level aten ops dispatched by one call of `fn` (an op called inside another op is not counted again)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    return sum(1 for e in events if e.name.startswith("aten::") and not _inside_aten(e))
+
+
+def _inside_aten(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def dynamo_counts() -> Counter:
+    """torch._dynamo's running totals: graphs compiled and graph breaks (all compiled functions of the process)."""
+    from torch._dynamo.utils import counters
+
+    return Counter(
+        graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values())
+    )  # fmt: skip
+
+
+@dataclass
+class Row:
+    name: str
+    cfg: TrainConfig
+    run: Run
+    x: torch.Tensor
+    y: torch.Tensor
+    warm: Counter = field(default_factory=Counter)  # dynamo counts after this row's warm-up
+    step_ms: list[float] = field(default_factory=list)  # one median per round
+    attack_ms: list[float] = field(default_factory=list)
+
+    def step(self) -> None:
+        self.run.perf.activate()
+        train_step(self.run, self.x, self.y)
+
+    def attack(self) -> None:
+        self.run.perf.activate()
+        attack_inputs(self.run.nets, self.x, self.y, self.cfg.attack, self.run.perf.autocast)
+
+
+def build_row(name: str, cfg: TrainConfig, warmup: int) -> Row:
     run = build_run(cfg)
     x, y = next(iter(run.train_loader))
-    device = run.perf.device
-    for _ in range(warmup):  # compile, autotune, allocator warm-up
-        train_step(run, x, y)
-    step_ms = median_ms(lambda: train_step(run, x, y), device, steps)
-    attack_ms = median_ms(lambda: attack_inputs(run.nets, x, y, cfg.attack, run.perf.autocast), device, steps)
-    flops = forward_flops(run.nets.raw, x[:8]) * (2 * cfg.attack.num_steps + 6)
-    images_per_s = len(y) / (step_ms / 1e3)
+    row = Row(name, cfg, run, x, y)
+    before = dynamo_counts()
+    for _ in range(max(warmup, 1)):  # compile, autotune, allocator warm-up
+        row.step()
+        row.attack()
+    row.warm = dynamo_counts() - before
+    return row
+
+
+def interleave(rows: list[Row], rounds: int, steps: int) -> None:
+    """`rounds` rounds; in each, every row takes `steps` timed steps and 1-2 timed attacks, one row after another,
+    so that a machine slowing down or speeding up affects every row alike."""
+    for _ in range(rounds):
+        for row in rows:
+            device = row.run.perf.device
+            row.step_ms.append(median_ms(row.step, device, steps))
+            row.attack_ms.append(median_ms(row.attack, device, max(1, steps // 2)))
+
+
+def report(row: Row) -> dict:
+    step_ms, attack_ms = statistics.median(row.step_ms), statistics.median(row.attack_ms)
+    device, cfg = row.run.perf.device, row.cfg
+    before = dynamo_counts()
+    ops = ops_per_call(row.step)
+    after_warm = dynamo_counts() - before  # the profiled step
+    flops = forward_flops(row.run.nets.raw, row.x[:8]) * (2 * cfg.attack.num_steps + 6)
+    images_per_s = len(row.y) / (step_ms / 1e3)
     tflops = images_per_s * flops / 1e12
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    spread = (max(row.step_ms) - min(row.step_ms)) / step_ms if len(row.step_ms) > 1 else 0.0
     return {
-        "bench": "train_step", "config": name, "arch": cfg.model.arch, "width": cfg.model.width,
-        "batch_size": len(y), "attack_steps": cfg.attack.num_steps, "images_per_s": round(images_per_s, 1),
-        "step_ms": round(step_ms, 2), "attack_ms": round(attack_ms, 2), "attack_share": round(attack_ms / step_ms, 3),
+        "bench": "train_step", "config": row.name, "arch": cfg.model.arch, "width": cfg.model.width,
+        "batch_size": len(row.y), "attack_steps": cfg.attack.num_steps, "images_per_s": round(images_per_s, 1),
+        "step_ms": round(step_ms, 2), "step_spread": round(spread, 3), "rounds": len(row.step_ms),
+        "attack_ms": round(attack_ms, 2), "attack_share": round(attack_ms / step_ms, 3),
         "gflop_per_image_step": round(flops / 1e9, 3), "tflops": round(tflops, 4),
-        "peak_fraction": round(tflops / peak, 4) if peak else None, "perf": run.perf.summary(),
+        "peak_fraction": round(tflops / peak, 4) if peak else None, "ops_per_step": ops,
+        "graphs": row.warm["graphs"] if cfg.perf.compile else None,
+        "recompiles_after_warmup": after_warm["graphs"] if cfg.perf.compile else None,
+        "graph_breaks": row.warm["graph_breaks"] + after_warm["graph_breaks"] if cfg.perf.compile else None,
+        "perf": row.run.perf.summary(), "_cfg": cfg,
     }  # fmt: skip
+
+
+def release(row: Row) -> None:
+    del row.run
+    gc.collect()
+
+
+def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:
+    """Each switch on top of the fastest configuration so far, timed interleaved against it; kept if faster."""
+    name, switches = LADDER[0]
+    kept_overrides = base + switches
+    best = build_row(name, apply_overrides(get_recipe("demo"), kept_overrides), warmup)
+    rows, chain = [], 1.0
+    for name, switches in LADDER[1:]:
+        if name in CUDA_ONLY and device_type != "cuda":
+            continue
+        candidate = build_row(name, apply_overrides(get_recipe("demo"), kept_overrides + switches), warmup)
+        best.step_ms.clear(), best.attack_ms.clear()
+        interleave([best, candidate], rounds, steps)
+        if not rows:
+            rows.append(report(best) | {"kept": True, "vs_previous": 1.0, "vs_fp32_eager": 1.0})
+        ratio = statistics.median(b / c for b, c in zip(best.step_ms, candidate.step_ms, strict=True))  # per round
+        kept = ratio > 1.0
+        figures = {"kept": kept, "vs_previous": round(ratio, 3), "vs_fp32_eager": round(chain * ratio, 3)}
+        row = report(candidate) | figures
+        rows.append(row)
+        print(f"{name}: {row['step_ms']} ms vs {statistics.median(best.step_ms):.1f} ms -> {ratio:.2f}x, "
+              f"{'kept' if kept else 'dropped'}", flush=True)  # fmt: skip
+        if kept:
+            chain *= ratio
+            kept_overrides += switches
+            release(best)
+            best = candidate
+        else:
+            release(candidate)
+    return rows
+
+
+def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmup: int) -> list[dict]:
+    overrides, built = list(base), []
+    for i, (name, switches) in enumerate(LADDER):
+        overrides += switches
+        if i in wanted:
+            built.append(build_row(name, apply_overrides(get_recipe("demo"), overrides), warmup))
+    interleave(built, rounds, steps)
+    rows = [report(row) for row in built]
+    for row in rows:
+        row["vs_fp32_eager"] = round(rows[0]["step_ms"] / row["step_ms"], 3) if 0 in wanted else None
+    return rows
+
+
+def compare(base: list[str], key: str, values: list[str], rounds: int, steps: int, warmup: int) -> list[dict]:
+    """One switch's values on the same base, interleaved; `vs_first` is the median of per-round ratios."""
+    configs = [apply_overrides(get_recipe("demo"), base + [f"{key}={v}"]) for v in values]
+    built = [build_row(f"{key}={v}", cfg, warmup) for v, cfg in zip(values, configs, strict=True)]
+    interleave(built, rounds, steps)
+    rows = [report(row) for row in built]
+    for row, b in zip(rows, built, strict=True):
+        ratios = [first / mine for first, mine in zip(built[0].step_ms, b.step_ms, strict=True)]
+        row["vs_first"] = round(statistics.median(ratios), 3)
+    return rows
 
 
 def short_run_accuracy(cfg, epochs: int, out_dir: str) -> dict:
@@ -114,17 +266,21 @@ def main() -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--attack-steps", type=int, default=10)
-    p.add_argument("--steps", type=int, default=10, help="timed repetitions per row")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per row and round (their median)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the row's figure: their median)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rows", default=",".join(str(i) for i in range(len(LADDER))), help="indices into the ladder")
-    p.add_argument("--quick", action="store_true", help="ResNet-18 width 16, batch 64, PGD-5, no compile row")
+    p.add_argument("--cumulative", action="store_true", help="every switch on the previous row (not greedy)")
+    p.add_argument("--rows", default=None, help="--cumulative: indices into the ladder (default: all)")
+    p.add_argument("--compare", metavar="KEY=A,B", help="one switch's values, interleaved (e.g. perf.kernels=off,on)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every row (e.g. perf.dtype=fp32), repeatable")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="ResNet-18 width 16, batch 64, PGD-5, 3 rounds, no compile")
     p.add_argument("--train-epochs", type=int, default=0, help="also train each row briefly and report accuracy")
     p.add_argument("--data-dir", default=None, help="real CIFAR-10 for --train-epochs (default: synthetic)")
     p.add_argument("--out", default="bench/results/train_step.jsonl")
     args = p.parse_args()
     if args.quick:
-        args.width, args.batch_size, args.attack_steps, args.steps = 16, 64, 5, 5
-        args.rows = "0,1,2,3,4"  # no cudnn.benchmark (CUDA only) or compile row
+        args.width, args.batch_size, args.attack_steps, args.rounds = 16, 64, 5, 3
     base = [
         f"model.arch={args.arch}",
         f"model.width={args.width}",
@@ -136,20 +292,31 @@ def main() -> None:
     ]
     if args.data_dir:
         base[-2:] = ["data.dataset=cifar10", f"data.data_dir={args.data_dir}", "data.train_subset=10000"]
-    overrides, rows = list(base), []
-    wanted = {int(i) for i in args.rows.split(",")}
-    for i, (name, switches) in enumerate(LADDER):
-        overrides += switches
-        if i not in wanted:
-            continue
-        cfg = apply_overrides(get_recipe("demo"), overrides)
-        row = measure(cfg, name, args.steps, args.warmup) | provenance()
+    global LADDER
+    if args.quick:  # compiling takes minutes on a small CPU
+        LADDER = [rung for rung in LADDER if rung[0] != "+torch.compile"]
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    base += args.overrides
+    if args.compare:
+        key, _, values = args.compare.partition("=")
+        rows = compare(base, key, values.split(","), args.rounds, args.steps, args.warmup)
+    elif args.cumulative:
+        wanted = {int(i) for i in args.rows.split(",")} if args.rows else set(range(len(LADDER)))
+        rows = cumulative(base, wanted, args.rounds, args.steps, args.warmup)
+    else:
+        rows = greedy(base, args.rounds, args.steps, args.warmup, device_type)
+    order = "compare" if args.compare else "cumulative" if args.cumulative else "greedy"
+    stamp = provenance()
+    rows = [row | {"ladder": order} | stamp for row in rows]
+    for i, row in enumerate(rows):
+        cfg = row.pop("_cfg")
         if args.train_epochs:
             row |= short_run_accuracy(cfg, args.train_epochs, f"bench/results/runs/train_step-{i}-{time.time():.0f}")
-        rows.append(row)
-        print(f"{name}: {row['images_per_s']} img/s, step {row['step_ms']} ms, attack {row['attack_ms']} ms")
     append_jsonl(args.out, rows)
-    columns = ["config", "images_per_s", "step_ms", "attack_ms", "attack_share", "tflops", "peak_fraction"]
+    columns = ["config", "kept", "images_per_s", "step_ms", "step_spread", "vs_fp32_eager", "vs_first", "attack_ms",
+               "attack_share", "ops_per_step", "graphs", "recompiles_after_warmup", "graph_breaks", "tflops",
+               "peak_fraction"]  # fmt: skip
+    print(f"{stamp['cpu']} (native bf16: {stamp['cpu_native_bf16']}, {stamp['cpu_threads']} threads), {order} ladder")
     print(markdown_table(rows, columns + (["clean", "pgd20"] if args.train_epochs else [])))
 
 

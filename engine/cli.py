@@ -7,6 +7,7 @@ line on stderr and exit status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width of a plain state_dict")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--aa-version", choices=["standard", "legacy-10"], default="standard",
+                   help="standard: the leaderboard protocol; legacy-10: torchattacks' AutoAttack (10 iterations), "
+                   "the protocol of the code the AR-AT paper used")  # fmt: skip
+    p.add_argument("--chunk-size", type=int, default=500, help="images per chunk (own seed, saved when done)")
+    p.add_argument("--seed", type=int, default=None, help="base seed of the attacks (default: the run's seed, or 0)")
+    p.add_argument("--out", metavar="DIR", help="evaluation record and finished chunks (default: RUN/eval, or "
+                   "CHECKPOINT.eval/ beside a checkpoint); a rerun skips the chunks already there")  # fmt: skip
     _add_data_dir(p)
 
     p = sub.add_parser("table", help="results table (markdown) and trade-off plot from run directories")
@@ -135,17 +143,15 @@ def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
 
 def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
     """The network to evaluate (Split-BN from a run/engine checkpoint, or plain from a bare state_dict)."""
-    from .models import build_model, load_plain, read_checkpoint
+    from .config import from_dict
+    from .models import build_model, load_plain, read_weights
 
     ckpt_path, run_cfg = resolve_target(args.target)
-    state = read_checkpoint(ckpt_path)
-    engine_ckpt = isinstance(state, dict) and "model" in state and "config" in state
-    if engine_ckpt:
-        from .config import from_dict
-
-        cfg = run_cfg or from_dict(state["config"])
+    state, saved = read_weights(ckpt_path)
+    if saved is not None or run_cfg is not None:
+        cfg = run_cfg or from_dict(saved, f"{ckpt_path} (its config)")
         model = build_model(cfg.model, cfg.data.num_classes)
-        load_plain(model, state["model"], str(ckpt_path))
+        load_plain(model, state, str(ckpt_path))
         return model, cfg
     if not args.model:
         raise ConfigError(f"{ckpt_path} is a plain state_dict: say which network with --model resnet18|wrn34-10")
@@ -158,28 +164,53 @@ def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
 
 
 def cmd_eval(args) -> None:
+    import dataclasses
+
+    from . import distributed
+    from .config import DistConfig
     from .data import load_test_split
-    from .evaluate import evaluate, format_results
+    from .evaluate import evaluate, format_results, summary, write_flags
     from .perf import resolve_device
+    from .rundir import RunDir, environment
 
     eval_cfg = EvalConfig(  # validated before anything is loaded
         attacks=args.attacks,
         num_examples=10000 if args.num_examples is None else args.num_examples,
         aa_num_examples=args.aa_num_examples or 0,
         batch_size=args.batch_size,
+        aa_version=args.aa_version,
+        chunk_size=args.chunk_size,
     )
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty: name a directory, or leave --out out for the default")
+    device = resolve_device(args.device)
     model, cfg = load_for_eval(args)
     data_cfg = apply_overrides(cfg, [f"data.dataset={args.dataset}"] if args.dataset else []).data
     if args.data_dir:
         data_cfg.data_dir = args.data_dir
-    device = resolve_device(args.device)
-    results = evaluate(model.to(device), load_test_split(data_cfg, cfg.seed), eval_cfg, device, cfg.seed)
-    print(f"{args.target}: {format_results(results)}")
-    if Path(args.target).is_dir():  # results are printed above: a failed write loses nothing
-        from .rundir import RunDir
-
-        with RunDir(args.target).open_for_writing(resume=True) as rundir:
-            rundir.write_json("eval.json", {"dataset": data_cfg.dataset, "results": results})
+    target = Path(args.target)
+    record = Path(args.out) if args.out else target / "eval" if target.is_dir() else target.with_suffix(".eval")
+    split = load_test_split(data_cfg, cfg.seed)
+    info = distributed.init(DistConfig(), device.type)  # under torchrun: the chunks are shared among the ranks
+    device = distributed.local_device(info, device)
+    seed = cfg.seed if args.seed is None else args.seed
+    perf_cfg = dataclasses.replace(cfg.perf, device=str(device))
+    try:
+        results = evaluate(model.to(device), split, eval_cfg, device, seed, perf_cfg, info, record)
+    finally:
+        distributed.shutdown(info)
+    if not info.is_main:
+        return
+    print(f"{args.target}: {format_results(results)}")  # printed first: a failed write below loses nothing
+    env = environment(device) | {"world_size": info.world_size}
+    entry = {"target": str(target.resolve()), "dataset": data_cfg.dataset, "results": summary(results),
+             "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    write_flags(record, results)
+    (record / "records").mkdir(exist_ok=True)
+    (record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(entry, indent=2) + "\n")
+    if target.is_dir():
+        with RunDir(target).open_for_writing(resume=True) as rundir:
+            rundir.write_json("eval.json", {"dataset": data_cfg.dataset, "results": summary(results)})
 
 
 def cmd_table(args) -> None:
@@ -199,23 +230,75 @@ def cmd_table(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .models import build_model, export_state_dict, load_plain, read_checkpoint
+    from .config import from_dict
+    from .models import build_model, export_state_dict, load_plain, read_weights
     from .rundir import RunDirError, atomic_write
 
-    ckpt_path, _ = resolve_target(args.target)
-    state = read_checkpoint(ckpt_path)
-    raw = state["model"] if isinstance(state, dict) and "model" in state else state
-    plain = export_state_dict(raw)
-    if isinstance(state, dict) and "config" in state:  # check it loads into the plain network before writing
-        from .config import from_dict
-
-        cfg = from_dict(state["config"])
-        load_plain(build_model(cfg.model, cfg.data.num_classes, split_bn=False), plain, str(ckpt_path))
     out = Path(args.out)
+    if out.is_dir():
+        raise RunDirError(f"{out} is a directory: name the file to write, e.g. {out / 'model.pt'}")
     if not out.parent.is_dir():
         raise RunDirError(f"{out.parent} does not exist; create it or pick another OUT.pt")
+    ckpt_path, run_cfg = resolve_target(args.target)
+    state, saved = read_weights(ckpt_path)
+    from .hub import info_path
+
+    plain, cfg = export_state_dict(state), None
+    if saved is not None or run_cfg is not None:  # check it loads into the plain network before writing
+        cfg = run_cfg or from_dict(saved, f"{ckpt_path} (its config)")
+        load_plain(build_model(cfg.model, cfg.data.num_classes, split_bn=False), plain, str(ckpt_path))
+    info = model_info(Path(args.target), cfg, plain)
     atomic_write(out, lambda f: torch.save(plain, f))
-    print(f"wrote {out} ({len(plain)} tensors; plain network with the adv-BN statistics)")
+    atomic_write(info_path(out), lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+    print(f"wrote {out} ({len(plain)} tensors; plain network with the adv-BN statistics) and {info_path(out)}")
+
+
+def model_info(target: Path, cfg: TrainConfig | None, plain: dict) -> dict:
+    """RobustBench-shaped model_info (strings with two decimals, as its JSON files hold them), with the figures of
+    the run's latest evaluation when `target` is a run directory, plus what `engine.hub.load_model` needs."""
+    from .hub import infer_config
+
+    arch_cfg, classes = infer_config(plain)
+    results, dataset = {}, (cfg.data.dataset if cfg else "cifar10")
+    for name in ("results.json", "eval.json"):  # eval.json (a later `arat eval`) overrides
+        try:
+            found = json.loads((target / name).read_text()) if target.is_dir() else {}
+            results |= found.get("results", {})
+            dataset = found.get("dataset", dataset)
+        except (OSError, ValueError):
+            continue
+
+    def pct(name: str) -> str:
+        return f"{100 * results[name]['accuracy']:.2f}" if name in results else ""
+
+    aa = results.get("aa", {})
+    architecture = "WideResNet-34-10" if arch_cfg.arch == "wrn34-10" else "ResNet-18"
+    if arch_cfg.arch == "resnet18" and arch_cfg.width != 64:
+        architecture += f" (width {arch_cfg.width})"
+    note = f"AutoAttack {aa.get('version', 'standard')} on the first {aa['num_examples']} test images" if aa else ""
+    return {
+        "name": cfg.recipe if cfg else target.stem,
+        "link": "",
+        "authors": "",
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": dataset,
+        "venue": "",
+        "architecture": architecture,
+        "eps": "8/255",
+        "clean_acc": pct("clean"),
+        "reported": "",
+        "autoattack_acc": pct("aa"),
+        "footnote": note,
+        "engine": {
+            "arch": arch_cfg.arch,
+            "width": arch_cfg.width,
+            "num_classes": classes,
+            "input_range": [0, 1],
+            "recipe": cfg.recipe if cfg else None,
+            "results": results,
+        },  # fmt: skip
+    }
 
 
 def cmd_data(args) -> None:

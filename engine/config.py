@@ -159,8 +159,9 @@ class EvalConfig:
     attacks: tuple[str, ...] = ("clean", "pgd20", "aa")
     num_examples: int = 10000  # first N test images (official order) for clean and PGD-20
     aa_num_examples: int = 0  # first N for AutoAttack (0 = num_examples): AA costs ~10^4 forwards per robust image
-    batch_size: int = 500
-    aa_version: str = "standard"
+    batch_size: int = 500  # images per forward (capped by the chunk size)
+    aa_version: str = "standard"  # standard (the leaderboard protocol) | legacy-10 (torchattacks' 10-iteration one)
+    chunk_size: int = 500  # images per chunk: each has its own seed, is saved when done, and goes to one rank
 
     def __post_init__(self):
         if isinstance(self.attacks, str):
@@ -171,6 +172,8 @@ class EvalConfig:
         _check(bool(self.attacks), "eval.attacks is empty: name at least one of clean, pgd20, aa")
         _check(self.num_examples > 0 and self.batch_size > 0, "eval.num_examples and eval.batch_size must be > 0")
         _check(self.aa_num_examples >= 0, "eval.aa_num_examples must be >= 0 (0 = eval.num_examples)")
+        _one_of("eval.aa_version", self.aa_version, ("standard", "legacy-10"))
+        _check(0 < self.chunk_size <= 10000, "eval.chunk_size must be in 1..10000")
 
 
 @dataclass
@@ -178,14 +181,22 @@ class PerfConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # autocast: auto (bf16 where native, else fp16 on CUDA / fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True
-    compile: bool = False
+    compile: str = "auto"  # auto (on for CUDA) | on | off: torch.compile, one static-shape graph set per role
+    compile_backend: str = "inductor"  # torch.compile backend (tests use eager / aot_eager: no codegen)
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
     dual_forward: bool = True  # clean + adv forwards as one pass over the concatenated batch (per-half BN stats)
-    kernels: str = "auto"  # auto (on for CUDA) | on | off: fused Triton PGD step and dual BN
+    kernels: str = "auto"  # auto (on for CUDA) | on | off: fused PGD step and dual BN (native library on a CPU)
     cudnn_benchmark: str = "auto"  # auto (on for CUDA: static shapes) | on | off
 
     def __post_init__(self):
         _one_of("perf.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         _one_of("perf.kernels", self.kernels, ("auto", "on", "off"))
+        as_switch = {"true": "on", "false": "off", "1": "on", "0": "off"}  # --set perf.compile=true still works
+        self.compile = as_switch.get(str(self.compile).lower(), self.compile)
+        _one_of("perf.compile", self.compile, ("auto", "on", "off"))
+        _one_of("perf.compile_backend", self.compile_backend, ("inductor", "aot_eager", "eager"))
+        modes = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+        _one_of("perf.compile_mode", self.compile_mode, modes)
         _one_of("perf.cudnn_benchmark", self.cudnn_benchmark, ("auto", "on", "off"))
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "perf.device: auto|cpu|cuda")
 
@@ -249,14 +260,48 @@ def _check_finite(cfg: TrainConfig) -> None:
 SECTIONS = {f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
 
 
-def from_dict(raw: dict[str, Any]) -> TrainConfig:
-    """Inverse of `TrainConfig.to_dict` (for `config.json` of a run being resumed or evaluated)."""
-    top = {k: v for k, v in raw.items() if k not in SECTIONS}
-    sections = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in SECTIONS and f.name in raw:
-            sections[f.name] = f.default_factory().__class__(**raw[f.name])  # type: ignore[misc]
-    return TrainConfig(**top, **sections)
+def from_dict(raw: Any, source: str = "config") -> TrainConfig:
+    """Inverse of `TrainConfig.to_dict` (a run's `config.json`, a checkpoint's config). Plain data only: unknown
+    keys and values of the wrong type are a `ConfigError` naming `source` and the key, never a TypeError."""
+    _check(isinstance(raw, dict), f"{source}: the config is a {type(raw).__name__}, not a JSON object")
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(str(k) for k in raw if k not in known)
+    _check(not unknown, f"{source}: unknown config keys {unknown[:3]}; it was written by another engine version")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        default = known[name].default_factory() if name in SECTIONS else known[name].default  # type: ignore[misc]
+        if name not in SECTIONS:
+            kwargs[name] = _typed(value, default, f"train.{name}", source)
+            continue
+        _check(isinstance(value, dict), f"{source}: {name} is a {type(value).__name__}, not a section")
+        fields = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+        unknown = sorted(str(k) for k in value if k not in fields)
+        _check(not unknown, f"{source}: unknown keys {unknown[:3]} in {name}; it was written by another engine version")
+        kwargs[name] = type(default)(**{k: _typed(v, fields[k], f"{name}.{k}", source) for k, v in value.items()})
+    return TrainConfig(**kwargs)
+
+
+BOOL_TO_SWITCH = {"perf.compile"}  # once true/false, now auto|on|off
+
+
+def _typed(value: Any, default: Any, key: str, source: str) -> Any:
+    """`value` as the type of the field's default (JSON lists become tuples; ints are floats where floats are)."""
+    kind = type(default)
+    ok = (
+        isinstance(value, bool)
+        if kind is bool
+        else isinstance(value, int) and not isinstance(value, bool)
+        if kind is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is float
+        else isinstance(value, (list, tuple)) and all(isinstance(v, (int, str)) for v in value)
+        if kind is tuple
+        else isinstance(value, kind)
+    )
+    if kind is str and isinstance(value, bool) and key in BOOL_TO_SWITCH:  # written when the field was a bool
+        return "on" if value else "off"
+    _check(ok, f"{source}: {key}={value!r} is not a {kind.__name__}")
+    return tuple(value) if kind is tuple else float(value) if kind is float else value
 
 
 def _parse_value(text: str, current: Any, key: str) -> Any:

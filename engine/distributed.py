@@ -93,6 +93,15 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def broadcast_state(module: nn.Module, info: DistInfo) -> None:
+    """Every rank takes rank 0's parameters and buffers (e.g. its BN statistics, which DDP keeps per rank)."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -1,31 +1,34 @@
-"""Evaluation (METHOD 7): clean, PGD-20 and AutoAttack (original code, `pyautoattack`), adv BNs, eval mode."""
+"""Evaluation (METHOD 7): clean, PGD-20 and AutoAttack (original code, `pyautoattack`), adv BNs, eval mode.
+
+Chunked, seeded, resumable, sharded: the test images (official order) are cut into fixed chunks of
+`eval.chunk_size`. Each chunk of each attack runs with its own seed, derived from the base seed, the attack and the
+chunk index, so an image's outcome is the same whether one process or N ran the evaluation, in any order. Under
+torchrun the chunks go round-robin to the ranks and every rank ends with all per-image flags. With a record
+directory each finished chunk is saved as it completes; a rerun with the same model and attack configuration skips
+the chunks already there and ends with identical flags.
+"""
 
 from __future__ import annotations
 
-import logging
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import autoattack
 from .attacks import mode, pgd
-from .config import EPS_8, STEP_2, AttackConfig, EvalConfig
+from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit
+from .distributed import DistInfo, gather_objects
+from .perf import EvalForward, eval_network, is_compiled
 
 PGD20 = AttackConfig(eps=EPS_8, step_size=STEP_2, num_steps=20, start="uniform")
-
-
-class AdvBranch(nn.Module):
-    """The deployed classifier: adv-BN branch, fp32 logits (what AutoAttack and PGD-20 see)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, bn="adv").float()
+NAMES = {"clean": "clean", "pgd20": "PGD-20", "aa": "AutoAttack"}
 
 
 def test_tensors(split: ArraySplit, num_examples: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,72 +38,210 @@ def test_tensors(split: ArraySplit, num_examples: int, device: torch.device) -> 
     return x.contiguous(), torch.from_numpy(split.labels[:n]).to(device)
 
 
-def _batches(n: int, batch_size: int, desc: str):
-    return tqdm(range(0, n, batch_size), desc=desc, leave=False, dynamic_ncols=True)
+def padded(x: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A short last batch filled up to `size` with copies of its first images: every shape stays static (one
+    compiled graph). Evaluation runs in eval mode, so the filler changes no other image's logits or gradient."""
+    short = size - len(y)
+    if short <= 0:
+        return x, y
+    fill = torch.arange(short, device=y.device) % len(y)
+    return torch.cat([x, x[fill]]), torch.cat([y, y[fill]])
+
+
+class StaticBatch(nn.Module):
+    """Calls `net` on batches of exactly `size` images (the last one padded), whatever size it is called with:
+    AutoAttack calls the classifier on the shrinking set of still-robust images, which a compiled classifier would
+    otherwise recompile for."""
+
+    def __init__(self, net: nn.Module, size: int):
+        super().__init__()
+        self.net, self.size = net, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for i in range(0, len(x), self.size):
+            xb = x[i : i + self.size]
+            fill = xb[:1].expand(self.size - len(xb), *xb.shape[1:])
+            outputs.append(self.net(torch.cat([xb, fill]) if len(fill) else xb)[: len(xb)])
+        return torch.cat(outputs)
+
+
+def chunk_seed(seed: int, attack: str, index: int) -> int:
+    """The seed of chunk `index` of `attack`: a hash of (base seed, attack, index), in [0, 2^31)."""
+    digest = hashlib.sha256(f"{seed}:{attack}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of the network's weights and buffers: chunk records of another model are never reused."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def pack(flags: torch.Tensor) -> str:
+    """Per-image bools as hex, bit i = image i (most significant bit first)."""
+    return np.packbits(flags.cpu().numpy().astype(np.uint8)).tobytes().hex()
+
+
+def unpack(bits: str, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8))[:n].astype(bool))
+
+
+class ChunkStore:
+    """Finished chunks of one attack configuration on one model, one JSON file each (atomic writes)."""
+
+    def __init__(self, root: str | Path | None, attack: str, spec: dict):
+        self.spec = spec
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        self.path = Path(root) / "chunks" / f"{attack}-{key}" if root is not None else None
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not (self.path / "spec.json").exists():
+                _atomic_json(self.path / "spec.json", spec)
+
+    def load(self, index: int) -> dict | None:
+        if self.path is None or not (self.path / f"{index:05d}.json").exists():
+            return None
+        try:
+            return json.loads((self.path / f"{index:05d}.json").read_text())
+        except (OSError, ValueError):  # a chunk written by a process killed mid-write is redone
+            return None
+
+    def save(self, index: int, record: dict) -> None:
+        if self.path is not None:
+            _atomic_json(self.path / f"{index:05d}.json", record)
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    from .rundir import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
 
 
 @torch.no_grad()
-def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    hits = sum(
-        int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-        for i in _batches(len(y), batch_size, "eval: clean")
-    )
-    return hits / len(y)
+def _clean_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    flags = []
+    for i in range(0, len(y), batch_size):
+        yb = y[i : i + batch_size]
+        xp, _ = padded(x[i : i + batch_size], yb, batch_size)
+        flags.append(model(xp)[: len(yb)].argmax(1) == yb)
+    return torch.cat(flags)
 
 
-def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> float:
+def _pgd_flags(classifier, attacker, x, y, batch_size: int, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
-    hits = 0
-    for i in _batches(len(y), batch_size, "eval: pgd20"):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        x_adv = pgd(model.model, xb, yb, PGD20, bn="adv", train=False)
+    flags = []
+    for i in range(0, len(y), batch_size):
+        yb = y[i : i + batch_size]
+        xp, yp = padded(x[i : i + batch_size], yb, batch_size)
+        x_adv = pgd(attacker, xp, yp, PGD20, bn="adv", train=False)
         with torch.no_grad():
-            hits += int((model(x_adv).argmax(1) == yb).sum())
-    return hits / len(y)
+            flags.append(classifier(x_adv)[: len(yb)].argmax(1) == yb)
+    return torch.cat(flags)
 
 
-def autoattack_accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, version: str, seed: int
-) -> float:
-    """AutoAttack on chunks of `batch_size` images (per-example attacks, so chunking changes nothing but the
-    progress bar); an image counts as robust when every attack of the version failed on it."""
-    from pyautoattack import AutoAttack
-
-    logging.getLogger("auto-attack").setLevel(logging.ERROR)
-    adversary = AutoAttack(model, norm="Linf", eps=EPS_8, version=version, device=x.device, seed=seed)
-    hits = 0
-    for i in _batches(len(y), batch_size, f"eval: autoattack-{version}"):
-        _, y_adv = adversary.run_standard_evaluation(
-            x[i : i + batch_size], y[i : i + batch_size], batch_size=batch_size
-        )
-        hits += int((y_adv == y[i : i + batch_size]).sum())
-    return hits / len(y)
+def attack_spec(name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int) -> dict:
+    """What determines an attack's per-image flags (and so whether saved chunks can be reused)."""
+    spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
+            "batch_size": batch_size}  # fmt: skip
+    if name == "pgd20":
+        spec |= {"steps": PGD20.num_steps, "step_size": "2/255", "eps": "8/255", "start": PGD20.start}
+    if name == "aa":
+        spec |= {"protocol": autoattack.PROTOCOLS[cfg.aa_version].describe()}
+    return spec
 
 
-def evaluate(model: nn.Module, split: ArraySplit, cfg: EvalConfig, device: torch.device, seed: int = 0) -> dict:
-    """{attack: {"accuracy", "num_examples", "seconds"}} for each attack of `cfg.attacks`."""
-    x, y = test_tensors(split, max(cfg.num_examples, cfg.aa_num_examples), device)
-    n_aa = min(cfg.aa_num_examples or cfg.num_examples, len(y))
-    x_aa, y_aa, x, y = x[:n_aa], y[:n_aa], x[: cfg.num_examples], y[: cfg.num_examples]
-    classifier = AdvBranch(model)
+def evaluate(
+    model: nn.Module,
+    split: ArraySplit,
+    cfg: EvalConfig,
+    device: torch.device,
+    seed: int = 0,
+    perf_cfg: PerfConfig | None = None,
+    dist: DistInfo | None = None,
+    record_dir: str | Path | None = None,
+) -> dict:
+    """{attack: {"accuracy", "num_examples", "seconds", "images_per_s", ..., "flags"}} for each attack of
+    `cfg.attacks`, the same on every rank. The classifier runs compiled when `perf_cfg.compile` resolves on (static
+    shapes: short batches are padded); `record_dir` keeps finished chunks for a rerun."""
+    dist = dist or DistInfo()
+    n_all = max(cfg.num_examples, cfg.aa_num_examples)
+    x_all, y_all = test_tensors(split, n_all, device)
+    perf_cfg = perf_cfg or PerfConfig(compile="off")
+    classifier, attacker = (eval_network(model, perf_cfg, device, attack) for attack in (False, True))
+    batch = min(cfg.batch_size, cfg.chunk_size)
+    aa_net = StaticBatch(attacker, batch) if is_compiled(attacker) else EvalForward(model)
+    protocol = autoattack.PROTOCOLS[cfg.aa_version]
+    model_hash = fingerprint(model)
     results = {}
     with mode(model, train=False):
         for name in cfg.attacks:
-            start = time.perf_counter()
-            if name == "clean":
-                acc = clean_accuracy(classifier, x, y, cfg.batch_size)
-            elif name == "pgd20":
-                acc = pgd_accuracy(classifier, x, y, cfg.batch_size, seed)
-            else:
-                acc = autoattack_accuracy(classifier, x_aa, y_aa, cfg.batch_size, cfg.aa_version, seed)
-            results[name] = {
-                "accuracy": acc,
-                "num_examples": n_aa if name == "aa" else len(y),
-                "seconds": round(time.perf_counter() - start, 2),
+            n = min((cfg.aa_num_examples or cfg.num_examples) if name == "aa" else cfg.num_examples, len(y_all))
+            store = ChunkStore(record_dir, name, attack_spec(name, cfg, n, seed, model_hash, batch))
+            starts = range(0, n, cfg.chunk_size)
+            mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]
+            start, records, reused = time.perf_counter(), [], 0
+            bar = tqdm(mine, desc=f"eval: {name}", leave=False, dynamic_ncols=True, disable=not dist.is_main)
+            for k in bar:
+                record = store.load(k)
+                if record is None:
+                    lo, hi = starts[k], min(starts[k] + cfg.chunk_size, n)
+                    x, y, chunk_start = x_all[lo:hi], y_all[lo:hi], time.perf_counter()
+                    s = chunk_seed(seed, name, k)
+                    counts = None
+                    if name == "clean":
+                        flags = _clean_flags(classifier, x, y, batch)
+                    elif name == "pgd20":
+                        flags = _pgd_flags(classifier, attacker, x, y, batch, s)
+                    else:
+                        flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, s, batch)
+                    record = {"index": k, "start": lo, "stop": hi, "seed": s, "flags": pack(flags),
+                              "counts": counts, "seconds": round(time.perf_counter() - chunk_start, 3)}  # fmt: skip
+                    store.save(k, record)
+                else:
+                    reused += 1
+                records.append(record)
+            records = sorted((r for part in gather_objects(records, dist) for r in part), key=lambda r: r["index"])
+            flags = torch.cat([unpack(r["flags"], r["stop"] - r["start"]) for r in records])
+            seconds = time.perf_counter() - start
+            result = {
+                "accuracy": int(flags.sum()) / n,
+                "num_examples": n,
+                "seconds": round(seconds, 2),
+                "images_per_s": round(n / seconds, 2) if seconds > 0 and not reused else None,
+                "chunk_seconds": round(sum(r["seconds"] for r in records), 2),
+                "chunks": len(records),
+                "reused_chunks": sum(gather_objects(reused, dist)),
+                "config": store.spec,
+                "flags": pack(flags),
             }
+            if name == "aa":
+                stages = {s: sum(r["counts"][s] for r in records) / n for s in ("clean", *protocol.attacks)}
+                result |= {"version": cfg.aa_version, "stages": stages}
+            results[name] = result
     return results
 
 
+def summary(results: dict) -> dict:
+    """The results without the per-image flags (for results.json and eval.json; the flags go to their own file)."""
+    return {name: {k: v for k, v in r.items() if k != "flags"} for name, r in results.items()}
+
+
+def write_flags(directory: str | Path, results: dict) -> Path:
+    """flags.json: per attack, the per-image robust (or, for clean, correct) flags as hex, bit i = test image i."""
+    path = Path(directory) / "flags.json"
+    data = {name: {"num_examples": r["num_examples"], "bits": r["flags"], "order": "official test order, MSB first"}
+            for name, r in results.items()}  # fmt: skip
+    _atomic_json(path, data)
+    return path
+
+
 def format_results(results: dict) -> str:
-    names = {"clean": "clean", "pgd20": "PGD-20", "aa": "AutoAttack"}
-    return "  ".join(f"{names[k]} {100 * v['accuracy']:.2f}% (n={v['num_examples']})" for k, v in results.items())
+    parts = []
+    for k, v in results.items():
+        label = NAMES[k] + (f" ({v['version']})" if k == "aa" and v.get("version") not in (None, "standard") else "")
+        parts.append(f"{label} {100 * v['accuracy']:.2f}% (n={v['num_examples']})")
+    return "  ".join(parts)

@@ -31,12 +31,13 @@ def fused_dual_bn(x: torch.Tensor, clean: nn.BatchNorm2d, adv: nn.BatchNorm2d, r
     return y
 
 
-def install(model: nn.Module) -> str:
-    """Route the PGD step and the dual-BN branch through the fused ops; returns what is active, for the log."""
+def install(model: nn.Module) -> tuple[str, object]:
+    """Route the PGD step and the dual-BN branch through the fused ops; returns (what is active, for the log;
+    the PGD step installed)."""
     import kernels
 
     kernels.load_native()  # the optional C++ CPU library, when built
     set_step_kernel(kernels.pgd_step)
     set_dual_kernel(model, fused_dual_bn)
     active = [name for name, info in kernels.available_backends().items() if info["active"]]
-    return "fused(" + "+".join(active) + ")"
+    return "fused(" + "+".join(active) + ")", kernels.pgd_step

@@ -1,7 +1,9 @@
 """Every performance switch, applied in one place, in this order, and described in one start-up line.
 
 1. device (auto: CUDA when available);  2. channels-last memory format for the model (the loaders emit it too);
-3. fused kernels (Triton PGD step and dual BN; auto = on for CUDA);  4. torch.compile of the model's forward;
+3. fused kernels (PGD step and dual BN; auto: on for CUDA; `on` on a CPU uses the native library when built);
+4. torch.compile (auto: on for CUDA), static shapes, one compiled entry point per role (training step, attack,
+   evaluation, a method's second network), so that switching roles never recompiles;
 5. autocast dtype for the forwards (auto: what the hardware runs natively, see `resolve_dtype`);
 6. cuDNN autotuning (auto: on for CUDA; every shape in the hot loop is static).
 DDP wrapping happens after these, in engine.distributed.
@@ -13,6 +15,7 @@ on a CPU without native bf16 (e.g. AVX2-only), bf16 autocast is emulated and ran
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +85,13 @@ class Perf:
     kernels: str  # "off" or a description of the active kernel backends
     dtype_reason: str = "set"
     cudnn_benchmark: bool = False
+    step_kernel: Callable | None = None  # the PGD step this run installed (None: plain torch)
+
+    def activate(self) -> None:
+        """Install this run's PGD step again (the hook is process-wide: for benchmarks that alternate runs)."""
+        from .attacks import set_step_kernel
+
+        set_step_kernel(self.step_kernel)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -103,32 +113,130 @@ class Perf:
         )
 
 
-def _install_kernels(model: nn.Module, cfg: PerfConfig, device: torch.device) -> str:
+def kernels_wanted(value: str, device: torch.device) -> bool:
+    """perf.kernels: on, off, or auto = on for CUDA (Triton), off on a CPU. On a CPU the native C++ library ran the
+    demo's step 1.05-1.13x faster, but after FFCV's loader had run in the same process its ops' results changed
+    (aten's did not; the cause, likely numba's OpenMP layer sharing libgomp, is not found): docs/kernels.md. Until
+    that is understood a CPU gets them only with perf.kernels=on."""
+    return resolve_switch(value, device)
+
+
+def _install_kernels(model: nn.Module, cfg: PerfConfig, device: torch.device) -> tuple[str, Callable | None]:
+    """(what is active, for the log; the PGD step installed)."""
     from .attacks import set_step_kernel
     from .models import set_dual_kernel
 
-    if not resolve_switch(cfg.kernels, device):
+    if not kernels_wanted(cfg.kernels, device):
         set_step_kernel(None)
         set_dual_kernel(model, None)
-        return "off"
+        return "off", None
     from . import kernels_bridge
 
     return kernels_bridge.install(model)
 
 
-def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, Perf]:
-    """Move and prepare the model; returns (the module to call in the hot loop, the resolved switches)."""
+class _Role(nn.Module):
+    """One role of a network (training step, attack, evaluation) as its own module. torch.compile keeps its graphs
+    per code object, and each role subclass has its own `forward`: switching roles (frozen-weight attack forwards,
+    the training forward and backward, no-grad evaluation) picks that role's graphs instead of recompiling."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def training(self) -> bool:  # a role's mode is its network's: `mode(role, ...)` restores the network's own
+        return self.net.training
+
+    @training.setter
+    def training(self, value: bool) -> None:
+        if "net" in self.__dict__.get("_modules", {}):  # nn.Module.__init__ sets it before `net` exists
+            self.net.training = value
+
+
+class TrainForward(_Role):
+    def forward(self, x: torch.Tensor, **kwargs):
+        return self.net(x, **kwargs)
+
+
+class AttackForward(_Role):
+    def forward(self, x: torch.Tensor, **kwargs):
+        return self.net(x, **kwargs)
+
+
+class EvalForward(_Role):
+    """The deployed classifier: adv-BN branch by default, fp32 logits (what PGD-20 and AutoAttack see)."""
+
+    def forward(self, x: torch.Tensor, bn: str = "adv"):
+        return self.net(x, bn=bn).float()
+
+
+class EvalAttackForward(EvalForward):
+    """The classifier as an evaluation attack calls it (input gradients): its own graphs, apart from the no-grad
+    predictions'."""
+
+    def forward(self, x: torch.Tensor, bn: str = "adv"):
+        return self.net(x, bn=bn).float()
+
+
+class AuxForward(_Role):
+    """A method's second network (LBGAT's clean model, ARREST's teacher)."""
+
+    def forward(self, x: torch.Tensor, **kwargs):
+        return self.net(x, **kwargs)
+
+
+def compile_wanted(cfg: PerfConfig, device: torch.device) -> bool:
+    return resolve_switch(cfg.compile, device)
+
+
+def compile_role(role: nn.Module, cfg: PerfConfig) -> nn.Module:
+    """torch.compile with static shapes (every shape in the hot loop is fixed; evaluation pads its last batch)."""
+    options = {"mode": cfg.compile_mode} if cfg.compile_backend == "inductor" and cfg.compile_mode != "default" else {}
+    return torch.compile(role, dynamic=False, backend=cfg.compile_backend, **options)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def role(kind: type[_Role], net: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:
+    """`net` in role `kind`: compiled when perf.compile resolves on for `device`, else `net` itself."""
+    return compile_role(kind(net), cfg) if compile_wanted(cfg, device) else net
+
+
+def eval_network(net: nn.Module, cfg: PerfConfig, device: torch.device, attack: bool = False) -> nn.Module:
+    """The evaluation classifier (adv BN, fp32 logits, bn= selectable), for no-grad predictions or (`attack`) for
+    an attack's input gradients, compiled like the training roles when perf.compile resolves on."""
+    forward = (EvalAttackForward if attack else EvalForward)(net)
+    return compile_role(forward, cfg) if compile_wanted(cfg, device) else forward
+
+
+def follow(net: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:
+    """A method's second network under the run's switches: moved, channels-last, compiled (own role)."""
+    net.to(device)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    return role(AuxForward, net, cfg, device)
+
+
+def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf]:
+    """Move and prepare the model; returns (the training-step network, the attack network, the resolved switches).
+    With compile on, the two are separately compiled roles of the same module (shared weights)."""
     device = resolve_device(cfg.device)
     dtype, why = resolve_dtype(cfg.dtype, device)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    kernels = _install_kernels(model, cfg, device)
-    runner = torch.compile(model) if cfg.compile else model
+    kernels, step_kernel = _install_kernels(model, cfg, device)
+    on = compile_wanted(cfg, device)
+    if on:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # roles x modes
+    train, attack = role(TrainForward, model, cfg, device), role(AttackForward, model, cfg, device)
     benchmark = resolve_switch(cfg.cudnn_benchmark, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = benchmark  # process-wide: one run per process
-    return runner, Perf(device, dtype, cfg.channels_last, cfg.compile, kernels, why, benchmark)
+    return train, attack, Perf(device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel)
 
 
 @functools.cache

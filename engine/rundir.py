@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .compile_cache import cpuinfo
 from .config import TrainConfig
 from .errors import UserError
 
@@ -72,9 +73,20 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "device_type": device.type,
         "num_threads": torch.get_num_threads(),
+        "cpu": cpuinfo("model name") or platform.machine(),
+        "pyautoattack": _version("pyautoattack"),
         "git_commit": git_commit(),
         "host": platform.node(),
     }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 class RunDir:

@@ -101,12 +101,36 @@ def run_dirs(paths: list[str]) -> list[Path]:
     return found
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TableError(f"{path} is not valid JSON ({e}); it is corrupt or was cut short") from None
+    if not isinstance(data, dict):
+        raise TableError(f"{path} holds a JSON {type(data).__name__}, not the object this engine writes")
+    return data
+
+
 def read_run(path: Path) -> RunResult:
-    cfg = json.loads((path / "config.json").read_text())
-    results: dict = {}
-    for name in ("results.json", "eval.json"):  # a later `arat eval` overrides the end-of-training evaluation
-        if (path / name).exists():
-            results |= json.loads((path / name).read_text())["results"]
+    """One run's row; corrupt or incomplete files are a `TableError` naming the file, never a traceback."""
+    from .rundir import RunDir
+
+    files = [path / "config.json", *(path / n for n in ("results.json", "eval.json") if (path / n).exists())]
+    cfg, *evaluations = (_read_json(f) for f in files)
+    try:
+        results: dict = {}
+        for evaluation in evaluations:  # a later `arat eval` overrides the end-of-training evaluation
+            results |= evaluation["results"]
+        accuracy = {k: 100 * v["accuracy"] for k, v in results.items()}
+        num_examples = {k: v["num_examples"] for k, v in results.items()}
+        recipe, arch, dataset = cfg["recipe"], cfg["model"]["arch"], cfg["data"]["dataset"]
+        model = model_name(cfg["model"])
+    except (KeyError, TypeError, AttributeError) as e:
+        names = ", ".join(f.name for f in files)
+        raise TableError(
+            f"{path}: {names} lack what this engine writes ({type(e).__name__}: {e}); rewrite the results with "
+            f"`arat eval {path}`"
+        ) from None
     if not results:
         if not (path / "checkpoints" / "latest.pt").exists() and not (path / "checkpoints" / "final.pt").exists():
             raise TableError(
@@ -114,17 +138,16 @@ def read_run(path: Path) -> RunResult:
                 f"was interrupted (continue it with `arat train --resume {path}`)"
             )
         raise TableError(f"{path} has no results.json or eval.json: evaluate it with `arat eval {path}`")
-    metrics = path / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = RunDir(path).metrics()
     sims = [r["grad_sim"] for r in rows if "grad_sim" in r]
     return RunResult(
-        recipe=cfg["recipe"],
-        label=method_label(cfg["recipe"]),
-        arch=cfg["model"]["arch"],
-        model=model_name(cfg["model"]),
-        dataset=cfg["data"]["dataset"],
-        accuracy={k: 100 * v["accuracy"] for k, v in results.items()},
-        num_examples={k: v["num_examples"] for k, v in results.items()},
+        recipe=recipe,
+        label=method_label(recipe),
+        arch=arch,
+        model=model,
+        dataset=dataset,
+        accuracy=accuracy,
+        num_examples=num_examples,
         grad_sim=statistics.fmean(sims) if sims else None,
     )
 

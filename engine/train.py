@@ -19,7 +19,7 @@ from .analysis import GradSim, build_grad_sim
 from .config import ConfigError, TrainConfig, from_dict
 from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, resolve_dataset
 from .errors import UserError
-from .evaluate import evaluate, format_results
+from .evaluate import evaluate, format_results, summary, write_flags
 from .methods import Method, Nets, build_method
 from .models import build_model, read_checkpoint
 from .rundir import RunDir, RunDirError, environment
@@ -110,9 +110,10 @@ def build_run(cfg: TrainConfig) -> Run:
     train_split, test_split = load_splits(cfg.data, cfg.seed)
     model = build_model(cfg.model, cfg.data.num_classes)
     method = build_method(cfg, model)
-    runner, switches = perf.apply(model, cfg.perf)
+    train_net, attack_net, switches = perf.apply(model, cfg.perf)
     method.to(switches.device)
-    nets = Nets(train=distributed.wrap(runner, info, switches.device), attack=runner, raw=model)
+    method.follow(lambda net: perf.follow(net, cfg.perf, switches.device))
+    nets = Nets(train=distributed.wrap(train_net, info, switches.device), attack=attack_net, raw=model)
     torch.manual_seed(cfg.seed + info.rank)  # same initial weights everywhere, distinct attack noise per rank
     train_loader, _ = build_loaders(
         cfg.data,
@@ -189,7 +190,10 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
         run.swa.maybe_update(run.nets.raw, epoch, run.step)
         images += len(y)
         if i % cfg.log_every == 0 or i == len(loader):
-            mean_loss = float(totals["loss"]) / i  # host sync, once per log interval
+            # host sync, once per log interval; summed over ranks, so every rank takes the same decision below (a
+            # rank that stopped alone would leave the others waiting in their next gradient all-reduce)
+            loss_sum = distributed.all_reduce_sum(totals["loss"].detach().float().clone(), run.dist)
+            mean_loss = float(loss_sum) / (i * run.dist.world_size)
             if not math.isfinite(mean_loss):
                 bar.close()
                 raise Diverged(
@@ -296,30 +300,34 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
 
 def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
     model = final_model(run)
-    if not run.dist.is_main:
-        return
-    rundir.save_checkpoint(
-        FINAL,
-        {
-            "model": model.state_dict(),
-            "method": run.method.state_dict(),
-            "config": run.cfg.to_dict(),
-            "epoch": run.epoch,
-        },
-    )
-    if evaluate_at_end:
-        results = evaluate(model, run.test_split, run.cfg.eval, run.perf.device, run.cfg.seed)
-        rundir.write_json(
-            "results.json",
+    if run.dist.is_main:
+        rundir.save_checkpoint(
+            FINAL,
             {
-                "recipe": run.cfg.recipe,
-                "epochs": run.epoch,
-                "model": "adv-bn",
-                "swa": run.cfg.swa.enabled,
-                "results": results,
+                "model": model.state_dict(),
+                "method": run.method.state_dict(),
+                "config": run.cfg.to_dict(),
+                "epoch": run.epoch,
             },
         )
-        say(f"results: {format_results(results)}")
+    if evaluate_at_end:  # every rank takes its share of the chunks, on rank 0's network (its BN statistics)
+        distributed.broadcast_state(model, run.dist)
+        results = evaluate(model, run.test_split, run.cfg.eval, run.perf.device, run.cfg.seed, run.cfg.perf,
+                           run.dist, rundir.path / "eval")  # fmt: skip
+        say(f"results: {format_results(results)}")  # before the write: a full disk loses nothing computed
+        if run.dist.is_main:
+            write_flags(rundir.path / "eval", results)
+            rundir.write_json(
+                "results.json",
+                {
+                    "recipe": run.cfg.recipe,
+                    "epochs": run.epoch,
+                    "model": "adv-bn",
+                    "swa": run.cfg.swa.enabled,
+                    "results": summary(results),
+                    "environment": environment(run.perf.device) | {"world_size": run.dist.world_size},
+                },
+            )
     say(f"run saved in {rundir.path}")
 
 
@@ -337,7 +345,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     if not (rundir.path / "config.json").exists():
         raise RunDirError(f"{rundir.path} holds no run (no config.json); pass the --out of an earlier `arat train`")
     try:
-        return from_dict(rundir.read_json("config.json"))
+        return from_dict(rundir.read_json("config.json"), str(rundir.path / "config.json"))
     except (json.JSONDecodeError, TypeError, AttributeError) as e:  # ConfigError (a bad value) passes through
         raise RunDirError(
             f"{rundir.path / 'config.json'} is not a config this engine wrote ({type(e).__name__}: {e}); restore "

@@ -137,3 +137,35 @@ def test_gaussian_start_is_not_clamped_as_in_the_published_codes():
     start = random_start(x, EPS, "gaussian")
     assert start.min() < 0 and (start - x).abs().max() < 0.01  # below 0 where the noise is negative
     assert random_start(x, EPS, "uniform").min() >= 0
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts casts of the network's weights and which gradients each convolution backward computes."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = {id(w) for w in weights}
+        self.weight_casts, self.weight_grads = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and id(args[0]) in self.weights:
+            self.weight_casts += 1
+        if func is torch.ops.aten.convolution_backward.default:
+            self.weight_grads += bool(args[-1][1])  # output_mask: (input, weight, bias)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_an_eager_attack_casts_each_weight_once_and_computes_no_weight_gradient(steps):
+    """Issue 9 item 4: autocast is entered once around the attack, whose weights keep requiring grad, so autocast's
+    cast cache serves every forward after the first; autograd.grad(loss, x_adv) still computes no weight gradient."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(width=8), 10)
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    with OpCounter(convs) as counter:
+        pgd(net, x, y, AttackConfig(num_steps=steps), bn="adv", train=False,
+            autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))  # fmt: skip
+    assert counter.weight_casts == len(convs), f"{counter.weight_casts} casts of {len(convs)} conv weights"
+    assert counter.weight_grads == 0
+    assert all(p.grad is None and p.requires_grad for p in net.parameters())

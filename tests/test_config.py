@@ -16,7 +16,7 @@ def test_overrides_parse_each_type():
             "eval.attacks=clean,aa",
         ],
     )
-    assert cfg.epochs == 3 and cfg.attack.eps == pytest.approx(8 / 255) and cfg.perf.compile is True
+    assert cfg.epochs == 3 and cfg.attack.eps == pytest.approx(8 / 255) and cfg.perf.compile == "on"
     assert cfg.optim.milestones == (2, 4) and cfg.data.backend == "dali" and cfg.eval.attacks == ("clean", "aa")
 
 
@@ -27,7 +27,8 @@ def test_overrides_parse_each_type():
         ("nope.key=1", "unknown section"),
         ("model.depth=3", "unknown key"),
         ("model.arch=vgg", "not one of"),
-        ("perf.compile=maybe", "true or false"),
+        ("perf.compile=maybe", "not one of auto, on, off"),
+        ("perf.channels_last=maybe", "true or false"),
         ("epochs=3", "section.key=value"),
         ("attack.eps=0", "attack.eps"),
     ],
@@ -74,3 +75,12 @@ def test_full_scale_recipes_match_method():
 def test_unknown_recipe():
     with pytest.raises(ConfigError, match="arat recipes"):
         get_recipe("nope")
+
+
+def test_a_config_written_with_a_bool_compile_switch_still_loads():
+    raw = TrainConfig().to_dict()
+    raw["perf"]["compile"] = True  # config.json of a run started before perf.compile became auto|on|off
+    assert from_dict(raw).perf.compile == "on"
+    raw["perf"]["channels_last"] = "yes"
+    with pytest.raises(ConfigError, match="perf.channels_last='yes' is not a bool"):
+        from_dict(raw)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def test_torchrun_two_processes(tmp_path):
         "--out",
         str(out),
         "--set",
-        "eval.attacks=clean",
+        "eval.attacks=clean,pgd20",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -39,3 +40,46 @@ def test_torchrun_two_processes(tmp_path):
     state = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
     assert len(state["rng"]) == 2  # both ranks' RNG states, for an exact resume
     assert json.loads((out / "results.json").read_text())["results"]["clean"]["num_examples"] == 64
+    # the evaluation ending training ran on both ranks (chunks shared); one process gives the same per-image flags
+    single = tmp_path / "single"
+    cmd = [sys.executable, "-m", "engine.cli", "eval", str(out), "--attacks", "clean,pgd20", "--num-examples", "64",
+           "--batch-size", "64", "--out", str(single)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((single / "flags.json").read_text()) == json.loads((out / "eval" / "flags.json").read_text())
+
+
+DIVERGE_ON_RANK_1 = """
+import sys
+import engine.train as train
+
+step = train.train_step
+
+
+def nan_on_rank_1(run, x, y):
+    out = step(run, x, y)
+    if run.dist.rank == 1 and run.step == 0:  # rank 1's first loss only: rank 0's stays finite at that step
+        out["loss"] = out["loss"] * float("nan")
+    return out
+
+
+train.train_step = nan_on_rank_1
+from engine.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
+    """Issue 11 item 4 under DDP: the finite-loss check reads the loss summed over ranks, so all ranks stop together
+    with one line (before, the diverged rank stopped and the other waited forever in its next all-reduce)."""
+    script = tmp_path / "diverge.py"
+    script.write_text(DIVERGE_ON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "train",
+           "--recipe", "smoke", "--out", str(tmp_path / "run"), "--set", "eval.attacks=clean"]  # fmt: skip
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and proc.stderr.count("training diverged") == 2, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "results.json").exists()

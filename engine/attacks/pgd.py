@@ -74,12 +74,26 @@ def pgd(
     """
     x = x.detach()
     x_adv = random_start(x, cfg.eps, cfg.start)
-    with mode(model, train), frozen(model):
+    with mode(model, train), frozen(model) if compiled(model) else nullcontext(), autocast_once(autocast):
         for _ in range(cfg.num_steps):
-            grad = input_gradient(model, x_adv, y, bn, target_probs, autocast)
+            grad = input_gradient(model, x_adv, y, bn, target_probs, None)
             with torch.no_grad():
                 x_adv = pgd_step(x, x_adv.detach(), grad, cfg.eps, cfg.step_size)
     return x_adv.detach()
+
+
+def compiled(model: nn.Module) -> bool:
+    """A torch.compile'd module: its graphs are traced with the weights frozen (see `frozen`)."""
+    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def autocast_once(autocast):
+    """The attack's autocast context, entered once around all its steps. Eagerly, autocast then casts each weight
+    to the low precision once per attack, not once per forward: its cast cache keeps the casts of leaf tensors that
+    require grad, which is why eager attacks leave the weights requiring grad (autograd.grad(loss, x_adv) still
+    computes no weight gradient: the engine prunes what the requested input does not need). A compiled attack
+    freezes them instead (a compiled backward computes every gradient its graph was traced with)."""
+    return autocast() if autocast else nullcontext()
 
 
 def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, bn: str, target_probs, autocast):

@@ -10,8 +10,11 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.
 
 
 def pgd_step_reference(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float):
-    """clamp(clamp(x_adv + alpha * sign(grad), x - eps, x + eps), 0, 1); never writes to its inputs."""
-    stepped = x_adv + alpha * grad.sign()
+    """clamp(clamp(x_adv + alpha * sign(grad), x - eps, x + eps), 0, 1); never writes to its inputs.
+
+    The step is selected by the gradient's sign, not multiplied by it, as the fused kernels do: a NaN or zero
+    gradient does not move (alpha * sign would give NaN at alpha = inf, or for a NaN gradient on CUDA)."""
+    stepped = x_adv + torch.where(grad > 0, alpha, torch.where(grad < 0, -alpha, 0.0))
     return torch.clamp(torch.minimum(torch.maximum(stepped, x - eps), x + eps), 0, 1)
 
 

@@ -34,6 +34,8 @@ class ArraySplit:
 
 def how_to_get(dataset: str, data_dir: Path) -> str:
     folder = LAYOUTS[dataset][0]
+    if data_dir.exists() and not data_dir.is_dir():
+        return f"{data_dir} is a file: point --data-dir / ARAT_DATA_DIR at the directory that holds {folder}/"
     return (
         f"expected the official layout {data_dir / folder}/; get it with `arat data download --dataset {dataset} "
         f"--data-dir {data_dir}`, or set --data-dir / ARAT_DATA_DIR to where it is"

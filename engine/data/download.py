@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import shutil
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -44,12 +46,18 @@ def fetch(url: str, dest: Path) -> None:
 
 
 def safe_extract(archive: Path, dest: Path) -> None:
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar.getmembers():
-            target = (dest / member.name).resolve()
-            if not target.is_relative_to(dest.resolve()) or member.issym() or member.islnk():
-                raise DataError(f"{archive} has an unsafe member {member.name!r}; not extracting it")
-        tar.extractall(dest)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar.getmembers():
+                target = (dest / member.name).resolve()
+                if not target.is_relative_to(dest.resolve()) or member.issym() or member.islnk():
+                    raise DataError(f"{archive} has an unsafe member {member.name!r}; not extracting it")
+            tar.extractall(dest)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(
+            f"{archive.name} is not a gzip tar archive ({type(e).__name__}); pass the official python version "
+            "(*-python.tar.gz)"
+        ) from None
 
 
 def download(dataset: str, data_dir: str | Path, url: str | None = None, md5: str | None = None) -> Path:
@@ -57,6 +65,8 @@ def download(dataset: str, data_dir: str | Path, url: str | None = None, md5: st
     if dataset not in ARCHIVES:
         raise DataError(f"unknown dataset {dataset!r} (cifar10, cifar100)")
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file: name a directory to download into")
     if found := find_layout(dataset, data_dir):
         return found
     default_url, published_md5 = ARCHIVES[dataset]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..attacks import mode, pgd, random_start
 from ..config import ConfigError, TrainConfig
-from ..models import build_model, export_state_dict, load_plain, read_checkpoint
+from ..models import build_model, export_state_dict, load_plain, read_weights
 from .base import Method, Nets, StepOutput, correct, freeze
 from .std import natural_step
 
@@ -55,9 +55,7 @@ def read_init_state(path: str) -> dict[str, torch.Tensor]:
     source = Path(path)
     if source.is_dir():
         source = source / "checkpoints" / "final.pt"
-    state = read_checkpoint(source)
-    if isinstance(state.get("model"), dict):
-        state = state["model"]
+    state, _ = read_weights(source)
     return export_state_dict(state)
 
 
@@ -77,6 +75,7 @@ def init_overrides(cfg: TrainConfig, path: str) -> list[str]:
 
 class ARREST(Method):
     name = "arrest"
+    second_networks = ("teacher",)
 
     def __init__(self, cfg: TrainConfig, model: nn.Module):
         super().__init__(cfg, model)
@@ -127,7 +126,7 @@ class ARREST(Method):
             return natural_step(nets.train, x, y, autocast)
         m, eps = self.cfg.method, self.cfg.attack.eps
         with torch.no_grad(), autocast():
-            _, h_teacher = self.teacher_tap(self.teacher, x)  # (B, d)
+            _, h_teacher = self.teacher_tap(self.runner("teacher"), x)  # (B, d)
         x_in = pgd(nets.attack, x, y, self.cfg.attack, bn="adv", train=False, autocast=autocast)
         sums: dict[str, torch.Tensor] = {}
         if self.replay_window():

@@ -43,10 +43,21 @@ class Method(nn.Module):
 
     name = "base"
     split_bn: bool | None = False  # True: needs Split-BN; False: single BN only; None: either (model.split_bn)
+    second_networks: tuple[str, ...] = ()  # submodules run like the model (LBGAT's clean model, ARREST's teacher)
 
     def __init__(self, cfg: TrainConfig, model: nn.Module):
         super().__init__()
         self.cfg = cfg
+        self.runners: dict[str, nn.Module] = {}  # a plain dict: the runners are not submodules (no state_dict keys)
+
+    def follow(self, prepare) -> None:
+        """Run the second networks as the model runs: `prepare(net)` applies the perf switches (channels-last,
+        compile) and returns what to call."""
+        self.runners = {name: prepare(getattr(self, name)) for name in self.second_networks}
+
+    def runner(self, name: str) -> nn.Module:
+        """What to call for second network `name` (itself until `follow`)."""
+        return self.runners[name] if name in self.runners else getattr(self, name)
 
     def on_epoch_start(self, nets: Nets, head: list[Batch], autocast, epoch: int = 1) -> dict[str, float]:
         """Called before each (1-based) epoch with its first batches (~cfg.method.balance_images images,

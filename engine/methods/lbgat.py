@@ -25,6 +25,7 @@ def clean_model_config(cfg: TrainConfig) -> ModelConfig:
 
 class LBGAT(Method):
     name = "lbgat"
+    second_networks = ("clean_model",)
 
     def __init__(self, cfg: TrainConfig, model: nn.Module):
         super().__init__(cfg, model)
@@ -41,7 +42,7 @@ class LBGAT(Method):
                 logits_c, logits_a = logits_pair(nets.train, x, x_adv, self.cfg.perf.dual_forward)
             else:
                 logits_a = nets.train(x_adv, bn="adv")
-            logits_g = self.clean_model(x)
+            logits_g = self.runner("clean_model")(x)
             cls = F.cross_entropy(logits_g.float(), y)
             inv = F.mse_loss(logits_a.float(), logits_g.float())
             if beta > 0:

@@ -21,6 +21,7 @@ __all__ = [
     "build_model",
     "check_branch",
     "export_state_dict",
+    "read_weights",
     "set_dual_kernel",
     "split_bn_layers",
 ]
@@ -75,3 +76,28 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(e).__name__}); it is corrupt or not a PyTorch file"
         ) from None
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, config or None) from an engine checkpoint ({"model": ..., "config": ...}) or a plain state_dict.
+
+    Anything else (a tensor, a list, values that are not tensors, a config that is not a mapping) is a
+    `CheckpointError` with one line, before any of it reaches a model."""
+    state = read_checkpoint(path)
+    config = None
+    if isinstance(state, dict) and "model" in state:
+        config = state.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise CheckpointError(f"{path}: its 'config' is a {type(config).__name__}, not a config mapping")
+        state = state["model"]
+    if not isinstance(state, dict) or not state:
+        kind = "an empty dict" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(
+            f"{path} holds {kind}, not network weights: pass an engine checkpoint, a run directory or a state_dict"
+        )
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} entries are not named tensors (e.g. {str(bad[0])[:60]!r}); it is not a state_dict"
+        )
+    return state, config

@@ -12,11 +12,12 @@ import torch
 def pgd_step_reference(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float):
     """clamp(clamp(x_adv + alpha * sign(grad), x - eps, x + eps), 0, 1) with sign(0) = sign(NaN) = 0.
 
-    sign(NaN) = 0 is what torch.sign gives on CPU; nan_to_num makes it so on every device. NaN in x_adv propagates
-    to the output (torch.clamp does).
+    sign(NaN) = 0 is what torch.sign gives on CPU; comparing against 0 makes it so on every device. The step is
+    selected, never multiplied (alpha * sign would give inf * 0 = NaN at alpha = inf where the gradient is 0), as the
+    Triton and C++ kernels do. NaN in x_adv propagates to the output (torch.clamp does).
     """
-    x32 = x.float()
-    moved = x_adv.float() + alpha * torch.nan_to_num(grad.float().sign(), nan=0.0)
+    x32, g = x.float(), grad.float()
+    moved = x_adv.float() + torch.where(g > 0, alpha, torch.where(g < 0, -alpha, 0.0))
     projected = torch.clamp(torch.clamp(moved, x32 - eps, x32 + eps), 0.0, 1.0)
     return torch.empty_like(x_adv).copy_(projected)
 

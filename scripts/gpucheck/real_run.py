@@ -209,14 +209,14 @@ def time_attacks(record: StageRecord, model: torch.nn.Module, x: torch.Tensor, y
     """Seconds per attacked image and iteration of each standard-AA attack, at small fixed iteration counts."""
     from pyautoattack import AutoAttack
 
-    from engine.evaluate import AdvBranch
+    from engine.perf import EvalForward
 
     iters = SMOKE_TIMING_ITERS if record.smoke else TIMING_ITERS
-    adversary = AutoAttack(AdvBranch(model), norm="Linf", eps=EPS_8, version="standard", device=x.device, seed=0)
+    adversary = AutoAttack(EvalForward(model), norm="Linf", eps=EPS_8, version="standard", device=x.device, seed=0)
     set_iterations(adversary, iters)
     adversary.fab.targeted, adversary.fab.n_restarts, adversary.apgd.loss = True, 1, "ce"
     with torch.no_grad():
-        attacked = max(1, int((AdvBranch(model)(x).argmax(1) == y).sum()))  # each attack skips misclassified images
+        attacked = max(1, int((EvalForward(model)(x).argmax(1) == y).sum()))  # each attack skips misclassified images
     calls = {"apgd-ce": adversary.apgd.perturb, "apgd-t": adversary.apgd_targeted.perturb,
              "fab-t": adversary.fab.perturb, "square": adversary.square.perturb}  # fmt: skip
     per_image_iter = {}

@@ -177,3 +177,19 @@ def test_uniform_start_opcheck_and_compile(rng_backend):
     expected = uniform_start(x, EPS)
     torch.manual_seed(5)
     torch.testing.assert_close(compiled(x, EPS), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), 1e30])
+def test_every_implementation_agrees_at_an_unbounded_step(backend, alpha):
+    """Issue 11 item 5: at alpha = inf a zero gradient does not move (no inf * 0 = NaN); the engine's plain-torch
+    step, the kernels' reference and every backend give the same finite result: the eps-ball's boundary."""
+    from engine.attacks.step import pgd_step_reference as engine_step
+
+    _, device = backend
+    x, x_adv, grad = make_inputs((3, 3, 5, 7), device=device)
+    grad[0, 0, 0, 0] = float("nan")
+    expected = torch.where(grad > 0, (x + EPS).clamp(0, 1), torch.where(grad < 0, (x - EPS).clamp(0, 1), x_adv))
+    for out in (pgd_step(x, x_adv, grad, EPS, alpha), pgd_step_reference(x, x_adv, grad, EPS, alpha),
+                engine_step(x, x_adv, grad, EPS, alpha)):  # fmt: skip
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -1,0 +1,91 @@
+"""AutoAttack seconds per 1,000 images: the previous evaluation path against the chunked one, same model and images.
+
+- `per-batch` (the evaluation before chunking): one AutoAttack per batch of test images, one seed for all.
+- `chunked` (engine.evaluate today): fixed chunks with their own seeds, each saved, shardable over ranks.
+
+Both run the original AutoAttack code on the same images in one process, alternating round by round, so the ratio
+is what the restructuring costs or saves on this machine (on a CPU the attack's arithmetic dominates both; the gains
+the chunking is for, ranks and large static batches on a GPU, are not measured here).
+
+    python bench/autoattack_bench.py --run runs/demo-...        # the demo model (default: the newest runs/demo-*)
+    python bench/autoattack_bench.py --num-examples 200 --batch-size 100 --version legacy-10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from harness import append_jsonl, markdown_table, provenance
+
+from engine import autoattack
+from engine.config import EvalConfig
+from engine.data import load_split
+from engine.evaluate import evaluate, test_tensors
+from engine.hub import load_model
+from engine.perf import EvalForward
+
+
+def newest_demo_run() -> Path:
+    runs = sorted(Path("runs").glob("demo-*/checkpoints/final.pt"))
+    if not runs:
+        raise SystemExit("no runs/demo-*/checkpoints/final.pt: run `bash scripts/demo.sh` first, or pass --run")
+    return runs[-1].parents[1]
+
+
+def per_batch(net, x, y, version: str, batch_size: int) -> float:
+    """The previous path: robust accuracy with one AutoAttack per batch (seed 0 throughout)."""
+    hits = 0
+    for i in range(0, len(y), batch_size):
+        aa = autoattack.adversary(EvalForward(net), autoattack.PROTOCOLS[version], 0, x.device)
+        aa.verbose = False
+        _, y_adv = aa.run_standard_evaluation(x[i : i + batch_size], y[i : i + batch_size], batch_size=batch_size)
+        hits += int((y_adv == y[i : i + batch_size]).sum())
+    return hits / len(y)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, default=None, help="run directory or exported .pt (default: newest demo run)")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--num-examples", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--version", default="standard", choices=sorted(autoattack.PROTOCOLS))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default="bench/results/autoattack.jsonl")
+    args = p.parse_args()
+    source = args.run or newest_demo_run()
+    net = load_model(source).net  # the plain network: forward(x, bn=...)
+    split = load_split("cifar10", args.data_dir, train=False)
+    x, y = test_tensors(split, args.num_examples, torch.device("cpu"))
+    cfg = EvalConfig(attacks=("aa",), num_examples=args.num_examples, batch_size=args.batch_size,
+                     chunk_size=args.batch_size, aa_version=args.version)  # fmt: skip
+    seconds: dict[str, list[float]] = {"per-batch": [], "chunked": []}
+    accuracy = {}
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        accuracy["per-batch"] = per_batch(net, x, y, args.version, args.batch_size)
+        seconds["per-batch"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        accuracy["chunked"] = evaluate(net, split, cfg, torch.device("cpu"), seed=0)["aa"]["accuracy"]
+        seconds["chunked"].append(time.perf_counter() - start)
+    stamp = provenance()
+    base = statistics.median(seconds["per-batch"])
+    rows = [
+        {"bench": "autoattack", "impl": impl, "version": args.version, "model": str(source),
+         "num_examples": args.num_examples, "batch_size": args.batch_size, "robust_accuracy": accuracy[impl],
+         "seconds": round(statistics.median(s), 2), "seconds_per_1000": round(1000 * statistics.median(s) / len(y), 1),
+         "vs_per_batch": round(base / statistics.median(s), 3)} | stamp
+        for impl, s in seconds.items()
+    ]  # fmt: skip
+    append_jsonl(args.out, rows)
+    print(f"{stamp['cpu']} ({stamp['cpu_threads']} threads), {source}")
+    print(markdown_table(rows, ["impl", "version", "num_examples", "batch_size", "robust_accuracy", "seconds",
+                                "seconds_per_1000", "vs_per_batch"]))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

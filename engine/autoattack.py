@@ -1,0 +1,108 @@
+"""AutoAttack protocols around the original code (`pyautoattack`): `standard` and `legacy-10`, per-stage figures.
+
+- `standard`: the leaderboard protocol (RobustBench): APGD-CE, APGD-T (9 target classes), FAB-T (9), Square (5,000
+  queries), 100 iterations each for the gradient attacks, one restart each. pyautoattack's own "standard" version.
+- `legacy-10`: the protocol of the code the AR-AT paper evaluated with (torchattacks' AutoAttack "standard"): the
+  same four attacks with their defaults there, 10 iterations for APGD-CE, APGD-T and FAB-T, Square at 5,000 queries,
+  9 target classes, one restart each. Fewer iterations find fewer adversarial examples, so it reads robustness high.
+
+Each call attacks one chunk of images with one seed (every sub-attack reseeds torch's RNG from it at each batch),
+so the per-image outcome depends on the chunk, its seed and the batch size only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .config import EPS_8
+
+STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+STAGE_NAMES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    version: str
+    attacks: tuple[str, ...]
+    iterations: int  # APGD-CE, APGD-T and FAB-T
+    restarts: int
+    target_classes: int  # APGD-T and FAB-T
+    square_queries: int
+    eps: float = EPS_8
+    norm: str = "Linf"
+
+    def describe(self) -> dict:
+        return asdict(self) | {"eps": "8/255" if self.eps == EPS_8 else self.eps, "code": "pyautoattack"}
+
+
+PROTOCOLS = {
+    "standard": Protocol("standard", STAGES, iterations=100, restarts=1, target_classes=9, square_queries=5000),
+    "legacy-10": Protocol("legacy-10", STAGES, iterations=10, restarts=1, target_classes=9, square_queries=5000),
+}
+
+
+def adversary(model: nn.Module, protocol: Protocol, seed: int, device: torch.device):
+    """pyautoattack's AutoAttack set to `protocol`, seeded with `seed` (never the clock)."""
+    from pyautoattack import AutoAttack
+
+    if protocol.version == "standard":
+        aa = AutoAttack(model, norm=protocol.norm, eps=protocol.eps, version="standard", device=device, seed=seed)
+    else:
+        aa = AutoAttack(model, attacks=list(protocol.attacks), norm=protocol.norm, eps=protocol.eps, version="custom",
+                        device=device, seed=seed)  # fmt: skip
+        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = protocol.iterations
+        aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = aa.fab.n_restarts = protocol.restarts
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = protocol.target_classes
+        aa.square.n_queries = protocol.square_queries
+    return aa
+
+
+class _StageLog(logging.Handler):
+    """Collects "robust accuracy after APGD-CE: 42.00%" lines, as AutoAttack logs them after each stage."""
+
+    PATTERN = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%")
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.after: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.PATTERN.search(record.getMessage())
+        if match:
+            self.after[match.group(1).lower()] = float(match.group(2)) / 100
+
+
+def attack_chunk(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, protocol: Protocol, seed: int, batch_size: int
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """(robust flag per image (bool, on the CPU), robust count after each stage, clean first). An image is robust
+    when it is classified correctly and every attack of the protocol failed on it."""
+    aa = adversary(model, protocol, seed, x.device)
+    log = logging.getLogger("auto-attack")
+    handler, level, propagate = _StageLog(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False  # AutoAttack's debug lines are read here, not printed
+    try:
+        _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+    flags = (y_adv == y).cpu()
+    with torch.no_grad():
+        clean = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+                    for i in range(0, len(y), batch_size))  # fmt: skip
+    counts = {"clean": clean}
+    last = clean
+    for stage in protocol.attacks:  # a stage skipped (nothing left to attack) leaves the count as it was
+        last = round(handler.after[stage] * len(y)) if stage in handler.after else last
+        counts[stage] = last
+    if counts[protocol.attacks[-1]] != int(flags.sum()):
+        raise RuntimeError(f"AutoAttack's log says {counts} robust after its stages, its labels {int(flags.sum())}")
+    return flags, counts

@@ -1,0 +1,66 @@
+"""Load an exported network for other tools: an eval-mode `nn.Module` mapping [0, 1] images to logits.
+
+    from engine.hub import load_model
+    model = load_model("rn18_plain.pt")              # `arat export` output, a run directory, or a checkpoint
+    logits = model(images)                            # (N, 3, 32, 32) in [0, 1] -> (N, classes)
+
+That is the convention AutoAttack, torchattacks and RobustBench expect (no normalization inside or outside). The
+architecture comes from the `model_info` JSON `arat export` writes beside the weights, else from the weights' names
+and shapes (so a plain state_dict of either network loads too).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .models import CheckpointError, build_model, export_state_dict, load_plain, read_weights
+
+
+class Classifier(nn.Module):
+    """The plain network's forward as a one-argument call (its single BN holds the adv-BN statistics)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).float()
+
+
+def info_path(weights: str | Path) -> Path:
+    """Where `arat export OUT.pt` writes the model_info JSON: OUT.json."""
+    return Path(weights).with_suffix(".json")
+
+
+def infer_config(state: dict[str, torch.Tensor]) -> tuple[ModelConfig, int]:
+    """(architecture, number of classes) from a plain state_dict's names and shapes."""
+    if "linear.weight" in state and "layer4.1.conv2.weight" in state:
+        return ModelConfig(arch="resnet18", width=int(state["conv1.weight"].shape[0]), split_bn=False), int(
+            state["linear.weight"].shape[0]
+        )
+    if "fc.weight" in state and "block3.layer.0.conv1.weight" in state:
+        return ModelConfig(arch="wrn34-10", split_bn=False), int(state["fc.weight"].shape[0])
+    raise CheckpointError("the weights are neither this engine's ResNet-18 nor its WRN-34-10 (by their names)")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The network at `path` (an `arat export` file, an engine checkpoint, or a run directory: its final network,
+    adv BNs), in eval mode, on `device`, taking [0, 1] inputs."""
+    source = Path(path)
+    if source.is_dir():
+        source = source / "checkpoints" / "final.pt"
+    state, _ = read_weights(source)
+    plain = export_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()})
+    cfg, classes = infer_config(plain)
+    info = info_path(source)
+    if info.exists():
+        meta = json.loads(info.read_text()).get("engine", {})
+        cfg = ModelConfig(arch=meta.get("arch", cfg.arch), width=meta.get("width", cfg.width), split_bn=False)
+    net = build_model(cfg, classes, split_bn=False)
+    load_plain(net, plain, str(source))
+    return Classifier(net).to(device).eval()

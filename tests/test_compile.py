@@ -1,0 +1,123 @@
+"""torch.compile per role: after a warm-up epoch, no recompiles and no graph breaks, for every method family.
+
+Dynamo's recompiles and graph breaks do not depend on the backend, so these tests compile with backend "eager"
+(the captured graphs run as traced, seconds per case); with it a compiled run also equals the eager one exactly.
+The Inductor backend's numbers are checked by tests/test_perf.py::test_compile_equals_eager (slow).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from engine.config import apply_overrides
+from engine.evaluate import evaluate
+from engine.recipes import get_recipe
+from engine.train import build_run, final_model, train_epoch
+
+SHAPE = [
+    "data.dataset=synthetic",
+    "data.synthetic_size=128",
+    "model.width=8",
+    "train.epochs=3",
+    "train.batch_size=32",
+    "train.log_every=2",
+    "attack.num_steps=2",
+    "method.balance_images=64",
+    "eval.attacks=clean,pgd20",
+    "eval.num_examples=40",  # a short last batch of 8: padded to 32, no second graph
+    "eval.batch_size=32",
+    "perf.compile_backend=eager",
+    "perf.device=cpu",
+    "perf.dtype=fp32",
+    "perf.cudnn_benchmark=off",
+]
+FAMILIES = {
+    "arat": ("arat-resnet18-cifar10", []),
+    "at": ("at-resnet18-cifar10", []),
+    "trades": ("trades-resnet18-cifar10", []),
+    "mart": ("mart-resnet18-cifar10", []),
+    "lbgat": ("lbgat-resnet18-cifar10", []),
+    "arrest": ("arrest-resnet18-cifar10", ["method.pretrain_epochs=1", "method.finetune_milestones=1"]),
+    "std": ("std-resnet18-cifar10", []),
+    "ablation-v0": ("ablation-v0-resnet18-cifar10", []),
+    "ablation-stopgrad": ("ablation-stopgrad-resnet18-cifar10", []),
+    "ablation-splitbn": ("ablation-splitbn-resnet18-cifar10", []),
+    "swa": ("arat-swa-resnet18-cifar10", ["swa.start_epoch=2", "swa.every=1"]),
+    "grad-sim": ("arat-resnet18-cifar10", ["analysis.grad_sim=true"]),
+    "bf16-kernels": ("arat-resnet18-cifar10", ["perf.dtype=bf16", "perf.kernels=on"]),
+}
+
+
+def train_and_evaluate(cfg, on_warm=None):
+    """Epochs 1..epochs-1 (the warm-up: ARREST's first fine-tuning epoch included), `on_warm()`, the last epoch
+    and two evaluations (clean + PGD-20 with a padded last batch). Returns the last epoch's row and the results."""
+    run = build_run(cfg)
+    for epoch in range(1, cfg.epochs):
+        train_epoch(run, epoch)
+    if on_warm:
+        on_warm()
+    row = train_epoch(run, cfg.epochs)
+    model = final_model(run)  # SWA: the average, its BN statistics re-estimated
+    results = [evaluate(model, run.test_split, cfg.eval, run.perf.device, cfg.seed, cfg.perf) for _ in range(2)]
+    accuracies = [{name: r["accuracy"] for name, r in result.items()} for result in results]
+    return {k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_s")}, accuracies
+
+
+@pytest.fixture
+def dynamo_fresh():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.config.error_on_recompile = False
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_no_recompile_or_graph_break_after_warmup(family, dynamo_fresh, monkeypatch):
+    recipe, extra = FAMILIES[family]
+    cfg = apply_overrides(get_recipe(recipe), SHAPE + extra + ["perf.compile=on"])
+    warm = {}
+
+    def after_warmup():
+        warm["graphs"] = counters["stats"]["unique_graphs"]
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile now fails the test
+
+    row, results = train_and_evaluate(cfg, after_warmup)
+    assert warm["graphs"] > 0, "nothing was compiled"
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    eval_graphs = counters["stats"]["unique_graphs"] - warm["graphs"]
+    assert eval_graphs <= 2, f"{eval_graphs} graphs after warm-up: evaluation should add its two roles' graphs only"
+    torch._dynamo.reset()
+    eager_row, eager_results = train_and_evaluate(apply_overrides(cfg, ["perf.compile=off"]))
+    assert row == eager_row and results == eager_results  # backend "eager" runs the traced ops as they are
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    from engine.config import PerfConfig
+    from engine.perf import compile_wanted
+
+    assert PerfConfig().compile == "auto"
+    assert compile_wanted(PerfConfig(), torch.device("cuda")) and not compile_wanted(PerfConfig(), torch.device("cpu"))
+    assert compile_wanted(PerfConfig(compile="on"), torch.device("cpu"))
+
+
+def test_roles_share_weights_and_mode():
+    from engine.config import ModelConfig, PerfConfig
+    from engine.models import build_model
+    from engine.perf import AttackForward, TrainForward, role
+
+    model = build_model(ModelConfig(width=8), 10)
+    cfg = PerfConfig(compile="on", compile_backend="eager")
+    train, attack = (role(kind, model, cfg, torch.device("cpu")) for kind in (TrainForward, AttackForward))
+    assert (
+        {id(p) for p in train.parameters()}
+        == {id(p) for p in model.parameters()}
+        == {id(p) for p in attack.parameters()}
+    )
+    model.eval()
+    assert not train.training and not attack.training
+    attack.train()
+    assert model.training and train.training

@@ -1,0 +1,186 @@
+"""Chunked, seeded, resumable, sharded evaluation (issue 10): per-image flags that do not depend on how the
+evaluation ran, AutoAttack's protocols and stage figures, records, and the exported model for other tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from engine import autoattack
+from engine.config import EvalConfig
+from engine.data.synthetic import synthetic_split
+from engine.evaluate import chunk_seed, evaluate, format_results, unpack
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SparseLinear(torch.nn.Module):
+    """A linear classifier reading 24 pixels: its margins are comparable to what an 8/255 change of those pixels
+    moves, so AutoAttack breaks some images and not others (a mixed robust set, found within seconds)."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.zeros(10, 3 * 32 * 32))
+        with torch.no_grad():
+            self.weight[:, :24] = torch.randn(10, 24, generator=generator)
+
+    def forward(self, x, bn="adv"):
+        return 4 * (x.flatten(1) - 0.5) @ self.weight.T
+
+
+def labelled_split(n=48):
+    """Synthetic images labelled by the model itself (clean accuracy 100%)."""
+    split = synthetic_split(n, 10, seed=0)
+    with torch.no_grad():
+        x = torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 255
+        split.labels = SparseLinear()(x).argmax(1).numpy()
+    return split
+
+
+CFG = EvalConfig(attacks=("clean", "pgd20", "aa"), num_examples=48, batch_size=16, chunk_size=16)
+
+
+def flags(results):
+    return {name: unpack(r["flags"], r["num_examples"]).tolist() for name, r in results.items()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), seed=3)
+
+
+def test_flags_are_mixed_and_stages_add_up(reference):
+    aa = reference["aa"]
+    robust = sum(flags(reference)["aa"])
+    assert 0 < robust < 48, "the test model should be partly robust"
+    assert aa["stages"]["clean"] == 1.0 and aa["stages"]["square"] == aa["accuracy"] == robust / 48
+    values = [aa["stages"][s] for s in ("clean", *autoattack.STAGES)]
+    assert values == sorted(values, reverse=True)  # each stage can only remove robust images
+    assert aa["version"] == "standard" and aa["config"]["protocol"]["iterations"] == 100
+    assert aa["chunks"] == 3 and aa["config"]["chunk_size"] == 16 and aa["config"]["seed"] == 3
+
+
+def test_chunk_seeds_differ_per_chunk_and_attack():
+    seeds = {chunk_seed(0, attack, k) for attack in ("pgd20", "aa") for k in range(100)}
+    assert len(seeds) == 200 and all(0 <= s < 2**31 for s in seeds)
+    assert chunk_seed(0, "aa", 5) == chunk_seed(0, "aa", 5) != chunk_seed(1, "aa", 5)
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from engine.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    results = evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, dist=DistInfo(rank, world))
+    Path(out, f"{rank}.json").write_text(json.dumps(flags(results)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_flags_of_one(tmp_path, reference):
+    """The chunks go round-robin to two gloo processes; both end with every flag, bit-identical to one process."""
+    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
+    expected = flags(reference)
+    assert json.loads((tmp_path / "0.json").read_text()) == expected
+    assert json.loads((tmp_path / "1.json").read_text()) == expected
+
+
+KILLABLE = """
+import sys, torch
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
+from test_evaluation_chunks import CFG, SparseLinear, labelled_split
+from engine.evaluate import evaluate
+evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, record_dir={record!r})
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_evaluation_resumes_from_its_finished_chunks(tmp_path, reference):
+    record = tmp_path / "eval"
+    script = KILLABLE.format(tests=str(REPO / "tests"), repo=str(REPO), record=str(record))
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(record.glob("chunks/aa-*/00000.json")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert any(record.glob("chunks/aa-*/00000.json")), "the first AutoAttack chunk was never written"
+    resumed = evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, record_dir=record)
+    assert flags(resumed) == flags(reference)
+    assert resumed["clean"]["reused_chunks"] == 3 and resumed["aa"]["reused_chunks"] >= 1
+    assert resumed["aa"]["stages"] == reference["aa"]["stages"]
+
+
+def test_saved_chunks_of_another_model_are_not_reused(tmp_path):
+    split, record = labelled_split(), tmp_path / "eval"
+    cfg = EvalConfig(attacks=("clean",), num_examples=48, batch_size=16, chunk_size=16)
+    first = evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)
+    assert first["clean"]["reused_chunks"] == 0
+    assert (
+        evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 3
+    )
+    other = SparseLinear()
+    with torch.no_grad():
+        other.weight.mul_(-1)
+    assert evaluate(other, split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 0
+
+
+def test_legacy_10_is_the_ten_iteration_protocol_and_says_so():
+    model = SparseLinear()
+    legacy = autoattack.adversary(model, autoattack.PROTOCOLS["legacy-10"], 0, torch.device("cpu"))
+    standard = autoattack.adversary(model, autoattack.PROTOCOLS["standard"], 0, torch.device("cpu"))
+    assert legacy.attacks_to_run == standard.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    for aa, iterations in ((legacy, 10), (standard, 100)):
+        assert aa.apgd.n_iter == aa.apgd_targeted.n_iter == aa.fab.n_iter == iterations
+        assert aa.apgd.n_restarts == aa.apgd_targeted.n_restarts == aa.fab.n_restarts == 1
+        assert aa.apgd_targeted.n_target_classes == aa.fab.n_target_classes == 9
+        assert aa.square.n_queries == 5000 and aa.seed == 0
+    cfg = EvalConfig(attacks=("aa",), num_examples=16, batch_size=16, chunk_size=16, aa_version="legacy-10")
+    results = evaluate(model, labelled_split(16), cfg, torch.device("cpu"), 3)
+    assert results["aa"]["version"] == "legacy-10" and "AutoAttack (legacy-10)" in format_results(results)
+    assert results["aa"]["config"]["protocol"]["iterations"] == 10
+
+
+def test_export_writes_model_info_and_hub_loads_the_network(tmp_path, capsys):
+    from engine.cli import main
+    from engine.hub import load_model
+    from engine.models import read_weights
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1",
+                 "--set", "eval.attacks=clean"]) == 0  # fmt: skip
+    out = tmp_path / "plain.pt"
+    assert main(["export", str(run), str(out)]) == 0
+    info = json.loads(out.with_suffix(".json").read_text())
+    results = json.loads((run / "results.json").read_text())["results"]
+    assert info["architecture"] == "ResNet-18 (width 8)" and info["eps"] == "8/255"
+    assert info["clean_acc"] == f"{100 * results['clean']['accuracy']:.2f}" and info["autoattack_acc"] == ""
+    assert info["additional_data"] is False and info["dataset"] == "synthetic"
+    model = load_model(out)
+    assert not model.training
+    x = torch.rand(4, 3, 32, 32)
+    state, _ = read_weights(run / "checkpoints" / "final.pt")
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    split_bn = build_model(ModelConfig(width=8), 10)
+    split_bn.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), split_bn.eval()(x, bn="adv").float())
+        torch.testing.assert_close(load_model(run)(x), model(x))  # a run directory loads the same network
+    flags_file = json.loads((run / "eval" / "flags.json").read_text())
+    assert flags_file["clean"]["num_examples"] == results["clean"]["num_examples"]
