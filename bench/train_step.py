@@ -164,7 +164,7 @@ def interleave(rows: list[Row], rounds: int, steps: int) -> None:
 
 def report(row: Row) -> dict:
     step_ms, attack_ms = statistics.median(row.step_ms), statistics.median(row.attack_ms)
-    device, cfg = row.run.perf.device, row.cfg
+    device, cfg, compiled = row.run.perf.device, row.cfg, row.run.perf.compiled
     before = dynamo_counts()
     ops = ops_per_call(row.step)
     after_warm = dynamo_counts() - before  # the profiled step
@@ -180,9 +180,9 @@ def report(row: Row) -> dict:
         "attack_ms": round(attack_ms, 2), "attack_share": round(attack_ms / step_ms, 3),
         "gflop_per_image_step": round(flops / 1e9, 3), "tflops": round(tflops, 4),
         "peak_fraction": round(tflops / peak, 4) if peak else None, "ops_per_step": ops,
-        "graphs": row.warm["graphs"] if cfg.perf.compile else None,
-        "recompiles_after_warmup": after_warm["graphs"] if cfg.perf.compile else None,
-        "graph_breaks": row.warm["graph_breaks"] + after_warm["graph_breaks"] if cfg.perf.compile else None,
+        "graphs": row.warm["graphs"] if compiled else None,
+        "recompiles_after_warmup": after_warm["graphs"] if compiled else None,
+        "graph_breaks": row.warm["graph_breaks"] + after_warm["graph_breaks"] if compiled else None,
         "perf": row.run.perf.summary(), "_cfg": cfg,
     }  # fmt: skip
 

@@ -21,7 +21,7 @@ SHAPE = [
     "data.dataset=synthetic",
     "data.synthetic_size=128",
     "model.width=8",
-    "train.epochs=3",
+    "train.epochs=2",  # a warm-up epoch, then the epoch checked
     "train.batch_size=32",
     "train.log_every=2",
     "attack.num_steps=2",
@@ -34,13 +34,14 @@ SHAPE = [
     "perf.dtype=fp32",
     "perf.cudnn_benchmark=off",
 ]
+ARREST = ["method.pretrain_epochs=1", "method.finetune_milestones=1", "train.epochs=3"]  # + a fine-tuning warm-up
 FAMILIES = {
     "arat": ("arat-resnet18-cifar10", []),
     "at": ("at-resnet18-cifar10", []),
     "trades": ("trades-resnet18-cifar10", []),
     "mart": ("mart-resnet18-cifar10", []),
     "lbgat": ("lbgat-resnet18-cifar10", []),
-    "arrest": ("arrest-resnet18-cifar10", ["method.pretrain_epochs=1", "method.finetune_milestones=1"]),
+    "arrest": ("arrest-resnet18-cifar10", ARREST),
     "std": ("std-resnet18-cifar10", []),
     "ablation-v0": ("ablation-v0-resnet18-cifar10", []),
     "ablation-stopgrad": ("ablation-stopgrad-resnet18-cifar10", []),
@@ -49,6 +50,8 @@ FAMILIES = {
     "grad-sim": ("arat-resnet18-cifar10", ["analysis.grad_sim=true"]),
     "bf16-kernels": ("arat-resnet18-cifar10", ["perf.dtype=bf16", "perf.kernels=on"]),
 }
+
+PARITY = {"arat", "trades", "lbgat", "arrest", "swa", "bf16-kernels"}  # compiled == eager checked (distinct paths)
 
 
 def train_and_evaluate(cfg, on_warm=None):
@@ -90,9 +93,10 @@ def test_no_recompile_or_graph_break_after_warmup(family, dynamo_fresh, monkeypa
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     eval_graphs = counters["stats"]["unique_graphs"] - warm["graphs"]
     assert eval_graphs <= 2, f"{eval_graphs} graphs after warm-up: evaluation should add its two roles' graphs only"
-    torch._dynamo.reset()
-    eager_row, eager_results = train_and_evaluate(apply_overrides(cfg, ["perf.compile=off"]))
-    assert row == eager_row and results == eager_results  # backend "eager" runs the traced ops as they are
+    if family in PARITY:
+        torch._dynamo.reset()
+        eager_row, eager_results = train_and_evaluate(apply_overrides(cfg, ["perf.compile=off"]))
+        assert row == eager_row and results == eager_results  # backend "eager" runs the traced ops as they are
 
 
 def test_compile_auto_is_on_for_cuda_only():
