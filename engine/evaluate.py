@@ -146,7 +146,7 @@ def _pgd_flags(classifier, attacker, x, y, batch_size: int, seed: int) -> torch.
 def attack_spec(name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int) -> dict:
     """What determines an attack's per-image flags (and so whether saved chunks can be reused)."""
     spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
-            "batch_size": batch_size}  # fmt: skip
+            "batch_size": batch_size, "dtype": "fp32", "seeds": "sha256(seed:attack:chunk) per chunk"}  # fmt: skip
     if name == "pgd20":
         spec |= {"steps": PGD20.num_steps, "step_size": "2/255", "eps": "8/255", "start": PGD20.start}
     if name == "aa":

@@ -184,3 +184,26 @@ def test_export_writes_model_info_and_hub_loads_the_network(tmp_path, capsys):
         torch.testing.assert_close(load_model(run)(x), model(x))  # a run directory loads the same network
     flags_file = json.loads((run / "eval" / "flags.json").read_text())
     assert flags_file["clean"]["num_examples"] == results["clean"]["num_examples"]
+
+
+@pytest.mark.slow
+def test_a_compiled_evaluation_pads_to_static_shapes_and_finds_the_same_flags(reference):
+    """Issue 10 item 7: compiled (backend "eager": dynamo's capture), clean and PGD-20 pad their last batch and
+    AutoAttack's shrinking subsets go through StaticBatch, so the graphs stay few; the flags equal the eager ones."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from engine.config import PerfConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        perf = PerfConfig(compile="on", compile_backend="eager", device="cpu")
+        cfg = EvalConfig(attacks=("clean", "pgd20", "aa"), num_examples=16, batch_size=16, chunk_size=16)
+        results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3, perf)
+        assert flags(results) == {k: v[:16] for k, v in flags(reference).items()}  # chunk 0: same seeds, same flags
+        # predictions; PGD-20 (frozen weights); AutoAttack's forwards with and without input gradients, its gradient
+        # graphs traced with the weights requiring grad: a handful of static-shape graphs, none per subset size
+        assert counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"], dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()
