@@ -22,7 +22,6 @@ from torch import nn
 from .config import EPS_8
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
-STAGE_NAMES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
 
 
 @dataclass(frozen=True)
@@ -63,9 +62,10 @@ def adversary(model: nn.Module, protocol: Protocol, seed: int, device: torch.dev
 
 
 class _StageLog(logging.Handler):
-    """Collects "robust accuracy after APGD-CE: 42.00%" lines, as AutoAttack logs them after each stage."""
+    """Collects "initial accuracy: 45.00%" and "robust accuracy after APGD-CE: 42.00%" lines, as AutoAttack logs
+    them before its first stage and after each (keyed "clean" and by stage)."""
 
-    PATTERN = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%")
+    PATTERN = re.compile(r"(?:initial accuracy|robust accuracy after ([A-Z-]+)): ([0-9.]+)%")
 
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -74,7 +74,7 @@ class _StageLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         match = self.PATTERN.search(record.getMessage())
         if match:
-            self.after[match.group(1).lower()] = float(match.group(2)) / 100
+            self.after[(match.group(1) or "clean").lower()] = float(match.group(2)) / 100
 
 
 def attack_chunk(
@@ -95,11 +95,8 @@ def attack_chunk(
         log.setLevel(level)
         log.propagate = propagate
     flags = (y_adv == y).cpu()
-    with torch.no_grad():
-        clean = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-                    for i in range(0, len(y), batch_size))  # fmt: skip
-    counts = {"clean": clean}
-    last = clean
+    last = round(handler.after["clean"] * len(y))
+    counts = {"clean": last}
     for stage in protocol.attacks:  # a stage skipped (nothing left to attack) leaves the count as it was
         last = round(handler.after[stage] * len(y)) if stage in handler.after else last
         counts[stage] = last

@@ -21,11 +21,11 @@ from torch import nn
 from tqdm import tqdm
 
 from . import autoattack
-from .attacks import mode, pgd
+from .attacks import is_compiled, mode, pgd
 from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit
 from .distributed import DistInfo, gather_objects
-from .perf import EvalForward, eval_network, is_compiled
+from .perf import EvalForward, eval_network
 
 PGD20 = AttackConfig(eps=EPS_8, step_size=STEP_2, num_steps=20, start="uniform")
 NAMES = {"clean": "clean", "pgd20": "PGD-20", "aa": "AutoAttack"}
@@ -38,14 +38,15 @@ def test_tensors(split: ArraySplit, num_examples: int, device: torch.device) -> 
     return x.contiguous(), torch.from_numpy(split.labels[:n]).to(device)
 
 
-def padded(x: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A short last batch filled up to `size` with copies of its first images: every shape stays static (one
-    compiled graph). Evaluation runs in eval mode, so the filler changes no other image's logits or gradient."""
-    short = size - len(y)
-    if short <= 0:
-        return x, y
-    fill = torch.arange(short, device=y.device) % len(y)
-    return torch.cat([x, x[fill]]), torch.cat([y, y[fill]])
+def padded(size: int, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A short batch (tensors sharing their first dimension) filled up to `size` with copies of its first images:
+    every shape stays static (one compiled graph). Evaluation runs in eval mode, so the filler changes no other
+    image's logits or gradient."""
+    n = len(batch[0])
+    if n >= size:
+        return batch
+    fill = torch.arange(size - n, device=batch[0].device) % n
+    return tuple(torch.cat([t, t[fill]]) for t in batch)
 
 
 class StaticBatch(nn.Module):
@@ -61,8 +62,8 @@ class StaticBatch(nn.Module):
         outputs = []
         for i in range(0, len(x), self.size):
             xb = x[i : i + self.size]
-            fill = xb[:1].expand(self.size - len(xb), *xb.shape[1:])
-            outputs.append(self.net(torch.cat([xb, fill]) if len(fill) else xb)[: len(xb)])
+            (xp,) = padded(self.size, xb)
+            outputs.append(self.net(xp)[: len(xb)])
         return torch.cat(outputs)
 
 
@@ -126,7 +127,7 @@ def _clean_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
     flags = []
     for i in range(0, len(y), batch_size):
         yb = y[i : i + batch_size]
-        xp, _ = padded(x[i : i + batch_size], yb, batch_size)
+        (xp,) = padded(batch_size, x[i : i + batch_size])
         flags.append(model(xp)[: len(yb)].argmax(1) == yb)
     return torch.cat(flags)
 
@@ -136,7 +137,7 @@ def _pgd_flags(classifier, attacker, x, y, batch_size: int, seed: int) -> torch.
     flags = []
     for i in range(0, len(y), batch_size):
         yb = y[i : i + batch_size]
-        xp, yp = padded(x[i : i + batch_size], yb, batch_size)
+        xp, yp = padded(batch_size, x[i : i + batch_size], yb)
         x_adv = pgd(attacker, xp, yp, PGD20, bn="adv", train=False)
         with torch.no_grad():
             flags.append(classifier(x_adv)[: len(yb)].argmax(1) == yb)

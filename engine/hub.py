@@ -19,17 +19,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .models import CheckpointError, build_model, export_state_dict, load_plain, read_weights
-
-
-class Classifier(nn.Module):
-    """The plain network's forward as a one-argument call (its single BN holds the adv-BN statistics)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).float()
+from .perf import EvalForward
 
 
 def info_path(weights: str | Path) -> Path:
@@ -63,4 +53,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         cfg = ModelConfig(arch=meta.get("arch", cfg.arch), width=meta.get("width", cfg.width), split_bn=False)
     net = build_model(cfg, classes, split_bn=False)
     load_plain(net, plain, str(source))
-    return Classifier(net).to(device).eval()
+    return EvalForward(net).to(device).eval()  # the plain network's single BN holds the adv-BN statistics

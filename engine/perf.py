@@ -196,10 +196,6 @@ def compile_role(role: nn.Module, cfg: PerfConfig) -> nn.Module:
     return torch.compile(role, dynamic=False, backend=cfg.compile_backend, **options)
 
 
-def is_compiled(module: nn.Module) -> bool:
-    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
-
-
 def role(kind: type[_Role], net: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:
     """`net` in role `kind`: compiled when perf.compile resolves on for `device`, else `net` itself."""
     return compile_role(kind(net), cfg) if compile_wanted(cfg, device) else net

@@ -74,7 +74,7 @@ def pgd(
     """
     x = x.detach()
     x_adv = random_start(x, cfg.eps, cfg.start)
-    with mode(model, train), frozen(model) if compiled(model) else nullcontext(), autocast_once(autocast):
+    with mode(model, train), frozen(model) if is_compiled(model) else nullcontext(), autocast_once(autocast):
         for _ in range(cfg.num_steps):
             grad = input_gradient(model, x_adv, y, bn, target_probs, None)
             with torch.no_grad():
@@ -82,7 +82,7 @@ def pgd(
     return x_adv.detach()
 
 
-def compiled(model: nn.Module) -> bool:
+def is_compiled(model: nn.Module) -> bool:
     """A torch.compile'd module: its graphs are traced with the weights frozen (see `frozen`)."""
     return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
 
