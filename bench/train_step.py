@@ -1,7 +1,8 @@
 """Training-step throughput, feature by feature: images/s, step time, attack cost, achieved TFLOP/s, ops per step.
 
 The switch ladder (fp32 eager -> channels-last -> bf16 autocast -> dual forward -> fused kernels -> cudnn.benchmark
--> torch.compile) runs on the same AR-AT step (PGD attack + clean/adv forwards + SGD step). Two orders:
+-> CUDA graphs of the attack -> torch.compile) runs on the same AR-AT step (PGD attack + clean/adv forwards + SGD
+step). Two orders:
 
 - greedy (default): each switch is tried on top of the fastest configuration so far, the two timed interleaved in
   one process (round after round), and kept only if it is faster; so the ladder follows what is fastest on the
@@ -53,6 +54,7 @@ LADDER = [
             "perf.kernels=off",
             "perf.cudnn_benchmark=off",
             "perf.compile=off",
+            "perf.cuda_graphs=off",
         ],
     ),
     ("+channels-last", ["perf.channels_last=true"]),
@@ -60,9 +62,10 @@ LADDER = [
     ("+dual forward", ["perf.dual_forward=true"]),
     ("+fused kernels", ["perf.kernels=on"]),
     ("+cudnn.benchmark", ["perf.cudnn_benchmark=on"]),  # CUDA only: a no-op on CPU
+    ("+CUDA graphs", ["perf.cuda_graphs=on"]),  # CUDA only: each attack captured once, replayed
     ("+torch.compile", ["perf.compile=on"]),
 ]
-CUDA_ONLY = {"+cudnn.benchmark"}
+CUDA_ONLY = {"+cudnn.benchmark", "+CUDA graphs"}
 
 
 def sync(device: torch.device) -> None:
@@ -223,9 +226,11 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
     return rows
 
 
-def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmup: int) -> list[dict]:
+def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:
     overrides, built = list(base), []
     for i, (name, switches) in enumerate(LADDER):
+        if name in CUDA_ONLY and device_type != "cuda":
+            continue
         overrides += switches
         if i in wanted:
             built.append(build_row(name, apply_overrides(get_recipe("demo"), overrides), warmup))
@@ -302,7 +307,7 @@ def main() -> None:
         rows = compare(base, key, values.split(","), args.rounds, args.steps, args.warmup)
     elif args.cumulative:
         wanted = {int(i) for i in args.rows.split(",")} if args.rows else set(range(len(LADDER)))
-        rows = cumulative(base, wanted, args.rounds, args.steps, args.warmup)
+        rows = cumulative(base, wanted, args.rounds, args.steps, args.warmup, device_type)
     else:
         rows = greedy(base, args.rounds, args.steps, args.warmup, device_type)
     order = "compare" if args.compare else "cumulative" if args.cumulative else "greedy"

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default="clean,pgd20,aa", help="comma list of clean, pgd20, aa")
     p.add_argument("--num-examples", type=int, default=None, help="first N test images (default 10000)")
     p.add_argument("--aa-num-examples", type=int, default=None, help="first N for AutoAttack (default: same)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=1000, help="at most this many images per forward")
     p.add_argument("--model", choices=["resnet18", "wrn34-10"], help="architecture of a plain state_dict")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width of a plain state_dict")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default=None)
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aa-version", choices=["standard", "legacy-10"], default="standard",
                    help="standard: the leaderboard protocol; legacy-10: torchattacks' AutoAttack (10 iterations), "
                    "the protocol of the code the AR-AT paper used")  # fmt: skip
-    p.add_argument("--chunk-size", type=int, default=500, help="images per chunk (own seed, saved when done)")
+    p.add_argument("--chunk-size", type=int, default=0, help="images per chunk (own seed, saved when done); "
+                   "0: sized for the device (500 on a CPU, up to 1000 on a GPU, by its memory)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="base seed of the attacks (default: the run's seed, or 0)")
     p.add_argument("--out", metavar="DIR", help="evaluation record and finished chunks (default: RUN/eval, or "
                    "CHECKPOINT.eval/ beside a checkpoint); a rerun skips the chunks already there")  # fmt: skip
@@ -171,7 +172,7 @@ def cmd_eval(args) -> None:
     from .data import load_test_split
     from .evaluate import evaluate, format_results, summary, write_flags
     from .perf import resolve_device
-    from .rundir import RunDir, environment
+    from .rundir import RunDir, atomic_write, environment
 
     eval_cfg = EvalConfig(  # validated before anything is loaded
         attacks=args.attacks,
@@ -207,7 +208,8 @@ def cmd_eval(args) -> None:
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     write_flags(record, results)
     (record / "records").mkdir(exist_ok=True)
-    (record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(entry, indent=2) + "\n")
+    text = (json.dumps(entry, indent=2) + "\n").encode()
+    atomic_write(record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}.json", lambda f: f.write(text))
     if target.is_dir():
         with RunDir(target).open_for_writing(resume=True) as rundir:
             rundir.write_json("eval.json", {"dataset": data_cfg.dataset, "results": summary(results)})

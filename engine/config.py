@@ -159,9 +159,9 @@ class EvalConfig:
     attacks: tuple[str, ...] = ("clean", "pgd20", "aa")
     num_examples: int = 10000  # first N test images (official order) for clean and PGD-20
     aa_num_examples: int = 0  # first N for AutoAttack (0 = num_examples): AA costs ~10^4 forwards per robust image
-    batch_size: int = 500  # images per forward (capped by the chunk size)
+    batch_size: int = 1000  # at most this many images per forward (the batch is the chunk when smaller)
     aa_version: str = "standard"  # standard (the leaderboard protocol) | legacy-10 (torchattacks' 10-iteration one)
-    chunk_size: int = 500  # images per chunk: each has its own seed, is saved when done, and goes to one rank
+    chunk_size: int = 0  # images per chunk (own seed, saved when done, one rank); 0 = sized for the device
 
     def __post_init__(self):
         if isinstance(self.attacks, str):
@@ -173,7 +173,7 @@ class EvalConfig:
         _check(self.num_examples > 0 and self.batch_size > 0, "eval.num_examples and eval.batch_size must be > 0")
         _check(self.aa_num_examples >= 0, "eval.aa_num_examples must be >= 0 (0 = eval.num_examples)")
         _one_of("eval.aa_version", self.aa_version, ("standard", "legacy-10"))
-        _check(0 < self.chunk_size <= 10000, "eval.chunk_size must be in 1..10000")
+        _check(0 <= self.chunk_size <= 10000, "eval.chunk_size must be in 0..10000 (0 = sized for the device)")
 
 
 @dataclass
@@ -187,6 +187,7 @@ class PerfConfig:
     dual_forward: bool = True  # clean + adv forwards as one pass over the concatenated batch (per-half BN stats)
     kernels: str = "auto"  # auto (on for CUDA) | on | off: fused PGD step and dual BN (native library on a CPU)
     cudnn_benchmark: str = "auto"  # auto (on for CUDA: static shapes) | on | off
+    cuda_graphs: str = "auto"  # auto (on for CUDA) | on | off: each PGD attack captured once as a CUDA graph
 
     def __post_init__(self):
         _one_of("perf.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
@@ -198,6 +199,7 @@ class PerfConfig:
         modes = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
         _one_of("perf.compile_mode", self.compile_mode, modes)
         _one_of("perf.cudnn_benchmark", self.cudnn_benchmark, ("auto", "on", "off"))
+        _one_of("perf.cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "perf.device: auto|cpu|cuda")
 
 

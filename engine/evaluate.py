@@ -10,6 +10,7 @@ the chunks already there and ends with identical flags.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -22,12 +23,15 @@ from tqdm import tqdm
 
 from . import autoattack
 from .attacks import is_compiled, mode, pgd
+from .attacks.graphs import using as graphs_in_use
 from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit
 from .distributed import DistInfo, gather_objects
-from .perf import EvalForward, eval_network
+from .perf import EvalForward, attack_graphs, eval_network
 
 PGD20 = AttackConfig(eps=EPS_8, step_size=STEP_2, num_steps=20, start="uniform")
+CPU_CHUNK = 500
+CHUNK_CHOICES = (1000, 500, 250, 100, 50)  # on CUDA, the largest whose attack fits (see chunk_for_memory)
 NAMES = {"clean": "clean", "pgd20": "PGD-20", "aa": "AutoAttack"}
 
 
@@ -144,6 +148,39 @@ def _pgd_flags(classifier, attacker, x, y, batch_size: int, seed: int) -> torch.
     return torch.cat(flags)
 
 
+def chunk_for_memory(bytes_per_image: float, total_bytes: int, share: float = 0.5, margin: float = 3.0) -> int:
+    """The largest of CHUNK_CHOICES whose attack needs at most `share` of the device's memory, counting `margin`
+    times an input-gradient pass's peak per image (AutoAttack keeps a few more image-sized buffers, and the
+    allocator rounds up). Depends on the network and the device's total memory only, not on what is free now."""
+    for size in CHUNK_CHOICES:
+        if margin * bytes_per_image * size <= share * total_bytes:
+            return size
+    return CHUNK_CHOICES[-1]
+
+
+def attack_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, probe: int = 32):
+    """Peak CUDA memory per image of one forward + input-gradient pass of the evaluation classifier."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    x = torch.rand(probe, *image_shape, device=device, requires_grad=True)
+    with mode(model, train=False):
+        torch.autograd.grad(EvalForward(model)(x).sum(), x)
+    return (torch.cuda.max_memory_allocated(device) - base) / probe
+
+
+def resolve_chunk_size(cfg: EvalConfig, model: nn.Module, image_shape, device: torch.device) -> tuple[int, str]:
+    """(chunk size, why): eval.chunk_size when set; else 500 on a CPU, and on CUDA by `chunk_for_memory`."""
+    if cfg.chunk_size:
+        return cfg.chunk_size, "set"
+    if device.type != "cuda":
+        return CPU_CHUNK, "auto: CPU"
+    per_image = attack_bytes_per_image(model, tuple(image_shape), device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    size = chunk_for_memory(per_image, total)
+    return size, f"auto: {per_image / 2**20:.1f} MiB per image (input-gradient pass), {total / 2**30:.0f} GiB device"
+
+
 def attack_spec(name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int) -> dict:
     """What determines an attack's per-image flags (and so whether saved chunks can be reused)."""
     spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
@@ -173,12 +210,14 @@ def evaluate(
     x_all, y_all = test_tensors(split, n_all, device)
     perf_cfg = perf_cfg or PerfConfig(compile="off")
     classifier, attacker = (eval_network(model, perf_cfg, device, attack) for attack in (False, True))
-    batch = min(cfg.batch_size, cfg.chunk_size)
+    chunk_size, chunk_reason = resolve_chunk_size(cfg, model, x_all.shape[1:], device)
+    cfg = dataclasses.replace(cfg, chunk_size=chunk_size)
+    batch = min(cfg.batch_size, chunk_size)
     aa_net = StaticBatch(attacker, batch) if is_compiled(attacker) else EvalForward(model)
     protocol = autoattack.PROTOCOLS[cfg.aa_version]
     model_hash = fingerprint(model)
     results = {}
-    with mode(model, train=False):
+    with mode(model, train=False), graphs_in_use(attack_graphs(perf_cfg, device)):  # PGD-20 captured on CUDA
         for name in cfg.attacks:
             n = min((cfg.aa_num_examples or cfg.num_examples) if name == "aa" else cfg.num_examples, len(y_all))
             store = ChunkStore(record_dir, name, attack_spec(name, cfg, n, seed, model_hash, batch))
@@ -216,7 +255,7 @@ def evaluate(
                 "chunk_seconds": round(sum(r["seconds"] for r in records), 2),
                 "chunks": len(records),
                 "reused_chunks": sum(gather_objects(reused, dist)),
-                "config": store.spec,
+                "config": store.spec | {"chunk_size_rule": chunk_reason},
                 "flags": pack(flags),
             }
             if name == "aa":

@@ -5,7 +5,8 @@
 4. torch.compile (auto: on for CUDA), static shapes, one compiled entry point per role (training step, attack,
    evaluation, a method's second network), so that switching roles never recompiles;
 5. autocast dtype for the forwards (auto: what the hardware runs natively, see `resolve_dtype`);
-6. cuDNN autotuning (auto: on for CUDA; every shape in the hot loop is static).
+6. cuDNN autotuning (auto: on for CUDA; every shape in the hot loop is static);
+7. CUDA graphs (auto: on for CUDA): each PGD attack captured once and replayed (engine.attacks.graphs).
 DDP wrapping happens after these, in engine.distributed.
 
 Hardware-dependent defaults are read from the machine at run time, never tuned to the one they were written on:
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attacks.graphs import AttackGraphs, set_attack_graphs
+from .attacks.graphs import for_device as graphs_for_device
 from .config import ConfigError, PerfConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -86,12 +89,19 @@ class Perf:
     dtype_reason: str = "set"
     cudnn_benchmark: bool = False
     step_kernel: Callable | None = None  # the PGD step this run installed (None: plain torch)
+    attack_graphs: AttackGraphs | None = None  # the captured attacks (None: attacks run eagerly)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.attack_graphs is not None
 
     def activate(self) -> None:
-        """Install this run's PGD step again (the hook is process-wide: for benchmarks that alternate runs)."""
+        """Install this run's PGD step and attack graphs again (the hooks are process-wide: for benchmarks that
+        alternate runs)."""
         from .attacks import set_step_kernel
 
         set_step_kernel(self.step_kernel)
+        set_attack_graphs(self.attack_graphs)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -109,7 +119,8 @@ class Perf:
         )
         return (
             f"device={self.device} dtype={DTYPE_NAMES[self.dtype]} ({self.dtype_reason}) "
-            f"channels_last={self.channels_last} compile={self.compiled} kernels={self.kernels} {hardware}"
+            f"channels_last={self.channels_last} compile={self.compiled} kernels={self.kernels} "
+            f"cuda_graphs={self.cuda_graphs} {hardware}"
         )
 
 
@@ -186,6 +197,13 @@ class AuxForward(_Role):
         return self.net(x, **kwargs)
 
 
+def attack_graphs(cfg: PerfConfig, device: torch.device) -> AttackGraphs | None:
+    """The CUDA graphs attacks on `device` use (None: eager), per perf.cuda_graphs (auto: on for CUDA)."""
+    if cfg.cuda_graphs == "on" and device.type != "cuda":
+        raise ConfigError(f"perf.cuda_graphs=on needs a CUDA device, got {device}; use auto or off")
+    return graphs_for_device(device) if resolve_switch(cfg.cuda_graphs, device) else None
+
+
 def compile_wanted(cfg: PerfConfig, device: torch.device) -> bool:
     return resolve_switch(cfg.compile, device)
 
@@ -232,7 +250,9 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
     benchmark = resolve_switch(cfg.cudnn_benchmark, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = benchmark  # process-wide: one run per process
-    return train, attack, Perf(device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel)
+    graphs = attack_graphs(cfg, device)
+    set_attack_graphs(graphs)
+    return train, attack, Perf(device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel, graphs)
 
 
 @functools.cache

@@ -1,5 +1,8 @@
 """Inductor's cache is keyed by the CPU's vector ISA: a graph compiled under AVX-512 and reloaded under AVX2 from
-a shared cache gave NaN gradients (the cause of test_compile_equals_eager failing in full runs)."""
+a shared cache gave NaN gradients (the cause of test_compile_equals_eager failing in full runs). The step below is a
+conv-BN network's forward and backward: with one cache shared by both ISAs (TORCHINDUCTOR_CACHE_DIR set for both
+processes) its AVX2 loss came out as 4e23 against 2.30 (2026-12-01), so it reproduces the fault in a third of the
+time the smoke training step took."""
 
 import json
 import os
@@ -14,17 +17,18 @@ from engine.compile_cache import ENV, isolate_inductor_cache
 
 REPO = Path(__file__).resolve().parents[1]
 STEP = """
-import json, torch
-from engine.config import apply_overrides
-from engine.recipes import get_recipe
-from engine.train import build_run, train_step
-cfg = apply_overrides(get_recipe("smoke"), ["perf.dtype=fp32", "attack.num_steps=0", "perf.compile=true"])
-run = build_run(cfg)
+import json, torch, engine  # importing engine isolates the cache
+from torch import nn
 torch.manual_seed(0)
-x, y = next(iter(run.train_loader))
-loss = float(train_step(run, x, y)["loss"])
-grad = run.nets.raw.conv1.weight.grad
-print(json.dumps({"loss": loss, "finite": bool(torch.isfinite(grad).all()), "norm": float(grad.norm())}))
+net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1),
+                    nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+net = net.to(memory_format=torch.channels_last)
+x, y = torch.rand(16, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (16,))
+loss = torch.compile(lambda x, y: nn.functional.cross_entropy(net(x), y), dynamic=False)(x, y)
+loss.backward()
+grad = net[0].weight.grad
+print(json.dumps({"loss": float(loss), "finite": bool(torch.isfinite(grad).all() and torch.isfinite(grad.norm())),
+                  "norm": float(grad.norm())}))
 """
 
 

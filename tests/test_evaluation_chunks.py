@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from engine import autoattack
 from engine.config import EvalConfig
 from engine.data.synthetic import synthetic_split
-from engine.evaluate import chunk_seed, evaluate, format_results, unpack
+from engine.evaluate import chunk_for_memory, chunk_seed, evaluate, format_results, resolve_chunk_size, unpack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +68,20 @@ def test_flags_are_mixed_and_stages_add_up(reference):
     assert values == sorted(values, reverse=True)  # each stage can only remove robust images
     assert aa["version"] == "standard" and aa["config"]["protocol"]["iterations"] == 100
     assert aa["chunks"] == 2 and aa["config"]["chunk_size"] == 16 and aa["config"]["seed"] == 3
+    assert aa["config"]["chunk_size_rule"] == "set"
+
+
+def test_the_default_chunk_is_sized_for_the_device():
+    """eval.chunk_size=0: 500 on a CPU; on CUDA the largest chunk whose attack (3x an input-gradient pass's peak per
+    image) fits half the device's total memory, so a given network and GPU model always get the same chunks."""
+    mib, gib = 2**20, 2**30
+    assert chunk_for_memory(8 * mib, 141 * gib) == 1000  # a ResNet-18-sized pass on an H200
+    assert chunk_for_memory(60 * mib, 141 * gib) == 250  # a WRN-34-10-sized one
+    assert chunk_for_memory(8 * mib, 16 * gib) == 250
+    assert chunk_for_memory(16 * gib, 16 * gib) == 50  # never less than the smallest choice
+    cpu = torch.device("cpu")
+    assert resolve_chunk_size(EvalConfig(), SparseLinear(), (3, 32, 32), cpu) == (500, "auto: CPU")
+    assert resolve_chunk_size(EvalConfig(chunk_size=64), SparseLinear(), (3, 32, 32), cpu) == (64, "set")
 
 
 def test_chunk_seeds_differ_per_chunk_and_attack():

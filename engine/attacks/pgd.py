@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AttackConfig
+from . import graphs
 from .step import pgd_step, random_start
 
 
@@ -71,8 +72,18 @@ def pgd(
 
     `train` picks the model mode during the attack (train mode: batch statistics, running stats updated).
     `autocast` is a context factory for the forwards (mixed precision); the step itself runs in x's dtype.
+    With CUDA graphs installed (engine.attacks.graphs), the whole attack is captured once and replayed.
     """
     x = x.detach()
+    captured = graphs.active()
+    if captured is not None and cfg.num_steps > 0 and captured.applies(x):
+        return captured.run(eager_pgd, model, x, y, cfg, bn=bn, train=train, target_probs=target_probs,
+                            autocast=autocast)  # fmt: skip
+    return eager_pgd(model, x, y, cfg, bn=bn, train=train, target_probs=target_probs, autocast=autocast)
+
+
+def eager_pgd(model, x, y, cfg: AttackConfig, *, bn: str, train: bool, target_probs=None, autocast=None):
+    """The attack itself (what a CUDA graph captures)."""
     x_adv = random_start(x, cfg.eps, cfg.start)
     with mode(model, train), frozen(model) if is_compiled(model) else nullcontext(), autocast_once(autocast):
         for _ in range(cfg.num_steps):

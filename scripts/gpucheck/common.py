@@ -192,7 +192,7 @@ def smoke_compile(smoke: bool):
     original = torch.compile
 
     def compile_without_codegen(model=None, **kwargs):
-        kwargs.setdefault("backend", SMOKE_COMPILE_BACKEND)
+        kwargs["backend"] = SMOKE_COMPILE_BACKEND  # also over the engine's own perf.compile_backend (inductor)
         kwargs.pop("mode", None)  # mode only applies to Inductor
         return original(**kwargs) if model is None else original(model, **kwargs)
 

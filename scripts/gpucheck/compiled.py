@@ -4,7 +4,8 @@
 2. unique graphs, graph breaks, cache entries on forward.__code__, dynamic dims;
 3. with torch._dynamo.config.error_on_recompile, 20 timed steps and another on_epoch_start: recompiles after warm-up;
 4. a profile (profile_compiled.txt) and the layouts the dual-BN op received.
-While >= 70 s remain: kernels=off, TRADES, and mode="reduce-overhead" (CUDA graphs) as attack and train net.
+While >= 70 s remain: + the engine's CUDA graphs of the attack (perf.cuda_graphs=on), kernels=off, TRADES, and
+mode="reduce-overhead" (Inductor's CUDA graphs) as attack and train net.
 TORCH_LOGS output (recompiles, graph breaks, dynamic shapes, perf hints) goes to compile_torch_logs.txt.
 """
 
@@ -202,6 +203,8 @@ def extra_run(record: StageRecord, name: str) -> tuple[Run, Any]:
     """The run of an extra case, and its step function."""
     if name == "kernels=off":
         return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, ["perf.compile=true", "perf.kernels=off"])), None
+    if name == "cuda_graphs":
+        return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, COMPILED + ["perf.cuda_graphs=on"])), None
     if name == "trades":
         return build_run(recipe_config("trades-resnet18-cifar10", 128, record.smoke, COMPILED)), None
     run = build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, ["perf.kernels=on"]))
@@ -238,8 +241,9 @@ def extra_case(record: StageRecord, name: str) -> dict[str, Any]:
 
 
 def extras(record: StageRecord) -> None:
-    for name in ("trades", "reduce-overhead") if record.smoke else ("kernels=off", "trades", "reduce-overhead"):
-        if name == "reduce-overhead" and not torch.cuda.is_available():
+    names = ("cuda_graphs", "kernels=off", "trades", "reduce-overhead")
+    for name in [n for n in names if n != "kernels=off"] if record.smoke else names:
+        if name in ("cuda_graphs", "reduce-overhead") and not torch.cuda.is_available():
             record.row({"case": name, "status": SMOKE_SKIP})
         elif not record.has_time(EXTRAS_NEED_S if not record.smoke else 20.0):
             record.row({"case": name, "status": BUDGET_SKIP})

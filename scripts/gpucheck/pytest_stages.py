@@ -18,7 +18,8 @@ from typing import Any
 
 from .record import REPO, StageFailed, StageRecord, child_processes
 
-PROBES = ["tests/test_perf.py", "tests/test_train.py::test_resume_gives_identical_results", "-m", "not slow"]
+PROBES = ["tests/test_perf.py", "tests/test_cuda_graphs.py", "tests/test_train.py::test_resume_gives_identical_results",
+          "-m", "not slow"]  # fmt: skip
 KERNEL_TESTS = ["tests/kernels", "-m", "triton", "--maxfail", "10"]
 SMOKE_KERNEL_TESTS = ["tests/kernels/test_pgd_step.py", "-m", "triton", "--maxfail", "10"]  # interpreted: slow
 COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)")

@@ -1,7 +1,8 @@
 """Stage `step_eager`: the AR-AT ResNet-18 step along bench/train_step.py's ladder, at B=128 and B=512.
 
-Rows 0-4 run with cudnn.benchmark off (as the ladder was measured), then row 4 with it on: that last row is the
-engine's default on CUDA (perf.cudnn_benchmark=auto) and gives the headline figures. Rows 3-4 at B=128 are also
+Rows 0-4 run with cudnn.benchmark off (as the ladder was measured), then row 4 with it on (the headline figures),
+then that row with the attack captured as a CUDA graph (perf.cuda_graphs, the engine's CUDA default; profiled:
+kernels launched per step and the GPU-busy fraction show what the capture saved). Rows 3-4 at B=128 are also
 profiled: aten ops and CUDA kernels per step, the GPU-busy fraction and aten::_to_copy per step.
 """
 
@@ -20,10 +21,12 @@ from .record import BUDGET_SKIP, StageFailed, StageRecord
 
 CUDNN_OFF, CUDNN_ON = "perf.cudnn_benchmark=off", "perf.cudnn_benchmark=on"
 # (batch, ladder row, cudnn.benchmark, profile)
+GRAPHS_ROW = next(i for i, (name, _) in enumerate(LADDER) if name == "+CUDA graphs")  # on top of cudnn.benchmark
 ROWS = [(128, row, False, row in (3, 4)) for row in range(DEFAULT_ROW + 1)]
-ROWS += [(128, DEFAULT_ROW, True, False), (512, 3, False, False), (512, DEFAULT_ROW, False, False)]
+ROWS += [(128, DEFAULT_ROW, True, False), (128, GRAPHS_ROW, True, True)]
+ROWS += [(512, 3, False, False), (512, DEFAULT_ROW, False, False)]
 ROWS += [(512, DEFAULT_ROW, True, True)]
-SMOKE_ROWS = [r for r in ROWS if r[0] == 128 or r[3]]  # B=512 only as the profiled default row
+SMOKE_ROWS = [r for r in ROWS if (r[0] == 128 or r[3]) and r[1] != GRAPHS_ROW]  # CUDA graphs: CUDA only
 WARMUP, STEPS, SMOKE_WARMUP, SMOKE_STEPS = 3, 20, 1, 2
 PROFILE_STEPS = 2
 ROW_SECONDS = {128: 4.0, 512: 8.0}
@@ -43,7 +46,7 @@ def profile_row(run, title: str, record: StageRecord) -> dict[str, Any]:
 
 
 def step_row(record: StageRecord, batch: int, row: int, cudnn: bool, profile: bool) -> dict[str, Any]:
-    name = LADDER[row][0] + (" +cudnn.benchmark" if cudnn else "")
+    name = LADDER[row][0] + (" +cudnn.benchmark" if cudnn and row <= DEFAULT_ROW else "")
     cfg = ladder_config(row, batch, record.smoke, [CUDNN_ON if cudnn else CUDNN_OFF])
     run = build_run(cfg)
     warmup, steps = (SMOKE_WARMUP, SMOKE_STEPS) if record.smoke else (WARMUP, STEPS)
@@ -84,6 +87,8 @@ def step_eager(record: StageRecord) -> None:
             busy[batch] = result.get("busy_fraction")
         if row == DEFAULT_ROW and cudnn:
             record.figure(f"b{batch}", headline(result, busy.get(batch, busy.get(128))))
+        if row == GRAPHS_ROW:
+            record.figure(f"b{batch}_cuda_graphs", headline(result, result.get("busy_fraction")))
         if not result["finite_loss"]:
             record.fail(f"{result['config']} B={batch}: loss {result['loss']}")
     record.figure("cudnn_benchmark", cudnn_gain(rows))

@@ -1,0 +1,179 @@
+"""Whole PGD attacks (random start + every step) captured once as a CUDA graph and replayed: one launch per attack
+instead of some hundred kernel launches per step (forward, backward, step), none of them waiting on Python.
+
+`pgd` calls `AttackGraphs.run` when graphs are installed (engine.perf, perf.cuda_graphs=auto|on). Per distinct
+attack (network, input shape/dtype/layout, labels, TRADES target, attack settings, BN branch, mode, autocast) the
+first `warmup` calls run eagerly (compilation, cuDNN autotuning and lazy initialisation happen there; their results
+are those calls' results), the next call is captured and then replayed, and every later call copies its inputs into
+the graph's static buffers and replays. Every call thus executes exactly once, as it would eagerly: a train-mode
+attack's running-statistics updates and the random generator advance as often as without graphs.
+
+What makes the captured attack sound:
+- random starts draw from torch's default CUDA generator, which is graph-safe: each replay reads the generator's
+  current seed and offset and advances it, so every replay draws new noise and `torch.manual_seed` still repeats a
+  run;
+- autocast's weight-cast cache is disabled inside the capture (a cast cached in the graph's memory pool would be
+  freed when the capture ends); the graph casts each weight per forward;
+- the weights are read where they live: the optimizer updates them in place, so each replay sees the current ones
+  (a network whose parameters are replaced by new tensors needs `reset()`; `load_state_dict` copies in place);
+- loaders on other threads (DALI, FFCV) keep using CUDA while the capture runs (capture_error_mode="thread_local");
+- every graph shares one memory pool: attacks never run concurrently and their outputs are copied out at once.
+A capture that fails (an op that synchronizes with the host, ...) is logged once and that attack stays eager.
+
+The capture backend is a parameter so that the bookkeeping (keys, warm-up, static buffers, copies, fallback) is
+tested on a CPU with a stand-in; the CUDA capture itself runs only where CUDA exists (tests/test_cuda_graphs.py,
+the GPU check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("engine")
+
+Replay = Callable[[], None]
+
+
+class CudaCapture:
+    """torch.cuda.CUDAGraph capture on a side stream, one memory pool for all graphs."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def warm(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """An eager call on the capture stream (what torch's capture recipe asks of warm-up iterations)."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        current.wait_stream(self.stream)
+        return out
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
+        """(replay, static output): records fn's kernels without running them."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            out = fn()
+        return graph.replay, out
+
+
+@dataclass
+class _Entry:
+    calls: int = 0
+    failed: bool = False
+    replay: Replay | None = None
+    inputs: tuple = ()  # static x, y, target probabilities (or None)
+    output: torch.Tensor | None = None
+    keep: tuple = field(default_factory=tuple)  # what the graph reads besides its inputs (the network), kept alive
+
+
+class AttackGraphs:
+    """The captured attacks of one run (see the module docstring)."""
+
+    def __init__(self, capture, warmup: int = 2):
+        self.capture_backend = capture
+        self.warmup = warmup
+        self._entries: dict[tuple, _Entry] = {}
+        self.captures = 0
+        self.replays = 0
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether an attack on `x` is captured (CUDA graphs take tensors on their own device only)."""
+        return x.device == self.capture_backend.device
+
+    def reset(self) -> None:
+        """Forget every graph (after a network's parameters were replaced by new tensors)."""
+        self._entries.clear()
+
+    def run(self, attack, model, x, y, cfg, *, bn: str, train: bool, target_probs=None, autocast=None) -> torch.Tensor:
+        """`attack(model, x, y, cfg, bn=, train=, target_probs=, autocast=)`, captured and replayed."""
+        key = (id(model), bn, train, dataclasses.astuple(cfg), _signature(x), _signature(y), _signature(target_probs),
+               _autocast_state(autocast, x.device.type))  # fmt: skip
+        entry = self._entries.setdefault(key, _Entry(keep=(model,)))
+        call = lambda *inputs, ac=autocast: attack(model, *inputs[:2], cfg, bn=bn, train=train,  # noqa: E731
+                                                   target_probs=inputs[2], autocast=ac)  # fmt: skip
+        if entry.failed or entry.calls < self.warmup:
+            entry.calls += 1
+            return self.capture_backend.warm(lambda: call(x, y, target_probs))
+        if entry.replay is None:
+            entry.inputs = tuple(None if t is None else torch.empty_like(t).copy_(t) for t in (x, y, target_probs))
+            try:
+                entry.replay, entry.output = self.capture_backend.capture(
+                    lambda: call(*entry.inputs, ac=_uncached(autocast, x.device.type))
+                )
+            except Exception as err:  # noqa: BLE001 - any failure means: run this attack eagerly
+                entry.failed, entry.inputs = True, ()
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                log.warning("CUDA graph capture of an attack failed (%s); this attack runs eagerly", first)
+                return self.capture_backend.warm(lambda: call(x, y, target_probs))
+            self.captures += 1
+        else:
+            for static, t in zip(entry.inputs, (x, y, target_probs), strict=True):
+                if static is not None:
+                    static.copy_(t)
+        entry.replay()
+        self.replays += 1
+        return entry.output.clone()
+
+
+def _signature(t: torch.Tensor | None):
+    return None if t is None else (tuple(t.shape), t.dtype, t.stride(), str(t.device), t.requires_grad)
+
+
+def _autocast_state(autocast, device_type: str) -> tuple:
+    if autocast is None:
+        return ()
+    with autocast():
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _uncached(autocast, device_type: str):
+    """`autocast` with its weight-cast cache off (a cast cached during capture would live in the graph's pool)."""
+    if autocast is None:
+        return None
+
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
+        with autocast():
+            enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False):
+                yield
+
+    return context
+
+
+_active: AttackGraphs | None = None
+
+
+def set_attack_graphs(graphs: AttackGraphs | None) -> None:
+    """Install (None: remove) the graphs `pgd` uses for attacks on CUDA tensors."""
+    global _active
+    _active = graphs
+
+
+def active() -> AttackGraphs | None:
+    return _active
+
+
+@contextlib.contextmanager
+def using(graphs: AttackGraphs | None) -> Iterator[None]:
+    """Attacks inside use `graphs` (None: none); the previous setting comes back afterwards."""
+    previous = _active
+    set_attack_graphs(graphs)
+    try:
+        yield
+    finally:
+        set_attack_graphs(previous)
+
+
+def for_device(device: torch.device) -> AttackGraphs | None:
+    """Graphs for attacks on `device`: CUDA only (None elsewhere)."""
+    return AttackGraphs(CudaCapture(device)) if device.type == "cuda" else None
