@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from . import autoattack
 from .attacks import is_compiled, mode, pgd
+from .attacks.graphs import active as active_graphs
 from .attacks.graphs import using as graphs_in_use
 from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit
@@ -159,13 +160,14 @@ def chunk_for_memory(bytes_per_image: float, total_bytes: int, share: float = 0.
 
 
 def attack_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, probe: int = 32):
-    """Peak CUDA memory per image of one forward + input-gradient pass of the evaluation classifier."""
+    """Peak CUDA memory per image of one forward + input-gradient pass of the evaluation classifier (resets the
+    device's peak-memory statistics)."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    x = torch.rand(probe, *image_shape, device=device, requires_grad=True)
-    with mode(model, train=False):
-        torch.autograd.grad(EvalForward(model)(x).sum(), x)
+    x = torch.full((probe, *image_shape), 0.5, device=device, requires_grad=True)  # draws no random numbers
+    with mode(model, train=False), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        torch.autograd.grad(EvalForward(model)(x).sum(), x)  # cuDNN's default algorithms: a repeatable workspace
     return (torch.cuda.max_memory_allocated(device) - base) / probe
 
 
@@ -217,7 +219,8 @@ def evaluate(
     protocol = autoattack.PROTOCOLS[cfg.aa_version]
     model_hash = fingerprint(model)
     results = {}
-    with mode(model, train=False), graphs_in_use(attack_graphs(perf_cfg, device)):  # PGD-20 captured on CUDA
+    graphs = attack_graphs(perf_cfg, device, reuse=active_graphs())  # PGD-20 captured on CUDA, in training's pool
+    with mode(model, train=False), graphs_in_use(graphs):
         for name in cfg.attacks:
             n = min((cfg.aa_num_examples or cfg.num_examples) if name == "aa" else cfg.num_examples, len(y_all))
             store = ChunkStore(record_dir, name, attack_spec(name, cfg, n, seed, model_hash, batch))

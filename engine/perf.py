@@ -197,11 +197,23 @@ class AuxForward(_Role):
         return self.net(x, **kwargs)
 
 
-def attack_graphs(cfg: PerfConfig, device: torch.device) -> AttackGraphs | None:
-    """The CUDA graphs attacks on `device` use (None: eager), per perf.cuda_graphs (auto: on for CUDA)."""
+INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # compile modes that capture CUDA graphs themselves
+
+
+def attack_graphs(cfg: PerfConfig, device: torch.device, reuse: AttackGraphs | None = None) -> AttackGraphs | None:
+    """The CUDA graphs attacks on `device` use (None: eager), per perf.cuda_graphs (auto: on for CUDA, off when
+    torch.compile's mode captures graphs of its own, which cannot nest inside ours); `reuse`: see graphs.for_device."""
     if cfg.cuda_graphs == "on" and device.type != "cuda":
         raise ConfigError(f"perf.cuda_graphs=on needs a CUDA device, got {device}; use auto or off")
-    return graphs_for_device(device) if resolve_switch(cfg.cuda_graphs, device) else None
+    inductor_graphs = compile_wanted(cfg, device) and cfg.compile_mode in INDUCTOR_GRAPH_MODES
+    if cfg.cuda_graphs == "on" and inductor_graphs:
+        raise ConfigError(
+            f"perf.cuda_graphs=on and perf.compile_mode={cfg.compile_mode} both capture CUDA graphs; "
+            "set one of them off (perf.cuda_graphs=off, or perf.compile_mode=default)"
+        )
+    if inductor_graphs or not resolve_switch(cfg.cuda_graphs, device):
+        return None
+    return graphs_for_device(device, reuse)
 
 
 def compile_wanted(cfg: PerfConfig, device: torch.device) -> bool:

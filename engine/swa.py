@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import pgd
+from .attacks import graphs, pgd
 from .config import AttackConfig, SWAConfig
 from .data import Loader
 
@@ -79,7 +79,8 @@ def reestimate_adv_bn(model: nn.Module, loader: Loader, attack: AttackConfig, au
         m.momentum = None  # cumulative moving average
     model.train()
     for x, y in tqdm(loader, desc="swa: adv-BN re-estimation", leave=False, dynamic_ncols=True):
-        with frozen_bn_stats(model):
+        # eager: with momentum None, BN reads num_batches_tracked on the host (a sync no CUDA graph may contain)
+        with frozen_bn_stats(model), graphs.using(None):
             x_adv = pgd(model, x, y, attack, bn="adv", train=True, autocast=autocast)
         with torch.no_grad(), autocast():
             model(x_adv, bn="adv")

@@ -97,7 +97,8 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opt
         momentum=o.momentum,
         weight_decay=o.weight_decay,
         nesterov=o.nesterov,
-        fused=device.type == "cuda",
+        fused=device.type == "cuda",  # one kernel for every parameter
+        foreach=device.type != "cuda",  # a handful of ops per step instead of ~5 per parameter (torch's CPU default)
     )
 
 

@@ -24,12 +24,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class Rerun:
     """CPU stand-in for CudaCapture (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, fail: bool = False):
-        self.device, self.model, self.fail = torch.device("cpu"), model, fail
+    def __init__(self, model: torch.nn.Module, fail: bool = False, syncs: tuple[str, ...] = ()):
+        self.device, self.model, self.fail, self.syncs = torch.device("cpu"), model, fail, syncs
         self.captured_cache_states: list[bool] = []
 
     def warm(self, fn):
         return fn()
+
+    def host_syncs(self, fn):
+        return fn(), list(self.syncs)
 
     def capture(self, fn):
         if self.fail:
@@ -114,34 +117,57 @@ def test_a_trades_target_is_copied_into_the_graph():
         assert torch.equal(a, b)
 
 
-def test_the_capture_runs_with_autocasts_weight_cache_off():
-    """A weight cast cached during capture would live in the graph's pool (freed at capture end): off inside the
-    capture only; the eager warm-up calls keep the cache (one cast per attack, issue 9 item 4)."""
+def test_graphed_attacks_run_with_autocasts_weight_cache_off():
+    """A weight cast cached during capture would live in the graph's pool (freed at capture end), and a compiled
+    attack's guards include the cache switch (a guard failing inside the capture would recompile there): so every
+    call of a graphed attack, warm-up included, runs with the cache off; an eager attack keeps it (issue 9 item 4)."""
     model, cfg = net(), AttackConfig(num_steps=2)
     stand_in = Rerun(model)
-    captured = graphs.AttackGraphs(stand_in, warmup=1)
-    seen_eager = []
-    hook = model.register_forward_pre_hook(lambda *_: seen_eager.append(torch.is_autocast_cache_enabled()))
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_cache_enabled()))
     x, y = batches(1)[0]
-    with graphs.using(captured):
-        for _ in range(3):
-            pgd(model, x, y, cfg, bn="adv", train=False, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    pgd(model, x, y, cfg, bn="adv", train=False, autocast=bf16)
+    assert seen == [True, True]
+    seen.clear()
+    with graphs.using(graphs.AttackGraphs(stand_in, warmup=2)):
+        for _ in range(4):
+            pgd(model, x, y, cfg, bn="adv", train=False, autocast=bf16)
     hook.remove()
     assert stand_in.captured_cache_states == [False, False]
-    assert seen_eager[:2] == [True, True]  # the warm-up call's two forwards
+    assert seen and not any(seen)  # two warm-up calls, the capture and two replays
 
 
-def test_a_failed_capture_is_logged_once_and_the_attack_stays_eager(caplog):
+def test_an_attack_that_syncs_with_the_host_is_never_captured(caplog):
     cfg = AttackConfig(num_steps=2)
     model_a, model_b, data = net(), net(), batches(4)
     eager = attacks(model_a, data, cfg, None, bn="adv", train=True)
+    captured = graphs.AttackGraphs(Rerun(model_b, syncs=("called a synchronizing CUDA operation",)))
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        checked = attacks(model_b, data, cfg, captured, bn="adv", train=True)
+    assert (captured.captures, captured.replays) == (0, 0) and not captured.broken
+    assert [r.getMessage() for r in caplog.records] == [
+        "an attack synchronizes with the host (called a synchronizing CUDA operation): it runs eagerly, uncaptured"
+    ]
+    for a, b in zip(eager, checked, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_capture_is_logged_once_and_every_attack_stays_eager(caplog):
+    """After a failed capture the allocator's state is in doubt: no attack, of any key, is captured again."""
+    cfg = AttackConfig(num_steps=2)
+    model_a, model_b, data = net(), net(), batches(4)
+    eager = attacks(model_a, data, cfg, None, bn="adv", train=True)
+    eager += attacks(model_a, data, cfg, None, bn="clean", train=True)
     captured = graphs.AttackGraphs(Rerun(model_b, fail=True), warmup=1)
     with caplog.at_level(logging.WARNING, logger="engine"):
         fallback = attacks(model_b, data, cfg, captured, bn="adv", train=True)
+        captured.capture_backend.fail = False
+        fallback += attacks(model_b, data, cfg, captured, bn="clean", train=True)
     warnings = [r.getMessage() for r in caplog.records if "CUDA graph capture" in r.getMessage()]
     assert warnings == ["CUDA graph capture of an attack failed (operation not permitted when stream is capturing); "
-                        "this attack runs eagerly"]  # fmt: skip
-    assert (captured.captures, captured.replays) == (0, 0)
+                        "attacks run eagerly from now on"]  # fmt: skip
+    assert (captured.captures, captured.replays) == (0, 0) and captured.broken
     for a, b in zip(eager, fallback, strict=True):
         assert torch.equal(a, b)
 
@@ -155,6 +181,11 @@ def test_graphs_are_installed_for_cuda_only(tiny_cfg):
     assert attack_graphs(PerfConfig(cuda_graphs="off"), torch.device("cuda")) is None
     with pytest.raises(ConfigError, match="perf.cuda_graphs=on needs a CUDA device"):
         attack_graphs(PerfConfig(cuda_graphs="on"), torch.device("cpu"))
+    # torch.compile's own CUDA graphs cannot nest inside ours: auto yields to them, on is refused
+    own = PerfConfig(compile="on", compile_mode="reduce-overhead")
+    assert attack_graphs(own, torch.device("cuda")) is None
+    with pytest.raises(ConfigError, match="both capture CUDA graphs"):
+        attack_graphs(PerfConfig(compile="on", compile_mode="max-autotune", cuda_graphs="on"), torch.device("cuda"))
     run = build_run(apply_overrides(tiny_cfg, ["perf.device=cpu"]))
     assert graphs.active() is None and "cuda_graphs=False" in run.perf.summary()
 

@@ -229,3 +229,27 @@ def test_progress_is_on_disk_before_an_epoch_ends(tiny_cfg, tmp_path, monkeypatc
     progress = [(row, metrics_exist) for name, row, metrics_exist in written if name == "progress.json"]
     assert progress[0][0]["step"] < progress[0][0]["steps"] and not progress[0][1]  # mid-epoch, before any row
     assert json.loads((tmp_path / "run" / "progress.json").read_text())["step"] == progress[-1][0]["steps"]
+
+
+def test_the_cpu_optimizer_is_foreach_and_updates_as_the_per_parameter_loop(tiny_cfg):
+    """build_optimizer on a CPU uses torch's foreach SGD (one op per step per quantity instead of ~5 per parameter;
+    the compiled CPU step dispatched 1,557 aten ops with the loop and 1,073 with foreach): the same updates, bit for
+    bit, as torch's per-parameter loop."""
+    from engine.train import build_optimizer
+
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    fast = build_optimizer(params, tiny_cfg, torch.device("cpu"))
+    o = tiny_cfg.optim
+    loop = torch.optim.SGD(twins, lr=o.lr_at(1), momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov, foreach=False)  # fmt: skip
+    assert fast.defaults["foreach"] and not fast.defaults["fused"]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for group, opt in ((params, fast), (twins, loop)):
+            for p, g in zip(group, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(params, twins, strict=True):
+        assert torch.equal(a, b)

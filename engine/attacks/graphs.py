@@ -12,13 +12,15 @@ What makes the captured attack sound:
 - random starts draw from torch's default CUDA generator, which is graph-safe: each replay reads the generator's
   current seed and offset and advances it, so every replay draws new noise and `torch.manual_seed` still repeats a
   run;
-- autocast's weight-cast cache is disabled inside the capture (a cast cached in the graph's memory pool would be
-  freed when the capture ends); the graph casts each weight per forward;
+- autocast's weight-cast cache is disabled for graphed attacks (a cast cached in the graph's memory pool would be
+  freed when the capture ends), in their warm-up calls too (a compiled attack's guards include the switch); the
+  graph casts each weight per forward;
 - the weights are read where they live: the optimizer updates them in place, so each replay sees the current ones
   (a network whose parameters are replaced by new tensors needs `reset()`; `load_state_dict` copies in place);
 - loaders on other threads (DALI, FFCV) keep using CUDA while the capture runs (capture_error_mode="thread_local");
 - every graph shares one memory pool: attacks never run concurrently and their outputs are copied out at once.
-A capture that fails (an op that synchronizes with the host, ...) is logged once and that attack stays eager.
+A capture that fails anyway is logged once, and from then on every attack runs eagerly (the allocator's state after
+a failed capture is not to be trusted with another one).
 
 The capture backend is a parameter so that the bookkeeping (keys, warm-up, static buffers, copies, fallback) is
 tested on a CPU with a stand-in; the CUDA capture itself runs only where CUDA exists (tests/test_cuda_graphs.py,
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -44,9 +48,14 @@ class CudaCapture:
     """torch.cuda.CUDAGraph capture on a side stream, one memory pool for all graphs."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.device = self.normalize(device)
+        self.stream = torch.cuda.Stream(self.device)
         self.pool = torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def normalize(device: torch.device) -> torch.device:
+        """cuda:N (tensors report cuda:N; a bare "cuda" would never compare equal to their device)."""
+        return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
     def warm(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """An eager call on the capture stream (what torch's capture recipe asks of warm-up iterations)."""
@@ -57,12 +66,44 @@ class CudaCapture:
         current.wait_stream(self.stream)
         return out
 
+    def host_syncs(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+        """(fn's output, the host synchronizations torch's sync debug mode reported): a warm-up call that syncs
+        would invalidate a capture, so it is never captured (best effort: not every sync is reported)."""
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = self.warm(fn)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        return out, [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
-        """(replay, static output): records fn's kernels without running them."""
+        """(replay, static output): records fn's kernels without running them. The stream context is outside the
+        capture so the caller's stream comes back even when ending the capture raises; a capture that cannot end
+        hands its pool back to the allocator (which otherwise keeps allocating into it)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            out = fn()
+        torch.cuda.synchronize(self.device)
+        gc.collect()  # no Python-side frees of CUDA tensors in the middle of the capture
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            finally:
+                try:
+                    graph.capture_end()
+                except Exception:
+                    self._abandon_pool()
+                    raise
         return graph.replay, out
+
+    def _abandon_pool(self) -> None:
+        index = self.device.index
+        with contextlib.suppress(Exception):
+            torch._C._cuda_endAllocateToPool(index, self.pool)
+        with contextlib.suppress(Exception):
+            torch._C._cuda_releasePool(index, self.pool)
 
 
 @dataclass
@@ -84,6 +125,11 @@ class AttackGraphs:
         self._entries: dict[tuple, _Entry] = {}
         self.captures = 0
         self.replays = 0
+        self.broken = False  # a capture failed: the allocator and streams may be in doubt, so nothing is captured
+
+    @property
+    def device(self) -> torch.device:
+        return self.capture_backend.device
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether an attack on `x` is captured (CUDA graphs take tensors on their own device only)."""
@@ -98,21 +144,29 @@ class AttackGraphs:
         key = (id(model), bn, train, dataclasses.astuple(cfg), _signature(x), _signature(y), _signature(target_probs),
                _autocast_state(autocast, x.device.type))  # fmt: skip
         entry = self._entries.setdefault(key, _Entry(keep=(model,)))
-        call = lambda *inputs, ac=autocast: attack(model, *inputs[:2], cfg, bn=bn, train=train,  # noqa: E731
-                                                   target_probs=inputs[2], autocast=ac)  # fmt: skip
-        if entry.failed or entry.calls < self.warmup:
+        # Every call of a graphed attack runs with autocast's weight cache off, warm-up calls too: a compiled
+        # attack's guards include the cache switch, and a guard failing inside the capture would recompile there.
+        uncached = _uncached(autocast, x.device.type)
+        call = lambda *inputs: attack(model, *inputs[:2], cfg, bn=bn, train=train, target_probs=inputs[2],  # noqa: E731
+                                      autocast=uncached)  # fmt: skip
+        if self.broken or entry.failed or entry.calls < self.warmup - 1:
             entry.calls += 1
             return self.capture_backend.warm(lambda: call(x, y, target_probs))
+        if entry.calls == self.warmup - 1:  # the last warm-up call also looks for host synchronizations
+            entry.calls += 1
+            out, syncs = self.capture_backend.host_syncs(lambda: call(x, y, target_probs))
+            if syncs:
+                entry.failed = True
+                log.warning("an attack synchronizes with the host (%s): it runs eagerly, uncaptured", syncs[0])
+            return out
         if entry.replay is None:
             entry.inputs = tuple(None if t is None else torch.empty_like(t).copy_(t) for t in (x, y, target_probs))
             try:
-                entry.replay, entry.output = self.capture_backend.capture(
-                    lambda: call(*entry.inputs, ac=_uncached(autocast, x.device.type))
-                )
-            except Exception as err:  # noqa: BLE001 - any failure means: run this attack eagerly
-                entry.failed, entry.inputs = True, ()
+                entry.replay, entry.output = self.capture_backend.capture(lambda: call(*entry.inputs))
+            except Exception as err:  # noqa: BLE001 - any failure means: attacks run eagerly from now on
+                self.broken, entry.inputs = True, ()
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                log.warning("CUDA graph capture of an attack failed (%s); this attack runs eagerly", first)
+                log.warning("CUDA graph capture of an attack failed (%s); attacks run eagerly from now on", first)
                 return self.capture_backend.warm(lambda: call(x, y, target_probs))
             self.captures += 1
         else:
@@ -174,6 +228,11 @@ def using(graphs: AttackGraphs | None) -> Iterator[None]:
         set_attack_graphs(previous)
 
 
-def for_device(device: torch.device) -> AttackGraphs | None:
-    """Graphs for attacks on `device`: CUDA only (None elsewhere)."""
-    return AttackGraphs(CudaCapture(device)) if device.type == "cuda" else None
+def for_device(device: torch.device, reuse: AttackGraphs | None = None) -> AttackGraphs | None:
+    """Graphs for attacks on `device`: CUDA only (None elsewhere); `reuse` when it serves that device already (its
+    memory pool and stream then serve both, e.g. training and the evaluation after it)."""
+    if device.type != "cuda":
+        return None
+    if reuse is not None and reuse.device == CudaCapture.normalize(device):
+        return reuse
+    return AttackGraphs(CudaCapture(device))
