@@ -3,6 +3,7 @@ evaluation ran, AutoAttack's protocols and stage figures, records, and the expor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,9 +55,23 @@ def flags(results):
     return {name: unpack(r["flags"], r["num_examples"]).tolist() for name, r in results.items()}
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Evaluations compared image by image run with one thread, as the processes these tests start do: a CPU
+    matmul's summation order (so an image whose margin is within rounding of zero) may change with the thread count,
+    which is not what they test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference():
-    return evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), seed=3)
+    with one_thread():
+        return evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), seed=3)
 
 
 def test_flags_are_mixed_and_stages_add_up(reference):
@@ -133,7 +148,8 @@ def test_a_killed_evaluation_resumes_from_its_finished_chunks(tmp_path, referenc
         time.sleep(0.02)
     proc.wait()
     assert any(record.glob("chunks/aa-*/00000.json")), "the first AutoAttack chunk was never written"
-    resumed = evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, record_dir=record)
+    with one_thread():
+        resumed = evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, record_dir=record)
     assert flags(resumed) == flags(reference)
     assert resumed["clean"]["reused_chunks"] == 2 and resumed["aa"]["reused_chunks"] >= 1
     assert resumed["aa"]["stages"] == reference["aa"]["stages"]
@@ -214,7 +230,8 @@ def test_a_compiled_evaluation_pads_to_static_shapes_and_finds_the_same_flags(re
     try:
         perf = PerfConfig(compile="on", compile_backend="eager", device="cpu")
         cfg = EvalConfig(attacks=("clean", "pgd20", "aa"), num_examples=16, batch_size=16, chunk_size=16)
-        results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3, perf)
+        with one_thread():
+            results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3, perf)
         assert flags(results) == {k: v[:16] for k, v in flags(reference).items()}  # chunk 0: same seeds, same flags
         # predictions; PGD-20 (frozen weights); AutoAttack's forwards with and without input gradients, its gradient
         # graphs traced with the weights requiring grad: a handful of static-shape graphs, none per subset size
