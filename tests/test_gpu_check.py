@@ -131,3 +131,17 @@ def test_orchestrator_lists_the_same_stages():
     listed = re.search(r"^STAGES=\(([^)]*)\)", text, re.MULTILINE)[1].split()
     assert [(entry.split(":")[0], int(entry.split(":")[1])) for entry in listed] == STAGES
     assert sum(cap for _, cap in STAGES) == 480  # the caps fill the 8-minute budget
+
+
+def test_compile_variants_are_speeds_relative_to_the_main_case():
+    """The `compile` stage's decision figure (issue 9 item 3: kernels on or off under compile; the captured attack on
+    top of compile): each case's speed relative to the main case, > 1 faster; skipped cases are left out."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck.compiled import speed_vs_main
+    from gpucheck.summary import variants_line
+
+    rows = [{"case": "main", "step_ms": 12.0}, {"case": "kernels=off", "step_ms": 10.0},
+            {"case": "cuda_graphs", "step_ms": 8.0}, {"case": "trades", "status": "skipped: budget"}]  # fmt: skip
+    assert speed_vs_main(rows) == {"kernels=off": 1.2, "cuda_graphs": 1.5}
+    assert speed_vs_main(rows[1:]) == {}
+    assert variants_line(speed_vs_main(rows)) == "speed vs compiled + kernels on: kernels=off 1.2x, cuda_graphs 1.5x"

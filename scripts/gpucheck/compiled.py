@@ -253,6 +253,15 @@ def extras(record: StageRecord) -> None:
                 record.data["figures"].setdefault("extra_problems", []).append(f"{name}: {row.get('error', 'loss')}")
 
 
+def speed_vs_main(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each extra case's speed relative to the main case (compiled, kernels on): > 1 is faster. `kernels=off` > 1
+    means Inductor's own fusion beats the opaque Triton ops under compile (issue 9 item 3: then perf.kernels should
+    default to off under compile); `cuda_graphs` is the engine's captured attack on top of compile."""
+    ms = {r["case"]: r.get("step_ms") for r in rows if r.get("case") and isinstance(r.get("step_ms"), int | float)}
+    main = ms.pop("main", None)
+    return {case: round(main / v, 3) for case, v in ms.items() if main and v} if main else {}
+
+
 def compile_stage(record: StageRecord) -> None:
     for name in ("profile_compiled.txt", "compile_notes.txt"):
         record.side_file(name).unlink(missing_ok=True)
@@ -261,6 +270,7 @@ def compile_stage(record: StageRecord) -> None:
         row = main_case(record)
         record.figure("b128", headline(row))
         extras(record)
+    record.figure("speed_vs_main", speed_vs_main(record.data["rows"]))
     if not row["finite_loss"]:
         record.fail(f"loss {row['loss']} after compile")
     if row["recompiles_after_warmup"]:

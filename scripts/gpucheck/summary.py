@@ -15,6 +15,8 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "eager": {"b128": fig["step_eager"].get("b128"), "b512": fig["step_eager"].get("b512")},
         "cudnn_benchmark": fig["step_eager"].get("cudnn_benchmark"),
         "compiled": {"b128": compiled.get("b128"), "compile_s": compiled.get("compile_s")},
+        "cuda_graphs": {"b128": fig["step_eager"].get("b128_cuda_graphs")},
+        "compile_variants": compiled.get("speed_vs_main"),
         "graphs": compiled.get("unique_graphs"),
         "graph_breaks": compiled.get("graph_breaks"),
         "recompiles_after_warmup": compiled.get("recompiles_after_warmup"),
@@ -92,6 +94,8 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
         ["RN18 B=128 compiled", throughput(s["compiled"]["b128"]) + f"; graphs {fmt(s['graphs'])}, breaks "
          f"{fmt(s['graph_breaks'])}, recompiles after warm-up {fmt(s['recompiles_after_warmup'])}, cold compile "
          f"{fmt(s['compiled']['compile_s'])} s"],
+        ["RN18 B=128 eager + CUDA graphs", throughput(s["cuda_graphs"]["b128"])],
+        ["compile variants", variants_line(s.get("compile_variants"))],
         ["methods", f"{fmt(m['ok'])}/{fmt(m['total'])} ok" + (f" (failed: {', '.join(m['failed'])})" if m["failed"]
                                                               else "")],
         ["WRN-34-10 AR-AT", throughput(s["wrn34_10"])],
@@ -100,6 +104,12 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
         ["probes", pytest_line(s["probes"])],
         ["pytest kernels", pytest_line(s["pytest_kernels"])],
     ]  # fmt: skip
+
+
+def variants_line(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "not measured"
+    return "speed vs compiled + kernels on: " + ", ".join(f"{k} {fmt(x)}x" for k, x in v.items())
 
 
 def cudnn_line(c: dict[str, Any] | None) -> str:
