@@ -16,7 +16,7 @@ What makes the captured attack sound:
   freed when the capture ends), in their warm-up calls too (a compiled attack's guards include the switch); the
   graph casts each weight per forward;
 - the weights are read where they live: the optimizer updates them in place, so each replay sees the current ones
-  (a network whose parameters are replaced by new tensors needs `reset()`; `load_state_dict` copies in place);
+  (a network whose parameters are replaced by new tensors needs new graphs; `load_state_dict` copies in place);
 - loaders on other threads (DALI, FFCV) keep using CUDA while the capture runs (capture_error_mode="thread_local");
 - every graph shares one memory pool: attacks never run concurrently and their outputs are copied out at once.
 A capture that fails anyway is logged once, and from then on every attack runs eagerly (the allocator's state after
@@ -133,11 +133,7 @@ class AttackGraphs:
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether an attack on `x` is captured (CUDA graphs take tensors on their own device only)."""
-        return x.device == self.capture_backend.device
-
-    def reset(self) -> None:
-        """Forget every graph (after a network's parameters were replaced by new tensors)."""
-        self._entries.clear()
+        return x.device == self.device
 
     def run(self, attack, model, x, y, cfg, *, bn: str, train: bool, target_probs=None, autocast=None) -> torch.Tensor:
         """`attack(model, x, y, cfg, bn=, train=, target_probs=, autocast=)`, captured and replayed."""
