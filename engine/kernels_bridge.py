@@ -37,6 +37,8 @@ def install(model: nn.Module) -> tuple[str, object]:
     import kernels
 
     kernels.load_native()  # the optional C++ CPU library, when built
+    if torch.cuda.is_available():
+        kernels.load_triton_ops()  # registered before torch.compile traces the model
     set_step_kernel(kernels.pgd_step)
     set_dual_kernel(model, fused_dual_bn)
     active = [name for name, info in kernels.available_backends().items() if info["active"]]

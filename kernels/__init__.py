@@ -1,7 +1,8 @@
 """Fused ops for adversarial training: the PGD step, the uniform random start and dual (Split-)batch norm.
 
 Each op is a torch custom op (`torch.ops.arat.*`) that runs Triton on CUDA, the optional native C++ library on
-CPU once `load_native()` has loaded it, and the plain-torch reference otherwise (see docs/kernels.md).
+CPU once `load_native()` has loaded it, and the plain-torch reference otherwise (see docs/kernels.md). Compiled
+Triton on CUDA goes through `torch.library.triton_op` variants, so torch.compile sees the kernels themselves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "force_backend",
     "last_backend",
     "load_native",
+    "load_triton_ops",
     "pgd_step",
     "pgd_step_reference",
     "uniform_start",
@@ -41,3 +43,16 @@ def available_backends() -> dict[str, dict[str, object]]:
         "native": {"active": native.is_loaded(), "detail": native_detail},
         "reference": {"active": True, "detail": f"plain torch {torch.__version__}"},
     }
+
+
+def load_triton_ops() -> bool:
+    """Register the triton_op variants (`arat::*_triton`) now, when Triton runs compiled, so that torch.compile never
+    imports them in the middle of a trace; True when they are registered (False without triton or under its
+    interpreter, where the ops take the custom-op route)."""
+    importable, interpreted, _ = _dispatch.triton_status()
+    if not importable or interpreted:
+        return False
+    from .dual_bn import triton_impl as _dual_bn_triton  # noqa: F401  (registers the ops)
+    from .pgd_step import triton_impl as _pgd_step_triton  # noqa: F401
+
+    return True

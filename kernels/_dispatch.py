@@ -3,6 +3,11 @@
 Every op asks `select_backend` with the reasons (or None) why Triton and the native library cannot take this call.
 A fallback to the reference is logged once per (op, reason) and the choice of every call is kept in `last_backend`,
 so nothing falls back silently.
+
+Compiled Triton on CUDA takes another route (`traced_triton`): the public wrappers call the ops' `triton_op`
+variants (`arat::*_triton`), which torch.compile traces into, so Inductor sees the kernel launches themselves
+instead of an opaque custom op. Everything else (native, reference, Triton under the interpreter) goes through the
+`custom_op`s and `select_backend`.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -19,6 +24,7 @@ from . import native
 log = logging.getLogger("kernels")
 
 BACKENDS = ("triton", "native", "reference")
+TRACED_TRITON_DEVICES = ("cuda",)  # where compiled Triton takes the triton_op route (tests widen it to CPU)
 NO_NATIVE_KERNEL = "the native library has no kernel for this op"
 _forced: str | None = None
 _last: dict[str, str] = {}
@@ -77,22 +83,42 @@ def select_backend(op: str, device: torch.device, triton_reason: str | None, nat
     if _forced is not None:
         if reasons[_forced] is not None:
             raise RuntimeError(f"{op}: backend {_forced!r} was forced but cannot run this call: {reasons[_forced]}")
-        return _record(op, _forced)
+        return record(op, _forced)
     preferred = {"cuda": "triton", "cpu": "native"}.get(device.type)
     if preferred == "native" and (not native.is_loaded() or native_reason == NO_NATIVE_KERNEL):
-        return _record(op, "reference")  # a configuration, not a per-call fallback: available_backends() reports it
+        return record(op, "reference")  # a configuration, not a per-call fallback: available_backends() reports it
     if preferred is not None and reasons[preferred] is not None:
         _log_once(op, f"{preferred} cannot run this call ({reasons[preferred]}); using the reference")
-        return _record(op, "reference")
-    return _record(op, preferred or "reference")
+        return record(op, "reference")
+    return record(op, preferred or "reference")
+
+
+def traced_triton(op: str, device: torch.device, why_not: Callable[[], str | None]) -> bool:
+    """True when this call of `op` goes to its triton_op variant: a CUDA tensor, Triton compiled (not interpreted),
+    no other backend forced, and `why_not()` (the call's layout/dtype/size reason against the kernels) None. Records
+    the choice. torch.compile traces this with the public wrapper: plain Python on values fixed for a compiled graph;
+    `why_not` runs only on the route's devices, so CPU traces never reach triton."""
+    if device.type not in TRACED_TRITON_DEVICES or _forced not in (None, "triton") or not _triton_compiled():
+        return False
+    if why_not() is not None:
+        return False
+    record(op, "triton")
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _triton_compiled() -> bool:
+    importable, interpreted, _ = triton_status()
+    return importable and not interpreted
 
 
 def last_backend() -> dict[str, str]:
-    """The backend each op used on its most recent eager call (custom-op bodies also run under torch.compile)."""
+    """The backend each op used on its most recent eager call. Under torch.compile, custom-op bodies still run per
+    call; the triton_op route (compiled Triton on CUDA) is recorded when a graph is traced, not per replay."""
     return dict(_last)
 
 
-def _record(op: str, backend: str) -> str:
+def record(op: str, backend: str) -> str:
     _last[op] = backend
     return backend
 

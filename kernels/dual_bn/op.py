@@ -2,7 +2,9 @@
 
 The forward op is functional: it returns (y, mean, var) and the public wrapper updates the running buffers in place
 afterwards. torch.library refuses an autograd formula on an op that mutates its inputs, and the update is a few
-C-element foreach ops (fused by torch.compile), so keeping it outside costs nothing measurable.
+C-element foreach ops (fused by torch.compile), so keeping it outside costs nothing measurable. On CUDA with compiled
+Triton the public function calls the triton_op variants instead (`arat::dual_batch_norm_triton` and its backward,
+in triton_impl.py, with this autograd formula), whose kernel launches torch.compile sees.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def _(grad_y, x, y, clean_weight, adv_weight, mean, var, training, eps, relu):
     return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
 
 
-def _setup_context(ctx, inputs, output):
+def autograd_setup(ctx, inputs, output):
     x, clean_weight, _, adv_weight, *_, training, eps, relu = inputs
     y, mean, var = output
     ctx.mark_non_differentiable(mean, var)
@@ -89,17 +91,22 @@ def _setup_context(ctx, inputs, output):
     ctx.training, ctx.eps, ctx.relu = training, eps, relu
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_var):
-    x, y, clean_weight, adv_weight, mean, var = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = torch.ops.arat.dual_batch_norm_backward(
-        grad_y, x, y, clean_weight, adv_weight, mean, var, ctx.training, ctx.eps, ctx.relu
-    )
-    clean, adv = clean_weight.dtype, adv_weight.dtype
-    param_grads = (grad_weight[0].to(clean), grad_bias[0].to(clean), grad_weight[1].to(adv), grad_bias[1].to(adv))
-    return (grad_x, *param_grads, None, None, None, None, None, None, None)
+def autograd_backward(backward_op):
+    """The autograd formula of a dual-BN forward op whose backward op (same schema) is `backward_op`."""
+
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, y, clean_weight, adv_weight, mean, var = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = backward_op(
+            grad_y, x, y, clean_weight, adv_weight, mean, var, ctx.training, ctx.eps, ctx.relu
+        )
+        clean, adv = clean_weight.dtype, adv_weight.dtype
+        param_grads = (grad_weight[0].to(clean), grad_bias[0].to(clean), grad_weight[1].to(adv), grad_bias[1].to(adv))
+        return (grad_x, *param_grads, None, None, None, None, None, None, None)
+
+    return backward
 
 
-_dual_bn_op.register_autograd(_backward, setup_context=_setup_context)
+_dual_bn_op.register_autograd(autograd_backward(_dual_bn_backward_op), setup_context=autograd_setup)
 
 
 def dual_batch_norm(
@@ -125,7 +132,12 @@ def dual_batch_norm(
     params = (clean_weight, clean_bias, adv_weight, adv_bias)
     buffers = (clean_running_mean, clean_running_var, adv_running_mean, adv_running_var)
     _check_inputs(x, params + buffers, training, momentum, eps)
-    y, mean, var = _dual_bn_op(x, *params, *buffers, training, eps, relu)
+    if _dispatch.traced_triton("dual_batch_norm", x.device, lambda: _kernel_reason(x, (), params + buffers)):
+        from .triton_impl import dual_bn_op
+
+        y, mean, var = dual_bn_op(x, *params, *buffers, training, eps, relu)
+    else:
+        y, mean, var = _dual_bn_op(x, *params, *buffers, training, eps, relu)
     if training:
         count = x.numel() // x.shape[1] // 2
         _update_running_stats(buffers, mean, var * (count / (count - 1)), momentum)

@@ -5,6 +5,9 @@ program sums a chunk of (sample, spatial-block) tiles of its half into fp32 part
 block adds the partials. Sums are shifted by one sample of the channel (x[first row of the half, c, 0, 0]) so the
 variance E[(x-k)^2] - E[x-k]^2 does not cancel catastrophically when |mean| >> std. Element-wise passes
 (normalize, grad_x) run one program per (sample, spatial block, channel block) tile.
+
+Kernels launch through `torch.library.wrap_triton`: directly in eager code, traced (nodes Inductor compiles) inside
+the triton_ops at the end, which the public `dual_batch_norm` calls for compiled Triton on CUDA.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
-from .._layout import MAX_KERNEL_NUMEL, layout_4d
+from .. import _dispatch
+from .._layout import MAX_KERNEL_NUMEL, layout_4d, like
 from .._triton_util import next_pow2, program_target
 
 TILE_ELEMENTS = 1024  # per program and loop iteration: 8 fp32 per thread and accumulator at 4 warps
@@ -346,7 +351,7 @@ def dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training:
     scale_shift = torch.empty((2, 2, p.channels), device=x.device, dtype=torch.float32)
     partial = torch.empty((2, 2, p.num_chunks, p.channels), device=x.device, dtype=torch.float32)  # sum, sumsq
     if training:
-        _stats_partial_kernel[(p.num_chunks, p.c_blocks, 2)](
+        wrap_triton(_stats_partial_kernel)[(p.num_chunks, p.c_blocks, 2)](
             x,
             partial[0],
             partial[1],
@@ -362,7 +367,7 @@ def dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training:
         )
     block_cf = min(next_pow2(p.channels), FINALIZE_BLOCK_C)
     params = (weight[0], bias[0], weight[1], bias[1], running_mean[0], running_var[0], running_mean[1], running_var[1])
-    _stats_finalize_kernel[(triton.cdiv(p.channels, block_cf), 2)](
+    wrap_triton(_stats_finalize_kernel)[(triton.cdiv(p.channels, block_cf), 2)](
         x,
         partial[0],
         partial[1],
@@ -382,7 +387,7 @@ def dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training:
         num_warps=NUM_WARPS,
     )
     y = torch.empty_like(x)
-    _normalize_kernel[(2 * p.half * p.num_s_blocks, p.c_blocks)](
+    wrap_triton(_normalize_kernel)[(2 * p.half * p.num_s_blocks, p.c_blocks)](
         x,
         y,
         scale_shift[0],
@@ -406,7 +411,7 @@ def dual_bn_backward_triton(grad_y, x, y, weight, mean, var, training: bool, eps
     p = plan(x)
     y_or_dummy = y if relu else x  # RELU=False never reads it
     partial = torch.empty((2, 2, p.num_chunks, p.channels), device=x.device, dtype=torch.float32)  # g, g*(x-mean)
-    _backward_partial_kernel[(p.num_chunks, p.c_blocks, 2)](
+    wrap_triton(_backward_partial_kernel)[(p.num_chunks, p.c_blocks, 2)](
         grad_y,
         x,
         y_or_dummy,
@@ -427,7 +432,7 @@ def dual_bn_backward_triton(grad_y, x, y, weight, mean, var, training: bool, eps
     grad_weight, grad_bias = (torch.empty((2, p.channels), device=x.device, dtype=torch.float32) for _ in range(2))
     coef = torch.empty((3, 2, p.channels), device=x.device, dtype=torch.float32)
     block_cf = min(next_pow2(p.channels), FINALIZE_BLOCK_C)
-    _backward_finalize_kernel[(triton.cdiv(p.channels, block_cf), 2)](
+    wrap_triton(_backward_finalize_kernel)[(triton.cdiv(p.channels, block_cf), 2)](
         partial[0],
         partial[1],
         p.num_chunks,
@@ -447,7 +452,7 @@ def dual_bn_backward_triton(grad_y, x, y, weight, mean, var, training: bool, eps
         num_warps=NUM_WARPS,
     )
     grad_x = torch.empty_like(x)
-    _backward_dx_kernel[(2 * p.half * p.num_s_blocks, p.c_blocks)](
+    wrap_triton(_backward_dx_kernel)[(2 * p.half * p.num_s_blocks, p.c_blocks)](
         grad_y,
         x,
         y_or_dummy,
@@ -465,3 +470,52 @@ def dual_bn_backward_triton(grad_y, x, y, weight, mean, var, training: bool, eps
         num_warps=NUM_WARPS,
     )
     return grad_x, grad_weight, grad_bias
+
+
+@triton_op("arat::dual_batch_norm_triton", mutates_args=())
+def dual_bn_op(
+    x: torch.Tensor,
+    clean_weight: torch.Tensor,
+    clean_bias: torch.Tensor,
+    adv_weight: torch.Tensor,
+    adv_bias: torch.Tensor,
+    clean_running_mean: torch.Tensor,
+    clean_running_var: torch.Tensor,
+    adv_running_mean: torch.Tensor,
+    adv_running_var: torch.Tensor,
+    training: bool,
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`arat::dual_batch_norm` (same schema and contract) as an op torch.compile traces into."""
+    weight, bias = (clean_weight, adv_weight), (clean_bias, adv_bias)
+    running_mean, running_var = (clean_running_mean, adv_running_mean), (clean_running_var, adv_running_var)
+    return dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training, eps, relu)
+
+
+@triton_op("arat::dual_batch_norm_backward_triton", mutates_args=())
+def dual_bn_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    clean_weight: torch.Tensor,
+    adv_weight: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    training: bool,
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`arat::dual_batch_norm_backward` (same schema and contract) as an op torch.compile traces into."""
+    _dispatch.record("dual_batch_norm_backward", "triton")
+    weight = (clean_weight, adv_weight)
+    return dual_bn_backward_triton(like(grad_y, x), x, y, weight, mean, var, training, eps, relu)
+
+
+def _register_autograd() -> None:
+    from .op import autograd_backward, autograd_setup  # op.py is loaded first (it imports this module lazily)
+
+    dual_bn_op.register_autograd(autograd_backward(dual_bn_backward_op), setup_context=autograd_setup)
+
+
+_register_autograd()

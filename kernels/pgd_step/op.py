@@ -1,7 +1,9 @@
 """The registered ops `arat::pgd_step` and `arat::uniform_start` and their backend dispatch.
 
 Both run under no_grad inside the attack loop, so neither has an autograd formula (a backward through them raises);
-both have fake impls, so they trace under torch.compile(fullgraph=True).
+both have fake impls, so they trace under torch.compile(fullgraph=True). On CUDA with compiled Triton the public
+functions call the triton_op variants instead (`arat::pgd_step_triton`, `arat::uniform_start_triton`, in
+triton_impl.py), whose kernel launches torch.compile sees.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def pgd_step(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eps: floa
         raise ValueError(f"pgd_step needs x, x_adv, grad of one shape, got {x.shape}, {x_adv.shape}, {grad.shape}")
     if eps < 0 or alpha < 0:
         raise ValueError(f"pgd_step needs eps >= 0 and alpha >= 0, got eps={eps}, alpha={alpha}")
+    if _dispatch.traced_triton("pgd_step", x_adv.device, lambda: _common_reason(x_adv, x, grad)):
+        from .triton_impl import pgd_step_op
+
+        return pgd_step_op(like(x, x_adv), x_adv, like(grad, x_adv), float(eps), float(alpha))
     return _pgd_step_op(x, x_adv, grad, float(eps), float(alpha))
 
 
@@ -68,6 +74,10 @@ def uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator | None
     if eps < 0:
         raise ValueError(f"uniform_start needs eps >= 0, got {eps}")
     seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64, generator=generator)
+    if _dispatch.traced_triton("uniform_start", x.device, lambda: _common_reason(x)):
+        from .triton_impl import uniform_start_op
+
+        return uniform_start_op(x, float(eps), seed)
     return _uniform_start_op(x, float(eps), seed)
 
 

@@ -1,7 +1,8 @@
 """Triton kernels for the PGD step and the uniform random start: one pass over flat (dense) storage.
 
 The launchers take tensors that share one dense layout (op.py restrides them first) and run on CUDA, or on CPU
-tensors when triton was imported under TRITON_INTERPRET=1.
+tensors when triton was imported under TRITON_INTERPRET=1. Kernels launch through `torch.library.wrap_triton`: a
+direct launch in eager code, a traced one (a node Inductor compiles) inside the triton_ops below.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from .._layout import MAX_KERNEL_NUMEL
 
@@ -53,7 +55,9 @@ def pgd_step_triton(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, ep
     numel = x_adv.numel()
     if numel:
         grid = (triton.cdiv(numel, BLOCK),)
-        _pgd_step_kernel[grid](x, x_adv, grad, out, numel, float(eps), float(alpha), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        wrap_triton(_pgd_step_kernel)[grid](
+            x, x_adv, grad, out, numel, float(eps), float(alpha), BLOCK=BLOCK, num_warps=NUM_WARPS
+        )
     return out
 
 
@@ -64,5 +68,17 @@ def uniform_start_triton(x: torch.Tensor, eps: float, seed: torch.Tensor) -> tor
     numel = x.numel()
     if numel:
         grid = (triton.cdiv(numel, BLOCK),)
-        _uniform_start_kernel[grid](x, seed, out, numel, float(eps), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        wrap_triton(_uniform_start_kernel)[grid](x, seed, out, numel, float(eps), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
+
+
+@triton_op("arat::pgd_step_triton", mutates_args=())
+def pgd_step_op(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float) -> torch.Tensor:
+    """`pgd_step_triton` as an op torch.compile traces into (compiled Triton on CUDA; see _dispatch.traced_triton)."""
+    return pgd_step_triton(x, x_adv, grad, eps, alpha)
+
+
+@triton_op("arat::uniform_start_triton", mutates_args=())
+def uniform_start_op(x: torch.Tensor, eps: float, seed: torch.Tensor) -> torch.Tensor:
+    """`uniform_start_triton` as an op torch.compile traces into."""
+    return uniform_start_triton(x, eps, seed)

@@ -4,13 +4,15 @@
 2. unique graphs, graph breaks, cache entries on forward.__code__, dynamic dims;
 3. with torch._dynamo.config.error_on_recompile, 20 timed steps and another on_epoch_start: recompiles after warm-up;
 4. a profile (profile_compiled.txt) and the layouts the dual-BN op received.
-While >= 70 s remain: + the engine's CUDA graphs of the attack (perf.cuda_graphs=on), kernels=off, TRADES, and
+While >= 70 s remain: + the engine's CUDA graphs of the attack (perf.cuda_graphs=on), kernels=off, the kernels as
+opaque custom ops (`opaque_kernels`: the triton_op route closed, so Inductor cannot see the launches), TRADES, and
 mode="reduce-overhead" (Inductor's CUDA graphs) as attack and train net.
 TORCH_LOGS output (recompiles, graph breaks, dynamic shapes, perf hints) goes to compile_torch_logs.txt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -203,6 +205,8 @@ def extra_run(record: StageRecord, name: str) -> tuple[Run, Any]:
     """The run of an extra case, and its step function."""
     if name == "kernels=off":
         return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, ["perf.compile=true", "perf.kernels=off"])), None
+    if name == "opaque_kernels":  # the main case's switches; extra_case closes the triton_op route around it
+        return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, COMPILED)), None
     if name == "cuda_graphs":
         return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, COMPILED + ["perf.cuda_graphs=on"])), None
     if name == "trades":
@@ -213,7 +217,26 @@ def extra_run(record: StageRecord, name: str) -> tuple[Run, Any]:
     return run, torch.compiler.cudagraph_mark_step_begin
 
 
+@contextlib.contextmanager
+def triton_op_route(open_: bool):
+    """The kernels' triton_op route (compiled Triton on CUDA, visible to Inductor) open, or closed (the opaque
+    custom ops, what the engine compiled before the route existed)."""
+    from kernels import _dispatch
+
+    saved = _dispatch.TRACED_TRITON_DEVICES
+    _dispatch.TRACED_TRITON_DEVICES = saved if open_ else ()
+    try:
+        yield
+    finally:
+        _dispatch.TRACED_TRITON_DEVICES = saved
+
+
 def extra_case(record: StageRecord, name: str) -> dict[str, Any]:
+    with triton_op_route(name != "opaque_kernels"):
+        return _extra_case(record, name)
+
+
+def _extra_case(record: StageRecord, name: str) -> dict[str, Any]:
     torch._dynamo.reset()  # fresh caches and counters: this case's graphs only
     run, step_begin = extra_run(record, name)
     x, y = first_batch(run)
@@ -241,8 +264,8 @@ def extra_case(record: StageRecord, name: str) -> dict[str, Any]:
 
 
 def extras(record: StageRecord) -> None:
-    names = ("cuda_graphs", "kernels=off", "trades", "reduce-overhead")
-    for name in [n for n in names if n != "kernels=off"] if record.smoke else names:
+    names = ("cuda_graphs", "kernels=off", "opaque_kernels", "trades", "reduce-overhead")
+    for name in [n for n in names if n not in ("kernels=off", "opaque_kernels")] if record.smoke else names:
         if name in ("cuda_graphs", "reduce-overhead") and not torch.cuda.is_available():
             record.row({"case": name, "status": SMOKE_SKIP})
         elif not record.has_time(EXTRAS_NEED_S if not record.smoke else 20.0):
@@ -254,9 +277,10 @@ def extras(record: StageRecord) -> None:
 
 
 def speed_vs_main(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Each extra case's speed relative to the main case (compiled, kernels on): > 1 is faster. `kernels=off` > 1
-    means Inductor's own fusion beats the opaque Triton ops under compile (issue 9 item 3: then perf.kernels should
-    default to off under compile); `cuda_graphs` is the engine's captured attack on top of compile."""
+    """Each extra case's speed relative to the main case (compiled, kernels on through their triton_ops): > 1 is
+    faster. `kernels=off` > 1 means Inductor's own fusion beats the Triton kernels under compile (issue 9 item 3:
+    then perf.kernels should default to off under compile); `opaque_kernels` > 1 means the triton_op route is slower
+    than opaque custom ops; `cuda_graphs` is the engine's captured attack on top of compile."""
     ms = {r["case"]: r.get("step_ms") for r in rows if r.get("case") and isinstance(r.get("step_ms"), int | float)}
     main = ms.pop("main", None)
     return {case: round(main / v, 3) for case, v in ms.items() if main and v} if main else {}

@@ -55,6 +55,12 @@ def triton_device() -> torch.device:
     return torch.device("cpu")
 
 
+@pytest.fixture
+def triton_dev() -> torch.device:
+    """The device Triton runs on in this process (see triton_device)."""
+    return triton_device()
+
+
 @pytest.fixture(params=["reference", "native", "triton"])
 def backend(request):
     """(name, device) with every op forced onto that backend for the test's duration."""
