@@ -6,7 +6,9 @@ step). Two orders:
 
 - greedy (default): each switch is tried on top of the fastest configuration so far, the two timed interleaved in
   one process (round after round), and kept only if it is faster; so the ladder follows what is fastest on the
-  machine at hand (on a CPU without native bf16, bf16 autocast is dropped). `vs_fp32_eager` chains the kept ratios.
+  machine at hand (on a CPU without native bf16, bf16 autocast is dropped). `vs_fp32_eager` chains the kept ratios;
+  a last row, "(direct vs fp32 eager)", times the fastest configuration against a fresh fp32 eager row interleaved,
+  one ratio whose noise does not compound.
 - cumulative (`--cumulative`): every switch on top of the previous row, all rows interleaved (the GPU check's view).
 
 Per row also: aten ops dispatched per step (top-level, from the profiler; compiled code counts the ops its kernels
@@ -223,7 +225,23 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
             best = candidate
         else:
             release(candidate)
+    rows.append(direct_check(best, base + LADDER[0][1], rounds, steps, warmup))
     return rows
+
+
+def direct_check(best: Row, fp32_overrides: list[str], rounds: int, steps: int, warmup: int) -> dict:
+    """The fastest configuration timed again, interleaved directly against a fresh fp32 eager row: one ratio (median
+    of per-round ratios) instead of the product of the ladder's, whose noise compounds."""
+    reference = build_row("fp32 eager", apply_overrides(get_recipe("demo"), fp32_overrides), warmup)
+    best.step_ms.clear(), best.attack_ms.clear()
+    interleave([reference, best], rounds, steps)
+    ratio = statistics.median(r / b for r, b in zip(reference.step_ms, best.step_ms, strict=True))
+    print(f"direct: {best.name} {statistics.median(best.step_ms):.1f} ms vs fp32 eager "
+          f"{statistics.median(reference.step_ms):.1f} ms -> {ratio:.2f}x", flush=True)  # fmt: skip
+    reference_ms = round(statistics.median(reference.step_ms), 2)
+    release(reference)
+    direct = {"config": f"{best.name} (direct vs fp32 eager)", "kept": True, "vs_fp32_eager": round(ratio, 3)}
+    return report(best) | direct | {"fp32_eager_step_ms": reference_ms}
 
 
 def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:

@@ -172,7 +172,7 @@ def cmd_eval(args) -> None:
     from .data import load_test_split
     from .evaluate import evaluate, format_results, summary, write_flags
     from .perf import resolve_device
-    from .rundir import RunDir, atomic_write, environment
+    from .rundir import RunDir, atomic_json, environment
 
     eval_cfg = EvalConfig(  # validated before anything is loaded
         attacks=args.attacks,
@@ -208,8 +208,7 @@ def cmd_eval(args) -> None:
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     write_flags(record, results)
     (record / "records").mkdir(exist_ok=True)
-    text = (json.dumps(entry, indent=2) + "\n").encode()
-    atomic_write(record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}.json", lambda f: f.write(text))
+    atomic_json(record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}.json", entry)
     if target.is_dir():
         with RunDir(target).open_for_writing(resume=True) as rundir:
             rundir.write_json("eval.json", {"dataset": data_cfg.dataset, "results": summary(results)})
@@ -234,7 +233,7 @@ def cmd_table(args) -> None:
 def cmd_export(args) -> None:
     from .config import from_dict
     from .models import build_model, export_state_dict, load_plain, read_weights
-    from .rundir import RunDirError, atomic_write
+    from .rundir import RunDirError, atomic_json, atomic_write
 
     out = Path(args.out)
     if out.is_dir():
@@ -251,7 +250,7 @@ def cmd_export(args) -> None:
         load_plain(build_model(cfg.model, cfg.data.num_classes, split_bn=False), plain, str(ckpt_path))
     info = model_info(Path(args.target), cfg, plain)
     atomic_write(out, lambda f: torch.save(plain, f))
-    atomic_write(info_path(out), lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+    atomic_json(info_path(out), info)
     print(f"wrote {out} ({len(plain)} tensors; plain network with the adv-BN statistics) and {info_path(out)}")
 
 

@@ -29,6 +29,7 @@ from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit
 from .distributed import DistInfo, gather_objects
 from .perf import EvalForward, attack_graphs, eval_network
+from .rundir import atomic_json
 
 PGD20 = AttackConfig(eps=EPS_8, step_size=STEP_2, num_steps=20, start="uniform")
 CPU_CHUNK = 500
@@ -106,7 +107,7 @@ class ChunkStore:
         if self.path is not None:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / "spec.json").exists():
-                _atomic_json(self.path / "spec.json", spec)
+                atomic_json(self.path / "spec.json", spec, indent=None)
 
     def load(self, index: int) -> dict | None:
         if self.path is None or not (self.path / f"{index:05d}.json").exists():
@@ -118,13 +119,7 @@ class ChunkStore:
 
     def save(self, index: int, record: dict) -> None:
         if self.path is not None:
-            _atomic_json(self.path / f"{index:05d}.json", record)
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    from .rundir import atomic_write
-
-    atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
+            atomic_json(self.path / f"{index:05d}.json", record, indent=None)
 
 
 @torch.no_grad()
@@ -278,7 +273,7 @@ def write_flags(directory: str | Path, results: dict) -> Path:
     path = Path(directory) / "flags.json"
     data = {name: {"num_examples": r["num_examples"], "bits": r["flags"], "order": "official test order, MSB first"}
             for name, r in results.items()}  # fmt: skip
-    _atomic_json(path, data)
+    atomic_json(path, data, indent=None)
     return path
 
 

@@ -47,6 +47,12 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_json(path: Path, data: dict, indent: int | None = 2) -> None:
+    """`data` as JSON at `path`, written atomically (indent None: one line, for many small files)."""
+    text = json.dumps(data, indent=indent) + ("\n" if indent is not None else "")
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -128,7 +134,7 @@ class RunDir:
             raise RunDirError(f"cannot write to {self.path} ({e.strerror}); pick a writable --out") from None
 
     def write_json(self, name: str, data: dict) -> None:
-        atomic_write(self.path / name, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+        atomic_json(self.path / name, data)
 
     def read_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())

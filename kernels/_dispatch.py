@@ -93,17 +93,15 @@ def select_backend(op: str, device: torch.device, triton_reason: str | None, nat
     return record(op, preferred or "reference")
 
 
-def traced_triton(op: str, device: torch.device, why_not: Callable[[], str | None]) -> bool:
-    """True when this call of `op` goes to its triton_op variant: a CUDA tensor, Triton compiled (not interpreted),
-    no other backend forced, and `why_not()` (the call's layout/dtype/size reason against the kernels) None. Records
-    the choice. torch.compile traces this with the public wrapper: plain Python on values fixed for a compiled graph;
-    `why_not` runs only on the route's devices, so CPU traces never reach triton."""
+def traced_triton(device: torch.device, why_not: Callable[[], str | None]) -> bool:
+    """True when this call goes to its triton_op variant: a CUDA tensor, Triton compiled (not interpreted),
+    no other backend forced, and `why_not()` (the call's layout/dtype/size reason against the kernels) None.
+    torch.compile traces this with the public wrapper: plain Python on values fixed for a compiled graph (guarded);
+    `why_not` runs only on the route's devices, so CPU traces never reach triton. It records nothing: a dict write
+    traced by Dynamo would guard on the dict's keys and recompile; the triton_op bodies record their calls."""
     if device.type not in TRACED_TRITON_DEVICES or _forced not in (None, "triton") or not _triton_compiled():
         return False
-    if why_not() is not None:
-        return False
-    record(op, "triton")
-    return True
+    return why_not() is None
 
 
 @torch.compiler.assume_constant_result
@@ -114,7 +112,7 @@ def _triton_compiled() -> bool:
 
 def last_backend() -> dict[str, str]:
     """The backend each op used on its most recent eager call. Under torch.compile, custom-op bodies still run per
-    call; the triton_op route (compiled Triton on CUDA) is recorded when a graph is traced, not per replay."""
+    call; the triton_op route's bodies (compiled Triton on CUDA) run when a graph is traced, not per call."""
     return dict(_last)
 
 

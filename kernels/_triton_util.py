@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import triton
+from torch._library.triton import set_wrap_triton_enabled
 from triton.runtime.interpreter import InterpretedFunction
 
 
@@ -30,3 +32,20 @@ def _sm_count(index: int) -> int:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+if interpreter_active():  # older torch's wrap_triton rejects interpreted kernels; they only ever launch directly
+
+    def wrap_triton(kernel):
+        return kernel
+
+else:
+    from torch.library import wrap_triton  # noqa: F401  (the launchers import it from here)
+
+
+@contextlib.contextmanager
+def direct_launches():
+    """Launches inside a custom op's body go straight to the kernel: with wrap_triton's tracing on (its default
+    outside a triton_op), each would dispatch through a higher-order op and register a new kernel-table entry."""
+    with set_wrap_triton_enabled(False):
+        yield

@@ -39,9 +39,11 @@ def _dual_bn_op(
     if backend == "native":
         return tuple(torch.ops.arat_native.dual_bn_forward(x, *params, *buffers, training, eps, relu))
     if backend == "triton":
+        from .._triton_util import direct_launches
         from .triton_impl import dual_bn_forward_triton
 
-        return dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training, eps, relu)
+        with direct_launches():
+            return dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training, eps, relu)
     return dual_bn_forward_reference(x, weight, bias, running_mean, running_var, training, eps, relu)
 
 
@@ -72,9 +74,11 @@ def _dual_bn_backward_op(
         return tuple(torch.ops.arat_native.dual_bn_backward(*args))
     weight = (clean_weight, adv_weight)
     if backend == "triton":
+        from .._triton_util import direct_launches
         from .triton_impl import dual_bn_backward_triton
 
-        return dual_bn_backward_triton(like(grad_y, x), x, y, weight, mean, var, training, eps, relu)
+        with direct_launches():
+            return dual_bn_backward_triton(like(grad_y, x), x, y, weight, mean, var, training, eps, relu)
     return dual_bn_backward_reference(grad_y, x, y, weight, mean, var, training, eps, relu)
 
 
@@ -132,7 +136,7 @@ def dual_batch_norm(
     params = (clean_weight, clean_bias, adv_weight, adv_bias)
     buffers = (clean_running_mean, clean_running_var, adv_running_mean, adv_running_var)
     _check_inputs(x, params + buffers, training, momentum, eps)
-    if _dispatch.traced_triton("dual_batch_norm", x.device, lambda: _kernel_reason(x, (), params + buffers)):
+    if _dispatch.traced_triton(x.device, lambda: _kernel_reason(x, (), params + buffers)):
         from .triton_impl import dual_bn_op
 
         y, mean, var = dual_bn_op(x, *params, *buffers, training, eps, relu)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _dispatch
 from .._layout import MAX_KERNEL_NUMEL, layout_4d, like
-from .._triton_util import next_pow2, program_target
+from .._triton_util import next_pow2, program_target, wrap_triton
 
 TILE_ELEMENTS = 1024  # per program and loop iteration: 8 fp32 per thread and accumulator at 4 warps
 MAX_BLOCK_C = 64
@@ -488,6 +488,7 @@ def dual_bn_op(
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`arat::dual_batch_norm` (same schema and contract) as an op torch.compile traces into."""
+    _dispatch.record("dual_batch_norm", "triton")  # eager calls, and once when a graph is traced
     weight, bias = (clean_weight, adv_weight), (clean_bias, adv_bias)
     running_mean, running_var = (clean_running_mean, adv_running_mean), (clean_running_var, adv_running_var)
     return dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training, eps, relu)

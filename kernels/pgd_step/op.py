@@ -25,9 +25,11 @@ def _pgd_step_op(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eps: 
     x, grad = like(x, x_adv), like(grad, x_adv)
     if backend == "native":
         return torch.ops.arat_native.pgd_step(x, x_adv, grad, eps, alpha)
+    from .._triton_util import direct_launches
     from .triton_impl import pgd_step_triton
 
-    return pgd_step_triton(x, x_adv, grad, eps, alpha)
+    with direct_launches():
+        return pgd_step_triton(x, x_adv, grad, eps, alpha)
 
 
 @_pgd_step_op.register_fake
@@ -40,9 +42,11 @@ def _uniform_start_op(x: torch.Tensor, eps: float, seed: torch.Tensor) -> torch.
     reason = _triton_reason(x)
     backend = _dispatch.select_backend("uniform_start", x.device, reason, _dispatch.NO_NATIVE_KERNEL)
     if backend == "triton":
+        from .._triton_util import direct_launches
         from .triton_impl import uniform_start_triton
 
-        return uniform_start_triton(x, eps, seed.to(x.device))
+        with direct_launches():
+            return uniform_start_triton(x, eps, seed.to(x.device))
     return uniform_start_reference(x, eps, seed)
 
 
@@ -57,7 +61,7 @@ def pgd_step(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eps: floa
         raise ValueError(f"pgd_step needs x, x_adv, grad of one shape, got {x.shape}, {x_adv.shape}, {grad.shape}")
     if eps < 0 or alpha < 0:
         raise ValueError(f"pgd_step needs eps >= 0 and alpha >= 0, got eps={eps}, alpha={alpha}")
-    if _dispatch.traced_triton("pgd_step", x_adv.device, lambda: _common_reason(x_adv, x, grad)):
+    if _dispatch.traced_triton(x_adv.device, lambda: _common_reason(x_adv, x, grad)):
         from .triton_impl import pgd_step_op
 
         return pgd_step_op(like(x, x_adv), x_adv, like(grad, x_adv), float(eps), float(alpha))
@@ -74,7 +78,7 @@ def uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator | None
     if eps < 0:
         raise ValueError(f"uniform_start needs eps >= 0, got {eps}")
     seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64, generator=generator)
-    if _dispatch.traced_triton("uniform_start", x.device, lambda: _common_reason(x)):
+    if _dispatch.traced_triton(x.device, lambda: _common_reason(x)):
         from .triton_impl import uniform_start_op
 
         return uniform_start_op(x, float(eps), seed)

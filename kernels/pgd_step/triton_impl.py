@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from .. import _dispatch
 from .._layout import MAX_KERNEL_NUMEL
+from .._triton_util import wrap_triton
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -75,10 +77,12 @@ def uniform_start_triton(x: torch.Tensor, eps: float, seed: torch.Tensor) -> tor
 @triton_op("arat::pgd_step_triton", mutates_args=())
 def pgd_step_op(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float) -> torch.Tensor:
     """`pgd_step_triton` as an op torch.compile traces into (compiled Triton on CUDA; see _dispatch.traced_triton)."""
+    _dispatch.record("pgd_step", "triton")  # eager calls, and once when a graph is traced
     return pgd_step_triton(x, x_adv, grad, eps, alpha)
 
 
 @triton_op("arat::uniform_start_triton", mutates_args=())
 def uniform_start_op(x: torch.Tensor, eps: float, seed: torch.Tensor) -> torch.Tensor:
     """`uniform_start_triton` as an op torch.compile traces into."""
+    _dispatch.record("uniform_start", "triton")
     return uniform_start_triton(x, eps, seed)

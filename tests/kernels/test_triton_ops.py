@@ -44,16 +44,15 @@ def test_routing_rules(monkeypatch):
     def never_asked():
         raise AssertionError("the layout reason is only computed on the route's devices")
 
-    assert _dispatch.traced_triton("demo", CUDA, eligible)
-    assert kernels.last_backend()["demo"] == "triton"
-    assert not _dispatch.traced_triton("demo", torch.device("cpu"), never_asked)  # CPU: the custom op
-    assert not _dispatch.traced_triton("demo", CUDA, lambda: "a strided view")  # the custom op falls back, logged
+    assert _dispatch.traced_triton(CUDA, eligible)
+    assert not _dispatch.traced_triton(torch.device("cpu"), never_asked)  # CPU: the custom op
+    assert not _dispatch.traced_triton(CUDA, lambda: "a strided view")  # the custom op falls back, logged
     with kernels.force_backend("reference"):
-        assert not _dispatch.traced_triton("demo", CUDA, never_asked)
+        assert not _dispatch.traced_triton(CUDA, never_asked)
     with kernels.force_backend("triton"):
-        assert _dispatch.traced_triton("demo", CUDA, eligible)
+        assert _dispatch.traced_triton(CUDA, eligible)
     monkeypatch.setattr(_dispatch, "_triton_compiled", lambda: False)  # interpreter or no triton: the custom op
-    assert not _dispatch.traced_triton("demo", CUDA, never_asked)
+    assert not _dispatch.traced_triton(CUDA, never_asked)
 
 
 @pytest.mark.triton
@@ -120,8 +119,13 @@ def test_inductor_compiled_route_equals_eager_cuda():
     def attack_step(x, x_adv, grad):
         return pgd_step(x, x_adv, grad * 2.0, EPS, ALPHA)
 
-    compiled = torch.compile(attack_step, fullgraph=True)
-    torch.testing.assert_close(compiled(x, x_adv, grad), attack_step(x, x_adv, grad), rtol=0, atol=0)
+    from torch._inductor.utils import run_and_get_code
+
+    out, code = run_and_get_code(torch.compile(attack_step, fullgraph=True), x, x_adv, grad)
+    assert kernels.last_backend()["pgd_step"] == "triton"
+    source = "\n".join(code)
+    assert "_pgd_step_kernel" in source and "torch.ops.arat" not in source  # Inductor launches the kernel itself
+    torch.testing.assert_close(out, attack_step(x, x_adv, grad), rtol=0, atol=0)
 
     h, state = make_x((16, 64, 8, 8), True, torch.bfloat16, CUDA), make_state(64, CUDA)
     names = ("clean_weight", "clean_bias", "clean_running_mean", "clean_running_var")
@@ -153,6 +157,9 @@ def test_opcheck_cuda():
     h, state = make_x((6, 5, 3, 7), True, torch.float32, CUDA), make_state(5, CUDA)
     order = ("clean_weight", "clean_bias", "adv_weight", "adv_bias")
     order += ("clean_running_mean", "clean_running_var", "adv_running_mean", "adv_running_var")
-    torch.library.opcheck(
-        torch.ops.arat.dual_batch_norm_triton.default, (h, *(state[k] for k in order), True, 1e-5, True)
-    )
+    args = (h, *(state[k] for k in order), True, 1e-5, True)
+    torch.library.opcheck(torch.ops.arat.dual_batch_norm_triton.default, args)
+    y, mean, var = (t.detach() for t in torch.ops.arat.dual_batch_norm_triton(*args))
+    grad_y = torch.randn_like(y)
+    backward_args = (grad_y, h.detach(), y, state["clean_weight"], state["adv_weight"], mean, var, True, 1e-5, True)
+    torch.library.opcheck(torch.ops.arat.dual_batch_norm_backward_triton.default, backward_args)
