@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from gpucheck import STAGE_NAMES, STAGES  # noqa: E402
 from gpucheck.merge import merge  # noqa: E402
-from gpucheck.pytest_stages import parse  # noqa: E402
+from gpucheck.pytest_stages import kernel_tests, parse  # noqa: E402
 from gpucheck.schema import (  # noqa: E402
     MAX_FILE_BYTES,
     MAX_FILES,
@@ -124,6 +124,14 @@ def test_pytest_output_parsing():
     cut = "$ -m pytest -q tests/kernels\n........F...  [ 12%]\n.....s\n"
     assert parse(cut) == {"passed": 16, "failed": 1, "errors": 0, "skipped": 1, "failures": []}
     assert parse("a::b\n\n5/6 tests collected (1 deselected) in 0.1s\n")["collected"] == 5
+
+
+def test_kernel_tests_run_the_triton_op_route_first_and_miss_no_file():
+    args = kernel_tests()
+    files = [a for a in args if a.endswith(".py")]
+    assert files[0] == "tests/kernels/test_triton_ops.py" and args[len(files) :][:2] == ["-m", "triton"]
+    on_disk = {str(p.relative_to(REPO)) for p in (REPO / "tests" / "kernels").glob("test_*.py")}
+    assert len(files) == len(set(files)) and set(files) == on_disk
 
 
 def test_orchestrator_lists_the_same_stages():

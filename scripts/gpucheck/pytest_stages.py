@@ -20,7 +20,7 @@ from .record import REPO, StageFailed, StageRecord, child_processes
 
 PROBES = ["tests/test_perf.py", "tests/test_cuda_graphs.py", "tests/test_train.py::test_resume_gives_identical_results",
           "-m", "not slow"]  # fmt: skip
-KERNEL_TESTS = ["tests/kernels", "-m", "triton", "--maxfail", "10"]
+FIRST_KERNEL_TESTS = "test_triton_ops.py"  # the triton_op route compiled by Inductor: before the cap can cut the run
 SMOKE_KERNEL_TESTS = ["tests/kernels/test_pgd_step.py", "-m", "triton", "--maxfail", "10"]  # interpreted: slow
 COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)")
 COLLECTED = re.compile(r"(\d+)(?:/\d+)? tests? collected")
@@ -99,8 +99,15 @@ def probes(record: StageRecord) -> None:
         raise StageFailed(f"pytest could not run the probes (exit {result['rc']}): see pytest_probes.txt")
 
 
+def kernel_tests() -> list[str]:
+    """tests/kernels -m triton, file by file with FIRST_KERNEL_TESTS first (pytest orders a directory's files by
+    name, and the stage's cap may cut the run)."""
+    files = sorted((REPO / "tests" / "kernels").glob("test_*.py"), key=lambda p: (p.name != FIRST_KERNEL_TESTS, p.name))
+    return [str(p.relative_to(REPO)) for p in files] + ["-m", "triton", "--maxfail", "10"]
+
+
 def pytest_kernels(record: StageRecord) -> None:
-    result = run_pytest(record, SMOKE_KERNEL_TESTS if record.smoke else KERNEL_TESTS, "pytest_kernels.txt")
+    result = run_pytest(record, SMOKE_KERNEL_TESTS if record.smoke else kernel_tests(), "pytest_kernels.txt")
     publish(record, result)
     if result.get("failed") or result.get("errors"):
         first = result["failures"][0] if result["failures"] else f"{result.get('failed')} failed"
