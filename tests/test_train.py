@@ -84,7 +84,7 @@ def test_short_real_data_run_beats_chance(cifar_dir, tmp_path):
         [
             f"data.data_dir={cifar_dir}",
             "train.epochs=3",
-            "data.train_subset=6144",
+            "data.train_subset=4096",
             "eval.attacks=clean,pgd20",
             "eval.num_examples=500",
             "attack.num_steps=2",
@@ -95,7 +95,7 @@ def test_short_real_data_run_beats_chance(cifar_dir, tmp_path):
         ],
     )
     results = json.loads((run_training(cfg, tmp_path / "real") / "results.json").read_text())["results"]
-    assert results["clean"]["accuracy"] > 0.25  # chance is 0.10; this seed reads 0.302 here
+    assert results["clean"]["accuracy"] > 0.25  # chance is 0.10; this seed reads 0.306 here (4,096 images)
     assert results["pgd20"]["accuracy"] <= results["clean"]["accuracy"]
 
 
