@@ -41,4 +41,5 @@ def tiny_cfg():
 
     cfg = get_recipe("smoke")
     cfg.perf.cudnn_benchmark = "off"  # deterministic cuDNN algorithms (see above)
+    cfg.perf.compile = "off"  # auto compiles on CUDA (minutes per test in the GPU check's probes); tests may set it
     return cfg

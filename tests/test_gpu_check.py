@@ -134,6 +134,27 @@ def test_kernel_tests_run_the_triton_op_route_first_and_miss_no_file():
     assert len(files) == len(set(files)) and set(files) == on_disk
 
 
+def test_a_cut_real_run_keeps_the_evaluations_whose_chunks_are_all_saved(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))  # gpucheck.common imports bench/train_step.py
+    from gpucheck.real_run import chunk_results
+
+    from engine.evaluate import ChunkStore, pack
+
+    def save(attack: str, n: int, chunks: list[list[bool]]) -> None:
+        store = ChunkStore(tmp_path / "eval", attack, {"attack": attack, "num_examples": n, "chunk_size": 3})
+        for k, flags in enumerate(chunks):
+            record = {"start": 3 * k, "stop": 3 * k + len(flags), "flags": pack(torch.tensor(flags)), "seconds": 1.5}
+            store.save(k, record)
+
+    save("clean", 5, [[True, True, False], [True, False]])  # all 5 images: 3 correct
+    save("pgd20", 5, [[True, False, False]])  # the second chunk never finished
+    assert chunk_results(tmp_path) == {
+        "clean": {"accuracy": 0.6, "num_examples": 5, "from_chunks": True, "seconds": 3.0}
+    }
+
+
 def test_orchestrator_lists_the_same_stages():
     text = (REPO / "scripts" / "gpu_check.sh").read_text()
     listed = re.search(r"^STAGES=\(([^)]*)\)", text, re.MULTILINE)[1].split()

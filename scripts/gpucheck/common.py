@@ -149,7 +149,11 @@ def profile_steps(fn, steps: int, dev: torch.device, out_file: Path, title: str)
         wall_us = (time.perf_counter() - start) * 1e6
     events = list(prof.events())
     aten = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
-    kernels = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    kernels = [  # device events, less the GPU-side copies of record_function ranges (they would count time twice)
+        e
+        for e in events
+        if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+    ]
     busy_us = sum(e.time_range.elapsed_us() for e in kernels)
     result = {
         "aten_ops_per_step": round(len(aten) / steps),

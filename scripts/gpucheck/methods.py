@@ -1,4 +1,5 @@
-"""Stage `methods`: every training objective and switch runs on the GPU (eager, B=128, ResNet-18 width 64).
+"""Stage `methods`: every training objective and switch runs on the GPU (eager, B=128, ResNet-18 width 64; the
+attack captured as a CUDA graph, the engine's CUDA default).
 
 Each case: build_run, on_epoch_start, 1 warm-up and 3 timed steps; it records ok (or the traceback's last lines),
 a finite loss, step_ms and peak memory. WRN-34-10 AR-AT runs one timed step for its epoch projection. For fp16,
@@ -29,6 +30,7 @@ from .cost import derived
 from .record import BUDGET_SKIP, SMOKE_SKIP, StageFailed, StageRecord, guarded
 
 ARAT = "arat-resnet18-cifar10"
+EAGER = ["perf.compile=off"]  # perf.compile=auto compiles on CUDA: minutes per case; the compile stage times that
 CASES = [  # (name, recipe, overrides)
     ("arat", ARAT, ["perf.dual_forward=true", "perf.kernels=on"]),
     ("arat kernels=off", ARAT, ["perf.dual_forward=true", "perf.kernels=off"]),
@@ -62,7 +64,7 @@ def zero_gradient_fractions(run, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 
 def run_case(record: StageRecord, name: str, recipe: str, overrides: list[str]) -> dict[str, Any]:
     arch = "wrn34-10" if "wrn34-10" in recipe else "resnet18"
-    run = build_run(recipe_config(recipe, 128, record.smoke, overrides, arch=arch))
+    run = build_run(recipe_config(recipe, 128, record.smoke, [*EAGER, *overrides], arch=arch))
     x, y = first_batch(run)
     dev = run.perf.device
     reset_peak(dev)
@@ -84,7 +86,7 @@ def run_case(record: StageRecord, name: str, recipe: str, overrides: list[str]) 
 
 def wrn_case(record: StageRecord) -> dict[str, Any]:
     """WRN-34-10 AR-AT: one timed step (after one warm-up) projected to an epoch and a 100-epoch run."""
-    run = build_run(recipe_config("arat-wrn34-10-cifar10", 128, record.smoke, [], arch="wrn34-10"))
+    run = build_run(recipe_config("arat-wrn34-10-cifar10", 128, record.smoke, EAGER, arch="wrn34-10"))
     x, y = first_batch(run)
     flops = flops_per_image_step(run, x, run.cfg.attack.num_steps)
     row = {"case": "wrn34-10 arat", "gflop_per_image_step": round(flops / 1e9, 2), "ok": True}
