@@ -155,6 +155,25 @@ def test_a_cut_real_run_keeps_the_evaluations_whose_chunks_are_all_saved(tmp_pat
     }
 
 
+def test_a_failing_compiled_main_case_still_runs_the_extras(tmp_path, monkeypatch):
+    """The triton_op route has never been compiled on a GPU: if the main case breaks, kernels=off and
+    opaque_kernels must still give their compiled figures, and the stage fails naming the main case."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck import compiled
+    from gpucheck.record import StageFailed, StageRecord
+
+    def broken(record):
+        raise RuntimeError("inductor could not lower the kernel")
+
+    monkeypatch.setattr(compiled, "main_case", broken)
+    monkeypatch.setattr(compiled, "extras", lambda record: record.row({"case": "kernels=off", "step_ms": 10.0}))
+    record = StageRecord("compile", tmp_path / "compile.json", 60, smoke=True)
+    with pytest.raises(StageFailed, match="main case .*inductor could not lower"):
+        compiled.compile_stage(record)
+    cases = [row["case"] for row in record.data["rows"]]
+    assert cases == ["main", "kernels=off"] and record.data["rows"][0]["ok"] is False
+
+
 def test_orchestrator_lists_the_same_stages():
     text = (REPO / "scripts" / "gpu_check.sh").read_text()
     listed = re.search(r"^STAGES=\(([^)]*)\)", text, re.MULTILINE)[1].split()

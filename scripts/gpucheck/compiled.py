@@ -297,13 +297,16 @@ def compile_stage(record: StageRecord) -> None:
         record.side_file(name).unlink(missing_ok=True)
     torch._dynamo.config.recompile_limit = 64  # the extras compile the same forward again; never fall back silently
     with smoke_compile(record.smoke):
-        row = main_case(record)
-        record.figure("b128", headline(row))
+        row = guarded(record, "main", main_case, record)  # a failing main case still leaves the extras' figures
+        if row.get("ok") is False:
+            record.fail(f"main case (compiled, kernels on): {row['error']}")
+        else:
+            record.figure("b128", headline(row))
         extras(record)
     record.figure("speed_vs_main", speed_vs_main(record.data["rows"]))
-    if not row["finite_loss"]:
+    if row.get("finite_loss") is False:
         record.fail(f"loss {row['loss']} after compile")
-    if row["recompiles_after_warmup"]:
+    if row.get("recompiles_after_warmup"):
         error = record.data["figures"]["recompile_error"]
         record.fail(f"{row['recompiles_after_warmup']} recompiles after warm-up: {error}")
     if record.failed:
