@@ -49,8 +49,7 @@ def load_triton_ops() -> bool:
     """Register the triton_op variants (`arat::*_triton`) now, when Triton runs compiled, so that torch.compile never
     imports them in the middle of a trace; True when they are registered (False without triton or under its
     interpreter, where the ops take the custom-op route)."""
-    importable, interpreted, _ = _dispatch.triton_status()
-    if not importable or interpreted:
+    if not _dispatch.triton_compiled():
         return False
     from .dual_bn import triton_impl as _dual_bn_triton  # noqa: F401  (registers the ops)
     from .pgd_step import triton_impl as _pgd_step_triton  # noqa: F401

@@ -99,13 +99,14 @@ def traced_triton(device: torch.device, why_not: Callable[[], str | None]) -> bo
     torch.compile traces this with the public wrapper: plain Python on values fixed for a compiled graph (guarded);
     `why_not` runs only on the route's devices, so CPU traces never reach triton. It records nothing: a dict write
     traced by Dynamo would guard on the dict's keys and recompile; the triton_op bodies record their calls."""
-    if device.type not in TRACED_TRITON_DEVICES or _forced not in (None, "triton") or not _triton_compiled():
+    if device.type not in TRACED_TRITON_DEVICES or _forced not in (None, "triton") or not triton_compiled():
         return False
     return why_not() is None
 
 
 @torch.compiler.assume_constant_result
-def _triton_compiled() -> bool:
+def triton_compiled() -> bool:
+    """Triton importable and compiling kernels (not under TRITON_INTERPRET=1): the triton_op route's condition."""
     importable, interpreted, _ = triton_status()
     return importable and not interpreted
 

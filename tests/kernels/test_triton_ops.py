@@ -33,12 +33,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled 
 def route_on_cpu(monkeypatch, triton_dev):
     """The triton_op route opened to CPU tensors under the interpreter (eager calls launch the kernels directly)."""
     monkeypatch.setattr(_dispatch, "TRACED_TRITON_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(_dispatch, "_triton_compiled", lambda: True)
+    monkeypatch.setattr(_dispatch, "triton_compiled", lambda: True)
     return triton_dev
 
 
 def test_routing_rules(monkeypatch):
-    monkeypatch.setattr(_dispatch, "_triton_compiled", lambda: True)
+    monkeypatch.setattr(_dispatch, "triton_compiled", lambda: True)
     eligible = lambda: None  # noqa: E731
 
     def never_asked():
@@ -51,7 +51,7 @@ def test_routing_rules(monkeypatch):
         assert not _dispatch.traced_triton(CUDA, never_asked)
     with kernels.force_backend("triton"):
         assert _dispatch.traced_triton(CUDA, eligible)
-    monkeypatch.setattr(_dispatch, "_triton_compiled", lambda: False)  # interpreter or no triton: the custom op
+    monkeypatch.setattr(_dispatch, "triton_compiled", lambda: False)  # interpreter or no triton: the custom op
     assert not _dispatch.traced_triton(CUDA, never_asked)
 
 
