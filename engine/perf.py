@@ -115,7 +115,8 @@ class Perf:
         hardware = (
             f"cudnn_benchmark={self.cudnn_benchmark}"
             if self.device.type == "cuda"
-            else (f"threads={torch.get_num_threads()}")
+            else f"threads={torch.get_num_threads()}"
+            + (" (compiled C++ unvectorized at one thread)" if self.compiled and one_thread_cpu(self.device) else "")
         )
         return (
             f"device={self.device} dtype={DTYPE_NAMES[self.dtype]} ({self.dtype_reason}) "
@@ -220,22 +221,41 @@ def compile_wanted(cfg: PerfConfig, device: torch.device) -> bool:
     return resolve_switch(cfg.compile, device)
 
 
-def compile_role(role: nn.Module, cfg: PerfConfig) -> nn.Module:
+def one_thread_cpu(device: torch.device) -> bool:
+    """Inductor would generate one-thread C++ for `device`: a CPU with torch at one thread (OMP_NUM_THREADS=1, as
+    torchrun sets it, a one-core machine, a background job)."""
+    return device.type == "cpu" and torch.get_num_threads() == 1
+
+
+def inductor_options(cfg: PerfConfig, device: torch.device) -> dict:
+    """torch.compile's mode/options for a role. On a CPU at one thread, Inductor's vectorized C++ (torch 2.13,
+    AVX-512) returned NaN gradients from the backward of the Split-BN dual forward (ResNet-18; the first NaN comes
+    out of a fused ReLU-mask / batch-norm-backward kernel; two threads, or vectorization off, give the eager
+    gradients): there it compiles with vectorization off (`cpp.simdlen=1`), slower but right. tests/test_perf.py
+    checks a one-thread compiled step against eager."""
+    if cfg.compile_backend != "inductor":
+        return {}
+    if not one_thread_cpu(device):
+        return {"mode": cfg.compile_mode} if cfg.compile_mode != "default" else {}
+    options = dict(torch._inductor.list_mode_options(cfg.compile_mode)) if cfg.compile_mode != "default" else {}
+    return {"options": options | {"cpp.simdlen": 1}}
+
+
+def compile_role(role: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:
     """torch.compile with static shapes (every shape in the hot loop is fixed; evaluation pads its last batch)."""
-    options = {"mode": cfg.compile_mode} if cfg.compile_backend == "inductor" and cfg.compile_mode != "default" else {}
-    return torch.compile(role, dynamic=False, backend=cfg.compile_backend, **options)
+    return torch.compile(role, dynamic=False, backend=cfg.compile_backend, **inductor_options(cfg, device))
 
 
 def role(kind: type[_Role], net: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:
     """`net` in role `kind`: compiled when perf.compile resolves on for `device`, else `net` itself."""
-    return compile_role(kind(net), cfg) if compile_wanted(cfg, device) else net
+    return compile_role(kind(net), cfg, device) if compile_wanted(cfg, device) else net
 
 
 def eval_network(net: nn.Module, cfg: PerfConfig, device: torch.device, attack: bool = False) -> nn.Module:
     """The evaluation classifier (adv BN, fp32 logits, bn= selectable), for no-grad predictions or (`attack`) for
     an attack's input gradients, compiled like the training roles when perf.compile resolves on."""
     forward = (EvalAttackForward if attack else EvalForward)(net)
-    return compile_role(forward, cfg) if compile_wanted(cfg, device) else forward
+    return compile_role(forward, cfg, device) if compile_wanted(cfg, device) else forward
 
 
 def follow(net: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:

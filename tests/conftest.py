@@ -10,7 +10,13 @@ import torch
 
 from engine.data.cifar import find_layout
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Threads per test process: the cores, shared among pytest-xdist's workers when `-n N` splits the suite (two 2-thread
+# processes on two cores slow each other down many times over); subprocesses a test starts inherit the share.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 # Tests compare paths bit for bit or to float precision: on CUDA, pin what would otherwise vary (TF32 matmuls and
 # convolutions, cuDNN's algorithm choice), so that they test the engine, not cuDNN. No effect on CPU.
 torch.backends.cuda.matmul.allow_tf32 = False

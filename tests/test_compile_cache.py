@@ -34,7 +34,7 @@ print(json.dumps({"loss": float(loss), "finite": bool(torch.isfinite(grad).all()
 
 def compiled_step(tmp_path: Path, capability: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (ENV, "ATEN_CPU_CAPABILITY")}
-    env |= {"TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    env |= {"TMPDIR": str(tmp_path), "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
     if capability:
         env["ATEN_CPU_CAPABILITY"] = capability
     out = subprocess.run([sys.executable, "-c", STEP], env=env, capture_output=True, text=True, timeout=600)

@@ -79,9 +79,38 @@ def test_channels_last_equals_contiguous(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_compile_equals_eager(tiny_cfg):
-    base = apply_overrides(tiny_cfg, EXACT)
-    assert_same_step(base, apply_overrides(base, ["perf.compile=true"]))
+@pytest.mark.parametrize("threads", ["as set", 1])
+def test_compile_equals_eager(tiny_cfg, threads):
+    """At one thread Inductor's vectorized C++ gave NaN gradients here (engine.perf.inductor_options)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before if threads == "as set" else threads)
+    try:
+        base = apply_overrides(tiny_cfg, EXACT)
+        assert_same_step(base, apply_overrides(base, ["perf.compile=true"]))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_one_cpu_thread_compiles_unvectorized(threads, mode):
+    from engine.config import PerfConfig
+    from engine.perf import inductor_options
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu = inductor_options(PerfConfig(compile_mode=mode), torch.device("cpu"))
+        cuda = inductor_options(PerfConfig(compile_mode=mode), torch.device("cuda"))
+    finally:
+        torch.set_num_threads(before)
+    plain = {} if mode == "default" else {"mode": mode}
+    assert cuda == plain
+    if threads == 2:
+        assert cpu == plain
+    else:
+        assert cpu["options"]["cpp.simdlen"] == 1 and "mode" not in cpu  # torch.compile takes mode or options
+        assert (cpu["options"].get("max_autotune") is True) == (mode != "default")  # the mode's own options kept
 
 
 @pytest.mark.parametrize("native", [True, False])
