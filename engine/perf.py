@@ -116,7 +116,7 @@ class Perf:
             f"cudnn_benchmark={self.cudnn_benchmark}"
             if self.device.type == "cuda"
             else f"threads={torch.get_num_threads()}"
-            + (" (compiled C++ unvectorized at one thread)" if self.compiled and one_thread_cpu(self.device) else "")
+            + (" (compiled C++ for any thread count)" if self.compiled and one_thread_cpu(self.device) else "")
         )
         return (
             f"device={self.device} dtype={DTYPE_NAMES[self.dtype]} ({self.dtype_reason}) "
@@ -228,17 +228,17 @@ def one_thread_cpu(device: torch.device) -> bool:
 
 
 def inductor_options(cfg: PerfConfig, device: torch.device) -> dict:
-    """torch.compile's mode/options for a role. On a CPU at one thread, Inductor's vectorized C++ (torch 2.13,
-    AVX-512) returned NaN gradients from the backward of the Split-BN dual forward (ResNet-18; the first NaN comes
-    out of a fused ReLU-mask / batch-norm-backward kernel; two threads, or vectorization off, give the eager
-    gradients): there it compiles with vectorization off (`cpp.simdlen=1`), slower but right. tests/test_perf.py
-    checks a one-thread compiled step against eager."""
+    """torch.compile's mode/options for a role. On a CPU at one thread, Inductor's C++ specialised for one thread
+    (torch 2.13, AVX-512) returned NaN gradients from the backward of the Split-BN dual forward (ResNet-18; the first
+    NaN leaves a fused ReLU-mask / batch-norm-backward kernel; at two threads the gradients are eager's). There it
+    compiles with `cpp.dynamic_threads` (code for any thread count, read at run time): eager's gradients, vectorized
+    (`cpp.simdlen=1`, also right, ran the step 1.9x slower). tests/test_perf.py checks a one-thread compiled step."""
     if cfg.compile_backend != "inductor":
         return {}
     if not one_thread_cpu(device):
         return {"mode": cfg.compile_mode} if cfg.compile_mode != "default" else {}
     options = dict(torch._inductor.list_mode_options(cfg.compile_mode)) if cfg.compile_mode != "default" else {}
-    return {"options": options | {"cpp.simdlen": 1}}
+    return {"options": options | {"cpp.dynamic_threads": True}}
 
 
 def compile_role(role: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:
