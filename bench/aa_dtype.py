@@ -62,10 +62,10 @@ def main() -> None:
     source = args.run or newest_demo_run()
     net = load_model(source).net
     split = load_split("cifar10", args.data_dir, train=False)
+    cfg = EvalConfig(attacks=("aa",), num_examples=args.num_examples, batch_size=args.batch_size,
+                     chunk_size=args.batch_size, aa_version=args.version)  # fmt: skip
     results, seconds = {}, {}
     for dtype in ("fp32", "bf16"):
-        cfg = EvalConfig(attacks=("aa",), num_examples=args.num_examples, batch_size=args.batch_size,
-                         chunk_size=args.batch_size, aa_version=args.version)  # fmt: skip
         start = time.perf_counter()
         model = Bf16(net) if dtype == "bf16" else net
         results[dtype] = evaluate(model, split, cfg, torch.device("cpu"), seed=args.seed)["aa"]

@@ -12,6 +12,8 @@ float64. A wrong normalization or routing is O(1) away.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 SLACK = 8.0
@@ -42,3 +44,15 @@ def assert_near_reference(
             f"path {plain_err:.3g}, perturbed float64 {probe_err:.3g}; |fast - plain| / |plain| = "
             f"{rel_err(got, plain):.3g})"
         )
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch at `n` threads inside, the previous count after: a CPU's summation order (so an image whose margin is
+    within rounding of zero) and the C++ Inductor generates both depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

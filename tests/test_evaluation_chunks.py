@@ -3,7 +3,6 @@ evaluation ran, AutoAttack's protocols and stage figures, records, and the expor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from precision import torch_threads
 
 from engine import autoattack
 from engine.config import EvalConfig
@@ -55,17 +55,11 @@ def flags(results):
     return {name: unpack(r["flags"], r["num_examples"]).tolist() for name, r in results.items()}
 
 
-@contextlib.contextmanager
 def one_thread():
     """Evaluations compared image by image run with one thread, as the processes these tests start do: a CPU
     matmul's summation order (so an image whose margin is within rounding of zero) may change with the thread count,
     which is not what they test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return torch_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from precision import assert_near_reference, perturbed
+from precision import assert_near_reference, perturbed, torch_threads
 
 from engine.config import apply_overrides
 from engine.train import build_run, train_step
@@ -82,13 +82,9 @@ def test_channels_last_equals_contiguous(tiny_cfg):
 @pytest.mark.parametrize("threads", ["as set", 1])
 def test_compile_equals_eager(tiny_cfg, threads):
     """At one thread Inductor's C++ for one thread gave NaN gradients here (engine.perf.inductor_options)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(before if threads == "as set" else threads)
-    try:
+    with torch_threads(torch.get_num_threads() if threads == "as set" else threads):
         base = apply_overrides(tiny_cfg, EXACT)
         assert_same_step(base, apply_overrides(base, ["perf.compile=true"]))
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -97,13 +93,9 @@ def test_one_cpu_thread_compiles_for_any_thread_count(threads, mode):
     from engine.config import PerfConfig
     from engine.perf import inductor_options
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         cpu = inductor_options(PerfConfig(compile_mode=mode), torch.device("cpu"))
         cuda = inductor_options(PerfConfig(compile_mode=mode), torch.device("cuda"))
-    finally:
-        torch.set_num_threads(before)
     plain = {} if mode == "default" else {"mode": mode}
     assert cuda == plain
     if threads == 2:
