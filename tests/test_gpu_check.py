@@ -193,3 +193,84 @@ def test_compile_variants_are_speeds_relative_to_the_main_case():
     assert speed_vs_main(rows) == {"kernels=off": 1.2, "cuda_graphs": 1.5}
     assert speed_vs_main(rows[1:]) == {}
     assert variants_line(speed_vs_main(rows)) == "speed vs compiled + kernels on: kernels=off 1.2x, cuda_graphs 1.5x"
+
+
+def test_a_failing_kernel_case_is_a_row_and_the_next_cases_run(tmp_path, monkeypatch):
+    """Compiled Triton and CUDA-graph capture have never run: one case raising (a compile error at one dtype) must
+    become a failing row, and the remaining cases, the graph-replay row and opcheck must still run."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck import kernels_correct as kc
+    from gpucheck.record import StageFailed, StageRecord
+
+    calls = []
+
+    def pgd_case(check, shape, dtype_name, channels_last, dev):
+        calls.append((tuple(shape), dtype_name, channels_last))
+        if len(calls) == 1:
+            raise RuntimeError("triton compile error: PassManager::run failed")
+        return {"op": "pgd_step", "shape": list(shape), "dtype": dtype_name, "pass": True}
+
+    monkeypatch.setattr(kc, "pgd_case", pgd_case)
+    monkeypatch.setattr(kc, "uniform_row", lambda check, dev, smoke: None)
+    monkeypatch.setattr(kc, "bn_rows", lambda check, dev, smoke: (_ for _ in ()).throw(ValueError("bn broke")))
+    monkeypatch.setattr(kc, "graph_replay_row", lambda check, dev: check.add({"op": "replay", "pass": True}))
+    monkeypatch.setattr(kc, "opcheck_rows", lambda check, dev: check.add({"op": "opcheck", "pass": True}))
+    record = StageRecord("kernels_correct", tmp_path / "kc.json", 60, smoke=True)
+    with pytest.raises(StageFailed, match="pgd_step .*PassManager::run failed"):
+        kc.kernels_correct(record)
+    rows = record.data["rows"]
+    expected = sum(2 if len(s) == 4 else 1 for s in kc.SMOKE_PGD_SHAPES)
+    assert len(calls) == expected * len(kc.PGD_DTYPES)  # every pgd case after the broken one still ran
+    assert rows[0]["pass"] is False and "PassManager" in rows[0]["why"]
+    assert [r["op"] for r in rows if r["op"] != "pgd_step"] == ["dual_batch_norm", "replay", "opcheck"]
+    assert record.data["figures"]["total"] == len(rows) and record.data["figures"]["passed"] == len(rows) - 2
+
+
+def test_a_failing_eager_row_is_recorded_and_the_next_rows_run(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck import steps
+    from gpucheck.record import StageFailed, StageRecord
+
+    def step_row(record, batch, row, cudnn, profile):
+        if row == steps.SMOKE_ROWS[0][1] and batch == steps.SMOKE_ROWS[0][0]:
+            raise RuntimeError("CUDA graph capture failed")
+        return {"row": row, "config": f"row {row}", "cudnn_benchmark": cudnn, "batch_size": batch,
+                "images_per_s": 1.0, "loss": 1.0, "finite_loss": True}  # fmt: skip
+
+    monkeypatch.setattr(steps, "step_row", step_row)
+    monkeypatch.setattr(steps, "release_memory", lambda: None)
+    record = StageRecord("step_eager", tmp_path / "se.json", 60, smoke=True)
+    with pytest.raises(StageFailed, match="capture failed"):
+        steps.step_eager(record)
+    rows = record.data["rows"]
+    assert len(rows) == len(steps.SMOKE_ROWS) and rows[0]["ok"] is False
+    assert all(r.get("finite_loss") for r in rows[1:])
+
+
+def test_methods_time_replays_of_a_graphed_attack(monkeypatch):
+    """With the attack graphed, its first calls run eagerly and the next one captures: the methods stage starts its
+    clock only after the capture, so step_ms is a replay's."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from types import SimpleNamespace
+
+    from gpucheck.methods import WARMUP, warmup_steps
+
+    from engine.attacks.graphs import AttackGraphs
+
+    graphed = SimpleNamespace(perf=SimpleNamespace(attack_graphs=AttackGraphs(capture=None)))
+    assert warmup_steps(graphed) == max(WARMUP, graphed.perf.attack_graphs.warmup + 1) == 3
+    assert warmup_steps(SimpleNamespace(perf=SimpleNamespace(attack_graphs=None))) == WARMUP
+
+
+def test_the_commit_comes_from_git_where_there_is_one(tmp_path):
+    """The prepare step's stamp goes stale with the next commit: a checkout with .git is read from git; the GPU
+    machine's copy (no .git) from the stamp."""
+    from gpucheck.record import read_commit
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert read_commit(REPO)[0] == head
+    copy = tmp_path / "copy"
+    (copy / ".gpucheck").mkdir(parents=True)
+    assert read_commit(copy) == (None, None)
+    (copy / ".gpucheck" / "commit.txt").write_text("0123abc\ndirty\n")
+    assert read_commit(copy) == ("0123abc", True)

@@ -17,6 +17,7 @@ import math
 import re
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -196,7 +197,11 @@ def main_case(record: StageRecord) -> dict[str, Any]:
         **profile,
         "dual_bn_layouts": dict(layouts)
         or {f"traced: {key}": n for key, n in traced.items()}
-        or "none (the Triton kernels did not run: CPU reference path)",
+        or (
+            "none (the Triton kernels did not run: CPU reference path)"
+            if run.perf.device.type != "cuda"
+            else "none traced in this process (graphs loaded from a warm cache?)"
+        ),
         "perf": run.perf.summary(),
     }
     return record.row(row)
@@ -243,7 +248,8 @@ def extra_case(record: StageRecord, name: str) -> dict[str, Any]:
 
 
 def _extra_case(record: StageRecord, name: str) -> dict[str, Any]:
-    torch._dynamo.reset()  # fresh caches and counters: this case's graphs only
+    torch._dynamo.reset()  # fresh caches: this case's graphs only (reset leaves dynamo's counters as they are)
+    counters.clear()
     run, step_begin = extra_run(record, name)
     x, y = first_batch(run)
 
@@ -292,10 +298,20 @@ def speed_vs_main(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {case: round(main / v, 3) for case, v in ms.items() if main and v} if main else {}
 
 
+def compile_cache_state() -> str:
+    """'cold' when Inductor's cache folder (it also holds AOTAutograd's) is empty: a rerun of the stage with the same
+    $GPU_CHECK_WORK loads compiled graphs from it, so its compile_s is not a cold compile's."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    folder = Path(cache_dir())
+    return "warm" if folder.is_dir() and any(folder.iterdir()) else "cold"
+
+
 def compile_stage(record: StageRecord) -> None:
     for name in ("profile_compiled.txt", "compile_notes.txt"):
         record.side_file(name).unlink(missing_ok=True)
     torch._dynamo.config.recompile_limit = 64  # the extras compile the same forward again; never fall back silently
+    record.figure("compile_cache", compile_cache_state())
     with smoke_compile(record.smoke):
         row = guarded(record, "main", main_case, record)  # a failing main case still leaves the extras' figures
         if row.get("ok") is False:

@@ -75,6 +75,15 @@ class Checker:
     def budget_left(self) -> bool:
         return self.record.has_time(ROW_SECONDS[device().type])
 
+    def case(self, op: str, shape, fn, *args) -> None:
+        """Run one case (it adds its own rows); an exception becomes a failing row, and the next case still runs."""
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - a Triton compile or capture error must not hide the other cases
+            self.catcher.messages.clear()
+            self.add({"op": op, "shape": None if shape is None else list(shape), "dtype": "-", "layout": "-",
+                      "mode": "-", "direction": "-", "pass": False, "why": error_line(exc)})  # fmt: skip
+
 
 def poison(like: torch.Tensor) -> None:
     """Leave a NaN-filled block in the caching allocator, so an output the op forgets to write stays NaN."""
@@ -155,7 +164,9 @@ def pgd_rows(check: Checker, dev, smoke: bool) -> None:
             for dtype_name in PGD_DTYPES:
                 if not check.budget_left():
                     return skip_row(check.record, "pgd_step", shape)
-                check.add(pgd_case(check, shape, dtype_name, channels_last, dev))
+                check.case(
+                    "pgd_step", shape, lambda *a: check.add(pgd_case(*a)), check, shape, dtype_name, channels_last, dev
+                )
 
 
 def skip_row(record: StageRecord, op: str, shape) -> None:
@@ -326,7 +337,7 @@ def bn_rows(check: Checker, dev, smoke: bool) -> None:
     for shape, dtype, channels_last, training, relu in bn_grid(smoke):
         if not check.budget_left():
             return skip_row(check.record, "dual_batch_norm", shape)
-        bn_case(check, shape, dtype, channels_last, training, relu, dev)
+        check.case("dual_batch_norm", shape, bn_case, check, shape, dtype, channels_last, training, relu, dev)
 
 
 # -- opcheck ---------------------------------------------------------------------------------------------------
@@ -365,12 +376,12 @@ def kernels_correct(record: StageRecord) -> None:
     logging.getLogger("kernels").addHandler(catcher)
     check = Checker(record, catcher)
     with kernels.force_backend("triton"):
-        for rows in (pgd_rows, uniform_row, bn_rows):
-            rows(check, dev, record.smoke)
+        for name, rows in (("pgd_step", pgd_rows), ("uniform_start", uniform_row), ("dual_batch_norm", bn_rows)):
+            check.case(name, None, rows, check, dev, record.smoke)
             record.figure("passed", check.passed)
             record.figure("total", check.total)
-        graph_replay_row(check, dev)
-        opcheck_rows(check, dev)
+        check.case("uniform_start cuda-graph replay", None, graph_replay_row, check, dev)
+        check.case("opcheck", None, opcheck_rows, check, dev)
     record.figure("passed", check.passed)
     record.figure("total", check.total)
     if record.failed:

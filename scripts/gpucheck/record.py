@@ -125,11 +125,14 @@ def guarded(record: StageRecord, name: str, fn, *args, **kwargs) -> dict[str, An
 
 
 def read_commit(repo: str | Path) -> tuple[str | None, bool | None]:
-    """(commit, dirty) from `.gpucheck/commit.txt` (the GPU machine's copy may lack .git), else from git."""
+    """(commit, dirty) from git where the checkout has .git, else from `.gpucheck/commit.txt` (the GPU machine's copy
+    of the working tree has no .git; the prepare step writes the stamp, which a later commit would leave stale)."""
     import subprocess
 
     stamp = Path(repo) / ".gpucheck" / "commit.txt"
-    if stamp.is_file():
+    if not (Path(repo) / ".git").exists():
+        if not stamp.is_file():
+            return None, None
         words = stamp.read_text().split()
         return (words[0] if words else None), "dirty" in words[1:]
     try:

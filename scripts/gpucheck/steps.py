@@ -17,7 +17,7 @@ from train_step import LADDER
 from engine.train import build_run, train_step
 
 from .common import DEFAULT_ROW, first_batch, ladder_config, measure_steps, profile_steps
-from .record import BUDGET_SKIP, StageFailed, StageRecord
+from .record import BUDGET_SKIP, StageFailed, StageRecord, error_line, traceback_tail
 
 CUDNN_OFF, CUDNN_ON = "perf.cudnn_benchmark=off", "perf.cudnn_benchmark=on"
 # (batch, ladder row, cudnn.benchmark, profile)
@@ -80,7 +80,14 @@ def step_eager(record: StageRecord) -> None:
         if not record.has_time(ROW_SECONDS[batch]):
             record.row({"row": row, "nominal_batch": batch, "cudnn_benchmark": cudnn, "status": BUDGET_SKIP})
             continue
-        result = record.row({"nominal_batch": batch, **step_row(record, batch, row, cudnn, profile)})
+        try:
+            result = record.row({"nominal_batch": batch, **step_row(record, batch, row, cudnn, profile)})
+        except Exception as exc:  # noqa: BLE001 - one row's fault (a capture, the profiler) must not hide the others
+            record.row({"row": row, "nominal_batch": batch, "cudnn_benchmark": cudnn, "ok": False,
+                        "error": error_line(exc), "traceback": traceback_tail(exc)})  # fmt: skip
+            record.fail(f"{LADDER[row][0]} B={batch}: {error_line(exc)}")
+            release_memory()
+            continue
         release_memory()
         rows.append(result)
         if profile and row == DEFAULT_ROW:

@@ -14,7 +14,11 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "eager": {"b128": fig["step_eager"].get("b128"), "b512": fig["step_eager"].get("b512")},
         "cudnn_benchmark": fig["step_eager"].get("cudnn_benchmark"),
-        "compiled": {"b128": compiled.get("b128"), "compile_s": compiled.get("compile_s")},
+        "compiled": {
+            "b128": compiled.get("b128"),
+            "compile_s": compiled.get("compile_s"),
+            "compile_cache": compiled.get("compile_cache"),
+        },
         "cuda_graphs": {"b128": fig["step_eager"].get("b128_cuda_graphs")},
         "compile_variants": compiled.get("speed_vs_main"),
         "graphs": compiled.get("unique_graphs"),
@@ -92,7 +96,8 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
         ["RN18 B=512 eager", throughput(s["eager"]["b512"])],
         ["cudnn.benchmark", cudnn_line(s.get("cudnn_benchmark"))],
         ["RN18 B=128 compiled", throughput(s["compiled"]["b128"]) + f"; graphs {fmt(s['graphs'])}, breaks "
-         f"{fmt(s['graph_breaks'])}, recompiles after warm-up {fmt(s['recompiles_after_warmup'])}, cold compile "
+         f"{fmt(s['graph_breaks'])}, recompiles after warm-up {fmt(s['recompiles_after_warmup'])}, "
+         f"{'cold' if s['compiled'].get('compile_cache') != 'warm' else 'warm-cache'} compile "
          f"{fmt(s['compiled']['compile_s'])} s"],
         ["RN18 B=128 eager + CUDA graphs", throughput(s["cuda_graphs"]["b128"])],
         ["compile variants", variants_line(s.get("compile_variants"))],
