@@ -1,8 +1,8 @@
 """Training-step throughput, feature by feature: images/s, step time, attack cost, achieved TFLOP/s, ops per step.
 
 The switch ladder (fp32 eager -> channels-last -> bf16 autocast -> dual forward -> fused kernels -> cudnn.benchmark
--> CUDA graphs of the attack -> torch.compile) runs on the same AR-AT step (PGD attack + clean/adv forwards + SGD
-step). Two orders:
+-> CUDA graphs of the attack -> GEMM small convolutions (CPU) -> torch.compile) runs on the same AR-AT step (PGD
+attack + clean/adv forwards + SGD step). Two orders (and `--compare`, `--direct` for one switch or one row):
 
 - greedy (default): each switch is tried on top of the fastest configuration so far, the two timed interleaved in
   one process (round after round), and kept only if it is faster; so the ladder follows what is fastest on the
@@ -22,6 +22,8 @@ torch.utils.flop_counter on the network itself.
     python bench/train_step.py --train-epochs 2 --data-dir data                 # plus accuracy after a short run
     python bench/train_step.py --width 16 --batch-size 64 --attack-steps 3 --rounds 9 \
         --set perf.dtype=fp32 --compare perf.kernels=off,on                      # one switch, the demo's step
+    python bench/train_step.py --width 64 --batch-size 32 --rounds 9 \
+        --direct perf.channels_last=true,perf.dtype=bf16,perf.compile=on,perf.gemm_conv=8   # one row vs fp32 eager
 
 Rows go to --out (JSON lines) with the CPU model and whether it runs bf16 natively; a markdown table is printed.
 Take figures on a quiet machine (one torch job).
@@ -65,9 +67,11 @@ LADDER = [
     ("+fused kernels", ["perf.kernels=on"]),
     ("+cudnn.benchmark", ["perf.cudnn_benchmark=on"]),  # CUDA only: a no-op on CPU
     ("+CUDA graphs", ["perf.cuda_graphs=on"]),  # CUDA only: each attack captured once, replayed
+    ("+GEMM small convs", ["perf.gemm_conv=8"]),  # CPU only: ResNet-18 layer3+4 convolutions as matrix products
     ("+torch.compile", ["perf.compile=on"]),
 ]
 CUDA_ONLY = {"+cudnn.benchmark", "+CUDA graphs"}
+CPU_ONLY = {"+GEMM small convs"}
 
 
 def sync(device: torch.device) -> None:
@@ -204,7 +208,7 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
     best = build_row(name, apply_overrides(get_recipe("demo"), kept_overrides), warmup)
     rows, chain = [], 1.0
     for name, switches in LADDER[1:]:
-        if name in CUDA_ONLY and device_type != "cuda":
+        if (name in CUDA_ONLY and device_type != "cuda") or (name in CPU_ONLY and device_type == "cuda"):
             continue
         candidate = build_row(name, apply_overrides(get_recipe("demo"), kept_overrides + switches), warmup)
         best.step_ms.clear(), best.attack_ms.clear()
@@ -247,7 +251,7 @@ def direct_check(best: Row, fp32_overrides: list[str], rounds: int, steps: int, 
 def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:
     overrides, built = list(base), []
     for i, (name, switches) in enumerate(LADDER):
-        if name in CUDA_ONLY and device_type != "cuda":
+        if (name in CUDA_ONLY and device_type != "cuda") or (name in CPU_ONLY and device_type == "cuda"):
             continue
         overrides += switches
         if i in wanted:
@@ -294,6 +298,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cumulative", action="store_true", help="every switch on the previous row (not greedy)")
     p.add_argument("--rows", default=None, help="--cumulative: indices into the ladder (default: all)")
+    p.add_argument("--direct", metavar="KEY=V,KEY=V", help="one configuration (on fp32 eager's switches) timed "
+                   "interleaved against fp32 eager, e.g. perf.dtype=bf16,perf.compile=on")  # fmt: skip
     p.add_argument("--compare", metavar="KEY=A,B", help="one switch's values, interleaved (e.g. perf.kernels=off,on)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every row (e.g. perf.dtype=fp32), repeatable")  # fmt: skip
@@ -320,7 +326,11 @@ def main() -> None:
         LADDER = [rung for rung in LADDER if rung[0] != "+torch.compile"]
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     base += args.overrides
-    if args.compare:
+    if args.direct:
+        fp32 = base + LADDER[0][1]
+        best = build_row(args.direct, apply_overrides(get_recipe("demo"), fp32 + args.direct.split(",")), args.warmup)
+        rows = [direct_check(best, fp32, args.rounds, args.steps, args.warmup)]
+    elif args.compare:
         key, _, values = args.compare.partition("=")
         rows = compare(base, key, values.split(","), args.rounds, args.steps, args.warmup)
     elif args.cumulative:
@@ -328,7 +338,7 @@ def main() -> None:
         rows = cumulative(base, wanted, args.rounds, args.steps, args.warmup, device_type)
     else:
         rows = greedy(base, args.rounds, args.steps, args.warmup, device_type)
-    order = "compare" if args.compare else "cumulative" if args.cumulative else "greedy"
+    order = "direct" if args.direct else "compare" if args.compare else "cumulative" if args.cumulative else "greedy"
     stamp = provenance()
     rows = [row | {"ladder": order} | stamp for row in rows]
     for i, row in enumerate(rows):

@@ -188,6 +188,7 @@ class PerfConfig:
     kernels: str = "auto"  # auto (on for CUDA) | on | off: fused PGD step and dual BN (native library on a CPU)
     cudnn_benchmark: str = "auto"  # auto (on for CUDA: static shapes) | on | off
     cuda_graphs: str = "auto"  # auto (on for CUDA) | on | off: each PGD attack captured once as a CUDA graph
+    gemm_conv: int = 0  # CPU: convolutions with outputs of at most N x N pixels run as one matrix product (0: off)
 
     def __post_init__(self):
         _one_of("perf.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
@@ -201,6 +202,7 @@ class PerfConfig:
         _one_of("perf.cudnn_benchmark", self.cudnn_benchmark, ("auto", "on", "off"))
         _one_of("perf.cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "perf.device: auto|cpu|cuda")
+        _check(isinstance(self.gemm_conv, int) and self.gemm_conv >= 0, "perf.gemm_conv: an output size in pixels >= 0")
 
 
 @dataclass

@@ -90,6 +90,7 @@ class Perf:
     cudnn_benchmark: bool = False
     step_kernel: Callable | None = None  # the PGD step this run installed (None: plain torch)
     attack_graphs: AttackGraphs | None = None  # the captured attacks (None: attacks run eagerly)
+    gemm_convs: str = "off"  # perf.gemm_conv as resolved: "off" or which convolutions run as matrix products
 
     @property
     def cuda_graphs(self) -> bool:
@@ -121,7 +122,7 @@ class Perf:
         return (
             f"device={self.device} dtype={DTYPE_NAMES[self.dtype]} ({self.dtype_reason}) "
             f"channels_last={self.channels_last} compile={self.compiled} kernels={self.kernels} "
-            f"cuda_graphs={self.cuda_graphs} {hardware}"
+            f"cuda_graphs={self.cuda_graphs} gemm_conv={self.gemm_convs} {hardware}"
         )
 
 
@@ -145,6 +146,18 @@ def _install_kernels(model: nn.Module, cfg: PerfConfig, device: torch.device) ->
     from . import kernels_bridge
 
     return kernels_bridge.install(model)
+
+
+def _install_gemm_convs(model: nn.Module, cfg: PerfConfig, device: torch.device) -> str:
+    """perf.gemm_conv on a CPU: the convolutions with small outputs become matrix products (what is active, for the
+    log). CUDA keeps cuDNN's convolutions."""
+    from .models import set_gemm_convs
+
+    wanted = cfg.gemm_conv if device.type == "cpu" else 0
+    names = set_gemm_convs(model, wanted)
+    if not names:
+        return "off" if cfg.gemm_conv == 0 or device.type == "cpu" else "off (CUDA: cuDNN)"
+    return f"{len(names)} convs with outputs <= {wanted}x{wanted}"
 
 
 class _Role(nn.Module):
@@ -275,6 +288,7 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     kernels, step_kernel = _install_kernels(model, cfg, device)
+    gemm = _install_gemm_convs(model, cfg, device)
     on = compile_wanted(cfg, device)
     if on:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # roles x modes
@@ -284,7 +298,7 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
         torch.backends.cudnn.benchmark = benchmark  # process-wide: one run per process
     graphs = attack_graphs(cfg, device)
     set_attack_graphs(graphs)
-    return train, attack, Perf(device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel, graphs)
+    return train, attack, Perf(device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel, graphs, gemm)
 
 
 @functools.cache

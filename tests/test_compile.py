@@ -49,9 +49,17 @@ FAMILIES = {
     "swa": ("arat-swa-resnet18-cifar10", ["swa.start_epoch=2", "swa.every=1"]),
     "grad-sim": ("arat-resnet18-cifar10", ["analysis.grad_sim=true"]),
     "bf16-kernels": ("arat-resnet18-cifar10", ["perf.dtype=bf16", "perf.kernels=on"]),
+    "gemm-conv": ("arat-resnet18-cifar10", ["perf.gemm_conv=4"]),
 }
 
-PARITY = {"arat", "trades", "lbgat", "arrest", "bf16-kernels"}  # compiled == eager checked (distinct paths)
+PARITY = {
+    "arat",
+    "trades",
+    "lbgat",
+    "arrest",
+    "bf16-kernels",
+    "gemm-conv",
+}  # compiled == eager checked (distinct paths)
 
 
 def train_and_evaluate(cfg, on_warm=None):

@@ -10,7 +10,13 @@ from engine.train import build_run, train_step
 # No attack steps: PGD's sign() would turn last-bit differences into other adversarial examples. cuDNN autotuning
 # off (and, in conftest, TF32 off and deterministic cuDNN) so that on CUDA the test checks the engine, not cuDNN.
 EXACT = ["perf.dtype=fp32", "attack.num_steps=0", "train.epochs=1", "perf.cudnn_benchmark=off"]
-PLAIN = ["perf.channels_last=false", "perf.dual_forward=false", "perf.kernels=off", "perf.compile=false"]
+PLAIN = [
+    "perf.channels_last=false",
+    "perf.dual_forward=false",
+    "perf.kernels=off",
+    "perf.compile=false",
+    "perf.gemm_conv=0",
+]
 
 
 def one_step(cfg, dtype=torch.float32, probe=False):
@@ -69,6 +75,17 @@ def test_fused_kernels_in_the_attack(tiny_cfg):
     torch.testing.assert_close(pgd_step(x, x_adv, grad, 0.03, 0.01), pgd_step_reference(x, x_adv, grad, 0.03, 0.01))
     assert "pgd_step" in kernels.last_backend()
     set_step_kernel(None)
+
+
+def test_gemm_convolutions_equal_the_plain_path(tiny_cfg):
+    base = apply_overrides(tiny_cfg, EXACT + ["perf.device=cpu"])
+    assert_same_step(apply_overrides(base, ["perf.gemm_conv=0"]), apply_overrides(base, ["perf.gemm_conv=8"]))
+
+
+@pytest.mark.slow
+def test_compiled_gemm_convolutions_equal_eager(tiny_cfg):
+    base = apply_overrides(tiny_cfg, EXACT + ["perf.device=cpu", "perf.gemm_conv=4"])
+    assert_same_step(base, apply_overrides(base, ["perf.compile=true"]))
 
 
 def test_channels_last_equals_contiguous(tiny_cfg):

@@ -9,12 +9,14 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UserError
+from .gemm_conv import GemmConv2d, set_gemm_convs
 from .resnet import ResNet18
 from .splitbn import BRANCHES, SplitBatchNorm2d, check_branch, set_dual_kernel, split_bn_layers
 from .wrn import WideResNet
 
 __all__ = [
     "BRANCHES",
+    "GemmConv2d",
     "ResNet18",
     "SplitBatchNorm2d",
     "WideResNet",
@@ -23,6 +25,7 @@ __all__ = [
     "export_state_dict",
     "read_weights",
     "set_dual_kernel",
+    "set_gemm_convs",
     "split_bn_layers",
 ]
 
