@@ -202,7 +202,10 @@ class PerfConfig:
         _one_of("perf.cudnn_benchmark", self.cudnn_benchmark, ("auto", "on", "off"))
         _one_of("perf.cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "perf.device: auto|cpu|cuda")
-        _check(isinstance(self.gemm_conv, int) and self.gemm_conv >= 0, "perf.gemm_conv: an output size in pixels >= 0")
+        _check(
+            isinstance(self.gemm_conv, int) and not isinstance(self.gemm_conv, bool) and self.gemm_conv >= 0,
+            "perf.gemm_conv: an output size in pixels >= 0",
+        )
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 1. device (auto: CUDA when available);  2. channels-last memory format for the model (the loaders emit it too);
 3. fused kernels (PGD step and dual BN; auto: on for CUDA; `on` on a CPU uses the native library when built);
+3b. on a CPU, convolutions with small outputs as matrix products (perf.gemm_conv; 0: off);
 4. torch.compile (auto: on for CUDA), static shapes, one compiled entry point per role (training step, attack,
    evaluation, a method's second network), so that switching roles never recompiles;
 5. autocast dtype for the forwards (auto: what the hardware runs natively, see `resolve_dtype`);
@@ -157,7 +158,7 @@ def _install_gemm_convs(model: nn.Module, cfg: PerfConfig, device: torch.device)
     names = set_gemm_convs(model, wanted)
     if not names:
         return "off" if cfg.gemm_conv == 0 or device.type == "cpu" else "off (CUDA: cuDNN)"
-    return f"{len(names)} convs with outputs <= {wanted}x{wanted}"
+    return f"{wanted} ({len(names)} convs with outputs <= {wanted}x{wanted})"
 
 
 class _Role(nn.Module):
@@ -272,10 +273,12 @@ def eval_network(net: nn.Module, cfg: PerfConfig, device: torch.device, attack: 
 
 
 def follow(net: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:
-    """A method's second network under the run's switches: moved, channels-last, compiled (own role)."""
+    """A method's second network under the run's switches: moved, channels-last, GEMM convolutions, compiled (own
+    role)."""
     net.to(device)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
+    _install_gemm_convs(net, cfg, device)
     return role(AuxForward, net, cfg, device)
 
 

@@ -61,7 +61,7 @@ def test_wide_resnet_smallest_outputs_are_8x8():
 def test_perf_applies_it_on_a_cpu_only():
     model = ResNet18(width=8)
     _, _, perf = apply(model, PerfConfig(device="cpu", dtype="fp32", compile="off", gemm_conv=4))
-    assert perf.gemm_convs == "4 convs with outputs <= 4x4" and "gemm_conv=4 convs" in perf.summary()
+    assert perf.gemm_convs == "4 (4 convs with outputs <= 4x4)" and "gemm_conv=4 (4 convs" in perf.summary()
     from engine.perf import _install_gemm_convs
 
     assert _install_gemm_convs(model, PerfConfig(gemm_conv=4), torch.device("cuda")) == "off (CUDA: cuDNN)"
@@ -70,5 +70,38 @@ def test_perf_applies_it_on_a_cpu_only():
 
 
 def test_bad_values_are_config_errors():
+    for bad in ("-1", "true", "1.5"):
+        with pytest.raises(ConfigError, match="perf.gemm_conv"):
+            apply_overrides(get_recipe("demo"), [f"perf.gemm_conv={bad}"])
     with pytest.raises(ConfigError, match="perf.gemm_conv"):
-        apply_overrides(get_recipe("demo"), ["perf.gemm_conv=-1"])
+        PerfConfig(gemm_conv=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_under_bf16_autocast_it_matches_the_convolution_and_its_dtype(bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, 1, 1, bias=bias)
+    gemm = GemmConv2d(16, 24, 3, 1, 1, bias=bias)
+    gemm.load_state_dict(conv.state_dict())
+    x = torch.rand(4, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, got = conv(x), gemm(x)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_methods_second_network_follows_the_switch():
+    from engine.perf import follow
+
+    net = ResNet18(width=8)
+    follow(net, PerfConfig(device="cpu", compile="off", gemm_conv=4), torch.device("cpu"))
+    assert [n for n, m in net.named_modules() if isinstance(m, GemmConv2d)] == LAYER4_3X3
+
+
+def test_the_dry_forward_keeps_every_module_mode_and_statistic():
+    model = ResNet18(width=8).train()
+    model.layer2.eval()  # a submodule deliberately in eval mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    set_gemm_convs(model, 4)
+    assert model.training and not model.layer2.training and model.layer3.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

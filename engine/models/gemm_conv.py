@@ -43,7 +43,7 @@ class GemmConv2d(nn.Conv2d):
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = conv2d_gemm(input, weight, self.stride[0], self.padding[0])
-        return out if bias is None else out + bias.view(1, -1, 1, 1)
+        return out if bias is None else out + bias.to(out.dtype).view(1, -1, 1, 1)  # autocast casts conv's bias too
 
 
 def gemm_capable(conv: nn.Module) -> bool:
@@ -69,14 +69,15 @@ def output_sizes(model: nn.Module, image_size: int) -> dict[str, tuple[int, int]
         for name, module in model.named_modules()
         if isinstance(module, nn.Conv2d)
     ]
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     param = next(model.parameters())
     try:
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype))
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
         for hook in hooks:
             hook.remove()
     return sizes
