@@ -74,6 +74,11 @@ CUDA_ONLY = {"+cudnn.benchmark", "+CUDA graphs"}
 CPU_ONLY = {"+GEMM small convs"}
 
 
+def applies(rung: str, device_type: str) -> bool:
+    """Whether a ladder rung means anything on this device type (the others are skipped)."""
+    return rung not in (CPU_ONLY if device_type == "cuda" else CUDA_ONLY)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -208,7 +213,7 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
     best = build_row(name, apply_overrides(get_recipe("demo"), kept_overrides), warmup)
     rows, chain = [], 1.0
     for name, switches in LADDER[1:]:
-        if (name in CUDA_ONLY and device_type != "cuda") or (name in CPU_ONLY and device_type == "cuda"):
+        if not applies(name, device_type):
             continue
         candidate = build_row(name, apply_overrides(get_recipe("demo"), kept_overrides + switches), warmup)
         best.step_ms.clear(), best.attack_ms.clear()
@@ -251,7 +256,7 @@ def direct_check(best: Row, fp32_overrides: list[str], rounds: int, steps: int, 
 def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:
     overrides, built = list(base), []
     for i, (name, switches) in enumerate(LADDER):
-        if (name in CUDA_ONLY and device_type != "cuda") or (name in CPU_ONLY and device_type == "cuda"):
+        if not applies(name, device_type):
             continue
         overrides += switches
         if i in wanted:

@@ -17,7 +17,7 @@ from train_step import LADDER
 from engine.train import build_run, train_step
 
 from .common import DEFAULT_ROW, first_batch, ladder_config, measure_steps, profile_steps
-from .record import BUDGET_SKIP, StageFailed, StageRecord, error_line, traceback_tail
+from .record import BUDGET_SKIP, StageFailed, StageRecord, guarded
 
 CUDNN_OFF, CUDNN_ON = "perf.cudnn_benchmark=off", "perf.cudnn_benchmark=on"
 # (batch, ladder row, cudnn.benchmark, profile)
@@ -56,6 +56,10 @@ def step_row(record: StageRecord, batch: int, row: int, cudnn: bool, profile: bo
     return result
 
 
+def recorded_row(record: StageRecord, batch: int, row: int, cudnn: bool, profile: bool) -> dict[str, Any]:
+    return record.row({"nominal_batch": batch, **step_row(record, batch, row, cudnn, profile)})
+
+
 def headline(row: dict[str, Any], busy: float | str | None) -> dict[str, Any]:
     keys = ("images_per_s", "tflops", "pct_989", "pct_ceiling", "epoch_s", "run100_min", "step_ms", "peak_mem_gib")
     return {k: row.get(k) for k in keys} | {"busy_fraction": busy, "config": row["config"]}
@@ -80,15 +84,12 @@ def step_eager(record: StageRecord) -> None:
         if not record.has_time(ROW_SECONDS[batch]):
             record.row({"row": row, "nominal_batch": batch, "cudnn_benchmark": cudnn, "status": BUDGET_SKIP})
             continue
-        try:
-            result = record.row({"nominal_batch": batch, **step_row(record, batch, row, cudnn, profile)})
-        except Exception as exc:  # noqa: BLE001 - one row's fault (a capture, the profiler) must not hide the others
-            record.row({"row": row, "nominal_batch": batch, "cudnn_benchmark": cudnn, "ok": False,
-                        "error": error_line(exc), "traceback": traceback_tail(exc)})  # fmt: skip
-            record.fail(f"{LADDER[row][0]} B={batch}: {error_line(exc)}")
-            release_memory()
-            continue
+        # one row's fault (a capture, the profiler) becomes a failing row and must not hide the others
+        result = guarded(record, f"{LADDER[row][0]} B={batch}", recorded_row, record, batch, row, cudnn, profile)
         release_memory()
+        if result.get("ok") is False:
+            record.fail(f"{result['case']}: {result['error']}")
+            continue
         rows.append(result)
         if profile and row == DEFAULT_ROW:
             busy[batch] = result.get("busy_fraction")
