@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .attacks.pgd import frozen
 from .config import EPS_8
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -36,13 +37,29 @@ class Protocol:
     norm: str = "Linf"
 
     def describe(self) -> dict:
-        return asdict(self) | {"eps": "8/255" if self.eps == EPS_8 else self.eps, "code": "pyautoattack"}
+        eps, checkpoints = "8/255" if self.eps == EPS_8 else self.eps, list(apgd_schedule(self.iterations))
+        return asdict(self) | {"eps": eps, "apgd_checkpoints": checkpoints, "code": "pyautoattack"}
 
 
 PROTOCOLS = {
     "standard": Protocol("standard", STAGES, iterations=100, restarts=1, target_classes=9, square_queries=5000),
     "legacy-10": Protocol("legacy-10", STAGES, iterations=10, restarts=1, target_classes=9, square_queries=5000),
 }
+
+
+def apgd_schedule(n_iter: int) -> tuple[int, int, int]:
+    """APGD's step-size checkpoints for `n_iter` iterations: (first checkpoint, minimum interval, decrement)."""
+    return max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+
+
+def set_apgd_iterations(apgd, n_iter: int) -> None:
+    """An APGD attack's iteration count and the step-size schedule derived from it. pyautoattack derives the
+    schedule (first checkpoint at 22% of the iterations, the minimum interval 6%, its decrement 3%) once, when the
+    attack is built; setting `n_iter` alone after that keeps the 100-iteration checkpoints (the first at 22), which
+    10 iterations never reach: no step-size halving, no restart from the best point, a weaker attack. The original
+    AutoAttack and torchattacks derive it from the iterations of each run."""
+    apgd.n_iter = apgd.n_iter_orig = n_iter
+    apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr = apgd_schedule(n_iter)
 
 
 def adversary(model: nn.Module, protocol: Protocol, seed: int, device: torch.device):
@@ -54,7 +71,9 @@ def adversary(model: nn.Module, protocol: Protocol, seed: int, device: torch.dev
     else:
         aa = AutoAttack(model, attacks=list(protocol.attacks), norm=protocol.norm, eps=protocol.eps, version="custom",
                         device=device, seed=seed)  # fmt: skip
-        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = protocol.iterations
+        for apgd in (aa.apgd, aa.apgd_targeted):
+            set_apgd_iterations(apgd, protocol.iterations)
+        aa.fab.n_iter = protocol.iterations
         aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = aa.fab.n_restarts = protocol.restarts
         aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = protocol.target_classes
         aa.square.n_queries = protocol.square_queries
@@ -88,8 +107,9 @@ def attack_chunk(
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     log.propagate = False  # AutoAttack's debug lines are read here, not printed
-    try:
-        _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    try:  # frozen weights: FAB's backward (a plain .backward()) would otherwise compute and keep weight gradients
+        with frozen(model):
+            _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)

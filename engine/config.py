@@ -211,9 +211,13 @@ class PerfConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # how long a rank waits in a collective before the job fails: an evaluation's ranks wait for the slowest one's
+    # AutoAttack chunk (NCCL's own default, 10 minutes, can end a healthy WRN-34-10 evaluation)
+    timeout_min: float = 180.0
 
     def __post_init__(self):
         _one_of("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        _check(self.timeout_min > 0, "dist.timeout_min: minutes > 0")
 
 
 @dataclass

@@ -207,7 +207,8 @@ def evaluate(
     x_all, y_all = test_tensors(split, n_all, device)
     perf_cfg = perf_cfg or PerfConfig(compile="off")
     classifier, attacker = (eval_network(model, perf_cfg, device, attack) for attack in (False, True))
-    chunk_size, chunk_reason = resolve_chunk_size(cfg, model, x_all.shape[1:], device)
+    # every rank takes rank 0's chunk size (its memory measure could differ): the chunks must tile the same images
+    chunk_size, chunk_reason = gather_objects(resolve_chunk_size(cfg, model, x_all.shape[1:], device), dist)[0]
     cfg = dataclasses.replace(cfg, chunk_size=chunk_size)
     batch = min(cfg.batch_size, chunk_size)
     aa_net = StaticBatch(attacker, batch) if is_compiled(attacker) else EvalForward(model)
@@ -243,8 +244,11 @@ def evaluate(
                     reused += 1
                 records.append(record)
             records = sorted((r for part in gather_objects(records, dist) for r in part), key=lambda r: r["index"])
+            if [(r["start"], r["stop"]) for r in records] != [(lo, min(lo + cfg.chunk_size, n)) for lo in starts]:
+                raise RuntimeError(f"{name}: the chunks gathered from the ranks do not tile the {n} test images")
             flags = torch.cat([unpack(r["flags"], r["stop"] - r["start"]) for r in records])
             seconds = time.perf_counter() - start
+            reused = sum(gather_objects(reused, dist))  # on any rank: then the wall time is not all the work's
             result = {
                 "accuracy": int(flags.sum()) / n,
                 "num_examples": n,
@@ -252,7 +256,7 @@ def evaluate(
                 "images_per_s": round(n / seconds, 2) if seconds > 0 and not reused else None,
                 "chunk_seconds": round(sum(r["seconds"] for r in records), 2),
                 "chunks": len(records),
-                "reused_chunks": sum(gather_objects(reused, dist)),
+                "reused_chunks": reused,
                 "config": store.spec | {"chunk_size_rule": chunk_reason},
                 "flags": pack(flags),
             }

@@ -220,7 +220,9 @@ def attack_graphs(cfg: PerfConfig, device: torch.device, reuse: AttackGraphs | N
     torch.compile's mode captures graphs of its own, which cannot nest inside ours); `reuse`: see graphs.for_device."""
     if cfg.cuda_graphs == "on" and device.type != "cuda":
         raise ConfigError(f"perf.cuda_graphs=on needs a CUDA device, got {device}; use auto or off")
-    inductor_graphs = compile_wanted(cfg, device) and cfg.compile_mode in INDUCTOR_GRAPH_MODES
+    inductor_graphs = (  # only Inductor reads the mode (inductor_options passes none to the test backends)
+        compile_wanted(cfg, device) and cfg.compile_backend == "inductor" and cfg.compile_mode in INDUCTOR_GRAPH_MODES
+    )
     if cfg.cuda_graphs == "on" and inductor_graphs:
         raise ConfigError(
             f"perf.cuda_graphs=on and perf.compile_mode={cfg.compile_mode} both capture CUDA graphs; "

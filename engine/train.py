@@ -75,7 +75,8 @@ class Run:
             ) from None
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a run without fp16 (bf16/fp32, scaler off): resumed where fp16 is chosen,
+            self.scaler.load_state_dict(state["scaler"])  # the scaler starts afresh (loading {} would raise)
         self.swa.load_state_dict(state["swa"])
         if len(state["rng"]) != self.dist.world_size:
             raise RunDirError(f"the checkpoint was written by {len(state['rng'])} processes; resume with as many")

@@ -172,7 +172,8 @@ def test_a_failed_capture_is_logged_once_and_every_attack_stays_eager(caplog):
         assert torch.equal(a, b)
 
 
-def test_graphs_are_installed_for_cuda_only(tiny_cfg):
+def test_graphs_are_installed_for_cuda_only(tiny_cfg, monkeypatch):
+    from engine import perf
     from engine.config import ConfigError, apply_overrides
     from engine.perf import attack_graphs
     from engine.train import build_run
@@ -186,8 +187,45 @@ def test_graphs_are_installed_for_cuda_only(tiny_cfg):
     assert attack_graphs(own, torch.device("cuda")) is None
     with pytest.raises(ConfigError, match="both capture CUDA graphs"):
         attack_graphs(PerfConfig(compile="on", compile_mode="max-autotune", cuda_graphs="on"), torch.device("cuda"))
+    # only Inductor reads the mode: under the test backends ours are the only graphs (no CUDA here: a stand-in)
+    monkeypatch.setattr(perf, "graphs_for_device", lambda device, reuse: "ours")
+    test_backend = PerfConfig(compile="on", compile_mode="max-autotune", compile_backend="aot_eager", cuda_graphs="on")
+    assert attack_graphs(test_backend, torch.device("cuda")) == "ours"
+    monkeypatch.undo()
     run = build_run(apply_overrides(tiny_cfg, ["perf.device=cpu"]))
     assert graphs.active() is None and "cuda_graphs=False" in run.perf.summary()
+
+
+def test_a_capture_that_fails_inside_reports_its_own_error(monkeypatch):
+    """When the attack raises inside the capture, ending the capture fails too ("operation failed due to a previous
+    error during capture"); the attack's own error is the one that goes on (and the pool is handed back)."""
+    import contextlib
+
+    ended, abandoned = [], []
+
+    class Graph:
+        def capture_begin(self, pool, capture_error_mode):
+            pass
+
+        def capture_end(self):
+            ended.append(True)
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    capture = object.__new__(graphs.CudaCapture)
+    capture.device, capture.stream, capture.pool = torch.device("cuda", 0), None, None
+    monkeypatch.setattr(capture, "_abandon_pool", lambda: abandoned.append(True))
+
+    def attack():
+        raise ValueError("an op that cannot be captured")
+
+    with pytest.raises(ValueError, match="an op that cannot be captured"):
+        capture.capture(attack)
+    with pytest.raises(RuntimeError, match="previous error during capture"):  # nothing raised before: its own
+        capture.capture(lambda: torch.zeros(1))
+    assert ended == [True, True] and abandoned == [True, True]
 
 
 @cuda

@@ -83,3 +83,27 @@ def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and proc.stderr.count("training diverged") == 2, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_collectives_wait_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
+    """An evaluation's ranks wait in a gather for the slowest rank's AutoAttack chunk; the process group is made
+    with dist.timeout_min (NCCL's own default, 10 minutes, would end a healthy long evaluation)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from engine import distributed
+    from engine.config import ConfigError, DistConfig
+
+    made = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: made.update(backend=backend, **kw))
+    info = distributed.init(DistConfig(), "cpu")
+    assert (info.rank, info.world_size) == (1, 2)
+    assert made == {"backend": "gloo", "timeout": timedelta(minutes=180)}
+    distributed.init(DistConfig(timeout_min=30), "cpu")
+    assert made["timeout"] == timedelta(minutes=30)
+    with pytest.raises(ConfigError, match="dist.timeout_min"):
+        DistConfig(timeout_min=0)

@@ -164,19 +164,41 @@ def test_saved_chunks_of_another_model_are_not_reused(tmp_path):
 
 
 def test_legacy_10_is_the_ten_iteration_protocol_and_says_so():
+    from pyautoattack.autopgd_base import APGDAttack
+
     model = SparseLinear()
     legacy = autoattack.adversary(model, autoattack.PROTOCOLS["legacy-10"], 0, torch.device("cpu"))
     standard = autoattack.adversary(model, autoattack.PROTOCOLS["standard"], 0, torch.device("cpu"))
     assert legacy.attacks_to_run == standard.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
     for aa, iterations in ((legacy, 10), (standard, 100)):
         assert aa.apgd.n_iter == aa.apgd_targeted.n_iter == aa.fab.n_iter == iterations
+        # APGD's step-size schedule is the one an attack built for these iterations has (pyautoattack derives it
+        # at construction; at 10 iterations the first checkpoint is 2, not the 100-iteration 22)
+        built = APGDAttack(model, n_iter=iterations, eps=8 / 255, device="cpu")
+        schedule = ("n_iter", "n_iter_orig", "n_iter_2", "n_iter_min", "size_decr")
+        for apgd in (aa.apgd, aa.apgd_targeted):
+            assert [getattr(apgd, k) for k in schedule] == [getattr(built, k) for k in schedule]
         assert aa.apgd.n_restarts == aa.apgd_targeted.n_restarts == aa.fab.n_restarts == 1
         assert aa.apgd_targeted.n_target_classes == aa.fab.n_target_classes == 9
         assert aa.square.n_queries == 5000 and aa.seed == 0
+    assert (legacy.apgd.n_iter_2, legacy.apgd.n_iter_min, legacy.apgd.size_decr) == (2, 1, 1)
     cfg = EvalConfig(attacks=("aa",), num_examples=16, batch_size=16, chunk_size=16, aa_version="legacy-10")
     results = evaluate(model, labelled_split(16), cfg, torch.device("cpu"), 3)
     assert results["aa"]["version"] == "legacy-10" and "AutoAttack (legacy-10)" in format_results(results)
     assert results["aa"]["config"]["protocol"]["iterations"] == 10
+    assert results["aa"]["config"]["protocol"]["apgd_checkpoints"] == [2, 1, 1]  # recorded (and in the chunks' key)
+
+
+def test_autoattack_leaves_the_weights_without_gradients():
+    """FAB-T's backward is a plain .backward(): with the weights frozen it computes the input gradient only and
+    leaves no .grad on them (and they require gradients again afterwards)."""
+    model, split = SparseLinear(), labelled_split(16)
+    x = torch.from_numpy(split.images).permute(0, 3, 1, 2).float().contiguous() / 255
+    y = torch.from_numpy(split.labels)
+    with one_thread():
+        flags, counts = autoattack.attack_chunk(model, x, y, autoattack.PROTOCOLS["legacy-10"], 3, 16)
+    assert counts["apgd-t"] > 0, "FAB-T should have images to attack"
+    assert model.weight.grad is None and model.weight.requires_grad
 
 
 def test_export_writes_model_info_and_hub_loads_the_network(tmp_path, capsys):
@@ -227,8 +249,8 @@ def test_a_compiled_evaluation_pads_to_static_shapes_and_finds_the_same_flags(re
         with one_thread():
             results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3, perf)
         assert flags(results) == {k: v[:16] for k, v in flags(reference).items()}  # chunk 0: same seeds, same flags
-        # predictions; PGD-20 (frozen weights); AutoAttack's forwards with and without input gradients, its gradient
-        # graphs traced with the weights requiring grad: a handful of static-shape graphs, none per subset size
+        # predictions; PGD-20; AutoAttack's forwards with and without input gradients (weights frozen in both
+        # attacks): a handful of static-shape graphs, none per subset size
         assert counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"], dict(counters["stats"])
     finally:
         torch._dynamo.reset()

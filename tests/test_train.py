@@ -123,6 +123,19 @@ def test_resume_loads_the_checkpoint_on_the_cpu(tiny_cfg, tmp_path, monkeypatch)
     assert seen and all(k.get("map_location") == "cpu" and k.get("weights_only") for k in seen)
 
 
+def test_a_checkpoint_without_fp16_resumes_where_fp16_is_chosen(tiny_cfg):
+    """perf.dtype=auto picks fp16 with a gradient scaler on a GPU without bf16; a run started on bf16/fp32 hardware
+    saved a disabled scaler's empty state, which an enabled scaler refuses: the resumed run's scaler starts afresh."""
+    from engine.train import build_run
+
+    run = build_run(apply_overrides(tiny_cfg, ["eval.attacks=clean"]))
+    state = run.state_dict()
+    assert state["scaler"] == {}
+    run.scaler = torch.amp.GradScaler("cpu", enabled=True)  # as on an fp16 GPU
+    run.load_state_dict(state)
+    assert run.scaler.is_enabled() and run.scaler.get_scale() == 65536.0
+
+
 def test_a_diverged_run_stops_keeps_its_last_checkpoint_and_writes_no_results(tiny_cfg, tmp_path):
     from engine.train import Diverged
 

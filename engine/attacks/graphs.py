@@ -88,14 +88,19 @@ class CudaCapture:
         gc.collect()  # no Python-side frees of CUDA tensors in the middle of the capture
         with torch.cuda.stream(self.stream):
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            failure = None
             try:
                 out = fn()
+            except BaseException as err:
+                failure = err
+                raise
             finally:
                 try:
                     graph.capture_end()
                 except Exception:
                     self._abandon_pool()
-                    raise
+                    if failure is None:  # else fn's own error goes on (ending reports only "a previous error")
+                        raise
         return graph.replay, out
 
     def _abandon_pool(self) -> None:

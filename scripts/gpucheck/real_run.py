@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from engine.autoattack import set_apgd_iterations
 from engine.config import EPS_8, apply_overrides
 from engine.data import DeviceLoader, load_splits
 from engine.data.cifar import find_layout
@@ -50,8 +51,7 @@ def set_iterations(adversary, iters: dict[str, int]) -> None:
     """Fewer iterations for a pyautoattack AutoAttack (APGD's schedule is derived from n_iter at construction)."""
     for apgd, key in ((adversary.apgd, "apgd-ce"), (adversary.apgd_targeted, "apgd-t")):
         n = iters[key] if key == "apgd-ce" else max(1, iters[key] // apgd.n_target_classes)
-        apgd.n_iter, apgd.n_iter_2 = n, max(int(0.22 * n), 1)
-        apgd.n_iter_min, apgd.size_decr = max(int(0.06 * n), 1), max(int(0.03 * n), 1)
+        set_apgd_iterations(apgd, n)
     adversary.fab.n_iter = max(1, iters["fab-t"] // adversary.fab.n_target_classes)
     adversary.square.n_queries = iters["square"]
 
