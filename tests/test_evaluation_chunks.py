@@ -233,9 +233,26 @@ def test_export_writes_model_info_and_hub_loads_the_network(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_compiled_evaluation_pads_to_static_shapes_and_finds_the_same_flags(reference):
-    """Issue 10 item 7: compiled (backend "eager": dynamo's capture), clean and PGD-20 pad their last batch and
-    AutoAttack's shrinking subsets go through StaticBatch, so the graphs stay few; the flags equal the eager ones."""
+def test_autoattacks_subsets_are_neither_padded_to_the_chunk_nor_split_below_it():
+    from engine.evaluate import SubsetBatch
+
+    seen = []
+
+    def net(x):
+        seen.append(len(x))
+        return x.flatten(1)[:, :10]
+
+    subset = SubsetBatch(net, 16)
+    for n in (5, 1, 40):
+        x = torch.rand(n, 3, 32, 32)
+        assert torch.equal(subset(x), x.flatten(1)[:, :10])
+    assert seen == [5, 2, 16, 16, 8]  # a single image goes as two (dynamo specializes size 1)
+
+
+def test_a_compiled_evaluation_keeps_its_graphs_few_and_finds_the_same_flags(reference):
+    """Issue 10 item 7: compiled (backend "eager": dynamo's capture), clean and PGD-20 pad their last batch (static
+    shapes) and AutoAttack's shrinking subsets go through SubsetBatch (a dynamic batch dimension), so the graphs stay
+    few; the flags equal the eager ones."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -250,7 +267,7 @@ def test_a_compiled_evaluation_pads_to_static_shapes_and_finds_the_same_flags(re
             results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3, perf)
         assert flags(results) == {k: v[:16] for k, v in flags(reference).items()}  # chunk 0: same seeds, same flags
         # predictions; PGD-20; AutoAttack's forwards with and without input gradients (weights frozen in both
-        # attacks): a handful of static-shape graphs, none per subset size
+        # attacks): a handful of graphs, none per subset size
         assert counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"], dict(counters["stats"])
     finally:
         torch._dynamo.reset()
