@@ -214,7 +214,7 @@ def evaluate(
     # every rank takes rank 0's chunk size (its memory measure could differ): the chunks must tile the same images
     chunk_size, chunk_reason = gather_objects(resolve_chunk_size(cfg, model, x_all.shape[1:], device), dist)[0]
     cfg = dataclasses.replace(cfg, chunk_size=chunk_size)
-    batch = min(cfg.batch_size, chunk_size)
+    batch = min(cfg.batch_size, chunk_size, len(y_all))  # fewer images than a chunk: no padding up to it
     aa_net = SubsetBatch(attacker, batch) if is_compiled(attacker) else EvalForward(model)
     protocol = autoattack.PROTOCOLS[cfg.aa_version]
     model_hash = fingerprint(model)
