@@ -181,10 +181,14 @@ def resolve_chunk_size(cfg: EvalConfig, model: nn.Module, image_shape, device: t
     return size, f"auto: {per_image / 2**20:.1f} MiB per image (input-gradient pass), {total / 2**30:.0f} GiB device"
 
 
-def attack_spec(name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int) -> dict:
-    """What determines an attack's per-image flags (and so whether saved chunks can be reused)."""
+def attack_spec(
+    name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int, tf32: bool = False
+) -> dict:
+    """What determines an attack's per-image flags (and so whether saved chunks can be reused). `tf32`: CUDA
+    convolutions may run in TF32 (torch's default for cuDNN, which AutoAttack and RobustBench evaluations keep)."""
     spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
-            "batch_size": batch_size, "dtype": "fp32", "seeds": "sha256(seed:attack:chunk) per chunk"}  # fmt: skip
+            "batch_size": batch_size, "dtype": "fp32", "tf32_convolutions": tf32,
+            "seeds": "sha256(seed:attack:chunk) per chunk"}  # fmt: skip
     if name == "pgd20":
         spec |= {"steps": PGD20.num_steps, "step_size": "2/255", "eps": "8/255", "start": PGD20.start}
     if name == "aa":
@@ -218,12 +222,13 @@ def evaluate(
     aa_net = SubsetBatch(attacker, batch) if is_compiled(attacker) else EvalForward(model)
     protocol = autoattack.PROTOCOLS[cfg.aa_version]
     model_hash = fingerprint(model)
+    tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
     results = {}
     graphs = attack_graphs(perf_cfg, device, reuse=active_graphs())  # PGD-20 captured on CUDA, in training's pool
     with mode(model, train=False), graphs_in_use(graphs):
         for name in cfg.attacks:
             n = min((cfg.aa_num_examples or cfg.num_examples) if name == "aa" else cfg.num_examples, len(y_all))
-            store = ChunkStore(record_dir, name, attack_spec(name, cfg, n, seed, model_hash, batch))
+            store = ChunkStore(record_dir, name, attack_spec(name, cfg, n, seed, model_hash, batch, tf32))
             starts = range(0, n, cfg.chunk_size)
             mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]
             start, records, reused = time.perf_counter(), [], 0

@@ -237,6 +237,7 @@ def test_fewer_images_than_a_chunk_are_not_padded_up_to_it():
     cfg = EvalConfig(attacks=("clean",), num_examples=8, batch_size=1000, chunk_size=0)  # a CPU chunk: 500
     results = evaluate(SparseLinear(), labelled_split(8), cfg, torch.device("cpu"))
     assert results["clean"]["config"]["chunk_size"] == 500 and results["clean"]["config"]["batch_size"] == 8
+    assert results["clean"]["config"]["dtype"] == "fp32" and results["clean"]["config"]["tf32_convolutions"] is False
 
 
 def test_autoattacks_subsets_are_neither_padded_to_the_chunk_nor_split_below_it():
