@@ -232,7 +232,6 @@ def test_export_writes_model_info_and_hub_loads_the_network(tmp_path, capsys):
     assert flags_file["clean"]["num_examples"] == results["clean"]["num_examples"]
 
 
-@pytest.mark.slow
 def test_fewer_images_than_a_chunk_are_not_padded_up_to_it():
     cfg = EvalConfig(attacks=("clean",), num_examples=8, batch_size=1000, chunk_size=0)  # a CPU chunk: 500
     results = evaluate(SparseLinear(), labelled_split(8), cfg, torch.device("cpu"))
@@ -256,6 +255,7 @@ def test_autoattacks_subsets_are_neither_padded_to_the_chunk_nor_split_below_it(
     assert seen == [5, 2, 16, 16, 8]  # a single image goes as two (dynamo specializes size 1)
 
 
+@pytest.mark.slow
 def test_a_compiled_evaluation_keeps_its_graphs_few_and_finds_the_same_flags(reference):
     """Issue 10 item 7: compiled (backend "eager": dynamo's capture), clean and PGD-20 pad their last batch (static
     shapes) and AutoAttack's shrinking subsets go through SubsetBatch (a dynamic batch dimension), so the graphs stay
