@@ -11,10 +11,11 @@ attack + clean/adv forwards + SGD step). Two orders (and `--compare`, `--direct`
   one ratio whose noise does not compound.
 - cumulative (`--cumulative`): every switch on top of the previous row, all rows interleaved (the GPU check's view).
 
-Per row also: aten ops dispatched per step (top-level, from the profiler; compiled code counts the ops its kernels
-call), and for compiled rows the graphs compiled, recompiles after warm-up and graph breaks (torch._dynamo's
-counters). FLOPs follow METHOD 9: per image and step, (2 * attack steps + 6) forward passes F, with F counted by
-torch.utils.flop_counter on the network itself.
+Per row also: the warm-up's seconds (`--warmup` steps and attacks; compiling, for compiled rows), aten ops
+dispatched per step (top-level, from the profiler; compiled code counts the ops its kernels call), and for compiled
+rows the graphs compiled, recompiles after warm-up and graph breaks (torch._dynamo's counters). FLOPs follow
+METHOD 9: per image and step, (2 * attack steps + 6) forward passes F, with F counted by torch.utils.flop_counter on
+the network itself.
 
     python bench/train_step.py --quick                      # CPU-sized: ResNet-18 width 16, batch 64, PGD-5
     python bench/train_step.py --width 64 --batch-size 32   # the CPU figure: the real ResNet-18 at batch 32
@@ -142,6 +143,7 @@ class Row:
     x: torch.Tensor
     y: torch.Tensor
     warm: Counter = field(default_factory=Counter)  # dynamo counts after this row's warm-up
+    warmup_s: float = 0.0  # the warm-up steps and attacks, compiling included
     step_ms: list[float] = field(default_factory=list)  # one median per round
     attack_ms: list[float] = field(default_factory=list)
 
@@ -158,10 +160,12 @@ def build_row(name: str, cfg: TrainConfig, warmup: int) -> Row:
     run = build_run(cfg)
     x, y = next(iter(run.train_loader))
     row = Row(name, cfg, run, x, y)
-    before = dynamo_counts()
+    before, start = dynamo_counts(), time.perf_counter()
     for _ in range(max(warmup, 1)):  # compile, autotune, allocator warm-up
         row.step()
         row.attack()
+    sync(run.perf.device)
+    row.warmup_s = time.perf_counter() - start
     row.warm = dynamo_counts() - before
     return row
 
@@ -194,6 +198,7 @@ def report(row: Row) -> dict:
         "attack_ms": round(attack_ms, 2), "attack_share": round(attack_ms / step_ms, 3),
         "gflop_per_image_step": round(flops / 1e9, 3), "tflops": round(tflops, 4),
         "peak_fraction": round(tflops / peak, 4) if peak else None, "ops_per_step": ops,
+        "warmup_s": round(row.warmup_s, 1),
         "graphs": row.warm["graphs"] if compiled else None,
         "recompiles_after_warmup": after_warm["graphs"] if compiled else None,
         "graph_breaks": row.warm["graph_breaks"] + after_warm["graph_breaks"] if compiled else None,
@@ -353,7 +358,7 @@ def main() -> None:
     append_jsonl(args.out, rows)
     columns = ["config", "kept", "images_per_s", "step_ms", "step_spread", "vs_fp32_eager", "vs_first", "attack_ms",
                "attack_share", "ops_per_step", "graphs", "recompiles_after_warmup", "graph_breaks", "tflops",
-               "peak_fraction"]  # fmt: skip
+               "peak_fraction", "warmup_s"]  # fmt: skip
     print(f"{stamp['cpu']} (native bf16: {stamp['cpu_native_bf16']}, {stamp['cpu_threads']} threads), {order} ladder")
     print(markdown_table(rows, columns + (["clean", "pgd20"] if args.train_epochs else [])))
 

@@ -49,6 +49,7 @@ class Run:
     grad_sim: GradSim | None = None  # per-step gradient-similarity analysis (analysis.grad_sim)
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
+    warm: bool = False  # this process has taken a step (a compiled run has built its graphs); not saved
 
     def state_dict(self) -> dict:
         return {
@@ -171,6 +172,8 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     lr = run.method.lr_at(epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    begun, first = time.perf_counter(), {}
+    compiling = run.perf.compiled and not run.warm  # the epoch-start pass and the first step build the graphs
     batches = iter(loader)
     head = list(itertools.islice(batches, math.ceil(cfg.method.balance_images / cfg.batch_size)))
     extra = run.method.on_epoch_start(run.nets, head, run.perf.autocast, epoch)
@@ -179,7 +182,7 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     totals: dict[str, torch.Tensor] = {}
     bar = tqdm(
         total=len(loader),
-        desc=f"epoch {epoch}/{cfg.epochs}",
+        desc=f"epoch {epoch}/{cfg.epochs}" + (" (compiling)" if compiling else ""),
         leave=False,
         dynamic_ncols=True,
         disable=not run.dist.is_main,
@@ -188,6 +191,11 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     for i, (x, y) in enumerate(itertools.chain(head, batches), 1):
         for k, v in train_step(run, x, y).items():
             totals[k] = totals.get(k, 0) + v
+        if not run.warm:
+            run.warm = True
+            if compiling:
+                first["first_step_seconds"] = round(synced_seconds(begun, run.perf.device), 2)
+                bar.set_description(f"epoch {epoch}/{cfg.epochs}")
         run.step += 1
         run.swa.maybe_update(run.nets.raw, epoch, run.step)
         images += len(y)
@@ -209,12 +217,17 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
                              "seconds": round(elapsed, 2), "images_per_s": round(images / elapsed, 1)})  # fmt: skip
         bar.update(1)
     bar.close()
-    if run.perf.device.type == "cuda":
-        torch.cuda.synchronize(run.perf.device)
-    seconds = time.perf_counter() - start
+    seconds = synced_seconds(start, run.perf.device)
     throughput = round(images * run.dist.world_size / seconds, 1)
     timing = {"lr": lr, "epoch_seconds": round(seconds, 3), "images_per_s": throughput}
-    return summarize(totals, i, images, run.dist) | extra | timing
+    return summarize(totals, i, images, run.dist) | extra | timing | first
+
+
+def synced_seconds(start: float, device: torch.device) -> float:
+    """Seconds since `start` (perf_counter), once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def summarize(totals: dict[str, torch.Tensor], steps: int, images: int, info: distributed.DistInfo) -> dict:
@@ -235,6 +248,8 @@ def epoch_line(row: dict, epochs: int) -> str:
     parts += [f"{k} {row[k]:.4g}" for k in keys if k in row]
     parts += [f"{k.removeprefix('train_')} {100 * row[k]:.1f}%" for k in row if k.startswith("train_acc_")]
     parts += [f"{row['images_per_s']:.0f} img/s", f"{row['epoch_seconds']:.0f}s"]
+    if "first_step_seconds" in row:
+        parts.append(f"(compiling: {row['first_step_seconds']:.0f}s to the first step)")
     return "  ".join(parts)
 
 
@@ -286,6 +301,9 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         say(notice)
     if run.epoch:
         say(f"resuming after epoch {run.epoch}/{cfg.epochs} from {rundir.checkpoint(LATEST)}")
+    if run.perf.compiled and run.epoch < cfg.epochs:
+        say("torch.compile builds the step's graphs during the first steps (minutes on a CPU; Inductor's on-disk "
+            "cache shortens later runs); the first epoch's line gives the time")  # fmt: skip
     progress = (lambda row: rundir.write_json("progress.json", row)) if run.dist.is_main else None
     wall = time.perf_counter()
     for epoch in range(run.epoch + 1, cfg.epochs + 1):

@@ -187,6 +187,22 @@ def test_resume_without_a_checkpoint_says_it_starts_over(tiny_cfg, tmp_path, cap
     assert [r["epoch"] for r in read_rows(run)] == [1]
 
 
+def test_a_compiled_run_says_it_compiles_and_times_its_first_step(tiny_cfg, tmp_path, capsys):
+    """A compiled run's first steps build its graphs (minutes on a CPU): said before the first epoch, timed in that
+    epoch's row and line; a compiled run that resumes compiles again (a new process), one that is off says nothing."""
+    compiled = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean", "perf.compile=on",
+                                          "perf.compile_backend=eager"])  # fmt: skip
+    run = run_training(compiled, tmp_path / "run", evaluate_at_end=False)
+    out = capsys.readouterr().out
+    assert "torch.compile builds the step's graphs" in out and "compiling: " in out
+    rows = read_rows(run)
+    assert rows[0]["first_step_seconds"] > 0 and "first_step_seconds" not in rows[1]
+    run_training(apply_overrides(compiled, ["train.epochs=3"]), run, resume=True, evaluate_at_end=False)
+    assert "first_step_seconds" in read_rows(run)[2] and "compiling: " in capsys.readouterr().out
+    plain = run_training(apply_overrides(tiny_cfg, ["train.epochs=1"]), tmp_path / "plain", evaluate_at_end=False)
+    assert "torch.compile" not in capsys.readouterr().out and "first_step_seconds" not in read_rows(plain)[0]
+
+
 def test_one_permission_policy_and_env_json_kept_on_resume(tiny_cfg, tmp_path):
     cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
     run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
