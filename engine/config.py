@@ -96,6 +96,9 @@ class MethodConfig:
     stop_grad: bool = True
     predictor: bool = True
     beta: float = 6.0  # TRADES / MART / LBGAT: weight of the KL term (LBGAT: 0 in the paper's runs)
+    # TRADES / LBGAT: the BN running statistics see the train-mode forwards of the published codes (TRADES: clean,
+    # adv, clean; LBGAT: adv, clean, also at beta 0) through one extra no-grad forward; false: one per half
+    published_bn_updates: bool = True
     # ARREST (METHOD 6; reconstructed, unverified): invariance_weight is its lambda
     init: str = ""  # checkpoint or run directory to fine-tune; replaces the standard-training stage
     pretrain_epochs: int = 0  # standard-training epochs at the start of the run (optim.* schedule)

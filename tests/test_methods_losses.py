@@ -165,3 +165,65 @@ def test_single_bn_methods_refuse_split_bn(tiny_cfg):
     cfg = apply_overrides(tiny_cfg, ["method.name=trades", "model.split_bn=true"])
     with pytest.raises(ConfigError, match="model.split_bn=false"):
         build_method(cfg, build_model(cfg.model, 10))
+
+
+def bn_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def assert_bn_statistics_of(model, ref, inputs):
+    """`model`'s BN buffers are those of `ref` after train-mode forwards of `inputs`, in that order."""
+    ref.train()
+    with torch.no_grad():
+        for x in inputs:
+            ref(x, bn="adv")
+    got, want = bn_buffers(model), bn_buffers(ref)
+    assert got.keys() == want.keys() and got
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def fixed_adversary(x):
+    g = torch.Generator().manual_seed(3)
+    return (x + 8 / 255 * torch.empty_like(x).uniform_(-1, 1, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_trades_bn_statistics_follow_the_published_forwards(tiny_cfg, monkeypatch, published):
+    """The published TRADES code runs f(x), f(x'), f(x) in train mode: its running statistics are updated clean,
+    adv, clean; with published_bn_updates off, once per half (clean, adv)."""
+    _, model, method, nets = setup(tiny_cfg, "trades", f"method.published_bn_updates={str(published).lower()}")
+    x, y = batch()
+    x_adv = fixed_adversary(x)
+    monkeypatch.setattr("engine.methods.trades.trades_attack", lambda *a, **k: x_adv)
+    ref = copy.deepcopy(model)
+    method.step(nets, x, y, NO_AMP)
+    assert_bn_statistics_of(model, ref, [x, x_adv, x] if published else [x, x_adv])
+    assert model.bn1.num_batches_tracked.item() == (3 if published else 2)
+
+
+@pytest.mark.parametrize(
+    ("beta", "published", "order"),
+    [(0, True, "ac"), (0, False, "a"), (2, True, "ac"), (2, False, "ca")],
+)
+def test_lbgat_bn_statistics_follow_the_published_forwards(tiny_cfg, monkeypatch, beta, published, order):
+    """The published LBGAT code runs f(x') then f(x) in train mode, also at beta 0 (its f(x) feeds a KL weighted 0):
+    f's running statistics are updated adv, clean."""
+    overrides = [f"method.beta={beta}", f"method.published_bn_updates={str(published).lower()}"]
+    _, model, method, nets = setup(tiny_cfg, "lbgat", *overrides)
+    x, y = batch()
+    x_adv = fixed_adversary(x)
+    monkeypatch.setattr("engine.methods.lbgat.trades_attack", lambda *a, **k: x_adv)
+    ref = copy.deepcopy(model)
+    out = method.step(nets, x, y, NO_AMP)
+    assert_bn_statistics_of(model, ref, [{"a": x_adv, "c": x}[k] for k in order])
+    ref.train()
+    torch.testing.assert_close(out.terms["inv"].detach(), published_lbgat_inv(ref, method, x, x_adv, beta))
+
+
+def published_lbgat_inv(ref, method, x, x_adv, beta):
+    """MSE(f(x'), g(x)) + beta KL(p_f(x) || p_f(x')) from fresh copies (train mode, the same batch statistics)."""
+    f, g = copy.deepcopy(ref), copy.deepcopy(method.clean_model)
+    with torch.no_grad():
+        la, lc, lg = f(x_adv, bn="adv"), f(x, bn="adv"), g(x)
+    return F.mse_loss(la, lg) + beta * trades_kl(lc, la)

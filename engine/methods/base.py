@@ -104,6 +104,15 @@ def logits_pair(model: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, du
 
 
 @torch.no_grad()
+def running_stats_forward(model: nn.Module, x: torch.Tensor) -> None:
+    """A train-mode forward whose only effect is on the BN running statistics (no gradient, output dropped): the
+    forwards a published code runs whose outputs add nothing to the gradient (TRADES's second f(x), LBGAT's f(x) at
+    beta 0) still move its running statistics, which evaluation then uses."""
+    with mode(model, train=True):
+        model(x, bn="adv")
+
+
+@torch.no_grad()
 def eval_probs(model: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor:
     """softmax(f(x)) in eval mode, fp32 (B, classes): the fixed target of a TRADES-KL attack."""
     with mode(model, train=False), autocast():

@@ -2,7 +2,9 @@
 
 x' = PGD-10 maximizing KL(p(x) || p(x')) from x + 0.001 * N(0, 1) (`attack.start=gaussian` in the recipes), with
 the model in eval mode and p(x) fixed; the loss then runs in train mode, the gradient flowing through both p(x)
-and p(x').
+and p(x'). The published code runs f(x), f(x') and f(x) again (its KL target) in train mode, so BN's running
+statistics are updated clean, adv, clean; `method.published_bn_updates` (default) does the same with one extra
+no-grad f(x) after the pair (the logits and gradients are the same either way).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import pgd
-from .base import Method, Nets, StepOutput, correct, eval_probs, kl_rows, logits_pair
+from .base import Method, Nets, StepOutput, correct, eval_probs, kl_rows, logits_pair, running_stats_forward
 
 
 def trades_attack(nets: Nets, x: torch.Tensor, y: torch.Tensor, cfg, autocast) -> torch.Tensor:
@@ -31,7 +33,9 @@ class TRADES(Method):
     def step(self, nets: Nets, x: torch.Tensor, y: torch.Tensor, autocast) -> StepOutput:
         x_adv = trades_attack(nets, x, y, self.cfg, autocast)
         with autocast():
-            logits_c, logits_a = logits_pair(nets.train, x, x_adv, self.cfg.perf.dual_forward)
+            logits_c, logits_a = logits_pair(nets.train, x, x_adv, self.cfg.perf.dual_forward)  # BN: clean, adv
+            if self.cfg.method.published_bn_updates:
+                running_stats_forward(nets.attack, x)  # ..., clean: the published code's second f(x)
             cls = F.cross_entropy(logits_c.float(), y)
             inv = self.cfg.method.beta * trades_kl(logits_c, logits_a)
         return StepOutput(
