@@ -84,3 +84,40 @@ def test_invariance_term_on_known_vectors(tiny_cfg):
     zc = [torch.tensor([[0.0, 1.0], [2.0, 2.0]])] * 4
     # per layer: mean(1 - cos) = mean(1, 0) = 0.5; lambda / |S| * 4 layers * 0.5 = 8 / 4 * 2 = 4
     assert method.invariance(za, zc).item() == pytest.approx(4.0)
+
+
+class Recorder(torch.nn.Module):
+    """`model`, remembering the inputs of its calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x, **kwargs):
+        self.inputs.append(x)
+        return self.model(x, **kwargs)
+
+
+@pytest.mark.parametrize("quirk", [True, False])
+def test_at_follows_the_official_quirk(tiny_cfg, quirk):
+    """The AR-AT code's plain-AT branch attacks with the same in-place PGD: with the quirk, AT's x' starts from the
+    noisy x and may leave the eps-ball around x (up to 2 eps); without it, it stays inside."""
+    flags = ["method.name=at", "model.split_bn=false", f"attack.official_quirk={str(quirk).lower()}"]
+    cfg, model, method, _ = setup(tiny_cfg, *flags, "attack.num_steps=3")
+    x, y = torch.full((4, 3, 32, 32), 0.5), torch.zeros(4, dtype=torch.long)
+    train = Recorder(model)
+    torch.manual_seed(0)
+    method.step(Nets(train, model, model), x, y, NO_AMP)
+    (x_adv,) = train.inputs
+    reach = (x_adv - x).abs().max().item()
+    eps = cfg.attack.eps
+    assert (eps + 1e-4 < reach <= 2 * eps + 1e-6) if quirk else reach <= eps + 1e-6
+
+
+@pytest.mark.parametrize("name", ["trades", "mart", "lbgat", "arrest", "std"])
+def test_the_official_quirk_is_refused_where_it_means_nothing(tiny_cfg, name):
+    from engine.config import ConfigError
+
+    cfg = apply_overrides(tiny_cfg, [f"method.name={name}", "model.split_bn=false", "attack.official_quirk=true"])
+    with pytest.raises(ConfigError, match="official_quirk"):
+        build_method(cfg, build_model(cfg.model, 10))

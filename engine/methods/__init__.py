@@ -30,4 +30,9 @@ def build_method(cfg: TrainConfig, model: nn.Module) -> Method:
     if cls.split_bn is not None and cls.split_bn != cfg.model.split_bn:
         need = "true" if cls.split_bn else "false"
         raise ConfigError(f"method {cls.name} needs model.split_bn={need}: add --set model.split_bn={need}")
+    if cfg.attack.official_quirk and not cls.official_attack:
+        raise ConfigError(
+            f"attack.official_quirk reproduces the AR-AT code's in-place PGD start (methods arat and at); {cls.name} "
+            "runs its own published attack: drop --set attack.official_quirk=true"
+        )
     return cls(cfg, model)

@@ -43,6 +43,7 @@ def attack_inputs(nets: Nets, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfi
 
 class ARAT(Method):
     name = "arat"
+    official_attack = True
     split_bn = None  # AR-AT and +split-BN use Split-BN; the V0 and +stop-grad ablations a single BN
 
     def __init__(self, cfg: TrainConfig, model: nn.Module):

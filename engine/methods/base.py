@@ -44,6 +44,7 @@ class Method(nn.Module):
     name = "base"
     split_bn: bool | None = False  # True: needs Split-BN; False: single BN only; None: either (model.split_bn)
     second_networks: tuple[str, ...] = ()  # submodules run like the model (LBGAT's clean model, ARREST's teacher)
+    official_attack: bool = False  # its official code is the AR-AT code's (attack.official_quirk means something)
 
     def __init__(self, cfg: TrainConfig, model: nn.Module):
         super().__init__()
