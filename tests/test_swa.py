@@ -1,0 +1,47 @@
+"""SWA (METHOD 4): the equal-weight running mean of the parameters, and the adv-BN re-estimation on attacked data
+(all BN statistics reset, the adv BNs' rebuilt as a cumulative average over one pass, the clean BNs left reset)."""
+
+import torch
+
+from engine.config import AttackConfig, ModelConfig, SWAConfig
+from engine.models import build_model
+from engine.perf import Perf
+from engine.swa import SWA
+
+NO_AMP = Perf(torch.device("cpu"), torch.float32, False, False, "off").autocast
+
+
+def test_average_of_snapshots_and_adv_bn_reestimation():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet18", width=8, split_bn=True), 10)
+    swa = SWA(model, SWAConfig(enabled=True, start_epoch=2, every=2))
+    snapshots = []
+    for step in range(1, 8):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        epoch = 1 if step < 3 else 2  # averaging starts in epoch 2, every second step: steps 4 and 6
+        swa.maybe_update(model, epoch, step)
+        if epoch == 2 and step % 2 == 0:
+            snapshots.append({k: p.detach().clone() for k, p in model.named_parameters()})
+    assert swa.count == len(snapshots) == 2
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    model.train()
+    with torch.no_grad():  # the live model's BN statistics: non-trivial, and to be left as they are
+        model(batches[0][0] * 2, bn="clean"), model(batches[0][0] * 3, bn="adv")
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    attack = AttackConfig(num_steps=0, start="none")  # x' = x: the expected statistics are those of the clean batches
+    averaged = swa.averaged_model(model, batches, attack, autocast=NO_AMP)
+    for name, p in averaged.named_parameters():
+        torch.testing.assert_close(p, sum(s[name] for s in snapshots) / len(snapshots), msg=name)
+    with torch.no_grad():
+        first = [averaged.conv1(x) for x, _ in batches]  # what the first BN saw
+    bn = averaged.bn1
+    torch.testing.assert_close(bn.adv.running_mean, torch.stack([f.mean((0, 2, 3)) for f in first]).mean(0))
+    torch.testing.assert_close(bn.adv.running_var, torch.stack([f.var((0, 2, 3)) for f in first]).mean(0))
+    assert bn.adv.num_batches_tracked.item() == len(batches) and bn.adv.momentum == model.bn1.adv.momentum
+    assert torch.equal(bn.clean.running_mean, torch.zeros_like(bn.clean.running_mean))  # reset, not re-estimated
+    assert torch.equal(bn.clean.running_var, torch.ones_like(bn.clean.running_var))
+    assert not averaged.training
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())  # the live model untouched
