@@ -49,7 +49,7 @@ class Run:
     grad_sim: GradSim | None = None  # per-step gradient-similarity analysis (analysis.grad_sim)
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
-    warm: bool = False  # this process has taken a step (a compiled run has built its graphs); not saved
+    warm: bool = False  # compiled, this process has built its graphs (taken a step); not saved
 
     def state_dict(self) -> dict:
         return {
@@ -191,11 +191,10 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     for i, (x, y) in enumerate(itertools.chain(head, batches), 1):
         for k, v in train_step(run, x, y).items():
             totals[k] = totals.get(k, 0) + v
-        if not run.warm:
+        if compiling and not run.warm:
             run.warm = True
-            if compiling:
-                first["first_step_seconds"] = round(synced_seconds(begun, run.perf.device), 2)
-                bar.set_description(f"epoch {epoch}/{cfg.epochs}")
+            first["first_step_seconds"] = round(synced_seconds(begun, run.perf.device), 2)
+            bar.set_description(f"epoch {epoch}/{cfg.epochs}")
         run.step += 1
         run.swa.maybe_update(run.nets.raw, epoch, run.step)
         images += len(y)
