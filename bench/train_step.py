@@ -13,9 +13,13 @@ attack + clean/adv forwards + SGD step). Two orders (and `--compare`, `--direct`
 
 Per row also: the warm-up's seconds (`--warmup` steps and attacks; compiling, for compiled rows), aten ops
 dispatched per step (top-level, from the profiler; compiled code counts the ops its kernels call), and for compiled
-rows the graphs compiled, recompiles after warm-up and graph breaks (torch._dynamo's counters). FLOPs follow
-METHOD 9: per image and step, (2 * attack steps + 6) forward passes F, with F counted by torch.utils.flop_counter on
-the network itself.
+rows the graphs compiled, recompiles after warm-up and graph breaks (torch._dynamo's counters); on CUDA the kernels
+launched per step and the GPU-busy fraction (the time some kernel runs / the step's wall time, one profiled step;
+well below 1: the GPU waits on Python and launches). FLOPs follow METHOD 9 (bench/cost_model.py): per image and
+step, (2 * attack steps + 6) forward passes F, with F counted by torch.utils.flop_counter on the network itself;
+from them TFLOP/s, the fraction of the device's datasheet peak (CUDA), the % of a matrix-product ceiling measured at
+the start of the run (bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere), and the projected seconds per
+epoch and minutes per 100 epochs of the full training set at the row's batch size.
 
     python bench/train_step.py --quick                      # CPU-sized: ResNet-18 width 16, batch 64, PGD-5
     python bench/train_step.py --width 64 --batch-size 32   # the issue's CPU figure: the real ResNet-18 at batch 32
@@ -40,12 +44,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from cost_model import derived, epoch_images, forward_units
 from harness import append_jsonl, markdown_table, provenance
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import TrainConfig, apply_overrides
 from engine.methods.arat import attack_inputs
-from engine.perf import peak_tflops
+from engine.perf import cpu_has_native_bf16, peak_tflops
 from engine.recipes import get_recipe
 from engine.train import Run, build_run, train_step
 
@@ -72,6 +77,7 @@ LADDER = [
     ("+torch.compile", ["perf.compile=on"]),
 ]
 CUDA_ONLY = {"+cudnn.benchmark", "+CUDA graphs"}
+CEILING: dict = {}  # matmul_ceiling(), measured once at the start of main()
 CPU_ONLY = {"+GEMM small convs"}
 
 
@@ -107,14 +113,53 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def ops_per_call(fn) -> int:
-    """Top-level aten ops dispatched by one call of `fn` (an op called inside another op is not counted again)."""
+def profile_call(fn, device: torch.device) -> dict:
+    """One profiled call of `fn`: top-level aten ops dispatched (an op called inside another op is not counted
+    again); on CUDA also the kernels launched and the GPU-busy fraction (the union of the kernels' time intervals
+    over the call's wall time: overlapping kernels count once)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        sync(device)
+        start = time.perf_counter()
         fn()
+        sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6
     events = prof.events()
-    return sum(1 for e in events if e.name.startswith("aten::") and not _inside_aten(e))
+    ops = sum(1 for e in events if e.name.startswith("aten::") and not _inside_aten(e))
+    if device.type != "cuda":
+        return {"ops_per_step": ops, "kernels_per_step": None, "busy_fraction": None}
+    kernels = [  # device-side events, less the GPU copies of record_function ranges (they would count time twice)
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+    ]
+    busy = busy_us(kernels)
+    return {"ops_per_step": ops, "kernels_per_step": len(kernels), "busy_fraction": round(min(busy / wall_us, 1.0), 3)}
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals: time in which at least one of them runs."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+def matmul_ceiling(device: torch.device) -> dict:
+    """The machine's matrix-product throughput in TFLOP/s, the ceiling each row is a % of: bf16 on CUDA and on a
+    CPU with native bf16, fp32 on other CPUs (emulated bf16 is no ceiling); 8192^3 on CUDA, 2048^3 on a CPU."""
+    bf16 = device.type == "cuda" or cpu_has_native_bf16()
+    dtype, n = (torch.bfloat16 if bf16 else torch.float32), (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = min(median_ms(lambda: a @ b, device, 3) for _ in range(2))  # the first median includes warm-up
+    case = f"{str(dtype).removeprefix('torch.')} {n}^3"
+    return {"matmul_ceiling_tflops": round(2 * n**3 / ms / 1e9, 3), "matmul_ceiling_case": case}
 
 
 def _inside_aten(event) -> bool:
@@ -184,10 +229,11 @@ def report(row: Row) -> dict:
     step_ms, attack_ms = statistics.median(row.step_ms), statistics.median(row.attack_ms)
     device, cfg, compiled = row.run.perf.device, row.cfg, row.run.perf.compiled
     before = dynamo_counts()
-    ops = ops_per_call(row.step)
+    profiled = profile_call(row.step, device)
     after_warm = dynamo_counts() - before  # the profiled step
-    flops = forward_flops(row.run.nets.raw, row.x[:8]) * (2 * cfg.attack.num_steps + 6)
+    flops = forward_flops(row.run.nets.raw, row.x[:8]) * forward_units(cfg.attack.num_steps)
     images_per_s = len(row.y) / (step_ms / 1e3)
+    figures = derived(images_per_s, flops, CEILING.get("matmul_ceiling_tflops"), epoch_images(len(row.y)))
     tflops = images_per_s * flops / 1e12
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     spread = (max(row.step_ms) - min(row.step_ms)) / step_ms if len(row.step_ms) > 1 else 0.0
@@ -197,12 +243,13 @@ def report(row: Row) -> dict:
         "step_ms": round(step_ms, 2), "step_spread": round(spread, 3), "rounds": len(row.step_ms),
         "attack_ms": round(attack_ms, 2), "attack_share": round(attack_ms / step_ms, 3),
         "gflop_per_image_step": round(flops / 1e9, 3), "tflops": round(tflops, 4),
-        "peak_fraction": round(tflops / peak, 4) if peak else None, "ops_per_step": ops,
+        "peak_fraction": round(tflops / peak, 4) if peak else None, "pct_ceiling": figures["pct_ceiling"],
+        "epoch_s": figures["epoch_s"], "run100_min": figures["run100_min"], **profiled,
         "warmup_s": round(row.warmup_s, 1),
         "graphs": row.warm["graphs"] if compiled else None,
         "recompiles_after_warmup": after_warm["graphs"] if compiled else None,
         "graph_breaks": row.warm["graph_breaks"] + after_warm["graph_breaks"] if compiled else None,
-        "perf": row.run.perf.summary(), "_cfg": cfg,
+        "perf": row.run.perf.summary(), **CEILING, "_cfg": cfg,
     }  # fmt: skip
 
 
@@ -335,6 +382,7 @@ def main() -> None:
     if args.quick:  # compiling takes minutes on a small CPU
         LADDER = [rung for rung in LADDER if rung[0] != "+torch.compile"]
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    CEILING.update(matmul_ceiling(torch.device(device_type)))
     base += args.overrides
     if args.direct:
         fp32 = base + LADDER[0][1]
@@ -358,8 +406,15 @@ def main() -> None:
     append_jsonl(args.out, rows)
     columns = ["config", "kept", "images_per_s", "step_ms", "step_spread", "vs_fp32_eager", "vs_first", "attack_ms",
                "attack_share", "ops_per_step", "graphs", "recompiles_after_warmup", "graph_breaks", "tflops",
-               "peak_fraction", "warmup_s"]  # fmt: skip
-    print(f"{stamp['cpu']} (native bf16: {stamp['cpu_native_bf16']}, {stamp['cpu_threads']} threads), {order} ladder")
+               "pct_ceiling", "epoch_s", "run100_min", "warmup_s"]  # fmt: skip
+    if device_type == "cuda":
+        at = columns.index("ops_per_step") + 1
+        columns[at:at] = ["kernels_per_step", "busy_fraction"]
+        columns.insert(columns.index("pct_ceiling"), "peak_fraction")
+    print(
+        f"{stamp['cpu']} (native bf16: {stamp['cpu_native_bf16']}, {stamp['cpu_threads']} threads), {order} ladder; "
+        f"matrix-product ceiling {CEILING['matmul_ceiling_case']}: {CEILING['matmul_ceiling_tflops']} TFLOP/s"
+    )
     print(markdown_table(rows, columns + (["clean", "pgd20"] if args.train_epochs else [])))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cost_model import derived, forward_units  # bench/ is on sys.path (scripts/gpu_check.py)
 from train_step import LADDER, forward_flops  # bench/ is on sys.path (scripts/gpu_check.py)
 
 from engine.config import TrainConfig, apply_overrides
@@ -19,7 +20,6 @@ from engine.methods.arat import attack_inputs
 from engine.recipes import get_recipe
 from engine.train import Run, train_step
 
-from .cost import derived, forward_units
 from .record import SMOKE_SKIP, StageRecord
 
 SMOKE_WIDTH, SMOKE_ATTACK_STEPS = 8, 2

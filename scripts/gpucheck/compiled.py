@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch._dynamo
+from cost_model import derived  # bench/ is on sys.path (scripts/gpu_check.py)
 from torch._dynamo.utils import counters
 
 from engine.methods import Nets
@@ -41,7 +42,6 @@ from .common import (
     smoke_compile,
     sync,
 )
-from .cost import derived
 from .record import BUDGET_SKIP, SMOKE_SKIP, StageFailed, StageRecord, error_line, guarded
 
 COMPILED = ["perf.compile=true", "perf.kernels=on"]

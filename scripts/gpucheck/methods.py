@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import torch
+from cost_model import derived  # bench/ is on sys.path (scripts/gpu_check.py)
 
 from engine.attacks.pgd import frozen, input_gradient, mode
 from engine.train import build_run, train_step
@@ -27,7 +28,6 @@ from .common import (
     recipe_config,
     reset_peak,
 )
-from .cost import derived
 from .record import BUDGET_SKIP, SMOKE_SKIP, StageFailed, StageRecord, guarded
 
 ARAT = "arat-resnet18-cifar10"

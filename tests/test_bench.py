@@ -1,0 +1,56 @@
+"""The benchmark suite's figures: the cost model (METHOD 9) by hand, the GPU-busy interval union, and one tiny run of
+bench/train_step.py end to end (its rows carry the projected epoch times and the % of the matmul ceiling)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from cost_model import EPOCH_IMAGES, derived, epoch_images, forward_units  # noqa: E402
+
+
+def test_cost_model_figures_by_hand():
+    assert forward_units(10) == 26 and forward_units(0) == 6
+    assert epoch_images(128) == EPOCH_IMAGES == 49_920 and epoch_images(32) == 49_984 and epoch_images(1) == 50_000
+    # 100 img/s at 1 GFLOP per image and step: 0.1 TFLOP/s, 20% of a 0.5 TFLOP/s ceiling, 499.2 s per epoch
+    got = derived(100.0, 1e9, 0.5)
+    assert got == {"images_per_s": 100.0, "tflops": 0.1, "pct_989": 0.01, "pct_ceiling": 20.0, "epoch_s": 499.2,
+                   "run100_min": 832.0}  # fmt: skip
+    assert derived(100.0, 1e9, None, images_per_epoch=epoch_images(32))["epoch_s"] == 499.84
+    assert derived(0.0, 1e9, None)["epoch_s"] is None and derived(100.0, 1e9, None)["pct_ceiling"] is None
+
+
+def test_busy_time_is_the_union_of_the_kernels_intervals():
+    from train_step import busy_us
+
+    assert busy_us([]) == 0
+    assert busy_us([(20, 30), (0, 10), (5, 15), (21, 22)]) == 25  # overlaps count once, nested ones not at all
+    assert busy_us([(0, 10), (10, 20)]) == 20
+
+
+@pytest.mark.slow
+def test_a_tiny_ladder_row_carries_the_derived_figures(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(REPO / "bench" / "train_step.py"), "--width", "8", "--batch-size", "8",
+           "--attack-steps", "1", "--rounds", "1", "--steps", "1", "--warmup", "1", "--direct",
+           "perf.channels_last=true", "--out", str(out)]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "matrix-product ceiling" in done.stdout
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["config"] == "perf.channels_last=true (direct vs fp32 eager)" and row["batch_size"] == 8
+    assert row["matmul_ceiling_tflops"] > 0 and row["matmul_ceiling_case"].endswith(" 2048^3")
+    assert row["pct_ceiling"] == pytest.approx(100 * row["tflops"] / row["matmul_ceiling_tflops"], rel=0.02, abs=0.01)
+    assert row["epoch_s"] == pytest.approx(epoch_images(8) / row["images_per_s"], rel=1e-3)
+    assert row["run100_min"] == pytest.approx(100 * row["epoch_s"] / 60, rel=1e-3)
+    assert row["ops_per_step"] > 0 and row["kernels_per_step"] is None and row["busy_fraction"] is None  # CPU
+    assert row["cpu"] and row["cpu_native_bf16"] in (True, False)
