@@ -249,7 +249,22 @@ def epoch_line(row: dict, epochs: int) -> str:
     parts += [f"{row['images_per_s']:.0f} img/s", f"{row['epoch_seconds']:.0f}s"]
     if "first_step_seconds" in row:
         parts.append(f"(compiling: {row['first_step_seconds']:.0f}s to the first step)")
+    if row["epoch"] < epochs:  # at this epoch's pace, less the compiling that only the first epoch pays
+        pace = row["epoch_seconds"] - row.get("first_step_seconds", 0.0)
+        parts.append(f"~{clock(max(pace, 0.0) * (epochs - row['epoch']))} of training left")
     return "  ".join(parts)
+
+
+def clock(seconds: float) -> str:
+    """A duration for people: 45s, 12m, 3h05m, 2d04h."""
+    s = round(seconds)
+    if s < 90:
+        return f"{s}s"
+    if s < 90 * 60:
+        return f"{round(s / 60)}m"
+    if s < 48 * 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def start_line(run: Run) -> str:

@@ -282,3 +282,15 @@ def test_the_cpu_optimizer_is_foreach_and_updates_as_the_per_parameter_loop(tiny
             opt.step()
     for a, b in zip(params, twins, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_epoch_line_says_how_much_training_is_left():
+    from engine.train import clock, epoch_line
+
+    assert [clock(s) for s in (0, 45, 89.4, 200, 5399, 5400, 11_100, 172_799, 190_800)] == [
+        "0s", "45s", "89s", "3m", "90m", "1h30m", "3h05m", "47h59m", "2d05h"]  # fmt: skip
+    row = {"epoch": 1, "loss": 2.0, "lr": 0.1, "images_per_s": 500.0, "epoch_seconds": 100.0}
+    assert epoch_line(row, 3).endswith("100s  ~3m of training left")  # 2 more epochs at 100 s
+    assert "left" not in epoch_line(row | {"epoch": 3}, 3)  # the last epoch: evaluation comes next
+    compiled = row | {"epoch_seconds": 400.0, "first_step_seconds": 300.0}  # the compiling is not paid again
+    assert epoch_line(compiled, 3).endswith("(compiling: 300s to the first step)  ~3m of training left")
