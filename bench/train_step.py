@@ -130,13 +130,19 @@ def profile_call(fn, device: torch.device) -> dict:
     ops = sum(1 for e in events if e.name.startswith("aten::") and not _inside_aten(e))
     if device.type != "cuda":
         return {"ops_per_step": ops, "kernels_per_step": None, "busy_fraction": None}
-    kernels = [  # device-side events, less the GPU copies of record_function ranges (they would count time twice)
+    return {"ops_per_step": ops} | kernel_figures(events, wall_us)
+
+
+def kernel_figures(events, wall_us: float) -> dict:
+    """Kernels launched and GPU-busy fraction from profiler events: the device-side ones, less the GPU copies of
+    record_function ranges (they would count time twice)."""
+    kernels = [
         (e.time_range.start, e.time_range.end)
         for e in events
         if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
     ]
     busy = busy_us(kernels)
-    return {"ops_per_step": ops, "kernels_per_step": len(kernels), "busy_fraction": round(min(busy / wall_us, 1.0), 3)}
+    return {"kernels_per_step": len(kernels), "busy_fraction": round(min(busy / wall_us, 1.0), 3) if wall_us else None}
 
 
 def busy_us(intervals: list[tuple[float, float]]) -> float:

@@ -36,6 +36,26 @@ def test_busy_time_is_the_union_of_the_kernels_intervals():
     assert busy_us([(0, 10), (10, 20)]) == 20
 
 
+def test_kernel_figures_count_device_events_only():
+    """The CUDA branch of a row's profile, on stand-in events: CPU ops and the GPU copies of record_function ranges
+    are not kernels; the busy fraction is the kernels' union over the wall time."""
+    from types import SimpleNamespace
+
+    import torch
+    from train_step import kernel_figures
+
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(device, start, end, annotation=False):
+        return SimpleNamespace(device_type=device, time_range=SimpleNamespace(start=start, end=end),
+                               is_user_annotation=annotation)  # fmt: skip
+
+    events = [event(cpu, 0, 100), event(gpu, 10, 30), event(gpu, 20, 40), event(gpu, 0, 100, annotation=True),
+              event(gpu, 60, 70)]  # fmt: skip
+    assert kernel_figures(events, wall_us=100.0) == {"kernels_per_step": 3, "busy_fraction": 0.4}
+    assert kernel_figures([], wall_us=100.0) == {"kernels_per_step": 0, "busy_fraction": 0.0}
+
+
 @pytest.mark.slow
 def test_a_tiny_ladder_row_carries_the_derived_figures(tmp_path):
     out = tmp_path / "rows.jsonl"
