@@ -77,8 +77,8 @@ LADDER = [
     ("+torch.compile", ["perf.compile=on"]),
 ]
 CUDA_ONLY = {"+cudnn.benchmark", "+CUDA graphs"}
-CEILING: dict = {}  # matmul_ceiling(), measured once at the start of main()
 CPU_ONLY = {"+GEMM small convs"}
+CEILING: dict = {}  # matmul_ceiling(), measured once at the start of main()
 
 
 def applies(rung: str, device_type: str) -> bool:

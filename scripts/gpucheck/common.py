@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from cost_model import derived, forward_units  # bench/ is on sys.path (scripts/gpu_check.py)
-from train_step import LADDER, forward_flops  # bench/ is on sys.path (scripts/gpu_check.py)
+from train_step import LADDER, busy_us, forward_flops  # bench/ is on sys.path (scripts/gpu_check.py)
 
 from engine.config import TrainConfig, apply_overrides
 from engine.methods.arat import attack_inputs
@@ -154,14 +154,14 @@ def profile_steps(fn, steps: int, dev: torch.device, out_file: Path, title: str)
         for e in events
         if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
     ]
-    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+    busy = busy_us([(e.time_range.start, e.time_range.end) for e in kernels])  # overlapping kernels count once
     result = {
         "aten_ops_per_step": round(len(aten) / steps),
         "to_copy_per_step": round(sum(e.name == "aten::_to_copy" for e in aten) / steps),
         "wall_ms_per_step": round(wall_us / 1e3 / steps, 2),
     }
     if dev.type == "cuda":
-        result |= {"kernels_per_step": round(len(kernels) / steps), "busy_fraction": round(busy_us / wall_us, 3)}
+        result |= {"kernels_per_step": round(len(kernels) / steps), "busy_fraction": round(min(busy / wall_us, 1.0), 3)}
     else:
         result |= {"kernels_per_step": SMOKE_SKIP, "busy_fraction": SMOKE_SKIP}
     append_top_table(out_file, title, kernels if dev.type == "cuda" else aten, steps, result)
