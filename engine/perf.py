@@ -130,8 +130,8 @@ class Perf:
 def kernels_wanted(value: str, device: torch.device) -> bool:
     """perf.kernels: on, off, or auto = on for CUDA (Triton), off on a CPU. On a CPU the native C++ library ran the
     demo's step 1.05-1.13x faster, but after FFCV's loader had run in the same process its ops' results changed
-    (aten's did not; 2026-12-01). Rechecked 2026-12-02 it no longer happens, cause still unknown (docs/kernels.md),
-    so for now a CPU gets them only with perf.kernels=on."""
+    (aten's did not; 2026-12-01): FFCV's loader thread set torch's thread count, which engine/data/ffcv_backend.py
+    now prevents (docs/kernels.md). For now a CPU gets them only with perf.kernels=on."""
     return resolve_switch(value, device)
 
 

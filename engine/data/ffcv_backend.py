@@ -9,7 +9,6 @@ FFCV 1.0.2 never seeds, so runs with them would not be reproducible.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
@@ -157,15 +156,23 @@ def _crop_flip_op():
     return CropFlip
 
 
-@contextlib.contextmanager
-def _torch_threads_kept():
-    """FFCV sets torch's thread count to its own (`Compiler.set_num_threads`): put the trainer's back."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+def _ffcv_leaves_torch_threads_alone() -> None:
+    """FFCV's `Compiler.set_num_threads` sets torch's thread count as well as numba's, and each epoch's loader thread
+    calls it as it starts: from that thread, where no check on the trainer's thread sees it, torch's process-wide
+    thread state changed (with the native CPU kernels on, an AR-AT run after an FFCV loader had run in the process
+    computed other numbers). Patched once, it sets numba's count only; the trainer owns torch's."""
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+
+    if getattr(Compiler.set_num_threads, "numba_only", False):
+        return
+
+    def set_num_threads(cls, n: int) -> None:
+        cls.num_threads = n if n >= 1 else numba.config.NUMBA_NUM_THREADS
+        numba.set_num_threads(cls.num_threads)
+
+    set_num_threads.numba_only = True
+    Compiler.set_num_threads = classmethod(set_num_threads)
 
 
 class _PlanOrder:
@@ -191,6 +198,7 @@ class FFCVLoader(PlannedLoader):
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor
 
+        _ffcv_leaves_torch_threads_alone()  # importing FFCV set torch's count once (engine.data.optional.require)
         on_cuda = self.device.type == "cuda"
         # On the CPU the training step uses every core, and a batch here is a memcpy and a crop per image: one loader
         # thread, no numba thread pool. On CUDA, as many threads as torch has (at most numba's limit).
@@ -202,16 +210,15 @@ class FFCVLoader(PlannedLoader):
         if on_cuda:  # FFCV's transfer: pinned buffers, copies on its own CUDA streams
             image_ops.append(ToDevice(self.device, non_blocking=True))
             label_ops.append(ToDevice(self.device, non_blocking=True))
-        with _torch_threads_kept():
-            self.ffcv = Loader(
-                str(beton),
-                batch_size=batch_size,
-                num_workers=threads,
-                order=OrderOption.SEQUENTIAL,
-                drop_last=False,
-                os_cache=True,
-                pipelines={"image": image_ops, "label": label_ops},
-            )
+        self.ffcv = Loader(
+            str(beton),
+            batch_size=batch_size,
+            num_workers=threads,
+            order=OrderOption.SEQUENTIAL,
+            drop_last=False,
+            os_cache=True,
+            pipelines={"image": image_ops, "label": label_ops},
+        )
         # Our plan decides order and length (FFCV's `distributed` needs a process group and its own sampler)
         self.order = self.ffcv.traversal_order = _PlanOrder()
         self.ffcv.first_traversal_order = np.zeros(self.num_images, dtype=np.uint64)
@@ -227,8 +234,7 @@ class FFCVLoader(PlannedLoader):
 
     def __iter__(self) -> Iterator[Batch]:
         self._install_plan()
-        with _torch_threads_kept():
-            epoch = iter(self.ffcv)
+        epoch = iter(self.ffcv)
         try:
             for images, labels in epoch:  # (B, 32, 32, 3) uint8, (B, 1) int64
                 yield self.finish(images, labels)

@@ -304,3 +304,24 @@ def test_backend_modules_do_not_import_each_other():
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and not n.module
                      for a in n.names}  # fmt: skip
         assert not imported & {"backends", "ffcv_backend", "dali_backend"}, (name, imported)
+
+
+def test_ffcv_leaves_torchs_thread_count_alone():
+    """FFCV's loader thread sets its thread count at every epoch's start (`Compiler.set_num_threads`), which also set
+    torch's, from that thread, behind the trainer's back: with the native kernels on, an AR-AT run after an FFCV
+    loader had run in the process computed other numbers (tests/data: the short run's metrics). Once an FFCV loader
+    exists, FFCV's call sets numba's count only."""
+    need("ffcv")
+    make_loaders("ffcv", augment=False, channels_last=False)
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+
+    before = torch.get_num_threads()
+    other = 1 if before > 1 else min(2, numba.config.NUMBA_NUM_THREADS)
+    if other == before:
+        pytest.skip("one core: no other thread count to set")
+    try:
+        Compiler.set_num_threads(other)
+        assert torch.get_num_threads() == before and Compiler.num_threads == other
+    finally:
+        torch.set_num_threads(before)
