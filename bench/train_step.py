@@ -133,14 +133,19 @@ def profile_call(fn, device: torch.device) -> dict:
     return {"ops_per_step": ops} | kernel_figures(events, wall_us)
 
 
-def kernel_figures(events, wall_us: float) -> dict:
-    """Kernels launched and GPU-busy fraction from profiler events: the device-side ones, less the GPU copies of
-    record_function ranges (they would count time twice)."""
-    kernels = [
-        (e.time_range.start, e.time_range.end)
+def device_events(events) -> list:
+    """The profiler's device-side events (kernels, copies), less the GPU copies of record_function ranges (they
+    would count time twice)."""
+    return [
+        e
         for e in events
         if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
     ]
+
+
+def kernel_figures(events, wall_us: float) -> dict:
+    """Kernels launched and GPU-busy fraction from profiler events."""
+    kernels = [(e.time_range.start, e.time_range.end) for e in device_events(events)]
     busy = busy_us(kernels)
     return {"kernels_per_step": len(kernels), "busy_fraction": round(min(busy / wall_us, 1.0), 3) if wall_us else None}
 

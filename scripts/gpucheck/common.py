@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from cost_model import derived, forward_units  # bench/ is on sys.path (scripts/gpu_check.py)
-from train_step import LADDER, busy_us, forward_flops  # bench/ is on sys.path (scripts/gpu_check.py)
+from train_step import LADDER, busy_us, device_events, forward_flops  # bench/ is on sys.path (scripts/gpu_check.py)
 
 from engine.config import TrainConfig, apply_overrides
 from engine.methods.arat import attack_inputs
@@ -149,11 +149,7 @@ def profile_steps(fn, steps: int, dev: torch.device, out_file: Path, title: str)
         wall_us = (time.perf_counter() - start) * 1e6
     events = list(prof.events())
     aten = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
-    kernels = [  # device events, less the GPU-side copies of record_function ranges (they would count time twice)
-        e
-        for e in events
-        if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
-    ]
+    kernels = device_events(events)
     busy = busy_us([(e.time_range.start, e.time_range.end) for e in kernels])  # overlapping kernels count once
     result = {
         "aten_ops_per_step": round(len(aten) / steps),
