@@ -128,10 +128,9 @@ class Perf:
 
 
 def kernels_wanted(value: str, device: torch.device) -> bool:
-    """perf.kernels: on, off, or auto = on for CUDA (Triton), off on a CPU. On a CPU the native C++ library ran the
-    demo's step 1.05-1.13x faster, but after FFCV's loader had run in the same process its ops' results changed
-    (aten's did not; 2026-12-01): FFCV's loader thread set torch's thread count, which engine/data/ffcv_backend.py
-    now prevents (docs/kernels.md). For now a CPU gets them only with perf.kernels=on."""
+    """perf.kernels: on, off, or auto = on for CUDA (Triton), off on a CPU. On a CPU the native C++ library is a
+    wash: 1.03-1.13x on the demo's step (width 16) and 0.87-0.99x on the full-width ResNet-18 step, on three CPUs
+    (docs/kernels.md), so auto leaves it to the user there."""
     return resolve_switch(value, device)
 
 
