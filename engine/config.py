@@ -328,13 +328,22 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
             return int(text)
         if isinstance(current, float):
             return float(eval_fraction(text))
-        if isinstance(current, tuple):
-            items = [s for s in text.split(",") if s.strip()]
+        if isinstance(current, tuple):  # 76,91 (also [76, 91] or (76, 91), as a list is often written)
+            inner = text.strip()
+            if inner[:1] + inner[-1:] in ("[]", "()"):
+                inner = inner[1:-1]
+            items = [s.strip() for s in inner.split(",") if s.strip()]
             return tuple(type(current[0])(s) for s in items) if current else tuple(items)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"--set {key}={text}: expected a {type(current).__name__}") from None
+        if isinstance(current, tuple) and current:
+            example = ",".join(str(v) for v in current)
+            raise ConfigError(
+                f"--set {key}={text}: expected comma-separated {type(current[0]).__name__}s, e.g. {key}={example}"
+            ) from None
+        kind = type(current).__name__
+        raise ConfigError(f"--set {key}={text}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}") from None
     return text
 
 

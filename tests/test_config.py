@@ -20,10 +20,17 @@ def test_overrides_parse_each_type():
     assert cfg.optim.milestones == (2, 4) and cfg.data.backend == "dali" and cfg.eval.attacks == ("clean", "aa")
 
 
+@pytest.mark.parametrize("text", ["6,7", "[6, 7]", "(6,7)", " 6 , 7 "])
+def test_a_tuple_override_takes_a_list_as_written(text):
+    assert apply_overrides(TrainConfig(), [f"optim.milestones={text}"]).optim.milestones == (6, 7)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.epochs=x", "expected a int"),
+        ("train.epochs=x", "expected an int"),
+        ("attack.eps=big", "expected a float"),
+        ("optim.milestones=6;7", "expected comma-separated ints, e.g. optim.milestones=76,91"),
         ("nope.key=1", "unknown section"),
         ("model.depth=3", "unknown key"),
         ("model.arch=vgg", "not one of"),
