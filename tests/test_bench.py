@@ -74,3 +74,15 @@ def test_a_tiny_ladder_row_carries_the_derived_figures(tmp_path):
     assert row["run100_min"] == pytest.approx(100 * row["epoch_s"] / 60, rel=1e-3)
     assert row["ops_per_step"] > 0 and row["kernels_per_step"] is None and row["busy_fraction"] is None  # CPU
     assert row["cpu"] and row["cpu_native_bf16"] in (True, False)
+
+
+def test_protocol_pairs_count_image_by_image():
+    import torch
+    from aa_protocols import paired
+
+    from engine.evaluate import pack
+
+    standard = torch.tensor([1, 1, 0, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool)
+    legacy = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
+    got = paired({"num_examples": 10, "flags": pack(standard)}, {"num_examples": 10, "flags": pack(legacy)})
+    assert got == {"robust_both": 3, "legacy_only": 2, "standard_only": 1, "over_read_points": 10.0}
