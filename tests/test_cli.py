@@ -24,7 +24,7 @@ def run_cli(capsys, *args):
     "args, message",
     [
         (["train", "--recipe", "nope"], "unknown recipe"),
-        (["train", "--recipe", "smoke", "--set", "train.epochs=x"], "expected a int"),
+        (["train", "--recipe", "smoke", "--set", "train.epochs=x"], "expected an int"),
         (["train", "--recipe", "smoke", "--set", "model.nope=1"], "unknown key"),
         (["train", "--recipe", "arat-resnet18-cifar10", "--data-dir", "/nonexistent"], "arat data download"),
         (["train"], "--recipe"),
