@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from autoattack_bench import newest_demo_run
+from autoattack_bench import add_model_arguments, model_and_test_split
 from harness import append_jsonl, markdown_table, provenance
 from torch import nn
 
 from engine import autoattack
 from engine.config import EvalConfig
-from engine.data import load_split
 from engine.evaluate import evaluate, unpack
-from engine.hub import load_model
 
 THRESHOLD = 0.995
 
@@ -51,17 +48,12 @@ def agreement(a: dict, b: dict) -> tuple[int, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, default=None, help="run directory or exported .pt (default: newest demo run)")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--num-examples", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=100, help="images per chunk and per forward")
+    add_model_arguments(p, num_examples=200)
     p.add_argument("--version", default="standard", choices=sorted(autoattack.PROTOCOLS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/aa_dtype.jsonl")
     args = p.parse_args()
-    source = args.run or newest_demo_run()
-    net = load_model(source).net
-    split = load_split("cifar10", args.data_dir, train=False)
+    source, net, split = model_and_test_split(args)
     cfg = EvalConfig(attacks=("aa",), num_examples=args.num_examples, batch_size=args.batch_size,
                      chunk_size=args.batch_size, aa_version=args.version)  # fmt: skip
     results, seconds = {}, {}

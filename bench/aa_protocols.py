@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from autoattack_bench import newest_demo_run
+from autoattack_bench import add_model_arguments, model_and_test_split
 from harness import append_jsonl, markdown_table, provenance
 
 from engine import autoattack
 from engine.config import EvalConfig
-from engine.data import load_split
 from engine.evaluate import evaluate, unpack
-from engine.hub import load_model
 
 PROTOCOLS = ("standard", "legacy-10")
 
@@ -42,17 +39,11 @@ def paired(standard: dict, legacy: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, default=None, help="run directory, exported .pt or plain state_dict "
-                   "(default: the newest demo run)")  # fmt: skip
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--num-examples", type=int, default=200, help="the first N test images")
-    p.add_argument("--batch-size", type=int, default=100, help="images per chunk and per forward")
+    add_model_arguments(p, num_examples=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/aa_protocols.jsonl")
     args = p.parse_args()
-    source = args.run or newest_demo_run()
-    net = load_model(source).net
-    split = load_split("cifar10", args.data_dir, train=False)
+    source, net, split = model_and_test_split(args)
     results, seconds = {}, {}
     for version in PROTOCOLS:
         cfg = EvalConfig(attacks=("clean", "aa"), num_examples=args.num_examples, batch_size=args.batch_size,

@@ -36,6 +36,21 @@ def newest_demo_run() -> Path:
     return runs[-1].parents[1]
 
 
+def add_model_arguments(p: argparse.ArgumentParser, num_examples: int) -> None:
+    """The model and test images an AutoAttack benchmark runs on (read back by `model_and_test_split`)."""
+    p.add_argument("--run", type=Path, default=None, help="run directory, exported .pt or plain state_dict "
+                   "(default: the newest demo run)")  # fmt: skip
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--num-examples", type=int, default=num_examples, help="the first N test images")
+    p.add_argument("--batch-size", type=int, default=100, help="images per chunk and per forward")
+
+
+def model_and_test_split(args: argparse.Namespace):
+    """(where the model came from, the plain network: forward(x, bn=...), the CIFAR-10 test split)."""
+    source = args.run or newest_demo_run()
+    return source, load_model(source).net, load_split("cifar10", args.data_dir, train=False)
+
+
 def per_batch(net, x, y, version: str, batch_size: int) -> float:
     """The previous path: robust accuracy with one AutoAttack per batch (seed 0 throughout)."""
     hits = 0
@@ -49,17 +64,12 @@ def per_batch(net, x, y, version: str, batch_size: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, default=None, help="run directory or exported .pt (default: newest demo run)")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--num-examples", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=100)
+    add_model_arguments(p, num_examples=100)
     p.add_argument("--version", default="standard", choices=sorted(autoattack.PROTOCOLS))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="bench/results/autoattack.jsonl")
     args = p.parse_args()
-    source = args.run or newest_demo_run()
-    net = load_model(source).net  # the plain network: forward(x, bn=...)
-    split = load_split("cifar10", args.data_dir, train=False)
+    source, net, split = model_and_test_split(args)
     x, y = test_tensors(split, args.num_examples, torch.device("cpu"))
     cfg = EvalConfig(attacks=("aa",), num_examples=args.num_examples, batch_size=args.batch_size,
                      chunk_size=args.batch_size, aa_version=args.version)  # fmt: skip

@@ -143,11 +143,14 @@ def device_events(events) -> list:
     ]
 
 
-def kernel_figures(events, wall_us: float) -> dict:
-    """Kernels launched and GPU-busy fraction from profiler events."""
+def kernel_figures(events, wall_us: float, steps: int = 1) -> dict:
+    """Kernels launched per step and GPU-busy fraction from the profiler events of `steps` steps taking `wall_us`."""
     kernels = [(e.time_range.start, e.time_range.end) for e in device_events(events)]
-    busy = busy_us(kernels)
-    return {"kernels_per_step": len(kernels), "busy_fraction": round(min(busy / wall_us, 1.0), 3) if wall_us else None}
+    busy = busy_us(kernels)  # overlapping kernels count once
+    return {
+        "kernels_per_step": round(len(kernels) / steps),
+        "busy_fraction": round(min(busy / wall_us, 1.0), 3) if wall_us else None,
+    }
 
 
 def busy_us(intervals: list[tuple[float, float]]) -> float:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from cost_model import derived, forward_units  # bench/ is on sys.path (scripts/gpu_check.py)
-from train_step import LADDER, busy_us, device_events, forward_flops  # bench/ is on sys.path (scripts/gpu_check.py)
+from train_step import LADDER, device_events, forward_flops, kernel_figures  # bench/ on sys.path (gpu_check.py)
 
 from engine.config import TrainConfig, apply_overrides
 from engine.methods.arat import attack_inputs
@@ -149,18 +149,16 @@ def profile_steps(fn, steps: int, dev: torch.device, out_file: Path, title: str)
         wall_us = (time.perf_counter() - start) * 1e6
     events = list(prof.events())
     aten = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
-    kernels = device_events(events)
-    busy = busy_us([(e.time_range.start, e.time_range.end) for e in kernels])  # overlapping kernels count once
     result = {
         "aten_ops_per_step": round(len(aten) / steps),
         "to_copy_per_step": round(sum(e.name == "aten::_to_copy" for e in aten) / steps),
         "wall_ms_per_step": round(wall_us / 1e3 / steps, 2),
     }
     if dev.type == "cuda":
-        result |= {"kernels_per_step": round(len(kernels) / steps), "busy_fraction": round(min(busy / wall_us, 1.0), 3)}
+        result |= kernel_figures(events, wall_us, steps)
     else:
         result |= {"kernels_per_step": SMOKE_SKIP, "busy_fraction": SMOKE_SKIP}
-    append_top_table(out_file, title, kernels if dev.type == "cuda" else aten, steps, result)
+    append_top_table(out_file, title, device_events(events) if dev.type == "cuda" else aten, steps, result)
     return result
 
 
