@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -85,12 +86,30 @@ def mean_over_ranks(value: float) -> float:
     return t.item() / dist.get_world_size()
 
 
+_GATHER_KEY = "arat/gather"
+_gather_rounds: dict = {}  # process group -> the number of gathers it has done (they match across ranks)
+
+
 def gather_objects(obj, info: DistInfo) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    """[obj of rank 0, obj of rank 1, ...] on every rank, exchanged through the process group's store (pickled),
+    each rank reading every rank's entry of this round; a rank that never writes its entry makes the others wait
+    the group's timeout, as a collective would.
+
+    Not a backend collective, on purpose: gloo runs collectives on worker threads, and the worker that drops the last
+    reference to a collective's Python-created tensors must take the GIL to do so. A gather just before the process
+    exits (every evaluation ends with one) left that worker waiting for the GIL as the interpreter finalized, and
+    the process aborted after its results were written ("terminate called without an active exception", SIGABRT,
+    ~1 exit in 6 with two ranks on two cores). Store reads and writes run on the calling thread."""
     if not info.enabled:
         return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
+    group = dist.group.WORLD
+    store = dist.distributed_c10d._get_default_store()
+    n = _gather_rounds.get(group, 0)
+    _gather_rounds[group] = n + 1
+    store.set(f"{_GATHER_KEY}/{n}/{info.rank}", pickle.dumps(obj))
+    out = [pickle.loads(store.get(f"{_GATHER_KEY}/{n}/{r}")) for r in range(info.world_size)]
+    if n:  # every rank wrote round n after reading all of round n - 1: no one reads this rank's entry there again
+        store.delete_key(f"{_GATHER_KEY}/{n - 1}/{info.rank}")
     return out
 
 
@@ -103,11 +122,7 @@ def broadcast_state(module: nn.Module, info: DistInfo) -> None:
             dist.broadcast(t, src=0)
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        _gather_rounds.pop(dist.group.WORLD, None)
         dist.destroy_process_group()

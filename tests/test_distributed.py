@@ -109,6 +109,38 @@ def test_collectives_wait_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
         DistConfig(timeout_min=0)
 
 
+def _gathering_rank(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from engine import distributed
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("gather_objects ran a backend collective")
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    dist.all_gather_object = dist.all_gather = dist.all_gather_into_tensor = no_collective
+    info = distributed.DistInfo(rank, 2)
+    rounds = [distributed.gather_objects({"rank": rank, "round": k, "big": [rank] * 1000 * k}, info) for k in range(3)]
+    store = dist.distributed_c10d._get_default_store()
+    left = [store.check([f"arat/gather/{n}/{rank}"]) for n in range(3)]
+    Path(out, f"{rank}.json").write_text(json.dumps({"rounds": rounds, "left": left}))
+    distributed.shutdown(info)
+
+
+def test_gathered_objects_go_through_the_store_not_a_backend_collective(tmp_path):
+    """The evaluation's gathers (the last exchange before a rank exits) use the process group's store: a gloo
+    collective's worker thread may still be dropping its tensors, GIL needed, as the interpreter finalizes, which
+    aborted the process after its results were written. Each round's entries are deleted once every rank is past it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gathering_rank, args=(f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
+    expected = [[{"rank": r, "round": k, "big": [r] * 1000 * k} for r in range(2)] for k in range(3)]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["rounds"] == expected
+        assert got["left"] == [False, False, True]  # a rank's entry of round n is deleted at round n + 1
+
+
 COMPILED_EPOCHS = """
 import json
 import sys
