@@ -86,3 +86,33 @@ def test_protocol_pairs_count_image_by_image():
     legacy = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
     got = paired({"num_examples": 10, "flags": pack(standard)}, {"num_examples": 10, "flags": pack(legacy)})
     assert got == {"robust_both": 3, "legacy_only": 2, "standard_only": 1, "over_read_points": 10.0}
+
+
+@pytest.mark.slow
+def test_eval_ranks_rows_say_the_flags_of_two_ranks_equal_one(tmp_path):
+    """bench/eval_ranks.py end to end on a tiny network: `arat eval` under torchrun with 1 and 2 ranks, a row each
+    with its speed-up, efficiency and balance, and the per-image flags compared across rank counts."""
+    import torch
+
+    from engine.models import build_model
+    from engine.recipes import get_recipe
+
+    cfg = get_recipe("smoke")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"model": build_model(cfg.model, cfg.data.num_classes).state_dict(), "config": cfg.to_dict()}, ckpt)
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(REPO / "bench" / "eval_ranks.py"), "--target", str(ckpt), "--attacks", "clean,pgd20",
+           "--num-examples", "32", "--chunk-size", "8", "--batch-size", "8", "--ranks", "1,2", "--threads", "2",
+           "--device", "cpu", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads(line) for line in out.read_text().splitlines())
+    assert (one["ranks"], one["threads_per_rank"], two["ranks"], two["threads_per_rank"]) == (1, 2, 2, 1)
+    assert one["flags_identical"] and two["flags_identical"]
+    assert one["chunks"] == two["chunks"] == {"clean": 4, "pgd20": 4}
+    assert one["accuracy"] == two["accuracy"]
+    assert one["speed_up"] == 1.0 and two["speed_up"] == round(one["eval_seconds"] / two["eval_seconds"], 3)
+    assert two["efficiency"] == round(two["speed_up"] / 2, 3)
+    assert 0 < two["balance"] <= 1.5 and two["cpu"]
+    assert "| ranks |" in proc.stdout
