@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -181,6 +182,29 @@ def resolve_chunk_size(cfg: EvalConfig, model: nn.Module, image_shape, device: t
     return size, f"auto: {per_image / 2**20:.1f} MiB per image (input-gradient pass), {total / 2**30:.0f} GiB device"
 
 
+def rank_balance(num_examples: int, chunk_size: int, world_size: int) -> float:
+    """The best share of the ranks' time spent attacking when `world_size` ranks take the chunks round-robin: the
+    ranks with one chunk fewer wait for the others (equal chunk times assumed)."""
+    chunks = -(-num_examples // chunk_size)
+    return chunks / (-(-chunks // world_size) * world_size)
+
+
+def balance_note(num_examples: int, chunk_size: int, world_size: int, floor: float = 0.9) -> str | None:
+    """One line when the chunks cannot keep the ranks busy (balance under `floor`), naming a chunk size that does;
+    None when they can. The chunk size is left as it is: it fixes each image's seed, so evaluations with different
+    chunk sizes do not give the same flags image by image."""
+    balance = rank_balance(num_examples, chunk_size, world_size)
+    if world_size < 2 or balance >= floor:
+        return None
+    note = (f"eval: {-(-num_examples // chunk_size)} chunks of {chunk_size} images over {world_size} ranks keep them "
+            f"busy {100 * balance:.0f}% of the time at best")  # fmt: skip
+    for c in CHUNK_CHOICES:
+        if c < chunk_size and rank_balance(num_examples, c, world_size) >= floor:
+            share = 100 * rank_balance(num_examples, c, world_size)
+            return note + f"; chunks of {c} (--chunk-size / eval.chunk_size) would keep them {share:.0f}% busy"
+    return note
+
+
 def attack_spec(
     name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int, tf32: bool = False
 ) -> dict:
@@ -218,6 +242,10 @@ def evaluate(
     # every rank takes rank 0's chunk size (its memory measure could differ): the chunks must tile the same images
     chunk_size, chunk_reason = gather_objects(resolve_chunk_size(cfg, model, x_all.shape[1:], device), dist)[0]
     cfg = dataclasses.replace(cfg, chunk_size=chunk_size)
+    heavy = (cfg.aa_num_examples or cfg.num_examples) if "aa" in cfg.attacks else cfg.num_examples  # the long one
+    note = balance_note(min(heavy, len(y_all)), chunk_size, dist.world_size)
+    if note and dist.is_main:
+        print(note, file=sys.stderr, flush=True)
     batch = min(cfg.batch_size, chunk_size, len(y_all))  # fewer images than a chunk: no padding up to it
     aa_net = SubsetBatch(attacker, batch) if is_compiled(attacker) else EvalForward(model)
     protocol = autoattack.PROTOCOLS[cfg.aa_version]

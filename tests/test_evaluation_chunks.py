@@ -19,7 +19,16 @@ from precision import torch_threads
 from engine import autoattack
 from engine.config import EvalConfig
 from engine.data.synthetic import synthetic_split
-from engine.evaluate import chunk_for_memory, chunk_seed, evaluate, format_results, resolve_chunk_size, unpack
+from engine.evaluate import (
+    balance_note,
+    chunk_for_memory,
+    chunk_seed,
+    evaluate,
+    format_results,
+    rank_balance,
+    resolve_chunk_size,
+    unpack,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +100,19 @@ def test_the_default_chunk_is_sized_for_the_device():
     cpu = torch.device("cpu")
     assert resolve_chunk_size(EvalConfig(), SparseLinear(), (3, 32, 32), cpu) == (500, "auto: CPU")
     assert resolve_chunk_size(EvalConfig(chunk_size=64), SparseLinear(), (3, 32, 32), cpu) == (64, "set")
+
+
+def test_too_few_chunks_for_the_ranks_are_named_with_a_chunk_size_that_fits():
+    """10k images in chunks of 1000 (the H200 default for ResNet-18) over 8 ranks: 2 chunks for two ranks, 1 for the
+    six others, who wait: 62% at best; chunks of 250 (40) keep all 8 busy."""
+    assert rank_balance(10000, 1000, 8) == 10 / 16 and rank_balance(10000, 250, 8) == 1.0
+    assert rank_balance(10000, 1000, 1) == 1.0 and rank_balance(100, 25, 2) == 1.0 and rank_balance(90, 50, 2) == 1.0
+    note = balance_note(10000, 1000, 8)
+    assert note.startswith("eval: 10 chunks of 1000 images over 8 ranks keep them busy 62% of the time at best")
+    assert "chunks of 250 (--chunk-size / eval.chunk_size) would keep them 100% busy" in note
+    assert "chunks of 500" in balance_note(10000, 1000, 4)  # 83% -> 100%: the largest size that fits is named
+    assert balance_note(10000, 1000, 1) is None and balance_note(10000, 500, 4) is None
+    assert balance_note(100, 50, 3).endswith("67% of the time at best")  # no listed size below 50
 
 
 def test_chunk_seeds_differ_per_chunk_and_attack():
