@@ -86,24 +86,29 @@ class _StageLog(logging.Handler):
 
     PATTERN = re.compile(r"(?:initial accuracy|robust accuracy after ([A-Z-]+)): ([0-9.]+)%")
 
-    def __init__(self):
+    def __init__(self, on_stage=None):
         super().__init__(logging.DEBUG)
         self.after: dict[str, float] = {}
+        self.on_stage = on_stage
 
     def emit(self, record: logging.LogRecord) -> None:
         match = self.PATTERN.search(record.getMessage())
         if match:
-            self.after[(match.group(1) or "clean").lower()] = float(match.group(2)) / 100
+            stage = (match.group(1) or "clean").lower()
+            self.after[stage] = float(match.group(2)) / 100
+            if self.on_stage is not None:
+                self.on_stage(stage, self.after[stage])
 
 
 def attack_chunk(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, protocol: Protocol, seed: int, batch_size: int
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, protocol: Protocol, seed: int, batch_size: int, on_stage=None
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """(robust flag per image (bool, on the CPU), robust count after each stage, clean first). An image is robust
-    when it is classified correctly and every attack of the protocol failed on it."""
+    when it is classified correctly and every attack of the protocol failed on it. `on_stage(stage, accuracy)` is
+    called as AutoAttack reports the clean accuracy and each stage's robust accuracy (for a progress line)."""
     aa = adversary(model, protocol, seed, x.device)
     log = logging.getLogger("auto-attack")
-    handler, level, propagate = _StageLog(), log.level, log.propagate
+    handler, level, propagate = _StageLog(on_stage), log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     log.propagate = False  # AutoAttack's debug lines are read here, not printed

@@ -273,7 +273,8 @@ def evaluate(
                     elif name == "pgd20":
                         flags = _pgd_flags(classifier, attacker, x, y, batch, s)
                     else:
-                        flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, s, batch)
+                        progress = _postfix(bar, protocol.attacks)
+                        flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, s, batch, progress)
                     record = {"index": k, "start": lo, "stop": hi, "seed": s, "flags": pack(flags),
                               "counts": counts, "seconds": round(time.perf_counter() - chunk_start, 3)}  # fmt: skip
                     store.save(k, record)
@@ -302,6 +303,18 @@ def evaluate(
                 result |= {"version": cfg.aa_version, "stages": stages}
             results[name] = result
     return results
+
+
+def _postfix(bar, stages: tuple[str, ...]):
+    """AutoAttack's progress within a chunk (minutes each on a CPU) on the bar: "after apgd-t 31.6%, now fab-t"."""
+    order = ("clean", *stages)
+
+    def show(stage: str, accuracy: float) -> None:
+        i = order.index(stage)
+        text = f"{'clean' if i == 0 else 'after ' + stage} {100 * accuracy:.1f}%"
+        bar.set_postfix_str(text + (f", now {order[i + 1]}" if i + 1 < len(order) else ""))
+
+    return show
 
 
 def summary(results: dict) -> dict:

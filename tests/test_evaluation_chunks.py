@@ -185,6 +185,23 @@ def test_saved_chunks_of_another_model_are_not_reused(tmp_path):
     assert evaluate(other, split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 0
 
 
+def test_each_autoattack_stage_is_reported_as_it_ends():
+    """The progress bar's line within a chunk: the clean accuracy, then each stage's robust accuracy, in order, each
+    the count the chunk's result records."""
+    from engine.evaluate import test_tensors
+
+    seen = []
+    x, y = test_tensors(labelled_split(), 32, torch.device("cpu"))
+    with one_thread():
+        flags, counts = autoattack.attack_chunk(SparseLinear(), x, y, autoattack.PROTOCOLS["legacy-10"], 0, 16,
+                                                lambda stage, accuracy: seen.append((stage, accuracy)))  # fmt: skip
+    stages = [stage for stage, _ in seen]
+    assert stages[0] == "clean" and len(stages) >= 2
+    assert stages[1:] == [s for s in autoattack.STAGES if s in stages[1:]]  # in AutoAttack's order, none twice
+    assert all(round(accuracy * 32) == counts[stage] for stage, accuracy in seen)
+    assert round(seen[-1][1] * 32) == int(flags.sum())
+
+
 def test_legacy_10_is_the_ten_iteration_protocol_and_says_so():
     from pyautoattack.autopgd_base import APGDAttack
 
