@@ -317,3 +317,26 @@ def test_a_compiled_evaluation_keeps_its_graphs_few_and_finds_the_same_flags(ref
         assert counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"], dict(counters["stats"])
     finally:
         torch._dynamo.reset()
+
+
+def test_the_network_is_evaluated_in_the_training_layout(tmp_path):
+    """perf.channels_last (the default) puts the network channels-last for evaluation, as training left it (an
+    exported or loaded model comes contiguous); the record says so, and chunks saved under the other layout (other
+    convolution kernels, other last bits) are not reused."""
+    from engine.config import PerfConfig
+    from engine.models import build_model
+    from engine.recipes import get_recipe
+
+    torch.manual_seed(0)
+    model = build_model(get_recipe("smoke").model, 10)
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[2:] != (1, 1)]  # a 1x1 kernel is both
+    split, cpu = synthetic_split(16, 10, seed=0), torch.device("cpu")
+    cfg = EvalConfig(attacks=("clean",), num_examples=16, batch_size=16, chunk_size=16)
+    assert all(p.is_contiguous() for p in convs)
+    with one_thread():
+        first = evaluate(model, split, cfg, cpu, 0, PerfConfig(compile="off"), record_dir=tmp_path)
+        assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+        other = evaluate(model, split, cfg, cpu, 0, PerfConfig(compile="off", channels_last=False), record_dir=tmp_path)
+    assert all(p.is_contiguous() for p in convs)
+    assert first["clean"]["config"]["memory_format"] == "channels_last"
+    assert other["clean"]["config"]["memory_format"] == "contiguous" and other["clean"]["reused_chunks"] == 0
