@@ -73,6 +73,7 @@ def main() -> None:
     x, y = test_tensors(split, args.num_examples, torch.device("cpu"))
     cfg = EvalConfig(attacks=("aa",), num_examples=args.num_examples, batch_size=args.batch_size,
                      chunk_size=args.batch_size, aa_version=args.version)  # fmt: skip
+    net.to(memory_format=torch.channels_last)  # evaluate's layout (perf.channels_last) for both: the ratio is chunking
     seconds: dict[str, list[float]] = {"per-batch": [], "chunked": []}
     accuracy = {}
     for _ in range(args.rounds):

@@ -79,7 +79,8 @@ def row(ranks: int, runs: list[dict], base: dict | None, attacks: list[str], ref
     seconds = [sum(r["results"][a]["seconds"] for a in attacks) for r in runs]
     median = statistics.median(seconds)
     last = runs[-1]["results"]
-    chunk_seconds = statistics.median(sum(r["results"][a]["chunk_seconds"] for a in attacks) for r in runs)
+    busy = [sum(r["results"][a]["chunk_seconds"] for a in attacks) for r in runs]
+    balance = [b / (ranks * s) for b, s in zip(busy, seconds, strict=True) if s > 0]
     out = {
         "ranks": ranks,
         "threads_per_rank": runs[0]["threads_per_rank"],
@@ -87,7 +88,7 @@ def row(ranks: int, runs: list[dict], base: dict | None, attacks: list[str], ref
         "eval_seconds_rounds": [round(s, 2) for s in seconds],
         "wall_seconds": round(statistics.median(r["wall_seconds"] for r in runs), 2),
         "chunks": {a: last[a]["chunks"] for a in attacks},
-        "balance": round(chunk_seconds / (ranks * median), 3) if median > 0 else None,
+        "balance": round(statistics.median(balance), 3) if balance else None,
         "accuracy": {a: last[a]["accuracy"] for a in attacks},
         "flags_identical": all(r["flags"] == reference for r in runs),
     }
@@ -138,8 +139,7 @@ def main() -> None:
     rows = [base] + [row(n, runs[n], base, attacks, reference) for n in ranks[1:]]
     stamp = provenance()
     config = {"bench": "eval_ranks", "target": str(ckpt), "attacks": args.attacks, "aa_version": args.aa_version,
-              "num_examples": args.num_examples, "chunk_size": args.chunk_size,
-              "threads_total": None if args.threads_per_rank else args.threads}  # fmt: skip
+              "num_examples": args.num_examples, "chunk_size": args.chunk_size}  # fmt: skip
     rows = [config | r | stamp for r in rows]
     append_jsonl(args.out, rows)
     columns = ["ranks", "threads_per_rank", "eval_seconds", "speed_up", "efficiency", "balance", "flags_identical"]

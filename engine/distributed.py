@@ -86,8 +86,16 @@ def mean_over_ranks(value: float) -> float:
     return t.item() / dist.get_world_size()
 
 
-_GATHER_KEY = "arat/gather"
-_gather_rounds: dict = {}  # process group -> the number of gathers it has done (they match across ranks)
+_KEY = "arat"
+_rounds = 0  # store exchanges this process has made; ranks make the same ones, so their counts agree. Never reset:
+# a process group made again in this process may see the same store, and its keys must not meet the old ones
+_last_gather: int | None = None  # the round of this process's last gather (its entries are deleted one round late)
+
+
+def _next_round() -> int:
+    global _rounds
+    _rounds += 1
+    return _rounds
 
 
 def gather_objects(obj, info: DistInfo) -> list:
@@ -102,14 +110,14 @@ def gather_objects(obj, info: DistInfo) -> list:
     ~1 exit in 6 with two ranks on two cores). Store reads and writes run on the calling thread."""
     if not info.enabled:
         return [obj]
-    group = dist.group.WORLD
     store = dist.distributed_c10d._get_default_store()
-    n = _gather_rounds.get(group, 0)
-    _gather_rounds[group] = n + 1
-    store.set(f"{_GATHER_KEY}/{n}/{info.rank}", pickle.dumps(obj))
-    out = [pickle.loads(store.get(f"{_GATHER_KEY}/{n}/{r}")) for r in range(info.world_size)]
-    if n:  # every rank wrote round n after reading all of round n - 1: no one reads this rank's entry there again
-        store.delete_key(f"{_GATHER_KEY}/{n - 1}/{info.rank}")
+    n = _next_round()
+    store.set(f"{_KEY}/gather/{n}/{info.rank}", pickle.dumps(obj))
+    out = [pickle.loads(store.get(f"{_KEY}/gather/{n}/{r}")) for r in range(info.world_size)]
+    global _last_gather
+    if _last_gather is not None:  # every rank wrote round n after reading all of that one: no one reads it again
+        store.delete_key(f"{_KEY}/gather/{_last_gather}/{info.rank}")
+    _last_gather = n
     return out
 
 
@@ -123,6 +131,20 @@ def broadcast_state(module: nn.Module, info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        _gather_rounds.pop(dist.group.WORLD, None)
-        dist.destroy_process_group()
+    """Leave the process group. Rank 0 first waits until every rank has said it is done with the store: where rank
+    0's process hosts the store (`env://` or `tcp://` outside torchrun), the others may still be reading the last
+    gather when rank 0 is through it."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    global _last_gather
+    store = dist.distributed_c10d._get_default_store()
+    n = _next_round()
+    store.set(f"{_KEY}/done/{n}/{info.rank}", b"1")
+    if info.is_main:  # then no rank reads the store again: rank 0 clears what is left of this engine's keys
+        done = [f"{_KEY}/done/{n}/{r}" for r in range(info.world_size)]
+        store.wait(done)
+        last = [] if _last_gather is None else [f"{_KEY}/gather/{_last_gather}/{r}" for r in range(info.world_size)]
+        for key in done + last:
+            store.delete_key(key)
+    _last_gather = None
+    dist.destroy_process_group()

@@ -236,7 +236,8 @@ def evaluate(
     """{attack: {"accuracy", "num_examples", "seconds", "images_per_s", ..., "flags"}} for each attack of
     `cfg.attacks`, the same on every rank. The classifier runs compiled when `perf_cfg.compile` resolves on (clean
     and PGD-20 with static shapes, short batches padded; AutoAttack's subsets with a dynamic batch dimension, see
-    SubsetBatch); `record_dir` keeps finished chunks for a rerun."""
+    SubsetBatch); `record_dir` keeps finished chunks for a rerun. The model is left in perf.channels_last's memory
+    format (training's; a trained model is in it already) and in the train/eval mode it came in."""
     dist = dist or DistInfo()
     n_all = max(cfg.num_examples, cfg.aa_num_examples)
     x_all, y_all = test_tensors(split, n_all, device)
@@ -280,6 +281,7 @@ def evaluate(
                     elif name == "pgd20":
                         flags = _pgd_flags(classifier, attacker, x, y, batch, s)
                     else:
+                        bar.set_postfix_str("")  # not the last chunk's stages
                         progress = _postfix(bar, protocol.attacks)
                         flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, s, batch, progress)
                     record = {"index": k, "start": lo, "stop": hi, "seed": s, "flags": pack(flags),
@@ -316,8 +318,8 @@ def _postfix(bar, stages: tuple[str, ...]):
     """AutoAttack's progress within a chunk (minutes each on a CPU) on the bar: "after apgd-t 31.6%, now fab-t"."""
     order = ("clean", *stages)
 
-    def show(stage: str, accuracy: float) -> None:
-        i = order.index(stage)
+    def show(stage: str, accuracy: float) -> None:  # raising here would end the attack: unknown stages just show
+        i = order.index(stage) if stage in order else len(order)
         text = f"{'clean' if i == 0 else 'after ' + stage} {100 * accuracy:.1f}%"
         bar.set_postfix_str(text + (f", now {order[i + 1]}" if i + 1 < len(order) else ""))
 

@@ -110,6 +110,8 @@ def test_collectives_wait_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
 
 
 def _gathering_rank(rank: int, init: str, out: str) -> None:
+    import time
+
     import torch.distributed as dist
 
     from engine import distributed
@@ -122,23 +124,32 @@ def _gathering_rank(rank: int, init: str, out: str) -> None:
     info = distributed.DistInfo(rank, 2)
     rounds = [distributed.gather_objects({"rank": rank, "round": k, "big": [rank] * 1000 * k}, info) for k in range(3)]
     store = dist.distributed_c10d._get_default_store()
-    left = [store.check([f"arat/gather/{n}/{rank}"]) for n in range(3)]
-    Path(out, f"{rank}.json").write_text(json.dumps({"rounds": rounds, "left": left}))
+    record = {"rounds": rounds, "left": [store.check([f"arat/gather/{n}/{rank}"]) for n in (1, 2, 3)]}
+    if rank == 1:
+        time.sleep(0.5)  # rank 0 must not leave before this rank is done with the store
+    record["shutdown_called"] = time.time()
     distributed.shutdown(info)
+    record["shutdown_returned"] = time.time()
+    if rank == 0:  # the last gather's entries and the exit keys are cleared
+        record["after"] = [store.check([key]) for key in ("arat/gather/3/0", "arat/gather/3/1", "arat/done/4/1")]
+    Path(out, f"{rank}.json").write_text(json.dumps(record))
 
 
 def test_gathered_objects_go_through_the_store_not_a_backend_collective(tmp_path):
     """The evaluation's gathers (the last exchange before a rank exits) use the process group's store: a gloo
     collective's worker thread may still be dropping its tensors, GIL needed, as the interpreter finalizes, which
-    aborted the process after its results were written. Each round's entries are deleted once every rank is past it."""
+    aborted the process after its results were written. Each round's entries are deleted once every rank is past it;
+    at shutdown rank 0 (which may host the store) waits for every rank, then clears the rest."""
     import torch.multiprocessing as mp
 
     mp.spawn(_gathering_rank, args=(f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
     expected = [[{"rank": r, "round": k, "big": [r] * 1000 * k} for r in range(2)] for k in range(3)]
-    for rank in range(2):
-        got = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert got["rounds"] == expected
-        assert got["left"] == [False, False, True]  # a rank's entry of round n is deleted at round n + 1
+    got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    for record in got:
+        assert record["rounds"] == expected
+        assert record["left"] == [False, False, True]  # a rank's entry of round n is deleted at round n + 1
+    assert got[0]["after"] == [False, False, False]
+    assert got[0]["shutdown_returned"] >= got[1]["shutdown_called"]
 
 
 COMPILED_EPOCHS = """

@@ -202,6 +202,24 @@ def test_each_autoattack_stage_is_reported_as_it_ends():
     assert round(seen[-1][1] * 32) == int(flags.sum())
 
 
+def test_the_bar_says_which_stage_ran_and_which_runs_now():
+    from engine.evaluate import _postfix
+
+    class Bar:
+        text = None
+
+        def set_postfix_str(self, text):
+            self.text = text
+
+    bar = Bar()
+    show = _postfix(bar, autoattack.STAGES)
+    expected = [("clean", 0.75, "clean 75.0%, now apgd-ce"), ("apgd-t", 0.316, "after apgd-t 31.6%, now fab-t"),
+                ("square", 0.3, "after square 30.0%"), ("apgd-dlr", 0.3, "after apgd-dlr 30.0%")]  # fmt: skip
+    for stage, accuracy, text in expected:  # a stage the protocol does not name is shown, never raised on
+        show(stage, accuracy)
+        assert bar.text == text
+
+
 def test_legacy_10_is_the_ten_iteration_protocol_and_says_so():
     from pyautoattack.autopgd_base import APGDAttack
 
