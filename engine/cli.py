@@ -198,8 +198,10 @@ def cmd_eval(args) -> None:
     perf_cfg = dataclasses.replace(cfg.perf, device=str(device))
     try:
         results = evaluate(model.to(device), split, eval_cfg, device, seed, perf_cfg, info, record)
-    finally:
-        distributed.shutdown(info)
+    except BaseException:
+        distributed.shutdown(info, wait=False)
+        raise
+    distributed.shutdown(info)
     if not info.is_main:
         return
     print(f"{args.target}: {format_results(results)}")  # printed first: a failed write below loses nothing

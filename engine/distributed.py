@@ -130,11 +130,15 @@ def broadcast_state(module: nn.Module, info: DistInfo) -> None:
             dist.broadcast(t, src=0)
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, wait: bool = True) -> None:
     """Leave the process group. Rank 0 first waits until every rank has said it is done with the store: where rank
     0's process hosts the store (`env://` or `tcp://` outside torchrun), the others may still be reading the last
-    gather when rank 0 is through it."""
+    gather when rank 0 is through it. `wait=False` on the way out of an error: the other ranks may never get here,
+    and a rank waiting for them would hide the failure from torchrun for the whole timeout."""
     if not (info.enabled and dist.is_initialized()):
+        return
+    if not wait:
+        dist.destroy_process_group()
         return
     global _last_gather
     store = dist.distributed_c10d._get_default_store()

@@ -152,6 +152,32 @@ def test_gathered_objects_go_through_the_store_not_a_backend_collective(tmp_path
     assert got[0]["shutdown_returned"] >= got[1]["shutdown_called"]
 
 
+def _failing_rank(rank: int, init: str, out: str) -> None:
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from engine import distributed
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=20))
+    if rank == 1:  # never reaches shutdown, as a rank whose evaluation failed
+        time.sleep(3)
+        return
+    start = time.time()
+    distributed.shutdown(distributed.DistInfo(0, 2), wait=False)
+    Path(out, "0.json").write_text(json.dumps({"seconds": time.time() - start}))
+
+
+def test_leaving_on_an_error_does_not_wait_for_the_other_ranks(tmp_path):
+    """`arat eval` leaving on an exception: rank 0 must not wait (the group's timeout, 3 hours by default) for ranks
+    that will never be done, which would keep torchrun from seeing the failure."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_failing_rank, args=(f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
+    assert json.loads((tmp_path / "0.json").read_text())["seconds"] < 2  # rank 1 stays 3 s; waiting would be 20
+
+
 COMPILED_EPOCHS = """
 import json
 import sys
