@@ -92,6 +92,10 @@ _rounds = 0  # store exchanges this process has made; ranks make the same ones, 
 _last_gather: int | None = None  # the round of this process's last gather (its entries are deleted one round late)
 
 
+def _gather_key(n: int, rank: int) -> str:
+    return f"{_KEY}/gather/{n}/{rank}"
+
+
 def _next_round() -> int:
     global _rounds
     _rounds += 1
@@ -112,11 +116,11 @@ def gather_objects(obj, info: DistInfo) -> list:
         return [obj]
     store = dist.distributed_c10d._get_default_store()
     n = _next_round()
-    store.set(f"{_KEY}/gather/{n}/{info.rank}", pickle.dumps(obj))
-    out = [pickle.loads(store.get(f"{_KEY}/gather/{n}/{r}")) for r in range(info.world_size)]
+    store.set(_gather_key(n, info.rank), pickle.dumps(obj))
+    out = [pickle.loads(store.get(_gather_key(n, r))) for r in range(info.world_size)]
     global _last_gather
     if _last_gather is not None:  # every rank wrote round n after reading all of that one: no one reads it again
-        store.delete_key(f"{_KEY}/gather/{_last_gather}/{info.rank}")
+        store.delete_key(_gather_key(_last_gather, info.rank))
     _last_gather = n
     return out
 
@@ -147,7 +151,7 @@ def shutdown(info: DistInfo, wait: bool = True) -> None:
     if info.is_main:  # then no rank reads the store again: rank 0 clears what is left of this engine's keys
         done = [f"{_KEY}/done/{n}/{r}" for r in range(info.world_size)]
         store.wait(done)
-        last = [] if _last_gather is None else [f"{_KEY}/gather/{_last_gather}/{r}" for r in range(info.world_size)]
+        last = [] if _last_gather is None else [_gather_key(_last_gather, r) for r in range(info.world_size)]
         for key in done + last:
             store.delete_key(key)
     _last_gather = None

@@ -182,11 +182,15 @@ def resolve_chunk_size(cfg: EvalConfig, model: nn.Module, image_shape, device: t
     return size, f"auto: {per_image / 2**20:.1f} MiB per image (input-gradient pass), {total / 2**30:.0f} GiB device"
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def rank_balance(num_examples: int, chunk_size: int, world_size: int) -> float:
     """The best share of the ranks' time spent attacking when `world_size` ranks take the chunks round-robin: the
     ranks with one chunk fewer wait for the others (equal chunk times assumed)."""
-    chunks = -(-num_examples // chunk_size)
-    return chunks / (-(-chunks // world_size) * world_size)
+    chunks = _ceil_div(num_examples, chunk_size)
+    return chunks / (_ceil_div(chunks, world_size) * world_size)
 
 
 def balance_note(num_examples: int, chunk_size: int, world_size: int, floor: float = 0.9) -> str | None:
@@ -196,12 +200,12 @@ def balance_note(num_examples: int, chunk_size: int, world_size: int, floor: flo
     balance = rank_balance(num_examples, chunk_size, world_size)
     if world_size < 2 or balance >= floor:
         return None
-    note = (f"eval: {-(-num_examples // chunk_size)} chunks of {chunk_size} images over {world_size} ranks keep them "
-            f"busy {100 * balance:.0f}% of the time at best")  # fmt: skip
-    for c in CHUNK_CHOICES:
-        if c < chunk_size and rank_balance(num_examples, c, world_size) >= floor:
-            share = 100 * rank_balance(num_examples, c, world_size)
-            return note + f"; chunks of {c} (--chunk-size / eval.chunk_size) would keep them {share:.0f}% busy"
+    note = (f"eval: {_ceil_div(num_examples, chunk_size)} chunks of {chunk_size} images over {world_size} ranks "
+            f"keep them busy {100 * balance:.0f}% of the time at best")  # fmt: skip
+    for c in (c for c in CHUNK_CHOICES if c < chunk_size):
+        share = rank_balance(num_examples, c, world_size)
+        if share >= floor:
+            return note + f"; chunks of {c} (--chunk-size / eval.chunk_size) would keep them {100 * share:.0f}% busy"
     return note
 
 
@@ -249,8 +253,8 @@ def evaluate(
     # every rank takes rank 0's chunk size (its memory measure could differ): the chunks must tile the same images
     chunk_size, chunk_reason = gather_objects(resolve_chunk_size(cfg, model, x_all.shape[1:], device), dist)[0]
     cfg = dataclasses.replace(cfg, chunk_size=chunk_size)
-    heavy = (cfg.aa_num_examples or cfg.num_examples) if "aa" in cfg.attacks else cfg.num_examples  # the long one
-    note = balance_note(min(heavy, len(y_all)), chunk_size, dist.world_size)
+    longest = "aa" if "aa" in cfg.attacks else "clean"  # AutoAttack's by far; the others run on the same images
+    note = balance_note(num_images(longest, cfg, len(y_all)), chunk_size, dist.world_size)
     if note and dist.is_main:
         print(note, file=sys.stderr, flush=True)
     batch = min(cfg.batch_size, chunk_size, len(y_all))  # fewer images than a chunk: no padding up to it
@@ -262,7 +266,7 @@ def evaluate(
     graphs = attack_graphs(perf_cfg, device, reuse=active_graphs())  # PGD-20 captured on CUDA, in training's pool
     with mode(model, train=False), graphs_in_use(graphs):
         for name in cfg.attacks:
-            n = min((cfg.aa_num_examples or cfg.num_examples) if name == "aa" else cfg.num_examples, len(y_all))
+            n = num_images(name, cfg, len(y_all))
             spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last)
             store = ChunkStore(record_dir, name, spec)
             starts = range(0, n, cfg.chunk_size)
@@ -312,6 +316,11 @@ def evaluate(
                 result |= {"version": cfg.aa_version, "stages": stages}
             results[name] = result
     return results
+
+
+def num_images(attack: str, cfg: EvalConfig, available: int) -> int:
+    """How many of the first test images `attack` runs on (AutoAttack may take fewer: eval.aa_num_examples)."""
+    return min((cfg.aa_num_examples or cfg.num_examples) if attack == "aa" else cfg.num_examples, available)
 
 
 def _postfix(bar, stages: tuple[str, ...]):
