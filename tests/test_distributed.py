@@ -228,7 +228,7 @@ def test_compiled_ddp_epoch_has_no_recompiles_or_graph_breaks(tmp_path, recipe):
 
     script = tmp_path / "compiled_ddp.py"
     script.write_text(COMPILED_EPOCHS)
-    overrides = SHAPE + ["perf.compile=on"]
+    overrides = SHAPE + ["perf.compile=on", "eval.chunk_size=16"]  # 40 images: chunks of 16, 16, 8 (padded) for 2 ranks
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), recipe,
            json.dumps(overrides), str(tmp_path)]  # fmt: skip
     repo = str(Path(__file__).resolve().parents[1])
@@ -240,5 +240,5 @@ def test_compiled_ddp_epoch_has_no_recompiles_or_graph_breaks(tmp_path, recipe):
         assert record["world_size"] == 2
         assert record["warm_graphs"] > 0, "nothing was compiled"
         assert record["graphs_in_epoch_2"] == 0 and record["graph_breaks"] == 0, record
-        assert record["eval_graphs"] <= 2, record
+        assert 1 <= record["eval_graphs"] <= 2, record  # compiled, and its two roles only
     assert ranks[0]["accuracy"] == ranks[1]["accuracy"]  # rank 0 gathers every chunk and every rank returns it

@@ -54,5 +54,5 @@ def test_autoattack_standard_on_a_breakable_model():
     results = evaluate(model, split, cfg, torch.device("cpu"))
     assert results["aa"]["num_examples"] == 20 and results["clean"]["num_examples"] == 40
     assert results["clean"]["accuracy"] == 1.0
-    assert results["aa"]["accuracy"] <= results["clean"]["accuracy"] and results["pgd20"]["accuracy"] < 0.5
+    assert results["aa"]["accuracy"] < 0.5 and results["pgd20"]["accuracy"] < 0.5  # both break the steep model
     assert model.bn_seen == {"adv"} and model.training  # adv BNs only; the caller's mode restored

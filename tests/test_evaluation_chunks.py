@@ -186,20 +186,30 @@ def test_saved_chunks_of_another_model_are_not_reused(tmp_path):
 
 
 def test_each_autoattack_stage_is_reported_as_it_ends():
-    """The progress bar's line within a chunk: the clean accuracy, then each stage's robust accuracy, in order, each
-    the count the chunk's result records."""
+    """The progress bar's line within a chunk: the clean accuracy, then each stage's robust accuracy, in
+    AutoAttack's order, each reported between the model calls of the stages around it (as it ends, not after the
+    chunk), and each the count the chunk's result records."""
     from engine.evaluate import test_tensors
 
-    seen = []
+    model, calls, seen = SparseLinear(), [], []
+    model.register_forward_hook(lambda *_: calls.append(None))
     x, y = test_tensors(labelled_split(), 32, torch.device("cpu"))
+    y[:4] = (y[:4] + 1) % 10  # 4 images misclassified: clean accuracy 28/32, told apart from 100%
+
+    def on_stage(stage, accuracy):
+        seen.append((stage, accuracy, len(calls)))
+
     with one_thread():
-        flags, counts = autoattack.attack_chunk(SparseLinear(), x, y, autoattack.PROTOCOLS["legacy-10"], 0, 16,
-                                                lambda stage, accuracy: seen.append((stage, accuracy)))  # fmt: skip
-    stages = [stage for stage, _ in seen]
-    assert stages[0] == "clean" and len(stages) >= 2
-    assert stages[1:] == [s for s in autoattack.STAGES if s in stages[1:]]  # in AutoAttack's order, none twice
-    assert all(round(accuracy * 32) == counts[stage] for stage, accuracy in seen)
-    assert round(seen[-1][1] * 32) == int(flags.sum())
+        flags, counts = autoattack.attack_chunk(model, x, y, autoattack.PROTOCOLS["legacy-10"], 0, 16, on_stage)
+    stages = [stage for stage, _, _ in seen]
+    assert stages == ["clean", *autoattack.STAGES], stages  # the model stays partly robust: every stage runs
+    assert seen[0][1] == 28 / 32
+    accuracies, model_calls = [a for _, a, _ in seen], [c for _, _, c in seen]
+    assert accuracies == sorted(accuracies, reverse=True) and 0 < accuracies[-1] < 28 / 32
+    assert all(before < after for before, after in zip(model_calls, model_calls[1:], strict=False)), model_calls
+    assert model_calls[1] - model_calls[0] >= 10, model_calls  # APGD-CE's 10 iterations run after the clean report
+    assert all(round(accuracy * 32) == counts[stage] for stage, accuracy, _ in seen)
+    assert round(accuracies[-1] * 32) == int(flags.sum())
 
 
 def test_the_bar_says_which_stage_ran_and_which_runs_now():
@@ -331,8 +341,8 @@ def test_a_compiled_evaluation_keeps_its_graphs_few_and_finds_the_same_flags(ref
             results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3, perf)
         assert flags(results) == {k: v[:16] for k, v in flags(reference).items()}  # chunk 0: same seeds, same flags
         # predictions; PGD-20; AutoAttack's forwards with and without input gradients (weights frozen in both
-        # attacks): a handful of graphs, none per subset size
-        assert counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"], dict(counters["stats"])
+        # attacks): a handful of graphs, none per subset size (5 with torch 2.13), and at least one per role
+        assert 3 <= counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"], dict(counters["stats"])
     finally:
         torch._dynamo.reset()
 

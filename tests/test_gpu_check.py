@@ -247,18 +247,31 @@ def test_a_failing_eager_row_is_recorded_and_the_next_rows_run(tmp_path, monkeyp
     assert all(r.get("finite_loss") for r in rows[1:])
 
 
-def test_methods_time_replays_of_a_graphed_attack(monkeypatch):
+def test_methods_time_replays_of_a_graphed_attack():
     """With the attack graphed, its first calls run eagerly and the next one captures: the methods stage starts its
-    clock only after the capture, so step_ms is a replay's."""
+    clock only after the capture, so step_ms is a replay's. Driven through the engine's AttackGraphs with the CPU
+    stand-in capture (one attack per training step)."""
     sys.path.insert(0, str(REPO / "bench"))
     from types import SimpleNamespace
 
     from gpucheck.methods import WARMUP, warmup_steps
+    from test_cuda_graphs import Rerun, batches, net
 
-    from engine.attacks.graphs import AttackGraphs
+    from engine.attacks import graphs, pgd
+    from engine.config import AttackConfig
 
-    graphed = SimpleNamespace(perf=SimpleNamespace(attack_graphs=AttackGraphs(capture=None)))
-    assert warmup_steps(graphed) == max(WARMUP, graphed.perf.attack_graphs.warmup + 1) == 3
+    model = net()
+    graphed = graphs.AttackGraphs(Rerun(model))
+    run = SimpleNamespace(perf=SimpleNamespace(attack_graphs=graphed))
+    ((x, y),) = batches(1)
+    cfg = AttackConfig(num_steps=1)
+    with graphs.using(graphed):
+        for _ in range(warmup_steps(run)):
+            pgd(model, x, y, cfg, bn="adv", train=False)
+        assert graphed.captures == 1, "the warm-up steps ended before the attack was captured"
+        replays = graphed.replays
+        pgd(model, x, y, cfg, bn="adv", train=False)  # the first timed step
+    assert graphed.captures == 1 and graphed.replays == replays + 1
     assert warmup_steps(SimpleNamespace(perf=SimpleNamespace(attack_graphs=None))) == WARMUP
 
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,15 +56,38 @@ def test_without_stop_gradient_clean_bn_gets_invariance_gradient(tiny_cfg):
     assert model.bn1.clean.weight.grad.abs().max() > 0
 
 
+def labels_told_apart(model, x, branch):
+    """Labels on which `branch`'s eval-mode accuracy is 3/4, while the other branch in eval mode and `branch` in
+    train mode (batch statistics) score otherwise: the accuracy auto-balance reads is then the only one giving 3/4.
+    The other branch's running statistics are moved first, so that it predicts differently (a single BN's
+    initial statistics already predict otherwise than its batch statistics)."""
+    with torch.no_grad():
+        for name, p in model.named_buffers():
+            if branch != "single" and branch not in name:
+                if "running_mean" in name:
+                    p.add_(torch.linspace(-2, 2, p.numel()))
+                elif "running_var" in name:
+                    p.mul_(torch.linspace(0.1, 10, p.numel()))
+        model.eval()
+        predicted = model(x, bn=branch if branch != "single" else "adv").argmax(1)
+        y = predicted.clone()
+        y[-len(y) // 4 :] = (y[-len(y) // 4 :] + 1) % 10
+        others = {}
+        if branch != "single":
+            others["other branch"] = model(x, bn="clean" if branch == "adv" else "adv").argmax(1)
+        others["train mode"] = copy.deepcopy(model).train()(x, bn=branch if branch != "single" else "adv").argmax(1)
+    for what, pred in others.items():
+        assert (pred == y).float().mean().item() != 0.75, f"the test's {what} reading also scores 3/4"
+    return y
+
+
 def test_auto_balance_is_clean_branch_eval_accuracy(tiny_cfg):
     _, model, method, nets = setup(tiny_cfg)
-    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    model.eval()
-    with torch.no_grad():
-        expected = (model(x, bn="clean").argmax(1) == y).float().mean().item()
+    x = torch.rand(16, 3, 32, 32)
+    y = labels_told_apart(model, x, "clean")
     model.train()
     logged = method.on_epoch_start(nets, [(x, y)], NO_AMP)
-    assert logged["adv_weight"] == pytest.approx(expected) and method.adv_weight == pytest.approx(expected)
+    assert logged["adv_weight"] == 0.75 and method.adv_weight == 0.75
     assert model.training
 
 

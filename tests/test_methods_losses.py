@@ -171,16 +171,25 @@ def bn_buffers(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
 
-def assert_bn_statistics_of(model, ref, inputs):
-    """`model`'s BN buffers are those of `ref` after train-mode forwards of `inputs`, in that order."""
+def bn_statistics_after(ref, inputs):
+    """`ref`'s BN buffers after train-mode forwards of `inputs`, in that order."""
     ref.train()
     with torch.no_grad():
         for x in inputs:
             ref(x, bn="adv")
-    got, want = bn_buffers(model), bn_buffers(ref)
+    return bn_buffers(ref)
+
+
+def assert_bn_statistics_of(model, ref, inputs, not_after=None):
+    """`model`'s BN buffers are those of `ref` after train-mode forwards of `inputs`, in that order; with
+    `not_after` ((a copy of ref, other inputs)), they are told apart from those the other forwards give."""
+    got, want = bn_buffers(model), bn_statistics_after(ref, inputs)
     assert got.keys() == want.keys() and got
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    if not_after is not None:
+        other = bn_statistics_after(*not_after)
+        assert any(not torch.allclose(got[k], other[k], rtol=1e-5, atol=1e-6) for k in other), "orders look alike"
 
 
 def fixed_adversary(x):
@@ -214,9 +223,10 @@ def test_lbgat_bn_statistics_follow_the_published_forwards(tiny_cfg, monkeypatch
     x, y = batch()
     x_adv = fixed_adversary(x)
     monkeypatch.setattr("engine.methods.lbgat.trades_attack", lambda *a, **k: x_adv)
-    ref = copy.deepcopy(model)
+    ref, other = copy.deepcopy(model), copy.deepcopy(model)
     out = method.step(nets, x, y, NO_AMP)
-    assert_bn_statistics_of(model, ref, [{"a": x_adv, "c": x}[k] for k in order])
+    inputs = [{"a": x_adv, "c": x}[k] for k in order]
+    assert_bn_statistics_of(model, ref, inputs, (other, inputs[::-1]) if len(inputs) == 2 else None)
     ref.train()
     torch.testing.assert_close(out.terms["inv"].detach(), published_lbgat_inv(ref, method, x, x_adv, beta))
 

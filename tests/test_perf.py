@@ -1,5 +1,7 @@
 """The performance switches change speed, not results: each against the plain path on the same step."""
 
+import dataclasses
+
 import pytest
 import torch
 from precision import assert_near_reference, perturbed, torch_threads
@@ -58,23 +60,51 @@ def test_dual_forward_equals_two_passes(tiny_cfg):
     )
 
 
-def test_fused_kernels_equal_plain_path(tiny_cfg):
+def fused_backend() -> str:
+    """The backend `perf.kernels=on` runs the fused ops on here: Triton on CUDA, the native library on a CPU (the
+    test is skipped where it is not built: the ops would run their plain-torch reference, the path compared with)."""
+    import kernels
+
+    if torch.cuda.is_available():
+        return "triton"
+    if not kernels.load_native():
+        pytest.skip("the native CPU library is not built (bash scripts/build_native.sh): nothing fused to compare")
+    return "native"
+
+
+def test_fused_kernels_equal_plain_path(tiny_cfg, monkeypatch):
+    import kernels
+
+    backend = fused_backend()
+    monkeypatch.setattr(kernels._dispatch, "_last", {})  # what this test's calls used, not an earlier test's
     base = apply_overrides(tiny_cfg, EXACT)
     assert_same_step(apply_overrides(base, ["perf.kernels=off"]), apply_overrides(base, ["perf.kernels=on"]))
+    used = kernels.last_backend()
+    assert used.get("dual_batch_norm") == backend and used.get("dual_batch_norm_backward") == backend, used
 
 
-def test_fused_kernels_in_the_attack(tiny_cfg):
-    """With attack steps, the fused PGD step is used (and matches the reference on the same gradients)."""
+def test_fused_kernels_in_the_attack(tiny_cfg, monkeypatch):
+    """With attack steps, the fused PGD step runs and gives the attack of the plain step."""
     import kernels
-    from engine.attacks import pgd_step, set_step_kernel
-    from engine.attacks.step import pgd_step_reference
+    from engine.attacks import pgd, set_step_kernel
 
-    run = build_run(apply_overrides(tiny_cfg, ["perf.kernels=on"]))
-    assert run.perf.kernels.startswith("fused")
-    x, x_adv, grad = torch.rand(3, 4, 5), torch.rand(3, 4, 5), torch.randn(3, 4, 5)
-    torch.testing.assert_close(pgd_step(x, x_adv, grad, 0.03, 0.01), pgd_step_reference(x, x_adv, grad, 0.03, 0.01))
-    assert "pgd_step" in kernels.last_backend()
-    set_step_kernel(None)
+    backend = fused_backend()
+    monkeypatch.setattr(kernels._dispatch, "_last", {})
+    run = build_run(apply_overrides(tiny_cfg, ["perf.kernels=on", "perf.cuda_graphs=off"]))
+    assert backend in run.perf.kernels, run.perf.kernels
+    x, y = next(iter(run.train_loader))
+    attack = dataclasses.replace(run.cfg.attack, num_steps=3)
+    try:
+        torch.manual_seed(1)
+        fused = pgd(run.nets.raw, x, y, attack, bn="adv", train=False)
+        assert kernels.last_backend().get("pgd_step") == backend, kernels.last_backend()
+        set_step_kernel(None)
+        torch.manual_seed(1)
+        plain = pgd(run.nets.raw, x, y, attack, bn="adv", train=False)
+    finally:
+        set_step_kernel(None)
+    assert (fused - x).abs().max() > attack.step_size / 2  # the attack moved
+    torch.testing.assert_close(fused, plain)
 
 
 def test_gemm_convolutions_equal_the_plain_path(tiny_cfg):

@@ -1,8 +1,11 @@
 """SWA (METHOD 4): the equal-weight running mean of the parameters, and the adv-BN re-estimation on attacked data
 (all BN statistics reset, the adv BNs' rebuilt as a cumulative average over one pass, the clean BNs left reset)."""
 
+import copy
+
 import torch
 
+from engine.attacks import pgd
 from engine.config import AttackConfig, ModelConfig, SWAConfig
 from engine.models import build_model
 from engine.perf import Perf
@@ -31,15 +34,24 @@ def test_average_of_snapshots_and_adv_bn_reestimation():
     with torch.no_grad():  # the live model's BN statistics: non-trivial, and to be left as they are
         model(batches[0][0] * 2, bn="clean"), model(batches[0][0] * 3, bn="adv")
     live = {k: v.clone() for k, v in model.state_dict().items()}
-    attack = AttackConfig(num_steps=0, start="none")  # x' = x: the expected statistics are those of the clean batches
+    attack = AttackConfig(num_steps=1, start="none", step_size=8 / 255)  # one deterministic step: x' != x
     averaged = swa.averaged_model(model, batches, attack, autocast=NO_AMP)
     for name, p in averaged.named_parameters():
         torch.testing.assert_close(p, sum(s[name] for s in snapshots) / len(snapshots), msg=name)
+    # the attack runs in train mode on batch statistics, so x' does not depend on the running ones: a copy attacks
+    twin = copy.deepcopy(averaged).train()
+    attacked = [pgd(twin, x, y, attack, bn="adv", train=True) for x, y in batches]
+    assert all((xa - x).abs().max() > 4 / 255 for xa, (x, _) in zip(attacked, batches, strict=True))
     with torch.no_grad():
-        first = [averaged.conv1(x) for x, _ in batches]  # what the first BN saw
+        first = [averaged.conv1(xa) for xa in attacked]  # what the first adv BN saw
+        clean = [averaged.conv1(x) for x, _ in batches]
     bn = averaged.bn1
-    torch.testing.assert_close(bn.adv.running_mean, torch.stack([f.mean((0, 2, 3)) for f in first]).mean(0))
+    expected_mean = torch.stack([f.mean((0, 2, 3)) for f in first]).mean(0)
+    torch.testing.assert_close(bn.adv.running_mean, expected_mean)
     torch.testing.assert_close(bn.adv.running_var, torch.stack([f.var((0, 2, 3)) for f in first]).mean(0))
+    clean_mean = torch.stack([f.mean((0, 2, 3)) for f in clean]).mean(0)
+    assert not torch.allclose(bn.adv.running_mean, clean_mean, rtol=1e-4, atol=1e-4)  # attacked data, not clean
+    # 3 batches counted: the attack's forwards (3 more in train mode) are not
     assert bn.adv.num_batches_tracked.item() == len(batches) and bn.adv.momentum == model.bn1.adv.momentum
     assert torch.equal(bn.clean.running_mean, torch.zeros_like(bn.clean.running_mean))  # reset, not re-estimated
     assert torch.equal(bn.clean.running_var, torch.ones_like(bn.clean.running_var))
