@@ -1,29 +1,28 @@
 """Loader throughput: device-resident, FFCV, DALI and a plain torch DataLoader, on real CIFAR.
 
-    python -m bench.loaders --data-dir /path/to/data [--epochs 5] [--batch-size 512] [--quick]
+    python bench/loaders.py --data-dir /path/to/data [--epochs 5] [--batch-size 512] [--quick]
 
 Every loader runs the same augmentation (4-pixel zero-padded random crop + flip) from the same epoch plan and
 delivers (B, 3, 32, 32) float channels-last batches on the device. The DataLoader baseline does the crop/flip per
 image in numpy inside its worker processes (no torchvision). Images/s counts full epochs; the first epoch (compiles,
 worker start-up, page cache) is reported apart from the median of the others. Rows are appended as JSON lines to
---out and the table is printed as markdown.
+--out, each with the harness's provenance (CPU model, capability, native bf16, threads, versions), and the table
+is printed as markdown.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import provenance
 
 from engine.config import DataConfig, default_data_dir
 from engine.data import DeviceLoader, Loader, backends, build_loaders, load_splits
@@ -102,16 +101,10 @@ def environment(device: torch.device) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "ffcv": version("ffcv"),
-        "dali": version("nvidia-dali-cuda130"),
-        "commit": commit or None,
-    }
+    env = provenance()  # the CPU's model, capability and native bf16, torch's threads, versions, commit
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+    return {**env, "cpus": os.cpu_count(), "ffcv": version("ffcv"), "dali": version("nvidia-dali-cuda130")}
 
 
 def bench_backend(backend: str, train: ArraySplit, args, device: torch.device) -> dict:
@@ -172,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     device = device or torch.device(args.device)
     cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, train_subset=10_000 if args.quick else 0)
     train, _ = load_splits(cfg, seed=0)
-    env, when = environment(device), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env = environment(device)  # with the time of the run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for backend in args.backends.split(","):
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         row = bench_backend(backend, train, args, device)
         row |= {"bench": "loaders", "dataset": args.dataset, "batch_size": args.batch_size, "epochs": args.epochs}
-        row |= {"device_type": device.type, "workers": args.workers, "time": when, **env}
+        row |= {"device_type": device.type, "workers": args.workers, **env}
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")

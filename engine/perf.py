@@ -62,7 +62,7 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
     if name != "auto":
         dtype = DTYPES[name]
         if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
-            return dtype, "set; WARNING: this CPU emulates bf16 (~10x slower than fp32): use perf.dtype=auto"
+            return dtype, "set; WARNING: this CPU emulates bf16 (10-15x slower than fp32): use perf.dtype=auto"
         return dtype, "set"
     if device.type == "cuda":
         if cuda_has_native_bf16(device):
@@ -70,7 +70,7 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
         return torch.float16, "auto: the GPU lacks bf16, fp16 with a gradient scaler"
     if cpu_has_native_bf16():
         return torch.bfloat16, "auto: the CPU has native bf16"
-    return torch.float32, "auto: the CPU has no native bf16 (emulated bf16 is ~10x slower)"
+    return torch.float32, "auto: the CPU has no native bf16 (emulated bf16 is 10-15x slower)"
 
 
 def resolve_switch(value: str, device: torch.device) -> bool:

@@ -126,7 +126,7 @@ for _arch in ("resnet18", "wrn34-10"):
 
 @recipe(
     "demo",
-    "AR-AT on a CPU budget (~10 min on 2 cores without native bf16, ~4 with it): ResNet-18 width 16, 9.6k real "
+    "AR-AT on a CPU budget (~10 min on 2 cores without native bf16, 3-6 with it): ResNet-18 width 16, 9.6k real "
     "CIFAR-10 images (synthetic if absent), 3 epochs, batch 64, PGD-3; clean and PGD-20 on 500, AutoAttack on 50",
 )
 def demo() -> TrainConfig:

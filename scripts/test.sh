@@ -9,7 +9,7 @@ bash scripts/build_native.sh
 export ARAT_TEST_DATA=${ARAT_TEST_DATA:-${ARAT_DATA_DIR:-data}}
 # One pytest-xdist worker per core (at most 4), torch at one thread in each (tests/conftest.py): much of the suite is
 # compiling (Inductor's C++, Triton's ahead-of-time builds) and starting processes, which a worker per core overlaps
-# (10 min instead of 14-18 on two cores). ARAT_TEST_WORKERS=0 runs it in one process.
+# (on two cores 7-16 min by CPU model, against 14-21 min in one process). ARAT_TEST_WORKERS=0 runs it in one process.
 workers=${ARAT_TEST_WORKERS:-$(nproc)}
 [ "$workers" -le 4 ] || workers=4
 [ "$workers" -ge 2 ] || workers=0
