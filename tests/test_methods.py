@@ -61,6 +61,7 @@ def labels_told_apart(model, x, branch):
     train mode (batch statistics) score otherwise: the accuracy auto-balance reads is then the only one giving 3/4.
     The other branch's running statistics are moved first, so that it predicts differently (a single BN's
     initial statistics already predict otherwise than its batch statistics)."""
+    read = "adv" if branch == "single" else branch  # a single BN is called with either branch name
     with torch.no_grad():
         for name, p in model.named_buffers():
             if branch != "single" and branch not in name:
@@ -69,13 +70,13 @@ def labels_told_apart(model, x, branch):
                 elif "running_var" in name:
                     p.mul_(torch.linspace(0.1, 10, p.numel()))
         model.eval()
-        predicted = model(x, bn=branch if branch != "single" else "adv").argmax(1)
+        predicted = model(x, bn=read).argmax(1)
         y = predicted.clone()
         y[-len(y) // 4 :] = (y[-len(y) // 4 :] + 1) % 10
         others = {}
         if branch != "single":
             others["other branch"] = model(x, bn="clean" if branch == "adv" else "adv").argmax(1)
-        others["train mode"] = copy.deepcopy(model).train()(x, bn=branch if branch != "single" else "adv").argmax(1)
+        others["train mode"] = copy.deepcopy(model).train()(x, bn=read).argmax(1)
     for what, pred in others.items():
         assert (pred == y).float().mean().item() != 0.75, f"the test's {what} reading also scores 3/4"
     return y
