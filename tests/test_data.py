@@ -60,9 +60,21 @@ def test_device_loader_is_deterministic_and_shards():
     b = DeviceLoader(split, 10, torch.device("cpu"), train=True, seed=1)
     for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    ranks = [DeviceLoader(split, 10, torch.device("cpu"), train=True, seed=1, rank=r, world_size=2) for r in (0, 1)]
-    labels = [torch.cat([y for _, y in r]) for r in ranks]
-    assert len(ranks[0]) == 5 and len(labels[0]) == len(labels[1]) == 50
+    # labels = image indices, so the ranks' shares can be traced: disjoint halves covering the split, each rank's
+    # order fixed by the seed and different from one epoch to the next
+    split.labels[:] = np.arange(100)
+
+    def shares(epoch, seed=1):
+        ranks = [DeviceLoader(split, 10, "cpu", train=True, seed=seed, rank=r, world_size=2) for r in (0, 1)]
+        for r in ranks:
+            r.set_epoch(epoch)
+        assert [len(r) for r in ranks] == [5, 5]
+        return [torch.cat([y for _, y in r]).tolist() for r in ranks]
+
+    first, second = shares(1)
+    assert len(first) == len(second) == 50 and not set(first) & set(second)
+    assert sorted(first + second) == list(range(100))
+    assert shares(1) == [first, second] and shares(2) != [first, second] and shares(1, seed=2) != [first, second]
 
 
 def test_augmentation_statistics():
