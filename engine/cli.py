@@ -169,7 +169,7 @@ def cmd_eval(args) -> None:
 
     from . import distributed
     from .config import DistConfig
-    from .data import load_test_split
+    from .data import load_test_split, resolve_dataset
     from .evaluate import evaluate, format_results, summary, write_flags
     from .perf import resolve_device
     from .rundir import RunDir, atomic_json, environment
@@ -206,14 +206,15 @@ def cmd_eval(args) -> None:
         return
     print(f"{args.target}: {format_results(results)}")  # printed first: a failed write below loses nothing
     env = environment(device) | {"world_size": info.world_size}
-    entry = {"target": str(target.resolve()), "dataset": data_cfg.dataset, "results": summary(results),
+    dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
+    entry = {"target": str(target.resolve()), "dataset": dataset, "results": summary(results),
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     write_flags(record, results)
     (record / "records").mkdir(exist_ok=True)
     atomic_json(record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}.json", entry)
     if target.is_dir():
         with RunDir(target).open_for_writing(resume=True) as rundir:
-            rundir.write_json("eval.json", {"dataset": data_cfg.dataset, "results": summary(results)})
+            rundir.write_json("eval.json", {"dataset": dataset, "results": summary(results)})
 
 
 def cmd_table(args) -> None:

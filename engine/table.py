@@ -1,9 +1,12 @@
 """`arat table`: the seed's results table from run directories, and a clean-vs-AutoAttack trade-off plot.
 
-Rows are method x model (mean ± sample std over the runs that share a recipe, e.g. several seeds): clean, AA and
-their sum (in %), with PGD-20, the mean gradient similarity (analysis.grad_sim runs) and the seed's published
-numbers (METHOD 5 and 8) when there are any. A run's accuracies come from its `results.json`, overridden by a
-later `arat eval RUN_DIR` (`eval.json`).
+Rows are method x model (mean ± sample std over the runs that differ only in their seed): clean, AA and their sum
+(in %), with PGD-20, the mean gradient similarity (analysis.grad_sim runs) and the seed's published numbers
+(METHOD 5 and 8) when there are any. A run's method is what its config computes (an AR-AT run whose switches make
+it an ablation row is tabulated as that row, whatever recipe it started from); runs of one method whose training
+settings differ get a row each, labelled with the settings that tell them apart. A run's accuracies and dataset
+come from its `results.json`, overridden by a later `arat eval RUN_DIR` (`eval.json`): a run whose real data was
+absent and replaced by synthetic data is tabulated as synthetic, not beside the paper's CIFAR-10 numbers.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
@@ -32,6 +35,16 @@ METHOD_LABELS = {
     "ablation-arat": "AR-AT (ablation)",
 }
 ABLATION_LABELS = {v for k, v in METHOD_LABELS.items() if k.startswith("ablation-")}
+# AR-AT's (model.split_bn, method.stop_grad, method.predictor) -> the row it computes (METHOD 5)
+ARAT_VARIANTS = {
+    (True, True, True): "AR-AT",
+    (False, False, False): "V0 (naive)",
+    (False, True, True): "+stop-grad",
+    (True, False, False): "+split-BN",
+}
+# config keys that do not change what a run trains (besides the seed, which tells repeats of one setting apart)
+NOT_SETTINGS = {"recipe", "description", "seed", "log_every", "eval", "perf", "dist", "analysis"}
+NOT_DATA_SETTINGS = {"data_dir", "backend", "synthetic_fallback"}
 # (arch, label) -> (clean, AA, grad-sim or None): the seed's CIFAR-10 numbers (METHOD 8; ablations METHOD 5 and
 # the seed poster)
 PUBLISHED = {
@@ -64,18 +77,68 @@ class TableError(UserError):
 @dataclass
 class RunResult:
     recipe: str
-    label: str  # method label
+    label: str  # method label (what the config computes)
     arch: str  # resnet18 | wrn34-10
     model: str  # display name, with the width when it is not the real network's
     dataset: str
     accuracy: dict[str, float]  # attack -> accuracy in %
     num_examples: dict[str, int]
     grad_sim: float | None
+    settings: dict = field(default_factory=dict)  # the training settings, flattened (dotted keys), seed left out
 
 
 def method_label(recipe: str) -> str:
     prefixes = sorted(METHOD_LABELS, key=len, reverse=True)  # "arat-swa" before "arat"
     return next((METHOD_LABELS[p] for p in prefixes if recipe.startswith(p + "-")), recipe)
+
+
+def config_label(cfg: dict) -> str | None:
+    """The method label a run's config gives (None for a config.json without a method section)."""
+    method, model = cfg.get("method"), cfg.get("model", {})
+    if not isinstance(method, dict) or "name" not in method:
+        return None
+    if method["name"] != "arat":
+        return METHOD_LABELS.get(method["name"], method["name"])
+    switches = tuple(bool(v) for v in (model.get("split_bn", True), method.get("stop_grad", True),
+                                        method.get("predictor", True)))  # fmt: skip
+    label = ARAT_VARIANTS.get(switches)
+    if label is None:
+        names = ("split_bn", "stop_grad", "predictor")
+        label = "AR-AT (" + ", ".join(f"{n}={str(v).lower()}" for n, v in zip(names, switches, strict=True)) + ")"
+    swa = cfg.get("swa", {})
+    return label + ("+SWA" if isinstance(swa, dict) and swa.get("enabled") else "")
+
+
+def run_label(recipe: str, cfg: dict) -> str:
+    """The recipe's label where the config still computes that method, else the config's own."""
+    named, own = method_label(recipe), config_label(cfg)
+    if own is None or own == named or (named == "AR-AT (ablation)" and own == "AR-AT"):
+        return named
+    return own
+
+
+def training_settings(cfg: dict) -> dict:
+    """What a run trains, flattened to dotted keys: the config without its seed, evaluation and speed switches."""
+    flat = {}
+    for key, value in cfg.items():
+        if key in NOT_SETTINGS:
+            continue
+        if isinstance(value, dict):
+            skip = NOT_DATA_SETTINGS if key == "data" else set()
+            flat |= {f"{key}.{k}": v for k, v in value.items() if k not in skip}
+        else:
+            flat[key] = value
+    return flat
+
+
+def _show(key: str, value) -> str:
+    if key.endswith(("eps", "step_size")) and isinstance(value, float):
+        return f"{value * 255:.4g}/255"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ",".join(_show(key, v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def model_name(model: dict) -> str:
@@ -124,7 +187,10 @@ def read_run(path: Path) -> RunResult:
         accuracy = {k: 100 * v["accuracy"] for k, v in results.items()}
         num_examples = {k: v["num_examples"] for k, v in results.items()}
         recipe, arch, dataset = cfg["recipe"], cfg["model"]["arch"], cfg["data"]["dataset"]
+        for evaluation in evaluations:  # the dataset actually used (synthetic where the fallback replaced it)
+            dataset = evaluation.get("dataset", dataset)
         model = model_name(cfg["model"])
+        label = run_label(recipe, cfg)
     except (KeyError, TypeError, AttributeError) as e:
         names = ", ".join(f.name for f in files)
         raise TableError(
@@ -142,25 +208,30 @@ def read_run(path: Path) -> RunResult:
     sims = [r["grad_sim"] for r in rows if "grad_sim" in r]
     return RunResult(
         recipe=recipe,
-        label=method_label(recipe),
+        label=label,
         arch=arch,
         model=model,
         dataset=dataset,
         accuracy=accuracy,
         num_examples=num_examples,
         grad_sim=statistics.fmean(sims) if sims else None,
+        settings=training_settings(cfg),
     )
 
 
 @dataclass
 class Row:
-    """One table row: the runs of one recipe on one model and dataset."""
+    """One table row: the runs of one method and one training setting (its seeds) on one model and dataset."""
 
-    label: str
+    label: str  # the method, plus the settings that tell this row from others of the same method, if any
     arch: str
     model: str
     dataset: str
     runs: list[RunResult]
+    method: str = ""  # the method alone (ordering, the paper's numbers)
+
+    def __post_init__(self):
+        self.method = self.method or self.label
 
     def values(self, key: str) -> list[float]:
         if key == "sum":
@@ -183,7 +254,7 @@ class Row:
 
     def paper(self, with_sim: bool) -> str:
         """The seed's published clean / AA (/ grad-sim) for this method and network, on CIFAR-10."""
-        published = PUBLISHED.get((self.arch, self.label)) if self.dataset == "cifar10" else None
+        published = PUBLISHED.get((self.arch, self.method)) if self.dataset == "cifar10" else None
         if published is None:
             return ""
         clean, aa, sim = published
@@ -191,12 +262,22 @@ class Row:
 
 
 def group(runs: list[RunResult]) -> list[Row]:
+    """Runs that differ only in their seed share a row; rows of one method, model and dataset whose settings differ
+    are labelled with the settings that differ among them."""
     grouped: dict[tuple, list[RunResult]] = defaultdict(list)
     for r in runs:
-        grouped[(r.dataset, r.model, r.recipe)].append(r)
-    rows = [Row(rs[0].label, rs[0].arch, rs[0].model, rs[0].dataset, rs) for rs in grouped.values()]
+        grouped[(r.dataset, r.model, r.label, json.dumps(r.settings, sort_keys=True))].append(r)
+    settings_of_method: dict[tuple, list[dict]] = defaultdict(list)  # one entry per row
+    for key, rs in grouped.items():
+        settings_of_method[key[:3]].append(rs[0].settings)
+    rows = []
+    for (dataset, model, label, _), rs in grouped.items():
+        siblings = settings_of_method[(dataset, model, label)]
+        differ = sorted({k for s in siblings for k in s if any(o.get(k) != s.get(k) for o in siblings)})
+        named = ", ".join(f"{k}={_show(k, rs[0].settings.get(k))}" for k in differ)
+        rows.append(Row(f"{label} ({named})" if named else label, rs[0].arch, model, dataset, rs, method=label))
     order = list(METHOD_LABELS.values())
-    return sorted(rows, key=lambda r: (r.dataset, r.model, order.index(r.label) if r.label in order else 99, r.label))
+    return sorted(rows, key=lambda r: (r.dataset, r.model, order.index(r.method) if r.method in order else 99, r.label))
 
 
 COLUMNS = [("clean", "clean"), ("aa", "AA"), ("sum", "sum"), ("pgd20", "PGD-20"), ("grad_sim", "grad-sim")]
@@ -219,7 +300,7 @@ def render(rows: list[Row]) -> str:
         counts = sorted({n for r in part for run in r.runs for k, n in run.num_examples.items() if k == "aa"})
         note = f"; AutoAttack on {', '.join(map(str, counts))} test images" if counts else ""
         out += [f"### {DATASETS.get(dataset, dataset)}", "", *lines, ""]
-        out.append(f"Accuracy in %, mean ± sample std over the runs of a recipe{note}.")
+        out.append(f"Accuracy in %, mean ± sample std over the runs of one setting (seeds){note}.")
         out.append("")
     return "\n".join(out)
 
@@ -247,7 +328,7 @@ def plot(rows: list[Row], path: str | Path) -> int:
         ax.errorbar(r.mean("clean"), r.mean("aa"), xerr=err[0], yerr=err[1], fmt=marker, color="C0", capsize=2)
         text = f"{r.label} ({r.model})" if several_models else r.label
         ax.annotate(text, (r.mean("clean"), r.mean("aa")), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    shown = {(r.arch, r.label) for r in measured}
+    shown = {(r.arch, r.method) for r in measured}
     for (arch, label), (clean, aa, _) in PUBLISHED.items():
         optional = label in ABLATION_LABELS or label == "Std. training"
         if arch in {a for a, _ in shown} and (not optional or (arch, label) in shown):

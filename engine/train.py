@@ -355,6 +355,7 @@ def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
                 "results.json",
                 {
                     "recipe": run.cfg.recipe,
+                    "dataset": resolve_dataset(run.cfg.data),  # synthetic where the fallback replaced the real data
                     "epochs": run.epoch,
                     "model": "adv-bn",
                     "swa": run.cfg.swa.enabled,

@@ -6,15 +6,20 @@ from engine.cli import main
 from engine.table import method_label, render, table
 
 
-def write_run(root, name, recipe, clean, aa=None, arch="resnet18", width=64, grad_sims=(), eval_json=None):
+def write_run(
+    root, name, recipe, clean, aa=None, arch="resnet18", width=64, grad_sims=(), eval_json=None, cfg=None, **written
+):
+    """A finished run's files; `cfg` adds to config.json's sections, `written` to results.json (e.g. dataset)."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = {"recipe": recipe, "model": {"arch": arch, "width": width}, "data": {"dataset": "cifar10"}, "seed": 0}
-    (run / "config.json").write_text(json.dumps(cfg))
+    config = {"recipe": recipe, "model": {"arch": arch, "width": width}, "data": {"dataset": "cifar10"}, "seed": 0}
+    for key, value in (cfg or {}).items():
+        config[key] = config.get(key, {}) | value if isinstance(value, dict) else value
+    (run / "config.json").write_text(json.dumps(config))
     results = {"clean": {"accuracy": clean, "num_examples": 1000}}
     if aa is not None:
         results["aa"] = {"accuracy": aa, "num_examples": 500}
-    (run / "results.json").write_text(json.dumps({"recipe": recipe, "results": results}))
+    (run / "results.json").write_text(json.dumps({"recipe": recipe, "results": results} | written))
     rows = [json.dumps({"epoch": i + 1, "grad_sim": s}) + "\n" for i, s in enumerate(grad_sims)]
     (run / "metrics.jsonl").write_text("".join(rows))
     if eval_json is not None:
@@ -65,6 +70,71 @@ def test_method_labels():
     assert method_label("at-wrn34-10-cifar100") == "AT"
     assert method_label("ablation-splitbn-resnet18-cifar10") == "+split-BN"
     assert method_label("demo") == "demo"
+
+
+def arat_cfg(split_bn=True, asymmetric=True, **top):
+    method = {"name": "arat", "stop_grad": asymmetric, "predictor": asymmetric}
+    cfg = {"model": {"split_bn": split_bn}, "method": method, "epochs": 4, "eval": {"num_examples": 1000}}
+    return cfg | {"perf": {"dtype": "bf16"}} | top
+
+
+def test_rows_follow_what_the_config_computes(tmp_path):
+    root = tmp_path / "runs"
+    # the ablation rows made from another recipe (as docs/methods.md's CPU run does): each is the row it computes
+    write_run(root, "v0", "demo", 0.50, 0.20, width=16, cfg=arat_cfg(False, False), grad_sims=(0.0, 0.02))
+    write_run(root, "sg", "demo", 0.45, 0.21, width=16, cfg=arat_cfg(False, True), grad_sims=(0.1, 0.3))
+    write_run(root, "sb", "demo", 0.48, 0.22, width=16, cfg=arat_cfg(True, False))
+    # two seeds of one setting share a row (their evaluation and speed switches may differ); a longer run of the
+    # same method gets its own row, each labelled with what tells them apart
+    write_run(root, "ar-s0", "demo", 0.40, 0.10, width=16, cfg=arat_cfg())
+    seed1 = arat_cfg(seed=1, eval={"num_examples": 500}, perf={"dtype": "fp32"})
+    write_run(root, "ar-s1", "demo", 0.50, 0.20, width=16, cfg=seed1)
+    write_run(root, "ar-long", "demo", 0.70, 0.40, width=16, cfg=arat_cfg(epochs=8))
+    # a recipe whose method was overridden is tabulated as the method it ran
+    write_run(root, "trades", "at-resnet18-cifar10", 0.6, 0.3, width=16, cfg={"method": {"name": "trades"}})
+    write_run(root, "ab", "ablation-arat-resnet18-cifar10", 0.6, 0.3, width=16, cfg=arat_cfg(epochs=2))
+    md = render(table([str(root)]))
+    width16 = "ResNet-18 (width 16)"
+    assert row_of(md, width16, "V0 (naive)")[2:] == ["50.00", "20.00", "70.00", "0.010", "1", "82.93 / 46.50 / 0.06"]
+    assert row_of(md, width16, "+stop-grad")[5:] == ["0.200", "1", "82.47 / 45.21 / 0.68"]
+    assert row_of(md, width16, "+split-BN")[2] == "48.00"
+    assert row_of(md, width16, "AR-AT (epochs=4)")[2:4] + row_of(md, width16, "AR-AT (epochs=4)")[6:] == [
+        "45.00 ± 7.07", "15.00 ± 7.07", "2", "87.82 / 49.02"]  # fmt: skip
+    assert row_of(md, width16, "AR-AT (epochs=8)")[2] == "70.00"
+    assert row_of(md, width16, "TRADES")[2] == "60.00" and row_of(md, width16, "AR-AT (ablation)")[2] == "60.00"
+    assert "| AT |" not in md and "demo" not in md
+
+
+def test_a_run_on_synthetic_stand_in_data_is_not_tabulated_as_cifar(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "real", "demo", 0.30, 0.15, width=16, cfg=arat_cfg())
+    write_run(root, "fell-back", "demo", 0.90, 0.60, width=16, cfg=arat_cfg(), dataset="synthetic")
+    md = render(table([str(root)]))
+    cifar, synthetic = md.split("### synthetic")
+    assert "30.00" in cifar and "90.00" not in cifar
+    assert "90.00" in synthetic and "seed paper" not in synthetic and "87.82" not in synthetic
+
+
+def test_settings_labels_and_method_labels_from_configs():
+    from engine.table import config_label, training_settings
+
+    assert config_label({"method": {"name": "arat"}, "model": {"split_bn": True}, "swa": {"enabled": True}}) == (
+        "AR-AT+SWA"
+    )
+    odd = {"method": {"name": "arat", "stop_grad": True, "predictor": False}, "model": {"split_bn": True}}
+    assert config_label(odd) == "AR-AT (split_bn=true, stop_grad=true, predictor=false)"
+    assert config_label({"method": {"name": "std"}}) == "Std. training" and config_label({"recipe": "x"}) is None
+    cfg = {"seed": 3, "epochs": 4, "data": {"dataset": "cifar10", "data_dir": "/d", "train_subset": 9}, "eval": {}}
+    assert training_settings(cfg) == {"epochs": 4, "data.dataset": "cifar10", "data.train_subset": 9}
+
+
+def test_step_sizes_are_shown_in_255ths(tmp_path):
+    root = tmp_path / "runs"
+    for name, step in (("a", 2 / 255), ("b", 2.5 / 255)):
+        write_run(root, name, "demo", 0.5, width=16, cfg=arat_cfg(attack={"step_size": step}))
+    md = render(table([str(root)]))
+    assert row_of(md, "ResNet-18 (width 16)", "AR-AT (attack.step_size=2/255)")
+    assert row_of(md, "ResNet-18 (width 16)", "AR-AT (attack.step_size=2.5/255)")
 
 
 def test_cli_writes_markdown_and_plot(runs, tmp_path, capsys):
