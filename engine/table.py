@@ -4,20 +4,21 @@ Rows are method x model (mean ± sample std over the runs that differ only in th
 (in %), with PGD-20, the mean gradient similarity (analysis.grad_sim runs) and the seed's published numbers
 (METHOD 5 and 8) when there are any. A run's method is what its config computes (an AR-AT run whose switches make
 it an ablation row is tabulated as that row, whatever recipe it started from); runs of one method whose training
-settings differ get a row each, labelled with the settings that tell them apart. A run's accuracies and dataset
-come from its `results.json`, overridden by a later `arat eval RUN_DIR` (`eval.json`): a run whose real data was
-absent and replaced by synthetic data is tabulated as synthetic, not beside the paper's CIFAR-10 numbers.
+settings differ get a row each, labelled with the settings that tell them apart. A run's accuracies come from its
+`results.json`, overridden by a later `arat eval RUN_DIR` (`eval.json`); its dataset is the one training used
+(`results.json` records it): a run whose real data was absent and replaced by synthetic data is tabulated as
+synthetic, not beside the paper's CIFAR-10 numbers, and an evaluation of it on other data is left out (and said).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .recipes import ABLATION_NAMES, ABLATIONS
 
 # recipe prefix -> method label, in table order
 METHOD_LABELS = {
@@ -29,22 +30,8 @@ METHOD_LABELS = {
     "arrest": "ARREST",
     "arat": "AR-AT",
     "arat-swa": "AR-AT+SWA",
-    "ablation-v0": "V0 (naive)",
-    "ablation-stopgrad": "+stop-grad",
-    "ablation-splitbn": "+split-BN",
-    "ablation-arat": "AR-AT (ablation)",
-}
+} | {f"ablation-{v}": ABLATION_NAMES[v] if v != "arat" else "AR-AT (ablation)" for v in ABLATIONS}
 ABLATION_LABELS = {v for k, v in METHOD_LABELS.items() if k.startswith("ablation-")}
-# AR-AT's (model.split_bn, method.stop_grad, method.predictor) -> the row it computes (METHOD 5)
-ARAT_VARIANTS = {
-    (True, True, True): "AR-AT",
-    (False, False, False): "V0 (naive)",
-    (False, True, True): "+stop-grad",
-    (True, False, False): "+split-BN",
-}
-# config keys that do not change what a run trains (besides the seed, which tells repeats of one setting apart)
-NOT_SETTINGS = {"recipe", "description", "seed", "log_every", "eval", "perf", "dist", "analysis"}
-NOT_DATA_SETTINGS = {"data_dir", "backend", "synthetic_fallback"}
 # (arch, label) -> (clean, AA, grad-sim or None): the seed's CIFAR-10 numbers (METHOD 8; ablations METHOD 5 and
 # the seed poster)
 PUBLISHED = {
@@ -68,6 +55,29 @@ PUBLISHED = {
     ("wrn34-10", "AR-AT (ablation)"): (88.27, 47.98, 0.23),
 }
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic"}
+# AR-AT's (model.split_bn, method.stop_grad, method.predictor) -> the row it computes (METHOD 5)
+ARAT_VARIANTS = {(split_bn, asym, asym): ABLATION_NAMES[v] for v, (split_bn, asym) in ABLATIONS.items()}
+# What tells two runs' training apart, besides the seed (repeats of one setting share a row): the config without
+# the sections that do not change what is trained (evaluation, speed switches, logging), without paths, and without
+# the method.* keys the run's method does not read; plus the number of processes (each takes a batch of its own).
+NOT_SETTINGS = {"recipe", "description", "seed", "log_every", "eval", "perf", "dist", "analysis"}
+NOT_DATA_SETTINGS = {"data_dir", "backend", "synthetic_fallback", "test_subset"}
+METHOD_KEYS = {  # method.* keys each method reads (besides name); init is a path: epochs tell ARREST's modes apart
+    "arat": {"invariance_weight", "auto_balance", "balance_images", "fixed_adv_weight", "stop_grad", "predictor"},
+    "trades": {"beta", "published_bn_updates"},
+    "mart": {"beta"},
+    "lbgat": {"beta", "published_bn_updates"},
+    "arrest": {
+        "invariance_weight",
+        "pretrain_epochs",
+        "finetune_lr",
+        "finetune_milestones",
+        "replay_cos",
+        "replay_until",
+    },  # fmt: skip
+    "at": set(),
+    "std": set(),
+}
 
 
 class TableError(UserError):
@@ -85,6 +95,7 @@ class RunResult:
     num_examples: dict[str, int]
     grad_sim: float | None
     settings: dict = field(default_factory=dict)  # the training settings, flattened (dotted keys), seed left out
+    notes: list[str] = field(default_factory=list)  # what was left out of this run's row, and why
 
 
 def method_label(recipe: str) -> str:
@@ -117,28 +128,43 @@ def run_label(recipe: str, cfg: dict) -> str:
     return own
 
 
-def training_settings(cfg: dict) -> dict:
-    """What a run trains, flattened to dotted keys: the config without its seed, evaluation and speed switches."""
-    flat = {}
+def training_settings(cfg: dict, dataset: str, world_size: int = 1) -> dict:
+    """What a run trains, flattened to dotted keys (NOT_SETTINGS and METHOD_KEYS say what is left out)."""
+    flat: dict = {"world_size": world_size}
+    method = cfg.get("method", {}).get("name") if isinstance(cfg.get("method"), dict) else None
+    swa_on = isinstance(cfg.get("swa"), dict) and cfg["swa"].get("enabled")
     for key, value in cfg.items():
         if key in NOT_SETTINGS:
             continue
-        if isinstance(value, dict):
-            skip = NOT_DATA_SETTINGS if key == "data" else set()
-            flat |= {f"{key}.{k}": v for k, v in value.items() if k not in skip}
-        else:
+        if not isinstance(value, dict):
             flat[key] = value
+            continue
+        for k, v in value.items():
+            if key == "data" and (k in NOT_DATA_SETTINGS or (k == "synthetic_size" and dataset != "synthetic")):
+                continue
+            if key == "method" and k != "name" and (k == "init" or k not in METHOD_KEYS.get(method, {k})):
+                continue
+            if key == "swa" and k != "enabled" and not swa_on:
+                continue
+            flat[f"{key}.{k}"] = v
     return flat
 
 
 def _show(key: str, value) -> str:
     if key.endswith(("eps", "step_size")) and isinstance(value, float):
-        return f"{value * 255:.4g}/255"
+        return f"{value * 255:.6g}/255"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.6g}"
     if isinstance(value, list):
         return ",".join(_show(key, v) for v in value)
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _sortable(value) -> tuple:
+    """Numbers in numeric order (epochs=4 before epochs=10), everything else by its text, after them."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, json.dumps(value, sort_keys=True))
 
 
 def model_name(model: dict) -> str:
@@ -180,17 +206,23 @@ def read_run(path: Path) -> RunResult:
 
     files = [path / "config.json", *(path / n for n in ("results.json", "eval.json") if (path / n).exists())]
     cfg, *evaluations = (_read_json(f) for f in files)
+    notes = []
     try:
+        recipe, arch, dataset = cfg["recipe"], cfg["model"]["arch"], cfg["data"]["dataset"]
+        # the dataset training used: results.json's (written since 2026-12-02; synthetic where the fallback replaced
+        # absent real data), else a later evaluation's, else the configured one
+        dataset = next((e["dataset"] for e in evaluations if "dataset" in e), dataset)
         results: dict = {}
-        for evaluation in evaluations:  # a later `arat eval` overrides the end-of-training evaluation
-            results |= evaluation["results"]
+        for name, evaluation in zip((f.name for f in files[1:]), evaluations, strict=True):
+            if evaluation.get("dataset", dataset) != dataset:  # a later `arat eval` on other data: not this row's
+                notes.append(f"{path}/{name} ({evaluation['dataset']}) left out: the run trained on {dataset}")
+                continue
+            results |= evaluation["results"]  # a later `arat eval` overrides the end-of-training evaluation
         accuracy = {k: 100 * v["accuracy"] for k, v in results.items()}
         num_examples = {k: v["num_examples"] for k, v in results.items()}
-        recipe, arch, dataset = cfg["recipe"], cfg["model"]["arch"], cfg["data"]["dataset"]
-        for evaluation in evaluations:  # the dataset actually used (synthetic where the fallback replaced it)
-            dataset = evaluation.get("dataset", dataset)
         model = model_name(cfg["model"])
         label = run_label(recipe, cfg)
+        world_size = next((e["environment"].get("world_size", 1) for e in evaluations if "environment" in e), 1)
     except (KeyError, TypeError, AttributeError) as e:
         names = ", ".join(f.name for f in files)
         raise TableError(
@@ -215,7 +247,8 @@ def read_run(path: Path) -> RunResult:
         accuracy=accuracy,
         num_examples=num_examples,
         grad_sim=statistics.fmean(sims) if sims else None,
-        settings=training_settings(cfg),
+        settings=training_settings(cfg, dataset, world_size),
+        notes=notes,
     )
 
 
@@ -229,6 +262,7 @@ class Row:
     dataset: str
     runs: list[RunResult]
     method: str = ""  # the method alone (ordering, the paper's numbers)
+    order: tuple = ()  # the distinguishing settings' values, sortable: rows of one method in numeric order
 
     def __post_init__(self):
         self.method = self.method or self.label
@@ -252,32 +286,51 @@ class Row:
         text = f"{statistics.fmean(values):.{digits}f}"
         return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
-    def paper(self, with_sim: bool) -> str:
-        """The seed's published clean / AA (/ grad-sim) for this method and network, on CIFAR-10."""
-        published = PUBLISHED.get((self.arch, self.method)) if self.dataset == "cifar10" else None
+    def paper(self, with_sim: bool, ablations: bool = False) -> str:
+        """The seed's published clean / AA (/ grad-sim) for this method and network, on CIFAR-10; an AR-AT row
+        beside ablation rows (`ablations`) gets the ablation table's AR-AT, measured with them."""
+        method = "AR-AT (ablation)" if ablations and self.method == "AR-AT" else self.method
+        published = PUBLISHED.get((self.arch, method)) if self.dataset == "cifar10" else None
         if published is None:
             return ""
         clean, aa, sim = published
         return f"{clean:.2f} / {aa:.2f}" + (f" / {sim:.2f}" if with_sim and sim is not None else "")
 
 
+def _agree(a: dict, b: dict) -> bool:
+    """Two settings agree on every key both have (a key an older engine did not write does not split a row)."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
+def _kind(r: RunResult) -> tuple:
+    return r.dataset, r.model, r.label
+
+
 def group(runs: list[RunResult]) -> list[Row]:
     """Runs that differ only in their seed share a row; rows of one method, model and dataset whose settings differ
     are labelled with the settings that differ among them."""
-    grouped: dict[tuple, list[RunResult]] = defaultdict(list)
+    groups: list[list[RunResult]] = []
     for r in runs:
-        grouped[(r.dataset, r.model, r.label, json.dumps(r.settings, sort_keys=True))].append(r)
-    settings_of_method: dict[tuple, list[dict]] = defaultdict(list)  # one entry per row
-    for key, rs in grouped.items():
-        settings_of_method[key[:3]].append(rs[0].settings)
+        fits = (g for g in groups if _kind(g[0]) == _kind(r) and all(_agree(o.settings, r.settings) for o in g))
+        home = next(fits, None)
+        if home is None:
+            groups.append(home := [])
+        home.append(r)
+    merged = [{k: v for r in g for k, v in r.settings.items()} for g in groups]  # a row's settings, all its runs'
     rows = []
-    for (dataset, model, label, _), rs in grouped.items():
-        siblings = settings_of_method[(dataset, model, label)]
-        differ = sorted({k for s in siblings for k in s if any(o.get(k) != s.get(k) for o in siblings)})
-        named = ", ".join(f"{k}={_show(k, rs[0].settings.get(k))}" for k in differ)
-        rows.append(Row(f"{label} ({named})" if named else label, rs[0].arch, model, dataset, rs, method=label))
+    for g, settings in zip(groups, merged, strict=True):
+        siblings = [m for h, m in zip(groups, merged, strict=True) if _kind(h[0]) == _kind(g[0])]
+        differ = sorted({k for a in siblings for b in siblings for k in a.keys() & b.keys() if a[k] != b[k]})
+        named = ", ".join(f"{k}={_show(k, settings[k])}" for k in differ if k in settings)
+        label = g[0].label
+        if named:  # "AR-AT (split_bn=...; epochs=4)", not two brackets
+            label = f"{label[:-1]}; {named})" if label.endswith(")") else f"{label} ({named})"
+        row = Row(label, g[0].arch, g[0].model, g[0].dataset, g, method=g[0].label)
+        row.order = tuple(_sortable(settings.get(k)) for k in differ)
+        rows.append(row)
     order = list(METHOD_LABELS.values())
-    return sorted(rows, key=lambda r: (r.dataset, r.model, order.index(r.method) if r.method in order else 99, r.label))
+    rank = {label: i for i, label in enumerate(order)}
+    return sorted(rows, key=lambda r: (r.dataset, r.model, rank.get(r.method, len(order)), r.method, r.order))
 
 
 COLUMNS = [("clean", "clean"), ("aa", "AA"), ("sum", "sum"), ("pgd20", "PGD-20"), ("grad_sim", "grad-sim")]
@@ -290,19 +343,21 @@ def render(rows: list[Row]) -> str:
         part = [r for r in rows if r.dataset == dataset]
         cols = [(k, name) for k, name in COLUMNS if k in ("clean", "aa", "sum") or any(r.values(k) for r in part)]
         sim = any(k == "grad_sim" for k, _ in cols)
-        paper = any(r.paper(sim) for r in part)
+        ablated = {r.arch for r in part if r.method in ABLATION_LABELS}  # networks with ablation rows here
+        paper = any(r.paper(sim, r.arch in ablated) for r in part)
         header = ["model", "method", *(name for _, name in cols), "runs"]
         header += [f"seed paper (clean / AA{' / grad-sim' if sim else ''})"] if paper else []
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         for r in part:
             cells = [r.model, r.label, *(r.cell(k, 3 if k == "grad_sim" else 2) for k, _ in cols), str(len(r.runs))]
-            lines.append("| " + " | ".join(cells + ([r.paper(sim)] if paper else [])) + " |")
+            lines.append("| " + " | ".join(cells + ([r.paper(sim, r.arch in ablated)] if paper else [])) + " |")
         counts = sorted({n for r in part for run in r.runs for k, n in run.num_examples.items() if k == "aa"})
         note = f"; AutoAttack on {', '.join(map(str, counts))} test images" if counts else ""
         out += [f"### {DATASETS.get(dataset, dataset)}", "", *lines, ""]
         out.append(f"Accuracy in %, mean ± sample std over the runs of one setting (seeds){note}.")
         out.append("")
-    return "\n".join(out)
+    left_out = [n for r in rows for run in r.runs for n in run.notes]
+    return "\n".join(out + ([f"Left out: {'; '.join(left_out)}.", ""] if left_out else []))
 
 
 MARKERS = {"resnet18": "s", "wrn34-10": "^"}
