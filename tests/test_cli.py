@@ -108,6 +108,12 @@ def test_a_run_on_synthetic_stand_in_data_records_it(capsys, tmp_path):
     assert main(["table", str(run)]) == 0
     printed = capsys.readouterr().out
     assert "### synthetic" in printed and "CIFAR-10" not in printed and "seed paper" not in printed
+    # a later evaluation on real CIFAR-10 (data downloaded since) is not the training data's: export leaves it out
+    on_real = {"dataset": "cifar10", "results": {"clean": {"accuracy": 0.99, "num_examples": 10}}}
+    (run / "eval.json").write_text(json.dumps(on_real))
+    assert main(["export", str(run), str(tmp_path / "again.pt")]) == 0
+    info = json.loads((tmp_path / "again.json").read_text())
+    assert info["dataset"] == "synthetic" and info["clean_acc"] not in ("", "99.00")
 
 
 def fake_cifar_archive(path):
