@@ -263,17 +263,17 @@ def model_info(target: Path, cfg: TrainConfig | None, plain: dict) -> dict:
     from .hub import infer_config
 
     arch_cfg, classes = infer_config(plain)
-    results, dataset, trained_on = {}, (cfg.data.dataset if cfg else "cifar10"), None
+    from .rundir import RunDir
+
+    results, dataset = {}, (cfg.data.dataset if cfg else "cifar10")
+    dataset = RunDir(target).training_record().get("dataset", dataset) if target.is_dir() else dataset
     for name in ("results.json", "eval.json"):  # eval.json (a later `arat eval`) overrides
         try:
             found = json.loads((target / name).read_text()) if target.is_dir() else {}
         except (OSError, ValueError):
             continue
-        if trained_on is not None and found.get("dataset", trained_on) != trained_on:
-            continue  # evaluated on other data than the training's (e.g. real CIFAR-10 after a synthetic run)
-        results |= found.get("results", {})
-        dataset = found.get("dataset", dataset)
-        trained_on = found.get("dataset") if name == "results.json" else trained_on  # since 2026-12-02
+        if found.get("dataset", dataset) == dataset:  # not an evaluation on other data than the training's
+            results |= found.get("results", {})
 
     def pct(name: str) -> str:
         return f"{100 * results[name]['accuracy']:.2f}" if name in results else ""

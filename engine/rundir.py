@@ -139,6 +139,24 @@ class RunDir:
     def read_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())
 
+    def training_record(self) -> dict[str, Any]:
+        """What the run recorded about its training: "dataset" (the data used: synthetic where the fallback replaced
+        absent real data) and "world_size" (processes, each with a batch of its own), from env.json (written at the
+        start since 2026-12-02) or else results.json (written at the end); keys left out where nothing says."""
+        record: dict[str, Any] = {}
+        for name in ("results.json", "env.json"):  # env.json's, written first, wins
+            try:
+                data = self.read_json(name)
+            except (OSError, ValueError):
+                continue
+            env = data.get("environment") if isinstance(data, dict) and name == "results.json" else data
+            found = {
+                "dataset": data.get("dataset") if isinstance(data, dict) else None,
+                "world_size": env.get("world_size") if isinstance(env, dict) else None,
+            }
+            record |= {k: v for k, v in found.items() if v is not None}
+        return record
+
     def record_environment(self, env: dict[str, Any], resume: bool) -> None:
         """env.json: the environment the run started in; each resume appends its own under "resumes"."""
         path = self.path / "env.json"

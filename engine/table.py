@@ -62,13 +62,14 @@ ARAT_VARIANTS = {(split_bn, asym, asym): ABLATION_NAMES[v] for v, (split_bn, asy
 # the method.* keys the run's method does not read; plus the number of processes (each takes a batch of its own).
 NOT_SETTINGS = {"recipe", "description", "seed", "log_every", "eval", "perf", "dist", "analysis"}
 NOT_DATA_SETTINGS = {"data_dir", "backend", "synthetic_fallback", "test_subset"}
-METHOD_KEYS = {  # method.* keys each method reads (besides name); init is a path: epochs tell ARREST's modes apart
+METHOD_KEYS = {  # method.* keys each method reads (besides name)
     "arat": {"invariance_weight", "auto_balance", "balance_images", "fixed_adv_weight", "stop_grad", "predictor"},
     "trades": {"beta", "published_bn_updates"},
     "mart": {"beta"},
     "lbgat": {"beta", "published_bn_updates"},
     "arrest": {
         "invariance_weight",
+        "init",
         "pretrain_epochs",
         "finetune_lr",
         "finetune_milestones",
@@ -112,12 +113,11 @@ def config_label(cfg: dict) -> str | None:
         return METHOD_LABELS.get(method["name"], method["name"])
     switches = tuple(bool(v) for v in (model.get("split_bn", True), method.get("stop_grad", True),
                                         method.get("predictor", True)))  # fmt: skip
-    label = ARAT_VARIANTS.get(switches)
-    if label is None:
-        names = ("split_bn", "stop_grad", "predictor")
-        label = "AR-AT (" + ", ".join(f"{n}={str(v).lower()}" for n, v in zip(names, switches, strict=True)) + ")"
-    swa = cfg.get("swa", {})
-    return label + ("+SWA" if isinstance(swa, dict) and swa.get("enabled") else "")
+    swa = "+SWA" if isinstance(cfg.get("swa"), dict) and cfg["swa"].get("enabled") else ""
+    if switches in ARAT_VARIANTS:
+        return ARAT_VARIANTS[switches] + swa
+    names = ("split_bn", "stop_grad", "predictor")
+    return f"AR-AT{swa} (" + ", ".join(f"{n}={str(v).lower()}" for n, v in zip(names, switches, strict=True)) + ")"
 
 
 def run_label(recipe: str, cfg: dict) -> str:
@@ -142,8 +142,10 @@ def training_settings(cfg: dict, dataset: str, world_size: int = 1) -> dict:
         for k, v in value.items():
             if key == "data" and (k in NOT_DATA_SETTINGS or (k == "synthetic_size" and dataset != "synthetic")):
                 continue
-            if key == "method" and k != "name" and (k == "init" or k not in METHOD_KEYS.get(method, {k})):
+            if key == "method" and k != "name" and k not in METHOD_KEYS.get(method, {k}):
                 continue
+            if key == "method" and k == "init":  # a path: whether the run fine-tunes a given network, not where
+                v = bool(v)
             if key == "swa" and k != "enabled" and not swa_on:
                 continue
             flat[f"{key}.{k}"] = v
@@ -154,17 +156,19 @@ def _show(key: str, value) -> str:
     if key.endswith(("eps", "step_size")) and isinstance(value, float):
         return f"{value * 255:.6g}/255"
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return repr(value)  # the shortest text that reads back as this number: two values never look alike
     if isinstance(value, list):
         return ",".join(_show(key, v) for v in value)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _sortable(value) -> tuple:
-    """Numbers in numeric order (epochs=4 before epochs=10), everything else by its text, after them."""
+    """Numbers in numeric order (epochs=4 before epochs=10), lists element by element, then everything else by text."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, value, "")
-    return (1, 0, json.dumps(value, sort_keys=True))
+        return (0, value, ())
+    if isinstance(value, list):
+        return (1, 0, tuple(_sortable(v) for v in value))
+    return (2, 0, (json.dumps(value, sort_keys=True),))
 
 
 def model_name(model: dict) -> str:
@@ -208,10 +212,12 @@ def read_run(path: Path) -> RunResult:
     cfg, *evaluations = (_read_json(f) for f in files)
     notes = []
     try:
-        recipe, arch, dataset = cfg["recipe"], cfg["model"]["arch"], cfg["data"]["dataset"]
-        # the dataset training used: results.json's (written since 2026-12-02; synthetic where the fallback replaced
-        # absent real data), else a later evaluation's, else the configured one
-        dataset = next((e["dataset"] for e in evaluations if "dataset" in e), dataset)
+        recipe, arch, configured = cfg["recipe"], cfg["model"]["arch"], cfg["data"]["dataset"]
+        record = RunDir(path).training_record()  # the data it trained on, its processes (since 2026-12-02)
+        dataset = record.get("dataset", configured)
+        if "dataset" not in record and cfg["data"].get("synthetic_fallback") and configured != "synthetic":
+            notes.append(f"{path} does not record its training data (an older engine): tabulated as {configured}, "
+                         "though synthetic data may have replaced it")  # fmt: skip
         results: dict = {}
         for name, evaluation in zip((f.name for f in files[1:]), evaluations, strict=True):
             if evaluation.get("dataset", dataset) != dataset:  # a later `arat eval` on other data: not this row's
@@ -222,13 +228,16 @@ def read_run(path: Path) -> RunResult:
         num_examples = {k: v["num_examples"] for k, v in results.items()}
         model = model_name(cfg["model"])
         label = run_label(recipe, cfg)
-        world_size = next((e["environment"].get("world_size", 1) for e in evaluations if "environment" in e), 1)
+        world_size = record.get("world_size", 1)
     except (KeyError, TypeError, AttributeError) as e:
         names = ", ".join(f.name for f in files)
         raise TableError(
             f"{path}: {names} lack what this engine writes ({type(e).__name__}: {e}); rewrite the results with "
             f"`arat eval {path}`"
         ) from None
+    if not results and len(files) > 1:  # evaluated, but only on other data than it trained on
+        raise TableError(f"{path} was evaluated only on other data than it trained on ({dataset}): evaluate it on "
+                         f"that with `arat eval {path} --dataset {dataset}`")  # fmt: skip
     if not results:
         if not (path / "checkpoints" / "latest.pt").exists() and not (path / "checkpoints" / "final.pt").exists():
             raise TableError(
@@ -310,18 +319,18 @@ def group(runs: list[RunResult]) -> list[Row]:
     """Runs that differ only in their seed share a row; rows of one method, model and dataset whose settings differ
     are labelled with the settings that differ among them."""
     groups: list[list[RunResult]] = []
-    for r in runs:
-        fits = (g for g in groups if _kind(g[0]) == _kind(r) and all(_agree(o.settings, r.settings) for o in g))
-        home = next(fits, None)
-        if home is None:
-            groups.append(home := [])
-        home.append(r)
+    for r in sorted(runs, key=lambda r: -len(r.settings)):  # complete settings first (equal ones: one group)
+        fits = [g for g in groups if _kind(g[0]) == _kind(r) and all(_agree(o.settings, r.settings) for o in g)]
+        if len(fits) == 1:  # a run an older engine recorded less of joins a row only where it fits no other
+            fits[0].append(r)
+        else:
+            groups.append([r])
     merged = [{k: v for r in g for k, v in r.settings.items()} for g in groups]  # a row's settings, all its runs'
     rows = []
     for g, settings in zip(groups, merged, strict=True):
         siblings = [m for h, m in zip(groups, merged, strict=True) if _kind(h[0]) == _kind(g[0])]
         differ = sorted({k for a in siblings for b in siblings for k in a.keys() & b.keys() if a[k] != b[k]})
-        named = ", ".join(f"{k}={_show(k, settings[k])}" for k in differ if k in settings)
+        named = ", ".join(f"{k}={_show(k, settings[k]) if k in settings else '?'}" for k in differ)
         label = g[0].label
         if named:  # "AR-AT (split_bn=...; epochs=4)", not two brackets
             label = f"{label[:-1]}; {named})" if label.endswith(")") else f"{label} ({named})"

@@ -302,7 +302,8 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     say = print if run.dist.is_main else (lambda *a, **k: None)
     if run.dist.is_main:
         rundir.save_config(cfg)
-        rundir.record_environment(environment(run.perf.device), resume)
+        started = {"dataset": resolve_dataset(cfg.data), "world_size": run.dist.world_size}  # what is trained on
+        rundir.record_environment(environment(run.perf.device) | started, resume)
     if resume and rundir.checkpoint(LATEST).exists():
         run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
     if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone

@@ -100,6 +100,8 @@ def test_a_run_on_synthetic_stand_in_data_records_it(capsys, tmp_path):
     assert main(args + fallback) == 0
     assert json.loads((run / "config.json").read_text())["data"]["dataset"] == "cifar10"  # as configured
     assert json.loads((run / "results.json").read_text())["dataset"] == "synthetic"  # as used
+    env = json.loads((run / "env.json").read_text())
+    assert env["dataset"] == "synthetic" and env["world_size"] == 1  # written when training starts
     assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16", "--data-dir", str(empty)]) == 0
     assert json.loads((run / "eval.json").read_text())["dataset"] == "synthetic"
     assert main(["export", str(run), str(tmp_path / "plain.pt")]) == 0

@@ -3,19 +3,26 @@ import json
 import pytest
 
 from engine.cli import main
-from engine.table import method_label, render, table
+from engine.table import TableError, method_label, render, table
 
 
 def write_run(
-    root, name, recipe, clean, aa=None, arch="resnet18", width=64, grad_sims=(), eval_json=None, cfg=None, **written
-):
-    """A finished run's files; `cfg` adds to config.json's sections, `written` to results.json (e.g. dataset)."""
+    root, name, recipe, clean, aa=None, arch="resnet18", width=64, grad_sims=(), eval_json=None, cfg=None, env=None,
+    **written,
+):  # fmt: skip
+    """A finished run's files; `cfg` adds to config.json's sections, `env` is env.json, `written` goes into
+    results.json (e.g. dataset); `clean=None`: no results.json."""
     run = root / name
     run.mkdir(parents=True)
+    if env is not None:
+        (run / "env.json").write_text(json.dumps(env))
     config = {"recipe": recipe, "model": {"arch": arch, "width": width}, "data": {"dataset": "cifar10"}, "seed": 0}
     for key, value in (cfg or {}).items():
         config[key] = config.get(key, {}) | value if isinstance(value, dict) else value
     (run / "config.json").write_text(json.dumps(config))
+    if clean is None:
+        (run / "eval.json").write_text(json.dumps({"dataset": "cifar10", "results": eval_json}))
+        return run
     results = {"clean": {"accuracy": clean, "num_examples": 1000}}
     if aa is not None:
         results["aa"] = {"accuracy": aa, "num_examples": 500}
@@ -144,7 +151,8 @@ def test_rows_are_not_split_by_what_does_not_change_training(tmp_path):
     for seed in (0, 1):  # each seed fine-tunes its own standard-trained network: init paths differ
         cfg = arrest | {"seed": seed, "method": arrest["method"] | {"init": f"/runs/std-s{seed}"}}
         write_run(root, f"arrest-s{seed}", "arrest-resnet18-cifar10", 0.8 + seed / 100, 0.4, cfg=cfg)
-    older = arat_cfg()  # an engine before method.published_bn_updates, a run with a stray beta and SWA schedule
+    # keys AR-AT does not read (beta), SWA's schedule with SWA off, a key an older engine did not write
+    older = arat_cfg(method=arat_cfg()["method"] | {"beta": 6.0}, swa={"enabled": False, "start_epoch": 76})
     newer = arat_cfg(seed=1, method=older["method"] | {"published_bn_updates": True, "beta": 5.0})
     newer["swa"] = {"enabled": False, "start_epoch": 3}
     write_run(root, "old", "arat-resnet18-cifar10", 0.80, 0.40, cfg=older)
@@ -169,6 +177,41 @@ def test_what_does_change_training_splits_rows_in_numeric_order(tmp_path):
                            "AR-AT (epochs=10, world_size=1)"]  # fmt: skip
     assert methods[3:5] == ["AR-AT (split_bn=true, stop_grad=true, predictor=false; epochs=4)",
                             "AR-AT (split_bn=true, stop_grad=true, predictor=false; epochs=10)"]  # fmt: skip
+
+
+def test_a_run_recorded_less_of_joins_a_row_only_where_it_fits_no_other(tmp_path):
+    for order in ((1, 0, 2), (0, 2, 1), (2, 1, 0)):  # the directories' order does not matter
+        root = tmp_path / "".join(map(str, order))
+        cfgs = [arat_cfg(epochs=4), {}, arat_cfg(epochs=8)]  # the middle one: an engine that wrote no settings
+        for i in order:
+            write_run(root, f"r{i}", "arat-resnet18-cifar10", 0.1 * (i + 1), cfg=cfgs[i])
+        methods = [line.split("|")[2].strip() for line in render(table([str(root)])).splitlines() if "| AR-AT" in line]
+        assert sorted(methods) == ["AR-AT (epochs=4)", "AR-AT (epochs=8)", "AR-AT (epochs=?)"], order
+    root = tmp_path / "one-fit"
+    write_run(root, "full", "arat-resnet18-cifar10", 0.4, cfg=arat_cfg(epochs=4))
+    write_run(root, "partial", "arat-resnet18-cifar10", 0.6, cfg={})  # fits the one row there is
+    assert row_of(render(table([str(root)])), "ResNet-18", "AR-AT")[2] == "50.00 ± 14.14"
+
+
+def test_training_data_and_processes_come_from_env_json(tmp_path):
+    """env.json (written when training starts) says what the run trained on, also for `--no-eval` runs that only
+    a later `arat eval` evaluated: an 8-process run is not averaged with 1-process ones, a run on synthetic stand-in
+    data evaluated only on CIFAR-10 is refused with what to do."""
+    root = tmp_path / "runs"
+    on_cifar = {"clean": {"accuracy": 0.5, "num_examples": 100}}
+    write_run(
+        root, "one", "demo", None, cfg=arat_cfg(), env={"dataset": "cifar10", "world_size": 1}, eval_json=on_cifar
+    )
+    write_run(root, "eight", "demo", None, cfg=arat_cfg(seed=1), env={"dataset": "cifar10", "world_size": 8},
+              eval_json=on_cifar)  # fmt: skip
+    md = render(table([str(root)]))
+    assert row_of(md, "ResNet-18", "AR-AT (world_size=1)") and row_of(md, "ResNet-18", "AR-AT (world_size=8)")
+    fell_back = write_run(tmp_path, "fell-back", "demo", None, cfg=arat_cfg(), env={"dataset": "synthetic"},
+                          eval_json=on_cifar)  # fmt: skip
+    with pytest.raises(TableError, match="--dataset synthetic"):
+        table([str(fell_back)])
+    old = write_run(tmp_path, "old", "demo", 0.3, cfg=arat_cfg(data={"synthetic_fallback": True}))
+    assert "does not record its training data" in render(table([str(old)]))
 
 
 def test_an_evaluation_on_other_data_is_left_out_and_said(tmp_path):
