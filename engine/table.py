@@ -96,7 +96,7 @@ class RunResult:
     num_examples: dict[str, int]
     grad_sim: float | None
     settings: dict = field(default_factory=dict)  # the training settings, flattened (dotted keys), seed left out
-    notes: list[str] = field(default_factory=list)  # what was left out of this run's row, and why
+    notes: list[str] = field(default_factory=list)  # said under the table: what was left out of its row, or is unsure
 
 
 def method_label(recipe: str) -> str:
@@ -365,8 +365,8 @@ def render(rows: list[Row]) -> str:
         out += [f"### {DATASETS.get(dataset, dataset)}", "", *lines, ""]
         out.append(f"Accuracy in %, mean ± sample std over the runs of one setting (seeds){note}.")
         out.append("")
-    left_out = [n for r in rows for run in r.runs for n in run.notes]
-    return "\n".join(out + ([f"Left out: {'; '.join(left_out)}.", ""] if left_out else []))
+    notes = [n for r in rows for run in r.runs for n in run.notes]
+    return "\n".join(out + ([f"Notes: {'; '.join(notes)}.", ""] if notes else []))
 
 
 MARKERS = {"resnet18": "s", "wrn34-10": "^"}

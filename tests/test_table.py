@@ -219,7 +219,7 @@ def test_an_evaluation_on_other_data_is_left_out_and_said(tmp_path):
     on_cifar = {"aa": {"accuracy": 0.01, "num_examples": 1000}}
     write_run(root, "fell-back", "demo", 0.9, 0.6, width=16, cfg=arat_cfg(), dataset="synthetic", eval_json=on_cifar)
     md = render(table([str(root)]))
-    assert "CIFAR-10" not in md.split("Left out")[0] and row_of(md, "ResNet-18 (width 16)", "AR-AT")[3] == "60.00"
+    assert "CIFAR-10" not in md.split("Notes:")[0] and row_of(md, "ResNet-18 (width 16)", "AR-AT")[3] == "60.00"
     assert "eval.json (cifar10) left out: the run trained on synthetic" in md
 
 
