@@ -261,10 +261,9 @@ def model_info(target: Path, cfg: TrainConfig | None, plain: dict) -> dict:
     """RobustBench-shaped model_info (strings with two decimals, as its JSON files hold them), with the figures of
     the run's latest evaluation when `target` is a run directory, plus what `engine.hub.load_model` needs."""
     from .hub import infer_config
-
-    arch_cfg, classes = infer_config(plain)
     from .rundir import RunDir
 
+    arch_cfg, classes = infer_config(plain)
     results, dataset = {}, (cfg.data.dataset if cfg else "cifar10")
     dataset = RunDir(target).training_record().get("dataset", dataset) if target.is_dir() else dataset
     for name in ("results.json", "eval.json"):  # eval.json (a later `arat eval`) overrides

@@ -270,11 +270,8 @@ class Row:
     model: str
     dataset: str
     runs: list[RunResult]
-    method: str = ""  # the method alone (ordering, the paper's numbers)
-    order: tuple = ()  # the distinguishing settings' values, sortable: rows of one method in numeric order
-
-    def __post_init__(self):
-        self.method = self.method or self.label
+    method: str  # the method alone (ordering, the paper's numbers)
+    order: tuple  # the distinguishing settings' values, sortable: rows of one method in numeric order
 
     def values(self, key: str) -> list[float]:
         if key == "sum":
@@ -334,9 +331,8 @@ def group(runs: list[RunResult]) -> list[Row]:
         label = g[0].label
         if named:  # "AR-AT (split_bn=...; epochs=4)", not two brackets
             label = f"{label[:-1]}; {named})" if label.endswith(")") else f"{label} ({named})"
-        row = Row(label, g[0].arch, g[0].model, g[0].dataset, g, method=g[0].label)
-        row.order = tuple(_sortable(settings.get(k)) for k in differ)
-        rows.append(row)
+        values = tuple(_sortable(settings.get(k)) for k in differ)
+        rows.append(Row(label, g[0].arch, g[0].model, g[0].dataset, g, method=g[0].label, order=values))
     order = list(METHOD_LABELS.values())
     rank = {label: i for i, label in enumerate(order)}
     return sorted(rows, key=lambda r: (r.dataset, r.model, rank.get(r.method, len(order)), r.method, r.order))
