@@ -261,18 +261,20 @@ def model_info(target: Path, cfg: TrainConfig | None, plain: dict) -> dict:
     """RobustBench-shaped model_info (strings with two decimals, as its JSON files hold them), with the figures of
     the run's latest evaluation when `target` is a run directory, plus what `engine.hub.load_model` needs."""
     from .hub import infer_config
-    from .rundir import RunDir
+    from .rundir import RunDir, results_on
 
     arch_cfg, classes = infer_config(plain)
-    results, dataset = {}, (cfg.data.dataset if cfg else "cifar10")
+    dataset = cfg.data.dataset if cfg else "cifar10"
     dataset = RunDir(target).training_record().get("dataset", dataset) if target.is_dir() else dataset
-    for name in ("results.json", "eval.json"):  # eval.json (a later `arat eval`) overrides
+    evaluations = []
+    for name in ("results.json", "eval.json") if target.is_dir() else ():  # eval.json (a later `arat eval`) overrides
         try:
-            found = json.loads((target / name).read_text()) if target.is_dir() else {}
+            found = json.loads((target / name).read_text())
         except (OSError, ValueError):
             continue
-        if found.get("dataset", dataset) == dataset:  # not an evaluation on other data than the training's
-            results |= found.get("results", {})
+        if isinstance(found, dict) and isinstance(found.get("results"), dict):
+            evaluations.append((name, found))
+    results, _ = results_on(dataset, evaluations)  # evaluations on other data than the training's are left out
 
     def pct(name: str) -> str:
         return f"{100 * results[name]['accuracy']:.2f}" if name in results else ""

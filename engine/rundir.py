@@ -95,6 +95,20 @@ def _version(package: str) -> str | None:
         return None
 
 
+def results_on(dataset: str, evaluations: list[tuple[str, dict]]) -> tuple[dict, list[tuple[str, str]]]:
+    """The results of `evaluations` ((file name, its JSON) in order: results.json, then eval.json, a later `arat
+    eval`, whose attacks override) made on `dataset`, the data the run trained on; and the (file name, dataset) of
+    those left out, evaluations on other data. A record without "dataset" (an older engine) counts as `dataset`."""
+    results: dict = {}
+    left_out = []
+    for name, evaluation in evaluations:
+        if evaluation.get("dataset", dataset) != dataset:
+            left_out.append((name, evaluation["dataset"]))
+            continue
+        results |= evaluation["results"]
+    return results, left_out
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -206,7 +206,7 @@ def _read_json(path: Path) -> dict:
 
 def read_run(path: Path) -> RunResult:
     """One run's row; corrupt or incomplete files are a `TableError` naming the file, never a traceback."""
-    from .rundir import RunDir
+    from .rundir import RunDir, results_on
 
     files = [path / "config.json", *(path / n for n in ("results.json", "eval.json") if (path / n).exists())]
     cfg, *evaluations = (_read_json(f) for f in files)
@@ -218,12 +218,8 @@ def read_run(path: Path) -> RunResult:
         if "dataset" not in record and cfg["data"].get("synthetic_fallback") and configured != "synthetic":
             notes.append(f"{path} does not record its training data (an older engine): tabulated as {configured}, "
                          "though synthetic data may have replaced it")  # fmt: skip
-        results: dict = {}
-        for name, evaluation in zip((f.name for f in files[1:]), evaluations, strict=True):
-            if evaluation.get("dataset", dataset) != dataset:  # a later `arat eval` on other data: not this row's
-                notes.append(f"{path}/{name} ({evaluation['dataset']}) left out: the run trained on {dataset}")
-                continue
-            results |= evaluation["results"]  # a later `arat eval` overrides the end-of-training evaluation
+        results, left_out = results_on(dataset, list(zip((f.name for f in files[1:]), evaluations, strict=True)))
+        notes += [f"{path}/{name} ({other}) left out: the run trained on {dataset}" for name, other in left_out]
         accuracy = {k: 100 * v["accuracy"] for k, v in results.items()}
         num_examples = {k: v["num_examples"] for k, v in results.items()}
         model = model_name(cfg["model"])
