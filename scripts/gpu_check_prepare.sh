@@ -31,9 +31,25 @@ wheel_ok() { [ -f ".gpucheck/$WHEEL" ] && [ "$(stat -c %s ".gpucheck/$WHEEL")" =
 # 1. the folder (.gitignore lists /.gpucheck/ and /gpu_check_out/)
 mkdir -p .gpucheck
 
-# 2. the pyautoattack wheel (no dependencies), pinned by size and sha256
+tree_size() { # the copied tree: tracked and untracked files, not ignored (a tracked file deleted in the tree is not copied)
+    git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s + 0 }' ||
+        true
+}
+slim_ok() { [ -f .gpucheck/site/pyautoattack/__init__.py ] && [ -f .gpucheck/site/pyautoattack/autoattack.py ]; }
+wheel_fits() { # the full form: the tree, the wheel, the data files and the commit stamp
+    local data=0 name
+    for name in cifar10-jpeg.tar.gz labels.npz prepare.py; do
+        [ -f "$DATA/$name" ] && data=$((data + $(stat -c %s "$DATA/$name")))
+    done
+    [ $(($(tree_size) + WHEEL_BYTES + data + 4096)) -le "$LIMIT_BYTES" ]
+}
+
+# 2. the pyautoattack wheel (no dependencies), pinned by size and sha256; where it would not fit and the slim form
+# (step 5) is already here, nothing to fetch
 if wheel_ok; then
     say "$WHEEL present (sha256 ok)"
+elif slim_ok && ! wheel_fits; then
+    say "slim form present in .gpucheck/site (the wheel would not fit within 60 MiB with this tree)"
 else
     rm -f ".gpucheck/$WHEEL"
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -58,8 +74,7 @@ say "copied $DATA/{cifar10-jpeg.tar.gz,labels.npz,prepare.py}"
 say "commit.txt: $(paste -sd' ' .gpucheck/commit.txt)"
 
 # 5. size guard: the copied tree (tracked and untracked, not ignored) plus .gpucheck/ <= 60 MiB, else the slim form
-tree_bytes=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null |
-    awk '{ s += $1 } END { print s + 0 }') || true # a tracked file deleted in the tree is not copied
+tree_bytes=$(tree_size)
 extra_bytes=$(du -sb .gpucheck | cut -f1)
 total=$((tree_bytes + extra_bytes))
 if [ "$total" -gt "$LIMIT_BYTES" ] && [ -f ".gpucheck/$WHEEL" ]; then
