@@ -93,7 +93,7 @@ def test_compile_traces_into_the_kernels():
     """What AOTAutograd hands Inductor: one node per kernel launch (1 PGD step, 1 random start, 3 + 3 for dual BN
     forward and backward), no opaque custom op."""
     pytest.importorskip("triton", reason="triton is optional (pip install arat[kernels])")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(HERE.parents[1])}
     result = subprocess.run(
         [sys.executable, str(HERE / "trace_triton_ops.py")],
         env=env,
