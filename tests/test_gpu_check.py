@@ -287,3 +287,34 @@ def test_the_commit_comes_from_git_where_there_is_one(tmp_path):
     assert read_commit(copy) == (None, None)
     (copy / ".gpucheck" / "commit.txt").write_text("0123abc\ndirty\n")
     assert read_commit(copy) == ("0123abc", True)
+
+
+def test_each_compile_extra_case_counts_its_own_graphs(tmp_path, monkeypatch):
+    """torch._dynamo.reset() leaves dynamo's counters as they are: each extra case of `compile` must report the
+    graphs and breaks of its own compiles, not those of the cases before it."""
+    import types
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck import compiled
+    from gpucheck.record import StageRecord
+
+    perf = types.SimpleNamespace(device=torch.device("cpu"), summary=lambda: "cpu")
+    run = types.SimpleNamespace(perf=perf)
+    steps = []
+
+    def train_step(run, x, y):  # the case's first step compiles one graph
+        counters["stats"]["unique_graphs"] += not steps
+        steps.append(1)
+        return {"loss": torch.tensor(1.0)}
+
+    monkeypatch.setattr(compiled, "extra_run", lambda record, name: (run, None))
+    monkeypatch.setattr(compiled, "first_batch", lambda run: (torch.zeros(2, 3), torch.zeros(2)))
+    monkeypatch.setattr(compiled, "train_step", train_step)
+    counters["stats"]["unique_graphs"] += 5  # what earlier cases compiled
+    counters["graph_break"]["an earlier case's break"] += 2
+    record = StageRecord("compile", tmp_path / "compile.json", 60, smoke=True)
+    row = compiled.extra_case(record, "trades")
+    assert (row["case"], row["unique_graphs"], row["graph_breaks"], row["finite_loss"]) == ("trades", 1, 0, True)
