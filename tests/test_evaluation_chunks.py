@@ -131,9 +131,11 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
     if rank == 1:  # a rank whose own measure gives another chunk size (on CUDA: its free memory) must take rank 0's
         engine.evaluate.resolve_chunk_size = lambda *args: (8, "rank 1's own measure")
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    results = evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, dist=DistInfo(rank, world))
+    mine = Path(out, f"chunks-{rank}")  # each rank's own folder: what it attacked itself
+    results = evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, None, DistInfo(rank, world), mine)
     chunks = {name: (r["chunks"], r["config"]["chunk_size"]) for name, r in results.items()}
-    Path(out, f"{rank}.json").write_text(json.dumps({"flags": flags(results), "chunks": chunks}))
+    done = sorted(p.parent.name.split("-")[0] + "/" + p.stem for p in mine.glob("chunks/*/0*.json"))
+    Path(out, f"{rank}.json").write_text(json.dumps({"flags": flags(results), "chunks": chunks, "attacked": done}))
     dist.destroy_process_group()
 
 
@@ -143,8 +145,9 @@ def test_two_processes_give_the_flags_of_one(tmp_path, reference):
     rank 0's chunks although rank 1 alone would have chosen others."""
     mp.spawn(_rank, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
     expected = {"flags": flags(reference), "chunks": {name: [2, 16] for name in CFG.attacks}}
-    assert json.loads((tmp_path / "0.json").read_text()) == expected
-    assert json.loads((tmp_path / "1.json").read_text()) == expected
+    for rank in (0, 1):  # round-robin: rank r attacked chunk r of each attack, and no other
+        attacked = [f"{name}/0000{rank}" for name in sorted(CFG.attacks)]
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == expected | {"attacked": attacked}
 
 
 KILLABLE = """
