@@ -149,13 +149,14 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self, weights):
         super().__init__()
         self.weights = {id(w) for w in weights}
-        self.weight_casts, self.weight_grads = 0, 0
+        self.weight_casts, self.weight_grads, self.input_grads = 0, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._to_copy.default and id(args[0]) in self.weights:
             self.weight_casts += 1
         if func is torch.ops.aten.convolution_backward.default:
-            self.weight_grads += bool(args[-1][1])  # output_mask: (input, weight, bias)
+            self.input_grads += bool(args[-1][0])  # output_mask: (input, weight, bias)
+            self.weight_grads += bool(args[-1][1])
         return func(*args, **(kwargs or {}))
 
 
@@ -171,5 +172,5 @@ def test_an_eager_attack_casts_each_weight_once_and_computes_no_weight_gradient(
         pgd(net, x, y, AttackConfig(num_steps=steps), bn="adv", train=False,
             autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))  # fmt: skip
     assert counter.weight_casts == len(convs), f"{counter.weight_casts} casts of {len(convs)} conv weights"
-    assert counter.weight_grads == 0
+    assert counter.input_grads == len(convs) * steps and counter.weight_grads == 0  # every backward seen: input only
     assert all(p.grad is None and p.requires_grad for p in net.parameters())

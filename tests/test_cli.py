@@ -66,25 +66,10 @@ def test_train_eval_export_round_trip(capsys, tmp_path):
     assert main(["export", str(run), str(tmp_path / "plain.pt")]) == 0
     plain = torch.load(tmp_path / "plain.pt")
     assert not any(".clean." in k or ".adv." in k for k in plain)
-    assert (
-        main(
-            [
-                "eval",
-                str(tmp_path / "plain.pt"),
-                "--model",
-                "resnet18",
-                "--width",
-                "8",
-                "--attacks",
-                "clean",
-                "--dataset",
-                "cifar10",
-                "--data-dir",
-                str(tmp_path / "nodata"),
-            ]
-        )
-        == 2
-    )  # no data: clear error
+    capsys.readouterr()
+    no_data = ["--attacks", "clean", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nodata")]
+    assert main(["eval", str(tmp_path / "plain.pt"), "--model", "resnet18", "--width", "8", *no_data]) == 2
+    assert "arat data download" in one_line_error(capsys)  # no data: says how to get it
     assert main(["recipes"]) == 0 and "arat-wrn34-10-cifar10" in capsys.readouterr().out
 
 
@@ -115,7 +100,8 @@ def test_a_run_on_synthetic_stand_in_data_records_it(capsys, tmp_path):
     (run / "eval.json").write_text(json.dumps(on_real))
     assert main(["export", str(run), str(tmp_path / "again.pt")]) == 0
     info = json.loads((tmp_path / "again.json").read_text())
-    assert info["dataset"] == "synthetic" and info["clean_acc"] not in ("", "99.00")
+    trained = json.loads((run / "results.json").read_text())["results"]["clean"]["accuracy"]
+    assert info["dataset"] == "synthetic" and info["clean_acc"] == f"{100 * trained:.2f}"  # the synthetic figure
 
 
 def fake_cifar_archive(path):
@@ -181,6 +167,13 @@ def test_eval_refuses_zero_examples(tmp_path, capsys):
     assert "eval.attacks is empty" in capsys.readouterr().err
 
 
+def one_line_error(capsys) -> str:
+    """The error output of the call just made: one line, no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("arat: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
 def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
     import json
 
@@ -188,6 +181,7 @@ def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
 
     run = tmp_path / "run"
     assert main(["train", "--recipe", "smoke", "--set", "train.epochs=1", "--no-eval", "--out", str(run)]) == 0
+    capsys.readouterr()
     (run / "checkpoints" / "final.pt").unlink()
     config = json.loads((run / "config.json").read_text())
     edits = {
@@ -199,14 +193,15 @@ def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
         edit(edited)
         (run / "config.json").write_text(json.dumps(edited))
         assert main(["train", "--resume", str(run)]) == 2, what
-        assert "config" in capsys.readouterr().err, what
+        assert "config" in one_line_error(capsys), what
     (run / "config.json").write_text("{not json")
     assert main(["train", "--resume", str(run)]) == 2
+    assert "config.json" in one_line_error(capsys)
     (run / "config.json").write_text(json.dumps(config))
     latest = run / "checkpoints" / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
     assert main(["train", "--resume", str(run)]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert "not a readable checkpoint" in one_line_error(capsys)
 
 
 def test_unwritable_output_is_one_line(tmp_path, capsys):
@@ -232,8 +227,9 @@ def test_crafted_checkpoints_run_no_code_in_eval_and_export(tmp_path, capsys):
     marker, crafted = tmp_path / "pwned", tmp_path / "crafted.pt"
     torch.save({"model": RunsCode(marker)}, crafted)
     assert main(["eval", str(crafted), "--model", "resnet18", "--attacks", "clean"]) == 2
+    assert "not a readable checkpoint" in one_line_error(capsys)
     assert main(["export", str(crafted), str(tmp_path / "out.pt")]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err and not marker.exists()
+    assert "not a readable checkpoint" in one_line_error(capsys) and not marker.exists()
 
 
 def _weights(width=8):

@@ -135,7 +135,7 @@ def test_graphed_attacks_run_with_autocasts_weight_cache_off():
             pgd(model, x, y, cfg, bn="adv", train=False, autocast=bf16)
     hook.remove()
     assert stand_in.captured_cache_states == [False, False]
-    assert seen and not any(seen)  # two warm-up calls, the capture and two replays
+    assert len(seen) == 10 and not any(seen)  # two forwards in each of: two warm-up calls, the capture, two replays
 
 
 def test_an_attack_that_syncs_with_the_host_is_never_captured(caplog):

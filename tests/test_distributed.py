@@ -240,5 +240,5 @@ def test_compiled_ddp_epoch_has_no_recompiles_or_graph_breaks(tmp_path, recipe):
         assert record["world_size"] == 2
         assert record["warm_graphs"] > 0, "nothing was compiled"
         assert record["graphs_in_epoch_2"] == 0 and record["graph_breaks"] == 0, record
-        assert 1 <= record["eval_graphs"] <= 2, record  # compiled, and its two roles only
+        assert record["eval_graphs"] == 2, record  # compiled, and its two roles only
     assert ranks[0]["accuracy"] == ranks[1]["accuracy"]  # rank 0 gathers every chunk and every rank returns it

@@ -75,12 +75,12 @@ def test_trades_step_by_hand(tiny_cfg):
     x, y = batch()
     torch.manual_seed(5)
     out = method.step(nets, x, y, NO_AMP)  # dual forward (one pass, per-half BN statistics)
+    assert model.training  # the step's attack ran in eval mode and left the network training
     torch.manual_seed(5)
     ref.eval()
     with torch.no_grad():
         target = F.softmax(ref(x), dim=1)
     x_adv = pgd(ref, x, y, cfg.attack, bn="adv", train=False, target_probs=target)
-    assert ref.training is False  # the attack ran in eval mode and restored it
     ref.train()
     lc, la = ref(x), ref(x_adv)  # two separate passes
     kl = (F.softmax(lc, 1) * (F.log_softmax(lc, 1) - F.log_softmax(la, 1))).sum() / len(y)

@@ -11,7 +11,7 @@ from engine.train import build_run, train_step
 
 # No attack steps: PGD's sign() would turn last-bit differences into other adversarial examples. cuDNN autotuning
 # off (and, in conftest, TF32 off and deterministic cuDNN) so that on CUDA the test checks the engine, not cuDNN.
-EXACT = ["perf.dtype=fp32", "attack.num_steps=0", "train.epochs=1", "perf.cudnn_benchmark=off"]
+EXACT = ["perf.dtype=fp32", "attack.num_steps=0", "attack.start=none", "train.epochs=1", "perf.cudnn_benchmark=off"]
 PLAIN = [
     "perf.channels_last=false",
     "perf.dual_forward=false",
@@ -53,11 +53,26 @@ def assert_same_step(cfg_plain, cfg_fast):
             assert torch.equal(buffers_a[k], buffers_b[k]), k
 
 
+def network_inputs(cfg) -> list[tuple[int, bool]]:
+    """(batch size, channels-last) of every input the network got in one training step: the switch took effect."""
+    run = build_run(cfg)
+    seen = []
+    run.nets.raw.register_forward_pre_hook(
+        lambda _, args: seen.append((len(args[0]), args[0].is_contiguous(memory_format=torch.channels_last)))
+    )
+    x, y = next(iter(run.train_loader))
+    train_step(run, x, y)
+    assert seen, "the network was never called"
+    return seen
+
+
 def test_dual_forward_equals_two_passes(tiny_cfg):
     base = apply_overrides(tiny_cfg, EXACT)
-    assert_same_step(
-        apply_overrides(base, ["perf.dual_forward=false"]), apply_overrides(base, ["perf.dual_forward=true"])
-    )
+    two, dual = (apply_overrides(base, [f"perf.dual_forward={on}"]) for on in ("false", "true"))
+    batch = base.batch_size
+    assert {n for n, _ in network_inputs(dual)} == {2 * batch}  # clean and adversarial halves in one pass
+    assert {n for n, _ in network_inputs(two)} == {batch}
+    assert_same_step(two, dual)
 
 
 def fused_backend() -> str:
@@ -122,9 +137,10 @@ def test_compiled_gemm_convolutions_equal_eager(tiny_cfg):
 
 def test_channels_last_equals_contiguous(tiny_cfg):
     base = apply_overrides(tiny_cfg, EXACT)
-    assert_same_step(
-        apply_overrides(base, ["perf.channels_last=false"]), apply_overrides(base, ["perf.channels_last=true"])
-    )
+    contiguous, channels_last = (apply_overrides(base, [f"perf.channels_last={on}"]) for on in ("false", "true"))
+    assert {cl for _, cl in network_inputs(channels_last)} == {True}
+    assert {cl for _, cl in network_inputs(contiguous)} == {False}
+    assert_same_step(contiguous, channels_last)
 
 
 @pytest.mark.slow
@@ -178,9 +194,9 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_in_the_start_line(monkeypatch, 
     from engine.train import start_line
 
     monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: False)
-    run = build_run(apply_overrides(tiny_cfg, ["perf.dtype=bf16"]))
+    run = build_run(apply_overrides(tiny_cfg, ["perf.dtype=bf16", "perf.device=cpu"]))
     assert run.perf.dtype == torch.bfloat16 and "emulates bf16" in start_line(run)
-    run = build_run(tiny_cfg)  # the smoke recipe keeps the default: auto
+    run = build_run(apply_overrides(tiny_cfg, ["perf.device=cpu"]))  # the smoke recipe keeps the default: auto
     assert run.perf.dtype == torch.float32 and "no native bf16" in start_line(run)
 
 

@@ -61,7 +61,7 @@ def test_resume_gives_identical_results(tiny_cfg, tmp_path):
     assert strip(read_rows(full)) == strip(read_rows(resumed))
     a = torch.load(full / "checkpoints" / "final.pt")["model"]
     b = torch.load(resumed / "checkpoints" / "final.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_swa_run(tiny_cfg, tmp_path):
@@ -158,12 +158,17 @@ def test_non_finite_config_values_are_refused(tiny_cfg, value):
             apply_overrides(tiny_cfg, [f"{key}={value}"])
 
 
-def test_a_seed_torch_cannot_take_is_refused_before_anything_is_written(tiny_cfg, tmp_path):
+def test_a_seed_torch_cannot_take_is_refused_before_anything_is_written(tiny_cfg, tmp_path, capsys):
+    from engine.cli import main
     from engine.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.seed"):
         apply_overrides(tiny_cfg, [f"train.seed={2**64}"])
-    assert not (tmp_path / "run").exists()
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--set", f"train.seed={2**64}", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "train.seed" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not run.exists()
 
 
 def test_resume_trims_metrics_to_the_checkpoint_and_cleans_temp_files(tiny_cfg, tmp_path, capsys):

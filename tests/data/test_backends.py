@@ -302,9 +302,12 @@ def test_backend_modules_do_not_import_each_other():
     root = Path(data_pkg.__file__).parent
     for name in ("ffcv_backend.py", "dali_backend.py", "optional.py"):
         tree = ast.parse((root / name).read_text())
-        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
-        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and not n.module
-                     for a in n.names}  # fmt: skip
+        imported = set()  # every dotted part of every module and name imported, relative or absolute
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported |= set((node.module or "").split(".")) | {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {part for a in node.names for part in a.name.split(".")}
         assert not imported & {"backends", "ffcv_backend", "dali_backend"}, (name, imported)
 
 
