@@ -109,6 +109,8 @@ def _dual_bn_call(op, x, state, backward: bool) -> Callable[[], object]:
         with torch.set_grad_enabled(backward):
             y = op(x, *state, training=True, momentum=0.1, eps=1e-5, relu=True)
             if backward:
+                for t in (x, *state):  # fresh gradients: accumulating into the last call's would time an extra add
+                    t.grad = None
                 y.backward(y)
         return y
 

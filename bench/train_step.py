@@ -113,10 +113,11 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def profile_call(fn, device: torch.device) -> dict:
+def profile_call(fn, device: torch.device, call_ms: float | None = None) -> dict:
     """One profiled call of `fn`: top-level aten ops dispatched (an op called inside another op is not counted
-    again); on CUDA also the kernels launched and the GPU-busy fraction (the union of the kernels' time intervals
-    over the call's wall time: overlapping kernels count once)."""
+    again); on CUDA also the kernels launched and the GPU-busy fraction (the union of the kernels' time intervals,
+    overlapping kernels counted once, over the unprofiled `call_ms` where given, else over the profiled call's wall
+    time, which the profiler's own cost lengthens)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -127,10 +128,10 @@ def profile_call(fn, device: torch.device) -> dict:
         sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
     events = prof.events()
-    ops = sum(1 for e in events if e.name.startswith("aten::") and not _inside_aten(e))
+    ops = sum(1 for e in events if e.name.startswith("aten::") and not inside_aten(e))
     if device.type != "cuda":
         return {"ops_per_step": ops, "kernels_per_step": None, "busy_fraction": None}
-    return {"ops_per_step": ops} | kernel_figures(events, wall_us)
+    return {"ops_per_step": ops} | kernel_figures(events, call_ms * 1e3 if call_ms else wall_us)
 
 
 def device_events(events) -> list:
@@ -144,9 +145,11 @@ def device_events(events) -> list:
 
 
 def kernel_figures(events, wall_us: float, steps: int = 1) -> dict:
-    """Kernels launched per step and GPU-busy fraction from the profiler events of `steps` steps taking `wall_us`."""
-    kernels = [(e.time_range.start, e.time_range.end) for e in device_events(events)]
-    busy = busy_us(kernels)  # overlapping kernels count once
+    """Kernels launched per step (memory copies and sets not counted) and the GPU-busy fraction (kernels and copies)
+    from the profiler events of `steps` steps taking `wall_us`."""
+    device = device_events(events)
+    busy = busy_us([(e.time_range.start, e.time_range.end) for e in device])  # overlapping events count once
+    kernels = [e for e in device if not e.name.startswith(("Memcpy", "Memset"))]
     return {
         "kernels_per_step": round(len(kernels) / steps),
         "busy_fraction": round(min(busy / wall_us, 1.0), 3) if wall_us else None,
@@ -176,7 +179,7 @@ def matmul_ceiling(device: torch.device) -> dict:
     return {"matmul_ceiling_tflops": round(2 * n**3 / ms / 1e9, 3), "matmul_ceiling_case": case}
 
 
-def _inside_aten(event) -> bool:
+def inside_aten(event) -> bool:
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith("aten::"):
@@ -231,9 +234,10 @@ def build_row(name: str, cfg: TrainConfig, warmup: int) -> Row:
 
 def interleave(rows: list[Row], rounds: int, steps: int) -> None:
     """`rounds` rounds; in each, every row takes `steps` timed steps and 1-2 timed attacks, one row after another,
-    so that a machine slowing down or speeding up affects every row alike."""
-    for _ in range(rounds):
-        for row in rows:
+    so that a machine slowing down or speeding up affects every row alike; every other round in reverse order, so
+    that no row always runs first (clocks ramping, caches)."""
+    for i in range(rounds):
+        for row in rows if i % 2 == 0 else rows[::-1]:
             device = row.run.perf.device
             row.step_ms.append(median_ms(row.step, device, steps))
             row.attack_ms.append(median_ms(row.attack, device, max(1, steps // 2)))
@@ -243,7 +247,7 @@ def report(row: Row) -> dict:
     step_ms, attack_ms = statistics.median(row.step_ms), statistics.median(row.attack_ms)
     device, cfg, compiled = row.run.perf.device, row.cfg, row.run.perf.compiled
     before = dynamo_counts()
-    profiled = profile_call(row.step, device)
+    profiled = profile_call(row.step, device, step_ms)
     after_warm = dynamo_counts() - before  # the profiled step
     flops = forward_flops(row.run.nets.raw, row.x[:8]) * forward_units(cfg.attack.num_steps)
     images_per_s = len(row.y) / (step_ms / 1e3)

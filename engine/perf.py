@@ -98,12 +98,14 @@ class Perf:
         return self.attack_graphs is not None
 
     def activate(self) -> None:
-        """Install this run's PGD step and attack graphs again (the hooks are process-wide: for benchmarks that
-        alternate runs)."""
+        """Install this run's PGD step, attack graphs and cuDNN autotuning again (each is process-wide: for
+        benchmarks that alternate runs)."""
         from .attacks import set_step_kernel
 
         set_step_kernel(self.step_kernel)
         set_attack_graphs(self.attack_graphs)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark
 
     def autocast(self):
         if self.dtype == torch.float32:

@@ -38,7 +38,8 @@ def test_busy_time_is_the_union_of_the_kernels_intervals():
 
 def test_kernel_figures_count_device_events_only():
     """The CUDA branch of a row's profile, on stand-in events: CPU ops and the GPU copies of record_function ranges
-    are not kernels; the busy fraction is the kernels' union over the wall time."""
+    are not kernels, nor are memory copies and sets, though the GPU is busy with them; the busy fraction is the
+    device events' union over the wall time given (the unprofiled step's, where the caller has it)."""
     from types import SimpleNamespace
 
     import torch
@@ -46,14 +47,34 @@ def test_kernel_figures_count_device_events_only():
 
     cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
 
-    def event(device, start, end, annotation=False):
+    def event(device, start, end, annotation=False, name="kernel"):
         return SimpleNamespace(device_type=device, time_range=SimpleNamespace(start=start, end=end),
-                               is_user_annotation=annotation)  # fmt: skip
+                               is_user_annotation=annotation, name=name)  # fmt: skip
 
     events = [event(cpu, 0, 100), event(gpu, 10, 30), event(gpu, 20, 40), event(gpu, 0, 100, annotation=True),
-              event(gpu, 60, 70)]  # fmt: skip
-    assert kernel_figures(events, wall_us=100.0) == {"kernels_per_step": 3, "busy_fraction": 0.4}
+              event(gpu, 60, 70), event(gpu, 80, 90, name="Memcpy HtoD (Pageable -> Device)")]  # fmt: skip
+    assert kernel_figures(events, wall_us=100.0) == {"kernels_per_step": 3, "busy_fraction": 0.5}
+    assert kernel_figures(events, wall_us=200.0, steps=2) == {"kernels_per_step": 2, "busy_fraction": 0.25}
     assert kernel_figures([], wall_us=100.0) == {"kernels_per_step": 0, "busy_fraction": 0.0}
+
+
+def test_a_benchmark_that_alternates_runs_switches_cudnn_autotuning_with_them():
+    """cudnn.benchmark is process-wide and set when a run is built: a row timed after another row was built must
+    run with its own setting (Perf.activate, called before each timed step and attack)."""
+    import torch
+
+    from engine.perf import Perf
+
+    def perf(benchmark):
+        return Perf(torch.device("cuda"), torch.float32, True, False, "off", cudnn_benchmark=benchmark)
+
+    on, off, saved = perf(True), perf(False), torch.backends.cudnn.benchmark
+    try:
+        for row in (on, off, on):
+            row.activate()
+            assert torch.backends.cudnn.benchmark is row.cudnn_benchmark
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 @pytest.mark.slow

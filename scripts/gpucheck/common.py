@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cost_model import derived, forward_units  # bench/ is on sys.path (scripts/gpu_check.py)
-from train_step import LADDER, device_events, forward_flops, kernel_figures  # bench/ on sys.path (gpu_check.py)
+from cost_model import derived, epoch_images, forward_units  # bench/ is on sys.path (scripts/gpu_check.py)
+from train_step import LADDER, device_events, forward_flops, inside_aten, kernel_figures  # bench/ on sys.path
 
 from engine.config import TrainConfig, apply_overrides
 from engine.methods.arat import attack_inputs
@@ -120,7 +120,7 @@ def measure_steps(run: Run, record: StageRecord, warmup: int, steps: int) -> dic
     attack_ms = ms_per_call(lambda: attack_inputs(run.nets, x, y, run.cfg.attack, run.perf.autocast), 2, dev)
     loss = float(last["loss"])
     flops = flops_per_image_step(run, x, run.cfg.attack.num_steps)
-    figures = derived(len(y) / (step_ms / 1e3), flops, ceiling_tflops(record))
+    figures = derived(len(y) / (step_ms / 1e3), flops, ceiling_tflops(record), epoch_images(len(y)))
     return {
         "batch_size": len(y),
         "step_ms": round(step_ms, 2),
@@ -134,9 +134,13 @@ def measure_steps(run: Run, record: StageRecord, warmup: int, steps: int) -> dic
     }
 
 
-def profile_steps(fn, steps: int, dev: torch.device, out_file: Path, title: str) -> dict[str, Any]:
-    """Profile `steps` calls of fn: aten ops and CUDA kernels per step, GPU-busy fraction (kernel time / wall
-    time; below 0.7 is launch-bound), aten::_to_copy per step; the top 40 kernels (CPU: ops) go to out_file."""
+def profile_steps(
+    fn, steps: int, dev: torch.device, out_file: Path, title: str, step_ms: float | None = None
+) -> dict[str, Any]:
+    """Profile `steps` calls of fn: top-level aten ops (an op called inside another is not counted again) and CUDA
+    kernels per step, GPU-busy fraction (kernel time / the unprofiled `step_ms` where given, else the profiled wall
+    time, which the profiler's own cost lengthens; below 0.7 is launch-bound), aten::_to_copy per step (nested
+    casts included); the top 40 kernels (CPU: ops) go to out_file."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -150,12 +154,12 @@ def profile_steps(fn, steps: int, dev: torch.device, out_file: Path, title: str)
     events = list(prof.events())
     aten = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
     result = {
-        "aten_ops_per_step": round(len(aten) / steps),
+        "aten_ops_per_step": round(sum(not inside_aten(e) for e in aten) / steps),
         "to_copy_per_step": round(sum(e.name == "aten::_to_copy" for e in aten) / steps),
-        "wall_ms_per_step": round(wall_us / 1e3 / steps, 2),
+        "wall_ms_per_step": round(wall_us / 1e3 / steps, 2),  # profiled
     }
     if dev.type == "cuda":
-        result |= kernel_figures(events, wall_us, steps)
+        result |= kernel_figures(events, steps * step_ms * 1e3 if step_ms else wall_us, steps)
     else:
         result |= {"kernels_per_step": SMOKE_SKIP, "busy_fraction": SMOKE_SKIP}
     append_top_table(out_file, title, device_events(events) if dev.type == "cuda" else aten, steps, result)

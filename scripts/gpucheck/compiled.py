@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch._dynamo
-from cost_model import derived  # bench/ is on sys.path (scripts/gpu_check.py)
+from cost_model import derived, epoch_images  # bench/ is on sys.path (scripts/gpu_check.py)
 from torch._dynamo.utils import counters
 
 from engine.methods import Nets
@@ -146,13 +146,14 @@ def write_notes(record: StageRecord, lines: list[str]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def profile_with_layouts(record: StageRecord, run: Run, x, y) -> tuple[dict[str, Any], Counter]:
+def profile_with_layouts(record: StageRecord, run: Run, x, y, step_ms: float) -> tuple[dict[str, Any], Counter]:
     """Step 4: two profiled steps (profile_compiled.txt) and the dual-BN layouts they used (compile_notes.txt)."""
     title = f"compiled, kernels on, B={len(y)}"
     profile: dict[str, Any] = {}
     out_file = record.side_file("profile_compiled.txt")
     step = lambda: train_step(run, x, y)  # noqa: E731
-    layouts = dual_bn_layouts(lambda: profile.update(profile_steps(step, 2, run.perf.device, out_file, title)))
+    busy_of = step_ms if math.isfinite(step_ms) else None  # the unprofiled step time
+    layouts = dual_bn_layouts(lambda: profile.update(profile_steps(step, 2, run.perf.device, out_file, title, busy_of)))
     if layouts:
         write_notes(record, [f"dual_bn layout {key}: {n} calls in 2 profiled steps" for key, n in layouts.items()])
     return profile, layouts
@@ -179,10 +180,11 @@ def main_case(record: StageRecord) -> dict[str, Any]:
     recompiles, recompile_error, step_ms = count_recompiles(run, x, y, SMOKE_STEPS if record.smoke else STEPS)
     record.figure("recompiles_after_warmup", recompiles)
     record.figure("recompile_error", recompile_error)
-    profile, layouts = profile_with_layouts(record, run, x, y)
+    profile, layouts = profile_with_layouts(record, run, x, y, step_ms)
     loss = loss_of(train_step(run, x, y))
     flops = flops_per_image_step(run, x, run.cfg.attack.num_steps)
-    speed = derived(len(y) / (step_ms / 1e3), flops, ceiling_tflops(record)) if math.isfinite(step_ms) else {}
+    images_per_s = len(y) / (step_ms / 1e3)
+    speed = derived(images_per_s, flops, ceiling_tflops(record), epoch_images(len(y))) if math.isfinite(step_ms) else {}
     row = {
         "case": "main",
         "config": "row 4 + compile, kernels on",

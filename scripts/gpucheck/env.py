@@ -104,7 +104,7 @@ def device_properties() -> dict[str, Any]:
         "gpu_count": torch.cuda.device_count(),
         "capability": f"{props.major}.{props.minor}",
         "sm_count": props.multi_processor_count,
-        "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        "l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
         "memory_gib": round(props.total_memory / 2**30, 1),
         "bf16_native": torch.cuda.is_bf16_supported(including_emulation=False),
     }

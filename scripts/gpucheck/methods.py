@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 import torch
-from cost_model import derived  # bench/ is on sys.path (scripts/gpu_check.py)
+from cost_model import derived, epoch_images  # bench/ is on sys.path (scripts/gpu_check.py)
 
 from engine.attacks.pgd import frozen, input_gradient, mode
 from engine.train import build_run, train_step
@@ -107,7 +107,7 @@ def wrn_case(record: StageRecord) -> dict[str, Any]:
     step_ms = ms_per_call(lambda: last.update(train_step(run, x, y)), 1, run.perf.device)
     loss = float(last["loss"])
     row |= {"step_ms": round(step_ms, 1), "loss": loss, "ok": math.isfinite(loss), "finite_loss": math.isfinite(loss)}
-    row |= derived(len(y) / (step_ms / 1e3), flops, ceiling_tflops(record))
+    row |= derived(len(y) / (step_ms / 1e3), flops, ceiling_tflops(record), epoch_images(len(y)))
     row["peak_mem_gib"] = peak_mem_gib(run.perf.device)
     record.figure("wrn34_10", {k: row.get(k) for k in ("images_per_s", "tflops", "pct_989", "pct_ceiling", "epoch_s",
                   "run100_min", "step_ms", "peak_mem_gib")})  # fmt: skip
