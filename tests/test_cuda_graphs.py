@@ -216,7 +216,7 @@ def test_a_capture_that_fails_inside_reports_its_own_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     capture = object.__new__(graphs.CudaCapture)
     capture.device, capture.stream, capture.pool = torch.device("cuda", 0), None, None
-    monkeypatch.setattr(capture, "_abandon_pool", lambda: abandoned.append(True))
+    monkeypatch.setattr(capture, "_abandon_capture", lambda: abandoned.append(True))
 
     def attack():
         raise ValueError("an op that cannot be captured")

@@ -98,17 +98,23 @@ class CudaCapture:
                 try:
                     graph.capture_end()
                 except Exception:
-                    self._abandon_pool()
+                    self._abandon_capture()
                     if failure is None:  # else fn's own error goes on (ending reports only "a previous error")
                         raise
         return graph.replay, out
 
-    def _abandon_pool(self) -> None:
+    def _abandon_capture(self) -> None:
+        """A capture that cannot end hands its pool back to the allocator, and the default generator's state back
+        to eager use: torch 2.11's capture_end raises before it takes the generator out of capture mode, and every
+        later random draw (the eager fallback's random start first) would then fail."""
         index = self.device.index
         with contextlib.suppress(Exception):
             torch._C._cuda_endAllocateToPool(index, self.pool)
         with contextlib.suppress(Exception):
             torch._C._cuda_releasePool(index, self.pool)
+        with contextlib.suppress(Exception):  # a fresh state with the same seed and offset, not capturing
+            generator = torch.cuda.default_generators[index if index is not None else torch.cuda.current_device()]
+            generator.graphsafe_set_state(generator.clone_state())
 
 
 @dataclass
