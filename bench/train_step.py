@@ -131,7 +131,7 @@ def profile_call(fn, device: torch.device, call_ms: float | None = None) -> dict
     ops = sum(1 for e in events if e.name.startswith("aten::") and not inside_aten(e))
     if device.type != "cuda":
         return {"ops_per_step": ops, "kernels_per_step": None, "busy_fraction": None}
-    return {"ops_per_step": ops} | kernel_figures(events, call_ms * 1e3 if call_ms else wall_us)
+    return {"ops_per_step": ops} | kernel_figures(events, wall_us, step_ms=call_ms)
 
 
 def device_events(events) -> list:
@@ -144,9 +144,12 @@ def device_events(events) -> list:
     ]
 
 
-def kernel_figures(events, wall_us: float, steps: int = 1) -> dict:
+def kernel_figures(events, wall_us: float, steps: int = 1, step_ms: float | None = None) -> dict:
     """Kernels launched per step (memory copies and sets not counted) and the GPU-busy fraction (kernels and copies)
-    from the profiler events of `steps` steps taking `wall_us`."""
+    from the profiler events of `steps` steps taking `wall_us` profiled: the fraction is of the unprofiled time,
+    `steps` x `step_ms`, where the caller has it (the profiler's own cost lengthens a profiled step)."""
+    if step_ms:
+        wall_us = steps * step_ms * 1e3
     device = device_events(events)
     busy = busy_us([(e.time_range.start, e.time_range.end) for e in device])  # overlapping events count once
     kernels = [e for e in device if not e.name.startswith(("Memcpy", "Memset"))]

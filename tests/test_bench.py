@@ -55,6 +55,7 @@ def test_kernel_figures_count_device_events_only():
               event(gpu, 60, 70), event(gpu, 80, 90, name="Memcpy HtoD (Pageable -> Device)")]  # fmt: skip
     assert kernel_figures(events, wall_us=100.0) == {"kernels_per_step": 3, "busy_fraction": 0.5}
     assert kernel_figures(events, wall_us=200.0, steps=2) == {"kernels_per_step": 2, "busy_fraction": 0.25}
+    assert kernel_figures(events, wall_us=500.0, steps=2, step_ms=0.1)["busy_fraction"] == 0.25  # the unprofiled time
     assert kernel_figures([], wall_us=100.0) == {"kernels_per_step": 0, "busy_fraction": 0.0}
 
 

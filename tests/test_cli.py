@@ -215,8 +215,7 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
         (tmp_path / "ro").mkdir(mode=0o500)
         target = str(tmp_path / "ro" / "run")
     assert main(["train", "--recipe", "smoke", "--out", target]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("arat: error:") and "\n" not in err
+    one_line_error(capsys)
 
 
 def test_crafted_checkpoints_run_no_code_in_eval_and_export(tmp_path, capsys):

@@ -159,7 +159,7 @@ def profile_steps(
         "wall_ms_per_step": round(wall_us / 1e3 / steps, 2),  # profiled
     }
     if dev.type == "cuda":
-        result |= kernel_figures(events, steps * step_ms * 1e3 if step_ms else wall_us, steps)
+        result |= kernel_figures(events, wall_us, steps, step_ms)
     else:
         result |= {"kernels_per_step": SMOKE_SKIP, "busy_fraction": SMOKE_SKIP}
     append_top_table(out_file, title, device_events(events) if dev.type == "cuda" else aten, steps, result)
