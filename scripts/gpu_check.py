@@ -45,8 +45,10 @@ COMPILE_LOGS = "recompiles,graph_breaks,dynamic,perf_hints"
 def prepare_process(stage: str, work: Path) -> None:
     """Settings that must precede `import torch`: the compile stage's logs go to a file the merge filters."""
     if stage == "compile":
+        logs = work / "compile_torch_logs.txt"
+        logs.unlink(missing_ok=True)  # torch appends: an earlier run's recompiles must not read as this run's
         os.environ["TORCH_LOGS"] = COMPILE_LOGS
-        os.environ["TORCH_LOGS_OUT"] = str(work / "compile_torch_logs.txt")
+        os.environ["TORCH_LOGS_OUT"] = str(logs)
 
 
 def on_sigterm(record: StageRecord):
@@ -57,6 +59,10 @@ def on_sigterm(record: StageRecord):
         if record.on_timeout is not None:
             with contextlib.suppress(Exception):
                 record.on_timeout()
+        if record.cut():  # an optional phase: the stage's criteria were settled before it
+            record.data["finished"] = True
+            record.flush()
+            os._exit(1 if record.failed else 0)
         if record.data["error"] is None:
             record.data["error"] = "stopped at the stage's cap (SIGTERM)"
         record.flush()

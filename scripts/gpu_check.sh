@@ -6,8 +6,9 @@
 #   bash scripts/gpu_check.sh --cpu-smoke                      # CPU-sized run of every stage (CI, the prepare step)
 #
 # Each stage is its own process under `timeout`, so a CUDA fault ends one stage, not the check. Outputs (at most 8
-# files) go to $GPU_CHECK_OUT (gpu_check_out/), scratch and caches to $GPU_CHECK_WORK (/tmp/gc). Prepare the
-# offline files first on a machine with network: bash scripts/gpu_check_prepare.sh
+# files) go to $GPU_CHECK_OUT (gpu_check_out/), merged after every stage so a killed check keeps what it measured;
+# scratch and caches go to $GPU_CHECK_WORK (/tmp/gc). Prepare the offline files first on a machine with network:
+# bash scripts/gpu_check_prepare.sh
 set -uo pipefail # no -e: a failing stage is recorded and the check goes on
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,7 @@ SMOKE=()
 SELECTED=""
 
 usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -70,6 +71,9 @@ if [ ${#SMOKE[@]} -gt 0 ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} # one thread per stage: a shared 2-core CI machine oversubscribes
 fi
 mkdir -p "$W/cache" "$W/site"
+if [ -z "$SELECTED" ]; then # a full run starts clean: the merges after each stage must not show an earlier run's
+    for name in $(stage_names); do rm -f "$W/$name.json" "$W/$name.status" "$W/$name.log"; done
+fi
 printf '{"started": "%s", "started_ms": %s, "budget_s": %s, "cpu_smoke": %s, "stages": "%s"}\n' \
     "$(date -Iseconds)" "$START_MS" "$BUDGET" "$([ ${#SMOKE[@]} -gt 0 ] && echo true || echo false)" \
     "${SELECTED:-all}" >"$W/run.json"
@@ -84,7 +88,10 @@ stop_prep() {
     fi
     PREP_PID=""
 }
-trap 'stop_prep; exit 130' INT TERM
+merge_quietly() { # after every stage: a check killed later (the device's command limit) still leaves its outputs
+    timeout -k 5 30 "$PYTHON" scripts/gpu_check.py --merge "$W" --out "$OUT" >"$W/merge.log" 2>&1
+}
+trap 'stop_prep; merge_quietly; exit 130' INT TERM
 if selected real_run && [ ${#SMOKE[@]} -eq 0 ] && [ ! -f "$W/data/cifar-10-batches-py/batches.meta" ]; then
     if [ -f .gpucheck/prepare.py ]; then
         "$PYTHON" .gpucheck/prepare.py "$W/data" >"$W/prepare.log" 2>&1 &
@@ -145,7 +152,7 @@ run_stage() { # name cap
     tail -n 3 "$W/$name.log" | cut -c1-300 | sed 's/^/   /'
 }
 for entry in "${STAGES[@]}"; do
-    selected "${entry%%:*}" && run_stage "${entry%%:*}" "${entry##*:}"
+    selected "${entry%%:*}" && run_stage "${entry%%:*}" "${entry##*:}" && merge_quietly
 done
 
 stop_prep

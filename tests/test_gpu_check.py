@@ -197,7 +197,8 @@ def test_compile_variants_are_speeds_relative_to_the_main_case():
 
 def test_a_failing_kernel_case_is_a_row_and_the_next_cases_run(tmp_path, monkeypatch):
     """Compiled Triton and CUDA-graph capture have never run: one case raising (a compile error at one dtype) must
-    become a failing row, and the remaining cases, the graph-replay row and opcheck must still run."""
+    become a failing row, and the remaining cases, the graph-replay row and opcheck must still run (before the long
+    dual-BN grid, the one a cap cuts)."""
     sys.path.insert(0, str(REPO / "bench"))
     from gpucheck import kernels_correct as kc
     from gpucheck.record import StageFailed, StageRecord
@@ -222,7 +223,7 @@ def test_a_failing_kernel_case_is_a_row_and_the_next_cases_run(tmp_path, monkeyp
     expected = sum(2 if len(s) == 4 else 1 for s in kc.SMOKE_PGD_SHAPES)
     assert len(calls) == expected * len(kc.PGD_DTYPES)  # every pgd case after the broken one still ran
     assert rows[0]["pass"] is False and "PassManager" in rows[0]["why"]
-    assert [r["op"] for r in rows if r["op"] != "pgd_step"] == ["dual_batch_norm", "replay", "opcheck"]
+    assert [r["op"] for r in rows if r["op"] != "pgd_step"] == ["replay", "opcheck", "dual_batch_norm"]
     assert record.data["figures"]["total"] == len(rows) and record.data["figures"]["passed"] == len(rows) - 2
 
 
@@ -318,3 +319,133 @@ def test_each_compile_extra_case_counts_its_own_graphs(tmp_path, monkeypatch):
     record = StageRecord("compile", tmp_path / "compile.json", 60, smoke=True)
     row = compiled.extra_case(record, "trades")
     assert (row["case"], row["unique_graphs"], row["graph_breaks"], row["finite_loss"]) == ("trades", 1, 0, True)
+
+
+def test_the_dual_bn_grid_starts_with_one_fp32_case_per_layout_and_a_cut_counts_what_it_left(tmp_path):
+    """A cap cuts the long dual-BN grid: fp32 in both layouts comes first, and the cases left are counted."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck import kernels_correct as kc
+    from gpucheck.record import StageRecord
+
+    for smoke in (True, False):
+        grid = kc.bn_grid(smoke)
+        assert [(dtype, cl) for _, dtype, cl, _, _ in grid[:2]] == [(torch.float32, False), (torch.float32, True)]
+        assert len(set(grid)) == len(grid)  # reordered, nothing repeated
+        fp32_shapes = {shape for shape, dtype, _, _, _ in grid if dtype == torch.float32}
+        assert sum(dtype == torch.float32 for _, dtype, _, _, _ in grid) == 4 * len(fp32_shapes)  # 2 layouts x 2 modes
+    record = StageRecord("kernels_correct", tmp_path / "kc.json", 0, smoke=True)  # no time left at all
+    check = kc.Checker(record, kc.FallbackCatcher())
+    kc.pgd_rows(check, torch.device("cpu"), True)
+    kc.bn_rows(check, torch.device("cpu"), True)
+    assert record.data["figures"]["not_run"] == len(kc.pgd_grid(True)) + len(kc.bn_grid(True))
+    assert [row["cases_not_run"] for row in record.data["rows"]] == [len(kc.pgd_grid(True)), len(kc.bn_grid(True))]
+
+
+def test_merge_reads_a_cut_in_an_optional_phase_as_done_and_a_stage_without_exit_status_as_stopped(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "run.json").write_text(json.dumps({"started": "t0", "started_ms": 0, "budget_s": 480, "cpu_smoke": True}))
+    killed = {"optional_phase": "extra case trades", "rows": [{"case": "main"}]}  # SIGKILL before the handler
+    write_stage(work, "compile", "timeout", 137, killed)
+    write_stage(work, "real_run", "ok", 0, {"figures": {"cut": "real_run extras"}})  # the handler ran: exit 0
+    write_stage(work, "methods", "timeout", 124, {"optional_phase": "x", "error": "3 of 16 cases failed"})
+    (work / "probes.json").write_text(json.dumps({"rows": [{"case": "a"}], "figures": {}, "error": None}))  # no status
+    merge(work, out, REPO)
+    stages = json.loads((out / "gpu_check.json").read_text())["stages"]
+    assert (stages["compile"]["status"], stages["compile"]["reason"]) == (
+        "ok", "cut at the cap during the optional extra case trades")  # fmt: skip
+    assert stages["real_run"]["status"] == "ok" and "real_run extras" in stages["real_run"]["reason"]
+    assert stages["methods"]["status"] == "failed" and stages["methods"]["error"] == "3 of 16 cases failed"
+    assert stages["probes"]["status"] == "timeout" and stages["probes"]["rows"] == [{"case": "a"}]
+    assert stages["ceilings"]["status"] == "skipped"
+
+
+def test_sigterm_in_an_optional_phase_ends_the_stage_ok_with_a_cut_row(tmp_path):
+    """timeout(1) sends SIGTERM at the cap: inside record.optional the driver exits 0 with a `cut` row (the stage's
+    criteria were settled before), outside it exits 124 with the rows kept."""
+    code = """
+import os, signal, sys, time
+sys.path[:0] = [{scripts!r}]
+import gpu_check
+from gpucheck.record import StageRecord
+record = StageRecord("compile", {path!r}, 60, smoke=True)
+signal.signal(signal.SIGTERM, gpu_check.on_sigterm(record))
+record.row({{"case": "main", "ok": True}})
+with record.optional("extra case trades") if {optional} else open(os.devnull):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+"""
+    for optional, rc in ((True, 0), (False, 124)):
+        path = tmp_path / f"{optional}.json"
+        text = code.format(scripts=str(REPO / "scripts"), path=str(path), optional=optional)
+        done = subprocess.run([sys.executable, "-c", text], capture_output=True, text=True, timeout=120)
+        assert done.returncode == rc, done.stderr[-2000:]
+        data = json.loads(path.read_text())
+        assert data["rows"][0] == {"case": "main", "ok": True}
+        if optional:
+            assert data["rows"][1]["case"] == "extra case trades" and "cut" in data["rows"][1]["status"]
+            assert data["error"] is None and data["finished"] is True
+        else:
+            assert len(data["rows"]) == 1 and "SIGTERM" in data["error"]
+
+
+def test_the_check_merges_after_every_stage_so_a_killed_check_keeps_its_outputs(tmp_path):
+    """The device's command limit may kill the whole check: the stages finished before must be in the outputs."""
+    import signal
+    import time
+
+    out, work, mark = tmp_path / "out", tmp_path / "work", tmp_path / "second_stage_started"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/usr/bin/env bash\n[[ "$*" == *"--stage ceilings"* ]] && touch {mark} && sleep 60\n'
+                       f'exec {sys.executable} "$@"\n')  # fmt: skip
+    wrapper.chmod(0o755)
+    env = os.environ | {"GPU_CHECK_OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": str(wrapper)}
+    command = ["bash", "scripts/gpu_check.sh", "--cpu-smoke", "--stages", "env,ceilings"]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert mark.exists(), "the second stage never started"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stages = json.loads((out / "gpu_check.json").read_text())["stages"]
+    assert stages["env"]["status"] == "ok" and stages["ceilings"]["status"] == "skipped"
+
+
+def test_pgd20_is_read_on_the_images_autoattack_ran_on(tmp_path):
+    """real_run's AA criterion compares AA with PGD-20 on AA's 200 images, not PGD-20's 1000."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck.real_run import criteria, pgd20_on_aa_images
+    from gpucheck.record import StageRecord
+
+    from engine.evaluate import pack, write_flags
+
+    pgd20 = torch.tensor([True, False, False, False] + [True] * 6)  # 10 images: 70%, the first 4: 25%
+    (tmp_path / "eval").mkdir()
+    write_flags(tmp_path / "eval", {"pgd20": {"num_examples": 10, "flags": pack(pgd20)}})
+    assert pgd20_on_aa_images(tmp_path, 4) == 0.25 and pgd20_on_aa_images(tmp_path, 20) is None
+    record = StageRecord("real_run", tmp_path / "rr.json", 60, smoke=False)
+    criteria(record, {"clean": 0.8, "pgd20": 0.7, "aa": 0.5, "pgd20_on_aa_images": 0.25})
+    assert "AA <= PGD-20" in record.data["error"]  # 50% AA on images where PGD-20 left 25%: the attack is broken
+    record = StageRecord("real_run", tmp_path / "rr2.json", 60, smoke=False)
+    criteria(record, {"clean": 0.8, "pgd20": 0.7, "aa": 0.25, "pgd20_on_aa_images": 0.25})
+    assert record.data["error"] is None
+
+
+def test_compile_cache_is_warm_only_after_a_compile_stage_ran(tmp_path, monkeypatch):
+    """kernels_speed fills Inductor's cache too: only the compile stage's own marker makes its compile_s 'warm'."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck import compiled
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    (tmp_path / "inductor" / "fxgraph").mkdir(parents=True)  # another stage's entries
+    assert compiled.compile_cache_state() == "cold"
+    compiled.mark_compiled()
+    assert compiled.compile_cache_state() == "warm"

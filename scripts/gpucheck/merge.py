@@ -52,6 +52,8 @@ def stage_record(work: Path, name: str) -> dict[str, Any]:
     """One stage's entry of gpu_check.json, from the orchestrator's status and the driver's record."""
     status = read_json(work / f"{name}.status")
     data = read_json(work / f"{name}.json") or {}
+    if status is None and data:  # a record but no exit status: the check itself was stopped during this stage
+        status = {"status": "timeout", "rc": None, "seconds": None, "reason": "the check was stopped in this stage"}
     if status is None:
         return empty_record(name, "not run (not selected, or no run in this work folder yet)")
     record = {
@@ -70,7 +72,15 @@ def stage_record(work: Path, name: str) -> dict[str, Any]:
 
 
 def settle_status(record: dict[str, Any], data: dict[str, Any], log: Path) -> None:
-    """Fold the driver's view (its own skip, its error) into the exit-code status; add the log tail on trouble."""
+    """Fold the driver's view (its own skip, its error, a cut in an optional phase) into the exit-code status; add
+    the log tail on trouble."""
+    cut = data.get("optional_phase") or data.get("figures", {}).get("cut")
+    if cut and record["status"] in ("ok", "timeout"):  # a timeout here: killed before its handler ran, same verdict
+        record["status"] = "failed" if data.get("error") else "ok"
+        record["reason"] = f"cut at the cap during the optional {cut}"
+        if record["status"] == "failed":
+            record["log_tail"] = log_tail(log)
+        return
     if record["status"] == "ok" and not data:
         record["status"], record["error"] = "failed", "the stage exited 0 but wrote no record"
     elif record["status"] == "ok" and data.get("skipped"):

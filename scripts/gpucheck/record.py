@@ -3,6 +3,7 @@ so a stage killed on timeout keeps what it measured. Torch-free."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,6 +55,7 @@ class StageRecord:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "finished": False,
             "skipped": None,  # a reason: the stage chose not to run (e.g. pyautoattack absent)
+            "optional_phase": None,  # the optional measurement running now: a cut at the cap there is not a timeout
             "error": None,  # the first failing criterion, or the exception's last line
             "rows": [],
             "figures": {},
@@ -86,6 +88,28 @@ class StageRecord:
     def finish(self) -> None:
         self.data["finished"] = True
         self.flush()
+
+    @contextlib.contextmanager
+    def optional(self, name: str):
+        """Measurements the stage can do without: a cut at the cap inside (SIGTERM, or the kill after it) ends the
+        stage as ok, its pass criteria already settled, with a `cut` row instead of a timeout."""
+        outer = self.data["optional_phase"]
+        self.data["optional_phase"] = name
+        self.flush()
+        try:
+            yield
+        finally:
+            self.data["optional_phase"] = outer
+            self.flush()
+
+    def cut(self) -> bool:
+        """At the cap: a `cut` row when an optional phase was running (then the stage counts as done)."""
+        phase = self.data.get("optional_phase")
+        if phase is None:
+            return False
+        self.data["rows"].append({"case": phase, "status": "cut at the stage's cap (optional)"})
+        self.data["figures"]["cut"] = phase
+        return True
 
     @property
     def failed(self) -> bool:

@@ -27,11 +27,12 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "kernels": {
             "passed": correct.get("passed"),
             "total": correct.get("total"),
+            "not_run": correct.get("not_run"),
             "pgd_stream_tb_s": speed.get("pgd_stream_tb_s"),
             "bn_stream_tb_s": speed.get("bn_stream_tb_s"),
             "inductor_beats_triton": speed.get("inductor_beats_triton"),
         },
-        "methods": {k: fig["methods"].get(k) for k in ("ok", "total", "failed")},
+        "methods": {k: fig["methods"].get(k) for k in ("ok", "total", "failed", "skipped")},
         "wrn34_10": fig["methods"].get("wrn34_10"),
         "real_run": {k: v for k, v in fig["real_run"].items() if k != "aa_projection"},
         "aa": fig["real_run"].get("aa_projection"),
@@ -89,7 +90,8 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
         ["versions", versions(env)],
         ["ceilings", f"copy {fmt(c['copy_tb_s'])} TB/s, bf16 matmul {fmt(c['bf16_matmul_tflops'])} TFLOP/s"
          + (f" FLAGGED: {'; '.join(flags)}" if flags else "")],
-        ["kernels correct", f"{fmt(k['passed'])}/{fmt(k['total'])} pass"],
+        ["kernels correct", f"{fmt(k['passed'])}/{fmt(k['total'])} pass"
+                            + (f", {k['not_run']} not run (budget)" if k.get("not_run") else "")],
         ["kernels speed", f"pgd_step 64M stream {fmt(k['pgd_stream_tb_s'])} TB/s, dual BN stream "
          f"{fmt(k['bn_stream_tb_s'])} TB/s, Inductor beats Triton at: {fmt(k['inductor_beats_triton'])}"],
         ["RN18 B=128 eager", throughput(s["eager"]["b128"])],
@@ -102,7 +104,8 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
         ["RN18 B=128 eager + CUDA graphs", throughput(s["cuda_graphs"]["b128"])],
         ["compile variants", variants_line(s.get("compile_variants"))],
         ["methods", f"{fmt(m['ok'])}/{fmt(m['total'])} ok" + (f" (failed: {', '.join(m['failed'])})" if m["failed"]
-                                                              else "")],
+                                                              else "") + (f", {m['skipped']} skipped (budget)"
+                                                                          if m.get("skipped") else "")],
         ["WRN-34-10 AR-AT", throughput(s["wrn34_10"])],
         ["2-epoch run", real_run_line(real)],
         ["AA projection", aa_line(s["aa"])],
