@@ -243,3 +243,54 @@ def test_cuda_graph_replays_equal_eager_attacks(start):
     assert (captured.captures, captured.replays) == (1, 3)
     for a, b in zip(eager, replayed, strict=True):
         assert torch.equal(a, b)
+
+
+@cuda
+@pytest.mark.parametrize("switches", [["perf.dtype=fp32", "perf.kernels=off"], ["perf.dtype=bf16", "perf.kernels=on"]])
+def test_cuda_captured_training_equals_eager_with_the_optimizer_between_replays(tiny_cfg, switches):
+    """The optimizer updates the weights in place between replays: a replayed attack must read the new ones (a
+    stale copy would drift from the first replay on). Six AR-AT steps on one batch, the attack captured at the third
+    (bf16: autocast's cast cache off in the graph, on eagerly; Triton's fused PGD step inside the capture), give
+    eager's losses and weights."""
+    from engine.config import apply_overrides
+    from engine.train import build_run, train_step
+
+    losses, weights, counts = {}, {}, {}
+    for graphed in ("off", "on"):
+        run = build_run(apply_overrides(tiny_cfg, [*switches, "perf.device=cuda", f"perf.cuda_graphs={graphed}"]))
+        x, y = next(iter(run.train_loader))
+        torch.manual_seed(3)
+        losses[graphed] = torch.tensor([float(train_step(run, x, y)["loss"]) for _ in range(6)])
+        weights[graphed] = torch.cat([p.detach().float().flatten() for p in run.nets.raw.parameters()])
+        counts[graphed] = run.perf.attack_graphs and (run.perf.attack_graphs.captures, run.perf.attack_graphs.replays)
+    assert counts == {"off": None, "on": (1, 4)}
+    torch.testing.assert_close(losses["on"], losses["off"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weights["on"], weights["off"], rtol=1e-4, atol=1e-6)
+
+
+@cuda
+def test_after_a_failed_cuda_capture_eager_attacks_still_draw_random_starts(caplog):
+    """A capture that cannot end (a device-wide synchronize inside it) must leave CUDA and its default generator
+    usable: the attacks after it run eagerly, draw new random starts and stay in the eps-ball."""
+    from engine.attacks.pgd import eager_pgd
+
+    device = torch.device("cuda")
+    model = net().to(device)
+    x, y = (t.to(device) for t in batches(1, size=16)[0])
+    cfg = AttackConfig(num_steps=2, start="uniform")
+    captured = graphs.AttackGraphs(graphs.CudaCapture(device), warmup=1)
+
+    def breaks_capture(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()  # not permitted while a stream captures: the capture is invalidated
+        return eager_pgd(*args, **kwargs)
+
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        outs = [captured.run(breaks_capture, model, x, y, cfg, bn="adv", train=False) for _ in range(4)]
+    torch.cuda.synchronize()  # no error left behind
+    assert captured.broken and captured.captures == 0
+    assert any("CUDA graph capture of an attack failed" in r.getMessage() for r in caplog.records)
+    for out in outs:
+        assert torch.isfinite(out).all() and (out - x).abs().max() <= cfg.eps + 1e-6
+    assert not torch.equal(outs[2], outs[3])  # each eager call after the failure drew its own start
+    assert torch.rand(4, device=device).isfinite().all()
