@@ -113,22 +113,34 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def profile_call(fn, device: torch.device, call_ms: float | None = None) -> dict:
-    """One profiled call of `fn`: top-level aten ops dispatched (an op called inside another op is not counted
-    again); on CUDA also the kernels launched and the GPU-busy fraction (the union of the kernels' time intervals,
-    overlapping kernels counted once, over the unprofiled `call_ms` where given, else over the profiled call's wall
-    time, which the profiler's own cost lengthens)."""
+def profiled(fn, device: torch.device, calls: int = 1) -> tuple[list, float]:
+    """The profiler's events of `calls` back-to-back calls of fn (CPU ops, and on CUDA the device's kernels) and
+    their wall time in microseconds (lengthened by the profiler's own cost)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         sync(device)
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
-    events = prof.events()
-    ops = sum(1 for e in events if e.name.startswith("aten::") and not inside_aten(e))
+    return list(prof.events()), wall_us
+
+
+def aten_events(events) -> list:
+    """The host-side aten ops among profiler events (nested ones included: see inside_aten)."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
+
+
+def profile_call(fn, device: torch.device, call_ms: float | None = None) -> dict:
+    """One profiled call of `fn`: top-level aten ops dispatched (an op called inside another op is not counted
+    again); on CUDA also the kernels launched and the GPU-busy fraction (the union of the kernels' time intervals,
+    overlapping kernels counted once, over the unprofiled `call_ms` where given, else over the profiled call's wall
+    time, which the profiler's own cost lengthens)."""
+    events, wall_us = profiled(fn, device)
+    ops = sum(not inside_aten(e) for e in aten_events(events))
     if device.type != "cuda":
         return {"ops_per_step": ops, "kernels_per_step": None, "busy_fraction": None}
     return {"ops_per_step": ops} | kernel_figures(events, wall_us, step_ms=call_ms)

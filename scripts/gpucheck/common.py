@@ -13,7 +13,15 @@ from typing import Any
 
 import torch
 from cost_model import derived, epoch_images, forward_units  # bench/ is on sys.path (scripts/gpu_check.py)
-from train_step import LADDER, device_events, forward_flops, inside_aten, kernel_figures  # bench/ on sys.path
+from train_step import (  # bench/ is on sys.path
+    LADDER,
+    aten_events,
+    device_events,
+    forward_flops,
+    inside_aten,
+    kernel_figures,
+    profiled,
+)
 
 from engine.config import TrainConfig, apply_overrides
 from engine.methods.arat import attack_inputs
@@ -141,18 +149,8 @@ def profile_steps(
     kernels per step, GPU-busy fraction (kernel time / the unprofiled `step_ms` where given, else the profiled wall
     time, which the profiler's own cost lengthens; below 0.7 is launch-bound), aten::_to_copy per step (nested
     casts included); the top 40 kernels (CPU: ops) go to out_file."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        sync(dev)
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync(dev)
-        wall_us = (time.perf_counter() - start) * 1e6
-    events = list(prof.events())
-    aten = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
+    events, wall_us = profiled(fn, dev, steps)
+    aten = aten_events(events)
     result = {
         "aten_ops_per_step": round(sum(not inside_aten(e) for e in aten) / steps),
         "to_copy_per_step": round(sum(e.name == "aten::_to_copy" for e in aten) / steps),
