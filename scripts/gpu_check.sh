@@ -6,8 +6,8 @@
 #   bash scripts/gpu_check.sh --cpu-smoke                      # CPU-sized run of every stage (CI, the prepare step)
 #
 # Each stage is its own process under `timeout`, so a CUDA fault ends one stage, not the check. Outputs (at most 8
-# files) go to $GPU_CHECK_OUT (gpu_check_out/), merged after every stage so a killed check keeps what it measured;
-# scratch and caches go to $GPU_CHECK_WORK (/tmp/gc). Prepare the offline files first on a machine with network:
+# files) go to $GPU_CHECK_OUT ($OUT where that folder exists, else gpu_check_out/), merged after every stage so a
+# killed check keeps them; scratch and caches go to $GPU_CHECK_WORK (/tmp/gc). Prepare the offline files first:
 # bash scripts/gpu_check_prepare.sh
 set -uo pipefail # no -e: a failing stage is recorded and the check goes on
 cd "$(dirname "$0")/.."
@@ -20,7 +20,9 @@ RESERVE_S=10   # kept for the merge at the end
 
 PYTHON=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
-OUT=${GPU_CHECK_OUT:-gpu_check_out}
+DEVICE_OUT=${OUT:-} # the device tool's $OUT (an empty folder whose files come back): the default when it exists
+[ -n "$DEVICE_OUT" ] && [ -d "$DEVICE_OUT" ] || DEVICE_OUT=gpu_check_out
+OUT=${GPU_CHECK_OUT:-$DEVICE_OUT}
 W=${GPU_CHECK_WORK:-/tmp/gc}
 SMOKE=()
 SELECTED=""

@@ -449,3 +449,17 @@ def test_compile_cache_is_warm_only_after_a_compile_stage_ran(tmp_path, monkeypa
     assert compiled.compile_cache_state() == "cold"
     compiled.mark_compiled()
     assert compiled.compile_cache_state() == "warm"
+
+
+def test_the_device_tools_out_folder_is_the_default_output(tmp_path):
+    """On the device machine `bash scripts/gpu_check.sh` alone must hand its files back: they go to the tool's $OUT."""
+    device_out, work = tmp_path / "device_out", tmp_path / "work"
+    device_out.mkdir()
+    wrapper = tmp_path / "python"  # the stage itself exits at once; the merge is the real one
+    wrapper.write_text(f'#!/usr/bin/env bash\n[[ "$*" == *"--stage env"* ]] && exit 0\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_OUT"}
+    env |= {"OUT": str(device_out), "GPU_CHECK_WORK": str(work), "PYTHON": str(wrapper)}
+    command = ["bash", "scripts/gpu_check.sh", "--cpu-smoke", "--stages", "env"]
+    subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert (device_out / "gpu_check.json").is_file()

@@ -1,6 +1,7 @@
 """Stages `probes` and `pytest_kernels`: the project's own tests on the GPU, output to pytest_probes.txt and
 pytest_kernels.txt. pytest runs as a child with a deadline inside the stage's cap, so a cut run still yields its
-counts (a partial run counts). There is no pytest-timeout plugin on the GPU machine: no --timeout.
+counts (a partial run counts). No --timeout: KINDS.md lists pytest-timeout on the GPU image, but a per-test limit
+below these 35-45 s caps would also cut a test's first Triton or Inductor compile there, a false failure.
 
 probes records the first error line of each failure (they are findings: e.g. test_perf.py's rel 1e-5 under TF32);
 pytest_kernels fails when a Triton test fails.

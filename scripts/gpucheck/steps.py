@@ -78,30 +78,42 @@ def cudnn_gain(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def step_eager(record: StageRecord) -> None:
-    rows, busy = [], {}
+    """The B=128 rows settle the stage (a finite loss each); the B=512 rows are extras: a cut there leaves it ok."""
+    rows: list[dict[str, Any]] = []
+    busy: dict[int, Any] = {}
     record.side_file("profile_eager.txt").unlink(missing_ok=True)
-    for batch, row, cudnn, profile in SMOKE_ROWS if record.smoke else ROWS:
-        if not record.has_time(ROW_SECONDS[batch]):
-            record.row({"row": row, "nominal_batch": batch, "cudnn_benchmark": cudnn, "status": BUDGET_SKIP})
-            continue
-        # one row's fault (a capture, the profiler) becomes a failing row and must not hide the others
-        result = guarded(record, f"{LADDER[row][0]} B={batch}", recorded_row, record, batch, row, cudnn, profile)
-        release_memory()
-        if result.get("ok") is False:
-            record.fail(f"{result['case']}: {result['error']}")
-            continue
-        rows.append(result)
-        if profile and row == DEFAULT_ROW:
-            busy[batch] = result.get("busy_fraction")
-        if row == DEFAULT_ROW and cudnn:
-            record.figure(f"b{batch}", headline(result, busy.get(batch, busy.get(128))))
-        if row == GRAPHS_ROW:
-            record.figure(f"b{batch}_cuda_graphs", headline(result, result.get("busy_fraction")))
-        if not result["finite_loss"]:
-            record.fail(f"{result['config']} B={batch}: loss {result['loss']}")
+    plan = SMOKE_ROWS if record.smoke else ROWS
+    for case in (c for c in plan if c[0] == 128):
+        step_case(record, case, rows, busy)
+    with record.optional("B=512 rows"):
+        for case in (c for c in plan if c[0] != 128):
+            step_case(record, case, rows, busy)
+    if record.failed:
+        raise StageFailed(record.data["error"])
+
+
+def step_case(record: StageRecord, case: tuple, rows: list[dict[str, Any]], busy: dict[int, Any]) -> None:
+    """One ladder row, then the stage's figures again (a stage cut at its cap keeps them)."""
+    batch, row, cudnn, profile = case
+    if not record.has_time(ROW_SECONDS[batch]):
+        record.row({"row": row, "nominal_batch": batch, "cudnn_benchmark": cudnn, "status": BUDGET_SKIP})
+        return
+    # one row's fault (a capture, the profiler) becomes a failing row and must not hide the others
+    result = guarded(record, f"{LADDER[row][0]} B={batch}", recorded_row, record, batch, row, cudnn, profile)
+    release_memory()
+    if result.get("ok") is False:
+        record.fail(f"{result['case']}: {result['error']}")
+        return
+    rows.append(result)
+    if profile and row == DEFAULT_ROW:
+        busy[batch] = result.get("busy_fraction")
+    if row == DEFAULT_ROW and cudnn:
+        record.figure(f"b{batch}", headline(result, busy.get(batch, busy.get(128))))
+    if row == GRAPHS_ROW:
+        record.figure(f"b{batch}_cuda_graphs", headline(result, result.get("busy_fraction")))
+    if not result["finite_loss"]:
+        record.fail(f"{result['config']} B={batch}: loss {result['loss']}")
     record.figure("cudnn_benchmark", cudnn_gain(rows))
     profiled = [r for r in rows if "aten_ops_per_step" in r]
     record.figure("profile", [{k: r.get(k) for k in ("config", "nominal_batch", "aten_ops_per_step", "kernels_per_step",
                   "busy_fraction", "to_copy_per_step")} for r in profiled])  # fmt: skip
-    if record.failed:
-        raise StageFailed(record.data["error"])
