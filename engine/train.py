@@ -219,6 +219,8 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     seconds = synced_seconds(start, run.perf.device)
     throughput = round(images * run.dist.world_size / seconds, 1)
     timing = {"lr": lr, "epoch_seconds": round(seconds, 3), "images_per_s": throughput}
+    if run.perf.attack_graphs is not None:  # this process's captured attacks so far (an eager fallback shows here)
+        timing["cuda_graphs"] = run.perf.attack_graphs.stats()
     return summarize(totals, i, images, run.dist) | extra | timing | first
 
 
@@ -249,6 +251,8 @@ def epoch_line(row: dict, epochs: int) -> str:
     parts += [f"{row['images_per_s']:.0f} img/s", f"{row['epoch_seconds']:.0f}s"]
     if "first_step_seconds" in row:
         parts.append(f"(compiling: {row['first_step_seconds']:.0f}s to the first step)")
+    if row.get("cuda_graphs", {}).get("eager_calls"):
+        parts.append(f"({row['cuda_graphs']['eager_calls']} attacks ran uncaptured: see the warning above)")
     if row["epoch"] < epochs:  # at this epoch's pace, less the compiling that only the first epoch pays
         pace = row["epoch_seconds"] - row.get("first_step_seconds", 0.0)
         parts.append(f"~{clock(max(pace, 0.0) * (epochs - row['epoch']))} of training left")

@@ -76,6 +76,8 @@ def test_captured_attacks_equal_eager_ones_call_by_call(train):
     replayed = attacks(model_b, data, cfg, captured, bn="adv", train=train)
     kept = replayed[2].clone()
     assert (captured.captures, captured.replays) == (1, 3)
+    assert captured.stats() == {"captures": 1, "replays": 3, "eager_calls": 0, "broken": False,
+                                "uncapturable_attacks": 0} and not captured.fell_back()  # fmt: skip
     for a, b in zip(eager, replayed, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(replayed[2], kept)  # outputs are copies, not the graph's static buffer
@@ -146,6 +148,8 @@ def test_an_attack_that_syncs_with_the_host_is_never_captured(caplog):
     with caplog.at_level(logging.WARNING, logger="engine"):
         checked = attacks(model_b, data, cfg, captured, bn="adv", train=True)
     assert (captured.captures, captured.replays) == (0, 0) and not captured.broken
+    stats = captured.stats()  # two warm-up calls (the second found the sync), then two that ran uncaptured
+    assert (stats["eager_calls"], stats["uncapturable_attacks"]) == (2, 1) and captured.fell_back()
     assert [r.getMessage() for r in caplog.records] == [
         "an attack synchronizes with the host (called a synchronizing CUDA operation): it runs eagerly, uncaptured"
     ]
@@ -168,6 +172,8 @@ def test_a_failed_capture_is_logged_once_and_every_attack_stays_eager(caplog):
     assert warnings == ["CUDA graph capture of an attack failed (operation not permitted when stream is capturing); "
                         "attacks run eagerly from now on"]  # fmt: skip
     assert (captured.captures, captured.replays) == (0, 0) and captured.broken
+    # adv: one warm-up, the failed capture and two more; clean (a new key, after the failure): one warm-up, three
+    assert captured.stats()["eager_calls"] == 6
     for a, b in zip(eager, fallback, strict=True):
         assert torch.equal(a, b)
 
@@ -288,9 +294,28 @@ def test_after_a_failed_cuda_capture_eager_attacks_still_draw_random_starts(capl
     with caplog.at_level(logging.WARNING, logger="engine"):
         outs = [captured.run(breaks_capture, model, x, y, cfg, bn="adv", train=False) for _ in range(4)]
     torch.cuda.synchronize()  # no error left behind
-    assert captured.broken and captured.captures == 0
+    assert captured.broken and captured.captures == 0 and captured.stats()["eager_calls"] == 3
     assert any("CUDA graph capture of an attack failed" in r.getMessage() for r in caplog.records)
     for out in outs:
         assert torch.isfinite(out).all() and (out - x).abs().max() <= cfg.eps + 1e-6
     assert not torch.equal(outs[2], outs[3])  # each eager call after the failure drew its own start
     assert torch.rand(4, device=device).isfinite().all()
+
+
+def test_each_epoch_row_says_what_the_captured_attacks_did(tiny_cfg):
+    """A capture that fails falls back to eager attacks with one warning: the epoch's metrics row and line say so
+    too (captures, replays, attacks run uncaptured), so a run or the GPU check cannot read eager speed as graphed."""
+    from engine.config import apply_overrides
+    from engine.train import build_run, epoch_line, train_epoch
+
+    # four steps, one warm-up: then a capture and three replays, or the failed capture and two more, eagerly
+    for fail, expected in ((False, (1, 3, 0)), (True, (0, 0, 3))):
+        run = build_run(apply_overrides(tiny_cfg, ["perf.device=cpu", "train.batch_size=64"]))
+        run.perf.attack_graphs = graphs.AttackGraphs(Rerun(run.nets.raw, fail=fail), warmup=1)
+        run.perf.activate()
+        try:
+            row = train_epoch(run, 1) | {"epoch": 1}
+        finally:
+            graphs.set_attack_graphs(None)
+        assert tuple(row["cuda_graphs"][k] for k in ("captures", "replays", "eager_calls")) == expected
+        assert ("attacks ran uncaptured" in epoch_line(row, 2)) == fail

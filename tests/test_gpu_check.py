@@ -193,6 +193,24 @@ def test_compile_variants_are_speeds_relative_to_the_main_case():
     assert speed_vs_main(rows) == {"kernels=off": 1.2, "cuda_graphs": 1.5}
     assert speed_vs_main(rows[1:]) == {}
     assert variants_line(speed_vs_main(rows)) == "speed vs compiled + kernels on: kernels=off 1.2x, cuda_graphs 1.5x"
+    problem = "cuda_graphs: attacks ran uncaptured"
+    assert variants_line(None, [problem]) == f"problems: {problem}"
+
+
+def test_a_graphed_row_whose_attacks_ran_uncaptured_is_a_problem():
+    """A failed capture falls back to eager attacks with one warning: the GPU check must not read those figures as
+    graphed ones (step_eager and methods fail the row, compile's variant lists it)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck.common import capture_problem
+
+    def stats(captures, eager_calls):
+        return {"cuda_graphs": {"captures": captures, "replays": 3 * captures, "eager_calls": eager_calls,
+                                "broken": captures == 0, "uncapturable_attacks": 0}}  # fmt: skip
+
+    assert capture_problem({}) is None and capture_problem(stats(1, 0)) is None  # not graphed; all captured
+    assert "0 captures, 3 eager calls" in capture_problem(stats(0, 3))
+    assert "1 captures, 2 eager calls" in capture_problem(stats(1, 2))  # one attack captured, another not
+    assert "0 captures" in capture_problem(stats(0, 0))  # nothing ran past warm-up: the row timed no replay
 
 
 def test_a_failing_kernel_case_is_a_row_and_the_next_cases_run(tmp_path, monkeypatch):
@@ -302,7 +320,7 @@ def test_each_compile_extra_case_counts_its_own_graphs(tmp_path, monkeypatch):
     from gpucheck import compiled
     from gpucheck.record import StageRecord
 
-    perf = types.SimpleNamespace(device=torch.device("cpu"), summary=lambda: "cpu")
+    perf = types.SimpleNamespace(device=torch.device("cpu"), summary=lambda: "cpu", attack_graphs=None)
     run = types.SimpleNamespace(perf=perf)
     steps = []
 

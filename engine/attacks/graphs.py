@@ -136,11 +136,23 @@ class AttackGraphs:
         self._entries: dict[tuple, _Entry] = {}
         self.captures = 0
         self.replays = 0
+        self.eager_calls = 0  # calls past their warm-up that ran eagerly (a failed capture, a host sync)
         self.broken = False  # a capture failed: the allocator and streams may be in doubt, so nothing is captured
 
     @property
     def device(self) -> torch.device:
         return self.capture_backend.device
+
+    def stats(self) -> dict:
+        """What the graphs did so far (epoch metrics, the GPU check): with attacks run but none captured, the
+        captured path fell back to eager, which only a warning line said."""
+        uncapturable = sum(e.failed for e in self._entries.values())
+        return {"captures": self.captures, "replays": self.replays, "eager_calls": self.eager_calls,
+                "broken": self.broken, "uncapturable_attacks": uncapturable}  # fmt: skip
+
+    def fell_back(self) -> bool:
+        """Whether some attack that was to be captured ran eagerly instead."""
+        return self.eager_calls > 0
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether an attack on `x` is captured (CUDA graphs take tensors on their own device only)."""
@@ -157,6 +169,7 @@ class AttackGraphs:
         call = lambda *inputs: attack(model, *inputs[:2], cfg, bn=bn, train=train, target_probs=inputs[2],  # noqa: E731
                                       autocast=uncached)  # fmt: skip
         if self.broken or entry.failed or entry.calls < self.warmup - 1:
+            self.eager_calls += entry.calls >= self.warmup  # past its warm-up: a replay that could not be
             entry.calls += 1
             return self.capture_backend.warm(lambda: call(x, y, target_probs))
         if entry.calls == self.warmup - 1:  # the last warm-up call also looks for host synchronizations
@@ -174,6 +187,7 @@ class AttackGraphs:
                 self.broken, entry.inputs = True, ()
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 log.warning("CUDA graph capture of an attack failed (%s); attacks run eagerly from now on", first)
+                self.eager_calls += 1
                 return self.capture_backend.warm(lambda: call(x, y, target_probs))
             self.captures += 1
         else:

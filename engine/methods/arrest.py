@@ -128,6 +128,7 @@ class ARREST(Method):
         with torch.no_grad(), autocast():
             _, h_teacher = self.teacher_tap(self.runner("teacher"), x)  # (B, d)
         x_in = pgd(nets.attack, x, y, self.cfg.attack, bn="adv", train=False, autocast=autocast)
+        self.student_tap.last = None  # the attack's forwards fired the tap too (captured: a tensor in the graph's pool)
         sums: dict[str, torch.Tensor] = {}
         if self.replay_window():
             with torch.no_grad(), mode(nets.attack, train=False), autocast():

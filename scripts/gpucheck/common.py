@@ -116,6 +116,22 @@ def flops_per_image_step(run: Run, x: torch.Tensor, attack_steps: int) -> float:
     return forward_flops(run.nets.raw, x[: min(8, len(x))]) * forward_units(attack_steps)
 
 
+def capture_stats(run: Run) -> dict[str, Any]:
+    """{"cuda_graphs": captures, replays, attacks run uncaptured, ...} where the run graphs its attacks, else {}."""
+    graphs = run.perf.attack_graphs
+    return {} if graphs is None else {"cuda_graphs": graphs.stats()}
+
+
+def capture_problem(row: dict[str, Any]) -> str | None:
+    """A graphed row whose attacks were not all captured (a failed capture falls back to eager with one warning:
+    its figures would be eager ones under a graphed name)."""
+    stats = row.get("cuda_graphs")
+    if not stats or (stats["captures"] and not stats["eager_calls"]):
+        return None
+    return (f"attacks ran uncaptured ({stats['captures']} captures, {stats['eager_calls']} eager calls after warm-up, "
+            f"broken={stats['broken']}; the stage log has the warning)")  # fmt: skip
+
+
 def measure_steps(run: Run, record: StageRecord, warmup: int, steps: int) -> dict[str, Any]:
     """step_ms over back-to-back steps (after warm-ups), attack_ms, derived figures, peak memory, finite loss."""
     dev = run.perf.device
@@ -139,6 +155,7 @@ def measure_steps(run: Run, record: StageRecord, warmup: int, steps: int) -> dic
         "loss": loss,
         "finite_loss": math.isfinite(loss),
         "perf": run.perf.summary(),
+        **capture_stats(run),
     }
 
 

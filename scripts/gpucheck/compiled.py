@@ -31,6 +31,8 @@ from engine.train import Run, build_run, train_step
 
 from .common import (
     DEFAULT_ROW,
+    capture_problem,
+    capture_stats,
     ceiling_tflops,
     first_batch,
     flops_per_image_step,
@@ -274,7 +276,7 @@ def _extra_case(record: StageRecord, name: str) -> dict[str, Any]:
         "case": name, "batch_size": len(y), "compile_s": round(compile_s, 1), "step_ms": round(step_ms, 2),
         "images_per_s": round(len(y) / (step_ms / 1e3), 1), "loss": loss, "finite_loss": math.isfinite(loss),
         "unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-        "cudagraph_skips": skips[-5:], "perf": run.perf.summary(),
+        "cudagraph_skips": skips[-5:], "perf": run.perf.summary(), **capture_stats(run),
     })  # fmt: skip
 
 
@@ -299,6 +301,8 @@ def extras(record: StageRecord) -> None:
                 row = guarded(record, name, extra_case, record, name)
             if row.get("ok") is False or not row.get("finite_loss", True):
                 record.data["figures"].setdefault("extra_problems", []).append(f"{name}: {row.get('error', 'loss')}")
+            elif problem := capture_problem(row):
+                record.data["figures"].setdefault("extra_problems", []).append(f"{name}: {problem}")
             record.figure("speed_vs_main", speed_vs_main(record.data["rows"]))
 
 

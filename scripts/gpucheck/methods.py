@@ -21,6 +21,8 @@ from engine.attacks.pgd import frozen, input_gradient, mode
 from engine.train import build_run, train_step
 
 from .common import (
+    capture_problem,
+    capture_stats,
     ceiling_tflops,
     first_batch,
     flops_per_image_step,
@@ -86,7 +88,9 @@ def run_case(record: StageRecord, name: str, recipe: str, overrides: list[str]) 
     logged = {k: v for k, v in extra.items() if isinstance(v, (int, float))}
     row = {"case": name, "recipe": recipe, "overrides": overrides, "ok": math.isfinite(loss), "loss": loss,
            "finite_loss": math.isfinite(loss), "step_ms": round(step_ms, 2), "peak_mem_gib": peak_mem_gib(dev),
-           "epoch_start": logged, "perf": run.perf.summary()}  # fmt: skip
+           "epoch_start": logged, "perf": run.perf.summary(), **capture_stats(run)}  # fmt: skip
+    if problem := capture_problem(row):
+        row |= {"ok": False, "error": problem}
     if name == "arat fp16":
         row["zero_grad_fraction"] = zero_gradient_fractions(run, x, y)
         record.figure("zero_grad_fraction", row["zero_grad_fraction"])
@@ -110,6 +114,9 @@ def wrn_case(record: StageRecord) -> dict[str, Any]:
     row |= {"step_ms": round(step_ms, 1), "loss": loss, "ok": math.isfinite(loss), "finite_loss": math.isfinite(loss)}
     row |= derived(len(y) / (step_ms / 1e3), flops, ceiling_tflops(record), epoch_images(len(y)))
     row["peak_mem_gib"] = peak_mem_gib(run.perf.device)
+    row |= capture_stats(run)
+    if problem := capture_problem(row):
+        row |= {"ok": False, "error": problem}
     record.figure("wrn34_10", {k: row.get(k) for k in ("images_per_s", "tflops", "pct_989", "pct_ceiling", "epoch_s",
                   "run100_min", "step_ms", "peak_mem_gib")})  # fmt: skip
     return record.row(row)

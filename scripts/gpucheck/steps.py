@@ -16,7 +16,7 @@ from train_step import LADDER
 
 from engine.train import build_run, train_step
 
-from .common import DEFAULT_ROW, first_batch, ladder_config, measure_steps, profile_steps
+from .common import DEFAULT_ROW, capture_problem, first_batch, ladder_config, measure_steps, profile_steps
 from .record import BUDGET_SKIP, StageFailed, StageRecord, guarded
 
 CUDNN_OFF, CUDNN_ON = "perf.cudnn_benchmark=off", "perf.cudnn_benchmark=on"
@@ -113,6 +113,8 @@ def step_case(record: StageRecord, case: tuple, rows: list[dict[str, Any]], busy
         record.figure(f"b{batch}_cuda_graphs", headline(result, result.get("busy_fraction")))
     if not result["finite_loss"]:
         record.fail(f"{result['config']} B={batch}: loss {result['loss']}")
+    if problem := capture_problem(result):
+        record.fail(f"{result['config']} B={batch}: {problem}")
     record.figure("cudnn_benchmark", cudnn_gain(rows))
     profiled = [r for r in rows if "aten_ops_per_step" in r]
     record.figure("profile", [{k: r.get(k) for k in ("config", "nominal_batch", "aten_ops_per_step", "kernels_per_step",

@@ -21,6 +21,7 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         },
         "cuda_graphs": {"b128": fig["step_eager"].get("b128_cuda_graphs")},
         "compile_variants": compiled.get("speed_vs_main"),
+        "compile_variant_problems": compiled.get("extra_problems"),
         "graphs": compiled.get("unique_graphs"),
         "graph_breaks": compiled.get("graph_breaks"),
         "recompiles_after_warmup": compiled.get("recompiles_after_warmup"),
@@ -102,7 +103,7 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
          f"{'cold' if s['compiled'].get('compile_cache') != 'warm' else 'warm-cache'} compile "
          f"{fmt(s['compiled']['compile_s'])} s"],
         ["RN18 B=128 eager + CUDA graphs", throughput(s["cuda_graphs"]["b128"])],
-        ["compile variants", variants_line(s.get("compile_variants"))],
+        ["compile variants", variants_line(s.get("compile_variants"), s.get("compile_variant_problems"))],
         ["methods", f"{fmt(m['ok'])}/{fmt(m['total'])} ok" + (f" (failed: {', '.join(m['failed'])})" if m["failed"]
                                                               else "") + (f", {m['skipped']} skipped (budget)"
                                                                           if m.get("skipped") else "")],
@@ -114,10 +115,11 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def variants_line(v: dict[str, Any] | None) -> str:
-    if not v:
-        return "not measured"
-    return "speed vs compiled + kernels on: " + ", ".join(f"{k} {fmt(x)}x" for k, x in v.items())
+def variants_line(v: dict[str, Any] | None, problems: list[str] | None = None) -> str:
+    parts = ["speed vs compiled + kernels on: " + ", ".join(f"{k} {fmt(x)}x" for k, x in v.items())] if v else []
+    if problems:
+        parts.append("problems: " + "; ".join(problems))
+    return "; ".join(parts) or "not measured"
 
 
 def cudnn_line(c: dict[str, Any] | None) -> str:
