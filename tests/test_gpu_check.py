@@ -211,6 +211,10 @@ def test_a_graphed_row_whose_attacks_ran_uncaptured_is_a_problem():
     assert "0 captures, 3 eager calls" in capture_problem(stats(0, 3))
     assert "1 captures, 2 eager calls" in capture_problem(stats(1, 2))  # one attack captured, another not
     assert "0 captures" in capture_problem(stats(0, 0))  # nothing ran past warm-up: the row timed no replay
+    from gpucheck.summary import real_run_line  # real_run's training: flagged in its summary line
+
+    assert "FLAG: 3 attacks ran uncaptured (0 captures)" in real_run_line(stats(0, 3))
+    assert "uncaptured" not in real_run_line(stats(1, 0))
 
 
 def test_a_failing_kernel_case_is_a_row_and_the_next_cases_run(tmp_path, monkeypatch):

@@ -190,7 +190,8 @@ def pgd20_on_aa_images(run_dir: Path, aa_n: int | None) -> float | None:
 
 def record_run(record: StageRecord, metrics: list[dict], results: dict, run_dir: Path | None = None) -> dict:
     for row in metrics:
-        record.row({"case": f"epoch {row['epoch']}"} | {k: v for k, v in row.items() if isinstance(v, (int, float))})
+        kept = {k: v for k, v in row.items() if isinstance(v, (int, float)) or k == "cuda_graphs"}
+        record.row({"case": f"epoch {row['epoch']}"} | kept)
     for name, result in results.items():
         record.row({"case": f"eval {name}"} | result)
     last = metrics[-1] if metrics else {}
@@ -200,6 +201,7 @@ def record_run(record: StageRecord, metrics: list[dict], results: dict, run_dir:
     figures["pgd20_on_aa_images"] = pgd20_on_aa_images(run_dir, figures["aa_n"]) if run_dir else None
     figures |= {"epoch2_s": last.get("epoch_seconds"), "epoch2_images_per_s": last.get("images_per_s")}
     figures["epoch2_flag"] = epoch_flag(record, figures["epoch2_s"])
+    figures["cuda_graphs"] = last.get("cuda_graphs")  # the training's captured attacks (None: not graphed)
     for key, value in figures.items():
         record.figure(key, value)
     return figures

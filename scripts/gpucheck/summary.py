@@ -139,8 +139,16 @@ def real_run_line(r: dict[str, Any]) -> str:
         f"clean {pct(r.get('clean'))}, PGD-20 {pct(r.get('pgd20'))}, AA {pct(r.get('aa'))} (n={fmt(r.get('aa_n'))}); "
         f"epoch 2 {fmt(r.get('epoch2_s'))} s ({fmt(r.get('epoch2_images_per_s'))} img/s)"
         + (f"; FLAG: {r['epoch2_flag']}" if r.get("epoch2_flag") else "")
+        + graphs_note(r.get("cuda_graphs"))
         + (f"; model_test.pt clean {pct(r['model_test_clean'])}" if r.get("model_test_clean") is not None else "")
     )
+
+
+def graphs_note(stats: dict[str, Any] | None) -> str:
+    """The captured attacks of a training run, where any ran uncaptured."""
+    if not stats or not stats.get("eager_calls"):
+        return ""
+    return f"; FLAG: {stats['eager_calls']} attacks ran uncaptured ({stats.get('captures')} captures)"
 
 
 def aa_line(a: dict[str, Any] | None) -> str:
