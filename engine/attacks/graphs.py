@@ -150,10 +150,6 @@ class AttackGraphs:
         return {"captures": self.captures, "replays": self.replays, "eager_calls": self.eager_calls,
                 "broken": self.broken, "uncapturable_attacks": uncapturable}  # fmt: skip
 
-    def fell_back(self) -> bool:
-        """Whether some attack that was to be captured ran eagerly instead."""
-        return self.eager_calls > 0
-
     def applies(self, x: torch.Tensor) -> bool:
         """Whether an attack on `x` is captured (CUDA graphs take tensors on their own device only)."""
         return x.device == self.device

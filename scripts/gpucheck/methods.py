@@ -88,13 +88,18 @@ def run_case(record: StageRecord, name: str, recipe: str, overrides: list[str]) 
     logged = {k: v for k, v in extra.items() if isinstance(v, (int, float))}
     row = {"case": name, "recipe": recipe, "overrides": overrides, "ok": math.isfinite(loss), "loss": loss,
            "finite_loss": math.isfinite(loss), "step_ms": round(step_ms, 2), "peak_mem_gib": peak_mem_gib(dev),
-           "epoch_start": logged, "perf": run.perf.summary(), **capture_stats(run)}  # fmt: skip
-    if problem := capture_problem(row):
-        row |= {"ok": False, "error": problem}
+           "epoch_start": logged, "perf": run.perf.summary()} | captured(run)  # fmt: skip
     if name == "arat fp16":
         row["zero_grad_fraction"] = zero_gradient_fractions(run, x, y)
         record.figure("zero_grad_fraction", row["zero_grad_fraction"])
     return record.row(row)
+
+
+def captured(run) -> dict[str, Any]:
+    """The run's captured-attack counts for its row; a case whose attacks ran uncaptured fails (not ok)."""
+    stats = capture_stats(run)
+    problem = capture_problem(stats)
+    return stats | ({"ok": False, "error": problem} if problem else {})
 
 
 def wrn_case(record: StageRecord) -> dict[str, Any]:
@@ -114,9 +119,7 @@ def wrn_case(record: StageRecord) -> dict[str, Any]:
     row |= {"step_ms": round(step_ms, 1), "loss": loss, "ok": math.isfinite(loss), "finite_loss": math.isfinite(loss)}
     row |= derived(len(y) / (step_ms / 1e3), flops, ceiling_tflops(record), epoch_images(len(y)))
     row["peak_mem_gib"] = peak_mem_gib(run.perf.device)
-    row |= capture_stats(run)
-    if problem := capture_problem(row):
-        row |= {"ok": False, "error": problem}
+    row |= captured(run)
     record.figure("wrn34_10", {k: row.get(k) for k in ("images_per_s", "tflops", "pct_989", "pct_ceiling", "epoch_s",
                   "run100_min", "step_ms", "peak_mem_gib")})  # fmt: skip
     return record.row(row)
