@@ -80,8 +80,8 @@ class AttackConfig:
     official_quirk: bool = False  # reproduce the official code's in-place random start (METHOD 4); off = correct
 
     def __post_init__(self):
-        _check(0 < self.eps <= 1, "attack.eps must be in (0, 1]")
-        _check(self.step_size > 0, "attack.step_size must be positive")
+        _check(0 < self.eps <= 1, "attack.eps must be in (0, 1] (images are in [0, 1]: write 8/255, not 8)")
+        _check(0 < self.step_size <= 1, "attack.step_size must be in (0, 1] (images are in [0, 1]: write 2/255, not 2)")
         _check(self.num_steps >= 0, "attack.num_steps must be >= 0")
         _one_of("attack.start", self.start, ("uniform", "gaussian", "none"))
 

@@ -38,6 +38,8 @@ def test_a_tuple_override_takes_a_list_as_written(text):
         ("perf.channels_last=maybe", "true or false"),
         ("epochs=3", "section.key=value"),
         ("attack.eps=0", "attack.eps"),
+        ("attack.eps=8", "write 8/255, not 8"),  # a pixel count where a fraction of the range is meant
+        ("attack.step_size=2", "write 2/255, not 2"),
     ],
 )
 def test_bad_overrides_say_what_is_wrong(override, message):
