@@ -119,6 +119,7 @@ def cmd_train(args) -> None:
         if args.out is not None and not args.out.strip():
             raise ConfigError("--out is empty: name a run directory, or leave --out out for runs/<recipe>-<time>")
         out = args.out or f"runs/{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.run_dir = out  # named by main() if the run is interrupted
     run_training(cfg, out, resume=bool(args.resume), evaluate_at_end=not args.no_eval)
 
 
@@ -332,6 +333,16 @@ COMMANDS = {
 }
 
 
+def interrupted_line(args) -> str:
+    """What an interrupted command keeps and how to go on."""
+    if args.command == "train" and getattr(args, "run_dir", None):
+        return (f"arat: interrupted; `arat train --resume {args.run_dir}` continues the run from its last finished "
+                "epoch")  # fmt: skip
+    if args.command == "eval":
+        return "arat: interrupted; the same `arat eval` command again skips the chunks already finished"
+    return "arat: interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -345,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
-        print("arat: interrupted; a training run continues with `arat train --resume RUN_DIR`", file=sys.stderr)
+        print("\n" + interrupted_line(args), file=sys.stderr)  # the newline ends a progress bar's line
         return 130
     return 0
 

@@ -349,3 +349,29 @@ def test_train_help_explains_set_and_recipe(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "override a config field, repeatable" in text and "required unless --resume" in text
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_interrupted_training_run_names_its_resume_command(tmp_path, capsys, monkeypatch, resume):
+    import engine.train
+
+    def ctrl_c(cfg, out, resume, evaluate_at_end):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.train, "run_training", ctrl_c)
+    monkeypatch.setattr(engine.train, "load_run_config", lambda path: None)
+    out = tmp_path / "run"
+    args = ["train", "--resume", str(out)] if resume else ["train", "--recipe", "smoke", "--out", str(out)]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and f"`arat train --resume {out}` continues the run" in err and "Traceback" not in err
+
+
+def test_an_interrupted_evaluation_says_its_chunks_are_kept(capsys, monkeypatch):
+    import engine.cli
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(engine.cli.COMMANDS, "eval", ctrl_c)
+    code, _, err = run_cli(capsys, "eval", "somewhere")
+    assert code == 130 and "skips the chunks already finished" in err
