@@ -23,8 +23,39 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="dataset root (default: $ARAT_DATA_DIR or ./data)")
 
 
+def version_line() -> str:
+    """arat's version and commit, and the torch / triton it runs on (what a bug report needs)."""
+    from importlib import metadata
+
+    from .rundir import git_commit
+
+    try:
+        own = metadata.version("arat")
+    except metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
+        own = "(not installed)"
+    commit = git_commit()
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = "none"
+    where = f" (commit {commit[:12]})" if commit else ""
+    return f"arat {own}{where}, torch {torch.__version__}, triton {triton}"
+
+
+class VersionAction(argparse.Action):
+    """`--version`, its line built only when asked for (it runs git)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())  # stdout, as argparse's own "version" action writes
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arat", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=VersionAction, help="show arat's version and commit, torch's and triton's")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a recipe, then evaluate it")

@@ -375,3 +375,10 @@ def test_an_interrupted_evaluation_says_its_chunks_are_kept(capsys, monkeypatch)
     monkeypatch.setitem(engine.cli.COMMANDS, "eval", ctrl_c)
     code, _, err = run_cli(capsys, "eval", "somewhere")
     assert code == 130 and "skips the chunks already finished" in err
+
+
+def test_version_names_the_commit_and_the_libraries(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("arat ") and f"torch {torch.__version__}" in out
