@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import autoattack
 from .attacks import is_compiled, mode, pgd
@@ -30,6 +29,7 @@ from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit
 from .distributed import DistInfo, gather_objects
 from .perf import EvalForward, attack_graphs, eval_network
+from .progress import progress_bar
 from .rundir import atomic_json
 
 PGD20 = AttackConfig(eps=EPS_8, step_size=STEP_2, num_steps=20, start="uniform")
@@ -272,7 +272,7 @@ def evaluate(
             starts = range(0, n, cfg.chunk_size)
             mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]
             start, records, reused = time.perf_counter(), [], 0
-            bar = tqdm(mine, desc=f"eval: {name}", leave=False, dynamic_ncols=True, disable=not dist.is_main)
+            bar = progress_bar(mine, desc=f"eval: {name}", leave=False, dynamic_ncols=True, disable=not dist.is_main)
             for k in bar:
                 record = store.load(k)
                 if record is None:

@@ -7,11 +7,11 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .attacks import graphs, pgd
 from .config import AttackConfig, SWAConfig
 from .data import Loader
+from .progress import progress_bar
 
 
 class SWA:
@@ -78,7 +78,7 @@ def reestimate_adv_bn(model: nn.Module, loader: Loader, attack: AttackConfig, au
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
     model.train()
-    for x, y in tqdm(loader, desc="swa: adv-BN re-estimation", leave=False, dynamic_ncols=True):
+    for x, y in progress_bar(loader, desc="swa: adv-BN re-estimation", leave=False, dynamic_ncols=True):
         # eager: with momentum None, BN reads num_batches_tracked on the host (a sync no CUDA graph may contain)
         with frozen_bn_stats(model), graphs.using(None):
             x_adv = pgd(model, x, y, attack, bn="adv", train=True, autocast=autocast)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import distributed, perf
 from .analysis import GradSim, build_grad_sim
@@ -22,6 +21,7 @@ from .errors import UserError
 from .evaluate import evaluate, format_results, summary, write_flags
 from .methods import Method, Nets, build_method
 from .models import build_model, read_checkpoint
+from .progress import progress_bar
 from .rundir import RunDir, RunDirError, environment
 from .swa import SWA
 
@@ -180,7 +180,7 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     run.method.train()
     run.nets.raw.train()
     totals: dict[str, torch.Tensor] = {}
-    bar = tqdm(
+    bar = progress_bar(
         total=len(loader),
         desc=f"epoch {epoch}/{cfg.epochs}" + (" (compiling)" if compiling else ""),
         leave=False,

@@ -12,8 +12,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from tqdm import tqdm
-
+from ..progress import progress_bar
 from .cifar import LAYOUTS, DataError, find_layout
 
 ARCHIVES = {  # published by the dataset authors (https://www.cs.toronto.edu/~kriz/cifar.html)
@@ -34,7 +33,7 @@ def fetch(url: str, dest: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {Path(url).name}") as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=f"download {Path(url).name}") as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
