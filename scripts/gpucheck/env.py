@@ -78,6 +78,7 @@ def versions() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
+        "numpy": package_version("numpy"),  # the GPU image's (2.5 seen there) is newer than any CPU run's
         "pyautoattack": package_version("pyautoattack") or module_version("pyautoattack"),
         "pyautoattack_from": autoattack_location(),
         "cpu_count": os.cpu_count(),
