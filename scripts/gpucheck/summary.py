@@ -79,7 +79,7 @@ def throughput(h: dict[str, Any] | None) -> str:
 def versions(env: dict[str, Any]) -> str:
     if not env:
         return "not recorded"
-    keys = ("gpu_name", "driver", "torch", "triton", "cuda", "cudnn", "python", "pyautoattack")
+    keys = ("gpu_name", "driver", "torch", "triton", "cuda", "cudnn", "python", "numpy", "pyautoattack")
     return ", ".join(f"{k} {env.get(k)}" for k in keys if env.get(k) is not None)
 
 
