@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, EvalConfig, ModelConfig, TrainConfig, apply_overrides, default_data_dir
-from .errors import UserError
+from .errors import CompiledEvaluationFailed, UserError
 from .recipes import RECIPES, get_recipe
 
 
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width of a plain state_dict")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="torch.compile the classifier (default: the run's perf.compile; auto: on for CUDA)",
+    )
     p.add_argument("--aa-version", choices=["standard", "legacy-10"], default="standard",
                    help="standard: the leaderboard protocol; legacy-10: torchattacks' AutoAttack (10 iterations), "
                    "the protocol of the code the AR-AT paper used")  # fmt: skip
@@ -227,7 +233,7 @@ def cmd_eval(args) -> None:
     info = distributed.init(DistConfig(), device.type)  # under torchrun: the chunks are shared among the ranks
     device = distributed.local_device(info, device)
     seed = cfg.seed if args.seed is None else args.seed
-    perf_cfg = dataclasses.replace(cfg.perf, device=str(device))
+    perf_cfg = dataclasses.replace(cfg.perf, device=str(device), compile=args.compile or cfg.perf.compile)
     try:
         results = evaluate(model.to(device), split, eval_cfg, device, seed, perf_cfg, info, record)
     except BaseException:
@@ -378,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+    except CompiledEvaluationFailed as e:  # the trained network and the finished chunks are saved
+        target = getattr(args, "run_dir", None) or getattr(args, "target", "RUN")
+        print(f"arat: error: {e}; evaluate without compiling: `arat eval {target} --compile off` (the finished "
+              "chunks are kept)", file=sys.stderr)  # fmt: skip
+        return 2
     except UserError as e:  # bad input: one line saying what to do, no traceback
         print(f"arat: error: {e}", file=sys.stderr)
         return 2

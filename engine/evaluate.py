@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from .attacks.graphs import using as graphs_in_use
 from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit
 from .distributed import DistInfo, gather_objects
-from .perf import EvalForward, attack_graphs, eval_network
+from .errors import CompiledEvaluationFailed
+from .perf import EvalForward, attack_graphs, compile_wanted, eval_network
 from .progress import progress_bar
 from .rundir import atomic_json
 
@@ -237,6 +239,39 @@ def evaluate(
     dist: DistInfo | None = None,
     record_dir: str | Path | None = None,
 ) -> dict:
+    """`_evaluate`; a failure of torch.compile there (never run on a GPU yet) becomes one line naming the eager rerun,
+    its traceback kept in `record_dir`/compile_error.txt, instead of a traceback at the end of a training run."""
+    perf_cfg = perf_cfg or PerfConfig(compile="off")
+    try:
+        return _evaluate(model, split, cfg, device, seed, perf_cfg, dist, record_dir)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        if not compile_wanted(perf_cfg, device):
+            raise
+        where = ""
+        if record_dir is not None:
+            path = Path(record_dir) / "compile_error.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(traceback.format_exception(e)))
+            where = f"; traceback in {path}"
+        cause = e  # dynamo wraps the backend's error: name the innermost
+        while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None:
+            cause = inner
+        first = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise CompiledEvaluationFailed(
+            f"the compiled evaluation failed ({type(cause).__name__}: {first}{where})"
+        ) from e
+
+
+def _evaluate(
+    model: nn.Module,
+    split: ArraySplit,
+    cfg: EvalConfig,
+    device: torch.device,
+    seed: int,
+    perf_cfg: PerfConfig,
+    dist: DistInfo | None,
+    record_dir: str | Path | None,
+) -> dict:
     """{attack: {"accuracy", "num_examples", "seconds", "images_per_s", ..., "flags"}} for each attack of
     `cfg.attacks`, the same on every rank. The classifier runs compiled when `perf_cfg.compile` resolves on (clean
     and PGD-20 with static shapes, short batches padded; AutoAttack's subsets with a dynamic batch dimension, see
@@ -245,7 +280,6 @@ def evaluate(
     dist = dist or DistInfo()
     n_all = max(cfg.num_examples, cfg.aa_num_examples)
     x_all, y_all = test_tensors(split, n_all, device)
-    perf_cfg = perf_cfg or PerfConfig(compile="off")
     # the training layout (a trained model is in it already); an attack's input-gradient pass of a CPU ResNet-18 ran
     # 1.35x faster channels-last than contiguous. The inputs stay contiguous: AutoAttack reshapes them with .view
     model.to(memory_format=torch.channels_last if perf_cfg.channels_last else torch.contiguous_format)

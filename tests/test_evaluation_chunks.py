@@ -380,3 +380,62 @@ def test_the_network_is_evaluated_in_the_training_layout(tmp_path):
     assert all(p.is_contiguous() for p in convs)
     assert first["clean"]["config"]["memory_format"] == "channels_last"
     assert other["clean"]["config"]["memory_format"] == "contiguous" and other["clean"]["reused_chunks"] == 0
+
+
+def broken_compile(role, cfg, device):
+    """torch.compile with a backend that fails as Inductor would on a GPU it cannot build for."""
+
+    def backend(gm, inputs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    return torch.compile(role, dynamic=False, backend=backend)
+
+
+def test_a_failed_compile_names_the_eager_rerun_and_keeps_its_traceback(tmp_path, monkeypatch):
+    from engine import perf as perf_module
+    from engine.config import PerfConfig
+    from engine.errors import CompiledEvaluationFailed
+
+    monkeypatch.setattr(perf_module, "compile_role", broken_compile)
+    cfg = EvalConfig(attacks=("clean",), num_examples=16, batch_size=16, chunk_size=16)
+    compiled = PerfConfig(compile="on", compile_backend="eager", device="cpu")
+    with pytest.raises(CompiledEvaluationFailed, match="evaluation failed .RuntimeError: no kernel.*compile_error.txt"):
+        evaluate(SparseLinear(), labelled_split(16), cfg, torch.device("cpu"), 3, compiled, record_dir=tmp_path)
+    assert "no kernel image" in (tmp_path / "compile_error.txt").read_text()
+    eager = PerfConfig(compile="off", device="cpu")  # the same failure without compile: not this error
+    results = evaluate(SparseLinear(), labelled_split(16), cfg, torch.device("cpu"), 3, eager, record_dir=tmp_path)
+    assert results["clean"]["accuracy"] == 1.0
+
+
+def test_arat_eval_compile_switch_overrides_the_run_s(tmp_path, capsys, monkeypatch):
+    from engine import perf as perf_module
+    from engine.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1", "--no-eval"]) == 0
+    monkeypatch.setattr(perf_module, "compile_role", broken_compile)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16", "--compile", "on"]) == 2
+    err = capsys.readouterr().err
+    assert f"`arat eval {run} --compile off`" in err and err.count("arat: error") == 1, err
+    assert "(RuntimeError: no kernel image is available" in err  # the backend's own error, not dynamo's wrapper
+    assert (run / "eval" / "compile_error.txt").exists()
+    assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16", "--compile", "off"]) == 0
+    assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 0  # the run's: off on a CPU
+
+
+def test_a_training_run_whose_compiled_evaluation_fails_names_its_eager_rerun(tmp_path, capsys, monkeypatch):
+    import engine.evaluate
+    from engine.cli import main
+    from engine.perf import EvalAttackForward, EvalForward
+
+    def broken_eval_network(net, cfg, device, attack=False):  # training's roles compile; evaluation's fail
+        return broken_compile((EvalAttackForward if attack else EvalForward)(net), cfg, device)
+
+    monkeypatch.setattr(engine.evaluate, "eval_network", broken_eval_network)
+    run = tmp_path / "run"
+    args = ["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1", "--set", "eval.attacks=clean",
+            "--set", "perf.compile=on", "--set", "perf.compile_backend=eager"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"`arat eval {run} --compile off`" in err and (run / "checkpoints" / "final.pt").exists(), err
