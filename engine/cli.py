@@ -25,21 +25,12 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 
 def version_line() -> str:
     """arat's version and commit, and the torch / triton it runs on (what a bug report needs)."""
-    from importlib import metadata
+    from .rundir import git_commit, package_version
 
-    from .rundir import git_commit
-
-    try:
-        own = metadata.version("arat")
-    except metadata.PackageNotFoundError:  # run from a checkout without `pip install -e .`
-        own = "(not installed)"
+    own = package_version("arat") or "(not installed)"  # run from a checkout without `pip install -e .`
     commit = git_commit()
-    try:
-        triton = metadata.version("triton")
-    except metadata.PackageNotFoundError:
-        triton = "none"
     where = f" (commit {commit[:12]})" if commit else ""
-    return f"arat {own}{where}, torch {torch.__version__}, triton {triton}"
+    return f"arat {own}{where}, torch {torch.__version__}, triton {package_version('triton') or 'none'}"
 
 
 class VersionAction(argparse.Action):

@@ -80,13 +80,14 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device_type": device.type,
         "num_threads": torch.get_num_threads(),
         "cpu": cpuinfo("model name") or platform.machine(),
-        "pyautoattack": _version("pyautoattack"),
+        "pyautoattack": package_version("pyautoattack"),
         "git_commit": git_commit(),
         "host": platform.node(),
     }
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed distribution's version (None: not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
