@@ -72,6 +72,9 @@ say "copied $DATA/{cifar10-jpeg.tar.gz,labels.npz,prepare.py}"
 # 4. the commit (the GPU machine's copy may lack .git); untracked files are copied too, so they count as dirty
 { git rev-parse HEAD && [ -z "$(git status --porcelain)" ] || echo dirty; } >.gpucheck/commit.txt
 say "commit.txt: $(paste -sd' ' .gpucheck/commit.txt)"
+# and every copied file's sha256: the GPU machine's env stage names the files changed since (a stale stamp)
+git ls-files -co --exclude-standard -z | xargs -0 sha256sum >.gpucheck/files.sha256 2>/dev/null
+say "files.sha256: $(wc -l <.gpucheck/files.sha256) files"
 
 # 5. size guard: the copied tree (tracked and untracked, not ignored) plus .gpucheck/ <= 60 MiB, else the slim form
 tree_bytes=$(tree_size)

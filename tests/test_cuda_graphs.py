@@ -77,7 +77,7 @@ def test_captured_attacks_equal_eager_ones_call_by_call(train):
     kept = replayed[2].clone()
     assert (captured.captures, captured.replays) == (1, 3)
     assert captured.stats() == {"captures": 1, "replays": 3, "eager_calls": 0, "broken": False,
-                                "uncapturable_attacks": 0}  # fmt: skip
+                                "attacks": 1, "uncapturable_attacks": 0}  # fmt: skip
     for a, b in zip(eager, replayed, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(replayed[2], kept)  # outputs are copies, not the graph's static buffer

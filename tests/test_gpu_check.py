@@ -205,16 +205,40 @@ def test_a_graphed_row_whose_attacks_ran_uncaptured_is_a_problem():
 
     def stats(captures, eager_calls):
         return {"cuda_graphs": {"captures": captures, "replays": 3 * captures, "eager_calls": eager_calls,
-                                "broken": captures == 0, "uncapturable_attacks": 0}}  # fmt: skip
+                                "broken": captures == 0, "attacks": 1, "uncapturable_attacks": 0}}  # fmt: skip
 
     assert capture_problem({}) is None and capture_problem(stats(1, 0)) is None  # not graphed; all captured
     assert "0 captures, 3 eager calls" in capture_problem(stats(0, 3))
     assert "1 captures, 2 eager calls" in capture_problem(stats(1, 2))  # one attack captured, another not
     assert "0 captures" in capture_problem(stats(0, 0))  # nothing ran past warm-up: the row timed no replay
+    no_attack = {"cuda_graphs": stats(0, 0)["cuda_graphs"] | {"attacks": 0}}
+    assert capture_problem(no_attack) is None  # standard training on CUDA: graphs installed, no attack to capture
     from gpucheck.summary import real_run_line  # real_run's training: flagged in its summary line
 
     assert "FLAG: 3 attacks ran uncaptured (0 captures)" in real_run_line(stats(0, 3))
     assert "uncaptured" not in real_run_line(stats(1, 0))
+
+
+def test_standard_training_with_graphs_installed_is_not_an_uncaptured_attack(tiny_cfg):
+    """On CUDA graphs are installed for every method (perf.cuda_graphs=auto); standard training attacks nothing, and
+    the methods stage must not fail its `std` case for capturing nothing."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck.common import capture_problem
+
+    from engine.attacks import graphs
+    from engine.config import apply_overrides
+    from engine.train import build_run, train_epoch
+
+    run = build_run(apply_overrides(tiny_cfg, ["perf.device=cpu", "train.batch_size=64", "method.name=std",
+                                               "model.split_bn=false"]))  # fmt: skip
+    run.perf.attack_graphs = graphs.AttackGraphs(capture=None, warmup=1)  # no attack: the backend is never used
+    run.perf.activate()
+    try:
+        row = train_epoch(run, 1)
+    finally:
+        graphs.set_attack_graphs(None)
+    assert row["cuda_graphs"]["attacks"] == 0 and row["cuda_graphs"]["captures"] == 0
+    assert capture_problem(row) is None
 
 
 def test_a_failing_kernel_case_is_a_row_and_the_next_cases_run(tmp_path, monkeypatch):
@@ -310,6 +334,14 @@ def test_the_commit_comes_from_git_where_there_is_one(tmp_path):
     assert read_commit(copy) == (None, None)
     (copy / ".gpucheck" / "commit.txt").write_text("0123abc\ndirty\n")
     assert read_commit(copy) == ("0123abc", True)
+    (copy / ".gpucheck" / "commit.txt").write_text("0123abc\n")  # clean, with the copied files' sums
+    (copy / "a.py").write_text("x = 1\n")
+    (copy / "b.py").write_text("y = 2\n")
+    sums = subprocess.run(["sha256sum", "a.py", "b.py"], cwd=copy, capture_output=True, text=True, check=True)
+    (copy / ".gpucheck" / "files.sha256").write_text(sums.stdout)
+    assert read_commit(copy) == ("0123abc", False)
+    (copy / "b.py").write_text("y = 3\n")  # a change after the stamp (a commit made after the prepare step)
+    assert read_commit(copy) == ("0123abc + 1 files changed after the stamp (b.py)", True)
 
 
 def test_each_compile_extra_case_counts_its_own_graphs(tmp_path, monkeypatch):
@@ -413,6 +445,44 @@ with record.optional("extra case trades") if {optional} else open(os.devnull):
             assert len(data["rows"]) == 1 and "SIGTERM" in data["error"]
 
 
+def test_a_compile_stage_cut_in_its_first_step_keeps_a_lower_bound_and_the_phase(tmp_path):
+    """A cold compile longer than the stage's cap: the SIGTERM at the cap must leave how long the first step had
+    been compiling, where the main case was and the graphs built so far, and the table must say so."""
+    code = """
+import os, signal, sys, time, types
+sys.path[:0] = [{scripts!r}, {bench!r}]
+import torch
+import gpu_check
+from gpucheck import compiled
+from gpucheck.record import StageRecord
+record = StageRecord("compile", {path!r}, 60, smoke=True)
+signal.signal(signal.SIGTERM, gpu_check.on_sigterm(record))
+cpu = types.SimpleNamespace(device=torch.device("cpu"))
+run = types.SimpleNamespace(nets=types.SimpleNamespace(raw=torch.nn.Linear(1, 1)), perf=cpu)
+compiled.build_run = lambda cfg: run
+compiled.first_batch = lambda run: (None, [0] * 128)
+compiled.reset_peak = lambda device: None
+def compiling(run, x, y):
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+compiled.timed_first_step = compiling
+compiled.compile_stage(record)
+"""
+    path = tmp_path / "compile.json"
+    text = code.format(scripts=str(REPO / "scripts"), bench=str(REPO / "bench"), path=str(path))
+    done = subprocess.run([sys.executable, "-c", text], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 124, done.stderr[-2000:]
+    figures = json.loads(path.read_text())["figures"]
+    assert figures["main_phase"] == "first step (compiling)" and "compile_s" not in figures
+    assert figures["compile_s_at_least"] >= 1.0 and figures["unique_graphs"] == 0
+    from gpucheck.summary import compile_seconds
+
+    cut = compile_seconds({"compile_s": None, **figures})
+    assert cut.startswith("> ") and cut.endswith("(main case stopped in: first step (compiling))")
+    assert compile_seconds({"compile_s": 95.2, "main_phase": "done"}) == "95.2 s"
+
+
 def test_the_check_merges_after_every_stage_so_a_killed_check_keeps_its_outputs(tmp_path):
     """The device's command limit may kill the whole check: the stages finished before must be in the outputs."""
     import signal
@@ -485,3 +555,36 @@ def test_the_device_tools_out_folder_is_the_default_output(tmp_path):
     command = ["bash", "scripts/gpu_check.sh", "--cpu-smoke", "--stages", "env"]
     subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     assert (device_out / "gpu_check.json").is_file()
+
+
+def test_a_case_needs_as_long_as_the_last_warm_case_of_its_kind(tmp_path, monkeypatch):
+    """Cases are skipped for budget (stage ok) rather than cut at the cap (stage timeout): the time asked of the next
+    case follows the last one of its kind, the cold first one not counted."""
+    from gpucheck import record as rec
+
+    record = rec.StageRecord("methods", tmp_path / "methods.json", 60, smoke=True)
+    clock = [0.0]
+    monkeypatch.setattr(rec.time, "monotonic", lambda: clock[0])
+    record.deadline = 100.0 + rec.FLUSH_MARGIN_S  # 100 s left at clock 0
+    for seconds in (50.0, 30.0):  # a cold case, then a warm one
+        with record.timed_case("resnet18"):
+            clock[0] += seconds
+    assert record.remaining() == 20.0
+    assert not record.has_time_for("resnet18", 2.0)  # 1.25 x 30 s > 20 s
+    assert record.has_time_for("wrn", 6.0)  # another kind: its own minimum
+    with record.timed_case("wrn"):  # only a cold case of its kind: its minimum applies
+        clock[0] += 15.0
+    assert record.has_time_for("wrn", 4.0) and not record.has_time_for("wrn", 6.0)
+
+
+def test_pytest_counts_survive_the_caps_sigterm(tmp_path):
+    """The cap's SIGTERM may land while the stage stops its pytest: the counts of the output so far are kept."""
+    from gpucheck.pytest_stages import salvage
+    from gpucheck.record import StageRecord
+
+    record = StageRecord("probes", tmp_path / "probes.json", 30, smoke=True)
+    out = record.side_file("pytest_probes.txt")
+    out.write_text("$ pytest -q tests/test_perf.py\n..F.s\n")
+    salvage(record, out)
+    figures = record.data["figures"]
+    assert (figures["passed"], figures["failed"], figures["skipped"], figures["partial"]) == (3, 1, 1, True)

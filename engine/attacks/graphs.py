@@ -145,10 +145,11 @@ class AttackGraphs:
 
     def stats(self) -> dict:
         """What the graphs did so far (epoch metrics, the GPU check): with attacks run but none captured, the
-        captured path fell back to eager, which only a warning line said."""
+        captured path fell back to eager, which only a warning line said; `attacks` counts the distinct attacks
+        seen (0: the run attacked nothing, e.g. standard training)."""
         uncapturable = sum(e.failed for e in self._entries.values())
         return {"captures": self.captures, "replays": self.replays, "eager_calls": self.eager_calls,
-                "broken": self.broken, "uncapturable_attacks": uncapturable}  # fmt: skip
+                "broken": self.broken, "attacks": len(self._entries), "uncapturable_attacks": uncapturable}  # fmt: skip
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether an attack on `x` is captured (CUDA graphs take tensors on their own device only)."""

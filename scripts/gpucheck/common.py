@@ -124,9 +124,9 @@ def capture_stats(run: Run) -> dict[str, Any]:
 
 def capture_problem(row: dict[str, Any]) -> str | None:
     """A graphed row whose attacks were not all captured (a failed capture falls back to eager with one warning:
-    its figures would be eager ones under a graphed name)."""
+    its figures would be eager ones under a graphed name). A run that attacked nothing (standard training) is fine."""
     stats = row.get("cuda_graphs")
-    if not stats or (stats["captures"] and not stats["eager_calls"]):
+    if not stats or stats.get("attacks") == 0 or (stats["captures"] and not stats["eager_calls"]):
         return None
     return (f"attacks ran uncaptured ({stats['captures']} captures, {stats['eager_calls']} eager calls after warm-up, "
             f"broken={stats['broken']}; the stage log has the warning)")  # fmt: skip

@@ -18,6 +18,7 @@ import math
 import re
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,14 @@ def main_case(record: StageRecord) -> dict[str, Any]:
     x, y = first_batch(run)
     reset_peak(run.perf.device)
     first: dict[str, float] = {}
+    record.figure("main_phase", "first step (compiling)")
+    record.on_timeout = partial(note_cut, record, run, time.perf_counter())
     # Through the kernels' triton_op route, Inductor launches them from its own code: triton_impl.plan runs only
     # while a graph is traced, so the layouts are caught here, in the compiling step, not in the profiled ones.
     traced = dual_bn_layouts(lambda: first.update(compile_s=timed_first_step(run, x, y)[0]))
     compile_s = first["compile_s"]
     record.figure("compile_s", round(compile_s, 1))
+    record.figure("main_phase", "warm-up steps and the epoch start (their graphs)")
     for _ in range(WARMUP):
         train_step(run, x, y)
     epoch_start(run, x, y)
@@ -180,9 +184,11 @@ def main_case(record: StageRecord) -> dict[str, Any]:
         record.figure(key, value)
     for key, value in dynamic_dims(record).items():
         record.figure(key, value)
+    record.figure("main_phase", "counting recompiles")
     recompiles, recompile_error, step_ms = count_recompiles(run, x, y, SMOKE_STEPS if record.smoke else STEPS)
     record.figure("recompiles_after_warmup", recompiles)
     record.figure("recompile_error", recompile_error)
+    record.figure("main_phase", "profile")
     profile, layouts = profile_with_layouts(record, run, x, y, step_ms)
     loss = loss_of(train_step(run, x, y))
     flops = flops_per_image_step(run, x, run.cfg.attack.num_steps)
@@ -209,6 +215,7 @@ def main_case(record: StageRecord) -> dict[str, Any]:
         ),
         "perf": run.perf.summary(),
     }
+    record.figure("main_phase", "done")
     return record.row(row)
 
 
@@ -280,6 +287,16 @@ def _extra_case(record: StageRecord, name: str) -> dict[str, Any]:
     })  # fmt: skip
 
 
+def note_cut(record: StageRecord, run: Run, started: float) -> None:
+    """At the stage's cap inside the main case: how long its first step had been compiling when it never ended (a
+    lower bound on compile_s), and the graphs built so far."""
+    figures = record.data["figures"]
+    if "compile_s" not in figures:
+        figures["compile_s_at_least"] = round(time.perf_counter() - started, 1)
+    if "unique_graphs" not in figures:
+        figures |= graph_figures(run)
+
+
 def extra_seconds(record: StageRecord) -> float:
     """Time an extra case needs: its own cold compile (about the main case's) and its steps, at least 70 s."""
     if record.smoke:
@@ -346,6 +363,7 @@ def compile_stage(record: StageRecord) -> None:
     record.figure("compile_cache", compile_cache_state())
     with smoke_compile(record.smoke):
         row = guarded(record, "main", main_case, record)  # a failing main case still leaves the extras' figures
+        record.on_timeout = None  # main_phase stays where a failing main case stopped
         if row.get("ok") is False:
             record.fail(f"main case (compiled, kernels on): {row['error']}")
         else:

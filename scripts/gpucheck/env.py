@@ -37,7 +37,7 @@ def nvidia_smi() -> dict[str, Any]:
     if shutil.which("nvidia-smi") is None:
         return {"error": "nvidia-smi not found"}
     try:
-        done = subprocess.run(NVIDIA_SMI_QUERY, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(NVIDIA_SMI_QUERY, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError) as exc:
         return {"error": str(exc)}
     lines = [line for line in done.stdout.splitlines() if line.strip()]
@@ -45,6 +45,11 @@ def nvidia_smi() -> dict[str, Any]:
         return {"error": (done.stderr or done.stdout).strip()[-300:]}
     header = [h.strip() for h in lines[0].split(",")]
     return dict(zip(header, [v.strip() for v in lines[1].split(",")], strict=False)) | {"gpus": len(lines) - 1}
+
+
+def smi_figures() -> dict[str, Any]:
+    smi = nvidia_smi() if torch.cuda.is_available() or shutil.which("nvidia-smi") else {"error": "no CUDA"}
+    return {"driver": smi.get("driver_version"), "nvidia_smi": smi}
 
 
 def package_version(name: str) -> str | None:
@@ -122,13 +127,18 @@ def tf32_defaults() -> dict[str, Any]:
 
 
 def env(record: StageRecord) -> None:
+    """Versions and the commit are flushed first, then the device (its first CUDA context), then nvidia-smi: on a
+    machine just started, a cut at the stage's cap keeps what was read before it."""
     commit, dirty = read_commit(REPO)
-    smi = nvidia_smi() if torch.cuda.is_available() or shutil.which("nvidia-smi") else {"error": "no CUDA"}
-    figures = {**versions(), **device_properties(), "driver": smi.get("driver_version"), "nvidia_smi": smi}
-    figures |= {"tf32": tf32_defaults(), "kernels": kernels.available_backends(), "commit": commit, "dirty": dirty}
-    figures["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
-    for key, value in figures.items():
-        record.figure(key, value)
+    figures: dict[str, Any] = {}
+    for part in (lambda: {**versions(), "commit": commit, "dirty": dirty,
+                          "triton_interpret": os.environ.get("TRITON_INTERPRET")},
+                 device_properties, lambda: {"tf32": tf32_defaults()}, smi_figures,
+                 lambda: {"kernels": kernels.available_backends()}):  # fmt: skip
+        found = part()
+        figures |= found
+        for key, value in found.items():
+            record.figure(key, value)
     record.row({"case": "env", **{k: v for k, v in figures.items() if not isinstance(v, dict)}})
     for case, reason in NOT_COVERED.items():
         record.row({"case": case, "status": f"skipped: {reason}"})

@@ -139,15 +139,17 @@ def methods(record: StageRecord) -> None:
     skipped = 0
     count(record, results, skipped)
     for name, recipe, overrides in CASES[:1] + [("wrn34-10 arat", None, None)] + CASES[1:]:
-        if not record.has_time(WRN_SECONDS if recipe is None else CASE_SECONDS):
+        kind = "wrn" if recipe is None else "resnet18"
+        if not record.has_time_for(kind, WRN_SECONDS if recipe is None else CASE_SECONDS):
             record.row({"case": name, "status": BUDGET_SKIP})
             skipped += 1
             count(record, results, skipped)
             continue
-        if recipe is None:
-            results.append(guarded(record, name, wrn_case, record))
-        else:
-            results.append(guarded(record, name, run_case, record, name, recipe, overrides))
+        with record.timed_case(kind):
+            if recipe is None:
+                results.append(guarded(record, name, wrn_case, record))
+            else:
+                results.append(guarded(record, name, run_case, record, name, recipe, overrides))
         count(record, results, skipped)
         gc.collect()  # the finished case's run (model, optimizer, captured graphs) is garbage only after a collect
         if torch.cuda.is_available():

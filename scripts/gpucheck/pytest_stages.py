@@ -41,17 +41,24 @@ def run_pytest(record: StageRecord, args: list[str], out_name: str) -> dict[str,
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         child_processes.add(proc.pid)  # its own group: killed on our deadline, and by our SIGTERM handler
+        record.on_timeout = lambda: salvage(record, out)  # the cap's SIGTERM while the group is being stopped
         try:
             rc, partial = proc.wait(timeout=max(1.0, record.remaining() - PARSE_MARGIN_S)), False
         except subprocess.TimeoutExpired:
             rc, partial = stop_group(proc), True
         child_processes.discard(proc.pid)
+        record.on_timeout = None
     result = parse(out.read_text(errors="replace"))
     result |= {"rc": rc, "partial": partial, "seconds": round(time.monotonic() - start, 1)}
     if partial:
         with out.open("a") as f:
             f.write(f"\n[gpu_check: cut at the stage's cap after {result['seconds']} s; counts are partial]\n")
     return result
+
+
+def salvage(record: StageRecord, out) -> None:
+    """At the stage's cap: the counts of the output so far, marked partial (the handler flushes them)."""
+    record.data["figures"] |= parse(out.read_text(errors="replace")) | {"rc": None, "partial": True}
 
 
 def stop_group(proc: subprocess.Popen) -> int | None:

@@ -15,6 +15,7 @@ from typing import Any
 SMOKE_SKIP = "skipped: cpu-smoke"
 BUDGET_SKIP = "skipped: budget"
 REPO = Path(__file__).resolve().parents[2]
+CASE_MARGIN = 1.25  # has_time_for: the next case of a kind may take this much longer than the last one
 FLUSH_MARGIN_S = 3.0  # kept free before the stage's cap: the last flush must land before `timeout` kills it
 child_processes: set[int] = set()  # process groups a stage started in their own session (pytest): killed on SIGTERM
 
@@ -61,6 +62,7 @@ class StageRecord:
             "figures": {},
         }
         self.on_timeout = None  # called by the driver's SIGTERM handler before the last flush (salvage results)
+        self.case_s: dict[str, list[float]] = {}  # seconds of each case of each kind (`timed_case`)
 
     # -- writing ---------------------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -123,6 +125,22 @@ class StageRecord:
     def has_time(self, seconds: float) -> bool:
         return self.remaining() >= seconds
 
+    def has_time_for(self, kind: str, minimum: float) -> bool:
+        """Time for one more case of `kind`: `minimum`, or more where the last case of its kind took longer, the
+        first (cold: compiles, autotuning) not counted. A case cut at the cap ends the stage as a timeout; one
+        skipped for budget leaves it ok."""
+        warm = self.case_s.get(kind, [])[1:]
+        return self.has_time(max(minimum, CASE_MARGIN * warm[-1] if warm else 0.0))
+
+    @contextlib.contextmanager
+    def timed_case(self, kind: str):
+        """Measures one case for `has_time_for`."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.case_s.setdefault(kind, []).append(time.monotonic() - start)
+
     # -- files next to the record ------------------------------------------------------------------------------
     def side_file(self, name: str) -> Path:
         return self.work / name
@@ -158,7 +176,11 @@ def read_commit(repo: str | Path) -> tuple[str | None, bool | None]:
         if not stamp.is_file():
             return None, None
         words = stamp.read_text().split()
-        return (words[0] if words else None), "dirty" in words[1:]
+        commit, dirty = (words[0] if words else None), "dirty" in words[1:]
+        changed = changed_since_stamp(repo)
+        if commit and changed:
+            commit += f" + {len(changed)} files changed after the stamp ({', '.join(changed[:3])})"
+        return commit, dirty or bool(changed)
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
@@ -168,3 +190,23 @@ def read_commit(repo: str | Path) -> tuple[str | None, bool | None]:
     if head.returncode != 0:
         return None, None
     return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def changed_since_stamp(repo: str | Path) -> list[str]:
+    """The files whose content differs from `.gpucheck/files.sha256` (written with the commit stamp by the prepare
+    step; a commit after it makes the stamp stale), missing ones included; [] without that file."""
+    import hashlib
+
+    sums = Path(repo) / ".gpucheck" / "files.sha256"
+    if not sums.is_file():
+        return []
+    changed = []
+    for line in sums.read_text(errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        try:
+            now = hashlib.sha256((Path(repo) / name).read_bytes()).hexdigest()
+        except OSError:
+            now = None
+        if name and now != digest:
+            changed.append(name)
+    return changed

@@ -95,11 +95,12 @@ def step_eager(record: StageRecord) -> None:
 def step_case(record: StageRecord, case: tuple, rows: list[dict[str, Any]], busy: dict[int, Any]) -> None:
     """One ladder row, then the stage's figures again (a stage cut at its cap keeps them)."""
     batch, row, cudnn, profile = case
-    if not record.has_time(ROW_SECONDS[batch]):
+    if not record.has_time_for(f"B={batch}", ROW_SECONDS[batch]):
         record.row({"row": row, "nominal_batch": batch, "cudnn_benchmark": cudnn, "status": BUDGET_SKIP})
         return
     # one row's fault (a capture, the profiler) becomes a failing row and must not hide the others
-    result = guarded(record, f"{LADDER[row][0]} B={batch}", recorded_row, record, batch, row, cudnn, profile)
+    with record.timed_case(f"B={batch}"):
+        result = guarded(record, f"{LADDER[row][0]} B={batch}", recorded_row, record, batch, row, cudnn, profile)
     release_memory()
     if result.get("ok") is False:
         record.fail(f"{result['case']}: {result['error']}")
