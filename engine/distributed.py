@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import DistConfig
+from .errors import UserError
 
 
 @dataclass
@@ -19,6 +20,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    gpu: int = 0  # the CUDA device of this process: LOCAL_RANK, or 0 where each process sees only its own GPU
 
     @property
     def is_main(self) -> bool:
@@ -34,17 +36,31 @@ def init(cfg: DistConfig, device_type: str) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    info = DistInfo(int(os.environ["RANK"]), world_size, local_rank)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
+        info.gpu = gpu_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(info.gpu)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.timeout_min))
     return info
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU a process with LOCAL_RANK `local_rank` uses among the `visible` ones: its local rank (torchrun: every
+    process sees every GPU of its node), or 0 where a launcher shows each process only its own (CUDA_VISIBLE_DEVICES
+    set per process, e.g. srun --gpus-per-task=1)."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UserError(f"LOCAL_RANK {local_rank} but this process sees {visible} GPUs: start at most {visible} processes "
+                    "per node (torchrun --nproc_per_node), or show each process its own GPU")  # fmt: skip
+
+
 def local_device(info: DistInfo, device: torch.device) -> torch.device:
-    return torch.device("cuda", info.local_rank) if device.type == "cuda" and info.enabled else device
+    return torch.device("cuda", info.gpu) if device.type == "cuda" and info.enabled else device
 
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

@@ -10,12 +10,14 @@ the chunks already there and ends with identical flags.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -213,20 +215,37 @@ def balance_note(num_examples: int, chunk_size: int, world_size: int, floor: flo
 
 def attack_spec(
     name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int, tf32: bool = False,
-    channels_last: bool = True,
+    channels_last: bool = True, compiled: bool = False,
 ) -> dict:  # fmt: skip
     """What determines an attack's per-image flags (and so whether saved chunks can be reused). `tf32`: CUDA
     convolutions may run in TF32 (torch's default for cuDNN, which AutoAttack and RobustBench evaluations keep).
-    The network's memory format picks other convolution kernels, whose last bits may differ."""
+    The network's memory format picks other convolution kernels, whose last bits may differ, as does torch.compile
+    (`compiled`: Inductor's fused code); cuDNN picks its algorithms by heuristic, deterministic ones only
+    (`repeatable_cudnn`)."""
     spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
             "batch_size": batch_size, "dtype": "fp32", "tf32_convolutions": tf32,
-            "memory_format": "channels_last" if channels_last else "contiguous",
-            "seeds": "sha256(seed:attack:chunk) per chunk"}  # fmt: skip
+            "memory_format": "channels_last" if channels_last else "contiguous", "compiled": compiled,
+            "cudnn_algorithms": "heuristic, deterministic", "seeds": "sha256(seed:attack:chunk) per chunk"}  # fmt: skip
     if name == "pgd20":
         spec |= {"steps": PGD20.num_steps, "step_size": "2/255", "eps": "8/255", "start": PGD20.start}
     if name == "aa":
         spec |= {"protocol": autoattack.PROTOCOLS[cfg.aa_version].describe()}
     return spec
+
+
+@contextlib.contextmanager
+def repeatable_cudnn() -> Iterator[None]:
+    """cuDNN's algorithms chosen by its heuristic, not by timing them (training's cudnn.benchmark would let each
+    process time its own and pick differently for one shape, and it times again for every new batch size of
+    AutoAttack's shrinking subsets), and deterministic ones only: an image's flags must not depend on the process
+    or the run that attacked it. The previous settings come back afterwards."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
 
 
 def evaluate(
@@ -298,10 +317,11 @@ def _evaluate(
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
     results = {}
     graphs = attack_graphs(perf_cfg, device, reuse=active_graphs())  # PGD-20 captured on CUDA, in training's pool
-    with mode(model, train=False), graphs_in_use(graphs):
+    with mode(model, train=False), graphs_in_use(graphs), repeatable_cudnn():
         for name in cfg.attacks:
             n = num_images(name, cfg, len(y_all))
-            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last)
+            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last,
+                               is_compiled(attacker))  # fmt: skip
             store = ChunkStore(record_dir, name, spec)
             starts = range(0, n, cfg.chunk_size)
             mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]

@@ -109,6 +109,18 @@ def test_collectives_wait_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
         DistConfig(timeout_min=0)
 
 
+def test_each_process_uses_its_local_rank_s_gpu_or_the_only_one_it_sees():
+    """torchrun shows every process all GPUs of the node (GPU = LOCAL_RANK); a launcher that shows each process its
+    own GPU only leaves one visible (GPU 0); more processes than GPUs is a one-line error, not a CUDA fault."""
+    from engine.distributed import gpu_index
+    from engine.errors import UserError
+
+    assert [gpu_index(r, 8) for r in range(8)] == list(range(8))
+    assert [gpu_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    with pytest.raises(UserError, match="LOCAL_RANK 5 but this process sees 4 GPUs"):
+        gpu_index(5, 4)
+
+
 def _gathering_rank(rank: int, init: str, out: str) -> None:
     import time
 

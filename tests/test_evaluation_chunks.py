@@ -355,8 +355,28 @@ def test_a_compiled_evaluation_keeps_its_graphs_few_and_finds_the_same_flags(ref
         # predictions; PGD-20; AutoAttack's forwards with and without input gradients (weights frozen in both
         # attacks): a handful of graphs, none per subset size (5 with torch 2.13), and at least one per role
         assert 3 <= counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"], dict(counters["stats"])
+        assert results["aa"]["config"]["compiled"] and not reference["aa"]["config"]["compiled"]  # not reused
     finally:
         torch._dynamo.reset()
+
+
+def test_cudnn_picks_repeatable_algorithms_while_evaluating(monkeypatch):
+    """Training turns cudnn.benchmark on (CUDA): each process would time its own algorithms for a shape, and an
+    image's flags would depend on the rank that attacked it. The evaluation runs with cuDNN's heuristic choice,
+    deterministic algorithms only, records it, and gives training its settings back."""
+    from engine import evaluate as ev
+
+    seen = []
+    clean_flags = ev._clean_flags
+    monkeypatch.setattr(ev, "_clean_flags", lambda *a: seen.append(
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)) or clean_flags(*a))  # fmt: skip
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    cfg = EvalConfig(attacks=("clean",), num_examples=32, batch_size=16, chunk_size=16)
+    results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3)
+    assert seen == [(False, True)] * 2
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+    assert results["clean"]["config"]["cudnn_algorithms"] == "heuristic, deterministic"
 
 
 def test_the_network_is_evaluated_in_the_training_layout(tmp_path):
