@@ -73,7 +73,8 @@ say "copied $DATA/{cifar10-jpeg.tar.gz,labels.npz,prepare.py}"
 { git rev-parse HEAD && [ -z "$(git status --porcelain)" ] || echo dirty; } >.gpucheck/commit.txt
 say "commit.txt: $(paste -sd' ' .gpucheck/commit.txt)"
 # and every copied file's sha256: the GPU machine's env stage names the files changed since (a stale stamp)
-git ls-files -co --exclude-standard -z | xargs -0 sha256sum >.gpucheck/files.sha256 2>/dev/null
+# (a tracked file deleted from the tree, or a submodule, has no sum: left out, and the script goes on)
+git ls-files -co --exclude-standard -z | xargs -0 sha256sum -- >.gpucheck/files.sha256 2>/dev/null || true
 say "files.sha256: $(wc -l <.gpucheck/files.sha256) files"
 
 # 5. size guard: the copied tree (tracked and untracked, not ignored) plus .gpucheck/ <= 60 MiB, else the slim form

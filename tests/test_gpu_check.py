@@ -342,6 +342,12 @@ def test_the_commit_comes_from_git_where_there_is_one(tmp_path):
     assert read_commit(copy) == ("0123abc", False)
     (copy / "b.py").write_text("y = 3\n")  # a change after the stamp (a commit made after the prepare step)
     assert read_commit(copy) == ("0123abc + 1 files changed after the stamp (b.py)", True)
+    odd = ["a\\b.py", "two  spaces.py", "new\nline.py"]  # sha256sum escapes backslashes and newlines
+    for name in odd:
+        (copy / name).write_text("z = 0\n")
+    sums = subprocess.run(["sha256sum", "--", *odd], cwd=copy, capture_output=True, text=True, check=True)
+    (copy / ".gpucheck" / "files.sha256").write_text(sums.stdout)
+    assert read_commit(copy) == ("0123abc", False)
 
 
 def test_each_compile_extra_case_counts_its_own_graphs(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 import traceback
 from pathlib import Path
@@ -194,15 +195,19 @@ def read_commit(repo: str | Path) -> tuple[str | None, bool | None]:
 
 def changed_since_stamp(repo: str | Path) -> list[str]:
     """The files whose content differs from `.gpucheck/files.sha256` (written with the commit stamp by the prepare
-    step; a commit after it makes the stamp stale), missing ones included; [] without that file."""
+    step: a change after it makes the stamp stale), deleted ones included, added ones not; [] without that file.
+    sha256sum's format: `DIGEST  NAME`, or `\\DIGEST  NAME` with backslashes, newlines and returns in NAME escaped."""
     import hashlib
 
     sums = Path(repo) / ".gpucheck" / "files.sha256"
     if not sums.is_file():
         return []
     changed = []
-    for line in sums.read_text(errors="replace").splitlines():
-        digest, _, name = line.partition("  ")
+    for line in sums.read_text(errors="surrogateescape").split("\n"):
+        escaped = line.startswith("\\")
+        digest, _, name = line.removeprefix("\\").partition("  ")
+        if escaped:
+            name = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), name)
         try:
             now = hashlib.sha256((Path(repo) / name).read_bytes()).hexdigest()
         except OSError:
