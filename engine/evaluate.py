@@ -311,7 +311,8 @@ def _evaluate(
     if note and dist.is_main:
         print(note, file=sys.stderr, flush=True)
     batch = min(cfg.batch_size, chunk_size, len(y_all))  # fewer images than a chunk: no padding up to it
-    aa_net = SubsetBatch(attacker, batch) if is_compiled(attacker) else EvalForward(model)
+    compiled = is_compiled(attacker)
+    aa_net = SubsetBatch(attacker, batch) if compiled else EvalForward(model)
     protocol = autoattack.PROTOCOLS[cfg.aa_version]
     model_hash = fingerprint(model)
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
@@ -320,8 +321,7 @@ def _evaluate(
     with mode(model, train=False), graphs_in_use(graphs), repeatable_cudnn():
         for name in cfg.attacks:
             n = num_images(name, cfg, len(y_all))
-            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last,
-                               is_compiled(attacker))  # fmt: skip
+            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last, compiled)
             store = ChunkStore(record_dir, name, spec)
             starts = range(0, n, cfg.chunk_size)
             mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]

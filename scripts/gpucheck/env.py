@@ -13,6 +13,7 @@ import torch
 from kernels_bench import timed  # bench/: CUDA-event median on the GPU
 
 import kernels
+from engine.rundir import package_version
 
 from .record import REPO, SMOKE_SKIP, StageFailed, StageRecord, read_commit
 
@@ -50,15 +51,6 @@ def nvidia_smi() -> dict[str, Any]:
 def smi_figures() -> dict[str, Any]:
     smi = nvidia_smi() if torch.cuda.is_available() or shutil.which("nvidia-smi") else {"error": "no CUDA"}
     return {"driver": smi.get("driver_version"), "nvidia_smi": smi}
-
-
-def package_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def module_version(name: str) -> str | None:
