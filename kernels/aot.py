@@ -29,10 +29,14 @@ def all_specs() -> list[dict]:
     return pgd_specs.aot_specs() + dual_bn_specs.aot_specs()
 
 
-def compile_spec(spec: dict, arch: int) -> dict:
-    """Compile one spec for sm_<arch>; returns one JSON-able row of resource usage."""
+def compile_spec(spec: dict, arch: int, float_scalars: str = "fp32") -> dict:
+    """Compile one spec for sm_<arch>; returns one JSON-able row of resource usage. float_scalars="fp64" types
+    the float arguments as Inductor's launches of user-defined kernels do (a Python float becomes fp64 there; a
+    direct launch passes fp32)."""
     fn = spec["fn"]
     signature, constexprs, attrs = _specialise(spec)
+    if float_scalars != "fp32":
+        signature = {name: float_scalars if kind == "fp32" else kind for name, kind in signature.items()}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
     usage = _res_usage(compiled.asm["cubin"])

@@ -128,6 +128,7 @@ def _stats_finalize_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # Inductor passes a Python float as fp64, which tl.sqrt_rn rejects
     c_block, half = tl.program_id(0), tl.program_id(1)
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
     c_mask = c < C
@@ -246,6 +247,7 @@ def _backward_finalize_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # fp64 when Inductor launches it (see _stats_finalize_kernel)
     c_block, half = tl.program_id(0), tl.program_id(1)
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
     c_mask = c < C

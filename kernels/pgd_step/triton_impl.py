@@ -22,6 +22,7 @@ NUM_WARPS = 4
 
 @triton.jit
 def _pgd_step_kernel(x_ptr, x_adv_ptr, grad_ptr, out_ptr, numel, eps, alpha, BLOCK: tl.constexpr):
+    eps, alpha = tl.cast(eps, tl.float32), tl.cast(alpha, tl.float32)  # Inductor passes Python floats as fp64
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
     mask = offsets < numel
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -40,6 +41,7 @@ def _pgd_step_kernel(x_ptr, x_adv_ptr, grad_ptr, out_ptr, numel, eps, alpha, BLO
 
 @triton.jit
 def _uniform_start_kernel(x_ptr, seed_ptr, out_ptr, numel, eps, BLOCK: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # Inductor passes a Python float as fp64
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
     mask = offsets < numel
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
