@@ -31,15 +31,15 @@ def fused_dual_bn(x: torch.Tensor, clean: nn.BatchNorm2d, adv: nn.BatchNorm2d, r
     return y
 
 
-def install(model: nn.Module) -> tuple[str, object]:
-    """Route the PGD step and the dual-BN branch through the fused ops; returns (what is active, for the log;
-    the PGD step installed)."""
+def install(model: nn.Module, dual: bool = True) -> tuple[str, object]:
+    """Route the PGD step and (`dual`) the dual-BN branch through the fused ops; returns (what is active, for the
+    log; the PGD step installed)."""
     import kernels
 
     kernels.load_native()  # the optional C++ CPU library, when built
     if torch.cuda.is_available():
         kernels.load_triton_ops()  # registered before torch.compile traces the model
     set_step_kernel(kernels.pgd_step)
-    set_dual_kernel(model, fused_dual_bn)
+    set_dual_kernel(model, fused_dual_bn if dual else None)
     active = [name for name, info in kernels.available_backends().items() if info["active"]]
-    return "fused(" + "+".join(active) + ")", kernels.pgd_step
+    return "fused(" + "+".join(active) + ")" + ("" if dual else " pgd_step only"), kernels.pgd_step

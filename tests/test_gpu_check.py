@@ -126,6 +126,29 @@ def test_pytest_output_parsing():
     assert parse("a::b\n\n5/6 tests collected (1 deselected) in 0.1s\n")["collected"] == 5
 
 
+def test_a_cut_pytest_run_still_names_its_failures(tmp_path):
+    """The H200's first check cut both pytest stages at their caps: their output held progress marks only, so the
+    failed tests went unnamed. The live plugin writes each failure as it happens; parse() reads those lines."""
+    import subprocess
+
+    (tmp_path / "test_live.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2, 'one is not two'\n"
+        "@pytest.fixture\n"
+        "def broken(): raise RuntimeError('setup broke')\n"
+        "def test_setup(broken): pass\n"
+    )
+    env = os.environ | {"PYTHONPATH": str(REPO / "scripts"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpucheck.pytest_live", "test_live.py"]
+    text = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120).stdout
+    expected = ["FAILED test_live.py::test_bad - AssertionError: one is not two",
+                "ERROR test_live.py::test_setup - RuntimeError: setup broke"]  # fmt: skip
+    cut = text.split("=====")[0]  # what a kill before pytest's summary leaves
+    assert parse(cut) == {"passed": 1, "failed": 1, "errors": 1, "skipped": 0, "failures": expected}, text
+    assert parse(text)["failures"] == expected and parse(text)["failed"] == 1
+
+
 def test_kernel_tests_run_the_triton_op_route_first_and_miss_no_file():
     args = kernel_tests()
     files = [a for a in args if a.endswith(".py")]

@@ -205,3 +205,33 @@ def test_auto_switches_are_on_for_cuda_only():
 
     assert resolve_switch("auto", torch.device("cuda")) and not resolve_switch("auto", torch.device("cpu"))
     assert resolve_switch("on", torch.device("cpu")) and not resolve_switch("off", torch.device("cuda"))
+
+
+def test_auto_kernels_fuse_the_dual_bn_only_in_a_compiled_network():
+    """Uncompiled on CUDA, the dual-BN op's Python launches made the H200's eager step 1.8x slower (docs/gpu.md):
+    auto keeps the PGD step fused and leaves Split-BN's dual branch to aten; `on` fuses both anywhere."""
+    from engine.perf import dual_kernel_wanted
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert dual_kernel_wanted("auto", cuda, compiled=True) and not dual_kernel_wanted("auto", cuda, compiled=False)
+    assert dual_kernel_wanted("on", cpu, compiled=False) and dual_kernel_wanted("on", cuda, compiled=False)
+    assert not dual_kernel_wanted("off", cuda, compiled=True) and not dual_kernel_wanted("auto", cpu, compiled=True)
+
+
+def test_a_pgd_step_only_install_leaves_the_dual_branch_plain(tiny_cfg):
+    from engine import kernels_bridge
+    from engine.attacks import set_step_kernel
+    from engine.models import set_dual_kernel
+
+    run = build_run(apply_overrides(tiny_cfg, ["perf.kernels=off", "perf.cuda_graphs=off"]))
+    model = run.nets.raw
+    try:
+        active, step = kernels_bridge.install(model, dual=False)
+        assert active.endswith(" pgd_step only") and step is not None
+        assert all(getattr(m, "dual_kernel", None) is None for m in model.modules()), "dual kernel installed"
+        active, _ = kernels_bridge.install(model, dual=True)
+        assert not active.endswith(" pgd_step only")
+        assert any(getattr(m, "dual_kernel", None) is kernels_bridge.fused_dual_bn for m in model.modules())
+    finally:
+        set_step_kernel(None)
+        set_dual_kernel(model, None)

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from .pytest_live import PREFIX as LIVE
 from .record import REPO, StageFailed, StageRecord, child_processes
 
 # the captured attack (the engine's CUDA default, never run on a GPU yet) first: a cut at the cap keeps its results
@@ -32,14 +33,17 @@ NO_RESULT_RC = (2, 3, 4, 5)  # interrupted, internal error, usage error, nothing
 
 
 def run_pytest(record: StageRecord, args: list[str], out_name: str) -> dict[str, Any]:
-    """pytest -q with a deadline; its output goes to `out_name` beside the record. Returns the parsed result."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    """pytest -q with a deadline; its output goes to `out_name` beside the record. Returns the parsed result. Each
+    failure is also written as it happens (gpucheck.pytest_live), so a run cut at the cap still names its failures."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpucheck.pytest_live", *args]
+    path = os.pathsep.join(filter(None, [str(REPO / "scripts"), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     out = record.side_file(out_name)
     start = time.monotonic()
     with out.open("w") as f:
         f.write("$ " + " ".join(cmd[1:]) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
         child_processes.add(proc.pid)  # its own group: killed on our deadline, and by our SIGTERM handler
         record.on_timeout = lambda: salvage(record, out)  # the cap's SIGTERM while the group is being stopped
         try:
@@ -90,7 +94,8 @@ def parse(text: str) -> dict[str, Any]:
     collected = next((m for line in reversed(lines) if (m := COLLECTED.search(line))), None)
     if collected:  # "5/6 tests collected (1 deselected)": 5 selected
         counts["collected"] = int(collected[1])
-    failures = [line[:300] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    live = [line[len(LIVE) :][:300] for line in lines if line.startswith(LIVE)]  # as they happened: a cut run too
+    failures = live or [line[:300] for line in lines if line.startswith(("FAILED ", "ERROR "))]
     return counts | {"failures": failures[:20]}
 
 
