@@ -141,8 +141,8 @@ def dual_kernel_wanted(value: str, device: torch.device, compiled: bool) -> bool
     """Whether Split-BN's dual branch runs the fused dual-BN op: perf.kernels=on, or auto on CUDA when the network
     is compiled. Uncompiled, each Triton launch goes through Python (the custom op, the launcher): on the H200 the
     eager ResNet-18 AR-AT step at batch 128 took 168.6 ms with the fused ops against 93.9 ms without, and the
-    dual-BN op's forward + backward 1.5-1.8 ms of wall time per layer against aten's 0.6-0.9 ms (its GPU time inside
-    a CUDA graph was 2.5-3.5x shorter than aten's: launches, not the kernels; docs/gpu.md). The PGD step stays
+    dual-BN op's forward + backward 1.6-1.7 ms of wall time per layer against aten's 0.6-0.9 ms (its GPU time inside
+    a CUDA graph was 2-3.6x shorter than aten's: launches, not the kernels; docs/gpu.md). The PGD step stays
     fused (107 us of wall time per step against 191 us eagerly)."""
     return kernels_wanted(value, device) and (value == "on" or compiled)
 
