@@ -138,3 +138,20 @@ def test_eval_ranks_rows_say_the_flags_of_two_ranks_equal_one(tmp_path):
     assert two["efficiency"] == round(two["speed_up"] / 2, 3)
     assert 0 < two["balance"] <= 1.5 and two["cpu"]
     assert "| ranks |" in proc.stdout
+
+
+def test_launch_overhead_times_the_triton_route_with_its_launches_stubbed(tmp_path):
+    """bench/launch_overhead.py end to end (compiled Triton imported, launches stubbed): six rows, stamped."""
+    pytest.importorskip("triton")
+    out = tmp_path / "overhead.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "launch_overhead.py"), "--reps", "20", "--out",
+                             str(out)], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ops = ("dual_bn fwd", "dual_bn fwd+bwd", "pgd_step")
+    assert [(r["op"], r["route"]) for r in rows] == [(op, route) for op in ops for route in ("triton_op", "aten")]
+    assert all(r["us_per_call"] > 0 and r["cpu"] for r in rows)
+    refused = subprocess.run([sys.executable, str(REPO / "bench" / "launch_overhead.py")], env=env | {
+        "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "without TRITON_INTERPRET=1" in refused.stdout

@@ -12,6 +12,7 @@ the triton_ops at the end, which the public `dual_batch_norm` calls for compiled
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from torch.library import triton_op
 
 from .. import _dispatch
 from .._layout import MAX_KERNEL_NUMEL, layout_4d, like
-from .._triton_util import next_pow2, program_target, wrap_triton
+from .._triton_util import cdiv, next_pow2, program_target, wrap_triton
 
 TILE_ELEMENTS = 1024  # per program and loop iteration: 8 fp32 per thread and accumulator at 4 warps
 MAX_BLOCK_C = 64
@@ -327,7 +328,16 @@ def tile_shape(channels: int, spatial: int, channels_last: bool) -> tuple[int, i
 
 
 def plan(x: torch.Tensor) -> Plan:
-    return make_plan(x.shape, layout_4d(x) == "channels_last", program_target(x.device))
+    shape, channels_last, target = x.shape, layout_4d(x) == "channels_last", program_target(x.device)
+    if all(type(d) is int for d in shape):  # a fixed shape (not a SymInt, which cannot be a cache key)
+        return _cached_plan(tuple(shape), channels_last, target)
+    return make_plan(shape, channels_last, target)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_plan(shape: tuple[int, ...], channels_last: bool, target_programs: int) -> Plan:
+    """make_plan once per (shape, layout, device size): an eager step asks for the same few dozen plans each time."""
+    return make_plan(shape, channels_last, target_programs)
 
 
 def make_plan(shape, channels_last: bool, target_programs: int) -> Plan:
@@ -335,11 +345,11 @@ def make_plan(shape, channels_last: bool, target_programs: int) -> Plan:
     batch, channels, height, width = shape
     half, spatial = batch // 2, height * width
     block_s, block_c = tile_shape(channels, spatial, channels_last)
-    num_s_blocks, c_blocks = triton.cdiv(spatial, block_s), triton.cdiv(channels, block_c)
+    num_s_blocks, c_blocks = cdiv(spatial, block_s), cdiv(channels, block_c)
     tiles = half * num_s_blocks
-    wanted_chunks = max(1, min(tiles, triton.cdiv(target_programs, 2 * c_blocks)))
-    tiles_per_prog = triton.cdiv(tiles, wanted_chunks)
-    num_chunks = triton.cdiv(tiles, tiles_per_prog)
+    wanted_chunks = max(1, min(tiles, cdiv(target_programs, 2 * c_blocks)))
+    tiles_per_prog = cdiv(tiles, wanted_chunks)
+    num_chunks = cdiv(tiles, tiles_per_prog)
     return Plan(
         half, channels, spatial, channels_last, block_s, block_c, num_s_blocks, c_blocks, tiles_per_prog, num_chunks
     )
@@ -369,7 +379,7 @@ def dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training:
         )
     block_cf = min(next_pow2(p.channels), FINALIZE_BLOCK_C)
     params = (weight[0], bias[0], weight[1], bias[1], running_mean[0], running_var[0], running_mean[1], running_var[1])
-    wrap_triton(_stats_finalize_kernel)[(triton.cdiv(p.channels, block_cf), 2)](
+    wrap_triton(_stats_finalize_kernel)[(cdiv(p.channels, block_cf), 2)](
         x,
         partial[0],
         partial[1],
@@ -434,7 +444,7 @@ def dual_bn_backward_triton(grad_y, x, y, weight, mean, var, training: bool, eps
     grad_weight, grad_bias = (torch.empty((2, p.channels), device=x.device, dtype=torch.float32) for _ in range(2))
     coef = torch.empty((3, 2, p.channels), device=x.device, dtype=torch.float32)
     block_cf = min(next_pow2(p.channels), FINALIZE_BLOCK_C)
-    wrap_triton(_backward_finalize_kernel)[(triton.cdiv(p.channels, block_cf), 2)](
+    wrap_triton(_backward_finalize_kernel)[(cdiv(p.channels, block_cf), 2)](
         partial[0],
         partial[1],
         p.num_chunks,

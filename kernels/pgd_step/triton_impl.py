@@ -14,7 +14,7 @@ from torch.library import triton_op
 
 from .. import _dispatch
 from .._layout import MAX_KERNEL_NUMEL
-from .._triton_util import wrap_triton
+from .._triton_util import cdiv, wrap_triton
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -58,7 +58,7 @@ def pgd_step_triton(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, ep
     out = torch.empty_like(x_adv)
     numel = x_adv.numel()
     if numel:
-        grid = (triton.cdiv(numel, BLOCK),)
+        grid = (cdiv(numel, BLOCK),)
         wrap_triton(_pgd_step_kernel)[grid](
             x, x_adv, grad, out, numel, float(eps), float(alpha), BLOCK=BLOCK, num_warps=NUM_WARPS
         )
@@ -71,7 +71,7 @@ def uniform_start_triton(x: torch.Tensor, eps: float, seed: torch.Tensor) -> tor
     out = torch.empty_like(x)
     numel = x.numel()
     if numel:
-        grid = (triton.cdiv(numel, BLOCK),)
+        grid = (cdiv(numel, BLOCK),)
         wrap_triton(_uniform_start_kernel)[grid](x, seed, out, numel, float(eps), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 

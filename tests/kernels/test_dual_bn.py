@@ -236,3 +236,21 @@ def test_missing_affine_parameters_raise():
     state["adv_weight"] = None
     with pytest.raises(ValueError, match="affine=True"):
         dual_batch_norm(torch.randn(4, 3, 2, 2), *(state[k] for k in NAMES), training=True)
+
+
+def test_launch_arithmetic_matches_tritons_and_plans_are_cached():
+    """The launchers' plain-Python next_pow2 / cdiv (Triton's own are constexpr functions, ~4 us of Python per
+    call) give Triton's values, and a fixed shape's plan is computed once."""
+    triton = pytest.importorskip("triton")
+    from kernels._triton_util import cdiv, next_pow2, program_target
+    from kernels.dual_bn import triton_impl
+
+    for n in range(0, 3000):
+        assert next_pow2(n) == triton.next_power_of_2(max(n, 1)), n
+    for a in range(1, 300):
+        for b in (1, 2, 3, 7, 16, 64, 128, 1000):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    x = torch.empty((256, 64, 32, 32)).to(memory_format=torch.channels_last)
+    first = triton_impl.plan(x)
+    assert triton_impl.plan(x) is first and first == triton_impl.make_plan(x.shape, True, program_target(x.device))
+    assert triton_impl.plan(torch.empty((256, 64, 32, 32))).channels_last is False
