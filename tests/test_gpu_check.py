@@ -617,3 +617,34 @@ def test_pytest_counts_survive_the_caps_sigterm(tmp_path):
     salvage(record, out)
     figures = record.data["figures"]
     assert (figures["passed"], figures["failed"], figures["skipped"], figures["partial"]) == (3, 1, 1, True)
+
+
+def test_real_run_plans_one_epoch_when_two_would_leave_no_time_for_the_evaluation(tmp_path):
+    """The H200's first check cut real_run in epoch 2, before any evaluation: with step_eager's step time at hand,
+    the stage trains one epoch when two (plus start-up and evaluation) would not fit its cap, says why, and judges
+    clean accuracy against the one-epoch floor."""
+    from gpucheck.real_run import FIXED_S, criteria, planned_epochs
+    from gpucheck.record import StageRecord
+    from gpucheck.summary import real_run_line
+
+    def record_with(step_ms, budget_s):
+        record = StageRecord("real_run", tmp_path / "real_run.json", budget_s, smoke=False)
+        if step_ms is not None:
+            figures = {"b128_cuda_graphs": {"step_ms": step_ms}, "b128": {"step_ms": 3 * step_ms}}
+            (tmp_path / "step_eager.json").write_text(json.dumps({"figures": figures}))
+        return record
+
+    assert planned_epochs(record_with(None, 65)) == (2, None)  # no step figure: the default
+    fits = 2 * 390 * 0.040 + FIXED_S  # 40 ms captured steps: ~61 s
+    assert planned_epochs(record_with(40.0, fits + 10)) == (2, None)
+    epochs, why = planned_epochs(record_with(40.0, fits - 10))  # the captured figure is the one read, not b128's
+    assert epochs == 1 and "390 x 40.0 ms" in why
+    one = StageRecord("real_run", tmp_path / "one.json", 60, smoke=False)
+    criteria(one, {"epochs": 1, "clean": 0.27, "pgd20": 0.2, "aa": None, "pgd20_on_aa_images": None})
+    assert not one.failed and "clean > 25% (1 epoch)" in one.data["figures"]["criteria"]
+    two = StageRecord("real_run", tmp_path / "two.json", 60, smoke=False)
+    criteria(two, {"epochs": 2, "clean": 0.27, "pgd20": 0.2, "aa": None, "pgd20_on_aa_images": None})
+    assert two.failed and "clean > 30% (2 epochs)" in two.data["error"]
+    line = real_run_line({"epochs_planned": 1, "one_epoch_because": why, "epoch1_s": 25.0, "epochs": 1})
+    assert "1 epoch planned" in line and "epoch 1 25 s" in line
+    assert "epoch 2 21 s" in real_run_line({"epochs_planned": 2, "epoch2_s": 21.0, "epochs": 2})

@@ -1,11 +1,14 @@
 """Stage `real_run`: the real path end to end. engine.train.run_training on arat-resnet18-cifar10 for 2 epochs
 (device loader, epoch-start eval, checkpoints), then clean and PGD-20 on 1000 and AutoAttack on 200 test images.
+1 epoch where step_eager's step time says two would leave no time for the evaluation within the cap.
 With the engine's CUDA defaults except torch.compile (its minute of compiling would not fit the stage's cap; the
-compile stage times it): the attack captured as a CUDA graph, fused kernels, cudnn.benchmark.
+compile stage times it): the attack captured as a CUDA graph, the fused PGD step (the dual BN is fused only when
+compiled), cudnn.benchmark.
 
-Pass: clean > 30%, PGD-20 < clean, AA <= PGD-20 + 2 points on the same 200 images (PGD-20's flags). Flagged, not
-failed: an epoch 2 more than 25% off 390 x stage step_eager's step in the same configuration (b128_cuda_graphs, else
-b128). Cut at the cap, the stage keeps the finished epochs and every evaluation whose chunks are all saved.
+Pass: clean > 30% (25% after 1 epoch), PGD-20 < clean, AA <= PGD-20 + 2 points on the same 200 images (PGD-20's
+flags). Flagged, not failed: an epoch 2 more than 25% off 390 x stage step_eager's step in the same configuration
+(b128_cuda_graphs, else b128). Cut at the cap, the stage keeps the finished epochs and every evaluation whose
+chunks are all saved.
 Optional, if time remains (a cut there leaves the stage ok): pyautoattack's examples/model_test.pt on the 10k test
 set (85.6% on CPU with this JPEG copy), each AA attack timed at small iteration counts on 500 images to project a
 10k standard AA, and one DeviceLoader epoch at B=512.
@@ -40,6 +43,8 @@ SMOKE = ["data.dataset=synthetic", "data.synthetic_size=256", "model.width=8", "
 SMOKE_AA_ITERS = 2
 PREP_WAIT_S = 20.0
 EXTRA_SECONDS = 8.0
+FIXED_S = 30.0  # besides the epochs: start-up, data, the epoch-start pass, warm-up and capture, the evaluations
+CLEAN_FLOOR = {2: 0.30, 1: 0.25}  # the clean-accuracy criterion after 2 epochs, or after 1 (planned_epochs)
 # standard AA (Linf): iterations per attacked image, targets included
 STANDARD = {"apgd-ce": 100, "apgd-t": 9 * 100, "fab-t": 9 * 100, "square": 5000}
 TIMING_ITERS = {"apgd-ce": 10, "apgd-t": 9 * 10, "fab-t": 9 * 10, "square": 100}  # per image, targets included
@@ -114,8 +119,22 @@ def autoattack_importable() -> str | None:
     return None
 
 
-def run_config(record: StageRecord):
-    overrides = ["train.epochs=2", f"data.data_dir={record.work / 'data'}", "perf.compile=off", *EVAL]
+def planned_epochs(record: StageRecord) -> tuple[int, str | None]:
+    """2 epochs, or 1 where step_eager's B=128 step (attack captured, else eager) says two would not leave the
+    evaluation time within the cap (on the H200's first check the stage was cut in epoch 2, before any evaluation,
+    which is what issue 10 needs measured). Returns (epochs, why 1)."""
+    figures = read_figures(record, "step_eager")
+    step_ms = (figures.get("b128_cuda_graphs") or figures.get("b128") or {}).get("step_ms")
+    if record.smoke or not step_ms:
+        return 2, None
+    need = 2 * 390 * step_ms / 1e3 + FIXED_S
+    if need <= record.remaining():
+        return 2, None
+    return 1, f"2 epochs of 390 x {step_ms} ms + {FIXED_S:.0f} s need ~{need:.0f} s, {record.remaining():.0f} s left"
+
+
+def run_config(record: StageRecord, epochs: int = 2):
+    overrides = [f"train.epochs={epochs}", f"data.data_dir={record.work / 'data'}", "perf.compile=off", *EVAL]
     if record.smoke:
         overrides += SMOKE
     if autoattack_importable() is not None:
@@ -163,7 +182,7 @@ def chunk_results(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def epoch_flag(record: StageRecord, epoch2_s: float | None) -> str | None:
     """An epoch 2 more than 25% off 390 x step_eager's step in this run's configuration (B=128, attack captured;
-    without a capture figure, the eager row) is flagged, not failed."""
+    without a capture figure, the eager row) is flagged, not failed (no epoch 2: nothing to flag)."""
     figures = read_figures(record, "step_eager")
     step_ms = (figures.get("b128_cuda_graphs") or figures.get("b128") or {}).get("step_ms")
     if not step_ms or not epoch2_s or record.smoke:
@@ -199,7 +218,9 @@ def record_run(record: StageRecord, metrics: list[dict], results: dict, run_dir:
     figures |= {f"{name}_s": results[name]["seconds"] for name in results}
     figures |= {"aa_n": results.get("aa", {}).get("num_examples"), "epoch_s": [m.get("epoch_seconds") for m in metrics]}
     figures["pgd20_on_aa_images"] = pgd20_on_aa_images(run_dir, figures["aa_n"]) if run_dir else None
-    figures |= {"epoch2_s": last.get("epoch_seconds"), "epoch2_images_per_s": last.get("images_per_s")}
+    second = last if len(metrics) >= 2 else {}  # epoch 1 holds the warm-up and the captures: not epoch 2's figure
+    figures |= {"epochs": len(metrics), "epoch1_s": metrics[0].get("epoch_seconds") if metrics else None}
+    figures |= {"epoch2_s": second.get("epoch_seconds"), "epoch2_images_per_s": second.get("images_per_s")}
     figures["epoch2_flag"] = epoch_flag(record, figures["epoch2_s"])
     figures["cuda_graphs"] = last.get("cuda_graphs")  # the training's captured attacks (None: not graphed)
     for key, value in figures.items():
@@ -211,8 +232,10 @@ def criteria(record: StageRecord, figures: dict[str, Any]) -> None:
     """AA is compared with PGD-20 on the same images (AA runs on the first aa_n of PGD-20's 1000)."""
     clean, pgd20, aa = figures.get("clean"), figures.get("pgd20"), figures.get("aa")
     same = figures.get("pgd20_on_aa_images")
+    epochs = 1 if figures.get("epochs") == 1 else 2
+    floor = CLEAN_FLOOR[epochs]
     checks = {
-        "clean > 30%": clean is not None and clean > 0.30,
+        f"clean > {100 * floor:.0f}% ({epochs} epoch{'s' if epochs > 1 else ''})": clean is not None and clean > floor,
         "PGD-20 < clean": None not in (clean, pgd20) and pgd20 < clean,
         "AA <= PGD-20 + 2 points (same images)": aa is None or (same is not None and aa <= same + 0.02),
     }
@@ -336,7 +359,11 @@ def extras(record: StageRecord, run_dir: Path, cfg, figures: dict[str, Any]) -> 
 def real_run(record: StageRecord) -> None:
     if not record.smoke and (reason := wait_for_data(record, record.work / "data")):
         return record.skip(reason)
-    cfg = run_config(record)
+    epochs, why_one = planned_epochs(record)
+    record.figure("epochs_planned", epochs)
+    if why_one:
+        record.figure("one_epoch_because", why_one)
+    cfg = run_config(record, epochs)
     if missing := autoattack_importable():
         record.row({"case": "eval aa", "status": f"skipped: {missing}"})
     run_dir = record.work / "real_run"

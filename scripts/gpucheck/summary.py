@@ -148,11 +148,18 @@ def real_run_line(r: dict[str, Any]) -> str:
     pct = lambda v: fmt(None if v is None else round(100 * v, 2), "%")  # noqa: E731
     return (
         f"clean {pct(r.get('clean'))}, PGD-20 {pct(r.get('pgd20'))}, AA {pct(r.get('aa'))} (n={fmt(r.get('aa_n'))}); "
-        f"epoch 2 {fmt(r.get('epoch2_s'))} s ({fmt(r.get('epoch2_images_per_s'))} img/s)"
+        + epochs_note(r)
         + (f"; FLAG: {r['epoch2_flag']}" if r.get("epoch2_flag") else "")
         + graphs_note(r.get("cuda_graphs"))
         + (f"; model_test.pt clean {pct(r['model_test_clean'])}" if r.get("model_test_clean") is not None else "")
     )
+
+
+def epochs_note(r: dict[str, Any]) -> str:
+    """Epoch 2's time, or epoch 1's where real_run planned one epoch (step_eager's step said two would not fit)."""
+    if r.get("epochs_planned") == 1:
+        return f"1 epoch planned ({r.get('one_epoch_because')}): epoch 1 {fmt(r.get('epoch1_s'))} s, warm-up included"
+    return f"epoch 2 {fmt(r.get('epoch2_s'))} s ({fmt(r.get('epoch2_images_per_s'))} img/s)"
 
 
 def graphs_note(stats: dict[str, Any] | None) -> str:
