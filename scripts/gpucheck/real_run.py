@@ -5,10 +5,10 @@ With the engine's CUDA defaults except torch.compile (its minute of compiling wo
 compile stage times it): the attack captured as a CUDA graph, the fused PGD step (the dual BN is fused only when
 compiled), cudnn.benchmark.
 
-Pass: clean > 30% (25% after 1 epoch), PGD-20 < clean, AA <= PGD-20 + 2 points on the same 200 images (PGD-20's
-flags). Flagged, not failed: an epoch 2 more than 25% off 390 x stage step_eager's step in the same configuration
-(b128_cuda_graphs, else b128). Cut at the cap, the stage keeps the finished epochs and every evaluation whose
-chunks are all saved.
+Pass: clean > 30% (20% after 1 epoch; chance is 10%), PGD-20 < clean, AA <= PGD-20 + 2 points on the same 200
+images (PGD-20's flags). Flagged, not failed: an epoch 2 more than 25% off 390 x stage step_eager's step in the
+same configuration (b128_cuda_graphs, else b128). Cut at the cap, the stage keeps the finished epochs and every
+evaluation whose chunks are all saved.
 Optional, if time remains (a cut there leaves the stage ok): pyautoattack's examples/model_test.pt on the 10k test
 set (85.6% on CPU with this JPEG copy), each AA attack timed at small iteration counts on 500 images to project a
 10k standard AA, and one DeviceLoader epoch at B=512.
@@ -44,7 +44,7 @@ SMOKE_AA_ITERS = 2
 PREP_WAIT_S = 20.0
 EXTRA_SECONDS = 8.0
 FIXED_S = 30.0  # besides the epochs: start-up, data, the epoch-start pass, warm-up and capture, the evaluations
-CLEAN_FLOOR = {2: 0.30, 1: 0.25}  # the clean-accuracy criterion after 2 epochs, or after 1 (planned_epochs)
+CLEAN_FLOOR = {2: 0.30, 1: 0.20}  # the clean-accuracy criterion after 2 epochs, or after 1 (planned_epochs)
 # standard AA (Linf): iterations per attacked image, targets included
 STANDARD = {"apgd-ce": 100, "apgd-t": 9 * 100, "fab-t": 9 * 100, "square": 5000}
 TIMING_ITERS = {"apgd-ce": 10, "apgd-t": 9 * 10, "fab-t": 9 * 10, "square": 100}  # per image, targets included
