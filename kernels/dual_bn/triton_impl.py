@@ -359,9 +359,9 @@ def dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training:
     """Same contract as reference.dual_bn_forward_reference: (y like x, mean (2, C), biased var (2, C))."""
     assert layout_4d(x) is not None and x.numel() <= MAX_KERNEL_NUMEL and x.shape[0] % 2 == 0
     p = plan(x)
-    mean, var = (torch.empty((2, p.channels), device=x.device, dtype=torch.float32) for _ in range(2))
-    scale_shift = torch.empty((2, 2, p.channels), device=x.device, dtype=torch.float32)
-    partial = torch.empty((2, 2, p.num_chunks, p.channels), device=x.device, dtype=torch.float32)  # sum, sumsq
+    # separate buffers, not views of one: each view is one more op per call, dispatched eagerly
+    mean, var, scale, shift = (torch.empty((2, p.channels), device=x.device, dtype=torch.float32) for _ in range(4))
+    partial = [torch.empty((2, p.num_chunks, p.channels), device=x.device, dtype=torch.float32) for _ in range(2)]
     if training:
         wrap_triton(_stats_partial_kernel)[(p.num_chunks, p.c_blocks, 2)](
             x,
@@ -387,7 +387,8 @@ def dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training:
         *params,
         mean,
         var,
-        *scale_shift,
+        scale,
+        shift,
         p.half,
         p.channels,
         p.spatial,
@@ -402,8 +403,8 @@ def dual_bn_forward_triton(x, weight, bias, running_mean, running_var, training:
     wrap_triton(_normalize_kernel)[(2 * p.half * p.num_s_blocks, p.c_blocks)](
         x,
         y,
-        scale_shift[0],
-        scale_shift[1],
+        scale,
+        shift,
         p.half,
         p.channels,
         p.spatial,
@@ -422,7 +423,7 @@ def dual_bn_backward_triton(grad_y, x, y, weight, mean, var, training: bool, eps
     assert grad_y.stride() == x.stride() and (not relu or y.stride() == x.stride())
     p = plan(x)
     y_or_dummy = y if relu else x  # RELU=False never reads it
-    partial = torch.empty((2, 2, p.num_chunks, p.channels), device=x.device, dtype=torch.float32)  # g, g*(x-mean)
+    partial = [torch.empty((2, p.num_chunks, p.channels), device=x.device, dtype=torch.float32) for _ in range(2)]
     wrap_triton(_backward_partial_kernel)[(p.num_chunks, p.c_blocks, 2)](
         grad_y,
         x,

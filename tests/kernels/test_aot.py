@@ -58,3 +58,24 @@ def test_every_kernel_compiles_with_the_fp64_scalars_inductor_passes():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) > 0
+
+
+def test_inductor_compiles_every_fused_kernel_for_sm90_without_a_gpu():
+    """Inductor's own launches of the triton_op kernels, compiled for sm_90 on fake CUDA tensors (inductor_sm90.py:
+    forward graphs, a stand-in H200, nothing run). Before the fp32 casts this failed as the H200 did ("Expected
+    dtype ['fp32'] but got fp64" in the dual-BN finalize kernel)."""
+    pytest.importorskip("triton", reason="triton is optional (pip install arat[kernels])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(REPO)}
+    script = REPO / "tests" / "kernels" / "inductor_sm90.py"
+    result = subprocess.run([sys.executable, str(script)], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    graphs = json.loads(result.stdout.strip().splitlines()[-1])["graphs"]
+    expected = {
+        "pgd": {"_uniform_start_kernel", "_pgd_step_kernel"},
+        "dual_bn forward": {"_stats_partial_kernel", "_stats_finalize_kernel", "_normalize_kernel"},
+        "dual_bn backward": {"_backward_partial_kernel", "_backward_finalize_kernel", "_backward_dx_kernel"},
+    }
+    for name, kernels in expected.items():
+        assert kernels <= set(graphs[name]), (name, graphs[name])
+        assert any(k.startswith("triton_") for k in graphs[name]), graphs[name]  # Inductor's own code around them
