@@ -155,8 +155,10 @@ def _update_running_stats(buffers, mean: torch.Tensor, unbiased_var: torch.Tenso
             targets = [running_mean, running_var]
             torch._foreach_mul_(targets, 1.0 - momentum)
             torch._foreach_add_(
-                targets, [mean[half].to(running_mean.dtype), unbiased_var[half].to(running_var.dtype)], alpha=momentum
-            )
+                targets,
+                [mean.select(0, half).to(running_mean.dtype), unbiased_var.select(0, half).to(running_var.dtype)],
+                alpha=momentum,
+            )  # select, not [half]: Python indexing takes a device guard (tests/kernels/inductor_sm90.py has none)
 
 
 def _check_inputs(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], training: bool, momentum: float, eps: float):
