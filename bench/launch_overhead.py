@@ -5,9 +5,10 @@ in Python per call before Triton's own launcher (the custom op, autograd, plans,
 
 Runs on a CPU with compiled Triton (no TRITON_INTERPRET): the route is opened to CPU tensors and every
 `wrap_triton(kernel)[grid](...)` launch replaced by a no-op, so the figure is the engine's and torch's dispatch
-alone, on tiny tensors; "aten" is the unfused baseline (two F.batch_norm + ReLU; the PGD step as torch ops) on the
-same tensors, its compute included (small at these sizes). On the H200 (docs/gpu.md) the eager fused dual BN took
-2-3.5x aten's wall time per call at training sizes: this is the part of that a CPU can measure.
+alone, on tiny tensors; "aten" is the unfused baseline (kernels.dual_batch_norm_reference: two F.batch_norm + ReLU;
+the engine's unfused PGD step, engine.attacks.step.pgd_step_reference) on the same tensors, its compute included
+(small at these sizes). On the H200 (docs/gpu.md) the eager fused dual BN took 2-3.5x aten's wall time per call at
+training sizes: this is the part of that a CPU can measure.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from collections.abc import Callable
 
 import harness  # noqa: F401  (puts the repository on sys.path)
 import torch
-import torch.nn.functional as F
 from harness import append_jsonl, markdown_table, provenance
 
 COLUMNS = ["op", "route", "us_per_call"]
@@ -47,12 +47,9 @@ def open_route_without_launches() -> None:
     kernels.load_triton_ops()
 
 
-def pgd_step_aten(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.min(torch.max(x_adv + ALPHA * grad.sign(), x - EPS), x + EPS), 0, 1)
-
-
 def calls() -> list[tuple[str, str, Callable[[], object]]]:
     import kernels
+    from engine.attacks.step import pgd_step_reference
 
     x = torch.randn(8, 4, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
     weight, bias = [torch.ones(4, requires_grad=True) for _ in range(2)], [torch.zeros(4, requires_grad=True)] * 2
@@ -68,13 +65,14 @@ def calls() -> list[tuple[str, str, Callable[[], object]]]:
 
         return run
 
-    def aten(backward: bool) -> Callable[[], object]:
+    def aten(backward: bool) -> Callable[[], object]:  # two F.batch_norm + ReLU, as bench/kernels_bench.py's "aten"
         def run():
             with torch.set_grad_enabled(backward):
-                halves = [F.relu(F.batch_norm(x[4 * i : 4 * i + 4], mean[i], var[i], weight[i], bias[i], True, 0.1,
-                                              1e-5)) for i in range(2)]  # fmt: skip
+                y = kernels.dual_batch_norm_reference(x, weight[0], bias[0], mean[0], var[0], weight[1], bias[1],
+                                                      mean[1], var[1], training=True, momentum=0.1, eps=1e-5,
+                                                      relu=True)  # fmt: skip
                 if backward:
-                    torch.cat(halves).sum().backward()
+                    y.sum().backward()
 
         return run
 
@@ -85,7 +83,7 @@ def calls() -> list[tuple[str, str, Callable[[], object]]]:
         ("dual_bn fwd+bwd", "triton_op", fused(True)),
         ("dual_bn fwd+bwd", "aten", aten(True)),
         ("pgd_step", "triton_op", lambda: kernels.pgd_step(clean, clean, grad, EPS, ALPHA)),
-        ("pgd_step", "aten", lambda: pgd_step_aten(clean, clean, grad)),
+        ("pgd_step", "aten", lambda: pgd_step_reference(clean, clean, grad, EPS, ALPHA)),  # the unfused engine step
     ]
 
 
