@@ -119,12 +119,17 @@ def autoattack_importable() -> str | None:
     return None
 
 
+def step_eager_ms(record: StageRecord) -> float | None:
+    """step_eager's B=128 step in this stage's configuration: the attack captured, else the eager row."""
+    figures = read_figures(record, "step_eager")
+    return (figures.get("b128_cuda_graphs") or figures.get("b128") or {}).get("step_ms")
+
+
 def planned_epochs(record: StageRecord) -> tuple[int, str | None]:
     """2 epochs, or 1 where step_eager's B=128 step (attack captured, else eager) says two would not leave the
     evaluation time within the cap (on the H200's first check the stage was cut in epoch 2, before any evaluation,
     which is what issue 10 needs measured). Returns (epochs, why 1)."""
-    figures = read_figures(record, "step_eager")
-    step_ms = (figures.get("b128_cuda_graphs") or figures.get("b128") or {}).get("step_ms")
+    step_ms = step_eager_ms(record)
     if record.smoke or not step_ms:
         return 2, None
     need = 2 * 390 * step_ms / 1e3 + FIXED_S
@@ -183,8 +188,7 @@ def chunk_results(run_dir: Path) -> dict[str, dict[str, Any]]:
 def epoch_flag(record: StageRecord, epoch2_s: float | None) -> str | None:
     """An epoch 2 more than 25% off 390 x step_eager's step in this run's configuration (B=128, attack captured;
     without a capture figure, the eager row) is flagged, not failed (no epoch 2: nothing to flag)."""
-    figures = read_figures(record, "step_eager")
-    step_ms = (figures.get("b128_cuda_graphs") or figures.get("b128") or {}).get("step_ms")
+    step_ms = step_eager_ms(record)
     if not step_ms or not epoch2_s or record.smoke:
         return None
     expected = 390 * step_ms / 1e3
