@@ -346,8 +346,8 @@ def test_methods_time_replays_of_a_graphed_attack():
 
 
 def test_the_commit_comes_from_git_where_there_is_one(tmp_path):
-    """The prepare step's stamp goes stale with the next commit: a checkout with .git is read from git; the GPU
-    machine's copy (no .git) from the stamp."""
+    """The prepare step's stamp goes stale with the next commit: a checkout with .git is read from git unless its
+    files still match the stamp; the GPU machine's copy (no .git, or a stale one) from the stamp."""
     from gpucheck.record import read_commit
 
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -371,6 +371,13 @@ def test_the_commit_comes_from_git_where_there_is_one(tmp_path):
     sums = subprocess.run(["sha256sum", "--", *odd], cwd=copy, capture_output=True, text=True, check=True)
     (copy / ".gpucheck" / "files.sha256").write_text(sums.stdout)
     assert read_commit(copy) == ("0123abc", False)
+    subprocess.run(["git", "init", "-q", str(copy)], check=True)  # a copy carrying some other commit's .git
+    who = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "-C", str(copy), *who, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    other = subprocess.run(["git", "-C", str(copy), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert read_commit(copy) == (f"0123abc (the files match its stamp; .git says {other[:12]})", False)
+    (copy / odd[1]).write_text("z = 1\n")  # the files left the stamp behind: git decides
+    assert read_commit(copy) == (other, False)
 
 
 def test_each_compile_extra_case_counts_its_own_graphs(tmp_path, monkeypatch):
@@ -582,8 +589,13 @@ def test_the_device_tools_out_folder_is_the_default_output(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_OUT"}
     env |= {"OUT": str(device_out), "GPU_CHECK_WORK": str(work), "PYTHON": str(wrapper)}
     command = ["bash", "scripts/gpu_check.sh", "--cpu-smoke", "--stages", "env"]
-    subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    assert (device_out / "gpu_check.json").is_file()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    merge_log = work / "merge.log"  # a failure says what the check printed (CI once failed here with no clue)
+    found = sorted(p.name for p in device_out.iterdir()) if device_out.is_dir() else "no folder"
+    merged = merge_log.read_text()[-3000:] if merge_log.is_file() else "no merge.log"
+    assert (device_out / "gpu_check.json").is_file(), (
+        f"rc {done.returncode}; {device_out}: {found}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{merged}"
+    )
 
 
 def test_a_case_needs_as_long_as_the_last_warm_case_of_its_kind(tmp_path, monkeypatch):

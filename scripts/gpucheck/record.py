@@ -168,29 +168,38 @@ def guarded(record: StageRecord, name: str, fn, *args, **kwargs) -> dict[str, An
 
 
 def read_commit(repo: str | Path) -> tuple[str | None, bool | None]:
-    """(commit, dirty) from git where the checkout has .git, else from `.gpucheck/commit.txt` (the GPU machine's copy
-    of the working tree has no .git; the prepare step writes the stamp, which a later commit would leave stale)."""
+    """(commit, dirty) from `.gpucheck/commit.txt` where every file still matches the sums written with it (the
+    prepare step's stamp: the tree is the stamped one, whatever a copied .git says; the H200 copy of 2026-12-04 held a
+    stale .git), else from git where the checkout has .git, else from the stamp, marked with the files changed since."""
     import subprocess
 
     stamp = Path(repo) / ".gpucheck" / "commit.txt"
-    if not (Path(repo) / ".git").exists():
-        if not stamp.is_file():
-            return None, None
+    has_git = (Path(repo) / ".git").exists()
+    stamped = None
+    if stamp.is_file():
         words = stamp.read_text().split()
         commit, dirty = (words[0] if words else None), "dirty" in words[1:]
         changed = changed_since_stamp(repo)
-        if commit and changed:
-            commit += f" + {len(changed)} files changed after the stamp ({', '.join(changed[:3])})"
-        return commit, dirty or bool(changed)
+        if commit and not changed and (Path(repo) / ".gpucheck" / "files.sha256").is_file():
+            stamped = commit, dirty
+        elif not has_git:
+            if commit and changed:
+                commit += f" + {len(changed)} files changed after the stamp ({', '.join(changed[:3])})"
+            return commit, dirty or bool(changed)
+    elif not has_git:
+        return None, None
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return None, None
-    if head.returncode != 0:
-        return None, None
-    return head.stdout.strip(), bool(status.stdout.strip())
+        head = None
+    from_git = (head.stdout.strip(), bool(status.stdout.strip())) if head and head.returncode == 0 else (None, None)
+    if stamped is None:
+        return from_git
+    if from_git[0] and from_git[0] != stamped[0]:
+        return f"{stamped[0]} (the files match its stamp; .git says {from_git[0][:12]})", stamped[1]
+    return stamped
 
 
 def changed_since_stamp(repo: str | Path) -> list[str]:
