@@ -4,7 +4,8 @@
 2. unique graphs, graph breaks, cache entries on forward.__code__, dynamic dims;
 3. with torch._dynamo.config.error_on_recompile, 20 timed steps and another on_epoch_start: recompiles after warm-up;
 4. a profile (profile_compiled.txt) and the layouts the dual-BN op received.
-Optional, while time for one more cold compile remains (>= 70 s): + the engine's CUDA graphs of the attack
+Optional, while time for one more cold compile remains (>= 70 s): the engine's defaults (`defaults`: the AR-AT
+ResNet-18 recipe with no perf override, what `arat train` runs on the device), the engine's CUDA graphs of the attack
 (perf.cuda_graphs=on), kernels=off, the kernels as opaque custom ops (`opaque_kernels`: the triton_op route closed,
 so Inductor cannot see the launches), TRADES, and mode="reduce-overhead" (Inductor's CUDA graphs) as attack and
 train net. A cut at the cap during these leaves the stage ok (its criteria are settled before them).
@@ -52,6 +53,7 @@ COMPILED = ["perf.compile=true", "perf.kernels=on"]
 WARMUP, STEPS, SMOKE_STEPS = 2, 20, 2
 EXTRA_STEPS = 10
 EXTRAS_NEED_S = 70.0
+DEFAULTS_RECIPE = "arat-resnet18-cifar10"
 SYMBOL = re.compile(r"create_symbol (\w+) = (\S+) for (\S+)")
 
 
@@ -232,6 +234,8 @@ def extra_run(record: StageRecord, name: str) -> tuple[Run, Any]:
         return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, COMPILED)), None
     if name == "cuda_graphs":
         return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, COMPILED + ["perf.cuda_graphs=on"])), None
+    if name == "defaults":  # what `arat train` does: every perf switch at its default (cudnn.benchmark on CUDA too)
+        return build_run(recipe_config(DEFAULTS_RECIPE, 128, record.smoke)), None
     if name == "trades":
         return build_run(recipe_config("trades-resnet18-cifar10", 128, record.smoke, COMPILED)), None
     run = build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, ["perf.kernels=on"]))
@@ -307,7 +311,7 @@ def extra_seconds(record: StageRecord) -> float:
 
 def extras(record: StageRecord) -> None:
     """The optional cases, each under record.optional: one cut at the stage's cap leaves the stage ok."""
-    names = ("cuda_graphs", "kernels=off", "opaque_kernels", "trades", "reduce-overhead")
+    names = ("defaults", "cuda_graphs", "kernels=off", "opaque_kernels", "trades", "reduce-overhead")
     for name in [n for n in names if n not in ("kernels=off", "opaque_kernels")] if record.smoke else names:
         if name in ("cuda_graphs", "reduce-overhead") and not torch.cuda.is_available():
             record.row({"case": name, "status": SMOKE_SKIP})
@@ -327,7 +331,8 @@ def speed_vs_main(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Each extra case's speed relative to the main case (compiled, kernels on through their triton_ops): > 1 is
     faster. `kernels=off` > 1 means Inductor's own fusion beats the Triton kernels under compile (issue 9 item 3:
     then perf.kernels should default to off under compile); `opaque_kernels` > 1 means the triton_op route is slower
-    than opaque custom ops; `cuda_graphs` is the engine's captured attack on top of compile."""
+    than opaque custom ops; `cuda_graphs` is the engine's captured attack on top of compile; `defaults` is what
+    `arat train` runs (on CUDA: compiled, kernels fused, attack captured, cudnn.benchmark)."""
     ms = {r["case"]: r.get("step_ms") for r in rows if r.get("case") and isinstance(r.get("step_ms"), int | float)}
     main = ms.pop("main", None)
     return {case: round(main / v, 3) for case, v in ms.items() if main and v} if main else {}
