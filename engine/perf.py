@@ -41,7 +41,18 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"perf.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"perf.device={name} but CUDA is not available here; use --set perf.device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"perf.device={name} but this process sees {torch.cuda.device_count()} GPU(s): "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
     return device
+
+
+def make_current(device: torch.device) -> None:
+    """`device` becomes the current CUDA device: kernels launched from Python (Triton's launcher, the fused ops'
+    eager route) run on the current device, not on their tensors', so `perf.device=cuda:1` in one process would
+    launch them on GPU 0 (Inductor's generated code guards its device itself)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -109,6 +109,7 @@ def build_run(cfg: TrainConfig) -> Run:
     device = perf.resolve_device(cfg.perf.device)
     info = distributed.init(cfg.dist, device.type)
     cfg.perf.device = str(distributed.local_device(info, device))
+    perf.make_current(torch.device(cfg.perf.device))
     torch.manual_seed(cfg.seed)
     train_split, test_split = load_splits(cfg.data, cfg.seed)
     model = build_model(cfg.model, cfg.data.num_classes)

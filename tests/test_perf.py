@@ -235,3 +235,22 @@ def test_a_pgd_step_only_install_leaves_the_dual_branch_plain(tiny_cfg):
     finally:
         set_step_kernel(None)
         set_dual_kernel(model, None)
+
+
+def test_a_cuda_device_with_an_index_becomes_the_current_one(monkeypatch):
+    """Triton launches from Python run on the current CUDA device, not their tensors': perf.device=cuda:1 in one
+    process must make GPU 1 current (train and eval), and an index past the GPUs seen is refused in one line."""
+    from engine.config import ConfigError
+    from engine.perf import make_current, resolve_device
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    make_current(torch.device("cuda", 1))
+    make_current(torch.device("cuda"))  # no index: whatever is current (device 0, or torchrun's LOCAL_RANK)
+    make_current(torch.device("cpu"))
+    assert made == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="sees 2 GPU.*cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
