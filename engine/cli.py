@@ -200,7 +200,7 @@ def cmd_eval(args) -> None:
     from .config import DistConfig
     from .data import load_test_split, resolve_dataset
     from .evaluate import evaluate, format_results, summary, write_flags
-    from .perf import resolve_device
+    from .perf import make_current, resolve_device
     from .rundir import RunDir, atomic_json, environment
 
     eval_cfg = EvalConfig(  # validated before anything is loaded
@@ -223,8 +223,11 @@ def cmd_eval(args) -> None:
     split = load_test_split(data_cfg, cfg.seed)
     info = distributed.init(DistConfig(), device.type)  # under torchrun: the chunks are shared among the ranks
     device = distributed.local_device(info, device)
+    make_current(device)
     seed = cfg.seed if args.seed is None else args.seed
-    perf_cfg = dataclasses.replace(cfg.perf, device=str(device), compile=args.compile or cfg.perf.compile)
+    graphs = cfg.perf.cuda_graphs if device.type == "cuda" else "auto"  # a GPU run's `on` must not stop a CPU eval
+    perf_cfg = dataclasses.replace(cfg.perf, device=str(device), compile=args.compile or cfg.perf.compile,
+                                   cuda_graphs=graphs)  # fmt: skip
     try:
         results = evaluate(model.to(device), split, eval_cfg, device, seed, perf_cfg, info, record)
     except BaseException:
@@ -377,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except CompiledEvaluationFailed as e:  # the trained network and the finished chunks are saved
         target = getattr(args, "run_dir", None) or getattr(args, "target", "RUN")
-        print(f"arat: error: {e}; evaluate without compiling: `arat eval {target} --compile off` (the finished "
-              "chunks are kept)", file=sys.stderr)  # fmt: skip
+        print(f"arat: error: {e}; evaluate without compiling: `arat eval {target} --compile off` (the trained "
+              "network is saved; the uncompiled evaluation attacks every chunk again, since compiled and eager "
+              "flags may differ in the last bits)", file=sys.stderr)  # fmt: skip
         return 2
     except UserError as e:  # bad input: one line saying what to do, no traceback
         print(f"arat: error: {e}", file=sys.stderr)

@@ -157,6 +157,9 @@ class SWAConfig:
         _check(self.start_epoch >= 0 and self.every > 0, "swa.start_epoch >= 0 and swa.every > 0")
 
 
+EVAL_ATTACKS = ("clean", "pgd20", "aa")  # and the order they run in
+
+
 @dataclass
 class EvalConfig:
     attacks: tuple[str, ...] = ("clean", "pgd20", "aa")
@@ -169,9 +172,11 @@ class EvalConfig:
     def __post_init__(self):
         if isinstance(self.attacks, str):
             self.attacks = tuple(a for a in self.attacks.split(",") if a)
-        self.attacks = tuple(self.attacks)
         for name in self.attacks:
-            _one_of("eval.attacks entry", name, ("clean", "pgd20", "aa"))
+            _one_of("eval.attacks entry", name, EVAL_ATTACKS)
+        # one order whatever the user wrote: a compiled attacker's first shape decides which graph the others reuse
+        # (AutoAttack's dynamic-batch one would serve PGD-20 after it), and with it the last bits of PGD-20's flags
+        self.attacks = tuple(a for a in EVAL_ATTACKS if a in self.attacks)
         _check(bool(self.attacks), "eval.attacks is empty: name at least one of clean, pgd20, aa")
         _check(self.num_examples > 0 and self.batch_size > 0, "eval.num_examples and eval.batch_size must be > 0")
         _check(self.aa_num_examples >= 0, "eval.aa_num_examples must be >= 0 (0 = eval.num_examples)")

@@ -165,12 +165,15 @@ def chunk_for_memory(bytes_per_image: float, total_bytes: int, share: float = 0.
 def attack_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, probe: int = 32):
     """Peak CUDA memory per image of one forward + input-gradient pass of the evaluation classifier (resets the
     device's peak-memory statistics)."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
     x = torch.full((probe, *image_shape), 0.5, device=device, requires_grad=True)  # draws no random numbers
     with mode(model, train=False), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
         torch.autograd.grad(EvalForward(model)(x).sum(), x)  # cuDNN's default algorithms: a repeatable workspace
+        # measured on a second pass: the first creates cuBLAS's lasting workspace, which a fresh `arat eval` process
+        # would count and the training process (where it exists already) would not, changing the chunk size
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.autograd.grad(EvalForward(model)(x).sum(), x)
     return (torch.cuda.max_memory_allocated(device) - base) / probe
 
 
@@ -295,8 +298,12 @@ def _evaluate(
     `cfg.attacks`, the same on every rank. The classifier runs compiled when `perf_cfg.compile` resolves on (clean
     and PGD-20 with static shapes, short batches padded; AutoAttack's subsets with a dynamic batch dimension, see
     SubsetBatch); `record_dir` keeps finished chunks for a rerun. The model is left in perf.channels_last's memory
-    format (training's; a trained model is in it already) and in the train/eval mode it came in."""
+    format (training's; a trained model is in it already) and in the train/eval mode it came in. The roles compile
+    in Inductor's default mode whatever training's perf.compile_mode: max-autotune picks kernels by timing them in
+    each process (an image's flags would depend on the rank that attacked it), and reduce-overhead would record a
+    CUDA graph per AutoAttack subset size (the engine's own graphs capture PGD-20)."""
     dist = dist or DistInfo()
+    perf_cfg = dataclasses.replace(perf_cfg, compile_mode="default")
     n_all = max(cfg.num_examples, cfg.aa_num_examples)
     x_all, y_all = test_tensors(split, n_all, device)
     # the training layout (a trained model is in it already); an attack's input-gradient pass of a CPU ResNet-18 ran

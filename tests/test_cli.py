@@ -382,3 +382,18 @@ def test_version_names_the_commit_and_the_libraries(capsys):
         main(["--version"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and out.startswith("arat ") and f"torch {torch.__version__}" in out
+
+
+def test_a_run_configured_with_cuda_graphs_on_evaluates_on_a_cpu(tmp_path, capsys):
+    """perf.cuda_graphs=on (a GPU run's choice, refused without CUDA) must not stop `arat eval RUN` on a CPU."""
+    import json
+
+    run = tmp_path / "run"
+    args = ["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1", "--set", "eval.attacks=clean"]
+    assert main(args) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["perf"]["cuda_graphs"] = "on"
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "eval", str(run), "--attacks", "pgd20", "--num-examples", "8", "--device", "cpu")
+    assert code == 0 and "PGD-20" in out, err

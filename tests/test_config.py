@@ -20,6 +20,13 @@ def test_overrides_parse_each_type():
     assert cfg.optim.milestones == (2, 4) and cfg.data.backend == "dali" and cfg.eval.attacks == ("clean", "aa")
 
 
+def test_evaluation_attacks_run_in_one_order_whatever_the_order_written():
+    """A compiled attacker reuses the graph of its first shape: AutoAttack's dynamic-batch graph would serve PGD-20
+    after it, and PGD-20's last bits (and flags) would depend on the order written, which no chunk record keeps."""
+    assert apply_overrides(TrainConfig(), ["eval.attacks=aa,pgd20,clean"]).eval.attacks == ("clean", "pgd20", "aa")
+    assert apply_overrides(TrainConfig(), ["eval.attacks=aa,clean,aa"]).eval.attacks == ("clean", "aa")
+
+
 @pytest.mark.parametrize("text", ["6,7", "[6, 7]", "(6,7)", " 6 , 7 "])
 def test_a_tuple_override_takes_a_list_as_written(text):
     assert apply_overrides(TrainConfig(), [f"optim.milestones={text}"]).optim.milestones == (6, 7)

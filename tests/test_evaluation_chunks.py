@@ -459,3 +459,24 @@ def test_a_training_run_whose_compiled_evaluation_fails_names_its_eager_rerun(tm
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"`arat eval {run} --compile off`" in err and (run / "checkpoints" / "final.pt").exists(), err
+
+
+def test_evaluation_compiles_in_inductors_default_mode_whatever_training_used(monkeypatch):
+    """max-autotune times kernels in each process (an image's flags would follow its rank) and reduce-overhead
+    records a CUDA graph per AutoAttack subset size: the evaluation roles take the default mode."""
+    from engine import evaluate as evaluate_module
+    from engine.config import PerfConfig
+
+    modes = []
+    build = evaluate_module.eval_network
+
+    def recording(net, perf_cfg, device, attack=False):
+        modes.append(perf_cfg.compile_mode)
+        return build(net, perf_cfg, device, attack)
+
+    monkeypatch.setattr(evaluate_module, "eval_network", recording)
+    cfg = EvalConfig(attacks=("clean",), num_examples=8, batch_size=8, chunk_size=8)
+    for mode in ("max-autotune", "reduce-overhead"):
+        perf = PerfConfig(compile="off", compile_mode=mode, device="cpu")
+        evaluate(SparseLinear(), labelled_split(8), cfg, torch.device("cpu"), 0, perf)
+    assert modes == ["default"] * 4
