@@ -2,8 +2,9 @@
 
     python bench/aot_report.py --out bench/results/aot.jsonl
 
-Prints a markdown table (registers per thread, static shared memory, local memory, spill bytes) and appends one
-JSON line per kernel x config x arch. Exits non-zero if any kernel fails to compile or spills.
+Prints a markdown table (registers per thread, static shared memory, local memory, spill bytes, float min/max
+instructions that drop NaN) and appends one JSON line per kernel x config x arch. Exits non-zero if any kernel
+fails to compile, spills, or has such a min/max.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COLUMNS = [
     "local_bytes",
     "spill_store_bytes",
     "spill_load_bytes",
+    "nan_dropping_minmax",
 ]
 
 
@@ -43,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     spilled = [r for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"] or r["local_bytes"]]
     for row in spilled:
         print(f"SPILL: {row['kernel']} on {row['arch']}", file=sys.stderr)
-    return 1 if spilled else 0
+    nan_dropping = [r for r in rows if r["nan_dropping_minmax"]]
+    for row in nan_dropping:
+        print(f"NAN: {row['kernel']} on {row['arch']}: a float min/max without .NaN (tl.PropagateNan.ALL)",
+              file=sys.stderr)  # fmt: skip
+    return 1 if spilled or nan_dropping else 0
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const scalar_t
   const int64_t C = geo.channels;
   auto grad_at = [=](int64_t i) {  // the incoming gradient, zero where the fused ReLU was off
     const float v = static_cast<float>(g[i]);
-    if constexpr (kRelu) return static_cast<float>(y[i]) > 0.f ? v : 0.f;
+    if constexpr (kRelu) return static_cast<float>(y[i]) <= 0.f ? 0.f : v;  // NaN passes, as in torch
     return v;
   };
   const std::vector<double> sums = reduce_per_channel(geo, [=](int64_t h, int64_t c, int64_t i) {
@@ -233,10 +233,16 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const scalar_t
   }
   scalar_t* dx = grad_x.mutable_data_ptr<scalar_t>();
   const float *cg = coef_g.data(), *cx = coef_x.data(), *cb = coef_b.data();
-  for_each_element(geo, [=](int64_t h, int64_t c, int64_t i) {
-    const int64_t j = h * C + c;
-    dx[i] = static_cast<scalar_t>(cg[j] * grad_at(i) + cx[j] * (static_cast<float>(in[i]) - mean[j]) + cb[j]);
-  });
+  if (training) {
+    for_each_element(geo, [=](int64_t h, int64_t c, int64_t i) {
+      const int64_t j = h * C + c;
+      dx[i] = static_cast<scalar_t>(cg[j] * grad_at(i) + cx[j] * (static_cast<float>(in[i]) - mean[j]) + cb[j]);
+    });
+  } else {  // running statistics are constants: x is not read (0 * NaN would make a NaN input's gradient NaN)
+    for_each_element(geo, [=](int64_t h, int64_t c, int64_t i) {
+      dx[i] = static_cast<scalar_t>(cg[h * C + c] * grad_at(i));
+    });
+  }
 }
 
 }  // namespace

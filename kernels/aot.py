@@ -19,6 +19,9 @@ from triton.compiler import ASTSource
 
 ARCHS = (80, 90)
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# a float min/max without .NaN returns the other operand when one is NaN (tl.maximum's default): a fused ReLU or
+# clamp would turn NaN into a number where torch keeps it, hiding a diverged step from the non-finite-loss check
+NAN_DROPPING_MINMAX = re.compile(r"\b(?:max|min)(?:\.ftz)?\.(?:f32|f16|bf16|f16x2|bf16x2)\b")
 
 
 def all_specs() -> list[dict]:
@@ -49,6 +52,7 @@ def compile_spec(spec: dict, arch: int, float_scalars: str = "fp32") -> dict:
         "local_bytes": usage["LOCAL"],
         "stack_bytes": usage["STACK"],
         **_ptxas_spills(compiled.asm["ptx"], arch),
+        "nan_dropping_minmax": len(NAN_DROPPING_MINMAX.findall(compiled.asm["ptx"])),
         "values": spec.get("values", {}),
     }
 

@@ -99,15 +99,16 @@ def _tile_specs(dtype: str, p: Plan) -> list[dict]:
             )
         )
         maps = _pointers(("grad_ptr", "x_ptr", "y_ptr"), x) | _pointers(("mean_ptr", "coef_ptr"), f32)
-        specs.append(
-            _spec(
-                f"dual_bn_backward_dx[{dtype}]",
-                _backward_dx_kernel,
-                {**maps, "dx_ptr": x, **_ints(*map_ints)},
-                flags,
-                _values(p, *map_ints),
+        for training in (True, False):
+            specs.append(
+                _spec(
+                    f"dual_bn_backward_dx[{dtype}]",
+                    _backward_dx_kernel,
+                    {**maps, "dx_ptr": x, **_ints(*map_ints)},
+                    {"TRAINING": training, **flags},
+                    _values(p, *map_ints),
+                )
             )
-        )
     return specs
 
 

@@ -76,7 +76,7 @@ def dual_bn_backward_reference(
     """(grad_x like x, grad_weight (2, C) fp32, grad_bias (2, C) fp32); y is the forward output, needed for ReLU."""
     grad = grad_y.float()
     if relu:
-        grad = torch.where(y > 0, grad, 0.0)
+        grad = torch.where(y <= 0, 0.0, grad)  # a NaN y lets it through, as torch's threshold_backward does
     invstd = torch.rsqrt(var + eps)  # (2, C)
     centered = x.float() - _per_row(mean, x)
     grad_bias = _half_sums(grad)  # (2, C)

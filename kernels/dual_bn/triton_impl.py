@@ -137,7 +137,7 @@ def _stats_finalize_kernel(
         count = B * S * 1.0  # fp32 (B or S may be specialised to the constant 1)
         shifted_mean = _sum_partials(sum_ptr, half, num_chunks, c, c_mask, C, BLOCK_P, BLOCK_C) / count
         shifted_sumsq = _sum_partials(sumsq_ptr, half, num_chunks, c, c_mask, C, BLOCK_P, BLOCK_C)
-        var = tl.maximum(shifted_sumsq / count - shifted_mean * shifted_mean, 0.0)
+        var = tl.maximum(shifted_sumsq / count - shifted_mean * shifted_mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
         first = _tile_offsets(half * B, tl.zeros((1,), dtype=tl.int32), c, C, S, CHANNELS_LAST)  # (1, BLOCK_C)
         shift = tl.sum(tl.load(x_ptr + first, mask=c_mask[None, :], other=0.0).to(tl.float32), axis=0)
         mean = shift + shifted_mean
@@ -177,17 +177,18 @@ def _normalize_kernel(
     offsets = _tile_offsets(n, s, c, C, S, CHANNELS_LAST)  # (BLOCK_S, BLOCK_C)
     y = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # max.f32 would turn NaN into 0
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _grad_tile(grad_ptr, y_ptr, offsets, mask, RELU: tl.constexpr):
-    """The incoming gradient of one tile in fp32, zeroed where the fused ReLU was off (y <= 0)."""
+    """The incoming gradient of one tile in fp32, zeroed where the fused ReLU was off (y <= 0; a NaN y lets it
+    through, as torch's threshold_backward does)."""
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        grad = tl.where(y > 0, grad, 0.0)
+        grad = tl.where(y <= 0, 0.0, grad)
     return grad
 
 
@@ -282,6 +283,7 @@ def _backward_dx_kernel(
     C,
     S,
     num_s_blocks,
+    TRAINING: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -291,14 +293,17 @@ def _backward_dx_kernel(
     c_mask = c < C
     n, s, mask = _tile_of(tl.program_id(0), num_s_blocks, S, c_mask, BLOCK_S)
     stat = (n >= B).to(tl.int32) * C + c
-    mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)[None, :]
     coef_g = tl.load(coef_ptr + stat, mask=c_mask, other=0.0)[None, :]
-    coef_x = tl.load(coef_ptr + 2 * C + stat, mask=c_mask, other=0.0)[None, :]
-    coef_b = tl.load(coef_ptr + 4 * C + stat, mask=c_mask, other=0.0)[None, :]
     offsets = _tile_offsets(n, s, c, C, S, CHANNELS_LAST)  # (BLOCK_S, BLOCK_C)
     grad = _grad_tile(grad_ptr, y_ptr, offsets, mask, RELU)
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    dx = coef_g * grad + coef_x * (x - mean) + coef_b
+    if TRAINING:  # the batch statistics' terms
+        mean = tl.load(mean_ptr + stat, mask=c_mask, other=0.0)[None, :]
+        coef_x = tl.load(coef_ptr + 2 * C + stat, mask=c_mask, other=0.0)[None, :]
+        coef_b = tl.load(coef_ptr + 4 * C + stat, mask=c_mask, other=0.0)[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dx = coef_g * grad + coef_x * (x - mean) + coef_b
+    else:  # running statistics are constants: x is not read (0 * x would make a NaN input's gradient NaN, not torch's)
+        dx = coef_g * grad
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -476,6 +481,7 @@ def dual_bn_backward_triton(grad_y, x, y, weight, mean, var, training: bool, eps
         p.channels,
         p.spatial,
         p.num_s_blocks,
+        TRAINING=training,
         CHANNELS_LAST=p.channels_last,
         RELU=relu,
         BLOCK_S=p.block_s,

@@ -48,7 +48,9 @@ def _uniform_start_kernel(x_ptr, seed_ptr, out_ptr, numel, eps, BLOCK: tl.conste
     seed = tl.load(seed_ptr)  # read on the device: no host sync, and CUDA-graph replays draw fresh noise
     uniform = tl.rand(seed, offsets)  # [0, 1), Philox keyed by seed, counter = storage offset
     noisy = x + (2.0 * uniform - 1.0) * eps
-    clamped = tl.minimum(tl.maximum(noisy, 0.0), 1.0)
+    clamped = tl.minimum(
+        tl.maximum(noisy, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL
+    )
     tl.store(out_ptr + offsets, clamped.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -1,4 +1,5 @@
-"""Every Triton kernel x config compiles for sm_80 and sm_90 without a GPU, and none spills to local memory.
+"""Every Triton kernel x config compiles for sm_80 and sm_90 without a GPU, none spills to local memory, and no
+float min/max in its PTX turns a NaN into a number.
 
 Runs bench/aot_report.py in a subprocess with TRITON_INTERPRET removed: compilation needs real @triton.jit
 functions, and this pytest process may have imported triton under the interpreter (see conftest.py).
@@ -38,6 +39,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     for row in rows:
         assert row["spill_store_bytes"] == row["spill_load_bytes"] == row["local_bytes"] == 0, row
         assert 0 < row["registers"] <= 255, row
+        assert row["nan_dropping_minmax"] == 0, row  # a fused ReLU/clamp must keep NaN, as torch does
 
 
 def test_every_kernel_compiles_with_the_fp64_scalars_inductor_passes():

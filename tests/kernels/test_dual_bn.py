@@ -107,6 +107,31 @@ def test_backend_matches_definition(backend, shape, channels_last, dtype, traini
     assert kernels.last_backend()["dual_batch_norm_backward"] == name
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_nan_stays_a_nan_as_in_torch(backend, training):
+    """A diverged step (a NaN or inf reaching a batch norm) must show in the loss, as with torch: torch.relu keeps
+    NaN, and its backward lets the gradient through where y is NaN (threshold_backward zeroes only y <= 0). The
+    fused ReLU's tl.maximum compiled to max.f32, which turns NaN into 0, on a GPU; the interpreter cannot show that
+    (numpy keeps NaN): tests/kernels/test_aot.py reads every kernel's PTX for such min/max instructions."""
+    _, device = backend
+    x = make_x((6, 5, 3, 7), True, torch.float32, device)
+    with torch.no_grad():
+        x[1, 2, 1, 1] = float("nan")  # the clean half's channel 2
+    state = make_state(5, device)
+    x_ref, state_ref = x.detach().clone().requires_grad_(), clone(state)
+    y, grad_x = run(dual_batch_norm, x, state, training, True)
+    y_ref, grad_x_ref = run(dual_batch_norm_reference, x_ref, state_ref, training, True)
+    assert y_ref.isnan().any() and (training or grad_x_ref[1, 2, 1, 1].isfinite())  # the case at hand
+    tol = {k: v | {"equal_nan": True} for k, v in tolerances(torch.float32).items()}
+    torch.testing.assert_close(y, y_ref, **tol["map"])
+    torch.testing.assert_close(grad_x, grad_x_ref, **tol["map"])
+    for name in NAMES:
+        got, want = (
+            (state[name].grad, state_ref[name].grad) if state[name].requires_grad else (state[name], state_ref[name])
+        )
+        torch.testing.assert_close(got, want, **tol["param"], msg=name)
+
+
 def test_shared_parameter_set(backend):
     """One parameter set passed twice: gradients add up, buffers are updated clean then adv (as two calls)."""
     _, device = backend
