@@ -111,10 +111,13 @@ class PlannedLoader:
         if not self.train:
             return EpochPlan(np.arange(used, dtype=np.int64))
         gen = epoch_generator(self.seed, self.epoch)
-        order = torch.randperm(self.num_total, generator=gen)[shard(self.num_total, self.rank, self.world_size)]
+        mine = shard(self.num_total, self.rank, self.world_size)
+        order = torch.randperm(self.num_total, generator=gen)[mine]
         if not self.augment:
             return EpochPlan(order[:used].numpy())
-        dy, dx, flip = (t[:used].numpy() for t in draw_augmentation(gen, len(order)))
+        # drawn for the whole permutation, then sharded like it: drawn per shard from the same generator state,
+        # every rank's j-th image took the same crop and flip (one process: the same draws as before)
+        dy, dx, flip = (t[mine][:used].numpy() for t in draw_augmentation(gen, self.num_total))
         return EpochPlan(order[:used].numpy(), dy, dx, flip)
 
     def finish(self, hwc: torch.Tensor, labels: torch.Tensor) -> Batch:

@@ -19,7 +19,7 @@ from engine.config import DataConfig
 from engine.data import DeviceLoader, build_loaders, load_splits
 from engine.data import backends as data_backends
 from engine.data.cifar import ArraySplit, DataError, find_layout, load_split
-from engine.data.loader import PAD, SIZE
+from engine.data.loader import PAD, SIZE, draw_augmentation, epoch_generator, shard
 
 BACKENDS = ["device", "ffcv", "dali"]
 CPU = torch.device("cpu")
@@ -162,6 +162,22 @@ def test_drop_last_and_sharding(backend):
     seen = [np.concatenate([y.numpy() for _, y in loader]) for loader in ranks]
     assert [len(loader) for loader in ranks] == [4, 4] and [r.num_images for r in ranks] == [300, 300]
     assert len(seen[0]) == len(seen[1]) == 256 and not set(seen[0]) & set(seen[1])
+
+
+def test_ranks_draw_their_own_crops_and_flips():
+    """Under DDP each rank's images take the augmentation drawn for their place in the epoch's permutation: drawn
+    per shard from one generator state, every rank's j-th image had the same crop and flip (a global batch held
+    only one rank's worth of distinct augmentations). One process keeps its draws (runs stay reproducible)."""
+    split = indexed_split(600, 2)
+    whole = make_loaders("device", split)[0]
+    gen = epoch_generator(whole.seed, whole.epoch)
+    torch.randperm(whole.num_total, generator=gen)  # the plan draws its permutation first
+    drawn = draw_augmentation(gen, whole.num_total)
+    plans = [make_loaders("device", split, rank=r, world_size=2)[0].plan() for r in (0, 1)]
+    for plan, mine in [(whole.plan(), slice(None)), *((p, shard(whole.num_total, r, 2)) for r, p in enumerate(plans))]:
+        for got, want in zip((plan.dy, plan.dx, plan.flip), drawn, strict=True):
+            assert np.array_equal(got, want[mine][: len(plan.order)].numpy())
+    assert not np.array_equal(plans[0].flip, plans[1].flip)
 
 
 @pytest.mark.parametrize("augment", [True, False])
