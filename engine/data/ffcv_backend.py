@@ -186,7 +186,7 @@ class _PlanOrder:
 
 
 class FFCVLoader(PlannedLoader):
-    """`Loader` over a beton: decode (memcpy of raw pixels), crop/flip, ToTensor, ToDevice on CUDA, to float."""
+    """`Loader` over a beton: decode (memcpy of raw pixels), crop/flip, ToTensor; on CUDA pinned, copied, to float."""
 
     def __init__(
         self, split: ArraySplit, beton: Path, batch_size: int, device: torch.device, *, num_threads: int = 0, **kwargs
@@ -196,7 +196,7 @@ class FFCVLoader(PlannedLoader):
         import numba
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import ToDevice, ToTensor
+        from ffcv.transforms import ToTensor
 
         _ffcv_leaves_torch_threads_alone()  # importing FFCV set torch's count once (engine.data.optional.require)
         on_cuda = self.device.type == "cuda"
@@ -207,9 +207,11 @@ class FFCVLoader(PlannedLoader):
         image_ops = [SimpleRGBImageDecoder()] + ([_crop_flip_op()(self.tables, threads > 1)] if self.augment else [])
         image_ops.append(ToTensor())
         label_ops = [IntDecoder(), ToTensor()]
-        if on_cuda:  # FFCV's transfer: pinned buffers, copies on its own CUDA streams
-            image_ops.append(ToDevice(self.device, non_blocking=True))
-            label_ops.append(ToDevice(self.device, non_blocking=True))
+        # No FFCV ToDevice on CUDA: it copies non-blocking out of FFCV's own pinned slots, which torch does not track,
+        # and FFCV's worker rewrites a slot five batches on whether or not the GPU has read it; a host running more
+        # than five steps ahead of the GPU (no sync inside a step) would train one batch twice and lose another.
+        # Each batch is copied into torch's pinned memory instead, whose allocator holds it until the copy has run.
+        self.pin = on_cuda
         self.ffcv = Loader(
             str(beton),
             batch_size=batch_size,
@@ -236,7 +238,9 @@ class FFCVLoader(PlannedLoader):
         self._install_plan()
         epoch = iter(self.ffcv)
         try:
-            for images, labels in epoch:  # (B, 32, 32, 3) uint8, (B, 1) int64
+            for images, labels in epoch:  # (B, 32, 32, 3) uint8, (B, 1) int64, in FFCV's buffers
+                if self.pin:  # ~1.5 MB per batch of 512: a host memcpy, then a non-blocking copy from it
+                    images, labels = images.pin_memory(), labels.pin_memory()
                 yield self.finish(images, labels)
         finally:  # FFCV's reader thread only stops when told (a loop left early would leak it)
             epoch.close()
