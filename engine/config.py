@@ -95,6 +95,9 @@ class MethodConfig:
     fixed_adv_weight: float = 0.5  # used when auto_balance is off
     stop_grad: bool = True
     predictor: bool = True
+    # without stop_grad (the V0 / +split-BN ablations): `full` = the gradient of Dist(z', z) into both sides (METHOD
+    # 5); `average` = (Dist(z', sg(z)) + Dist(sg(z'), z)) / 2, the poster's form (same value, half the gradient each)
+    symmetric: str = "full"
     beta: float = 6.0  # TRADES / MART / LBGAT: weight of the KL term (LBGAT: 0 in the paper's runs)
     # TRADES / LBGAT: the BN running statistics see the train-mode forwards of the published codes (TRADES: clean,
     # adv, clean; LBGAT: adv, clean, also at beta 0) through one extra no-grad forward; false: one per half
@@ -110,6 +113,7 @@ class MethodConfig:
     def __post_init__(self):
         self.finetune_milestones = tuple(int(m) for m in self.finetune_milestones)
         _check(self.invariance_weight >= 0, "method.invariance_weight must be >= 0")
+        _one_of("method.symmetric", self.symmetric, ("full", "average"))
         _check(0 <= self.fixed_adv_weight <= 1, "method.fixed_adv_weight must be in [0, 1]")
         _check(self.balance_images > 0, "method.balance_images must be positive")
         _check(self.beta >= 0, "method.beta must be >= 0")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from .config import (
     EPS_8,
+    AnalysisConfig,
     AttackConfig,
     ConfigError,
     DataConfig,
@@ -97,7 +98,9 @@ def ablation(variant: str, arch: str) -> TrainConfig:
     split_bn, asymmetric = ABLATIONS[variant]
     method = MethodConfig(name="arat", invariance_weight=ARCH_LAMBDA[arch], stop_grad=asymmetric, predictor=asymmetric)
     cfg = arat_full(arch, "cifar10")
-    return dataclasses.replace(cfg, model=ModelConfig(arch=arch, split_bn=split_bn), method=method)
+    # with the gradient similarity of the seed's ablation table (two more weight-gradient passes per step)
+    analysis = AnalysisConfig(grad_sim=True)
+    return dataclasses.replace(cfg, model=ModelConfig(arch=arch, split_bn=split_bn), method=method, analysis=analysis)
 
 
 BASELINE_NOTES = {

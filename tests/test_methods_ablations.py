@@ -35,9 +35,10 @@ def test_ablation_recipes_set_the_switches(variant, arch):
     def strip(c):  # the three switches (and the names) set to AR-AT's; nothing else touched
         model = dataclasses.replace(c.model, split_bn=full.model.split_bn)
         method = dataclasses.replace(c.method, stop_grad=full.method.stop_grad, predictor=full.method.predictor)
-        return dataclasses.replace(c, recipe="", description="", model=model, method=method)
+        return dataclasses.replace(c, recipe="", description="", model=model, method=method, analysis=full.analysis)
 
     assert strip(cfg) == strip(full)
+    assert cfg.analysis.grad_sim and not full.analysis.grad_sim  # the seed's ablation table has a grad-sim column
 
 
 def setup(tiny_cfg, variant):
@@ -80,6 +81,10 @@ def test_symmetric_distance_is_both_one_sided_halves(tiny_cfg, variant):
     for g, a, c in zip(both, adv_side, clean_side, strict=True):
         torch.testing.assert_close(g, a + c, rtol=1e-4, atol=1e-4 * g.abs().max().item())
     assert any(c.abs().max() > 0 for c in clean_side)
+    method.cfg.method.symmetric = "average"  # the poster's (Dist(z', sg(z)) + Dist(sg(z'), z)) / 2
+    torch.testing.assert_close(method.invariance(fa, fc), method.invariance(fa, [f.detach() for f in fc]))
+    for g, a, c in zip(weight_grads(model, method.invariance(fa, fc)), adv_side, clean_side, strict=True):
+        torch.testing.assert_close(g, (a + c) / 2, rtol=1e-4, atol=1e-4 * g.abs().max().item())
 
 
 @pytest.mark.parametrize("variant", ["stopgrad", "arat"])

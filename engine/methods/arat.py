@@ -19,6 +19,11 @@ from ..distributed import mean_over_ranks
 from .base import Method, Nets, StepOutput, correct, forward_pair
 
 
+def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity per image (fp32), averaged over the batch."""
+    return (1 - F.cosine_similarity(a.float(), b.float(), dim=1)).mean()
+
+
 class Predictor(nn.Module):
     """h: Linear(d, d/4, no bias) - BatchNorm1d(d/4) - ReLU - Linear(d/4, d); always in train mode."""
 
@@ -60,12 +65,16 @@ class ARAT(Method):
         return {"adv_weight": self.adv_weight}
 
     def invariance(self, feats_a: list[torch.Tensor], feats_c: list[torch.Tensor]) -> torch.Tensor:
-        stop_grad = self.cfg.method.stop_grad
+        m = self.cfg.method
         total = feats_a[0].new_zeros((), dtype=torch.float32)
         for i, (za, zc) in enumerate(zip(feats_a, feats_c, strict=True)):
             pa = self.predictors[i](za) if self.predictors is not None else za
-            target = zc.detach() if stop_grad else zc
-            total = total + (1 - F.cosine_similarity(pa.float(), target.float(), dim=1)).mean()
+            if m.stop_grad:
+                total = total + distance(pa, zc.detach())
+            elif m.symmetric == "average":  # the poster's symmetric Dist: each side takes half the gradient
+                total = total + (distance(pa, zc.detach()) + distance(pa.detach(), zc)) / 2
+            else:
+                total = total + distance(pa, zc)
         return self.layer_weight * total
 
     def step(self, nets: Nets, x: torch.Tensor, y: torch.Tensor, autocast) -> StepOutput:
