@@ -70,6 +70,27 @@ def test_dual_pass_equals_two_passes():
             assert torch.equal(b, c), name
 
 
+def test_an_unknown_branch_is_refused_not_read_as_clean():
+    """Any bn= other than adv, clean or dual used to run the clean BNs (training-only): a typo would have evaluated
+    the wrong branch without a word."""
+    m = build_model(ModelConfig(width=8), 10).eval()
+    with pytest.raises(ValueError, match="bn='robust': expected one of"):
+        m(torch.rand(2, 3, 32, 32), bn="robust")
+
+
+def test_export_of_a_wrapped_checkpoint_writes_plain_keys(tmp_path, capsys):
+    """A DDP- or compile-wrapped state_dict (module. / _orig_mod. prefixes) exports to a file a plain network
+    loads, as engine.hub reads it."""
+    from engine.cli import main
+
+    state = build_model(ModelConfig(width=8), 10).state_dict()
+    torch.save({f"module._orig_mod.{k}": v for k, v in state.items()}, tmp_path / "wrapped.pt")
+    assert main(["export", str(tmp_path / "wrapped.pt"), str(tmp_path / "plain.pt")]) == 0
+    plain = torch.load(tmp_path / "plain.pt")
+    assert plain and not any(k.startswith(("module.", "_orig_mod.")) for k in plain)
+    load_plain(build_model(ModelConfig(width=8), 10, split_bn=False), plain, "test")
+
+
 def test_export_equals_adv_branch():
     torch.manual_seed(0)
     m = build_model(ModelConfig(width=8), 10)

@@ -42,7 +42,12 @@ class SplitBatchNorm2d(_BranchNorm):
     def forward(self, x: torch.Tensor, bn: str, relu: bool = False) -> torch.Tensor:
         if bn == "dual":
             return self._dual(x, self.clean, self.adv, relu)
-        y = self.adv(x) if bn == "adv" else self.clean(x)
+        if bn == "adv":
+            y = self.adv(x)
+        elif bn == "clean":
+            y = self.clean(x)
+        else:  # a typo must not evaluate the training-only clean branch
+            raise ValueError(f"bn={bn!r}: expected one of {BRANCHES}")
         return F.relu(y) if relu else y
 
 
