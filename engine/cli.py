@@ -131,9 +131,17 @@ def cmd_train(args) -> None:
     from .train import load_run_config, run_training
 
     if args.resume:
-        if args.recipe or args.overrides or args.init:
-            raise ConfigError("--resume continues a run with its saved config.json: drop --recipe, --set and --init")
+        if args.recipe or args.init:
+            raise ConfigError("--resume continues a run with its saved config.json: drop --recipe and --init")
+        if args.out is not None:
+            raise ConfigError(f"--resume continues {args.resume} in place: drop --out")
+        device = [o for o in args.overrides if o.partition("=")[0].strip() == "perf.device"]
+        if len(device) != len(args.overrides):
+            raise ConfigError("--resume continues a run with its saved config.json: of --set it takes only "
+                              "perf.device=... (to continue on another device)")  # fmt: skip
+        moved = [f"data.data_dir={args.data_dir}"] if args.data_dir else []  # the data may live elsewhere now
         cfg, out = load_run_config(args.resume), args.resume
+        cfg = apply_overrides(cfg, moved + device) if moved or device else cfg
     else:
         if not args.recipe:
             raise ConfigError("train needs --recipe NAME (or --resume RUN_DIR); `arat recipes` lists recipes")
@@ -287,6 +295,9 @@ def cmd_export(args) -> None:
     if saved is not None or run_cfg is not None:  # check it loads into the plain network before writing
         cfg = run_cfg or from_dict(saved, f"{ckpt_path} (its config)")
         load_plain(build_model(cfg.model, cfg.data.num_classes, split_bn=False), plain, str(ckpt_path))
+    if info_path(out).resolve() == out.resolve():
+        raise RunDirError(f"{out}: its model_info ({info_path(out).name}) would overwrite the weights; name it e.g. "
+                          f"{out.with_suffix('.pt')}")  # fmt: skip
     info = model_info(Path(args.target), cfg, plain)
     atomic_write(out, lambda f: torch.save(plain, f))
     atomic_json(info_path(out), info)
@@ -311,6 +322,10 @@ def model_info(target: Path, cfg: TrainConfig | None, plain: dict) -> dict:
         if isinstance(found, dict) and isinstance(found.get("results"), dict):
             evaluations.append((name, found))
     results, _ = results_on(dataset, evaluations)  # evaluations on other data than the training's are left out
+    results = {  # an entry of another shape (a hand-edited or older file) is left out, not a traceback
+        k: v for k, v in results.items()
+        if isinstance(v, dict) and isinstance(v.get("accuracy"), int | float) and isinstance(v.get("num_examples"), int)
+    }  # fmt: skip
 
     def pct(name: str) -> str:
         return f"{100 * results[name]['accuracy']:.2f}" if name in results else ""

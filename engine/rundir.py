@@ -40,6 +40,8 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a host crash leaves the old file or the new, whole
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -178,7 +180,7 @@ class RunDir:
         if resume and path.exists():
             try:
                 first = self.read_json("env.json")
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not UTF-8: the first environment is lost, the run is not
                 first = None
             if isinstance(first, dict):
                 env = first | {"resumes": [*first.get("resumes", []), env]}
@@ -200,12 +202,16 @@ class RunDir:
         rows = []
         for i, line in enumerate(lines):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 if i < len(lines) - 1:
                     raise RunDirError(
                         f"{path} line {i + 1} is not JSON; fix or delete that line, then resume"
                     ) from None
+                continue
+            if not isinstance(row, dict):
+                raise RunDirError(f"{path} line {i + 1} is not a metrics row (a JSON object); fix or delete it")
+            rows.append(row)
         return rows
 
     def remove_stale_temp_files(self) -> None:

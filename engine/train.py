@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +49,7 @@ class Run:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     warm: bool = False  # compiled, this process has built its graphs (taken a step); not saved
+    requested_device: str = "auto"  # perf.device as configured (cfg holds the resolved one): what config.json keeps
 
     def state_dict(self) -> dict:
         return {
@@ -66,19 +66,20 @@ class Run:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
-        try:
-            self.nets.raw.load_state_dict(state["model"])
-        except RuntimeError as e:  # e.g. config.json edited (another width) after the checkpoint was written
-            first = str(e).strip().splitlines()
-            raise RunDirError(
-                f"the checkpoint does not fit the run's config.json ({first[-1].strip() if first else e}); restore "
-                "the config the run was started with"
-            ) from None
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        parts = [(self.nets.raw, "model"), (self.method, "method"), (self.optimizer, "optimizer"), (self.swa, "swa")]
         if state["scaler"]:  # empty from a run without fp16 (bf16/fp32, scaler off): resumed where fp16 is chosen,
-            self.scaler.load_state_dict(state["scaler"])  # the scaler starts afresh (loading {} would raise)
-        self.swa.load_state_dict(state["swa"])
+            parts.append((self.scaler, "scaler"))  # the scaler starts afresh (loading {} would raise)
+        for part, key in parts:
+            try:
+                part.load_state_dict(state[key])
+            except UserError:  # its own one-line message
+                raise
+            except (RuntimeError, ValueError, KeyError) as e:  # config.json edited (another width, no predictor...)
+                first = str(e).strip().splitlines()
+                raise RunDirError(
+                    f"the checkpoint's {key} does not fit the run's config.json ({first[-1].strip() if first else e}); "
+                    "restore the config the run was started with"
+                ) from None
         if len(state["rng"]) != self.dist.world_size:
             raise RunDirError(f"the checkpoint was written by {len(state['rng'])} processes; resume with as many")
         rng_cpu, rng_cuda = state["rng"][self.dist.rank]
@@ -106,6 +107,7 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opt
 
 def build_run(cfg: TrainConfig) -> Run:
     """Set up the process group, data, network, method and optimizer, with every perf switch applied."""
+    requested_device = cfg.perf.device
     device = perf.resolve_device(cfg.perf.device)
     info = distributed.init(cfg.dist, device.type)
     cfg.perf.device = str(distributed.local_device(info, device))
@@ -150,6 +152,7 @@ def build_run(cfg: TrainConfig) -> Run:
         train_loader,
         test_split,
         build_grad_sim(cfg, model, method.backbones()),
+        requested_device=requested_device,
     )
 
 
@@ -305,8 +308,8 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
 def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bool) -> None:
     cfg = run.cfg
     say = print if run.dist.is_main else (lambda *a, **k: None)
-    if run.dist.is_main:
-        rundir.save_config(cfg)
+    if run.dist.is_main:  # the device as asked for (auto, cuda...): a resume elsewhere resolves it again
+        rundir.save_config(replace(cfg, perf=replace(cfg.perf, device=run.requested_device)))
         started = {"dataset": resolve_dataset(cfg.data), "world_size": run.dist.world_size}  # what is trained on
         rundir.record_environment(environment(run.perf.device) | started, resume)
     if resume and rundir.checkpoint(LATEST).exists():
@@ -314,6 +317,10 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone
         rundir.remove_stale_temp_files()
         rundir.rewrite_metrics([r for r in rundir.metrics() if r.get("epoch", 0) <= run.epoch])
+    if resume and run.epoch >= cfg.epochs and rundir.checkpoint(FINAL).exists():
+        say(f"{rundir.path} finished its {cfg.epochs} epochs already: nothing to train (`arat eval {rundir.path}` "
+            "evaluates it again; raise train.epochs in its config.json to train on)")  # fmt: skip
+        return
     say(start_line(run))
     if resume and not run.epoch:
         say(f"{rundir.path} has no checkpoint yet (none is written before epoch 1 ends): starting it from epoch 1")
@@ -372,12 +379,16 @@ def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
     say(f"run saved in {rundir.path}")
 
 
+CHECKPOINT_KEYS = {"epoch", "step", "model", "method", "optimizer", "scaler", "swa", "rng", "config"}  # Run.state_dict
+
+
 def load_checkpoint(path: Path) -> dict:
     """A training checkpoint, on the CPU: load_state_dict moves weights and optimizer state to their parameters'
     device, and the RNG states must stay CPU byte tensors. Read with weights_only (tensors and plain data)."""
     state = read_checkpoint(path)
-    if not isinstance(state, dict) or not {"epoch", "model", "rng", "config"} <= state.keys():
-        raise RunDirError(f"{path} is not a training checkpoint (no epoch/model/rng/config); delete it to restart")
+    if not isinstance(state, dict) or not state.keys() >= CHECKPOINT_KEYS:
+        missing = "/".join(sorted(CHECKPOINT_KEYS - state.keys())) if isinstance(state, dict) else "every part"
+        raise RunDirError(f"{path} is not a training checkpoint of this engine (no {missing}); delete it to restart")
     return state
 
 
@@ -387,7 +398,9 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
         raise RunDirError(f"{rundir.path} holds no run (no config.json); pass the --out of an earlier `arat train`")
     try:
         return from_dict(rundir.read_json("config.json"), str(rundir.path / "config.json"))
-    except (json.JSONDecodeError, TypeError, AttributeError) as e:  # ConfigError (a bad value) passes through
+    except UserError:  # ConfigError: a bad value, said in one line already
+        raise
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, not a config's shape
         raise RunDirError(
             f"{rundir.path / 'config.json'} is not a config this engine wrote ({type(e).__name__}: {e}); restore "
             "it or start a new run"

@@ -2,6 +2,7 @@ import hashlib
 import io
 import pickle
 import re
+import shutil
 import tarfile
 
 import numpy as np
@@ -397,3 +398,44 @@ def test_a_run_configured_with_cuda_graphs_on_evaluates_on_a_cpu(tmp_path, capsy
     capsys.readouterr()
     code, out, err = run_cli(capsys, "eval", str(run), "--attacks", "pgd20", "--num-examples", "8", "--device", "cpu")
     assert code == 0 and "PGD-20" in out, err
+
+
+def test_resume_and_export_edge_cases_end_in_one_line(tmp_path, capsys):
+    """A finished run resumed says so; --resume keeps config.json's device as asked for (auto), takes
+    --set perf.device and --data-dir only, refuses --out; a checkpoint that no longer fits config.json, a config.json
+    that is not UTF-8 and a metrics row that is not an object are one line each; export never overwrites its
+    weights with their model_info."""
+    import json
+
+    run = tmp_path / "run"
+    train = ["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1", "--set", "eval.attacks=clean"]
+    assert main(train) == 0
+    assert json.loads((run / "config.json").read_text())["perf"]["device"] == "auto"  # resolved again on resume
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--set", "perf.device=cpu")
+    assert code == 0 and "finished its 1 epochs already" in out, err
+    for extra, message in ((["--out", str(tmp_path / "x")], "drop --out"), (["--set", "optim.lr=1"], "perf.device")):
+        code, out, err = run_cli(capsys, "train", "--resume", str(run), *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = run_cli(capsys, "export", str(run), str(tmp_path / "w.json"))
+    assert code == 2 and "would overwrite the weights" in err and not (tmp_path / "w.json").exists(), err
+    config = json.loads((run / "config.json").read_text())
+    broken = tmp_path / "broken"
+    for name, edit in (
+        ("predictor", lambda c: c["method"].update(predictor=False)),  # the checkpoint's predictors fit nothing
+        ("utf8", None),
+        ("metrics", None),
+    ):
+        shutil.copytree(run, broken / name)
+        (broken / name / "checkpoints" / "final.pt").unlink()  # resume trains on: raise the epochs
+        c = json.loads(json.dumps(config)) | {"epochs": 2}
+        if edit:
+            edit(c)
+        (broken / name / "config.json").write_text(json.dumps(c))
+        if name == "utf8":
+            (broken / name / "config.json").write_bytes(b"\xff\xfe{")
+        if name == "metrics":
+            with (broken / name / "metrics.jsonl").open("a") as f:
+                f.write("[1]\n{}\n")
+        code, out, err = run_cli(capsys, "train", "--resume", str(broken / name))
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
