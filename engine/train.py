@@ -299,10 +299,29 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
     if rundir.path.exists() and not rundir.path.is_dir():
         raise RunDirError(f"{rundir.path} is a file; pick a directory for --out")
     run = build_run(cfg)
-    with rundir.open_for_writing(resume) if run.dist.is_main else contextlib.nullcontext():
+    with opened_by_rank0(run, rundir, resume):
         train_and_finish(run, rundir, resume, evaluate_at_end)
     distributed.shutdown(run.dist)
     return rundir.path
+
+
+@contextlib.contextmanager
+def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
+    """Rank 0 opens the run directory (the only writer); every rank learns whether it could. On a refusal on rank 0
+    alone (--out holding another run, unwritable) the other ranks went on building and training until torchrun
+    killed them; now every rank stops at once with the same line."""
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if run.dist.is_main:
+            try:
+                stack.enter_context(rundir.open_for_writing(resume))
+            except RunDirError as e:
+                problem = str(e)
+        problem = distributed.gather_objects(problem, run.dist)[0]
+        if problem is not None:
+            distributed.shutdown(run.dist, wait=False)
+            raise RunDirError(problem)
+        yield
 
 
 def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bool) -> None:

@@ -85,6 +85,21 @@ def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+def test_an_out_folder_rank0_refuses_stops_every_rank(tmp_path):
+    """Only rank 0 opens the run directory: its refusal (here, --out holds another run) stops every rank at once with
+    the same line (before, the other ranks trained on until torchrun killed them), and the folder is left as it was."""
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.cli",
+           "train", "--recipe", "smoke", "--out", str(out), "--set", "eval.attacks=clean"]  # fmt: skip
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode != 0 and proc.stderr.count("already holds a run") == 2, proc.stderr[-3000:]
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
 def test_collectives_wait_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
     """An evaluation's ranks wait in a gather for the slowest rank's AutoAttack chunk; the process group is made
     with dist.timeout_min (NCCL's own default, 10 minutes, would end a healthy long evaluation)."""
