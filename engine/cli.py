@@ -386,6 +386,8 @@ COMMANDS = {
 def interrupted_line(args) -> str:
     """What an interrupted command keeps and how to go on."""
     if args.command == "train" and getattr(args, "run_dir", None):
+        if not (Path(args.run_dir) / "config.json").exists():  # stopped while setting up: nothing to resume yet
+            return "arat: interrupted before the run started (no config.json yet); the same command starts it again"
         return (f"arat: interrupted; `arat train --resume {args.run_dir}` continues the run from its last finished "
                 "epoch")  # fmt: skip
     if args.command == "eval":

@@ -363,6 +363,10 @@ def test_an_interrupted_training_run_names_its_resume_command(tmp_path, capsys, 
     monkeypatch.setattr(engine.train, "load_run_config", lambda path: None)
     out = tmp_path / "run"
     args = ["train", "--resume", str(out)] if resume else ["train", "--recipe", "smoke", "--out", str(out)]
+    code, _, err = run_cli(capsys, *args)  # stopped while setting up: no config.json, nothing to resume yet
+    assert code == 130 and "the same command starts it again" in err and "--resume" not in err, err
+    out.mkdir()
+    (out / "config.json").write_text("{}")
     code, _, err = run_cli(capsys, *args)
     assert code == 130 and f"`arat train --resume {out}` continues the run" in err and "Traceback" not in err
 
