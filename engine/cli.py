@@ -287,11 +287,7 @@ def cmd_export(args) -> None:
     state, saved = read_weights(ckpt_path)
     from .hub import info_path
 
-    # a DDP- or compile-wrapped checkpoint's prefixes go, as engine.hub drops them: the file loads into a plain network
-    plain, cfg = (
-        export_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}),
-        None,
-    )
+    plain, cfg = export_state_dict(state), None
     if saved is not None or run_cfg is not None:  # check it loads into the plain network before writing
         cfg = run_cfg or from_dict(saved, f"{ckpt_path} (its config)")
         load_plain(build_model(cfg.model, cfg.data.num_classes, split_bn=False), plain, str(ckpt_path))

@@ -45,7 +45,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     if source.is_dir():
         source = source / "checkpoints" / "final.pt"
     state, _ = read_weights(source)
-    plain = export_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()})
+    plain = export_state_dict(state)
     cfg, classes = infer_config(plain)
     info = info_path(source)
     if info.exists():

@@ -41,10 +41,16 @@ def build_model(cfg: ModelConfig, num_classes: int, split_bn: bool | None = None
     return WideResNet(num_classes, depth=34, widen=10, split_bn=split)
 
 
+def unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state_dict without the key prefixes of a DDP (`module.`) or torch.compile (`_orig_mod.`) wrapper."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
 def export_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Split-BN state_dict -> plain state_dict: each adv BN becomes the ordinary BN, clean BNs are dropped."""
+    """Split-BN state_dict (wrapped or not) -> plain state_dict: each adv BN becomes the ordinary BN, clean BNs are
+    dropped, wrapper prefixes too (the file loads into a plain network)."""
     plain = {}
-    for key, value in state.items():
+    for key, value in unwrapped(state).items():
         if ".clean." in key:
             continue
         plain[key.replace(".adv.", ".")] = value
@@ -53,7 +59,7 @@ def export_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def load_plain(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a plain state_dict, with a one-line error when it belongs to another network."""
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = unwrapped(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
