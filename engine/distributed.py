@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -44,7 +45,40 @@ def init(cfg: DistConfig, device_type: str) -> DistInfo:
         torch.cuda.set_device(info.gpu)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.timeout_min))
+    if device_type == "cuda":
+        try:
+            check_distinct_gpus(info)
+        except UserError:
+            dist.destroy_process_group()  # no collective ran yet: every rank leaves the same way
+            raise
     return info
+
+
+def gpu_identity(index: int) -> str:
+    """This machine's name and the GPU's UUID (the same GPU seen by two processes reads the same)."""
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    ident = str(uuid) if uuid is not None else f"pci {props.pci_domain_id}:{props.pci_bus_id}:{props.pci_device_id}"
+    return f"{socket.gethostname()} {ident}"
+
+
+def shared_gpus(identities: list[str]) -> str | None:
+    """`ranks 0 and 1 share GPU ...` when two ranks would run on the same GPU, else None."""
+    first: dict[str, int] = {}
+    for rank, ident in enumerate(identities):
+        if ident in first:
+            return f"ranks {first[ident]} and {rank} share one GPU ({ident})"
+        first[ident] = rank
+    return None
+
+
+def check_distinct_gpus(info: DistInfo) -> None:
+    """Refuse, on every rank alike, two processes on one GPU (e.g. torchrun --nproc_per_node 2 where one GPU is
+    visible), which NCCL would end with its own "Duplicate GPU detected" error at the first collective."""
+    shared = shared_gpus(gather_objects(gpu_identity(info.gpu), info))
+    if shared:
+        raise UserError(f"{shared}: start at most one process per GPU (torchrun --nproc_per_node = the GPUs of "
+                        "each node), or show each process its own GPU")  # fmt: skip
 
 
 def gpu_index(local_rank: int, visible: int) -> int:

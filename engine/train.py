@@ -176,6 +176,8 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     lr = run.method.lr_at(epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    if run.method.fresh_optimizer_at(epoch):
+        run.optimizer.state.clear()  # momentum buffers are made again from the next gradients
     begun, first = time.perf_counter(), {}
     compiling = run.perf.compiled and not run.warm  # the epoch-start pass and the first step build the graphs
     batches = iter(loader)

@@ -136,6 +136,36 @@ def test_each_process_uses_its_local_rank_s_gpu_or_the_only_one_it_sees():
         gpu_index(5, 4)
 
 
+def test_two_ranks_on_one_gpu_are_refused_on_every_rank(monkeypatch):
+    """torchrun --nproc_per_node 2 where one GPU is visible: both processes would take GPU 0 (as srun with one GPU
+    per process does, rightly) and NCCL would fail at the first collective with its own error. Every rank compares
+    the gathered (host, GPU UUID) pairs and stops with one line; the process group is left again."""
+    import torch.distributed as dist
+
+    from engine import distributed
+    from engine.config import DistConfig
+    from engine.errors import UserError
+
+    left = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: None)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: left.append(True))
+    monkeypatch.setattr(distributed, "gpu_identity", lambda index: f"node GPU-{index}")
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj, info: ["node GPU-0", obj])
+    with pytest.raises(UserError, match=r"ranks 0 and 1 share one GPU \(node GPU-0\): start at most one process"):
+        distributed.init(DistConfig(), "cuda")
+    assert left == [True]
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj, info: ["other GPU-0", obj])  # srun: own GPUs
+    assert distributed.init(DistConfig(), "cuda").gpu == 0 and left == [True]
+    assert distributed.shared_gpus(["a 1", "a 2", "b 1", "a 2"]) == "ranks 1 and 3 share one GPU (a 2)"
+    assert distributed.shared_gpus(["a 1", "b 1"]) is None
+
+
 def _gathering_rank(rank: int, init: str, out: str) -> None:
     import time
 

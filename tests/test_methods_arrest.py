@@ -216,3 +216,25 @@ def test_init_paths_are_stored_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     overrides = init_overrides(get_recipe("arrest-resnet18-cifar10"), "runs/std")
     assert f"method.init={tmp_path / 'runs' / 'std'}" in overrides
+
+
+def test_fine_tuning_starts_without_the_standard_stages_momentum(tiny_cfg):
+    """As a fine-tuning run from --init does: a fresh optimizer (momentum buffers made from its first gradients)."""
+    from engine.train import build_run, train_epoch
+
+    small = ["data.synthetic_size=64", "perf.dtype=fp32", "method.balance_images=32", "train.epochs=2"]
+    cfg = apply_overrides(tiny_cfg, ["method.name=arrest", "model.split_bn=false", "method.pretrain_epochs=1", *small])
+    run = build_run(cfg)
+    seen, step = [], run.optimizer.step
+
+    def spy(*args, **kwargs):
+        seen.append(sum(len(s) for s in run.optimizer.state.values()))
+        return step(*args, **kwargs)
+
+    run.optimizer.step = spy
+    train_epoch(run, 1)
+    assert seen[0] == 0 and seen[1] > 0  # momentum builds up during standard training
+    seen.clear()
+    train_epoch(run, 2)  # fine-tuning's first epoch
+    assert seen[0] == 0 and seen[1] > 0
+    assert [run.method.fresh_optimizer_at(e) for e in (1, 2, 3)] == [False, True, False]

@@ -110,6 +110,10 @@ class ARREST(Method):
         e, m = epoch - self.pretrain_epochs, self.cfg.method
         return m.finetune_lr * self.cfg.optim.decay ** sum(e > milestone for milestone in m.finetune_milestones)
 
+    def fresh_optimizer_at(self, epoch: int) -> bool:
+        """Fine-tuning starts with no momentum from the standard-training stage, as a run from --init does."""
+        return not self.cfg.method.init and epoch == self.pretrain_epochs + 1
+
     def on_epoch_start(self, nets: Nets, head, autocast, epoch: int = 1) -> dict[str, float]:
         self.epoch = epoch
         if epoch > self.pretrain_epochs and not bool(self.teacher_ready):  # one host sync per epoch

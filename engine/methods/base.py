@@ -69,6 +69,11 @@ class Method(nn.Module):
         """Learning rate of 1-based `epoch` (methods with stages override it)."""
         return self.cfg.optim.lr_at(epoch)
 
+    def fresh_optimizer_at(self, epoch: int) -> bool:
+        """Whether 1-based `epoch` starts a new stage whose optimizer starts without momentum (methods with
+        stages override it)."""
+        return False
+
     def backbones(self) -> list[nn.Module]:
         """Trained networks besides the model whose Conv2d/Linear weights the gradient-similarity analysis
         counts as backbone (LBGAT's clean model)."""
