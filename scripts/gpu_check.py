@@ -38,6 +38,7 @@ STAGE_FUNCTIONS = {
     "real_run": "real_run.real_run",
     "probes": "pytest_stages.probes",
     "pytest_kernels": "pytest_stages.pytest_kernels",
+    "eval": "evaluation.eval_stage",
 }
 COMPILE_LOGS = "recompiles,graph_breaks,dynamic,perf_hints"
 

@@ -277,14 +277,18 @@ def model_test_row(record: StageRecord, cfg, dev) -> dict[str, Any]:
     return record.row({"case": "model_test.pt", "expected": 0.856, **results["clean"]})
 
 
-def time_attacks(record: StageRecord, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Seconds per attacked image and iteration of each standard-AA attack, at small fixed iteration counts."""
+def time_attacks(
+    record: StageRecord, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, forward=None, label: str = ""
+) -> dict[str, float]:
+    """Seconds per attacked image and iteration of each standard-AA attack, at small fixed iteration counts, through
+    `forward` (default: the eager evaluation forward of `model`); rows named `{label}time NAME`."""
     from pyautoattack import AutoAttack
 
     from engine.perf import EvalForward
 
     iters = SMOKE_TIMING_ITERS if record.smoke else TIMING_ITERS
-    adversary = AutoAttack(EvalForward(model), norm="Linf", eps=EPS_8, version="standard", device=x.device, seed=0)
+    net = forward if forward is not None else EvalForward(model)
+    adversary = AutoAttack(net, norm="Linf", eps=EPS_8, version="standard", device=x.device, seed=0)
     set_iterations(adversary, iters)
     adversary.fab.targeted, adversary.fab.n_restarts, adversary.apgd.loss = True, 1, "ce"
     with torch.no_grad():
@@ -299,7 +303,7 @@ def time_attacks(record: StageRecord, model: torch.nn.Module, x: torch.Tensor, y
         sync(x.device)
         seconds = time.perf_counter() - start
         per_image_iter[name] = seconds / attacked / iters[name]
-        record.row({"case": f"time {name}", "images": len(y), "attacked": attacked, "iterations": iters[name],
+        record.row({"case": f"{label}time {name}", "images": len(y), "attacked": attacked, "iterations": iters[name],
                     "seconds": round(seconds, 3)})  # fmt: skip
     return per_image_iter
 

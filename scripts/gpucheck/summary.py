@@ -39,9 +39,31 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "wrn34_10": fig["methods"].get("wrn34_10"),
         "real_run": {k: v for k, v in fig["real_run"].items() if k != "aa_projection"},
         "aa": fig["real_run"].get("aa_projection"),
+        "evaluation": evaluation_summary(fig.get("eval", {})),
         "probes": fig["probes"] or None,
         "pytest_kernels": fig["pytest_kernels"] or None,
     }
+
+
+def evaluation_summary(f: dict[str, Any]) -> dict[str, Any] | None:
+    """The eval stage's figures: the chunk rule, eager vs compiled img/s and flag agreement, compiled AA."""
+    if not f:
+        return None
+    keys = ("network", "images", "chunk_rule", "images_per_s", "agreement", "compiled_first_chunk_s", "compiled_graphs")
+    return {k: f.get(k) for k in keys} | {"aa_compiled": f.get("aa_projection_compiled")}
+
+
+def evaluation_line(e: dict[str, Any] | None) -> str:
+    if not e:
+        return "not measured"
+    rule, ips, agree = e.get("chunk_rule") or {}, e.get("images_per_s") or {}, e.get("agreement") or {}
+    speeds = "; ".join(f"{kind} " + ", ".join(f"{a} {fmt(v)}" for a, v in (ips.get(kind) or {}).items())
+                       for kind in ("eager", "compiled"))  # fmt: skip
+    return (f"chunk rule {fmt(rule.get('chunk_size'))} ({rule.get('reason')}, repeats: {rule.get('repeats')}); "
+            f"img/s after the first chunk: {speeds}; compiled flags = eager on "
+            + ", ".join(f"{a} {fmt(v)}" for a, v in agree.items())
+            + f"; first compiled chunk {e.get('compiled_first_chunk_s')} s; {e.get('network')}, "
+            f"{e.get('images')}")  # fmt: skip
 
 
 def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
@@ -112,6 +134,8 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
         ["WRN-34-10 AR-AT", throughput(s["wrn34_10"])],
         ["2-epoch run", real_run_line(real)],
         ["AA projection", aa_line(s["aa"])],
+        ["evaluation (CUDA)", evaluation_line(s.get("evaluation"))],
+        ["AA projection, compiled", aa_line((s.get("evaluation") or {}).get("aa_compiled"))],
         ["probes", pytest_line(s["probes"])],
         ["pytest kernels", pytest_line(s["pytest_kernels"])],
     ]  # fmt: skip

@@ -1,0 +1,205 @@
+"""Stage `eval` (beyond the specification's ten, and last: it runs in the time the others leave): the evaluation on
+CUDA as `arat eval` runs it (engine.evaluate), eager against compiled. It measures what issue 10 still lacks from a
+GPU: the chunk size the CUDA memory probe picks, the compiled evaluation (never run on a GPU before), and AutoAttack
+through the compiled network.
+
+Network: the ResNet-18 real_run trained ($W/real_run/checkpoints/final.pt) when that stage left one, else the
+recipe's network at its initial weights (the flags still compare). Images: the prepared CIFAR-10 test split, else
+synthetic ones.
+1. `chunk rule`: resolve_chunk_size twice: the same size both times.
+2. `eager`: clean and PGD-20 on 1000 test images in chunks of 400 (the last, 200, padded when compiled), compile off.
+3. `compiled`: the same with perf.compile=on: each chunk's seconds (the first compiles), img/s of the later chunks,
+   graphs made, and how many images' flags agree with the eager ones.
+Optional, while time remains: 4. each standard-AA attack timed at small iteration counts on 500 images through the
+compiled network (SubsetBatch: one graph per grad mode, dynamic batch), projected to a 10k standard AA as real_run
+projects the eager one.
+Pass: the chunk rule gives one size twice; compiled flags agree with eager on >= 99% of the images, clean and PGD-20.
+A cut at the cap during 3 or 4 leaves the stage ok (a `cut` row; the compiled chunks finished by then are kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._dynamo.utils import counters
+
+from engine.config import EvalConfig, apply_overrides
+from engine.data import load_test_split
+from engine.data.cifar import find_layout
+from engine.evaluate import SubsetBatch, evaluate, resolve_chunk_size, test_tensors, unpack
+from engine.models import build_model
+from engine.perf import eval_network
+from engine.recipes import get_recipe
+
+from .common import peak_mem_gib, read_figures, reset_peak, shape_overrides, smoke_compile, sync
+from .real_run import (
+    RECIPE,
+    SMOKE_TIMING_IMAGES,
+    SMOKE_TIMING_ITERS,
+    TIMING_IMAGES,
+    TIMING_ITERS,
+    aa_projection,
+    autoattack_importable,
+    time_attacks,
+)
+from .record import BUDGET_SKIP, StageFailed, StageRecord, guarded
+
+ATTACKS = ("clean", "pgd20")
+IMAGES, CHUNK = 1000, 400  # three chunks: 400, 400 and a short one, padded to 400 when compiled
+SMOKE_IMAGES, SMOKE_CHUNK = 40, 16
+AGREEMENT = 0.99  # compiled vs eager flags: TF32 convolutions and Inductor's fused code round differently
+AA_SECONDS = 25.0  # the compiled AA timing's two graphs and four timed attacks need about this much
+WARMUP_IMAGES = 8
+
+
+def eval_setup(record: StageRecord) -> tuple[Any, torch.nn.Module, str, Any]:
+    """(config, network on the device, where its weights came from, test split)."""
+    data_dir = record.work / "data"
+    real = not record.smoke and find_layout("cifar10", data_dir) is not None
+    overrides = shape_overrides(128, record.smoke) + [f"data.data_dir={data_dir}"]
+    if not real:
+        overrides += ["data.dataset=synthetic", f"data.synthetic_size={4 * IMAGES}"]  # a test split of 1000
+    cfg = apply_overrides(get_recipe(RECIPE), overrides)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg.model, cfg.data.num_classes)
+    source = "initial weights"
+    checkpoint = record.work / "real_run" / "checkpoints" / "final.pt"
+    if checkpoint.is_file():
+        try:
+            model.load_state_dict(torch.load(checkpoint, map_location="cpu")["model"])
+            source = "real_run's trained network"
+        except (RuntimeError, KeyError) as exc:  # a smoke-sized or foreign checkpoint: keep the initial weights
+            source = f"initial weights (real_run's checkpoint did not fit: {str(exc).splitlines()[0][:120]})"
+    record.figure("network", source)
+    record.figure("images", "CIFAR-10 test split" if real else "synthetic")
+    return cfg, model.to(dev).eval(), source, load_test_split(cfg.data, cfg.seed)
+
+
+def chunk_rule_row(record: StageRecord, cfg, model, dev) -> dict[str, Any]:
+    """The chunk size resolve_chunk_size picks (its CUDA memory probe), twice: it must not depend on the first."""
+    auto = dataclasses.replace(cfg.eval, chunk_size=0)
+    first, second = (resolve_chunk_size(auto, model, (3, 32, 32), dev) for _ in range(2))
+    row = {"case": "chunk rule", "chunk_size": first[0], "reason": first[1], "again": second[0],
+           "repeats": first == second}  # fmt: skip
+    record.figure("chunk_rule", {"chunk_size": first[0], "reason": first[1], "repeats": first == second})
+    return record.row(row)
+
+
+def chunk_seconds(directory: Path, attack: str) -> list[float]:
+    """Each saved chunk's seconds, in chunk order."""
+    folders = sorted(directory.glob(f"chunks/{attack}-*"))
+    if not folders:
+        return []
+    files = sorted(p for p in folders[0].glob("*.json") if p.name != "spec.json")
+    return [json.loads(p.read_text())["seconds"] for p in files]
+
+
+def evaluation_row(record: StageRecord, name: str, model, split, cfg, dev, compiled: bool) -> dict[str, Any]:
+    n, chunk = (SMOKE_IMAGES, SMOKE_CHUNK) if record.smoke else (IMAGES, CHUNK)
+    eval_cfg = EvalConfig(attacks=ATTACKS, num_examples=n, chunk_size=chunk, batch_size=chunk)
+    perf_cfg = dataclasses.replace(cfg.perf, device=str(dev), compile="on" if compiled else "off")
+    directory = record.work / f"eval_{name}"
+    shutil.rmtree(directory, ignore_errors=True)  # fresh chunks: none reused from an earlier run of this stage
+    graphs_before = counters["stats"]["unique_graphs"]
+    reset_peak(dev)
+    sync(dev)
+    start = time.perf_counter()
+    results = evaluate(model, split, eval_cfg, dev, seed=0, perf_cfg=perf_cfg, record_dir=directory)
+    sync(dev)
+    seconds = round(time.perf_counter() - start, 2)
+    row: dict[str, Any] = {"case": name, "images": n, "chunk_size": chunk, "seconds": seconds,
+                           "peak_mem_gib": peak_mem_gib(dev)}  # fmt: skip
+    if compiled:
+        row["graphs"] = counters["stats"]["unique_graphs"] - graphs_before
+    for attack in ATTACKS:
+        r, seconds = results[attack], chunk_seconds(directory, attack)
+        later = seconds[1:]  # the first chunk compiles (compiled) or warms cuDNN and the capture (eager)
+        row[attack] = {
+            "accuracy": r["accuracy"],
+            "chunk_seconds": seconds,
+            "images_per_s_after_first_chunk": round((n - chunk) / sum(later), 1) if later and sum(later) > 0 else None,
+            "compiled": r["config"]["compiled"],
+        }
+    record.row(row)
+    return row | {"flags": {attack: results[attack]["flags"] for attack in ATTACKS}}  # compared, not recorded
+
+
+def agreement(eager: dict[str, Any], compiled: dict[str, Any], n: int) -> dict[str, float]:
+    """Per attack, the share of images whose flag is the same eager and compiled."""
+    out = {}
+    for attack in ATTACKS:
+        a, b = unpack(eager["flags"][attack], n), unpack(compiled["flags"][attack], n)
+        out[attack] = round(float((a == b).float().mean()), 4)
+    return out
+
+
+def compiled_aa_row(record: StageRecord, model, split, cfg, dev, figures: dict[str, Any]) -> dict[str, Any]:
+    """Standard AA's attacks timed through the compiled network, after an untimed pass of the same attacks on a few
+    images (it builds the graphs: one per grad mode, the batch dimension dynamic)."""
+    n = SMOKE_TIMING_IMAGES if record.smoke else TIMING_IMAGES
+    x, y = test_tensors(split, n, dev)
+    perf_cfg = dataclasses.replace(cfg.perf, device=str(dev), compile="on")
+    net = SubsetBatch(eval_network(model, perf_cfg, dev, attack=True), n)
+    start = time.perf_counter()
+    time_attacks(record, model, x[:WARMUP_IMAGES], y[:WARMUP_IMAGES], forward=net, label="compiled warm-up ")
+    record.figure("compiled_aa_warmup_s", round(time.perf_counter() - start, 2))
+    per_image_iter = time_attacks(record, model, x, y, forward=net, label="compiled ")
+    iters = SMOKE_TIMING_ITERS if record.smoke else TIMING_ITERS
+    projection = aa_projection(per_image_iter, figures, f"{len(y)} images at {iters} iterations, compiled")
+    record.figure("aa_projection_compiled", projection)
+    return record.row({"case": "compiled AA projection", **projection})
+
+
+def salvage(record: StageRecord) -> None:
+    """At the cap inside the compiled evaluation: the seconds of the chunks it finished (the first compiles)."""
+    directory = record.work / "eval_compiled"
+    record.data["figures"]["compiled_chunks_done_s"] = {a: chunk_seconds(directory, a) for a in ATTACKS}
+
+
+def eval_stage(record: StageRecord) -> None:
+    with smoke_compile(record.smoke):
+        _eval_stage(record)
+
+
+def _eval_stage(record: StageRecord) -> None:
+    cfg, model, source, split = eval_setup(record)
+    dev = next(model.parameters()).device
+    rule = chunk_rule_row(record, cfg, model, dev)
+    if not rule["repeats"]:
+        record.fail(f"the chunk rule gave {rule['chunk_size']}, then {rule['again']}")
+    eager = evaluation_row(record, "eager", model, split, cfg, dev, compiled=False)
+    # last in the check, the stage runs in what the others leave: a cut while compiling leaves it ok, with the
+    # chunks the compiled evaluation finished (their seconds) and a `cut` row
+    with record.optional("compiled evaluation"):
+        record.on_timeout = lambda: salvage(record)
+        compiled = evaluation_row(record, "compiled", model, split, cfg, dev, compiled=True)
+        record.on_timeout = None
+        agree = agreement(eager, compiled, eager["images"])
+        record.figure("agreement", agree)
+        record.figure("images_per_s", {
+            kind: {a: row[a]["images_per_s_after_first_chunk"] for a in ATTACKS} for kind, row in
+            (("eager", eager), ("compiled", compiled))
+        })  # fmt: skip
+        record.figure("compiled_first_chunk_s", {a: (compiled[a]["chunk_seconds"] or [None])[0] for a in ATTACKS})
+        record.figure("compiled_graphs", compiled.get("graphs"))
+        low = {a: v for a, v in agree.items() if v < AGREEMENT}
+        if low:
+            record.fail(f"compiled flags agree with eager on {low} of the images (< {AGREEMENT})")
+    with record.optional("compiled AA timing"):
+        if missing := autoattack_importable():
+            record.row({"case": "compiled AA projection", "status": f"skipped: {missing}"})
+        elif not record.has_time(AA_SECONDS):
+            record.row({"case": "compiled AA projection", "status": BUDGET_SKIP})
+        else:
+            figures = {"clean": eager["clean"]["accuracy"], "pgd20": eager["pgd20"]["accuracy"]}
+            if source.startswith("real_run"):  # its 200-image AA: the share of images Square and FAB-T face
+                figures["aa"] = read_figures(record, "real_run").get("aa")
+            guarded(record, "compiled AA projection", compiled_aa_row, record, model, split, cfg, dev, figures)
+    if record.failed:
+        raise StageFailed(record.data["error"])
