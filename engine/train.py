@@ -124,7 +124,7 @@ def build_run(cfg: TrainConfig) -> Run:
     train_loader, _ = build_loaders(
         cfg.data,
         train_split,
-        test_split,
+        None,  # no test loader: the evaluation reads test_split itself (a DALI one was a second GPU pipeline per rank)
         cfg.batch_size,
         cfg.eval.batch_size,
         switches.device,
@@ -292,6 +292,9 @@ def final_model(run: Run) -> nn.Module:
     """The network to evaluate and save: the SWA average (with re-estimated adv BNs) when SWA is on."""
     if not run.cfg.swa.enabled:
         return run.nets.raw
+    # the adv BNs are re-estimated on the last epoch's batches, also in a run resumed after its last epoch (where
+    # no epoch ran in this process to set the loader's epoch)
+    run.train_loader.set_epoch(max(run.epoch, 1))
     return run.swa.averaged_model(run.nets.raw, run.train_loader, run.cfg.attack, run.perf.autocast)
 
 

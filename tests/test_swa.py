@@ -57,3 +57,19 @@ def test_average_of_snapshots_and_adv_bn_reestimation():
     assert torch.equal(bn.clean.running_var, torch.ones_like(bn.clean.running_var))
     assert not averaged.training
     assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())  # the live model untouched
+
+
+def test_a_run_resumed_after_its_last_epoch_reestimates_on_that_epochs_batches(tiny_cfg, tmp_path):
+    """Killed after the last epoch's checkpoint, before final.pt (in the SWA re-estimation or the evaluation): the
+    resumed run trains no epoch, and re-estimates the adv BNs on the last epoch's batches, as the run would have."""
+    from engine.config import apply_overrides
+    from engine.train import load_run_config, run_training
+
+    small = ["data.synthetic_size=64", "train.epochs=2", "perf.dtype=fp32", "method.balance_images=32"]
+    cfg = apply_overrides(tiny_cfg, [*small, "swa.enabled=true", "swa.start_epoch=1", "swa.every=1"])
+    full = run_training(cfg, tmp_path / "full", evaluate_at_end=False)
+    (full / "checkpoints" / "final.pt").rename(tmp_path / "final.pt")
+    resumed = run_training(load_run_config(full), full, resume=True, evaluate_at_end=False)
+    a, b = torch.load(tmp_path / "final.pt"), torch.load(resumed / "checkpoints" / "final.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "the re-estimated BNs differ"

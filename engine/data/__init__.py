@@ -51,7 +51,7 @@ def load_test_split(cfg: DataConfig, seed: int) -> ArraySplit:
 def build_loaders(
     cfg: DataConfig,
     train: ArraySplit,
-    test: ArraySplit,
+    test: ArraySplit | None,
     batch_size: int,
     eval_batch_size: int,
     device: torch.device,
@@ -59,8 +59,9 @@ def build_loaders(
     channels_last: bool = True,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[Loader, Loader]:
-    """(train, test) loaders of the configured backend over splits from `load_splits`."""
+) -> tuple[Loader, Loader | None]:
+    """(train, test) loaders of the configured backend over splits from `load_splits`; `test=None`: no test loader
+    (training needs none: the evaluation reads the test split itself)."""
     if cfg.backend != "device":
         from . import backends  # optional dependencies: imported only when asked for
 
@@ -78,7 +79,7 @@ def build_loaders(
         world_size=world_size,
         **common,
     )
-    test_loader = DeviceLoader(test, eval_batch_size, train=False, **common)
+    test_loader = None if test is None else DeviceLoader(test, eval_batch_size, train=False, **common)
     return train_loader, test_loader
 
 

@@ -21,7 +21,7 @@ __all__ = ["INSTALL", "MODULES", "available", "build", "require"]
 def build(
     cfg: DataConfig,
     train: ArraySplit,
-    test: ArraySplit,
+    test: ArraySplit | None,
     batch_size: int,
     eval_batch_size: int,
     device: torch.device,
@@ -29,8 +29,8 @@ def build(
     channels_last: bool,
     rank: int,
     world_size: int,
-) -> tuple[Loader, Loader]:
-    """(train, test) loaders of `cfg.backend` ("ffcv" or "dali")."""
+) -> tuple[Loader, Loader | None]:
+    """(train, test) loaders of `cfg.backend` ("ffcv" or "dali"); no test loader for `test=None`."""
     if cfg.backend not in INSTALL:
         raise ValueError(f"data.backend={cfg.backend!r} is not an optional backend (ffcv, dali)")
     require(cfg.backend)
@@ -49,5 +49,5 @@ def build(
         world_size=world_size,
         **common,
     )
-    test_loader = module.make_loader(test, eval_batch_size, train=False, **common)
+    test_loader = None if test is None else module.make_loader(test, eval_batch_size, train=False, **common)
     return train_loader, test_loader

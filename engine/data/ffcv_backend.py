@@ -175,6 +175,16 @@ def _ffcv_leaves_torch_threads_alone() -> None:
     Compiler.set_num_threads = classmethod(set_num_threads)
 
 
+def _ffcv_pipelines_use_no_cuda() -> None:
+    """FFCV's loader thread wraps each batch in a CUDA stream of its own whenever CUDA exists (`IS_CUDA`, read at
+    import). These pipelines run no GPU operation (batches are pinned and copied by torch on the trainer's thread),
+    so the streams only cost: made on the loader thread, whose current device is 0, they open a CUDA context on GPU 0
+    in every rank of a torchrun (and with perf.device=cuda:N). Off, FFCV treats the pipeline as the CPU one it is."""
+    import ffcv.loader.epoch_iterator as epoch_iterator
+
+    epoch_iterator.IS_CUDA = False
+
+
 class _PlanOrder:
     """FFCV traversal order that returns the order our epoch plan chose (FFCV calls `sample_order(its_epoch)`)."""
 
@@ -199,6 +209,7 @@ class FFCVLoader(PlannedLoader):
         from ffcv.transforms import ToTensor
 
         _ffcv_leaves_torch_threads_alone()  # importing FFCV set torch's count once (engine.data.optional.require)
+        _ffcv_pipelines_use_no_cuda()
         on_cuda = self.device.type == "cuda"
         # On the CPU the training step uses every core, and a batch here is a memcpy and a crop per image: one loader
         # thread, no numba thread pool. On CUDA, as many threads as torch has (at most numba's limit).

@@ -246,6 +246,52 @@ def test_gpu_pipelines_construct_without_a_gpu():
         assert pipe.device_id == 0 and (outputs is None or [node.device for node in outputs] == ["gpu"])
 
 
+CUDA_PARAM = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_on_the_device_equal_the_cpu_device_loaders(backend, device):
+    """On the device (a GPU in the GPU check's probes) every backend's batches, float32 in [0, 1] and channels-last,
+    equal the CPU DeviceLoader's bit for bit: training with its last partial batch kept, two ranks' shards, and the
+    test split's short batch."""
+    need(backend)
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else CPU
+    cfg = dict(seed=5, channels_last=True)
+    for rank, world_size, drop_last in ((0, 1, False), (1, 2, True)):
+        shard = dict(rank=rank, world_size=world_size, drop_last=drop_last)
+        if backend == "device":
+            train = DeviceLoader(TRAIN, BATCH, dev, train=True, **shard, **cfg)
+            got = train, DeviceLoader(TEST, 100, dev, train=False, **cfg)
+        else:
+            data = DataConfig(dataset="synthetic", backend=backend, drop_last=drop_last)
+            got = data_backends.build(data, TRAIN, TEST, BATCH, 100, dev, 5, True, rank, world_size)
+        want = make_loaders("device", **shard, **cfg)
+        for epoch in (1, 2):
+            got[0].set_epoch(epoch), want[0].set_epoch(epoch)
+            for ours, theirs in zip(got, want, strict=True):
+                pairs = list(zip(ours, theirs, strict=True))
+                assert len(pairs) == len(theirs) > 0
+                for (x, y), (x_cpu, y_cpu) in pairs:
+                    assert x.device == dev and y.device == dev and x.dtype == torch.float32 and y.dtype == torch.int64
+                    assert x.is_contiguous(memory_format=torch.channels_last)
+                    assert torch.equal(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
+
+
+def test_ffcv_pipelines_make_no_cuda_streams(monkeypatch):
+    """FFCV's loader thread makes a CUDA stream per batch slot wherever CUDA exists; made on that thread (current
+    device 0) they open a context on GPU 0 in every torchrun rank. These pipelines have no GPU operation: once an
+    FFCV loader exists, FFCV treats them as CPU ones."""
+    need("ffcv")
+    import ffcv.loader.epoch_iterator as epoch_iterator
+
+    monkeypatch.setattr(epoch_iterator, "IS_CUDA", True)  # as FFCV sets it on a machine with CUDA
+    loader, _ = make_loaders("ffcv", augment=False, channels_last=False)
+    assert epoch_iterator.IS_CUDA is False
+    labels = np.concatenate([y.numpy() for _, y in loader])  # and an epoch runs without them
+    assert len(np.unique(labels)) == len(labels) == len(loader) * BATCH
+
+
 def test_betons_are_cached_by_content(tmp_path):
     need("ffcv")
     from engine.data import ffcv_backend
