@@ -63,7 +63,7 @@ def main() -> None:
         results[dtype] = evaluate(model, split, cfg, torch.device("cpu"), seed=args.seed)["aa"]
         seconds[dtype] = time.perf_counter() - start
     differ, n = agreement(results["fp32"], results["bf16"])
-    stamp = provenance()
+    stamp = provenance("cpu")  # its attacks run on the CPU
     rows = [
         {"bench": "aa_dtype", "dtype": dtype, "version": args.version, "model": str(source), "num_examples": n,
          "robust_accuracy": results[dtype]["accuracy"], "stages": results[dtype]["stages"],

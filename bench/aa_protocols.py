@@ -52,7 +52,7 @@ def main() -> None:
         results[version] = evaluate(net, split, cfg, torch.device("cpu"), seed=args.seed)
         seconds[version] = time.perf_counter() - start
     pairs = paired(results["standard"]["aa"], results["legacy-10"]["aa"])
-    stamp = provenance()
+    stamp = provenance("cpu")  # its attacks run on the CPU
     rows = [
         {"bench": "aa_protocols", "version": version, "model": str(source), "num_examples": args.num_examples,
          "clean_accuracy": results[version]["clean"]["accuracy"], "robust_accuracy": results[version]["aa"]["accuracy"],

@@ -83,7 +83,7 @@ def main() -> None:
         start = time.perf_counter()
         accuracy["chunked"] = evaluate(net, split, cfg, torch.device("cpu"), seed=0)["aa"]["accuracy"]
         seconds["chunked"].append(time.perf_counter() - start)
-    stamp = provenance()
+    stamp = provenance("cpu")  # its attacks run on the CPU
     base = statistics.median(seconds["per-batch"])
     rows = [
         {"bench": "autoattack", "impl": impl, "version": args.version, "model": str(source),

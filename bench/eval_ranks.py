@@ -137,7 +137,7 @@ def main() -> None:
     reference = runs[ranks[0]][0]["flags"]
     base = row(ranks[0], runs[ranks[0]], None, attacks, reference)
     rows = [base] + [row(n, runs[n], base, attacks, reference) for n in ranks[1:]]
-    stamp = provenance()
+    stamp = provenance("cpu" if args.device == "cpu" or (args.device == "auto" and not _cuda()) else "cuda")
     config = {"bench": "eval_ranks", "target": str(ckpt), "attacks": args.attacks, "aa_version": args.aa_version,
               "num_examples": args.num_examples, "chunk_size": args.chunk_size}  # fmt: skip
     rows = [config | r | stamp for r in rows]

@@ -14,8 +14,9 @@ if str(REPO) not in sys.path:  # run as `python bench/<script>.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 
-def provenance() -> dict:
-    """Versions, device and commit stamped on every row, so results stay interpretable later."""
+def provenance(device=None) -> dict:
+    """Versions, device and commit stamped on every row, so results stay interpretable later. `device`: the one the
+    rows ran on (default: the GPU where CUDA exists, else the CPU); a CPU benchmark on a GPU machine passes "cpu"."""
     import torch
 
     try:
@@ -27,7 +28,8 @@ def provenance() -> dict:
     from engine.perf import cpu_has_native_bf16
 
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    device = torch.cuda.get_device_name(device) if on_gpu else platform.processor() or "cpu"
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "torch": torch.__version__,

@@ -31,22 +31,20 @@ COLUMNS = ["op", "shape", "dtype", "backend", "median_ms", "gb_per_s"]
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn(); CUDA events on the GPU, perf_counter on CPU (the op is synchronous there)."""
+    """Median milliseconds of fn(): on the GPU Triton's `do_bench` (back-to-back calls between CUDA events, L2
+    flushed before each: events around one call on an idle GPU would time the launch too, ~20x a 1 us kernel), on
+    the CPU perf_counter (the op is synchronous there)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, return_mode="median")
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append(1e3 * (time.perf_counter() - begin))
+        begin = time.perf_counter()
+        fn()
+        samples.append(1e3 * (time.perf_counter() - begin))
     return statistics.median(samples)
 
 
@@ -105,13 +103,17 @@ def bench_dual_bn(shape, dtype, device, args) -> list[dict]:
 
 
 def _dual_bn_call(op, x, state, backward: bool) -> Callable[[], object]:
+    # an upstream gradient of its own: y.backward(y) would hand the backward one buffer as grad_y and y, read once
+    # from memory where the byte count has two reads
+    grad = torch.randn_like(x) if backward else None
+
     def run():
         with torch.set_grad_enabled(backward):
             y = op(x, *state, training=True, momentum=0.1, eps=1e-5, relu=True)
             if backward:
                 for t in (x, *state):  # fresh gradients: accumulating into the last call's would time an extra add
                     t.grad = None
-                y.backward(y)
+                y.backward(grad)
         return y
 
     return run

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     open_route_without_launches()
     rows = [{"op": op, "route": route, "us_per_call": round(per_call_us(fn, args.reps), 1)}
             for op, route, fn in calls()]  # fmt: skip
-    stamp = provenance()
+    stamp = provenance("cpu")  # dispatch on the host: the launches are stubbed
     append_jsonl(args.out, [{**row, **stamp} for row in rows])
     print(f"{stamp['cpu']}, torch {stamp['torch']}, triton {stamp['triton']}, 1 thread, launches stubbed")
     print(markdown_table(rows, COLUMNS))

@@ -101,9 +101,7 @@ def environment(device: torch.device) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    env = provenance()  # the CPU's model, capability and native bf16, torch's threads, versions, commit
-    if device.type == "cuda":
-        env["device"] = torch.cuda.get_device_name(device)
+    env = provenance(device)  # the device, the CPU's model, capability and native bf16, torch's threads, versions
     return {**env, "cpus": os.cpu_count(), "ffcv": version("ffcv"), "dali": version("nvidia-dali-cuda130")}
 
 

@@ -92,7 +92,16 @@ def sync(device: torch.device) -> None:
 
 
 def median_ms(fn, device: torch.device, reps: int) -> float:
-    """Median wall time of `fn` in ms, synchronized with the device around each call."""
+    """Wall time of `fn` in ms. On a CPU the median of `reps` calls; on CUDA `reps` back-to-back calls and one sync,
+    per call (a sync after each would leave the GPU idle while the next call's first kernels are launched, which a
+    training loop never does; the GPU check times its steps the same way)."""
+    if device.type == "cuda":
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        return (time.perf_counter() - start) * 1e3 / reps
     times = []
     for _ in range(reps):
         sync(device)
@@ -142,7 +151,7 @@ def profile_call(fn, device: torch.device, call_ms: float | None = None) -> dict
     events, wall_us = profiled(fn, device)
     ops = sum(not inside_aten(e) for e in aten_events(events))
     if device.type != "cuda":
-        return {"ops_per_step": ops, "kernels_per_step": None, "busy_fraction": None}
+        return {"ops_per_step": ops, "kernels_per_step": None, "launches_per_step": None, "busy_fraction": None}
     return {"ops_per_step": ops} | kernel_figures(events, wall_us, step_ms=call_ms)
 
 
@@ -156,17 +165,26 @@ def device_events(events) -> list:
     ]
 
 
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
+
+
 def kernel_figures(events, wall_us: float, steps: int = 1, step_ms: float | None = None) -> dict:
-    """Kernels launched per step (memory copies and sets not counted) and the GPU-busy fraction (kernels and copies)
-    from the profiler events of `steps` steps taking `wall_us` profiled: the fraction is of the unprofiled time,
-    `steps` x `step_ms`, where the caller has it (the profiler's own cost lengthens a profiled step)."""
+    """Per step, from the profiler events of `steps` steps taking `wall_us` profiled: the kernels the GPU executed
+    (memory copies and sets not counted; a CUDA graph's replay executes every kernel it holds), the host's kernel
+    launches and graph launches (what a captured attack saves: one graph launch for its kernels), and the GPU-busy
+    fraction (kernels and copies), of the unprofiled time `steps` x `step_ms` where the caller has it (the profiler's
+    own cost lengthens a profiled step)."""
     if step_ms:
         wall_us = steps * step_ms * 1e3
     device = device_events(events)
     busy = busy_us([(e.time_range.start, e.time_range.end) for e in device])  # overlapping events count once
     kernels = [e for e in device if not e.name.startswith(("Memcpy", "Memset"))]
+    host = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     return {
         "kernels_per_step": round(len(kernels) / steps),
+        "launches_per_step": round(sum(name in KERNEL_LAUNCHES for name in host) / steps),
+        "graph_launches_per_step": round(sum(name in GRAPH_LAUNCHES for name in host) / steps, 2),
         "busy_fraction": round(min(busy / wall_us, 1.0), 3) if wall_us else None,
     }
 
@@ -444,7 +462,7 @@ def main() -> None:
                "pct_ceiling", "epoch_s", "run100_min", "warmup_s"]  # fmt: skip
     if device_type == "cuda":
         at = columns.index("ops_per_step") + 1
-        columns[at:at] = ["kernels_per_step", "busy_fraction"]
+        columns[at:at] = ["kernels_per_step", "launches_per_step", "busy_fraction"]
         columns.insert(columns.index("pct_ceiling"), "peak_fraction")
     print(
         f"{stamp['cpu']} (native bf16: {stamp['cpu_native_bf16']}, {stamp['cpu_threads']} threads), {order} ladder; "

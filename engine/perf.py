@@ -334,5 +334,6 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
 @functools.cache
 def peak_tflops(device_name: str) -> float | None:
     """Dense bf16 peak for known GPUs (for achieved-TFLOP/s ratios in benchmarks)."""
-    table = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+    # the first key found in the name: the PCIe and NVL H100s (lower clocks and power) before the SXM one
+    table = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
     return next((v for k, v in table.items() if k in device_name), None)

@@ -52,11 +52,17 @@ def test_kernel_figures_count_device_events_only():
                                is_user_annotation=annotation, name=name)  # fmt: skip
 
     events = [event(cpu, 0, 100), event(gpu, 10, 30), event(gpu, 20, 40), event(gpu, 0, 100, annotation=True),
-              event(gpu, 60, 70), event(gpu, 80, 90, name="Memcpy HtoD (Pageable -> Device)")]  # fmt: skip
-    assert kernel_figures(events, wall_us=100.0) == {"kernels_per_step": 3, "busy_fraction": 0.5}
-    assert kernel_figures(events, wall_us=200.0, steps=2) == {"kernels_per_step": 2, "busy_fraction": 0.25}
+              event(gpu, 60, 70), event(gpu, 80, 90, name="Memcpy HtoD (Pageable -> Device)"),
+              event(cpu, 1, 2, name="cudaLaunchKernel"), event(cpu, 3, 4, name="cuLaunchKernel"),
+              event(cpu, 5, 6, name="cudaGraphLaunch")]  # fmt: skip
+    # the graph's replay executed a kernel the host did not launch one by one: 3 executed, 2 launches + 1 graph
+    launches = {"launches_per_step": 2, "graph_launches_per_step": 1.0}
+    assert kernel_figures(events, wall_us=100.0) == {"kernels_per_step": 3, "busy_fraction": 0.5} | launches
+    halved = {"launches_per_step": 1, "graph_launches_per_step": 0.5}
+    assert kernel_figures(events, wall_us=200.0, steps=2) == {"kernels_per_step": 2, "busy_fraction": 0.25} | halved
     assert kernel_figures(events, wall_us=500.0, steps=2, step_ms=0.1)["busy_fraction"] == 0.25  # the unprofiled time
-    assert kernel_figures([], wall_us=100.0) == {"kernels_per_step": 0, "busy_fraction": 0.0}
+    nothing = {"kernels_per_step": 0, "launches_per_step": 0, "graph_launches_per_step": 0.0, "busy_fraction": 0.0}
+    assert kernel_figures([], wall_us=100.0) == nothing
 
 
 def test_a_benchmark_that_alternates_runs_switches_cudnn_autotuning_with_them():
@@ -96,6 +102,40 @@ def test_a_tiny_ladder_row_carries_the_derived_figures(tmp_path):
     assert row["run100_min"] == pytest.approx(100 * row["epoch_s"] / 60, rel=1e-3)
     assert row["ops_per_step"] > 0 and row["kernels_per_step"] is None and row["busy_fraction"] is None  # CPU
     assert row["cpu"] and row["cpu_native_bf16"] in (True, False)
+    assert row["gflop_per_image_step"] == pytest.approx(forward_units(1) * resnet18_flops(8) / 1e9, abs=1e-3)
+
+
+def resnet18_flops(width: int, classes: int = 10) -> int:
+    """The CIFAR ResNet-18's forward FLOPs per image, by hand: 2 x multiply-adds of every convolution and the
+    classifier (batch norms and ReLUs are not counted by the cost model)."""
+
+    def conv(c_in, c_out, k, side):
+        return 2 * c_in * c_out * k * k * side * side
+
+    total, c, side = conv(3, width, 3, 32), width, 32
+    for stage, mult in enumerate((1, 2, 4, 8)):
+        out = width * mult
+        if stage:
+            side //= 2
+            total += conv(c, out, 1, side)  # the shortcut's projection
+        total += conv(c, out, 3, side) + 3 * conv(out, out, 3, side)
+        c = out
+    return total + 2 * c * classes
+
+
+def test_the_cost_model_counts_what_method_9_says():
+    """F counted by FlopCounterMode on the adv branch equals the hand count, and a PGD-10 image-step is 26F =
+    28.9 GFLOP for ResNet-18 (METHOD 9)."""
+    import torch
+    from train_step import forward_flops
+
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    for width in (8, 64):
+        model = build_model(ModelConfig(arch="resnet18", width=width), 10)
+        assert forward_flops(model, torch.rand(2, 3, 32, 32)) == resnet18_flops(width)
+    assert forward_units(10) == 26 and round(26 * resnet18_flops(64) / 1e9, 1) == 28.9
 
 
 def test_protocol_pairs_count_image_by_image():

@@ -254,3 +254,11 @@ def test_a_cuda_device_with_an_index_becomes_the_current_one(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(ConfigError, match="sees 2 GPU.*cuda:0 to cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_datasheet_peaks_tell_the_h100_models_apart():
+    from engine.perf import peak_tflops
+
+    names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB"]
+    assert [peak_tflops(n) for n in names] == [989.0, 756.0, 835.0, 989.0, 312.0]
+    assert peak_tflops("NVIDIA GeForce RTX 4090") is None

@@ -176,7 +176,7 @@ def profile_steps(
     if dev.type == "cuda":
         result |= kernel_figures(events, wall_us, steps, step_ms)
     else:
-        result |= {"kernels_per_step": SMOKE_SKIP, "busy_fraction": SMOKE_SKIP}
+        result |= {"kernels_per_step": SMOKE_SKIP, "launches_per_step": SMOKE_SKIP, "busy_fraction": SMOKE_SKIP}
     append_top_table(out_file, title, device_events(events) if dev.type == "cuda" else aten, steps, result)
     return result
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 from typing import Any
 
 import torch
-from kernels_bench import timed  # bench/: CUDA-event median on the GPU
+from harness import cpu_model  # bench/ is on sys.path (scripts/gpu_check.py)
 
 import kernels
 from engine.rundir import package_version
@@ -62,6 +63,21 @@ def module_version(name: str) -> str | None:
     return getattr(module, "__version__", "importable, version unknown")
 
 
+def event_median_ms(fn, warmup: int, reps: int) -> float:
+    """Median ms of fn() between two CUDA events per call (the ceilings' ops take milliseconds: the launch is noise)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
 def versions() -> dict[str, Any]:
     try:
         import triton
@@ -78,6 +94,8 @@ def versions() -> dict[str, Any]:
         "numpy": package_version("numpy"),  # the GPU image's (2.5 seen there) is newer than any CPU run's
         "pyautoattack": package_version("pyautoattack") or module_version("pyautoattack"),
         "pyautoattack_from": autoattack_location(),
+        "cpu": cpu_model(),  # the host runs the launches: launch-bound figures depend on it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
@@ -143,14 +161,14 @@ def measure_copy() -> dict[str, Any]:
     """A 4 GiB device-to-device copy; bandwidth counts read + write."""
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), torch.device("cuda"), 3, 10)
+    ms = event_median_ms(lambda: dst.copy_(src), 3, 10)
     return {"case": "copy 4 GiB d2d", "median_ms": round(ms, 3), "value": round(2 * COPY_BYTES / ms / 1e9, 3)}
 
 
 def measure_matmul() -> dict[str, Any]:
     a = torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
-    ms = timed(lambda: a @ b, torch.device("cuda"), 3, 10)
+    ms = event_median_ms(lambda: a @ b, 3, 10)
     return {
         "case": f"bf16 matmul {MATMUL_N}^3",
         "median_ms": round(ms, 3),
