@@ -175,6 +175,21 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def average_bn_statistics(module: nn.Module, info: DistInfo) -> None:
+    """Every BN's running mean and variance averaged over the ranks, their batch counts summed: statistics each
+    rank accumulated as a cumulative average over its equal share of the batches become the average over all of
+    them (SWA's re-estimation: one pass over the whole training set, not rank 0's share)."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for t in (m.running_mean, m.running_var):
+                    dist.all_reduce(t)
+                    t.div_(info.world_size)
+                dist.all_reduce(m.num_batches_tracked)
+
+
 def broadcast_state(module: nn.Module, info: DistInfo) -> None:
     """Every rank takes rank 0's parameters and buffers (e.g. its BN statistics, which DDP keeps per rank)."""
     if not info.enabled:

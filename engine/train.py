@@ -295,7 +295,9 @@ def final_model(run: Run) -> nn.Module:
     # the adv BNs are re-estimated on the last epoch's batches, also in a run resumed after its last epoch (where
     # no epoch ran in this process to set the loader's epoch)
     run.train_loader.set_epoch(max(run.epoch, 1))
-    return run.swa.averaged_model(run.nets.raw, run.train_loader, run.cfg.attack, run.perf.autocast)
+    model = run.swa.averaged_model(run.nets.raw, run.train_loader, run.cfg.attack, run.perf.autocast)
+    distributed.average_bn_statistics(model, run.dist)  # each rank re-estimated on its shard: the whole set
+    return model
 
 
 def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, evaluate_at_end: bool = True) -> Path:
@@ -369,6 +371,18 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     finish(run, rundir, evaluate_at_end, say)
 
 
+def release_training_memory(run: Run) -> None:
+    """Before the evaluation ending a run (its checkpoints are on disk): the last step's gradients, the optimizer's
+    momentum and the training attacks' CUDA graphs are dropped, and on CUDA the freed blocks go back to the device.
+    The evaluation sizes its chunks by the device's total memory, not by what training left allocated."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.state.clear()
+    if run.perf.attack_graphs is not None:
+        run.perf.attack_graphs.release()
+    if run.perf.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
     model = final_model(run)
     if run.dist.is_main:
@@ -382,6 +396,7 @@ def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
             },
         )
     if evaluate_at_end:  # every rank takes its share of the chunks, on rank 0's network (its BN statistics)
+        release_training_memory(run)
         distributed.broadcast_state(model, run.dist)
         results = evaluate(model, run.test_split, run.cfg.eval, run.perf.device, run.cfg.seed, run.cfg.perf,
                            run.dist, rundir.path / "eval")  # fmt: skip

@@ -350,3 +350,59 @@ def test_each_epoch_row_says_what_the_captured_attacks_did(tiny_cfg):
             graphs.set_attack_graphs(None)
         assert tuple(row["cuda_graphs"][k] for k in ("captures", "replays", "eager_calls")) == expected
         assert ("attacks ran uncaptured" in epoch_line(row, 2)) == fail
+
+
+def test_released_graphs_capture_again_and_keep_their_counts():
+    """release() drops the captured attacks (memory back to the pool, for the evaluation after training): the next
+    call warms up and captures anew, with the same result as eager, and the counts go on."""
+    cfg = AttackConfig(num_steps=2)
+    model_a, model_b, data = net(), net(), batches(4)
+    eager = attacks(model_a, data, cfg, None, bn="adv", train=False)
+    captured = graphs.AttackGraphs(Rerun(model_b), warmup=1)
+    first = attacks(model_b, data[:2], cfg, captured, bn="adv", train=False)
+    captured.release()
+    assert captured.stats()["attacks"] == 0 and (captured.captures, captured.replays) == (1, 1)
+    torch.manual_seed(5)
+    with graphs.using(captured):
+        again = [pgd(model_b, x, y, cfg, bn="adv", train=False) for x, y in data[:2]]
+    assert (captured.captures, captured.replays) == (2, 2)
+    for a, b in zip(eager[:2], first, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_evaluation_ending_a_run_starts_without_training_state(tiny_cfg, tmp_path, monkeypatch):
+    """Gradients, momentum and the training attacks' graphs are dropped before the final evaluation (checkpoints
+    written first), so the evaluation's chunks meet the memory they were sized for."""
+    from engine import train
+    from engine.config import apply_overrides
+
+    seen = {}
+
+    def evaluate(model, *args, **kwargs):
+        run = seen["run"]
+        seen["grads"] = [p.grad for p in run.optimizer.param_groups[0]["params"] if p.grad is not None]
+        seen["state"] = len(run.optimizer.state)
+        seen["final"] = (tmp_path / "run" / "checkpoints" / "final.pt").is_file()
+        seen["graphs"] = run.perf.attack_graphs.stats()["attacks"]
+        return {}
+
+    build = train.build_run
+
+    def build_run(cfg):
+        run = seen["run"] = build(cfg)
+        run.perf.attack_graphs = graphs.AttackGraphs(Rerun(run.nets.raw), warmup=1)
+        run.perf.activate()
+        return run
+
+    monkeypatch.setattr(train, "build_run", build_run)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "write_flags", lambda *a: None)
+    cfg = apply_overrides(tiny_cfg, ["perf.device=cpu", "train.batch_size=64", "data.synthetic_size=256"])
+    try:
+        train.run_training(cfg, tmp_path / "run")
+    finally:
+        graphs.set_attack_graphs(None)
+    assert seen["grads"] == [] and seen["state"] == 0 and seen["final"] and seen["graphs"] == 0
+    assert seen["run"].perf.attack_graphs.captures == 1  # training did capture

@@ -299,3 +299,28 @@ def test_compiled_ddp_epoch_has_no_recompiles_or_graph_breaks(tmp_path, recipe):
         assert record["graphs_in_epoch_2"] == 0 and record["graph_breaks"] == 0, record
         assert record["eval_graphs"] == 2, record  # compiled, and its two roles only
     assert ranks[0]["accuracy"] == ranks[1]["accuracy"]  # rank 0 gathers every chunk and every rank returns it
+
+
+def test_swa_statistics_are_averaged_over_the_ranks_shards(monkeypatch):
+    """Each rank re-estimates the adv BNs on its shard of the training set (a cumulative average over its batches);
+    averaged over the ranks (equal shares of batches) they are the average over every batch, as one pass over the
+    whole set gives, where rank 0's alone were kept before."""
+    import torch.distributed as dist
+
+    from engine import distributed
+    from engine.distributed import DistInfo
+
+    bn = torch.nn.BatchNorm2d(3)
+    bn.running_mean.fill_(1.0), bn.running_var.fill_(4.0), bn.num_batches_tracked.fill_(5)
+    rank1 = {id(bn.running_mean): torch.full((3,), 3.0), id(bn.running_var): torch.full((3,), 2.0),
+             id(bn.num_batches_tracked): torch.tensor(5)}  # fmt: skip
+
+    def all_reduce(t):  # the sum with rank 1's values
+        t += rank1[id(t)]
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    distributed.average_bn_statistics(torch.nn.Sequential(bn), DistInfo(rank=0, world_size=2))
+    assert torch.equal(bn.running_mean, torch.full((3,), 2.0)) and torch.equal(bn.running_var, torch.full((3,), 3.0))
+    assert bn.num_batches_tracked.item() == 10
+    distributed.average_bn_statistics(torch.nn.Sequential(bn), DistInfo())  # one process: unchanged
+    assert torch.equal(bn.running_mean, torch.full((3,), 2.0))

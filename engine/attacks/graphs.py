@@ -158,6 +158,11 @@ class AttackGraphs:
         return {"captures": self.captures, "replays": self.replays, "eager_calls": self.eager_calls,
                 "broken": self.broken, "attacks": len(self._entries), "uncapturable_attacks": uncapturable}  # fmt: skip
 
+    def release(self) -> None:
+        """Drop every captured attack (its graph, static inputs and output, the network it holds): their memory goes
+        back to the pool, for the attacks captured next (the evaluation after training). The counts stay."""
+        self._entries.clear()
+
     def applies(self, x: torch.Tensor) -> bool:
         """Whether an attack on `x` is captured (CUDA graphs take tensors on their own device only)."""
         return x.device == self.device
