@@ -296,16 +296,33 @@ def time_attacks(
     calls = {"apgd-ce": adversary.apgd.perturb, "apgd-t": adversary.apgd_targeted.perturb,
              "fab-t": adversary.fab.perturb, "square": adversary.square.perturb}  # fmt: skip
     per_image_iter = {}
-    for name, perturb in calls.items():
-        sync(x.device)
-        start = time.perf_counter()
-        perturb(x, y)
-        sync(x.device)
-        seconds = time.perf_counter() - start
-        per_image_iter[name] = seconds / attacked / iters[name]
-        record.row({"case": f"{label}time {name}", "images": len(y), "attacked": attacked, "iterations": iters[name],
-                    "seconds": round(seconds, 3)})  # fmt: skip
+    with as_in_evaluation(model):
+        for name, perturb in calls.items():
+            per_image_iter[name] = time_attack(record, name, perturb, x, y, attacked, iters, label)
     return per_image_iter
+
+
+@contextlib.contextmanager
+def as_in_evaluation(model: torch.nn.Module):
+    """What engine.autoattack.attack_chunk runs AutoAttack's attacks under: no grad outside their own enable_grad
+    (run_standard_evaluation's), frozen weights (no weight gradient computed or kept) and repeatable cuDNN."""
+    from engine.attacks.pgd import frozen
+    from engine.evaluate import repeatable_cudnn
+
+    with torch.no_grad(), frozen(model), repeatable_cudnn():
+        yield
+
+
+def time_attack(record: StageRecord, name: str, perturb, x, y, attacked: int, iters: dict, label: str) -> float:
+    """Seconds per attacked image and iteration of one attack."""
+    sync(x.device)
+    start = time.perf_counter()
+    perturb(x, y)
+    sync(x.device)
+    seconds = time.perf_counter() - start
+    record.row({"case": f"{label}time {name}", "images": len(y), "attacked": attacked, "iterations": iters[name],
+                "seconds": round(seconds, 3)})  # fmt: skip
+    return seconds / attacked / iters[name]
 
 
 def aa_projection(per_image_iter: dict[str, float], figures: dict[str, Any], timed_on: str) -> dict[str, Any]:
