@@ -291,7 +291,8 @@ def report(row: Row) -> dict:
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     spread = (max(row.step_ms) - min(row.step_ms)) / step_ms if len(row.step_ms) > 1 else 0.0
     return {
-        "bench": "train_step", "config": row.name, "arch": cfg.model.arch, "width": cfg.model.width,
+        "bench": "train_step", "config": row.name, "arch": cfg.model.arch,
+        "width": cfg.model.width if cfg.model.arch == "resnet18" else None,  # WRN-34-10's widths are its own
         "batch_size": len(row.y), "attack_steps": cfg.attack.num_steps, "images_per_s": round(images_per_s, 1),
         "step_ms": round(step_ms, 2), "step_spread": round(spread, 3), "rounds": len(row.step_ms),
         "attack_ms": round(attack_ms, 2), "attack_share": round(attack_ms / step_ms, 3),

@@ -351,8 +351,9 @@ def loader_epoch_row(record: StageRecord, cfg, dev) -> dict[str, Any]:
     sync(dev)
     seconds = time.perf_counter() - start
     record.figure("loader_epoch_s", round(seconds, 3))
-    return record.row({"case": f"DeviceLoader epoch B={batch}", "images": loader.num_images, "seconds": seconds,
-                       "images_per_s": round(loader.num_images / seconds)})  # fmt: skip
+    images = len(loader) * batch  # the full batches it yielded (drop_last), not the split's 50,000
+    return record.row({"case": f"DeviceLoader epoch B={batch}", "images": images, "seconds": seconds,
+                       "images_per_s": round(images / seconds)})  # fmt: skip
 
 
 def aa_timing_row(record: StageRecord, run_dir: Path, cfg, dev, figures) -> dict[str, Any]:
