@@ -28,7 +28,7 @@ def grad_similarity(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) ->
         a, b = a.float(), b.float()
         dot = dot + (a * b).sum()
         norm_a, norm_b = norm_a + a.square().sum(), norm_b + b.square().sum()
-        conflicts = conflicts + (a * b < 0).sum()
+        conflicts = conflicts + (a.sign() * b.sign() < 0).sum()  # not a * b: a product of tiny values underflows
         count += a.numel()
     cosine = dot / (norm_a.sqrt() * norm_b.sqrt()).clamp_min(1e-12)
     return {"grad_sim": cosine, "grad_conflict": conflicts.float() / count}

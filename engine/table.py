@@ -63,7 +63,15 @@ ARAT_VARIANTS = {(split_bn, asym, asym): ABLATION_NAMES[v] for v, (split_bn, asy
 NOT_SETTINGS = {"recipe", "description", "seed", "log_every", "eval", "perf", "dist", "analysis"}
 NOT_DATA_SETTINGS = {"data_dir", "backend", "synthetic_fallback", "test_subset"}
 METHOD_KEYS = {  # method.* keys each method reads (besides name)
-    "arat": {"invariance_weight", "auto_balance", "balance_images", "fixed_adv_weight", "stop_grad", "predictor"},
+    "arat": {
+        "invariance_weight",
+        "auto_balance",
+        "balance_images",
+        "fixed_adv_weight",
+        "stop_grad",
+        "predictor",
+        "symmetric",
+    },  # fmt: skip
     "trades": {"beta", "published_bn_updates"},
     "mart": {"beta"},
     "lbgat": {"beta", "published_bn_updates"},
@@ -283,15 +291,18 @@ class Row:
 
     def cell(self, key: str, digits: int = 2) -> str:
         values = self.values(key)
-        if not values:
+        if not values or (key == "sum" and len(values) < len(self.runs)):  # a sum of fewer runs than clean's mean
             return "–"
         text = f"{statistics.fmean(values):.{digits}f}"
         return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
     def paper(self, with_sim: bool, ablations: bool = False) -> str:
-        """The seed's published clean / AA (/ grad-sim) for this method and network, on CIFAR-10; an AR-AT row
-        beside ablation rows (`ablations`) gets the ablation table's AR-AT, measured with them."""
-        method = "AR-AT (ablation)" if ablations and self.method == "AR-AT" else self.method
+        """The seed's published clean / AA (/ grad-sim) for this method and network, on CIFAR-10. An AR-AT row made
+        from another recipe beside ablation rows (`ablations`, e.g. docs/methods.md's CPU ablation study from the
+        demo recipe) gets the ablation table's AR-AT, measured with them; the main `arat-*` recipe's row keeps the
+        main table's."""
+        main = any(run.recipe.startswith("arat-") for run in self.runs)
+        method = "AR-AT (ablation)" if ablations and self.method == "AR-AT" and not main else self.method
         published = PUBLISHED.get((self.arch, method)) if self.dataset == "cifar10" else None
         if published is None:
             return ""
@@ -377,24 +388,28 @@ def plot(rows: list[Row], path: str | Path) -> int:
         raise TableError("--plot needs matplotlib: pip install matplotlib") from None
     measured = [r for r in rows if r.values("aa") and r.values("clean")]
     several_models = len({r.model for r in measured}) > 1
+    several_datasets = len({r.dataset for r in measured}) > 1
     fig, ax = plt.subplots(figsize=(7, 5.5))
     for r in measured:
         err = [statistics.stdev(r.values(k)) if len(r.values(k)) > 1 else 0 for k in ("clean", "aa")]
         marker = MARKERS.get(r.arch, "o")
         ax.errorbar(r.mean("clean"), r.mean("aa"), xerr=err[0], yerr=err[1], fmt=marker, color="C0", capsize=2)
-        text = f"{r.label} ({r.model})" if several_models else r.label
+        where = [r.model] * several_models + [DATASETS.get(r.dataset, r.dataset)] * several_datasets
+        text = f"{r.label} ({', '.join(where)})" if where else r.label
         ax.annotate(text, (r.mean("clean"), r.mean("aa")), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    shown = {(r.arch, r.method) for r in measured}
+    shown = {(r.arch, r.method) for r in measured if r.dataset == "cifar10"}  # the seed's points are CIFAR-10's
     for (arch, label), (clean, aa, _) in PUBLISHED.items():
         optional = label in ABLATION_LABELS or label == "Std. training"
         if arch in {a for a, _ in shown} and (not optional or (arch, label) in shown):
             ax.scatter(clean, aa, marker=MARKERS[arch], facecolors="none", edgecolors="C3")
             ax.annotate(label, (clean, aa), fontsize=6, color="C3", xytext=(4, -8), textcoords="offset points")
     for arch, marker in MARKERS.items():
-        if arch in {a for a, _ in shown}:
-            name = "ResNet-18" if arch == "resnet18" else "WRN-34-10"
+        name = "ResNet-18" if arch == "resnet18" else "WRN-34-10"
+        if arch in {r.arch for r in measured}:
             ax.scatter([], [], marker=marker, color="C0", label=f"measured, {name} (mean ± std)")
-            ax.scatter([], [], marker=marker, facecolors="none", edgecolors="C3", label=f"seed table, {name}")
+        if arch in {a for a, _ in shown}:
+            seed = f"seed table (CIFAR-10), {name}"
+            ax.scatter([], [], marker=marker, facecolors="none", edgecolors="C3", label=seed)
     ax.set(xlabel="clean accuracy (%)", ylabel="AutoAttack accuracy (%)", title="robustness-accuracy trade-off")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

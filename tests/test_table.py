@@ -62,7 +62,8 @@ def test_table_means_stds_sums_and_paper_numbers(runs):
     # two seeds: mean ± sample std; the sum is per run, then averaged
     at = ["81.00 ± 1.41", "42.00 ± 2.83", "123.00 ± 4.24", "–", "2", "83.77 / 42.42"]
     assert row_of(markdown, "ResNet-18", "AT") == ["ResNet-18", "AT", *at]
-    assert row_of(markdown, "ResNet-18", "AR-AT")[2:5] == ["87.50", "49.00", "136.50"]
+    # the main recipe's AR-AT beside an ablation row: the main table's published numbers, not the ablation table's
+    assert row_of(markdown, "ResNet-18", "AR-AT")[2:] == ["87.50", "49.00", "136.50", "–", "1", "87.82 / 49.02"]
     assert row_of(markdown, "ResNet-18", "V0 (naive)")[5:] == ["0.200", "1", "82.93 / 46.50 / 0.06"]
     assert row_of(markdown, "WRN-34-10", "TRADES")[2:5] == ["85.00", "–", "–"]  # no AA yet
     assert row_of(markdown, "ResNet-18 (width 16)", "TRADES")[2:5] == ["50.00", "25.00", "75.00"]  # eval.json wins
@@ -259,3 +260,19 @@ def test_runs_without_results_are_refused(tmp_path, capsys):
     (run / "checkpoints" / "final.pt").write_bytes(b"")
     assert main(["table", str(run)]) == 2 and "arat eval" in capsys.readouterr().err
     assert main(["table", str(tmp_path / "empty")]) == 2 and "no run directory" in capsys.readouterr().err
+
+
+def test_a_sum_needs_every_run_and_the_symmetric_variant_splits_rows(tmp_path):
+    """A row whose runs are not all evaluated with AutoAttack shows no sum (clean's mean would be over more runs);
+    AR-AT's method.symmetric (full or average) is another training: its own row."""
+    root = tmp_path / "runs"
+    write_run(root, "a", "at-resnet18-cifar10", 0.80, 0.40)
+    write_run(root, "b", "at-resnet18-cifar10", 0.90, None, cfg={"seed": 1})
+    v0 = {"method": {"name": "arat", "stop_grad": False, "predictor": False}, "model": {"split_bn": False}}
+    for name, symmetric in (("full", "full"), ("half", "average")):
+        cfg = v0 | {"method": v0["method"] | {"symmetric": symmetric}}
+        write_run(root, name, "ablation-v0-resnet18-cifar10", 0.8, 0.4, cfg=cfg)
+    md = render(table([str(root)]))
+    assert row_of(md, "ResNet-18", "AT")[2:5] == ["85.00 ± 7.07", "40.00", "–"]
+    labels = [line.split("|")[2].strip() for line in md.splitlines() if "V0" in line]
+    assert len(labels) == 2 and any("symmetric=average" in label for label in labels), labels
