@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the classifier (default: the run's perf.compile; auto: on for CUDA)",
     )
     p.add_argument("--aa-version", choices=["standard", "legacy-10"], default="standard",
-                   help="standard: the leaderboard protocol; legacy-10: torchattacks' AutoAttack (10 iterations), "
-                   "the protocol of the code the AR-AT paper used")  # fmt: skip
+                   help="standard: the leaderboard protocol; legacy-10: torchattacks' AutoAttack (APGD at 10 "
+                   "iterations), the protocol of the code the AR-AT paper used")  # fmt: skip
     p.add_argument("--chunk-size", type=int, default=0, help="images per chunk (own seed, saved when done); "
                    "0: sized for the device (500 on a CPU, up to 1000 on a GPU, by its memory)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="base seed of the attacks (default: the run's seed, or 0)")

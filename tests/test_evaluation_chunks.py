@@ -242,15 +242,20 @@ def test_the_bar_says_which_stage_ran_and_which_runs_now():
         assert bar.text == text
 
 
-def test_legacy_10_is_the_ten_iteration_protocol_and_says_so():
+def test_legacy_10_is_torchattacks_autoattack_and_says_so():
+    """torchattacks' AutoAttack "standard" (the paper's evaluation code): APGD-CE and APGD-T at their default 10
+    iterations, FAB-T at its default 100 (torchattacks' FAB has steps=100; its AutoAttack passes none), Square at
+    5,000 queries with the schedule rescaled to them (torchattacks' resc_schedule=True); pyautoattack's standard
+    keeps 100 everywhere and Square's 10,000-query schedule."""
     from pyautoattack.autopgd_base import APGDAttack
 
     model = SparseLinear()
     legacy = autoattack.adversary(model, autoattack.PROTOCOLS["legacy-10"], 0, torch.device("cpu"))
     standard = autoattack.adversary(model, autoattack.PROTOCOLS["standard"], 0, torch.device("cpu"))
     assert legacy.attacks_to_run == standard.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    for aa, iterations in ((legacy, 10), (standard, 100)):
-        assert aa.apgd.n_iter == aa.apgd_targeted.n_iter == aa.fab.n_iter == iterations
+    for aa, iterations, rescaled in ((legacy, 10, True), (standard, 100, False)):
+        assert aa.apgd.n_iter == aa.apgd_targeted.n_iter == iterations and aa.fab.n_iter == 100
+        assert aa.square.rescale_schedule is rescaled
         # APGD's step-size schedule is the one an attack built for these iterations has (pyautoattack derives it
         # at construction; at 10 iterations the first checkpoint is 2, not the 100-iteration 22)
         built = APGDAttack(model, n_iter=iterations, eps=8 / 255, device="cpu")
@@ -264,7 +269,8 @@ def test_legacy_10_is_the_ten_iteration_protocol_and_says_so():
     cfg = EvalConfig(attacks=("aa",), num_examples=16, batch_size=16, chunk_size=16, aa_version="legacy-10")
     results = evaluate(model, labelled_split(16), cfg, torch.device("cpu"), 3)
     assert results["aa"]["version"] == "legacy-10" and "AutoAttack (legacy-10)" in format_results(results)
-    assert results["aa"]["config"]["protocol"]["iterations"] == 10
+    protocol = results["aa"]["config"]["protocol"]
+    assert protocol["iterations"] == 10 and protocol["fab_iterations"] == 100 and protocol["square_rescaled_schedule"]
     assert results["aa"]["config"]["protocol"]["apgd_checkpoints"] == [2, 1, 1]  # recorded (and in the chunks' key)
 
 
@@ -480,3 +486,24 @@ def test_evaluation_compiles_in_inductors_default_mode_whatever_training_used(mo
         perf = PerfConfig(compile="off", compile_mode=mode, device="cpu")
         evaluate(SparseLinear(), labelled_split(8), cfg, torch.device("cpu"), 0, perf)
     assert modes == ["default"] * 4
+
+
+def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys):
+    """AutoAttack's own checks (a randomized or gradient-masking defense, Square lowering the robust accuracy) log
+    warnings; the stage-figure handler, the logger's only one during a chunk, prints them once each."""
+    import logging
+
+    handler = autoattack._StageLog()
+    log = logging.getLogger("auto-attack")
+    log.addHandler(handler)
+    level, log.level = log.level, logging.DEBUG  # as attack_chunk sets it
+    try:
+        for _ in range(2):
+            log.warning('it seems to be a randomized defense! Please use version="rand".')
+        log.info("robust accuracy after APGD-CE: 42.00%")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    err = capsys.readouterr().err
+    assert err.count("AutoAttack warning: it seems to be a randomized defense!") == 1
+    assert handler.after == {"apgd-ce": 0.42} and len(handler.warnings) == 1
