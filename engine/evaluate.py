@@ -319,7 +319,10 @@ def _evaluate(
         print(note, file=sys.stderr, flush=True)
     batch = min(cfg.batch_size, chunk_size, len(y_all))  # fewer images than a chunk: no padding up to it
     compiled = is_compiled(attacker)
-    aa_net = SubsetBatch(attacker, batch) if compiled else EvalForward(model)
+    aa_compiled = compiled and "aa" in cfg.attacks  # AutoAttack's own role: PGD-20's static graphs stay apart
+    aa_net = (
+        SubsetBatch(eval_network(model, perf_cfg, device, "autoattack"), batch) if aa_compiled else EvalForward(model)
+    )
     protocol = autoattack.PROTOCOLS[cfg.aa_version]
     model_hash = fingerprint(model)
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32

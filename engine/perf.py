@@ -230,6 +230,15 @@ class EvalAttackForward(EvalForward):
         return self.net(x, bn=bn).float()
 
 
+class EvalAutoAttackForward(EvalForward):
+    """The classifier as AutoAttack calls it (through evaluate.SubsetBatch, its batch dimension dynamic): graphs of
+    its own, so whether PGD-20's static-shape ones exist in the process (PGD-20 ran, or its chunks were all reused
+    on a resume) cannot decide which code AutoAttack's batches run."""
+
+    def forward(self, x: torch.Tensor, bn: str = "adv"):
+        return self.net(x, bn=bn).float()
+
+
 class AuxForward(_Role):
     """A method's second network (LBGAT's clean model, ARREST's teacher)."""
 
@@ -292,10 +301,14 @@ def role(kind: type[_Role], net: nn.Module, cfg: PerfConfig, device: torch.devic
     return compile_role(kind(net), cfg, device) if compile_wanted(cfg, device) else net
 
 
-def eval_network(net: nn.Module, cfg: PerfConfig, device: torch.device, attack: bool = False) -> nn.Module:
-    """The evaluation classifier (adv BN, fp32 logits, bn= selectable), for no-grad predictions or (`attack`) for
-    an attack's input gradients, compiled like the training roles when perf.compile resolves on."""
-    forward = (EvalAttackForward if attack else EvalForward)(net)
+EVAL_ROLES = {False: EvalForward, True: EvalAttackForward, "autoattack": EvalAutoAttackForward}
+
+
+def eval_network(net: nn.Module, cfg: PerfConfig, device: torch.device, attack: bool | str = False) -> nn.Module:
+    """The evaluation classifier (adv BN, fp32 logits, bn= selectable), for no-grad predictions, (`attack`) for an
+    attack's input gradients or (`attack="autoattack"`) for AutoAttack's, compiled like the training roles when
+    perf.compile resolves on."""
+    forward = EVAL_ROLES[attack](net)
     return compile_role(forward, cfg, device) if compile_wanted(cfg, device) else forward
 
 

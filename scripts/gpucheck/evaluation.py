@@ -176,7 +176,7 @@ def compiled_aa_row(record: StageRecord, model, split, cfg, dev, figures: dict[s
     if len(right) == 0:
         return record.row({"case": "compiled AA projection", "status": "skipped: no test image classified right"})
     perf_cfg = dataclasses.replace(cfg.perf, device=str(dev), compile="on")
-    net = SubsetBatch(eval_network(model, perf_cfg, dev, attack=True), n)
+    net = SubsetBatch(eval_network(model, perf_cfg, dev, attack="autoattack"), n)  # as engine.evaluate builds it
     start = time.perf_counter()
     time_attacks(record, model, x[right], y[right], forward=net, label="compiled warm-up ")
     record.figure("compiled_aa_warmup_s", round(time.perf_counter() - start, 2))
