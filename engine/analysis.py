@@ -31,7 +31,12 @@ def grad_similarity(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) ->
         conflicts = conflicts + (a.sign() * b.sign() < 0).sum()  # not a * b: a product of tiny values underflows
         count += a.numel()
     cosine = dot / (norm_a.sqrt() * norm_b.sqrt()).clamp_min(1e-12)
-    return {"grad_sim": cosine, "grad_conflict": conflicts.float() / count}
+    # a step whose scaled fp16 gradients overflowed (GradScaler skips it too) counts in no mean: `grad_sim_steps`
+    finite = torch.isfinite(cosine)
+    zero = torch.zeros((), device=cosine.device)
+    conflict = conflicts.float() / count
+    return {"grad_sim": torch.where(finite, cosine, zero), "grad_conflict": torch.where(finite, conflict, zero),
+            "grad_sim_steps": finite.float()}  # fmt: skip
 
 
 class GradSim:
@@ -40,10 +45,13 @@ class GradSim:
     def __init__(self, weights: list[nn.Parameter]):
         self.weights = weights
 
-    def __call__(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, terms: dict[str, torch.Tensor], scale=None) -> dict[str, torch.Tensor]:
+        """`scale`: the step's GradScaler.scale: under fp16 the terms' gradients are taken scaled, as the step's own
+        are (unscaled, the small invariance gradients underflow to zero and read as agreement); the cosine and the
+        signs do not change under a common scale."""
         if "cls" not in terms or "inv" not in terms:  # no invariance term (AT, standard training)
             return {}
-        grads = [self._grads(terms[k]) for k in ("cls", "inv")]
+        grads = [self._grads(terms[k] if scale is None else scale(terms[k])) for k in ("cls", "inv")]
         return grad_similarity(*grads)
 
     def _grads(self, loss: torch.Tensor) -> list[torch.Tensor]:

@@ -250,7 +250,7 @@ def read_run(path: Path) -> RunResult:
             )
         raise TableError(f"{path} has no results.json or eval.json: evaluate it with `arat eval {path}`")
     rows = RunDir(path).metrics()
-    sims = [r["grad_sim"] for r in rows if "grad_sim" in r]
+    sims = [r["grad_sim"] for r in rows if isinstance(r.get("grad_sim"), int | float)]  # None: no finite step
     return RunResult(
         recipe=recipe,
         label=label,

@@ -160,7 +160,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Te
     """Attack, loss, backward, SGD step. Returns device scalars to accumulate (no host sync)."""
     out = run.method.step(run.nets, x, y, run.perf.autocast)
     loss = out.loss
-    analysis = run.grad_sim(out.terms) if run.grad_sim else {}  # two extra backwards, off by default
+    analysis = run.grad_sim(out.terms, run.scaler.scale) if run.grad_sim else {}  # two extra backwards, off by default
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     distributed.average_gradients(run.method.parameters(), run.dist)  # DDP syncs only the network's gradients
@@ -237,22 +237,30 @@ def synced_seconds(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+PER_COUNTED_STEP = ("grad_sim", "grad_conflict")  # means over the steps counted in `grad_sim_steps`
+
+
 def summarize(totals: dict[str, torch.Tensor], steps: int, images: int, info: distributed.DistInfo) -> dict:
-    """Per-epoch means: loss terms per step, correct counts as accuracies (summed over ranks)."""
-    row = {}
-    for k, v in totals.items():
-        v = distributed.all_reduce_sum(v.detach().float().clone(), info)
+    """Per-epoch means: loss terms per step, correct counts as accuracies (summed over ranks), the gradient
+    similarity over the steps it was finite in."""
+    row, summed = {}, {}
+    for k, v in totals.items():  # every rank reduces the same keys in the same order
+        summed[k] = float(distributed.all_reduce_sum(v.detach().float().clone(), info))
+    counted = summed.pop("grad_sim_steps", None)
+    for k, v in summed.items():
         if k.startswith("correct_"):
-            row["train_acc_" + k.removeprefix("correct_")] = round(float(v) / (images * info.world_size), 4)
+            row["train_acc_" + k.removeprefix("correct_")] = round(v / (images * info.world_size), 4)
+        elif k in PER_COUNTED_STEP and counted is not None:
+            row[k] = round(v / counted, 5) if counted else None
         else:
-            row[k] = round(float(v) / (steps * info.world_size), 5)
+            row[k] = round(v / (steps * info.world_size), 5)
     return row
 
 
 def epoch_line(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}"]
     keys = ("loss", "cls", "inv", "adv_weight", "grad_sim", "grad_conflict", "lr")
-    parts += [f"{k} {row[k]:.4g}" for k in keys if k in row]
+    parts += [f"{k} {row[k]:.4g}" for k in keys if row.get(k) is not None]
     parts += [f"{k.removeprefix('train_')} {100 * row[k]:.1f}%" for k in row if k.startswith("train_acc_")]
     parts += [f"{row['images_per_s']:.0f} img/s", f"{row['epoch_seconds']:.0f}s"]
     if "first_step_seconds" in row:

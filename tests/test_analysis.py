@@ -69,3 +69,26 @@ def test_grad_sim_is_logged_and_changes_nothing_else(tiny_cfg, tmp_path):
     assert row["loss"] == row_plain["loss"]
     a, b = (torch.load(r / "checkpoints" / "final.pt")["model"] for r in (plain, analysed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_under_fp16_the_terms_gradients_are_taken_scaled_and_an_overflow_counts_in_no_mean():
+    """GradScaler's scale multiplies both terms before their gradients (tiny invariance gradients would underflow in
+    fp16 and read as agreement); cosine and signs do not change under it. A step whose scaled gradients overflow
+    (GradScaler skips it) gives zeros and grad_sim_steps 0: the epoch means divide by the finite steps."""
+    from engine.distributed import DistInfo
+    from engine.train import summarize
+
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.rand(4, 3, 8, 8)
+    cls, inv = model(x).square().mean(), 1e-3 * model(x.flip(3)).mean()
+    sim = GradSim(backbone_weights([model]))
+    plain, scaled = sim({"cls": cls, "inv": inv}), sim({"cls": cls, "inv": inv}, scale=lambda t: t * 1024.0)
+    torch.testing.assert_close(plain["grad_sim"], scaled["grad_sim"])
+    assert plain["grad_conflict"] == scaled["grad_conflict"] and plain["grad_sim_steps"] == 1
+    overflow = sim({"cls": cls, "inv": inv}, scale=lambda t: t * float("inf"))
+    assert overflow["grad_sim_steps"] == 0 and overflow["grad_sim"] == 0 and overflow["grad_conflict"] == 0
+    totals = {k: plain[k] + overflow[k] for k in plain} | {"loss": torch.tensor(6.0)}
+    row = summarize(totals, 2, 8, DistInfo())
+    assert row["loss"] == 3.0 and abs(row["grad_sim"] - round(plain["grad_sim"].item(), 5)) < 1e-9
+    assert "grad_sim_steps" not in row
