@@ -56,10 +56,14 @@ def make_current(device: torch.device) -> None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 / AMX via oneDNN); elsewhere bf16 is emulated."""
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX) and oneDNN may use it; elsewhere bf16 is
+    emulated. Both are asked: oneDNN's own answer is yes on any AVX-512 CPU (Skylake to Ice Lake emulate bf16 in
+    its kernels), and the CPU's flags alone would ignore ONEDNN_MAX_CPU_ISA (a CPU limited to AVX2 on purpose)."""
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without the query: assume emulation (the safe choice)
+        onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(onednn and hardware)
+    except (AttributeError, RuntimeError):  # a torch build without the queries: assume emulation (the safe choice)
         return False
 
 

@@ -262,3 +262,18 @@ def test_datasheet_peaks_tell_the_h100_models_apart():
     names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB"]
     assert [peak_tflops(n) for n in names] == [989.0, 756.0, 835.0, 989.0, 312.0]
     assert peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+@pytest.mark.parametrize(
+    "onednn, avx512_bf16, amx, native",
+    [(True, True, False, True), (True, False, True, True), (True, False, False, False), (False, True, True, False)],
+)
+def test_native_bf16_needs_the_hardware_and_onednn(monkeypatch, onednn, avx512_bf16, amx, native):
+    """oneDNN says bf16 on any AVX-512 CPU (Skylake to Ice Lake emulate it): the CPU's AVX512-BF16 or AMX flag must
+    say so too; and a CPU limited by ONEDNN_MAX_CPU_ISA (oneDNN: no) stays fp32 whatever its flags."""
+    from engine import perf
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert perf.cpu_has_native_bf16() is native
