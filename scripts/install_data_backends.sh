@@ -67,7 +67,10 @@ install_dali() {
 case "$WHAT" in
 ffcv) install_ffcv ;;
 dali) install_dali ;;
-all) install_ffcv && install_dali ;;
+all)
+    install_ffcv # not `install_ffcv && ...`: set -e would not stop inside a function left of &&
+    install_dali
+    ;;
 *)
     echo "usage: $0 [ffcv|dali|all]" >&2
     exit 2

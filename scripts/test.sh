@@ -4,13 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/install_data_backends.sh all
-bash scripts/build_native.sh
+# PYTHON names the base interpreter for setup.sh; the child scripts take the project's (.venv)
+PYTHON=.venv/bin/python bash scripts/install_data_backends.sh all
+PYTHON=.venv/bin/python bash scripts/build_native.sh
 export ARAT_TEST_DATA=${ARAT_TEST_DATA:-${ARAT_DATA_DIR:-data}}
 # One pytest-xdist worker per core (at most 4), torch at one thread in each (tests/conftest.py): much of the suite is
 # compiling (Inductor's C++, Triton's ahead-of-time builds) and starting processes, which a worker per core overlaps
 # (on two cores 7-16 min by CPU model, against 14-21 min in one process). ARAT_TEST_WORKERS=0 runs it in one process.
 workers=${ARAT_TEST_WORKERS:-$(nproc)}
+[[ "$workers" =~ ^[0-9]+$ ]] || { echo "ARAT_TEST_WORKERS=$workers: give a number of workers (0: one process)" >&2; exit 2; }
 [ "$workers" -le 4 ] || workers=4
 [ "$workers" -ge 2 ] || workers=0
 exec .venv/bin/python -m pytest -q -n "$workers" "$@"
