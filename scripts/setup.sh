@@ -17,7 +17,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/cpu.txt
 fi
 data=${ARAT_DATA_DIR:-data}
 prepare=../shared/data/cifar10/prepare.py
-if [ ! -f "$data/cifar-10-batches-py/test_batch" ] && [ -f "$prepare" ]; then
+# batches.meta is the last file prepare.py writes: a preparation cut short is redone
+if [ ! -f "$data/cifar-10-batches-py/batches.meta" ] && [ -f "$prepare" ]; then
     echo "preparing real CIFAR-10 (JPEG-degraded copy) into $data"
     .venv/bin/python "$prepare" "$data"
 fi
