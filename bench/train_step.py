@@ -91,17 +91,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def ms_per_call(fn, calls: int, device: torch.device) -> float:
+    """`calls` back-to-back calls and one sync: wall ms per call (what a training loop sees; the GPU check's steps)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
 def median_ms(fn, device: torch.device, reps: int) -> float:
-    """Wall time of `fn` in ms. On a CPU the median of `reps` calls; on CUDA `reps` back-to-back calls and one sync,
-    per call (a sync after each would leave the GPU idle while the next call's first kernels are launched, which a
-    training loop never does; the GPU check times its steps the same way)."""
+    """Wall time of `fn` in ms. On a CPU the median of `reps` calls; on CUDA `ms_per_call` over `reps` calls (a
+    sync after each would leave the GPU idle while the next call's first kernels are launched, which a training
+    loop never does)."""
     if device.type == "cuda":
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync(device)
-        return (time.perf_counter() - start) * 1e3 / reps
+        return ms_per_call(fn, reps, device)
     times = []
     for _ in range(reps):
         sync(device)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from train_step import (  # bench/ is on sys.path
     forward_flops,
     inside_aten,
     kernel_figures,
+    ms_per_call,
     profiled,
 )
 
@@ -78,16 +78,6 @@ def recipe_config(recipe: str, batch: int, smoke: bool, extra: list[str] = (), a
 
 def first_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     return next(iter(run.train_loader))
-
-
-def ms_per_call(fn, calls: int, dev: torch.device) -> float:
-    """`calls` back-to-back calls and one sync: wall ms per call (what a training loop sees)."""
-    sync(dev)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync(dev)
-    return (time.perf_counter() - start) * 1e3 / calls
 
 
 def reset_peak(dev: torch.device) -> None:
