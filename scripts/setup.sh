@@ -10,9 +10,22 @@ if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.arat-installed
+pinned=$(sed -n 's/^torch==//p' constraints/cpu.txt)
+installed=$(.venv/bin/python -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null || true)
+if [ -n "$installed" ] && [ "$installed" != "$pinned" ]; then # a venv made by hand, or a CUDA build pip fetched
+    echo "setup: .venv has torch $installed, the pin is $pinned (constraints/cpu.txt): installing the pin" >&2
+    rm -f "$stamp"
+fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/cpu.txt -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -c constraints/cpu.txt -e ".[test]"
+    # ARAT_TORCH_INDEX: where pip finds the pinned CPU build when it is not on this machine's disk
+    # (https://download.pytorch.org/whl/cpu; PyPI has no +cpu builds, and its plain torch is the CUDA one)
+    .venv/bin/python -m pip install -q -c constraints/cpu.txt ${ARAT_TORCH_INDEX:+--extra-index-url "$ARAT_TORCH_INDEX"} \
+        -e ".[test]" || {
+        echo "setup: pip could not install the pinned torch $pinned with the engine; if pip found no $pinned, set" \
+            "ARAT_TORCH_INDEX=https://download.pytorch.org/whl/cpu and rerun" >&2
+        exit 1
+    }
     touch "$stamp"
 fi
 data=${ARAT_DATA_DIR:-data}

@@ -152,6 +152,34 @@ def test_compile_equals_eager(tiny_cfg, threads):
         assert_same_step(base, apply_overrides(base, ["perf.compile=true"]))
 
 
+def fixed_attack(model, x, y, cfg, **_):
+    """A stand-in for PGD: x moved by eps along a fixed +-1 pattern, the same in every dtype and on every path (PGD's
+    sign() would turn last-bit differences into other adversarial examples), so the objectives see x' != x."""
+    index = torch.arange(x[0].numel(), device=x.device, dtype=x.dtype).reshape(x.shape[1:])
+    return (x + cfg.eps * torch.sign(torch.sin(index) + 0.5)).clamp(0, 1)
+
+
+# The objectives whose compiled code differs from AR-AT's: TRADES' single-BN pair with its KL term, MART's weighted
+# KL, LBGAT's two networks (a clean model compiled beside the robust one), AR-AT's asymmetric invariance on x' != x.
+OBJECTIVES = ["arat-resnet18-cifar10", "trades-resnet18-cifar10", "mart-resnet18-cifar10", "lbgat-resnet18-cifar10"]
+SMOKE_SHAPE = ["data.dataset=synthetic", "data.synthetic_size=64", "model.width=8", "train.batch_size=32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", OBJECTIVES)
+def test_compiled_objectives_equal_eager(recipe, monkeypatch):
+    """Inductor's code for each training objective on an adversarial batch (the attack held fixed), against eager
+    and float64 as test_compile_equals_eager does. On CUDA (the GPU check's probes) perf.kernels is on: the fused
+    dual-BN op runs inside Inductor's graphs, TRADES' single-BN pair included."""
+    from engine.methods import arat, mart, trades
+    from engine.recipes import get_recipe
+
+    for module in (arat, mart, trades):  # LBGAT attacks through trades.trades_attack
+        monkeypatch.setattr(module, "pgd", fixed_attack)
+    cfg = apply_overrides(get_recipe(recipe), SMOKE_SHAPE + EXACT + ["attack.start=none", "perf.compile=false"])
+    assert_same_step(cfg, apply_overrides(cfg, ["perf.compile=true"]))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
 def test_one_cpu_thread_compiles_for_any_thread_count(threads, mode):
