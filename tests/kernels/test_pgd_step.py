@@ -68,7 +68,9 @@ def test_backend_matches_reference(backend, shape, channels_last, dtype):
     out = pgd_step(x, x_adv, grad, EPS, ALPHA)
     assert kernels.last_backend()["pgd_step"] == name
     assert out.dtype == dtype and out.stride() == x_adv.stride()
-    expected = pgd_step_reference(x, x_adv, grad, EPS, ALPHA)
+    # the plain formula in fp32, rounded once (not pgd_step_reference: the `reference` backend is that function)
+    x32, g = x.float(), grad.float()
+    expected = torch.clamp(torch.clamp(x_adv.float() + ALPHA * g.sign(), x32 - EPS, x32 + EPS), 0, 1).to(dtype)
     torch.testing.assert_close(out, expected, **exact_tolerance(name, device, dtype))
 
 
