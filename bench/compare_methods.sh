@@ -28,39 +28,14 @@ fi
 
 DECAY=$((EPOCHS > 1 ? EPOCHS - 1 : 1))  # lr x0.1 for the last epoch
 COMMON=(
-  --data-dir "$DATA_DIR"
   --set model.width=16 --set data.train_subset=20000
   --set train.epochs="$EPOCHS" --set optim.milestones="$DECAY"
   --set attack.num_steps=5 --set attack.step_size=2.5/255
   --set eval.attacks=clean,pgd20,aa --set eval.num_examples=1000 --set eval.aa_num_examples="$AA_N"
   --set eval.batch_size=250
 )
-
-train() {  # train RUN_DIR ARGS...: skip a finished run, resume an interrupted one
-  local run=$1
-  shift
-  if [ -f "$run/results.json" ]; then
-    echo "compare_methods: $run is done"
-  elif [ -f "$run/config.json" ]; then
-    "$ARAT" train --resume "$run"
-  else
-    "$ARAT" train --out "$run" "$@"
-  fi
-}
-
-METHODS=${METHODS:-std at trades mart lbgat arat arrest}
-RECIPES=$(echo "$METHODS" | tr ' ' '\n' | grep -vx arrest | tr '\n' ' ')
-[ "$ABLATIONS" = 1 ] && RECIPES="$RECIPES ablation-v0 ablation-stopgrad ablation-splitbn ablation-arat"
-for seed in $SEEDS; do
-  for name in $RECIPES; do
-    extra=()
-    [[ $name == ablation-* ]] && extra=(--set analysis.grad_sim=true)
-    train "$OUT/$name-s$seed" --recipe "$name-resnet18-cifar10" "${COMMON[@]}" --set train.seed="$seed" "${extra[@]}"
-  done
-  # ARREST fine-tunes this comparison's standard-trained network for the same budget
-  [[ " $METHODS " == *" arrest "* ]] || continue
-  train "$OUT/arrest-s$seed" --recipe arrest-resnet18-cifar10 --init "$OUT/std-s$seed" "${COMMON[@]}" \
-    --set train.seed="$seed" --set method.finetune_milestones="$DECAY"
-done
-
-"$ARAT" table "$OUT" --out "$OUT/table.md" --plot "$OUT/tradeoff.png"
+# scripts/reproduce.sh runs the recipes (skipping finished runs, resuming interrupted ones) and `arat table`; ARREST
+# fine-tunes this comparison's standard-trained network for the same budget
+DATA_DIR=$DATA_DIR SEEDS=$SEEDS ABLATIONS=$ABLATIONS ARAT=$ARAT ARCH=resnet18 DATASET=cifar10 SWA=0 NPROC=1 \
+  METHODS=${METHODS:-std at trades mart lbgat arat arrest} ARREST_SET="--set method.finetune_milestones=$DECAY" \
+  exec bash scripts/reproduce.sh "$OUT" "${COMMON[@]}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import os
 import pickle
 import socket
@@ -103,7 +105,15 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     if not info.enabled:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, **no_buffer_sync())
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for not broadcasting rank 0's buffers at every forward: `forward_sync_buffers` where torch has
+    it (2.13 deprecates `broadcast_buffers`, warning on every rank), else `broadcast_buffers`. The new switch still
+    syncs the buffers once at wrap time, when every rank holds the same ones (same seed, or the same checkpoint)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -209,6 +209,46 @@ def test_gathered_objects_go_through_the_store_not_a_backend_collective(tmp_path
     assert got[0]["shutdown_returned"] >= got[1]["shutdown_called"]
 
 
+def _wrapping_rank(rank: int, init: str, out: str) -> None:
+    import copy
+    import warnings
+
+    import torch.distributed as dist
+
+    from engine import distributed
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    alone = copy.deepcopy(model)  # the same forwards without DDP: this rank's own statistics
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ddp = distributed.wrap(model, distributed.DistInfo(rank, 2), torch.device("cpu"))
+    for _ in range(3):  # DDP syncing buffers would overwrite them with rank 0's before the second and third forward
+        x = torch.full((2, 3, 4, 4), float(rank + 1)) + torch.randn(2, 3, 4, 4)
+        ddp(x), alone(x)
+    record = {
+        "mean": model[1].running_mean.tolist(),
+        "alone": alone[1].running_mean.tolist(),
+        "warnings": [str(w.message)[:200] for w in caught],
+    }
+    Path(out, f"{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+def test_ddp_keeps_batch_norm_statistics_per_rank_without_a_deprecation_warning(tmp_path):
+    """wrap: each rank's BN running statistics come from its own batches (no broadcast of rank 0's before each
+    forward), through the switch this torch has for it, with no deprecation warning on every rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_wrapping_rank, args=(f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    for record in got:
+        assert record["mean"] == pytest.approx(record["alone"], rel=1e-6)
+    assert got[0]["mean"] != pytest.approx(got[1]["mean"], rel=1e-3)  # the ranks' batches differ
+    assert got[0]["warnings"] == got[1]["warnings"] == []
+
+
 def _failing_rank(rank: int, init: str, out: str) -> None:
     import time
     from datetime import timedelta

@@ -4,6 +4,7 @@ tests skip) and when a build fails, and what setup.sh does with a venv holding a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -104,3 +105,64 @@ def test_setup_reinstalls_a_venv_torch_other_than_the_pin(tmp_path, installed):
     else:
         assert result.returncode == 0, result.stderr
         assert "-m pip install" not in calls
+
+
+TINY = [
+    "data.dataset=synthetic",
+    "data.synthetic_size=64",
+    "model.width=8",
+    "train.batch_size=32",
+    "train.epochs=1",
+    "attack.num_steps=1",
+    "eval.attacks=clean",
+    "eval.num_examples=32",
+    "eval.batch_size=32",
+    "method.balance_images=32",
+    "perf.device=cpu",
+]
+
+
+def reproduce(out: Path, env: dict[str, str], *sets: str) -> subprocess.CompletedProcess:
+    args = [a for s in sets for a in ("--set", s)]
+    cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), str(out), *args]
+    return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def test_reproduce_trains_every_method_then_tables_and_a_rerun_trains_nothing(tmp_path):
+    """scripts/reproduce.sh on synthetic data at a tiny size: std, AT and ARREST (fine-tuning the std run), the
+    table and plot; run again, every run is found done."""
+    import sys
+
+    arat = Path(sys.executable).parent / "arat"
+    if not arat.exists():
+        pytest.skip("no `arat` command beside this python (the package is not installed here)")
+    env = {"METHODS": "std at arrest", "ARAT": str(arat), "ARREST_SET": "--set method.finetune_milestones=1"}
+    out = tmp_path / "rep"
+    first = reproduce(out, env, *TINY)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for name in ("std-s0", "at-s0", "arrest-s0"):
+        assert (out / name / "results.json").is_file()
+    config = json.loads((out / "arrest-s0" / "config.json").read_text())
+    assert config["method"]["init"] == str((out / "std-s0").resolve()) and config["method"]["finetune_milestones"]
+    table = (out / "table.md").read_text()
+    assert all(row in table for row in ("| Std. training |", "| AT |", "| ARREST |")) and (out / "tradeoff.png").is_file()
+    again = reproduce(out, env, *TINY)
+    assert again.returncode == 0 and again.stdout.count("is done") == 3 and "reproduce: training" not in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "says"),
+    [
+        ({"ARCH": "vgg16"}, [], "ARCH=vgg16: resnet18 or wrn34-10"),
+        ({"METHODS": "at fgsm"}, [], "unknown method fgsm"),
+        ({"DATASET": "cifar100", "SWA": "1"}, [], "CIFAR-10 recipes only"),
+        ({"NPROC": "two"}, [], "NPROC=two"),
+        ({}, ["--sett", "a=b"], "only --set KEY=VALUE pairs"),
+        ({}, ["--set"], "only --set KEY=VALUE pairs"),
+    ],
+)
+def test_reproduce_refuses_bad_settings_in_one_line(tmp_path, env, args, says):
+    cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), str(tmp_path / "rep"), *args]
+    result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and says in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "rep").exists()

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Reproduce the seed's tables: every method's recipe trained and evaluated (clean, PGD-20, AutoAttack on the test
+# set, as each recipe sets), then `arat table` renders the markdown table and the clean-vs-AA plot beside the
+# published numbers. The recipes are the full-scale ones (100-110 epochs): a GPU's job, one run after another.
+#
+#   bash scripts/reproduce.sh [OUT_DIR] [--set KEY=VALUE ...]      (default OUT_DIR: runs/reproduce-$ARCH-$DATASET)
+#   env: ARCH (resnet18 | wrn34-10), DATASET (cifar10 | cifar100), SEEDS ("0"; "0 1 2" for mean ± std),
+#        METHODS ("std at trades mart lbgat arat arrest"; arrest fine-tunes this script's std run when std is listed,
+#        else trains its own standard stage), ABLATIONS (0; 1 adds the four ablation rows, CIFAR-10 only, with
+#        analysis.grad_sim on), SWA (0; 1 adds AR-AT + SWA, CIFAR-10 only), NPROC (1; N trains and evaluates each
+#        run under `torchrun --standalone --nproc_per_node N`), DATA_DIR (default $ARAT_DATA_DIR or ./data),
+#        ARREST_SET (extra --set arguments for ARREST only), ARAT (the arat command; default .venv/bin/arat)
+#   Every --set after OUT_DIR goes to every new run (e.g. --set eval.aa_num_examples=1000 for a shorter evaluation).
+#
+# Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch (with the
+# settings they started with).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ARCH=${ARCH:-resnet18}
+DATASET=${DATASET:-cifar10}
+OUT=runs/reproduce-$ARCH-$DATASET
+if [ $# -gt 0 ] && [[ $1 != --* ]]; then
+    OUT=$1
+    shift
+fi
+SETS=("$@")
+SEEDS=${SEEDS:-0}
+METHODS=${METHODS:-std at trades mart lbgat arat arrest}
+ABLATIONS=${ABLATIONS:-0}
+SWA=${SWA:-0}
+NPROC=${NPROC:-1}
+DATA_DIR=${DATA_DIR:-${ARAT_DATA_DIR:-data}}
+ARAT=${ARAT:-.venv/bin/arat}
+read -r -a ARREST_SETS <<<"${ARREST_SET:-}"
+
+die() {
+    echo "reproduce: $*" >&2
+    exit 2
+}
+case "$ARCH" in resnet18 | wrn34-10) ;; *) die "ARCH=$ARCH: resnet18 or wrn34-10" ;; esac
+case "$DATASET" in cifar10 | cifar100) ;; *) die "DATASET=$DATASET: cifar10 or cifar100" ;; esac
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC: a number of processes (GPUs), 1 or more"
+for ((i = 0; i < ${#SETS[@]}; i += 2)); do
+    [ "${SETS[i]}" = --set ] && [ $((i + 1)) -lt ${#SETS[@]} ] ||
+        die "after OUT_DIR only --set KEY=VALUE pairs are taken (got '${SETS[i]}')"
+done
+for name in $METHODS; do
+    case "$name" in std | at | trades | mart | lbgat | arat | arrest) ;; *) die "METHODS: unknown method $name" ;; esac
+done
+if [ "$DATASET" != cifar10 ] && { [ "$ABLATIONS" = 1 ] || [ "$SWA" = 1 ]; }; then
+    die "ABLATIONS and SWA have CIFAR-10 recipes only: set DATASET=cifar10 or leave them 0"
+fi
+
+arat_train() { # one process, or torchrun with NPROC ranks (evaluation included)
+    if [ "$NPROC" = 1 ]; then
+        "$ARAT" train "$@"
+    else
+        "$(dirname "$ARAT")/torchrun" --standalone --nproc_per_node "$NPROC" -m engine.cli train "$@"
+    fi
+}
+
+train() { # train RUN_DIR ARGS...: skip a finished run, resume an interrupted one
+    local run=$1
+    shift
+    if [ -f "$run/results.json" ]; then
+        echo "reproduce: $run is done"
+    elif [ -f "$run/config.json" ]; then
+        echo "reproduce: resuming $run"
+        arat_train --resume "$run" --data-dir "$DATA_DIR"
+    else
+        echo "reproduce: training $run"
+        arat_train --out "$run" --data-dir "$DATA_DIR" "$@"
+    fi
+}
+
+recipes=()
+for name in $METHODS; do [ "$name" = arrest ] || recipes+=("$name-$ARCH-$DATASET"); done
+[ "$SWA" = 1 ] && recipes+=("arat-swa-$ARCH-cifar10")
+if [ "$ABLATIONS" = 1 ]; then
+    for v in v0 stopgrad splitbn arat; do recipes+=("ablation-$v-$ARCH-cifar10"); done
+fi
+for seed in $SEEDS; do
+    for recipe in "${recipes[@]}"; do
+        extra=()
+        [[ $recipe == ablation-* ]] && extra=(--set analysis.grad_sim=true)
+        train "$OUT/${recipe%-"$ARCH"-*}-s$seed" --recipe "$recipe" "${SETS[@]}" --set train.seed="$seed" "${extra[@]}"
+    done
+    [[ " $METHODS " == *" arrest "* ]] || continue
+    init=()
+    [[ " $METHODS " == *" std "* ]] && init=(--init "$OUT/std-s$seed") # fine-tune this script's standard run
+    train "$OUT/arrest-s$seed" --recipe "arrest-$ARCH-$DATASET" "${init[@]}" "${SETS[@]}" --set train.seed="$seed" \
+        "${ARREST_SETS[@]}"
+done
+
+"$ARAT" table "$OUT" --out "$OUT/table.md" --plot "$OUT/tradeoff.png"
+echo "reproduce: table in $OUT/table.md, plot in $OUT/tradeoff.png"
