@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-
 import os
 import pickle
 import socket

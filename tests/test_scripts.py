@@ -145,7 +145,8 @@ def test_reproduce_trains_every_method_then_tables_and_a_rerun_trains_nothing(tm
     config = json.loads((out / "arrest-s0" / "config.json").read_text())
     assert config["method"]["init"] == str((out / "std-s0").resolve()) and config["method"]["finetune_milestones"]
     table = (out / "table.md").read_text()
-    assert all(row in table for row in ("| Std. training |", "| AT |", "| ARREST |")) and (out / "tradeoff.png").is_file()
+    assert all(row in table for row in ("| Std. training |", "| AT |", "| ARREST |"))
+    assert (out / "tradeoff.png").is_file()
     again = reproduce(out, env, *TINY)
     assert again.returncode == 0 and again.stdout.count("is done") == 3 and "reproduce: training" not in again.stdout
 
