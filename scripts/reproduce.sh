@@ -3,34 +3,38 @@
 # set, as each recipe sets), then `arat table` renders the markdown table and the clean-vs-AA plot beside the
 # published numbers. The recipes are the full-scale ones (100-110 epochs): a GPU's job, one run after another.
 #
-#   bash scripts/reproduce.sh [OUT_DIR] [--set KEY=VALUE ...]      (default OUT_DIR: runs/reproduce-$ARCH-$DATASET)
+#   bash scripts/reproduce.sh [OUT_DIR] [--set KEY=VALUE ...]   (default OUT_DIR: the checkout's runs/reproduce-$ARCH-$DATASET)
 #   env: ARCH (resnet18 | wrn34-10), DATASET (cifar10 | cifar100), SEEDS ("0"; "0 1 2" for mean ± std),
 #        METHODS ("std at trades mart lbgat arat arrest"; arrest fine-tunes this script's std run when std is listed,
 #        else trains its own standard stage), ABLATIONS (0; 1 adds the four ablation rows, CIFAR-10 only, with
 #        analysis.grad_sim on), SWA (0; 1 adds AR-AT + SWA, CIFAR-10 only), NPROC (1; N trains and evaluates each
-#        run under `torchrun --standalone --nproc_per_node N`), DATA_DIR (default $ARAT_DATA_DIR or ./data),
-#        ARREST_SET (extra --set arguments for ARREST only), ARAT (the arat command; default .venv/bin/arat)
+#        run under `torchrun --standalone --nproc_per_node N`), DATA_DIR (default $ARAT_DATA_DIR, else the checkout's data/),
+#        ARREST_SET (extra --set arguments for ARREST only), ARAT (the arat command; default .venv/bin/arat, else
+#        `arat` on PATH), TORCHRUN (default: the torchrun beside $ARAT)
 #   Every --set after OUT_DIR goes to every new run (e.g. --set eval.aa_num_examples=1000 for a shorter evaluation).
 #
 # Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch (with the
 # settings they started with).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+from_caller() { # a path given relative to the caller's folder, made absolute (the script works from the checkout)
+    if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi
+}
 ARCH=${ARCH:-resnet18}
 DATASET=${DATASET:-cifar10}
-OUT=runs/reproduce-$ARCH-$DATASET
+OUT=runs/reproduce-$ARCH-$DATASET # in the checkout
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then
-    OUT=$1
+    OUT=$(from_caller "$1")
     shift
 fi
+if [ -n "${DATA_DIR:-${ARAT_DATA_DIR:-}}" ]; then DATA_DIR=$(from_caller "${DATA_DIR:-$ARAT_DATA_DIR}"); fi
+cd "$(dirname "$0")/.."
 SETS=("$@")
 SEEDS=${SEEDS:-0}
 METHODS=${METHODS:-std at trades mart lbgat arat arrest}
 ABLATIONS=${ABLATIONS:-0}
 SWA=${SWA:-0}
 NPROC=${NPROC:-1}
-DATA_DIR=${DATA_DIR:-${ARAT_DATA_DIR:-data}}
-ARAT=${ARAT:-.venv/bin/arat}
+DATA_DIR=${DATA_DIR:-data} # default: the checkout's (scripts/setup.sh prepares it there)
 read -r -a ARREST_SETS <<<"${ARREST_SET:-}"
 
 die() {
@@ -40,6 +44,11 @@ die() {
 case "$ARCH" in resnet18 | wrn34-10) ;; *) die "ARCH=$ARCH: resnet18 or wrn34-10" ;; esac
 case "$DATASET" in cifar10 | cifar100) ;; *) die "DATASET=$DATASET: cifar10 or cifar100" ;; esac
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC: a number of processes (GPUs), 1 or more"
+if [ -z "${ARAT:-}" ]; then # the project's venv (scripts/setup.sh), else an installed `arat` (a GPU machine's env)
+    if [ -x .venv/bin/arat ]; then ARAT=.venv/bin/arat; else ARAT=$(command -v arat) || ARAT=; fi
+    [ -n "$ARAT" ] || die "no arat command: run scripts/setup.sh, or pip install -e . into this python, or set ARAT"
+fi
+if [[ $ARAT == */* ]]; then TORCHRUN=${TORCHRUN:-$(dirname "$ARAT")/torchrun}; else TORCHRUN=${TORCHRUN:-torchrun}; fi
 for ((i = 0; i < ${#SETS[@]}; i += 2)); do
     [ "${SETS[i]}" = --set ] && [ $((i + 1)) -lt ${#SETS[@]} ] ||
         die "after OUT_DIR only --set KEY=VALUE pairs are taken (got '${SETS[i]}')"
@@ -55,7 +64,7 @@ arat_train() { # one process, or torchrun with NPROC ranks (evaluation included)
     if [ "$NPROC" = 1 ]; then
         "$ARAT" train "$@"
     else
-        "$(dirname "$ARAT")/torchrun" --standalone --nproc_per_node "$NPROC" -m engine.cli train "$@"
+        "$TORCHRUN" --standalone --nproc_per_node "$NPROC" -m engine.cli train "$@"
     fi
 }
 
