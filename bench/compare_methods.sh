@@ -4,25 +4,24 @@
 # every method with its own loss hyper-parameters; clean and PGD-20 on 1000 test images, AutoAttack (standard) on
 # $AA_N; then `arat table` renders the markdown table and the trade-off plot beside the seed's published points.
 #
-#   bash bench/compare_methods.sh [OUT_DIR]        (default runs/compare)
-#   env: DATA_DIR (default $ARAT_DATA_DIR or ./data), SEEDS ("0"; e.g. "0 1 2" for mean ± std), EPOCHS (5),
+#   bash bench/compare_methods.sh [OUT_DIR]        (default: the checkout's runs/compare)
+#   env: DATA_DIR (default $ARAT_DATA_DIR, else the checkout's data/; paths relative to the caller's folder), SEEDS ("0"; e.g. "0 1 2" for mean ± std), EPOCHS (5),
 #        AA_N (1000), ABLATIONS (0; 1 adds the four ablation rows with analysis.grad_sim on),
 #        METHODS ("std at trades mart lbgat arat arrest"; arrest fine-tunes the std run, so it needs std)
 #
 # Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${1:-runs/compare}
-DATA_DIR=${DATA_DIR:-${ARAT_DATA_DIR:-data}}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:-$ROOT/runs/compare}
+DATA_DIR=${DATA_DIR:-${ARAT_DATA_DIR:-$ROOT/data}}
 SEEDS=${SEEDS:-0}
 EPOCHS=${EPOCHS:-5}
 AA_N=${AA_N:-1000}
 ABLATIONS=${ABLATIONS:-0}
-ARAT=${ARAT:-.venv/bin/arat}
 
 if [ ! -d "$DATA_DIR/cifar-10-batches-py" ]; then
   echo "compare_methods: no real CIFAR-10 in $DATA_DIR; prepare it (python ../shared/data/cifar10/prepare.py $DATA_DIR" \
-    "or $ARAT data download --data-dir $DATA_DIR) or set DATA_DIR" >&2
+    "or arat data download --data-dir $DATA_DIR) or set DATA_DIR" >&2
   exit 2
 fi
 
@@ -35,7 +34,7 @@ COMMON=(
   --set eval.batch_size=250
 )
 # scripts/reproduce.sh runs the recipes (skipping finished runs, resuming interrupted ones) and `arat table`; ARREST
-# fine-tunes this comparison's standard-trained network for the same budget
-DATA_DIR=$DATA_DIR SEEDS=$SEEDS ABLATIONS=$ABLATIONS ARAT=$ARAT ARCH=resnet18 DATASET=cifar10 SWA=0 NPROC=1 \
+# fine-tunes this comparison's standard-trained network for the same budget; it finds arat itself unless ARAT is set
+DATA_DIR=$DATA_DIR SEEDS=$SEEDS ABLATIONS=$ABLATIONS ARCH=resnet18 DATASET=cifar10 SWA=0 NPROC=1 \
   METHODS=${METHODS:-std at trades mart lbgat arat arrest} ARREST_SET="--set method.finetune_milestones=$DECAY" \
-  exec bash scripts/reproduce.sh "$OUT" "${COMMON[@]}"
+  exec bash "$ROOT/scripts/reproduce.sh" "$OUT" "${COMMON[@]}"

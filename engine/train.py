@@ -352,6 +352,11 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         rundir.remove_stale_temp_files()
         rundir.rewrite_metrics([r for r in rundir.metrics() if r.get("epoch", 0) <= run.epoch])
     if resume and run.epoch >= cfg.epochs and rundir.checkpoint(FINAL).exists():
+        if evaluate_at_end and not (rundir.path / "results.json").exists():  # stopped during its final evaluation
+            say(f"{rundir.path} finished its {cfg.epochs} epochs; its evaluation did not end: evaluating it (the "
+                "chunks it finished are kept)")  # fmt: skip
+            finish(run, rundir, evaluate_at_end, say)
+            return
         say(f"{rundir.path} finished its {cfg.epochs} epochs already: nothing to train (`arat eval {rundir.path}` "
             "evaluates it again; raise train.epochs in its config.json to train on)")  # fmt: skip
         return

@@ -26,8 +26,14 @@ imports() {
 
 NO_ROOT=3 # the exit status when only root (apt-get) was missing: scripts/test.sh goes on, those backends' tests skip
 
+can_sudo() { # without a password, or (at a terminal) after asking for it once
+    command -v sudo >/dev/null || return 1
+    sudo -n true 2>/dev/null && return
+    [ -t 0 ] && sudo -v
+}
+
 as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"; else
+    if [ "$(id -u)" = 0 ]; then "$@"; elif can_sudo; then sudo "$@"; else
         echo "need root for: $* (run this script as root, or install the packages yourself)" >&2
         return "$NO_ROOT"
     fi

@@ -49,12 +49,23 @@ if [ -z "${ARAT:-}" ]; then # the project's venv (scripts/setup.sh), else an ins
     [ -n "$ARAT" ] || die "no arat command: run scripts/setup.sh, or pip install -e . into this python, or set ARAT"
 fi
 if [[ $ARAT == */* ]]; then TORCHRUN=${TORCHRUN:-$(dirname "$ARAT")/torchrun}; else TORCHRUN=${TORCHRUN:-torchrun}; fi
-for ((i = 0; i < ${#SETS[@]}; i += 2)); do
+for ((i = 0; i < ${#SETS[@]}; i += 2)); do # (${#a[@]} of an empty array is 0 on every bash)
     [ "${SETS[i]}" = --set ] && [ $((i + 1)) -lt ${#SETS[@]} ] ||
         die "after OUT_DIR only --set KEY=VALUE pairs are taken (got '${SETS[i]}')"
 done
+has_std=0
+has_arrest=0
 for name in $METHODS; do
     case "$name" in std | at | trades | mart | lbgat | arat | arrest) ;; *) die "METHODS: unknown method $name" ;; esac
+    [ "$name" = std ] && has_std=1
+    [ "$name" = arrest ] && has_arrest=1
+done
+for seed in $SEEDS; do
+    [[ "$seed" =~ ^[0-9]+$ ]] || die "SEEDS: $seed is not a seed (whole numbers, e.g. SEEDS=\"0 1 2\")"
+done
+[ -n "${SEEDS// /}" ] || die "SEEDS is empty: leave it unset for seed 0, or list seeds (SEEDS=\"0 1 2\")"
+for flag in ABLATIONS SWA; do
+    case "${!flag}" in 0 | 1) ;; *) die "$flag=${!flag}: 0 or 1" ;; esac
 done
 if [ "$DATASET" != cifar10 ] && { [ "$ABLATIONS" = 1 ] || [ "$SWA" = 1 ]; }; then
     die "ABLATIONS and SWA have CIFAR-10 recipes only: set DATASET=cifar10 or leave them 0"
@@ -88,17 +99,19 @@ for name in $METHODS; do [ "$name" = arrest ] || recipes+=("$name-$ARCH-$DATASET
 if [ "$ABLATIONS" = 1 ]; then
     for v in v0 stopgrad splitbn arat; do recipes+=("ablation-$v-$ARCH-cifar10"); done
 fi
+# ${a[@]+"${a[@]}"}: an empty array expands to nothing under set -u on every bash (before 4.4 "${a[@]}" fails)
 for seed in $SEEDS; do
-    for recipe in "${recipes[@]}"; do
+    for recipe in ${recipes[@]+"${recipes[@]}"}; do
         extra=()
         [[ $recipe == ablation-* ]] && extra=(--set analysis.grad_sim=true)
-        train "$OUT/${recipe%-"$ARCH"-*}-s$seed" --recipe "$recipe" "${SETS[@]}" --set train.seed="$seed" "${extra[@]}"
+        train "$OUT/${recipe%-"$ARCH"-*}-s$seed" --recipe "$recipe" ${SETS[@]+"${SETS[@]}"} --set train.seed="$seed" \
+            ${extra[@]+"${extra[@]}"}
     done
-    [[ " $METHODS " == *" arrest "* ]] || continue
+    [ "$has_arrest" = 1 ] || continue
     init=()
-    [[ " $METHODS " == *" std "* ]] && init=(--init "$OUT/std-s$seed") # fine-tune this script's standard run
-    train "$OUT/arrest-s$seed" --recipe "arrest-$ARCH-$DATASET" "${init[@]}" "${SETS[@]}" --set train.seed="$seed" \
-        "${ARREST_SETS[@]}"
+    [ "$has_std" = 1 ] && init=(--init "$OUT/std-s$seed") # fine-tune this script's standard run
+    train "$OUT/arrest-s$seed" --recipe "arrest-$ARCH-$DATASET" ${init[@]+"${init[@]}"} ${SETS[@]+"${SETS[@]}"} \
+        --set train.seed="$seed" ${ARREST_SETS[@]+"${ARREST_SETS[@]}"}
 done
 
 "$ARAT" table "$OUT" --out "$OUT/table.md" --plot "$OUT/tradeoff.png"

@@ -10,18 +10,23 @@ if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.arat-installed
-pinned=$(sed -n 's/^torch==//p' constraints/cpu.txt)
+pinned=$(sed -n 's/^torch==\([^ #]*\).*/\1/p' constraints/cpu.txt)
 installed=$(.venv/bin/python -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null || true)
-if [ -n "$installed" ] && [ "$installed" != "$pinned" ]; then # a venv made by hand, or a CUDA build pip fetched
-    echo "setup: .venv has torch $installed, the pin is $pinned (constraints/cpu.txt): installing the pin" >&2
+constraints=(-c constraints/cpu.txt)
+if [ "${ARAT_KEEP_TORCH:-0}" = 1 ] && [ -n "$installed" ]; then # a venv with a CUDA build its user chose
+    echo "setup: ARAT_KEEP_TORCH=1: keeping .venv's torch $installed (the CPU pin $pinned is not installed)" >&2
+    constraints=()
+elif [ "$installed" != "$pinned" ]; then # none yet, removed since, a venv made by hand, or a CUDA build pip fetched
+    [ -z "$installed" ] || echo "setup: .venv has torch $installed, the pin is $pinned (constraints/cpu.txt):" \
+        "installing the pin (ARAT_KEEP_TORCH=1 keeps it)" >&2
     rm -f "$stamp"
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/cpu.txt -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # ARAT_TORCH_INDEX: where pip finds the pinned CPU build when it is not on this machine's disk
     # (https://download.pytorch.org/whl/cpu; PyPI has no +cpu builds, and its plain torch is the CUDA one)
-    .venv/bin/python -m pip install -q -c constraints/cpu.txt ${ARAT_TORCH_INDEX:+--extra-index-url "$ARAT_TORCH_INDEX"} \
-        -e ".[test]" || {
+    .venv/bin/python -m pip install -q ${constraints[@]+"${constraints[@]}"} \
+        ${ARAT_TORCH_INDEX:+--extra-index-url "$ARAT_TORCH_INDEX"} -e ".[test]" || {
         echo "setup: pip could not install the pinned torch $pinned with the engine; if pip found no $pinned, set" \
             "ARAT_TORCH_INDEX=https://download.pytorch.org/whl/cpu and rerun" >&2
         exit 1

@@ -405,10 +405,10 @@ def test_a_run_configured_with_cuda_graphs_on_evaluates_on_a_cpu(tmp_path, capsy
 
 
 def test_resume_and_export_edge_cases_end_in_one_line(tmp_path, capsys):
-    """A finished run resumed says so; --resume keeps config.json's device as asked for (auto), takes
-    --set perf.device and --data-dir only, refuses --out; a checkpoint that no longer fits config.json, a config.json
-    that is not UTF-8 and a metrics row that is not an object are one line each; export never overwrites its
-    weights with their model_info."""
+    """A finished run resumed says so (one stopped during its final evaluation is evaluated, its chunks reused);
+    --resume keeps config.json's device as asked for (auto), takes --set perf.device and --data-dir only, refuses
+    --out; a checkpoint that no longer fits config.json, a config.json that is not UTF-8 and a metrics row that is not
+    an object are one line each; export never overwrites its weights with their model_info."""
     import json
 
     run = tmp_path / "run"
@@ -418,6 +418,12 @@ def test_resume_and_export_edge_cases_end_in_one_line(tmp_path, capsys):
     capsys.readouterr()
     code, out, err = run_cli(capsys, "train", "--resume", str(run), "--set", "perf.device=cpu")
     assert code == 0 and "finished its 1 epochs already" in out, err
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").unlink()  # stopped during the evaluation that ends the run: resuming evaluates it
+    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--set", "perf.device=cpu")
+    assert code == 0 and "its evaluation did not end: evaluating it" in out, err
+    again = json.loads((run / "results.json").read_text())["results"]["clean"]  # from the chunks on disk
+    assert again["accuracy"] == results["results"]["clean"]["accuracy"] and again["seconds"] == 0.0
     for extra, message in ((["--out", str(tmp_path / "x")], "drop --out"), (["--set", "optim.lr=1"], "perf.device")):
         code, out, err = run_cli(capsys, "train", "--resume", str(run), *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stand_ins(tmp_path: Path, python_body: str, pkg_config_ok: bool = False) -> dict[str, str]:
-    """A bin folder first on PATH: a non-root `id`, a `sudo` that wants a password, `pkg-config`, and a python
+    """A bin folder first on PATH: a non-root `id`, a `sudo` that wants a password, `pkg-config`, `g++`, and a python
     whose behaviour `python_body` (bash) sets; calls are logged to calls.txt."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
@@ -24,6 +24,7 @@ def stand_ins(tmp_path: Path, python_body: str, pkg_config_ok: bool = False) -> 
         "id": "echo 1000",
         "sudo": 'echo "sudo $*" >> "$LOG"; exit 1',  # `sudo -n true` fails: a password would be asked
         "pkg-config": "exit 0" if pkg_config_ok else "exit 1",
+        "g++": "exit 0",
         "apt-get": 'echo "apt-get $*" >> "$LOG"; exit 0',
         "python": 'echo "python $*" >> "$LOG"\n' + python_body,
     }
@@ -37,7 +38,7 @@ def stand_ins(tmp_path: Path, python_body: str, pkg_config_ok: bool = False) -> 
 def run_script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(REPO / "scripts" / "install_data_backends.sh"), *args],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,  # no terminal: sudo -n only
     )  # fmt: skip
 
 
@@ -53,6 +54,7 @@ def test_ffcv_without_root_still_installs_dali_and_says_only_root_was_missing(tm
     calls = (tmp_path / "calls.txt").read_text()
     assert "apt-get" not in calls.replace("sudo -n true", "")  # nothing ran apt-get without root
     assert "-m pip" not in calls  # ffcv's pip steps never started
+    assert "sudo -v" not in calls  # no terminal: no password asked for
 
 
 def test_an_ffcv_build_failure_stops_the_script(tmp_path):
@@ -69,42 +71,49 @@ def test_ffcv_alone_without_root_exits_3(tmp_path):
     assert result.returncode == 3 and "need root for: apt-get" in result.stderr
 
 
-@pytest.mark.parametrize("installed", ["2.11.0+cu130", None])
-def test_setup_reinstalls_a_venv_torch_other_than_the_pin(tmp_path, installed):
+@pytest.mark.parametrize("case", ["other", "pinned", "removed", "kept"])
+def test_setup_reinstalls_a_venv_torch_other_than_the_pin(tmp_path, case):
     """setup.sh, copied with its constraints into a folder whose .venv/bin/python is a stand-in: with another torch
-    in the venv it says so and installs the pin (the stand-in's pip then fails it: setup stops with its hint); with
-    the pinned torch and a fresh stamp it runs no pip."""
+    in the venv, or none left beside a stamp, it installs the pin (the stand-in's pip then fails it: setup stops with
+    its hint); with the pinned torch (its line carrying a comment) and a fresh stamp it runs no pip; ARAT_KEEP_TORCH=1
+    keeps another torch."""
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
     (root / "constraints").mkdir()
     for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
         (root / rel).write_bytes((REPO / rel).read_bytes())
-    pinned = next(
-        line.split("==")[1] for line in (REPO / "constraints/cpu.txt").read_text().splitlines()
-        if line.startswith("torch==")
-    )  # fmt: skip
-    version = installed or pinned
+    lines = (REPO / "constraints/cpu.txt").read_text().splitlines()
+    pinned = next(line.split("==")[1].split()[0] for line in lines if line.startswith("torch=="))
+    (root / "constraints/cpu.txt").write_text(
+        "\n".join(f"{line}  # the CPU build" if line.startswith("torch==") else line for line in lines) + "\n"
+    )
+    version = {"other": "2.11.0+cu130", "pinned": pinned, "removed": "", "kept": "2.11.0+cu130"}[case]
     venv_python = root / ".venv" / "bin" / "python"
     venv_python.parent.mkdir(parents=True)
     log = tmp_path / "calls.txt"
     venv_python.write_text(
         "#!/usr/bin/env bash\n"
         f'echo "python $*" >> {log}\n'
-        f'case "$*" in *importlib.metadata*) echo {version} ;; *"-m pip install"*" -e "*) exit 1 ;; esac\n'
+        f'case "$*" in *importlib.metadata*) [ -z "{version}" ] && exit 1; echo {version} ;;'
+        ' *"-m pip install"*" -e "*) exit 1 ;; esac\n'
     )
     venv_python.chmod(0o755)
     (root / ".venv" / ".arat-installed").touch()
     env = {**os.environ, "ARAT_DATA_DIR": str(tmp_path / "data")}
+    env.pop("ARAT_KEEP_TORCH", None)
+    if case == "kept":
+        env["ARAT_KEEP_TORCH"] = "1"
     result = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     calls = log.read_text()
-    if installed:
-        assert f".venv has torch {installed}, the pin is {pinned}" in result.stderr
+    if case in ("other", "removed"):
+        assert (f".venv has torch {version}, the pin is {pinned}" in result.stderr) == (case == "other")
         assert "-m pip install" in calls and result.returncode == 1
         assert "ARAT_TORCH_INDEX=https://download.pytorch.org/whl/cpu" in result.stderr
     else:
         assert result.returncode == 0, result.stderr
         assert "-m pip install" not in calls
+        assert ("keeping .venv's torch 2.11.0+cu130" in result.stderr) == (case == "kept")
 
 
 TINY = [
@@ -122,10 +131,19 @@ TINY = [
 ]
 
 
+REPRODUCE_SETTINGS = ("ARCH", "DATASET", "SEEDS", "METHODS", "ABLATIONS", "SWA", "NPROC", "DATA_DIR", "ARAT_DATA_DIR",
+                      "ARREST_SET", "ARAT", "TORCHRUN")  # fmt: skip
+
+
+def reproduce_env(**env: str) -> dict[str, str]:
+    """The test's environment without the caller's own reproduce.sh settings, plus `env`."""
+    return {k: v for k, v in os.environ.items() if k not in REPRODUCE_SETTINGS} | env
+
+
 def reproduce(out: Path, env: dict[str, str], *sets: str) -> subprocess.CompletedProcess:
     args = [a for s in sets for a in ("--set", s)]
     cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), str(out), *args]
-    return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=reproduce_env(**env), capture_output=True, text=True, timeout=400)
 
 
 def test_reproduce_trains_every_method_then_tables_and_a_rerun_trains_nothing(tmp_path):
@@ -158,12 +176,15 @@ def test_reproduce_trains_every_method_then_tables_and_a_rerun_trains_nothing(tm
         ({"METHODS": "at fgsm"}, [], "unknown method fgsm"),
         ({"DATASET": "cifar100", "SWA": "1"}, [], "CIFAR-10 recipes only"),
         ({"NPROC": "two"}, [], "NPROC=two"),
+        ({"SEEDS": "0 one"}, [], "SEEDS: one is not a seed"),
+        ({"SWA": "yes"}, [], "SWA=yes: 0 or 1"),
         ({}, ["--sett", "a=b"], "only --set KEY=VALUE pairs"),
         ({}, ["--set"], "only --set KEY=VALUE pairs"),
     ],
 )
 def test_reproduce_refuses_bad_settings_in_one_line(tmp_path, env, args, says):
     cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), str(tmp_path / "rep"), *args]
-    result = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    env = reproduce_env(ARAT="/bin/true", **env)  # a machine without arat still reaches every check
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and says in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "rep").exists()

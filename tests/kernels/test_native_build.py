@@ -32,6 +32,7 @@ print("ok")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2160)  # past its subprocesses' own limits (configure and build 900 s each, smoke 300 s)
 def test_cmake_build_from_scratch(tmp_path):
     if shutil.which("cmake") is None or shutil.which("c++") is None:
         pytest.skip("cmake and a C++ compiler are needed to build the native library")
