@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,8 @@ def _gathering_rank(rank: int, init: str, out: str) -> None:
     def no_collective(*args, **kwargs):
         raise AssertionError("gather_objects ran a backend collective")
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    # a rank stuck in a collective fails after 5 min (gloo's default: 30) instead of outliving pytest's own limit
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(minutes=5))
     dist.all_gather_object = dist.all_gather = dist.all_gather_into_tensor = no_collective
     info = distributed.DistInfo(rank, 2)
     rounds = [distributed.gather_objects({"rank": rank, "round": k, "big": [rank] * 1000 * k}, info) for k in range(3)]
@@ -217,7 +219,8 @@ def _wrapping_rank(rank: int, init: str, out: str) -> None:
 
     from engine import distributed
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    # a rank stuck in a collective fails after 5 min (gloo's default: 30) instead of outliving pytest's own limit
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(minutes=5))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
     alone = copy.deepcopy(model)  # the same forwards without DDP: this rank's own statistics

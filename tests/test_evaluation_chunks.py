@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,8 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     if rank == 1:  # a rank whose own measure gives another chunk size (on CUDA: its free memory) must take rank 0's
         engine.evaluate.resolve_chunk_size = lambda *args: (8, "rank 1's own measure")
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # a rank stuck in a collective fails after 5 min (gloo's default: 30) instead of outliving pytest's own limit
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=5))
     mine = Path(out, f"chunks-{rank}")  # each rank's own folder: what it attacked itself
     results = evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, None, DistInfo(rank, world), mine)
     chunks = {name: (r["chunks"], r["config"]["chunk_size"]) for name, r in results.items()}
