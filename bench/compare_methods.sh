@@ -11,7 +11,7 @@
 #
 # Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(CDPATH="" cd -- "$(dirname -- "$0")/.." && pwd)
 OUT=${1:-$ROOT/runs/compare}
 DATA_DIR=${DATA_DIR:-${ARAT_DATA_DIR:-$ROOT/data}}
 SEEDS=${SEEDS:-0}
@@ -20,7 +20,7 @@ AA_N=${AA_N:-1000}
 ABLATIONS=${ABLATIONS:-0}
 
 if [ ! -d "$DATA_DIR/cifar-10-batches-py" ]; then
-  echo "compare_methods: no real CIFAR-10 in $DATA_DIR; prepare it (python ../shared/data/cifar10/prepare.py $DATA_DIR" \
+  echo "compare_methods: no real CIFAR-10 in $DATA_DIR; prepare it (python $ROOT/../shared/data/cifar10/prepare.py $DATA_DIR" \
     "or arat data download --data-dir $DATA_DIR) or set DATA_DIR" >&2
   exit 2
 fi

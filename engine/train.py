@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import time
@@ -351,11 +352,19 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone
         rundir.remove_stale_temp_files()
         rundir.rewrite_metrics([r for r in rundir.metrics() if r.get("epoch", 0) <= run.epoch])
-    if resume and run.epoch >= cfg.epochs and rundir.checkpoint(FINAL).exists():
-        if evaluate_at_end and not (rundir.path / "results.json").exists():  # stopped during its final evaluation
-            say(f"{rundir.path} finished its {cfg.epochs} epochs; its evaluation did not end: evaluating it (the "
-                "chunks it finished are kept)")  # fmt: skip
-            finish(run, rundir, evaluate_at_end, say)
+    # rank 0's view of the run directory, shared: every rank takes the same branch (folders not shared alike)
+    final_exists, evaluated = distributed.gather_objects(
+        (rundir.checkpoint(FINAL).exists(), (rundir.path / "results.json").exists()) if run.dist.is_main else None,
+        run.dist,
+    )[0]
+    if resume and run.epoch >= cfg.epochs and final_exists:
+        final = read_checkpoint(rundir.checkpoint(FINAL)) if evaluate_at_end and not evaluated else {}
+        if final.get("evaluate_at_end"):  # stopped during the evaluation that ends the run (not a --no-eval run)
+            say(f"{rundir.path} finished its {cfg.epochs} epochs; its evaluation did not end: evaluating its final "
+                "network (the chunks it finished are kept)")  # fmt: skip
+            model = copy.deepcopy(run.nets.raw)
+            model.load_state_dict(final["model"])
+            evaluate_and_record(run, rundir, model, say)
             return
         say(f"{rundir.path} finished its {cfg.epochs} epochs already: nothing to train (`arat eval {rundir.path}` "
             "evaluates it again; raise train.epochs in its config.json to train on)")  # fmt: skip
@@ -406,28 +415,37 @@ def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
                 "method": run.method.state_dict(),
                 "config": run.cfg.to_dict(),
                 "epoch": run.epoch,
+                "evaluate_at_end": evaluate_at_end,  # a resume after a stop during that evaluation finishes it
             },
         )
-    if evaluate_at_end:  # every rank takes its share of the chunks, on rank 0's network (its BN statistics)
-        release_training_memory(run)
-        distributed.broadcast_state(model, run.dist)
-        results = evaluate(model, run.test_split, run.cfg.eval, run.perf.device, run.cfg.seed, run.cfg.perf,
-                           run.dist, rundir.path / "eval")  # fmt: skip
-        say(f"results: {format_results(results)}")  # before the write: a full disk loses nothing computed
-        if run.dist.is_main:
-            write_flags(rundir.path / "eval", results)
-            rundir.write_json(
-                "results.json",
-                {
-                    "recipe": run.cfg.recipe,
-                    "dataset": resolve_dataset(run.cfg.data),  # synthetic where the fallback replaced the real data
-                    "epochs": run.epoch,
-                    "model": "adv-bn",
-                    "swa": run.cfg.swa.enabled,
-                    "results": summary(results),
-                    "environment": environment(run.perf.device) | {"world_size": run.dist.world_size},
-                },
-            )
+    if evaluate_at_end:
+        evaluate_and_record(run, rundir, model, say)
+    else:
+        say(f"run saved in {rundir.path}")
+
+
+def evaluate_and_record(run: Run, rundir: RunDir, model: nn.Module, say) -> None:
+    """The evaluation ending a run: every rank takes its share of the chunks, on rank 0's network (its BN
+    statistics); rank 0 writes the flags and results.json."""
+    release_training_memory(run)
+    distributed.broadcast_state(model, run.dist)
+    results = evaluate(model, run.test_split, run.cfg.eval, run.perf.device, run.cfg.seed, run.cfg.perf,
+                       run.dist, rundir.path / "eval")  # fmt: skip
+    say(f"results: {format_results(results)}")  # before the write: a full disk loses nothing computed
+    if run.dist.is_main:
+        write_flags(rundir.path / "eval", results)
+        rundir.write_json(
+            "results.json",
+            {
+                "recipe": run.cfg.recipe,
+                "dataset": resolve_dataset(run.cfg.data),  # synthetic where the fallback replaced the real data
+                "epochs": run.epoch,
+                "model": "adv-bn",
+                "swa": run.cfg.swa.enabled,
+                "results": summary(results),
+                "environment": environment(run.perf.device) | {"world_size": run.dist.world_size},
+            },
+        )
     say(f"run saved in {rundir.path}")
 
 

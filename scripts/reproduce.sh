@@ -27,6 +27,9 @@ if [ $# -gt 0 ] && [[ $1 != --* ]]; then
     shift
 fi
 if [ -n "${DATA_DIR:-${ARAT_DATA_DIR:-}}" ]; then DATA_DIR=$(from_caller "${DATA_DIR:-$ARAT_DATA_DIR}"); fi
+# a command given as a relative path (ARAT=../.venv/bin/arat) is the caller's too; a bare name is looked up on PATH
+if [[ ${ARAT:-} == */* ]]; then ARAT=$(from_caller "$ARAT"); fi
+if [[ ${TORCHRUN:-} == */* ]]; then TORCHRUN=$(from_caller "$TORCHRUN"); fi
 cd "$(dirname "$0")/.."
 SETS=("$@")
 SEEDS=${SEEDS:-0}

@@ -2,6 +2,8 @@
 # Create .venv with the CPU build of torch (pinned in constraints/cpu.txt) and the engine; prepare real CIFAR-10
 # into ./data when the shared copy is beside the checkout. Idempotent: a second run takes seconds.
 set -euo pipefail
+# ARAT_DATA_DIR given relative to the caller's folder, as arat itself reads it (the script works from the checkout)
+if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_DATA_DIR=$PWD/$ARAT_DATA_DIR; fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
@@ -10,7 +12,7 @@ if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.arat-installed
-pinned=$(sed -n 's/^torch==\([^ #]*\).*/\1/p' constraints/cpu.txt)
+pinned=$(sed -n 's/^torch==\([^[:space:]#]*\).*/\1/p' constraints/cpu.txt)
 installed=$(.venv/bin/python -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null || true)
 constraints=(-c constraints/cpu.txt)
 if [ "${ARAT_KEEP_TORCH:-0}" = 1 ] && [ -n "$installed" ]; then # a venv with a CUDA build its user chose

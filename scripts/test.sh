@@ -2,6 +2,8 @@
 # Set up (venv, real CIFAR-10, optional data backends, native CPU kernels), then run the whole test suite on CPU.
 # pytest arguments pass through, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
+# ARAT_DATA_DIR given relative to the caller's folder, as arat itself reads it (the script works from the checkout)
+if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_DATA_DIR=$PWD/$ARAT_DATA_DIR; fi
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # PYTHON names the base interpreter for setup.sh; the child scripts take the project's (.venv)

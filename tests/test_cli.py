@@ -404,11 +404,44 @@ def test_a_run_configured_with_cuda_graphs_on_evaluates_on_a_cpu(tmp_path, capsy
     assert code == 0 and "PGD-20" in out, err
 
 
+def test_a_run_stopped_during_its_final_evaluation_is_evaluated_when_resumed(tmp_path, capsys):
+    """A run whose training ended but whose final evaluation did not (results.json missing, one of two chunks
+    written) is evaluated by --resume: its final network as saved (final.pt untouched), the finished chunk reused,
+    the same flags; a run trained with --no-eval is not evaluated by a resume."""
+    import json
+
+    run = tmp_path / "run"
+    sets = ["train.epochs=1", "eval.attacks=clean", "eval.num_examples=64", "eval.chunk_size=32", "perf.device=cpu"]
+    assert main(["train", "--recipe", "smoke", "--out", str(run), *[a for k in sets for a in ("--set", k)]]) == 0
+    first = json.loads((run / "results.json").read_text())["results"]["clean"]
+    assert first["chunks"] == 2 and first["reused_chunks"] == 0
+    flags = (run / "eval" / "flags.json").read_text()
+    (run / "results.json").unlink()  # stopped in the evaluation's second chunk
+    (run / "eval" / "flags.json").unlink()
+    chunks = sorted((run / "eval" / "chunks").glob("clean-*/0*.json"))  # beside spec.json
+    assert len(chunks) == 2
+    chunks[1].unlink()
+    final = run / "checkpoints" / "final.pt"
+    saved = final.read_bytes()
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "train", "--resume", str(run))
+    assert code == 0 and "its evaluation did not end: evaluating its final network" in out, err
+    again = json.loads((run / "results.json").read_text())["results"]["clean"]
+    assert again["reused_chunks"] == 1 and again["accuracy"] == first["accuracy"]
+    assert (run / "eval" / "flags.json").read_text() == flags and final.read_bytes() == saved
+
+    quiet = tmp_path / "no-eval"
+    assert main(["train", "--recipe", "smoke", "--out", str(quiet), "--no-eval", "--set", "train.epochs=1"]) == 0
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "train", "--resume", str(quiet))
+    assert code == 0 and "finished its 1 epochs already" in out and not (quiet / "results.json").exists(), err
+
+
 def test_resume_and_export_edge_cases_end_in_one_line(tmp_path, capsys):
-    """A finished run resumed says so (one stopped during its final evaluation is evaluated, its chunks reused);
-    --resume keeps config.json's device as asked for (auto), takes --set perf.device and --data-dir only, refuses
-    --out; a checkpoint that no longer fits config.json, a config.json that is not UTF-8 and a metrics row that is not
-    an object are one line each; export never overwrites its weights with their model_info."""
+    """A finished run resumed says so; --resume keeps config.json's device as asked for (auto), takes --set
+    perf.device and --data-dir only, refuses --out; a checkpoint that no longer fits config.json, a config.json that
+    is not UTF-8 and a metrics row that is not an object are one line each; export never overwrites its weights with
+    their model_info."""
     import json
 
     run = tmp_path / "run"
@@ -418,12 +451,6 @@ def test_resume_and_export_edge_cases_end_in_one_line(tmp_path, capsys):
     capsys.readouterr()
     code, out, err = run_cli(capsys, "train", "--resume", str(run), "--set", "perf.device=cpu")
     assert code == 0 and "finished its 1 epochs already" in out, err
-    results = json.loads((run / "results.json").read_text())
-    (run / "results.json").unlink()  # stopped during the evaluation that ends the run: resuming evaluates it
-    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--set", "perf.device=cpu")
-    assert code == 0 and "its evaluation did not end: evaluating it" in out, err
-    again = json.loads((run / "results.json").read_text())["results"]["clean"]  # from the chunks on disk
-    assert again["accuracy"] == results["results"]["clean"]["accuracy"] and again["seconds"] == 0.0
     for extra, message in ((["--out", str(tmp_path / "x")], "drop --out"), (["--set", "optim.lr=1"], "perf.device")):
         code, out, err = run_cli(capsys, "train", "--resume", str(run), *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -188,3 +188,19 @@ def test_reproduce_refuses_bad_settings_in_one_line(tmp_path, env, args, says):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and says in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "rep").exists()
+
+
+def test_reproduce_takes_relative_paths_from_the_callers_folder(tmp_path):
+    """ARAT, OUT_DIR and DATA_DIR given relative to the folder reproduce.sh is called from (it works from the
+    checkout): a stand-in arat there logs its calls."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "arat"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls.txt"}\n')
+    fake.chmod(0o755)
+    env = reproduce_env(ARAT="bin/arat", METHODS="std", DATA_DIR="mydata")
+    cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), "out"]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    train, table = (tmp_path / "calls.txt").read_text().splitlines()
+    assert train.startswith(f"train --out {tmp_path / 'out' / 'std-s0'} --data-dir {tmp_path / 'mydata'} ")
+    assert table.startswith(f"table {tmp_path / 'out'} ")
