@@ -14,8 +14,8 @@ from .cifar import DataError
 INSTALL = {
     "ffcv": (
         "FFCV is not installed: run `bash scripts/install_data_backends.sh ffcv` (apt-get install libopencv-dev "
-        "libturbojpeg0-dev pkg-config g++; pip install --no-deps ffcv==1.0.2; pip install numba "
-        "opencv-python-headless pillow terminaltables fastargs assertpy psutil)"
+        "libturbojpeg0-dev pkg-config g++; pip install -c constraints/cpu.txt numba opencv-python-headless "
+        "'pillow>=9' terminaltables fastargs assertpy psutil tqdm; pip install --no-deps ffcv==1.0.2)"
     ),
     "dali": (
         "NVIDIA DALI is not installed: run `bash scripts/install_data_backends.sh dali` "
