@@ -352,12 +352,13 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone
         rundir.remove_stale_temp_files()
         rundir.rewrite_metrics([r for r in rundir.metrics() if r.get("epoch", 0) <= run.epoch])
-    # rank 0's view of the run directory, shared: every rank takes the same branch (folders not shared alike)
-    final_exists, evaluated = distributed.gather_objects(
-        (rundir.checkpoint(FINAL).exists(), (rundir.path / "results.json").exists()) if run.dist.is_main else None,
-        run.dist,
-    )[0]
-    if resume and run.epoch >= cfg.epochs and final_exists:
+    final_exists = evaluated = False
+    if resume and run.epoch >= cfg.epochs:  # rank 0's view of the run directory, shared: every rank takes one branch
+        final_exists, evaluated = distributed.gather_objects(
+            (rundir.checkpoint(FINAL).exists(), (rundir.path / "results.json").exists()) if run.dist.is_main else None,
+            run.dist,
+        )[0]
+    if final_exists:
         final = read_checkpoint(rundir.checkpoint(FINAL)) if evaluate_at_end and not evaluated else {}
         if final.get("evaluate_at_end"):  # stopped during the evaluation that ends the run (not a --no-eval run)
             say(f"{rundir.path} finished its {cfg.epochs} epochs; its evaluation did not end: evaluating its final "
