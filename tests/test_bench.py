@@ -195,3 +195,54 @@ def test_launch_overhead_times_the_triton_route_with_its_launches_stubbed(tmp_pa
     refused = subprocess.run([sys.executable, str(REPO / "bench" / "launch_overhead.py")], env=env | {
         "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert refused.returncode == 2 and "without TRITON_INTERPRET=1" in refused.stdout
+
+
+def test_the_greedy_ladder_retries_a_switch_dropped_before_a_later_one_was_kept(monkeypatch):
+    """A stand-in timing model (no network runs): the GEMM convolutions slow the eager step and speed up the compiled
+    one. The first pass drops them, keeps compile; the retry on the compiled configuration keeps them. A switch
+    dropped after the last kept one is not retried (it was already timed against the final configuration)."""
+    import types
+
+    import train_step as ts
+
+    def step_ms(overrides: list[str]) -> float:
+        on = {o for o in overrides if o.endswith(("=on", "=true", "=bf16", "=8"))}
+        compiled = "perf.compile=on" in on
+        ms = 100.0 * (0.5 if "perf.dtype=bf16" in on else 1.0) * (0.8 if compiled else 1.0)
+        if "perf.gemm_conv=8" in on:
+            ms *= 0.9 if compiled else 1.3
+        return ms * (1.1 if "perf.dual_forward=true" in on else 1.0)
+
+    def build_row(name, cfg, warmup):
+        return types.SimpleNamespace(name=name, overrides=cfg, step_ms=[], attack_ms=[])
+
+    def interleave(rows, rounds, steps):
+        for row in rows:
+            row.step_ms += [step_ms(row.overrides)] * rounds
+
+    ladder = [
+        ("fp32 eager", ["perf.dtype=fp32", "perf.compile=off", "perf.gemm_conv=0", "perf.dual_forward=false"]),
+        ("+bf16 autocast", ["perf.dtype=bf16"]),
+        ("+GEMM small convs", ["perf.gemm_conv=8"]),
+        ("+torch.compile", ["perf.compile=on"]),
+        ("+dual forward", ["perf.dual_forward=true"]),
+    ]
+    monkeypatch.setattr(ts, "LADDER", ladder)
+    monkeypatch.setattr(ts, "apply_overrides", lambda cfg, overrides: list(overrides))
+    monkeypatch.setattr(ts, "get_recipe", lambda name: None)
+    monkeypatch.setattr(ts, "build_row", build_row)
+    monkeypatch.setattr(ts, "interleave", interleave)
+    monkeypatch.setattr(ts, "report", lambda row: {"config": row.name, "step_ms": row.step_ms[0]})
+    monkeypatch.setattr(ts, "release", lambda row: None)
+    monkeypatch.setattr(ts, "direct_check", lambda best, *a: {"config": f"{best.name} (direct)", "best": best})
+    rows = ts.greedy([], rounds=3, steps=1, warmup=1, device_type="cpu")
+    assert [(r["config"], r.get("kept")) for r in rows] == [
+        ("fp32 eager", True), ("+bf16 autocast", True), ("+GEMM small convs", False), ("+torch.compile", True),
+        ("+dual forward", False), ("+GEMM small convs (again)", True), ("+GEMM small convs (again) (direct)", None),
+    ]  # fmt: skip
+    assert rows[2]["vs_previous"] == pytest.approx(1 / 1.3, rel=1e-3)
+    assert rows[5]["vs_previous"] == pytest.approx(1 / 0.9, rel=1e-3)
+    assert rows[5]["vs_fp32_eager"] == pytest.approx(1 / (0.5 * 0.8 * 0.9), rel=1e-3)
+    best = rows[-1]["best"].overrides
+    assert {"perf.dtype=bf16", "perf.compile=on", "perf.gemm_conv=8"} <= set(best) and best[-1] == "perf.gemm_conv=8"
+    assert "perf.dual_forward=true" not in best
