@@ -7,7 +7,7 @@ attack + clean/adv forwards + SGD step). Two orders (and `--compare`, `--direct`
 - greedy (default): each switch is tried on top of the fastest configuration so far, the two timed interleaved in
   one process (round after round), and kept only if it is faster; so the ladder follows what is fastest on the
   machine at hand (on a CPU without native bf16, bf16 autocast is dropped). Then each switch dropped before a later
-  one was kept is tried once more, "(again)", on the final configuration (one that loses eagerly can win compiled).
+  one was kept is tried once more, "(again)", on the configuration then fastest (a loss eagerly can win compiled).
   `vs_fp32_eager` chains the kept ratios; a last row, "(direct vs fp32 eager)", times the fastest configuration
   against a fresh fp32 eager row interleaved, one ratio whose noise does not compound.
 - cumulative (`--cumulative`): every switch on top of the previous row, all rows interleaved (the GPU check's view).
@@ -320,8 +320,8 @@ def release(row: Row) -> None:
 
 def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:
     """Each switch on top of the fastest configuration so far, timed interleaved against it; kept if faster. Then
-    every switch dropped before a later one was kept is tried once more on the final configuration (a switch can lose
-    eagerly and win compiled: on the Intel CPU the GEMM small convolutions ran 0.78x eagerly and won under compile)."""
+    every switch dropped before a later one was kept is tried once more on the configuration then fastest (a switch
+    can lose eagerly and win compiled: on the Intel CPU the GEMM small convolutions ran 0.78x eagerly, won compiled)."""
     name, switches = LADDER[0]
     state = {"overrides": base + switches, "chain": 1.0}
     state["best"] = build_row(name, apply_overrides(get_recipe("demo"), state["overrides"]), warmup)
