@@ -323,29 +323,29 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
     every switch dropped before a later one was kept is tried once more on the configuration then fastest (a switch
     can lose eagerly and win compiled: on the Intel CPU the GEMM small convolutions ran 0.78x eagerly, won compiled)."""
     name, switches = LADDER[0]
-    state = {"overrides": base + switches, "chain": 1.0}
-    state["best"] = build_row(name, apply_overrides(get_recipe("demo"), state["overrides"]), warmup)
+    overrides, chain = base + switches, 1.0
+    best = build_row(name, apply_overrides(get_recipe("demo"), overrides), warmup)
     rows: list[dict] = []
 
     def attempt(name: str, switches: list[str]) -> bool:
-        best = state["best"]
-        candidate = build_row(name, apply_overrides(get_recipe("demo"), state["overrides"] + switches), warmup)
+        nonlocal overrides, chain, best
+        candidate = build_row(name, apply_overrides(get_recipe("demo"), overrides + switches), warmup)
         best.step_ms.clear(), best.attack_ms.clear()
         interleave([best, candidate], rounds, steps)
         if not rows:
             rows.append(report(best) | {"kept": True, "vs_previous": 1.0, "vs_fp32_eager": 1.0})
         ratio = statistics.median(b / c for b, c in zip(best.step_ms, candidate.step_ms, strict=True))  # per round
         kept = ratio > 1.0
-        figures = {"kept": kept, "vs_previous": round(ratio, 3), "vs_fp32_eager": round(state["chain"] * ratio, 3)}
+        figures = {"kept": kept, "vs_previous": round(ratio, 3), "vs_fp32_eager": round(chain * ratio, 3)}
         row = report(candidate) | figures
         rows.append(row)
         print(f"{name}: {row['step_ms']} ms vs {statistics.median(best.step_ms):.1f} ms -> {ratio:.2f}x, "
               f"{'kept' if kept else 'dropped'}", flush=True)  # fmt: skip
         if kept:
-            state["chain"] *= ratio
-            state["overrides"] += switches
+            chain *= ratio
+            overrides += switches
             release(best)
-            state["best"] = candidate
+            best = candidate
         else:
             release(candidate)
         return kept
@@ -356,7 +356,7 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
     for i, (name, switches) in enumerate(rungs[:last_kept]):
         if not kept[i]:
             attempt(f"{name} (again)", switches)
-    rows.append(direct_check(state["best"], base + LADDER[0][1], rounds, steps, warmup))
+    rows.append(direct_check(best, base + LADDER[0][1], rounds, steps, warmup))
     return rows
 
 
