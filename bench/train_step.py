@@ -49,9 +49,12 @@ from cost_model import derived, epoch_images, forward_units
 from harness import append_jsonl, markdown_table, provenance
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.attacks.graphs import active as active_attack_graphs
+from engine.attacks.graphs import set_attack_graphs
 from engine.config import TrainConfig, apply_overrides
+from engine.errors import UserError
 from engine.methods.arat import attack_inputs
-from engine.perf import cpu_has_native_bf16, peak_tflops
+from engine.perf import cpu_has_native_bf16, peak_tflops, resolve_device
 from engine.recipes import get_recipe
 from engine.train import Run, build_run, train_step
 
@@ -66,6 +69,7 @@ LADDER = [
             "perf.cudnn_benchmark=off",
             "perf.compile=off",
             "perf.cuda_graphs=off",
+            "perf.gemm_conv=0",
         ],
     ),
     ("+channels-last", ["perf.channels_last=true"]),
@@ -79,6 +83,7 @@ LADDER = [
 ]
 CUDA_ONLY = {"+cudnn.benchmark", "+CUDA graphs"}
 CPU_ONLY = {"+GEMM small convs"}
+LADDER_KEYS = {switch.partition("=")[0] for _, switches in LADDER for switch in switches}
 CEILING: dict = {}  # matmul_ceiling(), measured once at the start of main()
 
 
@@ -314,8 +319,17 @@ def report(row: Row) -> dict:
 
 
 def release(row: Row) -> None:
+    """Free a row's run: its captured attacks too (the process-wide active graphs hold their network and memory
+    pool until another row activates its own), then the allocator's cache on CUDA."""
+    graphs = row.run.perf.attack_graphs
+    if graphs is not None:
+        graphs.release()
+        if active_attack_graphs() is graphs:
+            set_attack_graphs(None)
     del row.run
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:
@@ -352,7 +366,7 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
 
     rungs = [(name, switches) for name, switches in LADDER[1:] if applies(name, device_type)]
     kept = [attempt(name, switches) for name, switches in rungs]
-    last_kept = max((i for i, k in enumerate(kept) if k), default=-1)
+    last_kept = max((i for i, k in enumerate(kept) if k), default=0)  # none kept: nothing changed, no retry
     for i, (name, switches) in enumerate(rungs[:last_kept]):
         if not kept[i]:
             attempt(f"{name} (again)", switches)
@@ -414,29 +428,45 @@ def short_run_accuracy(cfg, epochs: int, out_dir: str) -> dict:
     return {"clean": results["clean"]["accuracy"], "pgd20": results["pgd20"]["accuracy"]}
 
 
-def main() -> None:
+SIZES = {"width": 64, "batch_size": 128, "attack_steps": 10, "rounds": 5}
+QUICK_SIZES = {"width": 16, "batch_size": 64, "attack_steps": 5, "rounds": 3}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet18", choices=["resnet18", "wrn34-10"])
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--attack-steps", type=int, default=10)
+    p.add_argument("--width", type=int, help="ResNet-18's width (default 64; --quick: 16)")
+    p.add_argument("--batch-size", type=int, help="default 128; --quick: 64")
+    p.add_argument("--attack-steps", type=int, help="PGD steps (default 10; --quick: 5)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row and round (their median)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the row's figure: their median)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds; a row's figure: their median (5; --quick: 3)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--cumulative", action="store_true", help="every switch on the previous row (not greedy)")
+    mode = p.add_mutually_exclusive_group()  # default: the greedy ladder
+    mode.add_argument("--cumulative", action="store_true", help="every switch on the previous row (not greedy)")
+    mode.add_argument("--direct", metavar="KEY=V,KEY=V", help="one configuration (on fp32 eager's switches) timed "
+                      "interleaved against fp32 eager, e.g. perf.dtype=bf16,perf.compile=on")  # fmt: skip
+    mode.add_argument("--compare", metavar="KEY=A,B", help="one switch's values, interleaved (perf.kernels=off,on)")
     p.add_argument("--rows", default=None, help="--cumulative: indices into the ladder (default: all)")
-    p.add_argument("--direct", metavar="KEY=V,KEY=V", help="one configuration (on fp32 eager's switches) timed "
-                   "interleaved against fp32 eager, e.g. perf.dtype=bf16,perf.compile=on")  # fmt: skip
-    p.add_argument("--compare", metavar="KEY=A,B", help="one switch's values, interleaved (e.g. perf.kernels=off,on)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every row (e.g. perf.dtype=fp32), repeatable")  # fmt: skip
+                   help="config override for every row (e.g. perf.dtype=fp32 with --compare), repeatable; the "
+                        "ladder's own switches only with --compare")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="ResNet-18 width 16, batch 64, PGD-5, 3 rounds, no compile")
     p.add_argument("--train-epochs", type=int, default=0, help="also train each row briefly and report accuracy")
     p.add_argument("--data-dir", default=None, help="real CIFAR-10 for --train-epochs (default: synthetic)")
     p.add_argument("--out", default="bench/results/train_step.jsonl")
-    args = p.parse_args()
-    if args.quick:
-        args.width, args.batch_size, args.attack_steps, args.rounds = 16, 64, 5, 3
+    args = p.parse_args(argv)
+    for key, value in (QUICK_SIZES if args.quick else SIZES).items():  # what the user gave stays
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    clash = next((o for o in args.overrides if o.partition("=")[0].strip() in LADDER_KEYS), None)
+    if clash and not args.compare:  # the ladder (or --direct's fp32 reference) would set it over the user's value
+        key = clash.partition("=")[0].strip()
+        p.error(f"--set {clash}: the ladder sets {key} itself; time it with --compare {key}=A,B or in --direct")
+    return args
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    """Every row's configuration before the ladder's switches: the network, the step, the data, then --set."""
     base = [
         f"model.arch={args.arch}",
         f"model.width={args.width}",
@@ -448,12 +478,21 @@ def main() -> None:
     ]
     if args.data_dir:
         base[-2:] = ["data.dataset=cifar10", f"data.data_dir={args.data_dir}", "data.train_subset=10000"]
+    return base + args.overrides
+
+
+def main(argv: list[str] | None = None) -> None:
     global LADDER
+    args = parse_args(argv)
+    base = base_overrides(args)
+    try:  # the rows run where the configuration says (--set perf.device=cpu on a GPU machine: the CPU ladder)
+        device = resolve_device(apply_overrides(get_recipe("demo"), base).perf.device)
+    except UserError as e:
+        print(f"bench/train_step.py: {e}")
+        raise SystemExit(2) from None
     if args.quick:  # compiling takes minutes on a small CPU
         LADDER = [rung for rung in LADDER if rung[0] != "+torch.compile"]
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    CEILING.update(matmul_ceiling(torch.device(device_type)))
-    base += args.overrides
+    CEILING.update(matmul_ceiling(device))
     if args.direct:
         fp32 = base + LADDER[0][1]
         best = build_row(args.direct, apply_overrides(get_recipe("demo"), fp32 + args.direct.split(",")), args.warmup)
@@ -463,17 +502,21 @@ def main() -> None:
         rows = compare(base, key, values.split(","), args.rounds, args.steps, args.warmup)
     elif args.cumulative:
         wanted = {int(i) for i in args.rows.split(",")} if args.rows else set(range(len(LADDER)))
-        rows = cumulative(base, wanted, args.rounds, args.steps, args.warmup, device_type)
+        rows = cumulative(base, wanted, args.rounds, args.steps, args.warmup, device.type)
     else:
-        rows = greedy(base, args.rounds, args.steps, args.warmup, device_type)
+        rows = greedy(base, args.rounds, args.steps, args.warmup, device.type)
     order = "direct" if args.direct else "compare" if args.compare else "cumulative" if args.cumulative else "greedy"
-    stamp = provenance()
+    stamp = provenance(device)
     rows = [row | {"ladder": order} | stamp for row in rows]
     for i, row in enumerate(rows):
         cfg = row.pop("_cfg")
         if args.train_epochs:
             row |= short_run_accuracy(cfg, args.train_epochs, f"bench/results/runs/train_step-{i}-{time.time():.0f}")
     append_jsonl(args.out, rows)
+    print_table(rows, stamp, order, device.type, args.train_epochs > 0)
+
+
+def print_table(rows: list[dict], stamp: dict, order: str, device_type: str, accuracy: bool) -> None:
     columns = ["config", "kept", "images_per_s", "step_ms", "step_spread", "vs_fp32_eager", "vs_first", "attack_ms",
                "attack_share", "ops_per_step", "graphs", "recompiles_after_warmup", "graph_breaks", "tflops",
                "pct_ceiling", "epoch_s", "run100_min", "warmup_s"]  # fmt: skip
@@ -485,7 +528,7 @@ def main() -> None:
         f"{stamp['cpu']} (native bf16: {stamp['cpu_native_bf16']}, {stamp['cpu_threads']} threads), {order} ladder; "
         f"matrix-product ceiling {CEILING['matmul_ceiling_case']}: {CEILING['matmul_ceiling_tflops']} TFLOP/s"
     )
-    print(markdown_table(rows, columns + (["clean", "pgd20"] if args.train_epochs else [])))
+    print(markdown_table(rows, columns + (["clean", "pgd20"] if accuracy else [])))
 
 
 if __name__ == "__main__":

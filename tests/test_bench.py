@@ -197,13 +197,50 @@ def test_launch_overhead_times_the_triton_route_with_its_launches_stubbed(tmp_pa
     assert refused.returncode == 2 and "without TRITON_INTERPRET=1" in refused.stdout
 
 
-def test_the_greedy_ladder_retries_a_switch_dropped_before_a_later_one_was_kept(monkeypatch):
-    """A stand-in timing model (no network runs): the GEMM convolutions slow the eager step and speed up the compiled
-    one. The first pass drops them, keeps compile; the retry on the compiled configuration keeps them. A switch
-    dropped after the last kept one is not retried (it was already timed against the final configuration)."""
+STAND_IN_LADDER = [
+    ("fp32 eager", ["perf.dtype=fp32", "perf.compile=off", "perf.gemm_conv=0", "perf.dual_forward=false"]),
+    ("+bf16 autocast", ["perf.dtype=bf16"]),
+    ("+GEMM small convs", ["perf.gemm_conv=8"]),
+    ("+torch.compile", ["perf.compile=on"]),
+    ("+dual forward", ["perf.dual_forward=true"]),
+]
+
+
+def stand_in_ladder(monkeypatch, step_ms) -> tuple:
+    """bench/train_step.py with a stand-in timing model (`step_ms` of a row's overrides; no network runs) and a
+    recording direct check; returns the module and the direct check's calls."""
     import types
 
     import train_step as ts
+
+    def build_row(name, cfg, warmup):
+        return types.SimpleNamespace(name=name, overrides=cfg, step_ms=[], attack_ms=[])
+
+    def interleave(rows, rounds, steps):
+        for row in rows:
+            row.step_ms += [step_ms(row.overrides)] * rounds
+
+    direct_calls = []
+
+    def direct_check(best, fp32_overrides, *rest):
+        direct_calls.append(fp32_overrides)
+        return {"config": f"{best.name} (direct)", "best": best}
+
+    monkeypatch.setattr(ts, "LADDER", STAND_IN_LADDER)
+    monkeypatch.setattr(ts, "apply_overrides", lambda cfg, overrides: list(overrides))
+    monkeypatch.setattr(ts, "get_recipe", lambda name: None)
+    monkeypatch.setattr(ts, "build_row", build_row)
+    monkeypatch.setattr(ts, "interleave", interleave)
+    monkeypatch.setattr(ts, "report", lambda row: {"config": row.name, "step_ms": row.step_ms[0]})
+    monkeypatch.setattr(ts, "release", lambda row: None)
+    monkeypatch.setattr(ts, "direct_check", direct_check)
+    return ts, direct_calls
+
+
+def test_the_greedy_ladder_retries_a_switch_dropped_before_a_later_one_was_kept(monkeypatch):
+    """The GEMM convolutions slow the eager step and speed up the compiled one. The first pass drops them, keeps
+    compile; the retry on the compiled configuration keeps them. A switch dropped after the last kept one is not
+    retried (it was already timed against the final configuration). The direct check's reference is fp32 eager."""
 
     def step_ms(overrides: list[str]) -> float:
         on = {o for o in overrides if o.endswith(("=on", "=true", "=bf16", "=8"))}
@@ -213,29 +250,8 @@ def test_the_greedy_ladder_retries_a_switch_dropped_before_a_later_one_was_kept(
             ms *= 0.9 if compiled else 1.3
         return ms * (1.1 if "perf.dual_forward=true" in on else 1.0)
 
-    def build_row(name, cfg, warmup):
-        return types.SimpleNamespace(name=name, overrides=cfg, step_ms=[], attack_ms=[])
-
-    def interleave(rows, rounds, steps):
-        for row in rows:
-            row.step_ms += [step_ms(row.overrides)] * rounds
-
-    ladder = [
-        ("fp32 eager", ["perf.dtype=fp32", "perf.compile=off", "perf.gemm_conv=0", "perf.dual_forward=false"]),
-        ("+bf16 autocast", ["perf.dtype=bf16"]),
-        ("+GEMM small convs", ["perf.gemm_conv=8"]),
-        ("+torch.compile", ["perf.compile=on"]),
-        ("+dual forward", ["perf.dual_forward=true"]),
-    ]
-    monkeypatch.setattr(ts, "LADDER", ladder)
-    monkeypatch.setattr(ts, "apply_overrides", lambda cfg, overrides: list(overrides))
-    monkeypatch.setattr(ts, "get_recipe", lambda name: None)
-    monkeypatch.setattr(ts, "build_row", build_row)
-    monkeypatch.setattr(ts, "interleave", interleave)
-    monkeypatch.setattr(ts, "report", lambda row: {"config": row.name, "step_ms": row.step_ms[0]})
-    monkeypatch.setattr(ts, "release", lambda row: None)
-    monkeypatch.setattr(ts, "direct_check", lambda best, *a: {"config": f"{best.name} (direct)", "best": best})
-    rows = ts.greedy([], rounds=3, steps=1, warmup=1, device_type="cpu")
+    ts, direct_calls = stand_in_ladder(monkeypatch, step_ms)
+    rows = ts.greedy(["model.width=8"], rounds=3, steps=1, warmup=1, device_type="cpu")
     assert [(r["config"], r.get("kept")) for r in rows] == [
         ("fp32 eager", True), ("+bf16 autocast", True), ("+GEMM small convs", False), ("+torch.compile", True),
         ("+dual forward", False), ("+GEMM small convs (again)", True), ("+GEMM small convs (again) (direct)", None),
@@ -246,3 +262,64 @@ def test_the_greedy_ladder_retries_a_switch_dropped_before_a_later_one_was_kept(
     best = rows[-1]["best"].overrides
     assert {"perf.dtype=bf16", "perf.compile=on", "perf.gemm_conv=8"} <= set(best) and best[-1] == "perf.gemm_conv=8"
     assert "perf.dual_forward=true" not in best
+    assert direct_calls == [["model.width=8"] + STAND_IN_LADDER[0][1]]
+
+
+def test_a_greedy_ladder_that_keeps_nothing_retries_nothing(monkeypatch):
+    """Every switch slower (a CPU without native bf16, say): each is timed once against fp32 eager, none again."""
+    ts, _ = stand_in_ladder(monkeypatch, lambda overrides: 100.0 * 1.05 ** (len(overrides) - 4))
+    rows = ts.greedy([], rounds=3, steps=1, warmup=1, device_type="cpu")
+    names = [r["config"] for r in rows]
+    assert names == ["fp32 eager", "+bf16 autocast", "+GEMM small convs", "+torch.compile", "+dual forward",
+                     "fp32 eager (direct)"]  # fmt: skip
+    assert [r["kept"] for r in rows[1:5]] == [False] * 4
+
+
+def test_the_ladder_runs_on_the_configured_device_and_refuses_a_set_it_would_override(monkeypatch, capsys):
+    """`--set perf.device=cpu` on a machine with CUDA times the CPU ladder (its CPU-only rungs, the CPU's ceiling);
+    a --set of a switch the ladder sets itself is refused (exit 2) except with --compare; --quick keeps what the
+    user gave; the modes exclude one another."""
+    import torch
+    import train_step as ts
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ts, "greedy", lambda base, rounds, steps, warmup, device_type: seen.append(device_type) or [])
+    monkeypatch.setattr(ts, "matmul_ceiling", lambda device: seen.append(device.type) or {
+        "matmul_ceiling_tflops": 1.0, "matmul_ceiling_case": "stand-in"})  # fmt: skip
+    monkeypatch.setattr(ts, "provenance", lambda device: {"cpu": "x", "cpu_native_bf16": False, "cpu_threads": 1})
+    monkeypatch.setattr(ts, "append_jsonl", lambda path, rows: None)
+    ts.main(["--set", "perf.device=cpu"])
+    ts.main([])  # auto: the GPU this machine (says it) has
+    assert seen == ["cpu", "cpu", "cuda", "cuda"]
+    for argv in (["--set", "perf.dtype=fp32"], ["--direct", "perf.compile=on", "--set", "perf.gemm_conv=8"],
+                 ["--direct", "perf.compile=on", "--compare", "perf.kernels=off,on"]):  # fmt: skip
+        with pytest.raises(SystemExit) as refused:
+            ts.parse_args(argv)
+        assert refused.value.code == 2
+    assert "--compare perf.dtype=A,B" in capsys.readouterr().err
+    assert ts.parse_args(["--set", "perf.dtype=fp32", "--compare", "perf.kernels=off,on"]).overrides
+    quick = ts.parse_args(["--quick", "--rounds", "9"])
+    assert (quick.rounds, quick.width, quick.batch_size) == (9, 16, 64)
+    with pytest.raises(SystemExit) as bad:
+        ts.main(["--set", "perf.device=tpu"])
+    assert bad.value.code == 2 and "perf.device" in capsys.readouterr().out
+
+
+def test_releasing_a_row_drops_its_captured_attacks(monkeypatch):
+    """A dropped row's captured attacks (graphs, static buffers, the network they hold) go with it, active or not."""
+    import types
+
+    import train_step as ts
+
+    from engine.attacks import graphs
+
+    released = []
+    mine = types.SimpleNamespace(release=lambda: released.append("mine"))
+    other = types.SimpleNamespace(release=lambda: released.append("other"))
+    monkeypatch.setattr(graphs, "_active", mine)
+    ts.release(types.SimpleNamespace(run=types.SimpleNamespace(perf=types.SimpleNamespace(attack_graphs=mine))))
+    assert released == ["mine"] and graphs.active() is None
+    graphs.set_attack_graphs(mine)
+    ts.release(types.SimpleNamespace(run=types.SimpleNamespace(perf=types.SimpleNamespace(attack_graphs=other))))
+    assert released == ["mine", "other"] and graphs.active() is mine
