@@ -17,8 +17,8 @@ import argparse
 import time
 
 import torch
-from autoattack_bench import add_model_arguments, model_and_test_split
-from harness import append_jsonl, markdown_table, provenance
+from autoattack_bench import add_model_arguments, model_and_test_split, warm_up
+from harness import append_jsonl, markdown_table, provenance, run_cli
 from torch import nn
 
 from engine import autoattack
@@ -53,17 +53,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/aa_dtype.jsonl")
     args = p.parse_args()
-    source, net, split = model_and_test_split(args)
+    source, net, split, device = model_and_test_split(args)
     cfg = EvalConfig(attacks=("aa",), num_examples=args.num_examples, batch_size=args.batch_size,
                      chunk_size=args.batch_size, aa_version=args.version)  # fmt: skip
     results, seconds = {}, {}
     for dtype in ("fp32", "bf16"):
-        start = time.perf_counter()
         model = Bf16(net) if dtype == "bf16" else net
-        results[dtype] = evaluate(model, split, cfg, torch.device("cpu"), seed=args.seed)["aa"]
+        warm_up(model, split, cfg, device)  # each dtype's first forwards untimed
+        start = time.perf_counter()
+        results[dtype] = evaluate(model, split, cfg, device, seed=args.seed)["aa"]
         seconds[dtype] = time.perf_counter() - start
     differ, n = agreement(results["fp32"], results["bf16"])
-    stamp = provenance("cpu")  # its attacks run on the CPU
+    stamp = provenance(device)
     rows = [
         {"bench": "aa_dtype", "dtype": dtype, "version": args.version, "model": str(source), "num_examples": n,
          "robust_accuracy": results[dtype]["accuracy"], "stages": results[dtype]["stages"],
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench/aa_dtype.py")

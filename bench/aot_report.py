@@ -14,7 +14,7 @@ import os
 import sys
 
 import harness  # noqa: F401  (puts the repository on sys.path)
-from harness import append_jsonl, markdown_table, provenance
+from harness import append_jsonl, markdown_table, provenance, run_cli
 
 COLUMNS = [
     "kernel",
@@ -53,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, "bench/aot_report.py")

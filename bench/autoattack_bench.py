@@ -3,8 +3,9 @@
 - `per-batch` (the evaluation before chunking): one AutoAttack per batch of test images, one seed for all.
 - `chunked` (engine.evaluate today): fixed chunks with their own seeds, each saved, shardable over ranks.
 
-Both run the original AutoAttack code on the same images in one process, alternating round by round, so the ratio
-is what the restructuring costs or saves on this machine (on a CPU the attack's arithmetic dominates both; the gains
+Both run the original AutoAttack code on the same images in one process, with the weights frozen (as engine.evaluate
+runs it), after an untimed warm-up, in alternating order round by round, so the ratio is what the restructuring
+costs or saves on this machine (on a CPU the attack's arithmetic dominates both; the gains
 the chunking is for, ranks and large static batches on a GPU, are not measured here).
 
     python bench/autoattack_bench.py --run runs/demo-...        # the demo model (default: the newest runs/demo-*)
@@ -16,13 +17,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from harness import append_jsonl, markdown_table, provenance
+from harness import append_jsonl, bench_device, markdown_table, positive_int, provenance, run_cli
 
 from engine import autoattack
-from engine.config import EvalConfig
+from engine.attacks.pgd import frozen
+from engine.config import EvalConfig, default_data_dir
 from engine.data import load_split
 from engine.evaluate import evaluate, test_tensors
 from engine.hub import load_model
@@ -40,15 +43,27 @@ def add_model_arguments(p: argparse.ArgumentParser, num_examples: int) -> None:
     """The model and test images an AutoAttack benchmark runs on (read back by `model_and_test_split`)."""
     p.add_argument("--run", type=Path, default=None, help="run directory, exported .pt or plain state_dict "
                    "(default: the newest demo run)")  # fmt: skip
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--num-examples", type=int, default=num_examples, help="the first N test images")
-    p.add_argument("--batch-size", type=int, default=100, help="images per chunk and per forward")
+    p.add_argument("--data-dir", default=default_data_dir(), help="holds cifar-10-batches-py (default $ARAT_DATA_DIR)")
+    p.add_argument("--num-examples", type=positive_int, default=num_examples, help="the first N test images")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images per chunk and per forward")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
 
 
 def model_and_test_split(args: argparse.Namespace):
-    """(where the model came from, the plain network: forward(x, bn=...), the CIFAR-10 test split)."""
+    """(where the model came from, the plain network: forward(x, bn=...) on --device, the CIFAR-10 test split,
+    the device); args.num_examples capped at the split's size."""
+    device = bench_device(args.device)
     source = args.run or newest_demo_run()
-    return source, load_model(source).net, load_split("cifar10", args.data_dir, train=False)
+    split = load_split("cifar10", args.data_dir, train=False)
+    args.num_examples = min(args.num_examples, len(split))
+    return source, load_model(source).net.to(device), split, device
+
+
+def warm_up(net, split, cfg: EvalConfig, device) -> None:
+    """Untimed: clean and PGD-20 on one batch, so that neither timed path pays the first forwards and backwards at
+    the batch's shape (kernel selection, allocator growth) alone."""
+    evaluate(net, split, replace(cfg, attacks=("clean", "pgd20"), num_examples=min(cfg.batch_size, cfg.num_examples)),
+             device, seed=0)  # fmt: skip
 
 
 def per_batch(net, x, y, version: str, batch_size: int) -> float:
@@ -57,7 +72,8 @@ def per_batch(net, x, y, version: str, batch_size: int) -> float:
     for i in range(0, len(y), batch_size):
         aa = autoattack.adversary(EvalForward(net), autoattack.PROTOCOLS[version], 0, x.device)
         aa.verbose = False
-        _, y_adv = aa.run_standard_evaluation(x[i : i + batch_size], y[i : i + batch_size], batch_size=batch_size)
+        with frozen(net):  # as engine.evaluate runs it (FAB's .backward() would compute weight gradients too)
+            _, y_adv = aa.run_standard_evaluation(x[i : i + batch_size], y[i : i + batch_size], batch_size=batch_size)
         hits += int((y_adv == y[i : i + batch_size]).sum())
     return hits / len(y)
 
@@ -66,24 +82,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(p, num_examples=100)
     p.add_argument("--version", default="standard", choices=sorted(autoattack.PROTOCOLS))
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=2, help="timed rounds, alternating which path runs first")
     p.add_argument("--out", default="bench/results/autoattack.jsonl")
     args = p.parse_args()
-    source, net, split = model_and_test_split(args)
-    x, y = test_tensors(split, args.num_examples, torch.device("cpu"))
+    source, net, split, device = model_and_test_split(args)
+    x, y = test_tensors(split, args.num_examples, device)
     cfg = EvalConfig(attacks=("aa",), num_examples=args.num_examples, batch_size=args.batch_size,
                      chunk_size=args.batch_size, aa_version=args.version)  # fmt: skip
     net.to(memory_format=torch.channels_last)  # evaluate's layout (perf.channels_last) for both: the ratio is chunking
-    seconds: dict[str, list[float]] = {"per-batch": [], "chunked": []}
+    paths = {
+        "per-batch": lambda: per_batch(net, x, y, args.version, args.batch_size),
+        "chunked": lambda: evaluate(net, split, cfg, device, seed=0)["aa"]["accuracy"],
+    }
+    warm_up(net, split, cfg, device)
+    seconds: dict[str, list[float]] = {impl: [] for impl in paths}
     accuracy = {}
-    for _ in range(args.rounds):
-        start = time.perf_counter()
-        accuracy["per-batch"] = per_batch(net, x, y, args.version, args.batch_size)
-        seconds["per-batch"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        accuracy["chunked"] = evaluate(net, split, cfg, torch.device("cpu"), seed=0)["aa"]["accuracy"]
-        seconds["chunked"].append(time.perf_counter() - start)
-    stamp = provenance("cpu")  # its attacks run on the CPU
+    for i in range(args.rounds):
+        for impl in list(paths) if i % 2 == 0 else list(paths)[::-1]:
+            start = time.perf_counter()
+            accuracy[impl] = paths[impl]()
+            seconds[impl].append(time.perf_counter() - start)
+    stamp = provenance(device)
     base = statistics.median(seconds["per-batch"])
     rows = [
         {"bench": "autoattack", "impl": impl, "version": args.version, "model": str(source),
@@ -99,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench/autoattack_bench.py")

@@ -25,6 +25,14 @@ if [ ! -d "$DATA_DIR/cifar-10-batches-py" ]; then
   exit 2
 fi
 
+METHODS=${METHODS:-std at trades mart lbgat arat arrest}
+listed=" $(echo $METHODS) "  # words separated by single spaces, whatever whitespace METHODS used
+case $listed in
+  *" arrest "*) case $listed in *" std "*) ;; *)
+    echo "compare_methods: METHODS lists arrest without std; ARREST fine-tunes this comparison's std run: add std" >&2
+    exit 2 ;; esac ;;
+esac
+
 DECAY=$((EPOCHS > 1 ? EPOCHS - 1 : 1))  # lr x0.1 for the last epoch
 COMMON=(
   --set model.width=16 --set data.train_subset=20000
@@ -36,5 +44,5 @@ COMMON=(
 # scripts/reproduce.sh runs the recipes (skipping finished runs, resuming interrupted ones) and `arat table`; ARREST
 # fine-tunes this comparison's standard-trained network for the same budget; it finds arat itself unless ARAT is set
 DATA_DIR=$DATA_DIR SEEDS=$SEEDS ABLATIONS=$ABLATIONS ARCH=resnet18 DATASET=cifar10 SWA=0 NPROC=1 \
-  METHODS=${METHODS:-std at trades mart lbgat arat arrest} ARREST_SET="--set method.finetune_milestones=$DECAY" \
+  METHODS=$METHODS ARREST_SET="--set method.finetune_milestones=$DECAY" \
   exec bash "$ROOT/scripts/reproduce.sh" "$OUT" "${COMMON[@]}"

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import REPO, append_jsonl, markdown_table, provenance
+from harness import REPO, append_jsonl, markdown_table, provenance, run_cli
 
 
 def checkpoint_of(target: str) -> Path:
@@ -40,7 +40,8 @@ def eval_command(ckpt: Path, ranks: int, args, out: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
             "-m", "engine.cli", "eval", str(ckpt), "--attacks", args.attacks, "--num-examples", str(args.num_examples),
             "--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size), "--aa-version", args.aa_version,
-            "--seed", str(args.seed), "--device", args.device, "--out", str(out)]  # fmt: skip
+            "--seed", str(args.seed), "--device", args.device, "--compile", args.compile,
+            "--out", str(out)]  # fmt: skip
 
 
 def run_once(ckpt: Path, ranks: int, args, work: Path) -> dict:
@@ -114,6 +115,13 @@ def main() -> None:
     p.add_argument("--threads-per-rank", type=int, default=0,
                    help="CPU: this many threads in every rank instead (1: a core per rank)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (one GPU per rank)")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="off",
+        help="torch.compile the classifier "
+        "(default off: its compile time would count as evaluation, cold caches in the first N only)",
+    )
     p.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence; rows report the median")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/eval_ranks.jsonl")
@@ -121,11 +129,16 @@ def main() -> None:
     try:
         ranks = [int(n) for n in args.ranks.split(",")]
     except ValueError:
-        sys.exit(f"eval_ranks: --ranks {args.ranks!r}: expected comma-separated counts, e.g. 1,2")
+        p.error(f"--ranks {args.ranks!r}: expected comma-separated counts, e.g. 1,2")
+    ranks = list(dict.fromkeys(ranks))  # a count given twice runs once (its rounds would double its entries)
     if not ranks or min(ranks) < 1 or min(args.num_examples, args.chunk_size, args.rounds, args.threads) < 1:
-        sys.exit("eval_ranks: --ranks, --num-examples, --chunk-size, --rounds and --threads must be positive")
+        p.error("--ranks, --num-examples, --chunk-size, --rounds and --threads must be positive")
     if args.threads_per_rank < 0:
-        sys.exit("eval_ranks: --threads-per-rank must be positive (or 0: split --threads over the ranks)")
+        p.error("--threads-per-rank must be positive (or 0: split --threads over the ranks)")
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not _cuda())
+    if on_cpu and not args.threads_per_rank and max(ranks) > args.threads:
+        print(f"eval_ranks: {max(ranks)} ranks on --threads {args.threads}: each rank still gets a thread, so that row "
+              "uses more threads in total than the others (oversubscribed)", file=sys.stderr)  # fmt: skip
     attacks = [a for a in args.attacks.split(",") if a]
     ckpt = checkpoint_of(args.target)
     runs: dict[int, list[dict]] = {n: [] for n in ranks}
@@ -137,7 +150,7 @@ def main() -> None:
     reference = runs[ranks[0]][0]["flags"]
     base = row(ranks[0], runs[ranks[0]], None, attacks, reference)
     rows = [base] + [row(n, runs[n], base, attacks, reference) for n in ranks[1:]]
-    stamp = provenance("cpu" if args.device == "cpu" or (args.device == "auto" and not _cuda()) else "cuda")
+    stamp = provenance("cpu" if on_cpu else "cuda")
     config = {"bench": "eval_ranks", "target": str(ckpt), "attacks": args.attacks, "aa_version": args.aa_version,
               "num_examples": args.num_examples, "chunk_size": args.chunk_size}  # fmt: skip
     rows = [config | r | stamp for r in rows]
@@ -148,4 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench/eval_ranks.py")

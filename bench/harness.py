@@ -43,6 +43,47 @@ def provenance(device=None) -> dict:
     }
 
 
+def run_cli(main, name: str) -> None:
+    """Run a benchmark's `main()` as a command: bad input (the engine's UserError: a config value, a path, a
+    dataset, a checkpoint) ends in one line and exit status 2 instead of a traceback; main's return is the status."""
+    from engine.errors import UserError
+
+    try:
+        status = main()
+    except UserError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(status)
+
+
+def bench_device(name: str):
+    """A benchmark's --device (auto, cpu, cuda, cuda:N) as a torch.device; a bad one is a UserError naming --device."""
+    import torch
+
+    from engine.errors import UserError
+    from engine.perf import resolve_device
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    try:
+        return resolve_device(name)
+    except UserError as e:
+        raise UserError(f"--device {name}: {e}".replace("perf.device=", "")) from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a count of rounds, images, repetitions, epochs)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cpu_model() -> str:
     """The CPU's model name (benchmark rows differ by CPU: AVX2 vs AVX-512, native bf16 or not)."""
     from engine.compile_cache import cpuinfo

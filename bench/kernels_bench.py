@@ -1,6 +1,7 @@
-"""Micro-benchmarks of the fused ops on every available backend: reference, native (CPU), Triton (CUDA).
+"""Micro-benchmarks of the fused ops on every backend available on one device: reference and native on a CPU,
+reference and Triton on CUDA (--device; on a GPU machine `--device cpu` measures the CPU backends).
 
-    python bench/kernels_bench.py [--quick] [--out bench/results/kernels.jsonl]
+    python bench/kernels_bench.py [--quick] [--device auto|cpu|cuda] [--out bench/results/kernels.jsonl]
 
 Effective bandwidth = bytes / median time, with bytes from the minimal traffic of the fused algorithm (the same
 count for every backend, so GB/s compare like for like; N = elements, s = bytes per element):
@@ -21,7 +22,7 @@ from collections.abc import Callable
 
 import harness  # noqa: F401  (puts the repository on sys.path)
 import torch
-from harness import append_jsonl, markdown_table, provenance
+from harness import append_jsonl, bench_device, markdown_table, positive_int, provenance, run_cli
 
 import kernels
 
@@ -37,7 +38,7 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(fn, return_mode="median")
+        return do_bench(fn, return_mode="median")  # its own warm-up and repetitions (~25 and ~100 ms)
     for _ in range(warmup):
         fn()
     samples = []
@@ -69,12 +70,16 @@ def bench_pgd(shape, dtype, device, args) -> list[dict]:
 def bench_dual_bn(shape, dtype, device, args) -> list[dict]:
     channels = shape[1]
     x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    state = [
-        torch.ones(channels, device=device),
-        torch.zeros(channels, device=device),
-        torch.zeros(channels, device=device),
-        torch.ones(channels, device=device),
-    ] * 2
+    state = [  # per branch (clean, adv): weight, bias, running mean, running var; each its own tensor
+        t
+        for _ in range(2)
+        for t in (
+            torch.ones(channels, device=device),
+            torch.zeros(channels, device=device),
+            torch.zeros(channels, device=device),
+            torch.ones(channels, device=device),
+        )
+    ]
     for t in state[0], state[1], state[4], state[5]:
         t.requires_grad_()
     bytes_fwd = 3 * x.numel() * x.element_size()
@@ -136,24 +141,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, a few repetitions")
     parser.add_argument("--out", default="bench/results/kernels.jsonl", help="JSON-lines file to append to")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--reps", type=int, help="timed repetitions (default 20, 5 with --quick)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--reps", type=positive_int, help="CPU: timed repetitions (default 20, 5 with --quick)")
+    parser.add_argument("--warmup", type=int, default=2, help="CPU: untimed calls first")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA where present), cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     args.reps = args.reps or (5 if args.quick else 20)
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     kernels.load_native()
     size = "quick" if args.quick else "full"
     rows = [r for shape in PGD_SHAPES[size] for r in bench_pgd(shape, dtype, device, args)]
     rows += [r for shape in BN_SHAPES[size] for r in bench_dual_bn(shape, dtype, device, args)]
-    stamp = provenance()
+    stamp = provenance(device)
     append_jsonl(args.out, [{**row, **stamp} for row in rows])
     print(f"{stamp['device']}, {stamp['cpu_threads']} CPU threads, torch {stamp['torch']}, triton {stamp['triton']}")
     print(markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench/kernels_bench.py")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import harness  # noqa: F401  (puts the repository on sys.path)
 import torch
-from harness import append_jsonl, markdown_table, provenance
+from harness import append_jsonl, markdown_table, positive_int, provenance, run_cli
 
 COLUMNS = ["op", "route", "us_per_call"]
 EPS, ALPHA = 8 / 255, 2 / 255
@@ -52,7 +52,10 @@ def calls() -> list[tuple[str, str, Callable[[], object]]]:
     from engine.attacks.step import pgd_step_reference
 
     x = torch.randn(8, 4, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
-    weight, bias = [torch.ones(4, requires_grad=True) for _ in range(2)], [torch.zeros(4, requires_grad=True)] * 2
+    weight, bias = (
+        [torch.ones(4, requires_grad=True) for _ in range(2)],
+        [torch.zeros(4, requires_grad=True) for _ in range(2)],
+    )
     mean, var = [torch.zeros(4) for _ in range(2)], [torch.ones(4) for _ in range(2)]
 
     def fused(backward: bool) -> Callable[[], object]:
@@ -102,7 +105,7 @@ def per_call_us(fn: Callable[[], object], reps: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=500, help="calls per timed round (5 rounds)")
+    parser.add_argument("--reps", type=positive_int, default=500, help="calls per timed round (5 rounds)")
     parser.add_argument("--out", default="bench/results/launch_overhead.jsonl", help="JSON-lines file to append to")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -125,4 +128,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main, "bench/launch_overhead.py")

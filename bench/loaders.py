@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import provenance
+from harness import bench_device, provenance, run_cli
 
 from engine.config import DataConfig, default_data_dir
 from engine.data import DeviceLoader, Loader, backends, build_loaders, load_splits
 from engine.data.cifar import ArraySplit
 from engine.data.loader import PAD, SIZE, EpochPlan, PlannedLoader
+from engine.errors import UserError
 
 BACKENDS = ("device", "ffcv", "dali", "dataloader")
 
@@ -75,7 +76,7 @@ def make_loader(backend: str, train: ArraySplit, batch_size: int, device: torch.
     if backend == "device":
         return DeviceLoader(train, batch_size, device, train=True)
     cfg = DataConfig(dataset="cifar10", backend=backend)
-    return build_loaders(cfg, train, ArraySplit(train.images[:1], train.labels[:1]), batch_size, 1, device, 0)[0]
+    return build_loaders(cfg, train, None, batch_size, 1, device, 0)[0]  # no test loader (no second pipeline)
 
 
 def time_epochs(loader: Loader, epochs: int, device: torch.device) -> list[float]:
@@ -116,7 +117,7 @@ def bench_backend(backend: str, train: ArraySplit, args, device: torch.device) -
         "images_per_epoch": images,
         "setup_s": round(setup, 2),
         "first_epoch_images_per_s": round(images / seconds[0]),
-        "images_per_s": round(images / statistics.median(seconds[1:] or seconds)),  # median: robust to a busy host
+        "images_per_s": round(images / statistics.median(seconds[1:])),  # later epochs; median: robust to a busy host
         "epoch_seconds": [round(s, 3) for s in seconds],
         "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine, right after the run
     }
@@ -139,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=default_data_dir(), help="holds cifar-10-batches-py (default $ARAT_DATA_DIR)")
     p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100"))
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, help="at least 2: the first is a warm-up (default 5; --quick: 2)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
@@ -150,19 +151,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.backends.split(",")) - set(BACKENDS)
     if unknown:
         p.error(f"unknown backends {sorted(unknown)}: pick from {', '.join(BACKENDS)}")
-    if args.epochs < 1 or args.batch_size < 1:
-        p.error("--epochs and --batch-size must be positive")
-    if args.quick:
-        args.epochs = min(args.epochs, 2)
+    if args.epochs is None:
+        args.epochs = 2 if args.quick else 5
+    if args.epochs < 2 or args.batch_size < 1:
+        p.error("--epochs must be at least 2 (the first is a warm-up) and --batch-size positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
-    device = device or torch.device(args.device)
+    device = bench_device(args.device)
     cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, train_subset=10_000 if args.quick else 0)
     train, _ = load_splits(cfg, seed=0)
+    if args.batch_size > len(train):
+        raise UserError(
+            f"--batch-size {args.batch_size} is larger than the {len(train)} training images: no full batch"
+        )
     env = environment(device)  # with the time of the run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -184,4 +188,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench/loaders.py")

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 from cost_model import derived, epoch_images, forward_units
-from harness import append_jsonl, markdown_table, provenance
+from harness import append_jsonl, markdown_table, provenance, run_cli
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.attacks.graphs import active as active_attack_graphs
@@ -532,4 +532,4 @@ def print_table(rows: list[dict], stamp: dict, order: str, device_type: str, acc
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench/train_step.py")

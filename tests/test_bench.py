@@ -323,3 +323,49 @@ def test_releasing_a_row_drops_its_captured_attacks(monkeypatch):
     graphs.set_attack_graphs(mine)
     ts.release(types.SimpleNamespace(run=types.SimpleNamespace(perf=types.SimpleNamespace(attack_graphs=other))))
     assert released == ["mine", "other"] and graphs.active() is mine
+
+
+def test_bench_commands_refuse_bad_input_in_one_line(monkeypatch, capsys):
+    """The harness's command wrapper: the engine's UserError is one line and exit 2 (no traceback); counts must be
+    >= 1; a --device without CUDA names --device; loaders need two epochs and keep an --epochs given with --quick."""
+    import argparse
+
+    import harness
+    import loaders
+    import torch
+
+    from engine.errors import UserError
+
+    def bad():
+        raise UserError("no such checkpoint")
+
+    with pytest.raises(SystemExit) as stopped:
+        harness.run_cli(bad, "bench/x.py")
+    assert stopped.value.code == 2 and capsys.readouterr().err == "bench/x.py: no such checkpoint\n"
+    with pytest.raises(SystemExit) as done:
+        harness.run_cli(lambda: None, "bench/x.py")
+    assert done.value.code is None  # exit status 0
+    assert harness.positive_int("3") == 3
+    for text in ("0", "-2", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            harness.positive_int(text)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device cuda: CUDA is not available here; use --device cpu"):
+        harness.bench_device("cuda")
+    assert harness.bench_device("auto").type == "cpu"
+    assert loaders.parse_args(["--quick", "--epochs", "5"]).epochs == 5
+    assert loaders.parse_args(["--quick"]).epochs == 2
+    with pytest.raises(SystemExit) as one_epoch:
+        loaders.parse_args(["--epochs", "1"])
+    assert one_epoch.value.code == 2
+
+
+def test_compare_methods_refuses_arrest_without_std(tmp_path):
+    """ARREST fine-tunes the comparison's own std run: listed without it, the script stops before training anything."""
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("ARAT_DATA_DIR", "SEEDS", "EPOCHS", "AA_N", "ABLATIONS")}
+    env |= {"METHODS": "at\tarrest", "DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "compare_methods.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "arrest without std" in proc.stderr
+    assert not (tmp_path / "out").exists()
