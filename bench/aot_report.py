@@ -3,8 +3,8 @@
     python bench/aot_report.py --out bench/results/aot.jsonl
 
 Prints a markdown table (registers per thread, static shared memory, local memory, spill bytes, float min/max
-instructions that drop NaN) and appends one JSON line per kernel x config x arch. Exits non-zero if any kernel
-fails to compile, spills, or has such a min/max.
+instructions that drop NaN) and appends one JSON line per kernel x config x arch (a failed compile: a row with its
+error; the others still compile). Exits non-zero if any kernel fails to compile, spills, or has such a min/max.
 """
 
 from __future__ import annotations
@@ -38,18 +38,31 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
     from kernels import aot
 
-    stamp = provenance()
-    rows = [{**aot.compile_spec(spec, arch), **stamp} for spec in aot.all_specs() for arch in args.arch or aot.ARCHS]
-    print(markdown_table(rows, COLUMNS))
+    stamp = provenance("cpu") | {"device": "none (compiled ahead of time)"}  # a GPU, if any, is not used
+    rows = [compiled_row(aot, spec, arch) | stamp for spec in aot.all_specs() for arch in args.arch or aot.ARCHS]
+    print(markdown_table(rows, COLUMNS + (["error"] if any("error" in r for r in rows) else [])))
     append_jsonl(args.out, rows)
-    spilled = [r for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"] or r["local_bytes"]]
+    failed = [r for r in rows if "error" in r]
+    for row in failed:
+        print(f"FAILED: {row['kernel']} on {row['arch']}: {row['error']}", file=sys.stderr)
+    spilled = [r for r in rows if r.get("spill_store_bytes") or r.get("spill_load_bytes") or r.get("local_bytes")]
     for row in spilled:
         print(f"SPILL: {row['kernel']} on {row['arch']}", file=sys.stderr)
-    nan_dropping = [r for r in rows if r["nan_dropping_minmax"]]
+    nan_dropping = [r for r in rows if r.get("nan_dropping_minmax")]
     for row in nan_dropping:
         print(f"NAN: {row['kernel']} on {row['arch']}: a float min/max without .NaN (tl.PropagateNan.ALL)",
               file=sys.stderr)  # fmt: skip
-    return 1 if spilled or nan_dropping else 0
+    return 1 if spilled or nan_dropping or failed else 0
+
+
+def compiled_row(aot, spec: dict, arch: int) -> dict:
+    """One kernel x config x arch compiled; a compile that fails is a row with its error (the others still run)."""
+    try:
+        return aot.compile_spec(spec, arch)
+    except Exception as e:  # noqa: BLE001  (Triton's compile errors have no common base)
+        message = str(e).strip().splitlines()
+        return {"kernel": spec["name"], "arch": f"sm_{arch}", "num_warps": spec["num_warps"],
+                "error": f"{type(e).__name__}: {message[-1] if message else ''}"[:300]}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -369,3 +369,35 @@ def test_compare_methods_refuses_arrest_without_std(tmp_path):
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "arrest without std" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_aot_report_keeps_every_other_row_when_one_compile_fails(monkeypatch, tmp_path, capsys):
+    """A kernel that fails to compile is a row with its error and a non-zero exit; the other kernels still report."""
+    import types
+
+    import aot_report
+
+    import kernels
+
+    def compile_spec(spec, arch):
+        if spec["name"] == "broken":
+            raise RuntimeError("PTX assembly failed\nptxas fatal: bad register")
+        return {"kernel": spec["name"], "arch": f"sm_{arch}", "num_warps": 4, "registers": 32, "shared_bytes": 0,
+                "local_bytes": 0, "spill_store_bytes": 0, "spill_load_bytes": 0, "nan_dropping_minmax": 0}  # fmt: skip
+
+    specs = [{"name": "fine", "num_warps": 4}, {"name": "broken", "num_warps": 4}]
+    stub = types.SimpleNamespace(compile_spec=compile_spec, all_specs=lambda: specs, ARCHS=(80, 90))
+    monkeypatch.setattr(kernels, "aot", stub, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "aot.jsonl"
+    assert aot_report.main(["--out", str(out)]) == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kernel"], r["arch"], "error" in r) for r in rows] == [
+        ("fine", "sm_80", False),
+        ("fine", "sm_90", False),
+        ("broken", "sm_80", True),
+        ("broken", "sm_90", True),
+    ]
+    assert rows[2]["error"] == "RuntimeError: ptxas fatal: bad register"
+    assert all(r["device"] == "none (compiled ahead of time)" for r in rows)
+    assert "FAILED: broken on sm_80" in capsys.readouterr().err
