@@ -21,22 +21,25 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from harness import append_jsonl, bench_device, markdown_table, positive_int, provenance, run_cli
+from harness import REPO, append_jsonl, bench_device, markdown_table, positive_int, provenance, run_cli
 
 from engine import autoattack
 from engine.attacks.pgd import frozen
 from engine.config import EvalConfig, default_data_dir
 from engine.data import load_split
+from engine.errors import UserError
 from engine.evaluate import evaluate, test_tensors
 from engine.hub import load_model
 from engine.perf import EvalForward
 
 
 def newest_demo_run() -> Path:
-    runs = sorted(Path("runs").glob("demo-*/checkpoints/final.pt"))
-    if not runs:
-        raise SystemExit("no runs/demo-*/checkpoints/final.pt: run `bash scripts/demo.sh` first, or pass --run")
-    return runs[-1].parents[1]
+    """The newest finished demo run under ./runs, else under the checkout's runs/ (where scripts/demo.sh puts it)."""
+    for root in dict.fromkeys([Path("runs"), REPO / "runs"]):
+        runs = sorted(root.glob("demo-*/checkpoints/final.pt"))
+        if runs:
+            return runs[-1].parents[1]
+    raise UserError("no runs/demo-*/checkpoints/final.pt: run `bash scripts/demo.sh` first, or pass --run")
 
 
 def add_model_arguments(p: argparse.ArgumentParser, num_examples: int) -> None:
