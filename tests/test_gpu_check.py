@@ -666,22 +666,24 @@ def test_real_run_plans_one_epoch_when_two_would_leave_no_time_for_the_evaluatio
     assert "epoch 2 21 s" in real_run_line({"epochs_planned": 2, "epoch2_s": 21.0, "epochs": 2})
 
 
-def test_the_eval_stage_evaluates_the_prepared_cifar10_else_1000_synthetic_images(tmp_path):
+def test_the_eval_stage_evaluates_the_prepared_cifar10_else_synthetic_images(tmp_path):
     """The stage's network and images as on the GPU machine (not the smoke's): the prepared CIFAR-10 test split
-    when $W/data holds it (the shapes' synthetic default must not win), else a synthetic split of 1000 images; the
-    network in the evaluation's channels-last format, on real_run's weights only when they fit."""
+    when $W/data holds it (the shapes' synthetic default must not win), else a synthetic split of
+    IMAGES (1200) images; the network in the evaluation's channels-last format, on real_run's weights only when
+    they fit."""
     import pickle
 
     import numpy as np
     import torch
 
     sys.path.insert(0, str(REPO / "bench"))  # gpucheck.common imports bench/train_step.py
+    from gpucheck import evaluation
     from gpucheck.evaluation import eval_setup
     from gpucheck.record import StageRecord
 
     record = StageRecord("eval", tmp_path / "eval.json", 60, smoke=False)
     cfg, model, source, split = eval_setup(record)
-    assert cfg.data.dataset == "synthetic" and len(split) == 1000 and source == "initial weights"
+    assert cfg.data.dataset == "synthetic" and len(split) == evaluation.IMAGES == 1200 and source == "initial weights"
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     root = tmp_path / "data" / "cifar-10-batches-py"
     root.mkdir(parents=True)
