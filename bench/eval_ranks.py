@@ -50,7 +50,7 @@ def run_once(ckpt: Path, ranks: int, args, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # fresh: no chunk of an earlier round is reused
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     threads = None
-    if args.device == "cpu" or (args.device == "auto" and not _cuda()):
+    if runs_on_cpu(args):
         threads = args.threads_per_rank or max(1, args.threads // ranks)
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
@@ -68,10 +68,11 @@ def run_once(ckpt: Path, ranks: int, args, work: Path) -> dict:
     }
 
 
-def _cuda() -> bool:
+def runs_on_cpu(args) -> bool:
+    """Whether the ranks evaluate on the CPU (--device cpu, or auto on a machine without CUDA)."""
     import torch
 
-    return torch.cuda.is_available()
+    return args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
 
 
 def row(ranks: int, runs: list[dict], base: dict | None, attacks: list[str], reference: dict) -> dict:
@@ -135,7 +136,7 @@ def main() -> None:
         p.error("--ranks, --num-examples, --chunk-size, --rounds and --threads must be positive")
     if args.threads_per_rank < 0:
         p.error("--threads-per-rank must be positive (or 0: split --threads over the ranks)")
-    on_cpu = args.device == "cpu" or (args.device == "auto" and not _cuda())
+    on_cpu = runs_on_cpu(args)
     if on_cpu and not args.threads_per_rank and max(ranks) > args.threads:
         print(f"eval_ranks: {max(ranks)} ranks on --threads {args.threads}: each rank still gets a thread, so that row "
               "uses more threads in total than the others (oversubscribed)", file=sys.stderr)  # fmt: skip

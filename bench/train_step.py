@@ -52,7 +52,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine.attacks.graphs import active as active_attack_graphs
 from engine.attacks.graphs import set_attack_graphs
 from engine.config import TrainConfig, apply_overrides
-from engine.errors import UserError
 from engine.methods.arat import attack_inputs
 from engine.perf import cpu_has_native_bf16, peak_tflops, resolve_device
 from engine.recipes import get_recipe
@@ -485,11 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     global LADDER
     args = parse_args(argv)
     base = base_overrides(args)
-    try:  # the rows run where the configuration says (--set perf.device=cpu on a GPU machine: the CPU ladder)
-        device = resolve_device(apply_overrides(get_recipe("demo"), base).perf.device)
-    except UserError as e:
-        print(f"bench/train_step.py: {e}")
-        raise SystemExit(2) from None
+    # the rows run where the configuration says (--set perf.device=cpu on a GPU machine: the CPU ladder); a bad
+    # setting is a UserError, one line and exit 2 through run_cli
+    device = resolve_device(apply_overrides(get_recipe("demo"), base).perf.device)
     if args.quick:  # compiling takes minutes on a small CPU
         LADDER = [rung for rung in LADDER if rung[0] != "+torch.compile"]
     CEILING.update(matmul_ceiling(device))

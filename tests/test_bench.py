@@ -302,8 +302,8 @@ def test_the_ladder_runs_on_the_configured_device_and_refuses_a_set_it_would_ove
     quick = ts.parse_args(["--quick", "--rounds", "9"])
     assert (quick.rounds, quick.width, quick.batch_size) == (9, 16, 64)
     with pytest.raises(SystemExit) as bad:
-        ts.main(["--set", "perf.device=tpu"])
-    assert bad.value.code == 2 and "perf.device" in capsys.readouterr().out
+        ts.run_cli(lambda: ts.main(["--set", "perf.device=tpu"]), "bench/train_step.py")
+    assert bad.value.code == 2 and "perf.device" in capsys.readouterr().err
 
 
 def test_releasing_a_row_drops_its_captured_attacks(monkeypatch):
