@@ -13,7 +13,7 @@ set -uo pipefail # no -e: a failing stage is recorded and the check goes on
 cd "$(dirname "$0")/.."
 
 # stage:cap in seconds, in priority order; scripts/gpucheck/__init__.py holds the same list (a test compares)
-STAGES=(env:15 ceilings:15 kernels_correct:40 kernels_speed:35 step_eager:45 compile:150 methods:35 real_run:65
+STAGES=(env:15 ceilings:15 kernels_correct:40 kernels_speed:35 step_eager:45 compile:150 methods:35 real_run:90
     probes:35 pytest_kernels:45 eval:150)
 MIN_STAGE_S=15 # a stage with less time left than this is skipped (reason: budget)
 RESERVE_S=10   # kept for the merge at the end

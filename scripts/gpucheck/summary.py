@@ -49,8 +49,9 @@ def evaluation_summary(f: dict[str, Any]) -> dict[str, Any] | None:
     """The eval stage's figures: the chunk rule, eager vs compiled img/s and flag agreement, compiled AA."""
     if not f:
         return None
-    keys = ("network", "images", "chunk_rule", "images_per_s", "agreement", "compiled_first_chunk_s", "compiled_graphs",
-            "compiled_chunks_done_s", "cut")  # fmt: skip
+    keys = ("network", "images", "chunk_rule", "images_per_s", "images_per_s_last_chunk", "agreement",
+            "pgd20_accuracy_gap", "compiled_first_chunk_s", "compiled_graphs", "compiled_chunks_done_s",
+            "cut")  # fmt: skip
     return {k: f.get(k) for k in keys} | {"aa_compiled": f.get("aa_projection_compiled")}
 
 
@@ -60,11 +61,14 @@ def evaluation_line(e: dict[str, Any] | None) -> str:
     rule, ips, agree = e.get("chunk_rule") or {}, e.get("images_per_s") or {}, e.get("agreement") or {}
     if isinstance(agree, str):  # cut at the cap while compiling: the chunks it finished
         agree = {"(cut)": f"{agree}; compiled chunks done {e.get('compiled_chunks_done_s')}"}
-    speeds = "; ".join(f"{kind} " + ", ".join(f"{a} {fmt(v)}" for a, v in (ips.get(kind) or {}).items())
+    last = e.get("images_per_s_last_chunk") or {}
+    speeds = "; ".join(f"{kind} " + ", ".join(f"{a} {fmt(v)} (last chunk {fmt((last.get(kind) or {}).get(a))})"
+                                              for a, v in (ips.get(kind) or {}).items())
                        for kind in ("eager", "compiled"))  # fmt: skip
     return (f"chunk rule {fmt(rule.get('chunk_size'))} ({rule.get('reason')}, repeats: {rule.get('repeats')}); "
             f"img/s after the first chunk: {speeds}; compiled flags = eager on "
             + ", ".join(f"{a} {fmt(v)}" for a, v in agree.items())
+            + f" (PGD-20 accuracy gap {fmt(e.get('pgd20_accuracy_gap'))})"
             + f"; first compiled chunk {e.get('compiled_first_chunk_s')} s; {e.get('network')}, "
             f"{e.get('images')}")  # fmt: skip
 
