@@ -260,7 +260,8 @@ class TrainConfig:
         _check(self.epochs > 0, "train.epochs must be positive")
         _check(self.batch_size > 1, "train.batch_size must be > 1 (batch statistics)")
         _check(self.log_every > 0, "train.log_every must be positive")
-        _check(0 <= self.seed < 2**63, "train.seed must be in [0, 2^63) (what torch's RNG takes)")
+        # the loader seeds each epoch with seed * 1_000_003 + epoch, which torch's RNG takes below 2^63
+        _check(0 <= self.seed < 2**32, "train.seed must be in [0, 2^32)")
         _check_finite(self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import nn
 from .attacks import graphs, pgd
 from .config import AttackConfig, SWAConfig
 from .data import Loader
+from .errors import UserError
 from .progress import progress_bar
 
 
@@ -18,7 +19,16 @@ class SWA:
     def __init__(self, model: nn.Module, cfg: SWAConfig):
         self.cfg = cfg
         self.count = 0
-        self.average = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in model.named_parameters()}
+        # an fp32 copy of the parameters only where SWA is on (WRN-34-10: ~185 MB on the device and in each checkpoint)
+        params = model.named_parameters() if cfg.enabled else ()
+        self.average = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params}
+
+    def updates(self, steps_per_epoch: int, epochs: int) -> int:
+        """How many averaging updates a run of `epochs` epochs of `steps_per_epoch` steps makes (0 with SWA off)."""
+        if not self.cfg.enabled or self.cfg.start_epoch > epochs:
+            return 0
+        before = (max(self.cfg.start_epoch, 1) - 1) * steps_per_epoch  # steps taken before averaging starts
+        return epochs * steps_per_epoch // self.cfg.every - before // self.cfg.every
 
     def active(self, epoch: int) -> bool:
         return self.cfg.enabled and epoch >= self.cfg.start_epoch
@@ -36,17 +46,25 @@ class SWA:
         return {"count": self.count, "average": self.average}
 
     def load_state_dict(self, state: dict) -> None:
+        if not self.cfg.enabled:  # nothing to average into (a checkpoint of a run with SWA on, or of an older engine)
+            return
         self.count = state["count"]
         self.average = {k: v.to(self.average[k].device) for k, v in state["average"].items()}
 
-    def averaged_model(self, model: nn.Module, loader: Loader, attack: AttackConfig, autocast) -> nn.Module:
+    def averaged_model(
+        self, model: nn.Module, loader: Loader, attack: AttackConfig, autocast, show: bool = True
+    ) -> nn.Module:
         """A copy of `model` holding the averaged parameters and freshly estimated adv-BN statistics."""
-        assert self.count > 0, "SWA collected no average (swa.start_epoch beyond the run?)"
+        if self.count == 0:  # build_run refuses such a run before training; a checkpoint edited since could hold one
+            raise UserError(
+                "SWA collected no average (no step from swa.start_epoch on was a multiple of swa.every): lower "
+                "swa.start_epoch or swa.every in the run's config.json, or set swa.enabled=false"
+            )
         averaged = copy.deepcopy(model)
         with torch.no_grad():
             for name, p in averaged.named_parameters():
                 p.copy_(self.average[name])
-        reestimate_adv_bn(averaged, loader, attack, autocast)
+        reestimate_adv_bn(averaged, loader, attack, autocast, show)
         return averaged
 
 
@@ -69,7 +87,7 @@ def frozen_bn_stats(model: nn.Module):
             m.num_batches_tracked.copy_(tracked)
 
 
-def reestimate_adv_bn(model: nn.Module, loader: Loader, attack: AttackConfig, autocast) -> None:
+def reestimate_adv_bn(model: nn.Module, loader: Loader, attack: AttackConfig, autocast, show: bool = True) -> None:
     """Reset all BN statistics; one pass over `loader`: attack each batch (PGD on the averaged model, adv BNs,
     train mode), then accumulate adv-BN statistics on the attacked batch as a cumulative moving average."""
     norms = _batch_norms(model)
@@ -78,7 +96,8 @@ def reestimate_adv_bn(model: nn.Module, loader: Loader, attack: AttackConfig, au
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
     model.train()
-    for x, y in progress_bar(loader, desc="swa: adv-BN re-estimation", leave=False, dynamic_ncols=True):
+    bar = progress_bar(loader, desc="swa: adv-BN re-estimation", leave=False, dynamic_ncols=True, disable=not show)
+    for x, y in bar:
         # eager: with momentum None, BN reads num_batches_tracked on the host (a sync no CUDA graph may contain)
         with frozen_bn_stats(model), graphs.using(None):
             x_adv = pgd(model, x, y, attack, bn="adv", train=True, autocast=autocast)

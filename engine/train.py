@@ -62,6 +62,8 @@ class Run:
             "scaler": self.scaler.state_dict(),
             "swa": self.swa.state_dict(),
             "rng": distributed.gather_objects(self.rng_state(), self.dist),  # one entry per rank
+            # under DDP each rank's BN statistics are its own (not synced): a resume restores each rank's
+            "rank_buffers": distributed.gather_objects(self.buffers(), self.dist) if self.dist.enabled else None,
             "config": self.cfg.to_dict(),
         }
 
@@ -83,10 +85,22 @@ class Run:
                 ) from None
         if len(state["rng"]) != self.dist.world_size:
             raise RunDirError(f"the checkpoint was written by {len(state['rng'])} processes; resume with as many")
+        if self.dist.enabled and state.get("rank_buffers"):  # absent from a checkpoint of an older engine
+            own = dict(self.named_buffers())
+            for name, value in state["rank_buffers"][self.dist.rank].items():
+                own[name].copy_(value)
         rng_cpu, rng_cuda = state["rng"][self.dist.rank]
         torch.set_rng_state(rng_cpu.cpu())  # both setters take CPU byte tensors only, whatever the device
         if rng_cuda is not None:
             torch.cuda.set_rng_state(rng_cuda.cpu(), self.perf.device)
+
+    def named_buffers(self):
+        """The buffers (BN statistics) of the network and the method."""
+        return itertools.chain(self.nets.raw.named_buffers(prefix="model"), self.method.named_buffers(prefix="method"))
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """This rank's buffers, on the CPU."""
+        return {name: b.detach().cpu().clone() for name, b in self.named_buffers()}
 
     def rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         cuda = self.perf.device.type == "cuda"
@@ -139,6 +153,19 @@ def build_run(cfg: TrainConfig) -> Run:
             f"{train_loader.num_images} training images make no batch of {cfg.batch_size}: "
             "lower train.batch_size or use more data"
         )
+    last = train_loader.num_images % cfg.batch_size
+    if len(train_loader) * cfg.batch_size > train_loader.num_images and last == 1:  # data.drop_last=false
+        raise ConfigError(
+            f"data.drop_last=false leaves a last batch of 1 image of {train_loader.num_images} (batch statistics "
+            "need 2): keep data.drop_last=true or change train.batch_size"
+        )
+    swa = SWA(model, cfg.swa)
+    if cfg.swa.enabled and not swa.updates(len(train_loader), cfg.epochs):
+        raise ConfigError(
+            f"SWA would average nothing: epochs {cfg.swa.start_epoch}-{cfg.epochs} hold no step that is a multiple of "
+            f"swa.every={cfg.swa.every} ({len(train_loader)} steps per epoch); lower swa.start_epoch or swa.every, or "
+            "set swa.enabled=false"
+        )
     params = [p for p in itertools.chain(model.parameters(), method.parameters()) if p.requires_grad]  # no teachers
     optimizer = build_optimizer(params, cfg, switches.device)
     return Run(
@@ -149,7 +176,7 @@ def build_run(cfg: TrainConfig) -> Run:
         method,
         optimizer,
         switches.grad_scaler(),
-        SWA(model, cfg.swa),
+        swa,
         train_loader,
         test_split,
         build_grad_sim(cfg, model, method.backbones()),
@@ -220,7 +247,8 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
             if on_progress:
                 elapsed = time.perf_counter() - start
                 on_progress({"epoch": epoch, "step": i, "steps": len(loader), "loss": round(mean_loss, 5),
-                             "seconds": round(elapsed, 2), "images_per_s": round(images / elapsed, 1)})  # fmt: skip
+                             "seconds": round(elapsed, 2),
+                             "images_per_s": round(images * run.dist.world_size / elapsed, 1)})  # fmt: skip
         bar.update(1)
     bar.close()
     seconds = synced_seconds(start, run.perf.device)
@@ -304,17 +332,19 @@ def final_model(run: Run) -> nn.Module:
     # the adv BNs are re-estimated on the last epoch's batches, also in a run resumed after its last epoch (where
     # no epoch ran in this process to set the loader's epoch)
     run.train_loader.set_epoch(max(run.epoch, 1))
-    model = run.swa.averaged_model(run.nets.raw, run.train_loader, run.cfg.attack, run.perf.autocast)
+    model = run.swa.averaged_model(run.nets.raw, run.train_loader, run.cfg.attack, run.perf.autocast,
+                                   show=run.dist.is_main)  # fmt: skip
     distributed.average_bn_statistics(model, run.dist)  # each rank re-estimated on its shard: the whole set
     return model
 
 
 def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, evaluate_at_end: bool = True) -> Path:
     """Train (or resume) a run in `out_dir`, then evaluate it; returns the run directory."""
-    rundir = RunDir(out_dir)
-    if rundir.path.exists() and not rundir.path.is_dir():
-        raise RunDirError(f"{rundir.path} is a file; pick a directory for --out")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise RunDirError(f"{Path(out_dir)} is a file; pick a directory for --out")
     run = build_run(cfg)
+    # rank 0's: a default --out is named from the clock on each rank, and ranks straddling a second named two
+    rundir = RunDir(distributed.gather_objects(str(out_dir), run.dist)[0])
     with opened_by_rank0(run, rundir, resume):
         train_and_finish(run, rundir, resume, evaluate_at_end)
     distributed.shutdown(run.dist)
@@ -380,10 +410,17 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     if run.perf.compiled and run.epoch < cfg.epochs:
         say("torch.compile builds the step's graphs during the first steps (minutes on a CPU; Inductor's on-disk "
             "cache shortens later runs); the first epoch's line gives the time")  # fmt: skip
+    if resume and run.epoch:
+        set_aside_earlier_end(run, rundir, say)
+    if run.dist.world_size > 1:
+        say(f"train.batch_size={cfg.batch_size} is per process: {cfg.batch_size * run.dist.world_size} images per "
+            f"step over {run.dist.world_size} processes (the recipes' batch is for one process; "
+            f"--set train.batch_size=N sets each process's)")  # fmt: skip
     progress = (lambda row: rundir.write_json("progress.json", row)) if run.dist.is_main else None
     wall = time.perf_counter()
     for epoch in range(run.epoch + 1, cfg.epochs + 1):
         row = {"epoch": epoch} | train_epoch(run, epoch, progress)
+        check_finite_weights(run, epoch)  # the epoch's last update came after its last loss
         run.epoch = epoch
         row["wall_seconds"] = round(time.perf_counter() - wall, 2)
         state = run.state_dict()  # a collective under DDP (per-rank RNG states): every rank calls it
@@ -392,6 +429,40 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
             rundir.save_checkpoint(LATEST, state)
         say(epoch_line(row, cfg.epochs))
     finish(run, rundir, evaluate_at_end, say)
+
+
+def check_finite_weights(run: Run, epoch: int) -> None:
+    """Before epoch `epoch`'s checkpoint: every weight finite (one host sync). The losses are read before each
+    update, so an epoch whose last update made a weight inf or NaN passed the loss check, and its checkpoint would
+    make every resume diverge at once. The ranks hold the same weights: they take the same decision."""
+    tensors = [p.detach() for p in itertools.chain(run.nets.raw.parameters(), run.method.parameters())]
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise Diverged(
+            f"a weight became inf or NaN in epoch {epoch}: training diverged; the last good checkpoint is kept. Try "
+            "a lower optim.lr (or perf.dtype=fp32), then `arat train --resume`"
+        )
+
+
+def set_aside_earlier_end(run: Run, rundir: RunDir, say) -> None:
+    """A finished run trained on (train.epochs raised in its config.json): its earlier end's final network and
+    results (and a later `arat eval`'s eval.json) move to previous-epoch-N/, so that neither `arat eval`, `arat
+    table` nor `arat export` reads them as this run's while it trains on or once it ends (a stop during the new
+    final evaluation found results.json and kept the shorter run's). The chunk records stay: they are keyed by the
+    network's weights."""
+    if not run.dist.is_main:
+        return
+    files = [rundir.checkpoint(FINAL), rundir.path / "results.json", rundir.path / "eval.json"]
+    present = [f for f in files if f.exists()]
+    if not present:
+        return
+    end = rundir.path / f"previous-epoch-{run.epoch}"
+    n = 2
+    while end.exists():
+        end, n = rundir.path / f"previous-epoch-{run.epoch}-{n}", n + 1
+    end.mkdir()
+    for f in present:
+        f.replace(end / f.name)
+    say(f"training on past its earlier end (epoch {run.epoch}): {', '.join(f.name for f in present)} moved to {end}")
 
 
 def release_training_memory(run: Run) -> None:

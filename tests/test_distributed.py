@@ -367,3 +367,47 @@ def test_swa_statistics_are_averaged_over_the_ranks_shards(monkeypatch):
     assert bn.num_batches_tracked.item() == 10
     distributed.average_bn_statistics(torch.nn.Sequential(bn), DistInfo())  # one process: unchanged
     assert torch.equal(bn.running_mean, torch.full((3,), 2.0))
+
+
+def _torchrun_train(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.cli",
+           "train", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_a_resumed_two_rank_run_equals_an_uninterrupted_one(tmp_path):
+    """Each rank's BN statistics are its own under DDP (not synced) and feed the epoch-start balance pass and the
+    eval-mode attacks; the checkpoint held rank 0's alone, which every rank loaded on resume. Now each rank's are
+    saved and restored: 1 epoch, then trained on to 2 (its end set aside), equals 2 epochs straight."""
+    common = ["--recipe", "smoke", "--no-eval"]
+    proc = _torchrun_train(*common, "--out", str(tmp_path / "full"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.batch_size=32 is per process: 64 images per step over 2 processes" in proc.stdout
+    part = tmp_path / "part"
+    proc = _torchrun_train(*common, "--set", "train.epochs=1", "--out", str(part))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(part / "checkpoints" / "latest.pt", weights_only=False)
+    ranks = state["rank_buffers"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["model.bn1.adv.running_mean"],
+                                               ranks[1]["model.bn1.adv.running_mean"])  # fmt: skip
+    config = json.loads((part / "config.json").read_text())
+    (part / "config.json").write_text(json.dumps(config | {"epochs": 2}))
+    proc = _torchrun_train("--resume", str(part), "--no-eval")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drop = ("epoch_seconds", "images_per_s", "wall_seconds")
+    rows = [
+        [{k: v for k, v in json.loads(line).items() if k not in drop} for line in (run / "metrics.jsonl").open()]
+        for run in (tmp_path / "full", part)
+    ]
+    assert rows[0] == rows[1]
+    a, b = (
+        torch.load(run / "checkpoints" / "final.pt", weights_only=False)["model"] for run in (tmp_path / "full", part)
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # rank 1's statistics after epoch 2 (only rank 0's are in final.pt): they started from rank 0's on resume before
+    a, b = (
+        torch.load(run / "checkpoints" / "latest.pt", weights_only=False)["rank_buffers"][1]
+        for run in (tmp_path / "full", part)
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)

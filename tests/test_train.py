@@ -299,3 +299,93 @@ def test_the_epoch_line_says_how_much_training_is_left():
     assert "left" not in epoch_line(row | {"epoch": 3}, 3)  # the last epoch: evaluation comes next
     compiled = row | {"epoch_seconds": 400.0, "first_step_seconds": 300.0}  # the compiling is not paid again
     assert epoch_line(compiled, 3).endswith("(compiling: 300s to the first step)  ~3m of training left")
+
+
+def test_a_seed_whose_epoch_stream_torch_cannot_take_is_refused(tiny_cfg):
+    """The loader seeds each epoch with seed * 1_000_003 + epoch: 2^50 passed the old bound of 2^63 and crashed in
+    epoch 1 (Overflow when unpacking long long), after the run directory was written."""
+    from engine.config import ConfigError
+    from engine.data.loader import epoch_generator
+
+    with pytest.raises(ConfigError, match=r"train.seed must be in \[0, 2\^32\)"):
+        apply_overrides(tiny_cfg, [f"train.seed={2**50}"])
+    epoch_generator(2**32 - 1, 1000)  # the largest seed accepted makes a stream torch takes
+
+
+def test_an_swa_run_that_would_average_nothing_is_refused_before_training(tiny_cfg, tmp_path):
+    """SWA from epoch 76 in a 2-epoch run (or too few steps between swa.every's multiples) trained every epoch,
+    then stopped on an assert in the final evaluation; now a one-line ConfigError before anything trains."""
+    from engine.config import ConfigError
+    from engine.swa import SWA
+
+    late = apply_overrides(tiny_cfg, ["swa.enabled=true", "swa.start_epoch=76"])
+    with pytest.raises(ConfigError, match="SWA would average nothing: epochs 76-2"):
+        run_training(late, tmp_path / "late")
+    sparse = apply_overrides(tiny_cfg, ["swa.enabled=true", "swa.start_epoch=2", "swa.every=100"])
+    with pytest.raises(ConfigError, match="swa.every=100"):
+        run_training(sparse, tmp_path / "sparse")
+    assert not (tmp_path / "late" / "metrics.jsonl").exists() and not (tmp_path / "sparse" / "metrics.jsonl").exists()
+    model, config = torch.nn.Linear(2, 2), type(tiny_cfg.swa)
+
+    def count(start, every, steps, epochs):
+        return SWA(model, config(True, start, every)).updates(steps, epochs)
+
+    assert count(2, 2, 8, 2) == 4  # steps 10, 12, 14, 16
+    assert count(2, 3, 8, 2) == 3  # 9, 12, 15
+    assert count(0, 5, 8, 2) == count(1, 5, 8, 2) == 3  # 5, 10, 15
+    assert count(3, 1, 8, 2) == 0 and SWA(model, config(False, 1, 1)).updates(8, 2) == 0
+    assert SWA(model, config(False, 1, 1)).average == {}  # no fp32 copy of the weights with SWA off
+
+
+def test_training_on_past_a_finished_end_sets_its_results_aside(tiny_cfg, tmp_path, capsys):
+    """A finished run whose train.epochs is raised and resumed: its final.pt, results.json and a later eval.json
+    move to previous-epoch-N/ before it trains on. A stop during the new final evaluation then finishes that
+    evaluation on resume (results.json had made it say "nothing to train" and keep the shorter run's figures)."""
+    from engine.train import load_run_config
+
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=1", "eval.attacks=clean"])
+    run = run_training(cfg, tmp_path / "run")
+    (run / "eval.json").write_text("{}")
+    first = json.loads((run / "results.json").read_text())
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(saved | {"epochs": 2}))
+    run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
+    aside = run / "previous-epoch-1"
+    assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "final.pt", "results.json"]
+    assert json.loads((aside / "results.json").read_text()) == first
+    assert not (run / "results.json").exists() and not (run / "eval.json").exists()
+    assert "moved to" in capsys.readouterr().out
+    final = torch.load(run / "checkpoints" / "final.pt")
+    assert final["epoch"] == 2 and not final["evaluate_at_end"]
+
+
+def test_an_epoch_whose_last_update_made_a_weight_nan_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    """The loss is read before each update: an epoch whose last update left a NaN weight passed the loss check and
+    its checkpoint made every resume diverge at once. The weights are checked before the checkpoint is written."""
+    from engine import train
+    from engine.train import Diverged
+
+    real = train.train_epoch
+
+    def poisoned(run, epoch, on_progress=None):
+        row = real(run, epoch, on_progress)
+        if epoch == 2:
+            with torch.no_grad():
+                weight = next(run.nets.raw.parameters())
+                weight[(0,) * weight.dim()] = float("nan")
+        return row
+
+    monkeypatch.setattr(train, "train_epoch", poisoned)
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
+    with pytest.raises(Diverged, match="a weight became inf or NaN in epoch 2"):
+        run_training(cfg, tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_rows(tmp_path / "run")] == [1]
+
+
+def test_a_last_batch_of_one_image_is_refused(tiny_cfg, tmp_path):
+    from engine.config import ConfigError
+
+    cfg = apply_overrides(tiny_cfg, ["data.drop_last=false", "data.synthetic_size=257", "data.train_subset=0"])
+    with pytest.raises(ConfigError, match="a last batch of 1 image"):
+        run_training(cfg, tmp_path / "run")
