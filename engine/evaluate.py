@@ -216,9 +216,19 @@ def balance_note(num_examples: int, chunk_size: int, world_size: int, floor: flo
     return note
 
 
+def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """A hash of the test images and labels an attack runs on: chunks made on other data (another --data-dir, the
+    synthetic fallback of as many images) are never reused."""
+    digest = hashlib.sha256()
+    for t in (x, y):
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def attack_spec(
     name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int, tf32: bool = False,
-    channels_last: bool = True, compiled: bool = False,
+    channels_last: bool = True, compiled: bool = False, data_hash: str | None = None,
 ) -> dict:  # fmt: skip
     """What determines an attack's per-image flags (and so whether saved chunks can be reused). `tf32`: CUDA
     convolutions may run in TF32 (torch's default for cuDNN, which AutoAttack and RobustBench evaluations keep).
@@ -228,7 +238,8 @@ def attack_spec(
     spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
             "batch_size": batch_size, "dtype": "fp32", "tf32_convolutions": tf32,
             "memory_format": "channels_last" if channels_last else "contiguous", "compiled": compiled,
-            "cudnn_algorithms": "heuristic, deterministic", "seeds": "sha256(seed:attack:chunk) per chunk"}  # fmt: skip
+            "cudnn_algorithms": "heuristic, deterministic", "seeds": "sha256(seed:attack:chunk) per chunk",
+            "data": data_hash}  # fmt: skip
     if name == "pgd20":
         spec |= {"steps": PGD20.num_steps, "step_size": "2/255", "eps": "8/255", "start": PGD20.start}
     if name == "aa":
@@ -331,7 +342,8 @@ def _evaluate(
     with mode(model, train=False), graphs_in_use(graphs), repeatable_cudnn():
         for name in cfg.attacks:
             n = num_images(name, cfg, len(y_all))
-            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last, compiled)
+            data_hash = data_fingerprint(x_all[:n], y_all[:n])
+            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last, compiled, data_hash)
             store = ChunkStore(record_dir, name, spec)
             starts = range(0, n, cfg.chunk_size)
             mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]
@@ -405,10 +417,22 @@ def summary(results: dict) -> dict:
 
 
 def write_flags(directory: str | Path, results: dict) -> Path:
-    """flags.json: per attack, the per-image robust (or, for clean, correct) flags as hex, bit i = test image i."""
+    """flags.json: per attack, the per-image robust (or, for clean, correct) flags as hex, bit i = test image i,
+    with the network's and the data's hashes and AutoAttack's version. Merged into the file there: an evaluation of
+    other attacks (`arat eval RUN --attacks pgd20`) keeps the entries it did not redo (it replaced the file, and so
+    lost the run's AutoAttack flags)."""
     path = Path(directory) / "flags.json"
-    data = {name: {"num_examples": r["num_examples"], "bits": r["flags"], "order": "official test order, MSB first"}
-            for name, r in results.items()}  # fmt: skip
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    for name, r in results.items():
+        config = r.get("config", {})
+        data[name] = {"num_examples": r["num_examples"], "bits": r["flags"], "order": "official test order, MSB first",
+                      "model": config.get("model"), "data": config.get("data")}  # fmt: skip
+        if name == "aa":
+            data[name]["version"] = r.get("version")
     atomic_json(path, data, indent=None)
     return path
 

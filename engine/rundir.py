@@ -101,15 +101,27 @@ def package_version(package: str) -> str | None:
 def results_on(dataset: str, evaluations: list[tuple[str, dict]]) -> tuple[dict, list[tuple[str, str]]]:
     """The results of `evaluations` ((file name, its JSON) in order: results.json, then eval.json, a later `arat
     eval`, whose attacks override) made on `dataset`, the data the run trained on; and the (file name, dataset) of
-    those left out, evaluations on other data. A record without "dataset" (an older engine) counts as `dataset`."""
+    those left out, evaluations on other data. A record without "dataset" (an older engine) counts as `dataset`.
+    A later attack of the same network (its weights' hash) on fewer images (a quick `arat eval RUN --num-examples
+    100`) does not replace the fuller one."""
     results: dict = {}
     left_out = []
     for name, evaluation in evaluations:
         if evaluation.get("dataset", dataset) != dataset:
             left_out.append((name, evaluation["dataset"]))
             continue
-        results |= evaluation["results"]
+        for attack, result in evaluation["results"].items():
+            if not _fewer_images_of_the_same_network(result, results.get(attack)):
+                results[attack] = result
     return results, left_out
+
+
+def _fewer_images_of_the_same_network(later: Any, earlier: Any) -> bool:
+    if not isinstance(later, dict) or not isinstance(earlier, dict):
+        return False
+    model = [r.get("config", {}).get("model") if isinstance(r.get("config"), dict) else None for r in (later, earlier)]
+    fewer = isinstance(later.get("num_examples"), int) and later["num_examples"] < earlier.get("num_examples", 0)
+    return model[0] is not None and model[0] == model[1] and fewer
 
 
 class RunDir:

@@ -249,6 +249,8 @@ def read_run(path: Path) -> RunResult:
                 f"was interrupted (continue it with `arat train --resume {path}`)"
             )
         raise TableError(f"{path} has no results.json or eval.json: evaluate it with `arat eval {path}`")
+    aa = results.get("aa")
+    aa_version = {"aa_version": aa.get("version") or "standard"} if isinstance(aa, dict) else {}
     rows = RunDir(path).metrics()
     sims = [r["grad_sim"] for r in rows if isinstance(r.get("grad_sim"), int | float)]  # None: no finite step
     return RunResult(
@@ -260,7 +262,8 @@ def read_run(path: Path) -> RunResult:
         accuracy=accuracy,
         num_examples=num_examples,
         grad_sim=statistics.fmean(sims) if sims else None,
-        settings=training_settings(cfg, dataset, world_size),
+        # AutoAttack's protocol splits rows: legacy-10 reads robustness higher, never averaged with standard seeds
+        settings=training_settings(cfg, dataset, world_size) | aa_version,
         notes=notes,
     )
 

@@ -509,3 +509,32 @@ def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys):
     err = capsys.readouterr().err
     assert err.count("AutoAttack warning: it seems to be a randomized defense!") == 1
     assert handler.after == {"apgd-ce": 0.42} and len(handler.warnings) == 1
+
+
+def test_flags_of_other_attacks_are_kept_and_each_entry_says_its_network_data_and_version(tmp_path):
+    """`arat eval RUN --attacks pgd20` rewrote RUN/eval/flags.json with PGD-20 alone, losing the run's AutoAttack
+    flags, and a legacy-10 AutoAttack's flags were stored under "aa" with no version."""
+    from engine.evaluate import pack, write_flags
+
+    bits = pack(torch.tensor([True, False, True]))
+    aa = {"num_examples": 3, "flags": bits, "version": "legacy-10", "config": {"model": "m1", "data": "d1"}}
+    write_flags(tmp_path, {"aa": aa})
+    write_flags(tmp_path, {"pgd20": {"num_examples": 3, "flags": bits, "config": {"model": "m1", "data": "d1"}}})
+    flags = json.loads((tmp_path / "flags.json").read_text())
+    assert set(flags) == {"aa", "pgd20"} and flags["aa"]["version"] == "legacy-10"
+    assert flags["pgd20"]["model"] == flags["aa"]["model"] == "m1" and flags["pgd20"]["data"] == "d1"
+
+
+def test_chunks_made_on_other_test_images_are_not_reused(tmp_path):
+    """The chunk key held the number of images, not which: another --data-dir (or the synthetic fallback) of as
+    many images reused the saved chunks. The key now holds a hash of the images and labels."""
+    from engine.evaluate import attack_spec, data_fingerprint
+
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    assert data_fingerprint(x, y) == data_fingerprint(x.clone(), y.clone())
+    other = x.clone()
+    other[0, 0, 0, 0] += 0.5
+    assert data_fingerprint(other, y) != data_fingerprint(x, y) != data_fingerprint(x, y.flip(0))
+    cfg = EvalConfig(attacks=("clean",), num_examples=4, chunk_size=2)
+    specs = [attack_spec("clean", cfg, 4, 0, "m", 2, data_hash=data_fingerprint(a, y)) for a in (x, other)]
+    assert specs[0] != specs[1] and specs[0]["data"] == data_fingerprint(x, y)

@@ -276,3 +276,26 @@ def test_a_sum_needs_every_run_and_the_symmetric_variant_splits_rows(tmp_path):
     assert row_of(md, "ResNet-18", "AT")[2:5] == ["85.00 ± 7.07", "40.00", "–"]
     labels = [line.split("|")[2].strip() for line in md.splitlines() if "V0" in line]
     assert len(labels) == 2 and any("symmetric=average" in label for label in labels), labels
+
+
+def test_autoattack_versions_split_rows_and_a_smaller_rerun_of_the_same_network_keeps_the_fuller_figure(tmp_path):
+    """A `--aa-version legacy-10` evaluation (eval.json) became the run's AA with no label and was averaged with
+    standard-AA seeds in one row; a quick `arat eval RUN --num-examples 100` of the same network replaced the
+    table's 10k clean figure. Now the protocol splits rows (labelled), and a later evaluation of the same weights on
+    fewer images does not replace the fuller one (of other weights, or on more images, it does)."""
+    from engine.rundir import results_on
+
+    root = tmp_path / "runs"
+    legacy = {"aa": {"accuracy": 0.52, "num_examples": 500, "version": "legacy-10"}}
+    write_run(root, "s0", "at-resnet18-cifar10", 0.80, 0.40)
+    write_run(root, "s1", "at-resnet18-cifar10", 0.82, 0.44, eval_json=legacy)
+    md = render(table([str(root)]))
+    assert row_of(md, "ResNet-18", "AT (aa_version=legacy-10)")[3] == "52.00"
+    assert row_of(md, "ResNet-18", "AT (aa_version=standard)")[3] == "40.00"
+    full = {"clean": {"accuracy": 0.8, "num_examples": 10000, "config": {"model": "abc"}}}
+    quick = {"clean": {"accuracy": 0.7, "num_examples": 100, "config": {"model": "abc"}}}
+    other = {"clean": {"accuracy": 0.6, "num_examples": 100, "config": {"model": "def"}}}
+    more = {"clean": {"accuracy": 0.81, "num_examples": 10000, "config": {"model": "abc"}}}
+    pick = lambda later: results_on("cifar10", [("results.json", {"results": full}), ("eval.json", {"results": later})])  # noqa: E731
+    assert pick(quick)[0]["clean"]["accuracy"] == 0.8
+    assert pick(other)[0]["clean"]["accuracy"] == 0.6 and pick(more)[0]["clean"]["accuracy"] == 0.81
