@@ -209,7 +209,9 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     begun, first = time.perf_counter(), {}
     compiling = run.perf.compiled and not run.warm  # the epoch-start pass and the first step build the graphs
     batches = iter(loader)
-    head = list(itertools.islice(batches, math.ceil(cfg.method.balance_images / cfg.batch_size)))
+    # ~balance_images images over all ranks (METHOD 4's ~1024), each rank measuring its share of its own batches
+    share = math.ceil(cfg.method.balance_images / (cfg.batch_size * run.dist.world_size))
+    head = list(itertools.islice(batches, share))
     extra = run.method.on_epoch_start(run.nets, head, run.perf.autocast, epoch)
     run.method.train()
     run.nets.raw.train()

@@ -61,7 +61,7 @@ class Method(nn.Module):
         return self.runners[name] if name in self.runners else getattr(self, name)
 
     def on_epoch_start(self, nets: Nets, head: list[Batch], autocast, epoch: int = 1) -> dict[str, float]:
-        """Called before each (1-based) epoch with its first batches (~cfg.method.balance_images images,
+        """Called before each (1-based) epoch with its first batches (~cfg.method.balance_images images over all ranks,
         augmented, not yet trained on). Returns values to log."""
         return {}
 
