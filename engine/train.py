@@ -120,8 +120,10 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opt
     )
 
 
-def build_run(cfg: TrainConfig) -> Run:
-    """Set up the process group, data, network, method and optimizer, with every perf switch applied."""
+def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
+    """Set up the process group, data, network, method and optimizer, with every perf switch applied.
+    `from_checkpoint`: a checkpoint will replace the starting weights, so ARREST's method.init is not read (the
+    file may have moved since the run started; the checkpoint holds the network and the teacher)."""
     requested_device = cfg.perf.device
     device = perf.resolve_device(cfg.perf.device)
     info = distributed.init(cfg.dist, device.type)
@@ -130,7 +132,7 @@ def build_run(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)
     train_split, test_split = load_splits(cfg.data, cfg.seed)
     model = build_model(cfg.model, cfg.data.num_classes)
-    method = build_method(cfg, model)
+    method = build_method(replace(cfg, method=replace(cfg.method, init="")) if from_checkpoint else cfg, model)
     train_net, attack_net, switches = perf.apply(model, cfg.perf)
     method.to(switches.device)
     method.follow(lambda net: perf.follow(net, cfg.perf, switches.device))
@@ -344,7 +346,7 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
     """Train (or resume) a run in `out_dir`, then evaluate it; returns the run directory."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise RunDirError(f"{Path(out_dir)} is a file; pick a directory for --out")
-    run = build_run(cfg)
+    run = build_run(cfg, from_checkpoint=resume and (Path(out_dir) / "checkpoints" / LATEST).is_file())
     # rank 0's: a default --out is named from the clock on each rank, and ranks straddling a second named two
     rundir = RunDir(distributed.gather_objects(str(out_dir), run.dist)[0])
     with opened_by_rank0(run, rundir, resume):

@@ -189,6 +189,14 @@ def test_cli_init_fine_tunes_a_standard_run(tiny_cfg, tmp_path, capsys):
     assert not torch.equal(ft["model"]["linear.weight"], std["linear.weight"])  # the student moved
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert cfg["method"]["init"] == str(tmp_path / "std") and cfg["method"]["pretrain_epochs"] == 0
+    # trained on after the initial network moved: the checkpoint holds the student and the teacher, so the init
+    # file is not read again (the resume stopped on the missing file)
+    (tmp_path / "std").rename(tmp_path / "std-moved")
+    (tmp_path / "ft" / "config.json").write_text(json.dumps(cfg | {"epochs": 2}))
+    assert main(["train", "--resume", str(tmp_path / "ft"), "--no-eval"]) == 0, capsys.readouterr().err
+    again = torch.load(tmp_path / "ft" / "checkpoints" / "final.pt")
+    assert again["epoch"] == 2 and all(torch.equal(again["method"][f"teacher.{k}"], v) for k, v in std.items())
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["method"]["init"] == str(tmp_path / "std")
 
 
 def test_resume_across_the_stage_boundary(tiny_cfg, tmp_path):
