@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,8 +47,16 @@ class VersionAction(argparse.Action):
         parser.exit()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option or value is one line (argparse prints the whole usage above it), exit status 2. Subcommands'
+    parsers are of the same class (add_subparsers makes its parsers of the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arat", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="arat", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action=VersionAction, help="show arat's version and commit, torch's and triton's")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -130,6 +141,8 @@ def cmd_recipes(args) -> None:
 def cmd_train(args) -> None:
     from .train import load_run_config, run_training
 
+    if args.resume is not None and not args.resume.strip():
+        raise ConfigError("--resume is empty: name the run directory to continue")
     if args.resume:
         if args.recipe or args.init:
             raise ConfigError("--resume continues a run with its saved config.json: drop --recipe and --init")
@@ -222,11 +235,16 @@ def cmd_eval(args) -> None:
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out is empty: name a directory, or leave --out out for the default")
     device = resolve_device(args.device)
+    target = Path(args.target)
+    if target.is_dir() and (target / "config.json").exists() and int(os.environ.get("RANK", "0")) == 0:
+        writable_now(target)  # before the evaluation's minutes or hours: its eval.json goes into the run
     model, cfg = load_for_eval(args)
     data_cfg = apply_overrides(cfg, [f"data.dataset={args.dataset}"] if args.dataset else []).data
     if args.data_dir:
         data_cfg.data_dir = args.data_dir
-    target = Path(args.target)
+    if data_cfg.num_classes != (classes := output_classes(model)):
+        raise ConfigError(f"--dataset {args.dataset}: {data_cfg.num_classes} classes, but the network has "
+                          f"{classes} outputs; evaluate it on the data it was trained for")  # fmt: skip
     record = Path(args.out) if args.out else target / "eval" if target.is_dir() else target.with_suffix(".eval")
     split = load_test_split(data_cfg, cfg.seed)
     info = distributed.init(DistConfig(), device.type)  # under torchrun: the chunks are shared among the ranks
@@ -254,7 +272,41 @@ def cmd_eval(args) -> None:
     atomic_json(record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}.json", entry)
     if target.is_dir():
         with RunDir(target).open_for_writing(resume=True) as rundir:
-            rundir.write_json("eval.json", {"dataset": dataset, "results": summary(results)})
+            rundir.write_json("eval.json", merged_evaluation(rundir.path / "eval.json", dataset, summary(results)))
+
+
+def writable_now(run: Path) -> None:
+    """`arat eval RUN` writes RUN/eval.json at its end: a run in use (still training) or read-only is refused before
+    anything is evaluated (it was refused after the whole evaluation, whose chunks a retry then redid)."""
+    from .rundir import RunDir, RunDirError
+
+    try:
+        with RunDir(run).open_for_writing(resume=True):
+            pass
+    except RunDirError as e:
+        latest = run / "checkpoints" / "latest.pt"
+        raise RunDirError(f"{e} (arat eval {run} writes {run / 'eval.json'}, which arat table reads; a checkpoint "
+                          f"file is evaluated apart: arat eval {latest})") from None  # fmt: skip
+
+
+def output_classes(model: torch.nn.Module) -> int:
+    """The classes a network tells apart: its last linear layer's outputs."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+
+
+def merged_evaluation(path: Path, dataset: str, results: dict) -> dict:
+    """RUN/eval.json with this evaluation's attacks replacing their earlier entries: `arat eval RUN --attacks clean`
+    after an evaluation of AutoAttack kept only clean (the AutoAttack figure vanished from `arat table`). An
+    eval.json on other data is replaced whole (its figures stay in eval/records/)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    same = isinstance(earlier, dict) and earlier.get("dataset") == dataset and isinstance(earlier.get("results"), dict)
+    return {"dataset": dataset, "results": (earlier["results"] if same else {}) | results}
+
+
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")  # matplotlib's Agg
 
 
 def cmd_table(args) -> None:
@@ -263,11 +315,21 @@ def cmd_table(args) -> None:
     for out in filter(None, (args.out, args.plot)):
         if not Path(out).parent.is_dir():
             raise TableError(f"{Path(out).parent} does not exist; create it or pick another path for {out}")
+        if Path(out).is_dir():
+            raise TableError(f"{out} is a directory: name the file to write, e.g. {Path(out) / 'table.md'}")
+    if args.out and Path(args.out).is_file() and Path(args.out).suffix.lower() not in (".md", ".markdown", ".txt"):
+        raise TableError(f"{args.out} exists and is not a markdown file (a run's results?): pick a .md path")
+    if args.plot and Path(args.plot).suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise TableError(f"--plot {args.plot}: name a .png, .pdf or .svg file (formats: {', '.join(PLOT_FORMATS)})")
     rows = table(args.runs)
     markdown = render(rows)
     print(markdown)
-    if args.out:
+    if args.out and Path(args.out).exists() and not Path(args.out).is_file():  # a device or a pipe: written to
         Path(args.out).write_text(markdown + "\n")
+    elif args.out:
+        from .rundir import atomic_write
+
+        atomic_write(Path(args.out), lambda f: f.write((markdown + "\n").encode()))
     if args.plot:
         drawn = plot(rows, args.plot)
         print(f"wrote {args.plot} ({drawn} measured points; runs without AutoAttack are left out)")
@@ -294,6 +356,10 @@ def cmd_export(args) -> None:
     if info_path(out).resolve() == out.resolve():
         raise RunDirError(f"{out}: its model_info ({info_path(out).name}) would overwrite the weights; name it e.g. "
                           f"{out.with_suffix('.pt')}")  # fmt: skip
+    for path in (out, info_path(out)):  # a run's config.json or results.json, an earlier export: never replaced
+        if path.exists():
+            raise RunDirError(f"{path} exists: export writes {out.name} and {info_path(out).name}; remove them first "
+                              "or name another OUT.pt")  # fmt: skip
     info = model_info(Path(args.target), cfg, plain)
     atomic_write(out, lambda f: torch.save(plain, f))
     atomic_json(info_path(out), info)
@@ -391,8 +457,22 @@ def interrupted_line(args) -> str:
     return "arat: interrupted"
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # `timeout`, a scheduler or torchrun stopping the process: Ctrl-C's path and line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    try:
+        return run_command(args)
+    finally:
+        if main_thread:  # a caller's own handler (pytest, the GPU check's stages) again after the command
+            signal.signal(signal.SIGTERM, before)
+
+
+def run_command(args) -> int:
     try:
         COMMANDS[args.command](args)
     except CompiledEvaluationFailed as e:  # the trained network and the finished chunks are saved

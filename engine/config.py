@@ -142,6 +142,8 @@ class OptimConfig:
         self.milestones = tuple(int(m) for m in self.milestones)
         _check(self.lr > 0 and self.first_epoch_lr > 0, "optim.lr and optim.first_epoch_lr must be positive")
         _check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
+        _check(all(m >= 1 for m in self.milestones), "optim.milestones are epochs: each must be >= 1")
+        _check(0 < self.decay <= 1, "optim.decay multiplies the learning rate at each milestone: 0 < decay <= 1")
         _check(self.weight_decay >= 0 and 0 <= self.momentum < 1, "optim.weight_decay >= 0, 0 <= momentum < 1")
 
     def lr_at(self, epoch: int) -> float:

@@ -40,7 +40,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"perf.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"perf.device={name} but CUDA is not available here; use --set perf.device=cpu")
+        raise ConfigError(f"device {name} but CUDA is not available here; use the CPU (arat train: --set "
+                          "perf.device=cpu; arat eval: --device cpu)")  # fmt: skip
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"perf.device={name} but this process sees {torch.cuda.device_count()} GPU(s): "
                           f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip

@@ -150,6 +150,9 @@ class RunDir:
 
     def create(self, resume: bool) -> None:
         if self.path.exists() and not resume and any(p.name != LOCK for p in self.path.iterdir()):
+            if not (self.path / "config.json").exists():
+                raise RunDirError(f"{self.path} is not empty and holds no run: pick another --out (a new or empty "
+                                  "directory)")  # fmt: skip
             raise RunDirError(
                 f"{self.path} already holds a run: resume it with `arat train --resume {self.path}` "
                 "or pick another --out"

@@ -193,6 +193,8 @@ def run_dirs(paths: list[str]) -> list[Path]:
         if (path / "config.json").exists():
             found.append(path)
             continue
+        if not path.exists():
+            raise TableError(f"{path} does not exist: pass `arat train` --out dirs (or a folder of them)")
         inner = sorted(p.parent for p in path.glob("*/config.json")) if path.is_dir() else []
         if not inner:
             raise TableError(

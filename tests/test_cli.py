@@ -56,6 +56,9 @@ def test_existing_run_dir_is_not_overwritten(capsys, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, err = run_cli(capsys, "train", "--recipe", "smoke", "--out", str(out))
+    assert code == 2 and "is not empty and holds no run" in err and (out / "keep.txt").read_text() == "mine"
+    (out / "config.json").write_text("{}")  # a run's folder: resuming is the advice
+    code, _, err = run_cli(capsys, "train", "--recipe", "smoke", "--out", str(out))
     assert code == 2 and "--resume" in err and (out / "keep.txt").read_text() == "mine"
 
 
@@ -123,7 +126,8 @@ def test_data_download_verifies_md5(capsys, tmp_path):
     archive = tmp_path / "cifar-10-python.tar.gz"
     md5 = fake_cifar_archive(archive)
     code, _, err = run_cli(capsys, "data", "download", "--data-dir", str(tmp_path / "d1"), "--url", archive.as_uri())
-    assert code == 2 and "does not match the published" in err  # the published MD5 is of the real archive
+    assert code == 2 and "does not match the expected" in err  # the published MD5 is of the real archive
+    assert "not the official archive" in err and not (tmp_path / "d1").exists()  # no empty folder left behind
     assert not (tmp_path / "d1" / "cifar-10-batches-py").exists()
     code, out, _ = run_cli(
         capsys, "data", "download", "--data-dir", str(tmp_path / "d2"), "--url", archive.as_uri(), "--md5", md5
@@ -282,7 +286,7 @@ def test_bad_downloads_and_data_dirs_are_one_line(tmp_path, capsys):
                            "--md5", md5)  # fmt: skip
     errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line]  # besides the progress bar
     assert code == 2 and len(errors) == 1 and "not a gzip tar archive" in errors[0] and "Traceback" not in err
-    assert list((tmp_path / "d").iterdir()) == []  # the temporary download is gone
+    assert not (tmp_path / "d").exists()  # the temporary download is gone, and the folder it made for it
     a_file = tmp_path / "file"
     a_file.write_text("x")
     code, _, err = run_cli(capsys, "data", "download", "--data-dir", str(a_file))
@@ -476,3 +480,104 @@ def test_resume_and_export_edge_cases_end_in_one_line(tmp_path, capsys):
                 f.write("[1]\n{}\n")
         code, out, err = run_cli(capsys, "train", "--resume", str(broken / name))
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
+
+
+def test_a_user_s_review_of_the_cli(tmp_path, capsys, monkeypatch):
+    """What a review of the CLI as a demanding user found (2026-12-05): each ends in one line and exit 2 before
+    anything is written or evaluated, and nothing of a run is overwritten."""
+    run = tmp_path / "run"
+    small = ["--set", "train.epochs=1", "--set", "eval.num_examples=32"]
+    assert main(["train", "--recipe", "smoke", "--out", str(run), *small, "--set", "eval.attacks=clean,pgd20"]) == 0
+    config, results = (run / "config.json").read_text(), (run / "results.json").read_text()
+    capsys.readouterr()
+    # export never replaces a run's files (OUT.json beside OUT.pt was the run's config.json) nor an earlier export
+    for out in ("config.pt", "results.pt"):
+        assert main(["export", str(run), str(run / out)]) == 2 and "exists" in one_line_error(capsys)
+    assert (run / "config.json").read_text() == config and (run / "results.json").read_text() == results
+    assert main(["export", str(run), str(tmp_path / "m.pt")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "m.pt")]) == 2 and "remove them first" in one_line_error(capsys)
+    # a second `arat eval` of other attacks keeps the first one's in eval.json (and so in the table)
+    assert main(["eval", str(run), "--attacks", "clean,pgd20", "--num-examples", "32"]) == 0
+    assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "32"]) == 0
+    import json
+
+    assert set(json.loads((run / "eval.json").read_text())["results"]) == {"clean", "pgd20"}
+    capsys.readouterr()
+    # table: --out onto a run's file, a directory, an unknown plot format: refused before anything is written
+    assert main(["table", str(run), "--out", str(run / "results.json")]) == 2 and "markdown" in one_line_error(capsys)
+    assert (run / "results.json").read_text() == results
+    assert main(["table", str(run), "--out", str(tmp_path)]) == 2 and "directory" in one_line_error(capsys)
+    assert main(["table", str(run), "--plot", str(tmp_path / "p.txt")]) == 2 and ".png" in one_line_error(capsys)
+    assert main(["table", str(tmp_path / "nothere")]) == 2 and "does not exist" in one_line_error(capsys)
+    # eval: a run in use is refused before evaluating; a dataset of other classes; cuda on a CPU names --device
+    from engine.rundir import RunDir
+
+    with RunDir(run).open_for_writing(resume=True):
+        assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "32"]) == 2
+    err = one_line_error(capsys)
+    assert "in use" in err and "latest.pt" in err
+    assert main(["eval", str(run), "--attacks", "clean", "--dataset", "cifar100"]) == 2
+    assert "10 outputs" in one_line_error(capsys)
+    if not torch.cuda.is_available():
+        assert main(["eval", str(run), "--device", "cuda"]) == 2 and "--device cpu" in one_line_error(capsys)
+    # train: an empty --resume; a learning-rate decay or milestone that makes no sense
+    assert main(["train", "--resume", ""]) == 2 and "--resume is empty" in one_line_error(capsys)
+    for bad in ("optim.decay=-1", "optim.milestones=-5,3"):
+        assert main(["train", "--recipe", "smoke", "--set", bad, "--out", str(tmp_path / "x")]) == 2
+        assert "optim." in one_line_error(capsys) and not (tmp_path / "x").exists()
+
+
+def test_a_bad_option_is_one_line_without_the_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "somewhere", "--num-examples", "abc"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "invalid int value" in err and "--help" in err
+
+
+def test_a_local_archive_path_downloads_and_a_partial_folder_is_refused_first(tmp_path, capsys):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    md5 = fake_cifar_archive(archive)
+    code, _, _ = run_cli(
+        capsys, "data", "download", "--data-dir", str(tmp_path / "d"), "--url", str(archive), "--md5", md5
+    )
+    assert code == 0 and (tmp_path / "d" / "cifar-10-batches-py" / "test_batch").exists()
+    partial = tmp_path / "p" / "cifar-10-batches-py"
+    partial.mkdir(parents=True)
+    code, _, err = run_cli(
+        capsys, "data", "download", "--data-dir", str(tmp_path / "p"), "--url", str(archive), "--md5", md5
+    )
+    assert code == 2 and "incomplete" in err and list(partial.iterdir()) == []
+    code, _, err = run_cli(capsys, "data", "download", "--data-dir", str(tmp_path / "q"), "--url", "not a url")
+    assert code == 2 and "could not download" in err and "Traceback" not in err
+
+
+def test_sigterm_ends_like_ctrl_c(tmp_path):
+    """`timeout`, a scheduler or torchrun stopping `arat train` ended it with no message and no resume line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "train",
+        "--recipe",
+        "smoke",
+        "--out",
+        str(run),
+        "--set",
+        "train.epochs=50",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "latest.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and f"arat train --resume {run}" in err

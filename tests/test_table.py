@@ -259,6 +259,8 @@ def test_runs_without_results_are_refused(tmp_path, capsys):
     (run / "checkpoints").mkdir(exist_ok=True)
     (run / "checkpoints" / "final.pt").write_bytes(b"")
     assert main(["table", str(run)]) == 2 and "arat eval" in capsys.readouterr().err
+    assert main(["table", str(tmp_path / "empty")]) == 2 and "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
     assert main(["table", str(tmp_path / "empty")]) == 2 and "no run directory" in capsys.readouterr().err
 
 

@@ -37,7 +37,7 @@ def fetch(url: str, dest: Path) -> None:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: not a URL (unknown url type)
         raise DataError(
             f"could not download {url} ({getattr(e, 'reason', e)}); check the network or pass --url "
             "to a local copy (file:///path/to/archive.tar.gz)"
@@ -70,14 +70,32 @@ def download(dataset: str, data_dir: str | Path, url: str | None = None, md5: st
         return found
     default_url, published_md5 = ARCHIVES[dataset]
     url, md5 = url or default_url, md5 or published_md5
+    if url and "://" not in url and Path(url).is_file():  # a local archive named by its path
+        url = Path(url).resolve().as_uri()
+    folder = data_dir / LAYOUTS[dataset][0]
+    if folder.exists():  # checked before downloading: the extraction would land inside it
+        raise DataError(f"{folder} exists but is incomplete (find_layout found no full {dataset}); delete it and rerun")
+    created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fetch_and_extract(dataset, data_dir, url, md5)
+    except BaseException:
+        if created and not any(data_dir.iterdir()):  # a failed download leaves no empty folder it made
+            data_dir.rmdir()
+        raise
+    if (found := find_layout(dataset, data_dir)) is None:
+        raise DataError(f"{data_dir / LAYOUTS[dataset][0]} is incomplete after extraction; delete it and retry")
+    return found
+
+
+def fetch_and_extract(dataset: str, data_dir: Path, url: str, md5: str) -> None:
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
         archive = Path(tmp) / Path(url).name
         fetch(url, archive)
         if (got := md5sum(archive)) != md5:
-            raise DataError(
-                f"{url}: MD5 {got} does not match the published {md5}; the download is corrupt, run the command again"
-            )
+            why = ("it is not the official archive (or pass its --md5)" if url.startswith("file:")
+                   else "the download is corrupt, run the command again")  # fmt: skip
+            raise DataError(f"{url}: MD5 {got} does not match the expected {md5}; {why}")
         staging = Path(tmp) / "extract"
         staging.mkdir()
         safe_extract(archive, staging)
@@ -85,6 +103,3 @@ def download(dataset: str, data_dir: str | Path, url: str | None = None, md5: st
         if not (staging / folder).is_dir():
             raise DataError(f"{url} does not contain {folder}/; is it the official python archive?")
         shutil.move(str(staging / folder), data_dir / folder)
-    if (found := find_layout(dataset, data_dir)) is None:
-        raise DataError(f"{data_dir / LAYOUTS[dataset][0]} is incomplete after extraction; delete it and retry")
-    return found
