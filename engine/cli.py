@@ -175,6 +175,7 @@ def cmd_train(args) -> None:
 def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
     """(checkpoint file, its run config if it belongs to a run)."""
     from .models import CheckpointError
+    from .rundir import RunDir
     from .train import FINAL, LATEST, load_run_config
 
     path = Path(target)
@@ -182,6 +183,13 @@ def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
         cfg = load_run_config(path)
         for name in (FINAL, LATEST):
             if (path / "checkpoints" / name).exists():
+                if name == LATEST:  # said, not silent: the figures are of an unfinished network
+                    try:
+                        epochs = [r.get("epoch") for r in RunDir(path).metrics() if isinstance(r, dict)]
+                    except UserError:  # a corrupt metrics.jsonl: the note goes without the epoch
+                        epochs = []
+                    after = f" (after epoch {epochs[-1]} of {cfg.epochs})" if epochs else ""
+                    print(f"arat: {path} has not finished: using its latest checkpoint{after}", file=sys.stderr)
                 return path / "checkpoints" / name, cfg
         raise CheckpointError(
             f"{path} has no checkpoint yet: one is written when its first epoch ends; wait for that, or continue "

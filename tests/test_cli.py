@@ -581,3 +581,12 @@ def test_sigterm_ends_like_ctrl_c(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and f"arat train --resume {run}" in err
+
+
+def test_evaluating_an_unfinished_run_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1", "--no-eval"]) == 0
+    (run / "checkpoints" / "final.pt").unlink()  # as a run still in its second epoch
+    capsys.readouterr()
+    assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 0
+    assert f"{run} has not finished: using its latest checkpoint (after epoch 1 of 1)" in capsys.readouterr().err
