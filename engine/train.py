@@ -365,6 +365,7 @@ def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
         if run.dist.is_main:
             try:
                 stack.enter_context(rundir.open_for_writing(resume))
+                problem = other_data_on_resume(run, rundir) if resume else None
             except RunDirError as e:
                 problem = str(e)
         problem = distributed.gather_objects(problem, run.dist)[0]
@@ -372,6 +373,18 @@ def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
             distributed.shutdown(run.dist, wait=False)
             raise RunDirError(problem)
         yield
+
+
+def other_data_on_resume(run: Run, rundir: RunDir) -> str | None:
+    """A resume that would train on other data than the checkpointed epochs did: with data.synthetic_fallback, the
+    data is resolved again in each process (CIFAR-10 downloaded since, or its folder gone), and the run would mix
+    the two without a word (env.json recorded only the first)."""
+    trained = rundir.training_record().get("dataset")
+    now = resolve_dataset(run.cfg.data)
+    if trained is None or trained == now or not rundir.checkpoint(LATEST).exists():
+        return None
+    return (f"{rundir.path} trained on {trained}, but {now} would be used now (data.synthetic_fallback resolves the "
+            f"data again): make {trained} available again (--data-dir), or start a new run")  # fmt: skip
 
 
 def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bool) -> None:

@@ -389,3 +389,24 @@ def test_a_last_batch_of_one_image_is_refused(tiny_cfg, tmp_path):
     cfg = apply_overrides(tiny_cfg, ["data.drop_last=false", "data.synthetic_size=257", "data.train_subset=0"])
     with pytest.raises(ConfigError, match="a last batch of 1 image"):
         run_training(cfg, tmp_path / "run")
+
+
+def test_a_resume_that_would_train_on_other_data_is_refused(tiny_cfg, tmp_path, monkeypatch):
+    """With data.synthetic_fallback the data is resolved again in each process: CIFAR-10 present at a resume of a
+    run that trained on the synthetic stand-in would have mixed the two without a word (a review found it)."""
+    from engine import train
+    from engine.rundir import RunDirError
+    from engine.train import load_run_config
+
+    fallback = ["data.dataset=cifar10", "data.synthetic_fallback=true", f"data.data_dir={tmp_path / 'none'}"]
+    run = run_training(
+        apply_overrides(tiny_cfg, [*fallback, "train.epochs=1"]), tmp_path / "run", evaluate_at_end=False
+    )
+    assert json.loads((run / "env.json").read_text())["dataset"] == "synthetic"
+    (run / "checkpoints" / "final.pt").unlink()
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(saved | {"epochs": 2}))
+    monkeypatch.setattr(train, "resolve_dataset", lambda cfg: "cifar10")  # as if CIFAR-10 had been downloaded since
+    with pytest.raises(RunDirError, match="trained on synthetic, but cifar10 would be used now"):
+        run_training(load_run_config(run), run, resume=True)
+    assert [r["epoch"] for r in read_rows(run)] == [1]

@@ -221,7 +221,8 @@ class FFCVLoader(PlannedLoader):
         # No FFCV ToDevice on CUDA: it copies non-blocking out of FFCV's own pinned slots, which torch does not track,
         # and FFCV's worker rewrites a slot five batches on whether or not the GPU has read it; a host running more
         # than five steps ahead of the GPU (no sync inside a step) would train one batch twice and lose another.
-        # Each batch is copied into torch's pinned memory instead, whose allocator holds it until the copy has run.
+        # Each batch is copied into a fresh block of torch's pinned memory instead (pinned_copy), whose allocator
+        # holds it until the copy has run.
         self.pin = on_cuda
         self.ffcv = Loader(
             str(beton),
@@ -251,10 +252,19 @@ class FFCVLoader(PlannedLoader):
         try:
             for images, labels in epoch:  # (B, 32, 32, 3) uint8, (B, 1) int64, in FFCV's buffers
                 if self.pin:  # ~1.5 MB per batch of 512: a host memcpy, then a non-blocking copy from it
-                    images, labels = images.pin_memory(), labels.pin_memory()
+                    images, labels = pinned_copy(images), pinned_copy(labels)
                 yield self.finish(images, labels)
         finally:  # FFCV's reader thread only stops when told (a loop left early would leak it)
             epoch.close()
+
+
+def pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` copied into a fresh block of torch's pinned memory, which its allocator keeps until the non-blocking copy
+    reading it has run. Not `t.pin_memory()`: with CUDA present FFCV allocates its slots pinned already, and
+    pin_memory() of a pinned tensor returns the tensor itself, so the device copy read FFCV's slot, which its worker
+    rewrites one batch later when its queue is full."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t)
 
 
 def make_loader(split: ArraySplit, batch_size: int, *, train: bool, device: torch.device, **kwargs) -> FFCVLoader:

@@ -41,7 +41,8 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def shard(num: int, rank: int, world_size: int) -> slice:
-    """This rank's equal share of an epoch's permutation (the remainder is dropped, as DistributedSampler does)."""
+    """This rank's equal share of an epoch's permutation (the remainder is dropped, as DistributedSampler does with
+    drop_last=True; its default pads with repeated images instead)."""
     per_rank = num // world_size
     return slice(rank * per_rank, (rank + 1) * per_rank)
 

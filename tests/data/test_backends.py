@@ -398,3 +398,28 @@ def test_ffcv_leaves_torchs_thread_count_alone():
         assert torch.get_num_threads() == before and Compiler.num_threads == other
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_ffcv_batch_is_copied_out_of_ffcv_s_slots_into_fresh_pinned_memory(monkeypatch):
+    """With CUDA present FFCV allocates its slots pinned, and pin_memory() of a pinned tensor is the tensor itself:
+    the non-blocking device copy read FFCV's slot, which its worker rewrites one batch later when its queue is full
+    (a review found it; the GPU path has not run on a GPU). pinned_copy always makes a fresh pinned block. On a CPU
+    the allocation is stubbed (there is no pinned allocator without CUDA); on a GPU it runs for real."""
+    from engine.data.ffcv_backend import pinned_copy
+
+    src = torch.arange(12, dtype=torch.uint8).reshape(3, 4)
+    if torch.cuda.is_available():
+        src = src.pin_memory()
+        out = pinned_copy(src)
+        assert out.is_pinned() and out.data_ptr() != src.data_ptr() and torch.equal(out, src)
+        return
+    asked = []
+    empty = torch.empty
+
+    def unpinned_empty(*shape, pin_memory=False, **kwargs):
+        asked.append(pin_memory)
+        return empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", unpinned_empty)
+    out = pinned_copy(src)
+    assert asked == [True] and out.data_ptr() != src.data_ptr() and torch.equal(out, src) and out.dtype == src.dtype
