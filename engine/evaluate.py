@@ -391,6 +391,8 @@ def _evaluate(
                 stages = {s: sum(r["counts"][s] for r in records) / n for s in ("clean", *protocol.attacks)}
                 result |= {"version": cfg.aa_version, "stages": stages}
             results[name] = result
+            if name == "pgd20" and graphs is not None:  # AutoAttack's chunks were sized without PGD-20's graphs
+                graphs.release()
     return results
 
 

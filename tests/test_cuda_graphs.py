@@ -358,10 +358,14 @@ def test_released_graphs_capture_again_and_keep_their_counts():
     cfg = AttackConfig(num_steps=2)
     model_a, model_b, data = net(), net(), batches(4)
     eager = attacks(model_a, data, cfg, None, bn="adv", train=False)
-    captured = graphs.AttackGraphs(Rerun(model_b), warmup=1)
+    backend = Rerun(model_b)
+    backend.pools = 0
+    backend.new_pool = lambda: setattr(backend, "pools", backend.pools + 1)  # CudaCapture's: the next captures' pool
+    captured = graphs.AttackGraphs(backend, warmup=1)
     first = attacks(model_b, data[:2], cfg, captured, bn="adv", train=False)
     captured.release()
     assert captured.stats()["attacks"] == 0 and (captured.captures, captured.replays) == (1, 1)
+    assert backend.pools == 1  # a pool left without graphs is never captured into again
     torch.manual_seed(5)
     with graphs.using(captured):
         again = [pgd(model_b, x, y, cfg, bn="adv", train=False) for x, y in data[:2]]
@@ -390,8 +394,8 @@ def test_the_evaluation_ending_a_run_starts_without_training_state(tiny_cfg, tmp
 
     build = train.build_run
 
-    def build_run(cfg):
-        run = seen["run"] = build(cfg)
+    def build_run(cfg, **kwargs):
+        run = seen["run"] = build(cfg, **kwargs)
         run.perf.attack_graphs = graphs.AttackGraphs(Rerun(run.nets.raw), warmup=1)
         run.perf.activate()
         return run

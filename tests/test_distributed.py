@@ -97,7 +97,7 @@ def test_an_out_folder_rank0_refuses_stops_every_rank(tmp_path):
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode != 0 and proc.stderr.count("already holds a run") == 2, proc.stderr[-3000:]
+    assert proc.returncode != 0 and proc.stderr.count("is not empty and holds no run") == 2, proc.stderr[-3000:]
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 

@@ -56,3 +56,30 @@ def test_autoattack_standard_on_a_breakable_model():
     assert results["clean"]["accuracy"] == 1.0
     assert results["aa"]["accuracy"] < 0.5 and results["pgd20"]["accuracy"] < 0.5  # both break the steep model
     assert model.bn_seen == {"adv"} and model.training  # adv BNs only; the caller's mode restored
+
+
+def test_pgd20_s_captured_graphs_are_dropped_before_autoattack(monkeypatch):
+    """AutoAttack's chunks are sized without PGD-20's captured graphs (pool, static buffers, the network they
+    hold): the evaluation drops them once PGD-20 is done (a review found them kept to the end). CPU stand-in for
+    the CUDA capture (tests/test_cuda_graphs.py's Rerun)."""
+    from test_cuda_graphs import Rerun
+
+    from engine import evaluate as evaluation
+    from engine.attacks import graphs
+
+    torch.manual_seed(0)
+    model = SteepLinear().eval()
+    split = synthetic_split(8, 10, seed=0)
+    captured = graphs.AttackGraphs(Rerun(model), warmup=1)
+    seen = {}
+    attack_chunk = evaluation.autoattack.attack_chunk
+
+    def watched(*args, **kwargs):
+        seen.setdefault("entries_at_aa", captured.stats()["attacks"])
+        return attack_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "attack_graphs", lambda *a, **k: captured)
+    monkeypatch.setattr(evaluation.autoattack, "attack_chunk", watched)
+    cfg = EvalConfig(attacks=("clean", "pgd20", "aa"), num_examples=8, aa_num_examples=4, batch_size=4, chunk_size=4)
+    evaluate(model, split, cfg, torch.device("cpu"))
+    assert captured.captures >= 1 and seen["entries_at_aa"] == 0

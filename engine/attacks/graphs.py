@@ -52,6 +52,9 @@ class CudaCapture:
         self.stream = torch.cuda.Stream(self.device)
         self.pool = torch.cuda.graph_pool_handle()
 
+    def new_pool(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+
     @staticmethod
     def normalize(device: torch.device) -> torch.device:
         """cuda:N (tensors report cuda:N; a bare "cuda" would never compare equal to their device)."""
@@ -77,6 +80,9 @@ class CudaCapture:
                 out = self.warm(fn)
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
+        for w in caught:  # the call's other warnings go on as they would have without the recording
+            if not is_sync_warning(str(w.message)):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return out, [str(w.message).splitlines()[0] for w in caught if is_sync_warning(str(w.message))]
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
@@ -160,8 +166,12 @@ class AttackGraphs:
 
     def release(self) -> None:
         """Drop every captured attack (its graph, static inputs and output, the network it holds): their memory goes
-        back to the pool, for the attacks captured next (the evaluation after training). The counts stay."""
+        back to the allocator (empty_cache frees the pool once its blocks are), and the attacks captured next (the
+        evaluation after training) get a fresh pool: one left with no graph would fail the allocator's check on
+        its next capture if a tensor of it were still alive. The counts stay."""
         self._entries.clear()
+        if hasattr(self.capture_backend, "new_pool"):
+            self.capture_backend.new_pool()
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether an attack on `x` is captured (CUDA graphs take tensors on their own device only)."""
