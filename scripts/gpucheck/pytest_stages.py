@@ -23,6 +23,7 @@ from .record import REPO, StageFailed, StageRecord, child_processes
 # the captured attack (the engine's CUDA default, never run on a GPU yet) first: a cut at the cap keeps its results
 PROBES = ["tests/test_cuda_graphs.py", "tests/test_perf.py", "tests/test_train.py::test_resume_gives_identical_results",
           "tests/data/test_backends.py::test_batches_on_the_device_equal_the_cpu_device_loaders",
+          "tests/data/test_backends.py::test_each_ffcv_batch_is_copied_out_of_ffcv_s_slots_into_fresh_pinned_memory",
           "-m", "not slow"]  # fmt: skip
 FIRST_KERNEL_TESTS = "test_triton_ops.py"  # the triton_op route compiled by Inductor: before the cap can cut the run
 SMOKE_KERNEL_TESTS = ["tests/kernels/test_pgd_step.py", "-m", "triton", "--maxfail", "10"]  # interpreted: slow
