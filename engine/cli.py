@@ -306,12 +306,18 @@ def merged_evaluation(path: Path, dataset: str, results: dict) -> dict:
     """RUN/eval.json with this evaluation's attacks replacing their earlier entries: `arat eval RUN --attacks clean`
     after an evaluation of AutoAttack kept only clean (the AutoAttack figure vanished from `arat table`). An
     eval.json on other data is replaced whole (its figures stay in eval/records/)."""
+    from .rundir import fewer_images_of_the_same_network
+
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         earlier = None
     same = isinstance(earlier, dict) and earlier.get("dataset") == dataset and isinstance(earlier.get("results"), dict)
-    return {"dataset": dataset, "results": (earlier["results"] if same else {}) | results}
+    merged = dict(earlier["results"]) if same else {}
+    for attack, result in results.items():  # a rerun of the same weights on fewer images keeps the fuller figure
+        if not fewer_images_of_the_same_network(result, merged.get(attack)):
+            merged[attack] = result
+    return {"dataset": dataset, "results": merged}
 
 
 PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")  # matplotlib's Agg

@@ -111,12 +111,12 @@ def results_on(dataset: str, evaluations: list[tuple[str, dict]]) -> tuple[dict,
             left_out.append((name, evaluation["dataset"]))
             continue
         for attack, result in evaluation["results"].items():
-            if not _fewer_images_of_the_same_network(result, results.get(attack)):
+            if not fewer_images_of_the_same_network(result, results.get(attack)):
                 results[attack] = result
     return results, left_out
 
 
-def _fewer_images_of_the_same_network(later: Any, earlier: Any) -> bool:
+def fewer_images_of_the_same_network(later: Any, earlier: Any) -> bool:
     if not isinstance(later, dict) or not isinstance(earlier, dict):
         return False
     model = [r.get("config", {}).get("model") if isinstance(r.get("config"), dict) else None for r in (later, earlier)]

@@ -503,6 +503,8 @@ def test_a_user_s_review_of_the_cli(tmp_path, capsys, monkeypatch):
     import json
 
     assert set(json.loads((run / "eval.json").read_text())["results"]) == {"clean", "pgd20"}
+    assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 0  # the same weights, fewer
+    assert json.loads((run / "eval.json").read_text())["results"]["clean"]["num_examples"] == 32
     capsys.readouterr()
     # table: --out onto a run's file, a directory, an unknown plot format: refused before anything is written
     assert main(["table", str(run), "--out", str(run / "results.json")]) == 2 and "markdown" in one_line_error(capsys)
