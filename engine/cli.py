@@ -232,6 +232,12 @@ def cmd_eval(args) -> None:
     from .perf import make_current, resolve_device
     from .rundir import RunDir, atomic_json, environment
 
+    flags = {"--num-examples": (args.num_examples, ""), "--batch-size": (args.batch_size, ""),
+             "--aa-num-examples": (args.aa_num_examples, " (0: as --num-examples)"),
+             "--chunk-size": (args.chunk_size, " (0: sized for the device)")}  # fmt: skip
+    for flag, (value, zero) in flags.items():  # said with the flag typed, not the config key behind it
+        if value is not None and value < (0 if zero else 1):
+            raise ConfigError(f"{flag} {value}: give at least {0 if zero else 1}{zero}")
     eval_cfg = EvalConfig(  # validated before anything is loaded
         attacks=args.attacks,
         num_examples=10000 if args.num_examples is None else args.num_examples,

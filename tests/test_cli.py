@@ -167,7 +167,9 @@ def test_eval_refuses_zero_examples(tmp_path, capsys):
     from engine.cli import main
 
     assert main(["eval", str(tmp_path / "missing.pt"), "--num-examples", "0"]) == 2
-    assert "eval.num_examples" in capsys.readouterr().err
+    assert "--num-examples 0: give at least 1" in capsys.readouterr().err  # the flag typed, not the config key
+    assert main(["eval", str(tmp_path / "missing.pt"), "--chunk-size", "-5"]) == 2
+    assert "--chunk-size -5: give at least 0 (0: sized for the device)" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing.pt"), "--attacks", ""]) == 2
     assert "eval.attacks is empty" in capsys.readouterr().err
 
