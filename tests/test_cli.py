@@ -565,18 +565,8 @@ def test_sigterm_ends_like_ctrl_c(tmp_path):
     import time
 
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "train",
-        "--recipe",
-        "smoke",
-        "--out",
-        str(run),
-        "--set",
-        "train.epochs=50",
-    ]
+    cmd = [sys.executable, "-m", "engine.cli", "train", "--recipe", "smoke", "--out", str(run),
+           "--set", "train.epochs=50"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     deadline = time.time() + 120
