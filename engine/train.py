@@ -232,6 +232,7 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
         if compiling and not run.warm:
             run.warm = True
             first["first_step_seconds"] = round(synced_seconds(begun, run.perf.device), 2)
+            first["epoch_start_seconds"] = round(start - begun, 2)  # the balance pass, its compiling included
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
         run.step += 1
         run.swa.maybe_update(run.nets.raw, epoch, run.step)
@@ -301,7 +302,9 @@ def epoch_line(row: dict, epochs: int) -> str:
     if row.get("cuda_graphs", {}).get("eager_calls"):
         parts.append(f"({row['cuda_graphs']['eager_calls']} attacks ran uncaptured: see the warning above)")
     if row["epoch"] < epochs:  # at this epoch's pace, less the compiling that only the first epoch pays
-        pace = row["epoch_seconds"] - row.get("first_step_seconds", 0.0)
+        # epoch_seconds starts after the epoch-start pass, first_step_seconds before it: only the part of the
+        # first step's time inside epoch_seconds is taken off (the whole made the estimate low, even 0s)
+        pace = row["epoch_seconds"] - (row.get("first_step_seconds", 0.0) - row.get("epoch_start_seconds", 0.0))
         parts.append(f"~{clock(max(pace, 0.0) * (epochs - row['epoch']))} of training left")
     return "  ".join(parts)
 

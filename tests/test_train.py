@@ -202,6 +202,7 @@ def test_a_compiled_run_says_it_compiles_and_times_its_first_step(tiny_cfg, tmp_
     assert "torch.compile builds the step's graphs" in out and "compiling: " in out
     rows = read_rows(run)
     assert rows[0]["first_step_seconds"] > 0 and "first_step_seconds" not in rows[1]
+    assert 0 <= rows[0]["epoch_start_seconds"] <= rows[0]["first_step_seconds"]
     run_training(apply_overrides(compiled, ["train.epochs=3"]), run, resume=True, evaluate_at_end=False)
     assert "first_step_seconds" in read_rows(run)[2] and "compiling: " in capsys.readouterr().out
     plain = run_training(apply_overrides(tiny_cfg, ["train.epochs=1"]), tmp_path / "plain", evaluate_at_end=False)
@@ -299,6 +300,9 @@ def test_the_epoch_line_says_how_much_training_is_left():
     assert "left" not in epoch_line(row | {"epoch": 3}, 3)  # the last epoch: evaluation comes next
     compiled = row | {"epoch_seconds": 400.0, "first_step_seconds": 300.0}  # the compiling is not paid again
     assert epoch_line(compiled, 3).endswith("(compiling: 300s to the first step)  ~3m of training left")
+    # 120 s of the 300 went to the epoch-start pass, outside epoch_seconds: 400 - 180 = 220 s per epoch ahead
+    slow_start = compiled | {"epoch_start_seconds": 120.0}
+    assert epoch_line(slow_start, 3).endswith("~7m of training left")
 
 
 def test_a_seed_whose_epoch_stream_torch_cannot_take_is_refused(tiny_cfg):
