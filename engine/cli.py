@@ -7,7 +7,6 @@ line on stderr and exit status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -312,12 +311,9 @@ def merged_evaluation(path: Path, dataset: str, results: dict) -> dict:
     """RUN/eval.json with this evaluation's attacks replacing their earlier entries: `arat eval RUN --attacks clean`
     after an evaluation of AutoAttack kept only clean (the AutoAttack figure vanished from `arat table`). An
     eval.json on other data is replaced whole (its figures stay in eval/records/)."""
-    from .rundir import fewer_images_of_the_same_network
+    from .rundir import fewer_images_of_the_same_network, read_json_or_none
 
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        earlier = None
+    earlier = read_json_or_none(path)
     same = isinstance(earlier, dict) and earlier.get("dataset") == dataset and isinstance(earlier.get("results"), dict)
     merged = dict(earlier["results"]) if same else {}
     for attack, result in results.items():  # a rerun of the same weights on fewer images keeps the fuller figure
@@ -390,17 +386,14 @@ def model_info(target: Path, cfg: TrainConfig | None, plain: dict) -> dict:
     """RobustBench-shaped model_info (strings with two decimals, as its JSON files hold them), with the figures of
     the run's latest evaluation when `target` is a run directory, plus what `engine.hub.load_model` needs."""
     from .hub import infer_config
-    from .rundir import RunDir, results_on
+    from .rundir import RunDir, read_json_or_none, results_on
 
     arch_cfg, classes = infer_config(plain)
     dataset = cfg.data.dataset if cfg else "cifar10"
     dataset = RunDir(target).training_record().get("dataset", dataset) if target.is_dir() else dataset
     evaluations = []
     for name in ("results.json", "eval.json") if target.is_dir() else ():  # eval.json (a later `arat eval`) overrides
-        try:
-            found = json.loads((target / name).read_text())
-        except (OSError, ValueError):
-            continue
+        found = read_json_or_none(target / name)
         if isinstance(found, dict) and isinstance(found.get("results"), dict):
             evaluations.append((name, found))
     results, _ = results_on(dataset, evaluations)  # evaluations on other data than the training's are left out

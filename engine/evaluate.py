@@ -34,7 +34,7 @@ from .distributed import DistInfo, gather_objects
 from .errors import CompiledEvaluationFailed
 from .perf import EvalForward, attack_graphs, compile_wanted, eval_network
 from .progress import progress_bar
-from .rundir import atomic_json
+from .rundir import atomic_json, read_json_or_none
 
 PGD20 = AttackConfig(eps=EPS_8, step_size=STEP_2, num_steps=20, start="uniform")
 CPU_CHUNK = 500
@@ -424,10 +424,7 @@ def write_flags(directory: str | Path, results: dict) -> Path:
     other attacks (`arat eval RUN --attacks pgd20`) keeps the entries it did not redo (it replaced the file, and so
     lost the run's AutoAttack flags)."""
     path = Path(directory) / "flags.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
+    data = read_json_or_none(path)
     data = data if isinstance(data, dict) else {}
     for name, r in results.items():
         config = r.get("config", {})

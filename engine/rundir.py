@@ -55,6 +55,15 @@ def atomic_json(path: Path, data: dict, indent: int | None = 2) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def read_json_or_none(path: Path) -> Any:
+    """The JSON at `path`, or None where it is missing, unreadable, cut short or not UTF-8 (a file an earlier
+    command may or may not have written whole: the caller starts afresh or leaves it out)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
