@@ -337,13 +337,15 @@ def _evaluate(
     protocol = autoattack.PROTOCOLS[cfg.aa_version]
     model_hash = fingerprint(model)
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
-    results = {}
+    results, data_hashes = {}, {}
     graphs = attack_graphs(perf_cfg, device, reuse=active_graphs())  # PGD-20 captured on CUDA, in training's pool
     with mode(model, train=False), graphs_in_use(graphs), repeatable_cudnn():
         for name in cfg.attacks:
             n = num_images(name, cfg, len(y_all))
-            data_hash = data_fingerprint(x_all[:n], y_all[:n])
-            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last, compiled, data_hash)
+            if n not in data_hashes:  # clean and PGD-20 run on the same images: hashed (on the host) once
+                data_hashes[n] = data_fingerprint(x_all[:n], y_all[:n])
+            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last, compiled,
+                               data_hashes[n])  # fmt: skip
             store = ChunkStore(record_dir, name, spec)
             starts = range(0, n, cfg.chunk_size)
             mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]
