@@ -20,9 +20,11 @@ void pgd_step_kernel(const scalar_t* x, const scalar_t* x_adv, const scalar_t* g
       const float center = static_cast<float>(x[i]);
       const float step = (g > 0.f ? alpha : 0.f) - (g < 0.f ? alpha : 0.f);  // torch.sign: 0 for 0 and NaN
       float moved = static_cast<float>(x_adv[i]) + step;
-      // A NaN fails every comparison and is kept, as torch.clamp propagates it.
-      moved = moved < center - eps ? center - eps : moved;
-      moved = moved > center + eps ? center + eps : moved;
+      // A NaN fails every comparison and is kept, as torch.clamp propagates it; a NaN bound (x) is taken, as
+      // torch.clamp with tensor bounds takes it.
+      const float lo = center - eps, hi = center + eps;
+      moved = (lo != lo || moved < lo) ? lo : moved;
+      moved = (hi != hi || moved > hi) ? hi : moved;
       moved = moved < 0.f ? 0.f : moved;
       out[i] = static_cast<scalar_t>(moved > 1.f ? 1.f : moved);
     }

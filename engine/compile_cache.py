@@ -9,8 +9,10 @@ unless the user chose a directory, each ISA gets its own subdirectory.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -36,12 +38,25 @@ def cpu_key() -> str:
     return f"{torch.backends.cpu.get_cpu_capability().lower()}-{digest}"
 
 
+def inductor_default_dir() -> str:
+    """Inductor's own default cache directory, named as Inductor names it (torch 2.13's cache_dir_utils): the
+    account's login name (the password file's where $USER is unset), else uid_N. A name of $USER alone ("user" where
+    it was unset) gave every account of a container one folder, which the first one's permissions closed to the
+    others."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return os.path.abspath(os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)))
+
+
 def isolate_inductor_cache() -> str:
     """Point Inductor's cache at a per-ISA directory (a no-op when the user set TORCHINDUCTOR_CACHE_DIR);
-    returns the directory in use. Must run before the first compile of the process."""
-    if os.environ.get(ENV):
-        return os.environ[ENV]
-    user = os.environ.get("USER", "user").replace(os.sep, "_") or "user"
-    path = Path(tempfile.gettempdir()) / f"torchinductor_{user}" / f"arat-{cpu_key()}"
+    returns the directory in use. Must run before the first compile of the process. Inductor writes its default
+    into the variable at its first compile, and child processes inherit it: that value is not a user's choice."""
+    chosen = os.environ.get(ENV)
+    if chosen and os.path.abspath(chosen) != inductor_default_dir():
+        return chosen
+    path = Path(inductor_default_dir()) / f"arat-{cpu_key()}"
     os.environ[ENV] = str(path)
     return str(path)

@@ -17,7 +17,11 @@ from .models.splitbn import dual_bn_reference
 def fused_dual_bn(x: torch.Tensor, clean: nn.BatchNorm2d, adv: nn.BatchNorm2d, relu: bool) -> torch.Tensor:
     import kernels
 
-    eligible = x.dim() == 4 and all(bn.track_running_stats and bn.momentum is not None for bn in (clean, adv))
+    eligible = (  # one momentum and eps for both halves; affine parameters and running statistics in each
+        x.dim() == 4
+        and all(bn.track_running_stats and bn.affine and bn.momentum is not None for bn in (clean, adv))
+        and (clean.momentum, clean.eps) == (adv.momentum, adv.eps)
+    )
     if not eligible or clean.training != adv.training:
         return dual_bn_reference(x, clean, adv, relu)
     y = kernels.dual_batch_norm(

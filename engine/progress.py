@@ -15,11 +15,28 @@ from tqdm import tqdm
 LOG_FILE_INTERVAL_S = 30.0
 
 
+class _LogFileBar(tqdm):
+    """A bar in a log file: a new postfix or description waits for the next timed redraw (tqdm redraws at once by
+    default: the loss shown every log interval redrew the bar each time), and tqdm's monitor thread, which forces
+    a redraw `maxinterval` (10 s) after the last one, waits as long as the bar's own interval."""
+
+    def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+    def set_postfix_str(self, s="", refresh=False):
+        super().set_postfix_str(s, refresh=refresh)
+
+    def set_description(self, desc=None, refresh=False):
+        super().set_description(desc, refresh=refresh)
+
+
 def progress_bar(iterable=None, **kwargs) -> tqdm:
     """tqdm(iterable, **kwargs), redrawing at most every 30 s where stderr is no terminal."""
-    if "mininterval" not in kwargs and "TQDM_MININTERVAL" not in os.environ and not _terminal(sys.stderr):
-        kwargs["mininterval"] = LOG_FILE_INTERVAL_S
-    return tqdm(iterable, **kwargs)
+    if "mininterval" in kwargs or "TQDM_MININTERVAL" in os.environ or _terminal(sys.stderr):
+        return tqdm(iterable, **kwargs)
+    kwargs["mininterval"] = LOG_FILE_INTERVAL_S
+    kwargs.setdefault("maxinterval", LOG_FILE_INTERVAL_S)
+    return _LogFileBar(iterable, **kwargs)
 
 
 def _terminal(stream) -> bool:

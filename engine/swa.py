@@ -19,16 +19,18 @@ class SWA:
     def __init__(self, model: nn.Module, cfg: SWAConfig):
         self.cfg = cfg
         self.count = 0
+        self.started_on_resume = False  # turned on in config.json for a resume of a run that trained without it
         # an fp32 copy of the parameters only where SWA is on (WRN-34-10: ~185 MB on the device and in each checkpoint)
         params = model.named_parameters() if cfg.enabled else ()
         self.average = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params}
 
-    def updates(self, steps_per_epoch: int, epochs: int) -> int:
-        """How many averaging updates a run of `epochs` epochs of `steps_per_epoch` steps makes (0 with SWA off)."""
+    def updates(self, steps_per_epoch: int, epochs: int, done: int = 0) -> int:
+        """How many averaging updates a run of `epochs` epochs of `steps_per_epoch` steps makes after its first
+        `done` epochs (0 with SWA off)."""
         if not self.cfg.enabled or self.cfg.start_epoch > epochs:
             return 0
-        before = (max(self.cfg.start_epoch, 1) - 1) * steps_per_epoch  # steps taken before averaging starts
-        return epochs * steps_per_epoch // self.cfg.every - before // self.cfg.every
+        before = max(max(self.cfg.start_epoch, 1) - 1, done) * steps_per_epoch  # steps taken before averaging starts
+        return max(epochs * steps_per_epoch // self.cfg.every - before // self.cfg.every, 0)
 
     def active(self, epoch: int) -> bool:
         return self.cfg.enabled and epoch >= self.cfg.start_epoch
@@ -47,6 +49,9 @@ class SWA:
 
     def load_state_dict(self, state: dict) -> None:
         if not self.cfg.enabled:  # nothing to average into (a checkpoint of a run with SWA on, or of an older engine)
+            return
+        if not state["average"]:  # the checkpoint's run had SWA off: averaging starts now, from the fresh zeros
+            self.started_on_resume = True
             return
         self.count = state["count"]
         self.average = {k: v.to(self.average[k].device) for k, v in state["average"].items()}

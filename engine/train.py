@@ -291,7 +291,7 @@ def summarize(totals: dict[str, torch.Tensor], steps: int, images: int, info: di
     return row
 
 
-def epoch_line(row: dict, epochs: int) -> str:
+def epoch_line(row: dict, epochs: int, cost=lambda epoch: 1.0) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}"]
     keys = ("loss", "cls", "inv", "adv_weight", "grad_sim", "grad_conflict", "lr")
     parts += [f"{k} {row[k]:.4g}" for k in keys if row.get(k) is not None]
@@ -305,7 +305,9 @@ def epoch_line(row: dict, epochs: int) -> str:
         # epoch_seconds starts after the epoch-start pass, first_step_seconds before it: only the part of the
         # first step's time inside epoch_seconds is taken off (the whole made the estimate low, even 0s)
         pace = row["epoch_seconds"] - (row.get("first_step_seconds", 0.0) - row.get("epoch_start_seconds", 0.0))
-        parts.append(f"~{clock(max(pace, 0.0) * (epochs - row['epoch']))} of training left")
+        # `cost(epoch)`: an epoch's relative cost (ARREST's fine-tuning epochs attack, its standard ones do not)
+        left = sum(cost(e) for e in range(row["epoch"] + 1, epochs + 1)) / cost(row["epoch"])
+        parts.append(f"~{clock(max(pace, 0.0) * left)} of training left")
     return "  ".join(parts)
 
 
@@ -390,6 +392,22 @@ def other_data_on_resume(run: Run, rundir: RunDir) -> str | None:
             f"data again): make {trained} available again (--data-dir), or start a new run")  # fmt: skip
 
 
+def swa_from_now(run: Run) -> str:
+    """SWA turned on (config.json) for the resume of a run that trained without it: it averages the steps still to
+    come, if any of them is a multiple of swa.every (else the run would train to the end and then stop)."""
+    swa, steps, epochs = run.cfg.swa, len(run.train_loader), run.cfg.epochs
+    if not run.swa.updates(steps, epochs, done=run.epoch):
+        raise UserError(
+            f"SWA would average nothing: it was off for the {run.epoch} epochs trained, and epochs "
+            f"{max(swa.start_epoch, run.epoch + 1)}-{epochs} hold no step that is a multiple of swa.every={swa.every} "
+            f"({steps} steps per epoch); lower swa.every or raise train.epochs in config.json, or set swa.enabled=false"
+        )
+    return (
+        f"SWA was off for the {run.epoch} epochs trained: it averages from epoch "
+        f"{max(swa.start_epoch, run.epoch + 1)} on ({run.swa.updates(steps, epochs, done=run.epoch)} updates)"
+    )
+
+
 def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bool) -> None:
     cfg = run.cfg
     say = print if run.dist.is_main else (lambda *a, **k: None)
@@ -399,6 +417,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         rundir.record_environment(environment(run.perf.device) | started, resume)
     if resume and rundir.checkpoint(LATEST).exists():
         run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
+    swa_notice = swa_from_now(run) if run.swa.started_on_resume and run.epoch < cfg.epochs else None
     if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone
         rundir.remove_stale_temp_files()
         rundir.rewrite_metrics([r for r in rundir.metrics() if r.get("epoch", 0) <= run.epoch])
@@ -427,6 +446,8 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         say(notice)
     if run.epoch:
         say(f"resuming after epoch {run.epoch}/{cfg.epochs} from {rundir.checkpoint(LATEST)}")
+    if swa_notice:
+        say(swa_notice)
     if run.perf.compiled and run.epoch < cfg.epochs:
         say("torch.compile builds the step's graphs during the first steps (minutes on a CPU; Inductor's on-disk "
             "cache shortens later runs); the first epoch's line gives the time")  # fmt: skip
@@ -437,7 +458,10 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
             f"step over {run.dist.world_size} processes (the recipes' batch is for one process; "
             f"--set train.batch_size=N sets each process's)")  # fmt: skip
     progress = (lambda row: rundir.write_json("progress.json", row)) if run.dist.is_main else None
-    wall = time.perf_counter()
+    # wall time of the whole run: a resume adds this process's to the time the earlier processes' rows reached
+    rows = rundir.metrics() if resume and run.dist.is_main else []
+    earlier = [r["wall_seconds"] for r in rows if "wall_seconds" in r]
+    wall = time.perf_counter() - (earlier[-1] if earlier else 0.0)
     for epoch in range(run.epoch + 1, cfg.epochs + 1):
         row = {"epoch": epoch} | train_epoch(run, epoch, progress)
         check_finite_weights(run, epoch)  # the epoch's last update came after its last loss
@@ -447,7 +471,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         if run.dist.is_main:
             rundir.append_metrics(row)
             rundir.save_checkpoint(LATEST, state)
-        say(epoch_line(row, cfg.epochs))
+        say(epoch_line(row, cfg.epochs, run.method.epoch_cost))
     finish(run, rundir, evaluate_at_end, say)
 
 

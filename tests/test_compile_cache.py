@@ -50,6 +50,24 @@ def test_cache_dir_depends_on_the_cpu_capability(monkeypatch):
     assert isolate_inductor_cache() == "/chosen/by/user"
 
 
+def test_the_cache_dir_is_inductor_s_own_per_account_and_inherited_defaults_are_isolated_too(monkeypatch):
+    """The folder is Inductor's default (its own naming, the login name from the password file where $USER is
+    unset), not /tmp/torchinductor_user for every account; and a TORCHINDUCTOR_CACHE_DIR that holds Inductor's
+    default (Inductor writes it there at its first compile; a child inherits it) still gets the per-ISA folder."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from engine.compile_cache import inductor_default_dir
+
+    monkeypatch.delenv("USER", raising=False)
+    monkeypatch.delenv("LOGNAME", raising=False)
+    assert inductor_default_dir() == os.path.abspath(default_cache_dir())
+    monkeypatch.delenv(ENV, raising=False)
+    isolated = isolate_inductor_cache()
+    assert Path(isolated).parent == Path(os.path.abspath(default_cache_dir())) and "torchinductor_user" not in isolated
+    monkeypatch.setenv(ENV, default_cache_dir())  # what a parent process's first compile left in the environment
+    assert isolate_inductor_cache() == isolated
+
+
 @pytest.mark.slow
 def test_avx2_after_avx512_in_one_temp_dir_stays_finite(tmp_path):
     if torch.backends.cpu.get_cpu_capability() != "AVX512":

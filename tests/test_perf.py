@@ -1,5 +1,6 @@
 """The performance switches change speed, not results: each against the plain path on the same step."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -305,3 +306,29 @@ def test_native_bf16_needs_the_hardware_and_onednn(monkeypatch, onednn, avx512_b
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert perf.cpu_has_native_bf16() is native
+
+
+@pytest.mark.parametrize("change", ["momentum", "eps", "affine"])
+def test_the_fused_dual_bn_takes_only_bns_it_computes_as_torch_would(monkeypatch, change):
+    """The fused op takes one momentum and eps for both halves, and affine parameters: a pair that differs (the
+    adversarial half ran with the clean BN's settings) or has none (a ValueError) takes the plain-torch path."""
+    from torch import nn
+
+    import kernels
+    from engine import kernels_bridge
+
+    clean, adv = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(8, 3, 4, 4)
+    calls = []
+    monkeypatch.setattr(kernels, "dual_batch_norm", lambda *a, **k: calls.append(k) or torch.zeros_like(x))
+    kernels_bridge.fused_dual_bn(x, clean, adv, relu=False)
+    assert len(calls) == 1  # an eligible pair takes the fused op
+    if change == "affine":
+        adv = nn.BatchNorm2d(3, affine=False)
+    else:
+        setattr(adv, change, 0.5)
+    ref_clean, ref_adv = copy.deepcopy(clean), copy.deepcopy(adv)
+    y = kernels_bridge.fused_dual_bn(x, clean, adv, relu=False)
+    assert len(calls) == 1
+    torch.testing.assert_close(y, torch.cat([ref_clean(x[:4]), ref_adv(x[4:])]))
+    torch.testing.assert_close(adv.running_mean, ref_adv.running_mean)

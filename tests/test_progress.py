@@ -30,3 +30,30 @@ def test_tqdm_s_own_setting_and_an_explicit_interval_win(monkeypatch):
     env = os.environ | {"TQDM_MININTERVAL": "5"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert float(out) == 5.0
+
+
+def test_a_log_file_bar_redraws_about_every_30s_whatever_the_postfix_and_description_do(monkeypatch):
+    """Training's pattern: a loss postfix every log interval and a new description after the first step. tqdm
+    redraws at once on either by default (one redraw per log interval in a log file); here they wait."""
+    import tqdm.std
+
+    now = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    out = io.StringIO()
+    steps, step_s = 400, 0.5  # 200 s
+    with progress_bar(total=steps, file=out, desc="epoch 1/3 (compiling)") as bar:
+        assert bar.maxinterval >= LOG_FILE_INTERVAL_S  # tqdm's monitor thread waits as long
+        for i in range(1, steps + 1):
+            now[0] += step_s
+            if i == 1:
+                bar.set_description("epoch 1/3")
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{1 / i:.3f}")
+                bar.set_postfix_str(f"loss {1 / i:.3f}")
+            bar.update(1)
+        redraws_before_close = out.getvalue().count("\r")
+    assert "loss" in out.getvalue() and "epoch 1/3:" in out.getvalue()  # they are shown, at the next redraw
+    # the first draw, one per 30 s of the 200, and none per postfix (there are 80)
+    assert redraws_before_close <= 1 + steps * step_s / LOG_FILE_INTERVAL_S + 1

@@ -3,6 +3,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from engine.attacks import pgd
@@ -73,3 +74,39 @@ def test_a_run_resumed_after_its_last_epoch_reestimates_on_that_epochs_batches(t
     a, b = torch.load(tmp_path / "final.pt"), torch.load(resumed / "checkpoints" / "final.pt")
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "the re-estimated BNs differ"
+
+
+def test_swa_turned_on_for_a_resume_averages_from_there_or_is_refused_at_once(tiny_cfg, tmp_path, capsys):
+    """A run trained without SWA, then config.json edited to turn it on (--resume takes no --set swa.*): the
+    checkpoint holds no average, and the resume averages the steps still to come (it kept the empty one, which
+    raised a KeyError at the first averaging step, on every later resume too). With no step left to average, it
+    is refused before training. The metrics rows' wall_seconds go on from the earlier process's."""
+    import json
+
+    from engine.config import apply_overrides
+    from engine.errors import UserError
+    from engine.train import load_run_config, run_training
+
+    small = ["data.synthetic_size=64", "train.epochs=2", "perf.dtype=fp32", "method.balance_images=32"]
+    run = run_training(apply_overrides(tiny_cfg, small), tmp_path / "run", evaluate_at_end=False)
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"] = 3
+    config["swa"] |= {"enabled": True, "start_epoch": 1, "every": 4}  # 2 steps per epoch: only step 4, trained
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="SWA would average nothing: it was off for the 2 epochs trained"):
+        run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
+    assert torch.load(run / "checkpoints" / "latest.pt")["epoch"] == 2  # nothing trained, nothing lost
+
+    config["swa"]["every"] = 1
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
+    assert "SWA was off for the 2 epochs trained: it averages from epoch 3 on (2 updates)" in capsys.readouterr().out
+    latest = torch.load(run / "checkpoints" / "latest.pt")
+    assert latest["epoch"] == 3 and latest["step"] == 6 and latest["swa"]["count"] == 2  # epoch 3's steps
+    assert latest["swa"]["average"] and set(latest["swa"]["average"]) <= set(latest["model"])
+    assert (run / "checkpoints" / "final.pt").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[1]["wall_seconds"] >= rows[0]["wall_seconds"] + rows[1]["epoch_seconds"] - 0.02  # rounding
+    assert rows[2]["wall_seconds"] >= rows[1]["wall_seconds"] + rows[2]["epoch_seconds"] - 0.02

@@ -305,6 +305,24 @@ def test_the_epoch_line_says_how_much_training_is_left():
     assert epoch_line(slow_start, 3).endswith("~7m of training left")
 
 
+def test_arrest_s_time_left_counts_its_fine_tuning_epochs_at_their_cost(tiny_cfg):
+    """ARREST's standard-training epochs cost 3 forward units an image, its fine-tuning ones (PGD-10) 25: at the
+    standard stage's pace, its time left read ~2x low (every epoch counted at the current one's cost)."""
+    from engine.config import apply_overrides
+    from engine.methods import build_method
+    from engine.models import build_model
+    from engine.train import epoch_line
+
+    cfg = apply_overrides(tiny_cfg, ["method.name=arrest", "model.split_bn=false", "train.epochs=4",
+                                     "method.pretrain_epochs=2", "attack.num_steps=10"])  # fmt: skip
+    method = build_method(cfg, build_model(cfg.model, 10))
+    assert [method.epoch_cost(e) for e in (1, 2, 3, 4)] == [3.0, 3.0, 25.0, 25.0]
+    row = {"epoch": 1, "loss": 2.0, "lr": 0.1, "images_per_s": 500.0, "epoch_seconds": 30.0}
+    # 1 more standard epoch (30 s) + 2 fine-tuning epochs at 25/3 of its pace (250 s each): 530 s
+    assert epoch_line(row, 4, method.epoch_cost).endswith("~9m of training left")
+    assert epoch_line(row | {"epoch": 3, "epoch_seconds": 250.0}, 4, method.epoch_cost).endswith("~4m of training left")
+
+
 def test_a_seed_whose_epoch_stream_torch_cannot_take_is_refused(tiny_cfg):
     """The loader seeds each epoch with seed * 1_000_003 + epoch: 2^50 passed the old bound of 2^63 and crashed in
     epoch 1 (Overflow when unpacking long long), after the run directory was written."""

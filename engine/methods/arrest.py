@@ -110,6 +110,11 @@ class ARREST(Method):
         e, m = epoch - self.pretrain_epochs, self.cfg.method
         return m.finetune_lr * self.cfg.optim.decay ** sum(e > milestone for milestone in m.finetune_milestones)
 
+    def epoch_cost(self, epoch: int) -> float:
+        """Forward units F per image (a backward ~2F): standard training 3F; fine-tuning 2F per attack step, the
+        teacher's forward, the student's clean forward (replay window) and its forward and backward."""
+        return 3.0 if epoch <= self.pretrain_epochs else 2.0 * self.cfg.attack.num_steps + 5.0
+
     def fresh_optimizer_at(self, epoch: int) -> bool:
         """Fine-tuning starts with no momentum from the standard-training stage, as a run from --init does."""
         return not self.cfg.method.init and epoch == self.pretrain_epochs + 1

@@ -74,6 +74,11 @@ class Method(nn.Module):
         stages override it)."""
         return False
 
+    def epoch_cost(self, epoch: int) -> float:
+        """The relative cost of 1-based `epoch`'s steps (for the time-left estimate; methods whose stages differ in
+        cost override it)."""
+        return 1.0
+
     def backbones(self) -> list[nn.Module]:
         """Trained networks besides the model whose Conv2d/Linear weights the gradient-similarity analysis
         counts as backbone (LBGAT's clean model)."""

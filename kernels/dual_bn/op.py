@@ -199,6 +199,8 @@ def _kernel_reason(x: torch.Tensor, maps: tuple[torch.Tensor, ...], stats: tuple
         return "all tensors must be on x's device"
     if any(not t.is_contiguous() for t in stats):
         return "parameters and statistics must be contiguous"
+    if x.numel() == 0:  # nothing to launch (the kernels' plan divides by the tiles)
+        return "an empty batch"
     if x.numel() > MAX_KERNEL_NUMEL:
         return f"{x.numel()} elements exceed the kernels' int32 indexing"
     return None

@@ -279,3 +279,16 @@ def test_launch_arithmetic_matches_tritons_and_plans_are_cached():
     first = triton_impl.plan(x)
     assert triton_impl.plan(x) is first and first == triton_impl.make_plan(x.shape, True, program_target(x.device))
     assert triton_impl.plan(torch.empty((256, 64, 32, 32))).channels_last is False
+
+
+def test_an_empty_batch_in_evaluation_is_empty_as_in_torch():
+    """No kernel is launched for an empty batch (the Triton plan divided by its zero tiles): the reference path
+    answers (on CUDA where there is one)."""
+    from kernels.dual_bn.op import _kernel_reason
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state = make_state(3, device)
+    x = torch.empty((0, 3, 4, 4), device=device).contiguous(memory_format=torch.channels_last)
+    assert _kernel_reason(x, (), tuple(state[k] for k in NAMES)) == "an empty batch"
+    y = dual_batch_norm(x, *(state[k] for k in NAMES), training=False, relu=True)
+    assert y.shape == x.shape and y.numel() == 0

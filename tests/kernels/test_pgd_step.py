@@ -76,16 +76,17 @@ def test_backend_matches_reference(backend, shape, channels_last, dtype):
 
 def test_backend_mixed_layouts_and_nan(backend):
     """x contiguous while x_adv is channels-last (restrided first); NaN grad does not move (torch.sign(nan) == 0),
-    NaN in x_adv propagates."""
+    NaN in x_adv propagates, and so does NaN in x (the projection's bounds, as torch.clamp's tensor bounds)."""
     _, device = backend
     x, x_adv, grad = make_inputs((3, 4, 5, 3), device=device)
     x_adv = x_adv.contiguous(memory_format=torch.channels_last)
     grad[0, 0, 0, 0] = float("nan")
     x_adv[1, 0, 0, 0] = float("nan")
+    x[2, 0, 0, 0] = float("nan")
     out = pgd_step(x, x_adv, grad, EPS, ALPHA)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, pgd_step_reference(x, x_adv, grad, EPS, ALPHA), rtol=0, atol=0, equal_nan=True)
-    assert out[0, 0, 0, 0] == x_adv[0, 0, 0, 0] and out[1, 0, 0, 0].isnan()
+    assert out[0, 0, 0, 0] == x_adv[0, 0, 0, 0] and out[1, 0, 0, 0].isnan() and out[2, 0, 0, 0].isnan()
 
 
 def test_opcheck(backend):
