@@ -23,7 +23,12 @@ def test_pgd_invariants(model, start, train):
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     x_before = x.clone()
     params_before = [p.detach().clone() for p in model.parameters()]
+    buffers_before = {k: b.clone() for k, b in model.named_buffers()}
     x_adv = pgd(model, x, y, AttackConfig(num_steps=3, start=start), bn="adv", train=train)
+    if not train:  # eval mode: running statistics used, none moved, no batch counted
+        assert all(torch.equal(b, buffers_before[k]) for k, b in model.named_buffers())
+    else:
+        assert not torch.equal(model.bn1.adv.running_mean, buffers_before["bn1.adv.running_mean"])
     assert torch.equal(x, x_before)  # input unchanged
     assert (x_adv - x).abs().max() <= EPS + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
@@ -31,6 +36,17 @@ def test_pgd_invariants(model, start, train):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params_before, strict=True))
     assert model.training  # caller's mode restored
     assert not torch.equal(x_adv, x)
+
+
+def test_the_uniform_start_fills_the_eps_ball_on_both_sides():
+    """random start U(-eps, eps) per pixel (then [0, 1]): both signs, reaching near both bounds, mean ~0."""
+    from engine.attacks.pgd import random_start
+
+    torch.manual_seed(0)
+    x = torch.full((64, 3, 32, 32), 0.5)  # interior: no clamp to [0, 1]
+    d = random_start(x, EPS, "uniform") - x
+    assert d.abs().max() <= EPS + 1e-7 and d.min() < -0.99 * EPS and d.max() > 0.99 * EPS
+    assert abs(d.mean().item()) < 0.01 * EPS and (d > 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 
 def test_train_mode_attack_updates_only_adv_running_stats(model):

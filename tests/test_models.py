@@ -27,6 +27,76 @@ def test_wrn_taps_shape():
     assert m.feature_dims == [320] + [640] * 10
 
 
+def bn_outputs(model, names):
+    """{name: output} of the (Split-)BN modules `names` in the next forward (with `relu=True`, after the ReLU)."""
+    seen, hooks = {}, []
+    for name in names:
+        hooks.append(
+            model.get_submodule(name).register_forward_hook(lambda m, a, out, n=name: seen.__setitem__(n, out))
+        )
+    return seen, hooks
+
+
+def test_resnet_taps_are_relu_bn1_and_relu_bn2_before_the_residual_add_of_both_layer4_blocks():
+    """METHOD 4: z = GAP(ReLU(.)) of bn1 and of bn2 (before the add) in each layer4 block; the block's output
+    after the add (also ReLU'd, as wide) would pass a shape-and-sign test."""
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(width=8), 10).eval()
+    names = ["layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2"]
+    seen, hooks = bn_outputs(m, names)
+    _, taps = m(torch.rand(4, 3, 32, 32), bn="adv", features=True)
+    for h in hooks:
+        h.remove()
+    want = [torch.relu(seen[n]).mean(dim=(2, 3)) for n in names]
+    assert all(torch.equal(t, w) for t, w in zip(taps, want, strict=True))
+
+
+def test_wrn_taps_are_relu1_and_relu2_of_the_last_group_then_the_final_pool():
+    """METHOD 4: the 5 blocks of block3, relu1 (its input's BN + ReLU) and relu2 of each, then the pooled
+    ReLU(final BN) the classifier reads: 11 taps. Checked on a WRN-34-1 (the same structure, 10x narrower)."""
+    from engine.models.wrn import WideResNet
+
+    torch.manual_seed(0)
+    m = WideResNet(10, depth=34, widen=1).eval()
+    names = [f"block3.layer.{i}.bn{j}" for i in range(5) for j in (1, 2)] + ["bn1"]
+    seen, hooks = bn_outputs(m, names)
+    logits, taps = m(torch.rand(2, 3, 32, 32), bn="adv", features=True)
+    for h in hooks:
+        h.remove()
+    assert [t.shape[1] for t in taps] == [32] + [64] * 10 == m.feature_dims
+    assert all(torch.equal(t, seen[n].mean(dim=(2, 3))) for t, n in zip(taps, names, strict=True))
+    assert torch.equal(logits, m.fc(taps[-1]))
+
+
+def test_wrn_initialisation_is_trades_s():
+    """He-normal by fan-out (k * k * out_channels) for every convolution, BN 1/0, the classifier's bias 0."""
+    from engine.models.wrn import WideResNet
+
+    torch.manual_seed(0)
+    m = WideResNet(10, depth=34, widen=2, split_bn=False)
+    for name, conv in ((n, c) for n, c in m.named_modules() if isinstance(c, torch.nn.Conv2d)):
+        k, out = conv.kernel_size[0], conv.out_channels
+        assert conv.weight.std().item() == pytest.approx((2 / (k * k * out)) ** 0.5, rel=0.2), name
+    assert torch.equal(m.fc.bias, torch.zeros_like(m.fc.bias))
+    assert all(
+        torch.equal(b.weight, torch.ones_like(b.weight)) for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)
+    )
+
+
+def test_a_trades_wrn_checkpoint_with_its_unused_sub_block1_loads():
+    """TRADES's WideResNet builds a `sub_block1` it never calls; its released checkpoints carry those keys. They
+    are dropped (the function is the same); any other unexpected key is still refused."""
+    from engine.models import CheckpointError
+    from engine.models.wrn import Group
+
+    m = build_model(ModelConfig(arch="wrn34-10", split_bn=False), 10)
+    state = dict(m.state_dict())
+    extra = {f"sub_block1.{k}": v for k, v in Group(5, 16, 160, 1, split_bn=False).state_dict().items()}
+    load_plain(m, state | extra, "trades.pt")
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_plain(m, state | {"other.weight": torch.zeros(1)}, "other.pt")
+
+
 def test_branch_routing_uses_only_that_bn():
     torch.manual_seed(0)
     m = build_model(ModelConfig(width=8), 10).train()

@@ -59,8 +59,9 @@ def export_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def load_plain(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a plain state_dict, with a one-line error when it belongs to another network."""
-    state = unwrapped(state)
     own = model.state_dict()
+    # TRADES's WideResNet builds a `sub_block1` that its forward never calls: its checkpoints carry those keys
+    state = {k: v for k, v in unwrapped(state).items() if k in own or not k.startswith("sub_block1.")}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     resized = [k for k in own if k in state and state[k].shape != own[k].shape]

@@ -1,6 +1,7 @@
 """WRN-34-10, TRADES variant (METHOD 2): pre-activation blocks, widths 16/160/320/640, Split-BN ready.
 
-Module names follow the TRADES code (`block1.layer.0.bn1`, `convShortcut`, `fc`), so its plain checkpoints load.
+Module names follow the TRADES code (`block1.layer.0.bn1`, `convShortcut`, `fc`), so its plain checkpoints load
+(`load_plain` drops the keys of TRADES's `sub_block1`, a group its forward never calls).
 """
 
 from __future__ import annotations
