@@ -4,6 +4,7 @@
 #   bash scripts/gpu_check.sh                                  # every stage, within $GPU_CHECK_BUDGET_S (480 s)
 #   bash scripts/gpu_check.sh --stages compile --budget 170    # re-run one stage; the merge keeps the others
 #   bash scripts/gpu_check.sh --cpu-smoke                      # CPU-sized run of every stage (CI, the prepare step)
+#   bash scripts/gpu_check.sh --stages compile,methods --cap methods=120 --budget 290   # a stage's cap raised
 #
 # Each stage is its own process under `timeout`, so a CUDA fault ends one stage, not the check. Outputs (at most 8
 # files) go to $GPU_CHECK_OUT ($OUT where that folder exists, else gpu_check_out/), merged after every stage so a
@@ -13,7 +14,7 @@ set -uo pipefail # no -e: a failing stage is recorded and the check goes on
 cd "$(dirname "$0")/.."
 
 # stage:cap in seconds, in priority order; scripts/gpucheck/__init__.py holds the same list (a test compares)
-STAGES=(env:15 ceilings:15 kernels_correct:40 kernels_speed:35 step_eager:45 compile:150 methods:35 real_run:90
+STAGES=(env:25 ceilings:15 kernels_correct:40 kernels_speed:35 step_eager:45 compile:150 methods:35 real_run:90
     probes:35 pytest_kernels:45 eval:150)
 MIN_STAGE_S=15 # a stage with less time left than this is skipped (reason: budget)
 RESERVE_S=10   # kept for the merge at the end
@@ -26,6 +27,7 @@ OUT=${GPU_CHECK_OUT:-$DEVICE_OUT}
 W=${GPU_CHECK_WORK:-/tmp/gc}
 SMOKE=()
 SELECTED=""
+CAP_OVERRIDES=() # name=seconds: this run's cap for a stage (e.g. methods, whose 15 cases need ~2 minutes)
 
 usage() {
     sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
@@ -38,6 +40,8 @@ while [ $# -gt 0 ]; do
     --stages=*) SELECTED=${1#*=} && shift ;;
     --budget) BUDGET=${2:?--budget needs seconds} && shift 2 ;;
     --budget=*) BUDGET=${1#*=} && shift ;;
+    --cap) CAP_OVERRIDES+=("${2:?--cap needs NAME=SECONDS}") && shift 2 ;;
+    --cap=*) CAP_OVERRIDES+=("${1#*=}") && shift ;;
     --cpu-smoke) SMOKE=(--cpu-smoke) && shift ;;
     -h | --help) usage 0 ;;
     *) echo "gpu_check.sh: unknown option $1" >&2 && usage 2 ;;
@@ -56,6 +60,19 @@ if [ -n "$SELECTED" ]; then
         fi
     done
 fi
+for override in "${CAP_OVERRIDES[@]}"; do
+    name=${override%%=*} seconds=${override#*=}
+    if [[ "$override" != *=* ]] || ! is_stage "$name"; then
+        echo "gpu_check.sh: --cap takes NAME=SECONDS with NAME one of $(stage_names | paste -sd,), got $override" >&2
+        exit 2
+    fi
+    case "$seconds" in '' | *[!0-9]*) echo "gpu_check.sh: --cap $name needs whole seconds, got $seconds" >&2 && exit 2 ;; esac
+done
+cap_of() { # name default: the last --cap NAME=S given, else the default
+    local cap=$2 override
+    for override in "${CAP_OVERRIDES[@]}"; do [ "${override%%=*}" = "$1" ] && cap=${override#*=}; done
+    echo "$cap"
+}
 selected() { [ -z "$SELECTED" ] || [[ ",$SELECTED," == *",$1,"* ]]; }
 case "$BUDGET" in '' | *[!0-9]*) echo "gpu_check.sh: --budget needs whole seconds, got $BUDGET" >&2 && exit 2 ;; esac
 
@@ -97,7 +114,8 @@ merge_quietly() { # after every stage: a check killed later (the device's comman
     timeout -k 5 30 "$PYTHON" scripts/gpu_check.py --merge "$W" --out "$OUT" >"$W/merge.log" 2>&1
 }
 trap 'stop_prep; merge_quietly; exit 130' INT TERM
-if selected real_run && [ ${#SMOKE[@]} -eq 0 ] && [ ! -f "$W/data/cifar-10-batches-py/batches.meta" ]; then
+if { selected real_run || selected eval; } && [ ${#SMOKE[@]} -eq 0 ] &&
+    [ ! -f "$W/data/cifar-10-batches-py/batches.meta" ]; then
     if [ -f .gpucheck/prepare.py ]; then
         "$PYTHON" .gpucheck/prepare.py "$W/data" >"$W/prepare.log" 2>&1 &
         PREP_PID=$!
@@ -157,7 +175,7 @@ run_stage() { # name cap
     tail -n 3 "$W/$name.log" | cut -c1-300 | sed 's/^/   /'
 }
 for entry in "${STAGES[@]}"; do
-    selected "${entry%%:*}" && run_stage "${entry%%:*}" "${entry##*:}" && merge_quietly
+    selected "${entry%%:*}" && run_stage "${entry%%:*}" "$(cap_of "${entry%%:*}" "${entry##*:}")" && merge_quietly
 done
 
 stop_prep

@@ -206,8 +206,9 @@ def test_orchestrator_lists_the_same_stages():
     assert [(entry.split(":")[0], int(entry.split(":")[1])) for entry in listed] == STAGES
     assert STAGES[-1][0] == "eval"  # beyond the specification's ten: it runs in the time they leave
     # the specification's caps fill the 8-minute budget; real_run has 25 s more than its 65 for the full AutoAttack on
-    # 200 images (~35 s on a GPU, estimated), which the specification's cap leaves no time for after even one epoch
-    assert sum(cap for _, cap in STAGES[:-1]) == 480 + 25
+    # 200 images (~35 s on a GPU, estimated), which the specification's cap leaves no time for after even one epoch;
+    # env 10 s more than its 15 (the H200 took 12.9-14.2 s of them)
+    assert sum(cap for _, cap in STAGES[:-1]) == 480 + 25 + 10
 
 
 def test_compile_variants_are_speeds_relative_to_the_main_case():
@@ -308,7 +309,7 @@ def test_a_failing_eager_row_is_recorded_and_the_next_rows_run(tmp_path, monkeyp
     from gpucheck.record import StageFailed, StageRecord
 
     def step_row(record, batch, row, cudnn, profile):
-        if row == steps.SMOKE_ROWS[0][1] and batch == steps.SMOKE_ROWS[0][0]:
+        if (batch, row, cudnn) == steps.SMOKE_ROWS[0][:3]:
             raise RuntimeError("CUDA graph capture failed")
         return {"row": row, "config": f"row {row}", "cudnn_benchmark": cudnn, "batch_size": batch,
                 "images_per_s": 1.0, "loss": 1.0, "finite_loss": True}  # fmt: skip
@@ -641,7 +642,8 @@ def test_real_run_plans_one_epoch_when_two_would_leave_no_time_for_the_evaluatio
     """The H200's first check cut real_run in epoch 2, before any evaluation: with step_eager's step time at hand,
     the stage trains one epoch when two (plus start-up and evaluation) would not fit its cap, says why, and judges
     clean accuracy against the one-epoch floor."""
-    from gpucheck.real_run import AA_S, FIXED_S, criteria, planned_epochs
+    sys.path.insert(0, str(REPO / "bench"))  # gpucheck.common imports bench/train_step.py
+    from gpucheck.real_run import AA_S, FIXED_S, MIN_SUBSET, criteria, planned_epochs
     from gpucheck.record import StageRecord
     from gpucheck.summary import real_run_line
 
@@ -652,11 +654,15 @@ def test_real_run_plans_one_epoch_when_two_would_leave_no_time_for_the_evaluatio
             (tmp_path / "step_eager.json").write_text(json.dumps({"figures": figures}))
         return record
 
-    assert planned_epochs(record_with(None, 90)) == (2, None)  # no step figure: the default
+    epochs, why, subset = planned_epochs(record_with(None, 90))  # no step figure: one epoch (two could be cut)
+    assert (epochs, subset) == (1, None) and "no step_eager figure" in why
     fits = 2 * 390 * 0.040 + FIXED_S + AA_S  # 40 ms captured steps and the full AutoAttack on 200 images: ~96 s
-    assert planned_epochs(record_with(40.0, fits + 10)) == (2, None)
-    epochs, why = planned_epochs(record_with(40.0, fits - 10))  # the captured figure is the one read, not b128's
-    assert epochs == 1 and "390 x 40.0 ms" in why and "AutoAttack" in why
+    assert planned_epochs(record_with(40.0, fits + 10)) == (2, None, None)
+    epochs, why, subset = planned_epochs(record_with(40.0, fits - 10))  # the captured figure is read, not b128's
+    assert (epochs, subset) == (1, None) and "390 x 40.0 ms" in why and "AutoAttack" in why
+    # 150 ms steps: one epoch of 390 needs 58.5 s + 65 s; with 90 s left, 25 s of steps: 166 x 128 images
+    epochs, why, subset = planned_epochs(record_with(150.0, 90 + 10))  # remaining() keeps a margin of the budget
+    assert epochs == 1 and MIN_SUBSET <= subset < 50_000 and subset % 1000 == 0 and "training images" in why
     one = StageRecord("real_run", tmp_path / "one.json", 60, smoke=False)
     criteria(one, {"epochs": 1, "clean": 0.27, "pgd20": 0.2, "aa": None, "pgd20_on_aa_images": None})
     assert not one.failed and "clean > 20% (1 epoch)" in one.data["figures"]["criteria"]
@@ -671,7 +677,7 @@ def test_real_run_plans_one_epoch_when_two_would_leave_no_time_for_the_evaluatio
 def test_the_eval_stage_evaluates_the_prepared_cifar10_else_synthetic_images(tmp_path):
     """The stage's network and images as on the GPU machine (not the smoke's): the prepared CIFAR-10 test split
     when $W/data holds it (the shapes' synthetic default must not win), else a synthetic split of
-    IMAGES (1200) images; the network in the evaluation's channels-last format, on real_run's weights only when
+    IMAGES (2000) images; the network in the evaluation's channels-last format, on real_run's weights only when
     they fit."""
     import pickle
 
@@ -685,7 +691,7 @@ def test_the_eval_stage_evaluates_the_prepared_cifar10_else_synthetic_images(tmp
 
     record = StageRecord("eval", tmp_path / "eval.json", 60, smoke=False)
     cfg, model, source, split = eval_setup(record)
-    assert cfg.data.dataset == "synthetic" and len(split) == evaluation.IMAGES == 1200 and source == "initial weights"
+    assert cfg.data.dataset == "synthetic" and len(split) == evaluation.IMAGES == 2000 and source == "initial weights"
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     root = tmp_path / "data" / "cifar-10-batches-py"
     root.mkdir(parents=True)
@@ -697,3 +703,18 @@ def test_the_eval_stage_evaluates_the_prepared_cifar10_else_synthetic_images(tmp
     assert (
         cfg.data.dataset == "cifar10" and len(split) == 30 and record.data["figures"]["images"] == "CIFAR-10 test split"
     )
+
+
+def test_a_stage_s_cap_can_be_raised_for_one_run(tmp_path):
+    """`--cap NAME=S` (methods' 15 cases need ~2 minutes, its cap is 35 s): the stage runs under S; a bad NAME or
+    S is one line and exit 2, before anything runs."""
+    env = os.environ | {"GPU_CHECK_OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+                        "PYTHON": sys.executable}  # fmt: skip
+    for bad in ("bogus=20", "env=twenty", "env"):
+        out = subprocess.run(["bash", "scripts/gpu_check.sh", "--cap", bad], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--cap" in out.stderr, bad
+    command = ["bash", "scripts/gpu_check.sh", "--cpu-smoke", "--stages", "env", "--cap", "env=27", "--budget", "200"]
+    subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
+    status = json.loads((tmp_path / "work" / "env.status").read_text())
+    assert status["status"] == "ok" and status["cap_s"] == 27

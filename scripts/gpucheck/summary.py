@@ -49,7 +49,7 @@ def evaluation_summary(f: dict[str, Any]) -> dict[str, Any] | None:
     """The eval stage's figures: the chunk rule, eager vs compiled img/s and flag agreement, compiled AA."""
     if not f:
         return None
-    keys = ("network", "images", "chunk_rule", "images_per_s", "images_per_s_last_chunk", "agreement",
+    keys = ("network", "images", "chunk_rule", "images_per_s", "images_per_s_replayed", "agreement",
             "pgd20_accuracy_gap", "compiled_first_chunk_s", "compiled_graphs", "compiled_chunks_done_s",
             "cut")  # fmt: skip
     return {k: f.get(k) for k in keys} | {"aa_compiled": f.get("aa_projection_compiled")}
@@ -61,8 +61,8 @@ def evaluation_line(e: dict[str, Any] | None) -> str:
     rule, ips, agree = e.get("chunk_rule") or {}, e.get("images_per_s") or {}, e.get("agreement") or {}
     if isinstance(agree, str):  # cut at the cap while compiling: the chunks it finished
         agree = {"(cut)": f"{agree}; compiled chunks done {e.get('compiled_chunks_done_s')}"}
-    last = e.get("images_per_s_last_chunk") or {}
-    speeds = "; ".join(f"{kind} " + ", ".join(f"{a} {fmt(v)} (last chunk {fmt((last.get(kind) or {}).get(a))})"
+    last = e.get("images_per_s_replayed") or {}
+    speeds = "; ".join(f"{kind} " + ", ".join(f"{a} {fmt(v)} (replayed chunks {fmt((last.get(kind) or {}).get(a))})"
                                               for a, v in (ips.get(kind) or {}).items())
                        for kind in ("eager", "compiled"))  # fmt: skip
     return (f"chunk rule {fmt(rule.get('chunk_size'))} ({rule.get('reason')}, repeats: {rule.get('repeats')}); "
