@@ -83,6 +83,7 @@ class Run:
                     f"the checkpoint's {key} does not fit the run's config.json ({first[-1].strip() if first else e}); "
                     "restore the config the run was started with"
                 ) from None
+        restore_optimizer_kind(self.optimizer, self.perf.device)
         if len(state["rng"]) != self.dist.world_size:
             raise RunDirError(f"the checkpoint was written by {len(state['rng'])} processes; resume with as many")
         if self.dist.enabled and state.get("rank_buffers"):  # absent from a checkpoint of an older engine
@@ -115,9 +116,18 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opt
         momentum=o.momentum,
         weight_decay=o.weight_decay,
         nesterov=o.nesterov,
-        fused=device.type == "cuda",  # one kernel for every parameter
+        fused=device.type == "cuda",  # one kernel for every parameter (restore_optimizer_kind after a checkpoint)
         foreach=device.type != "cuda",  # a handful of ops per step instead of ~5 per parameter (torch's CPU default)
     )
+
+
+def restore_optimizer_kind(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """The fused/foreach choice of this device, after a checkpoint's param groups replaced it: a CPU checkpoint
+    resumed on CUDA (`--set perf.device=cuda`) brought foreach SGD back, which under fp16's GradScaler (its fused
+    path hands the optimizer grad_scale and found_inf) fails its first step; on bf16 it silently lost the fused
+    kernel."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = device.type == "cuda", device.type != "cuda"
 
 
 def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:

@@ -199,6 +199,27 @@ def test_saved_chunks_of_another_model_are_not_reused(tmp_path):
     assert evaluate(other, split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 0
 
 
+def test_saved_chunks_of_other_hardware_are_not_reused(tmp_path, monkeypatch):
+    """A rerun on another GPU model (or cuDNN, CUDA, CPU instruction set, torch) attacks again: its kernels differ
+    in their last bits, and one evaluation's flags would mix the two (the key held none of these)."""
+    import engine.evaluate as ev
+
+    split, record = labelled_split(), tmp_path / "eval"
+    cfg = EvalConfig(attacks=("clean",), num_examples=32, batch_size=16, chunk_size=16)
+    assert "torch " + torch.__version__ in ev.hardware_id(torch.device("cpu"))
+    monkeypatch.setattr(ev, "hardware_id", lambda device: "NVIDIA H100 80GB HBM3; cuDNN 91900; CUDA 13.0")
+    assert (
+        evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 0
+    )
+    assert (
+        evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 2
+    )
+    monkeypatch.setattr(ev, "hardware_id", lambda device: "NVIDIA H200; cuDNN 91900; CUDA 13.0")
+    assert (
+        evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 0
+    )
+
+
 def test_each_autoattack_stage_is_reported_as_it_ends():
     """The progress bar's line within a chunk: the clean accuracy, then each stage's robust accuracy, in
     AutoAttack's order, each reported between the model calls of the stages around it (as it ends, not after the

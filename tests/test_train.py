@@ -432,3 +432,19 @@ def test_a_resume_that_would_train_on_other_data_is_refused(tiny_cfg, tmp_path, 
     with pytest.raises(RunDirError, match="trained on synthetic, but cifar10 would be used now"):
         run_training(load_run_config(run), run, resume=True)
     assert [r["epoch"] for r in read_rows(run)] == [1]
+
+
+def test_a_checkpoint_from_another_device_leaves_this_device_s_optimizer_kind(tiny_cfg):
+    """The param groups of a checkpoint carry its device's fused/foreach flags, and loading them replaced this
+    run's: a CPU checkpoint resumed on CUDA ran foreach SGD, which fails under fp16's GradScaler (its fused path);
+    here a CUDA checkpoint resumed on the CPU."""
+    from engine.config import apply_overrides
+    from engine.train import build_run
+
+    cfg = apply_overrides(tiny_cfg, ["data.synthetic_size=64", "perf.dtype=fp32"])
+    run = build_run(cfg)
+    state = run.state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = True, False  # as written on CUDA
+    run.load_state_dict(state)
+    assert all(g["fused"] is False and g["foreach"] is True for g in run.optimizer.param_groups)
