@@ -191,16 +191,16 @@ def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     (run / "checkpoints" / "final.pt").unlink()
     config = json.loads((run / "config.json").read_text())
-    edits = {
-        "width changed": lambda c: c["model"].update(width=16),
-        "unknown key": lambda c: c["model"].update(colour="red"),
+    edits = {  # (edit, what the line must say)
+        "width changed": (lambda c: c["model"].update(width=16), "the checkpoint's model does not fit"),
+        "unknown key": (lambda c: c["model"].update(colour="red"), "colour"),
     }
-    for what, edit in edits.items():
+    for what, (edit, said) in edits.items():
         edited = json.loads(json.dumps(config))
         edit(edited)
         (run / "config.json").write_text(json.dumps(edited))
         assert main(["train", "--resume", str(run)]) == 2, what
-        assert "config" in one_line_error(capsys), what
+        assert said in one_line_error(capsys), what
     (run / "config.json").write_text("{not json")
     assert main(["train", "--resume", str(run)]) == 2
     assert "config.json" in one_line_error(capsys)

@@ -29,6 +29,8 @@ def test_torchrun_two_processes(tmp_path):
         str(out),
         "--set",
         "eval.attacks=clean,pgd20",
+        "--set",
+        "eval.chunk_size=16",  # 4 chunks of the 64 images, 2 per rank (one CPU chunk of 500 left rank 1 idle)
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -40,14 +42,21 @@ def test_torchrun_two_processes(tmp_path):
     assert rows[0]["images_per_s"] > 0
     state = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
     assert len(state["rng"]) == 2  # both ranks' RNG states, for an exact resume
-    assert json.loads((out / "results.json").read_text())["results"]["clean"]["num_examples"] == 64
-    # the evaluation ending training ran on both ranks (chunks shared); one process gives the same per-image flags
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["clean"]["num_examples"] == 64 and results["clean"]["chunks"] == results["pgd20"]["chunks"] == 4
+    # the evaluation ending training ran on both ranks, on rank 0's network (broadcast_state: each rank's BN
+    # statistics are its own): one chunk folder per attack (its key holds the network's hash), 4 chunks in each
+    for attack in ("clean", "pgd20"):
+        folders = list((out / "eval" / "chunks").glob(f"{attack}-*"))
+        assert len(folders) == 1 and len(list(folders[0].glob("0*.json"))) == 4, attack
+    # one process gives the same per-image flags
     single = tmp_path / "single"
     cmd = [sys.executable, "-m", "engine.cli", "eval", str(out), "--attacks", "clean,pgd20", "--num-examples", "64",
-           "--batch-size", "64", "--out", str(single)]  # fmt: skip
+           "--batch-size", "64", "--chunk-size", "16", "--out", str(single)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((single / "flags.json").read_text()) == json.loads((out / "eval" / "flags.json").read_text())
+    assert 0 < results["clean"]["accuracy"] < 1  # flags of both kinds: the comparison is not of all-equal bits
 
 
 DIVERGE_ON_RANK_1 = """

@@ -122,6 +122,29 @@ def test_chunk_seeds_differ_per_chunk_and_attack():
     assert chunk_seed(0, "aa", 5) == chunk_seed(0, "aa", 5) != chunk_seed(1, "aa", 5)
 
 
+def record_seeds(set_attr=setattr) -> dict[str, list[int]]:
+    """The seeds the attacks are handed, per attack, in call order (the linear test model's flags do not depend on
+    its random starts, so its flags alone cannot show that each chunk is seeded by its index). `set_attr`:
+    monkeypatch.setattr in this process (undone after the test), setattr in a spawned one."""
+    import engine.autoattack
+    import engine.evaluate
+
+    seeds: dict[str, list[int]] = {"pgd20": [], "aa": []}
+    pgd_flags, attack_chunk = engine.evaluate._pgd_flags, engine.autoattack.attack_chunk
+
+    def seeded_pgd(classifier, attacker, x, y, batch_size, seed):
+        seeds["pgd20"].append(seed)
+        return pgd_flags(classifier, attacker, x, y, batch_size, seed)
+
+    def seeded_aa(model, x, y, protocol, seed, *args, **kwargs):
+        seeds["aa"].append(seed)
+        return attack_chunk(model, x, y, protocol, seed, *args, **kwargs)
+
+    set_attr(engine.evaluate, "_pgd_flags", seeded_pgd)
+    set_attr(engine.autoattack, "attack_chunk", seeded_aa)
+    return seeds
+
+
 def _rank(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -134,10 +157,14 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
     # a rank stuck in a collective fails after 5 min (gloo's default: 30) instead of outliving pytest's own limit
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=5))
     mine = Path(out, f"chunks-{rank}")  # each rank's own folder: what it attacked itself
+    seeds = record_seeds()
     results = evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, None, DistInfo(rank, world), mine)
     chunks = {name: (r["chunks"], r["config"]["chunk_size"]) for name, r in results.items()}
     done = sorted(p.parent.name.split("-")[0] + "/" + p.stem for p in mine.glob("chunks/*/0*.json"))
-    Path(out, f"{rank}.json").write_text(json.dumps({"flags": flags(results), "chunks": chunks, "attacked": done}))
+    saved = {p.parent.name.split("-")[0] + "/" + p.stem: json.loads(p.read_text())["seed"]
+             for p in mine.glob("chunks/*/0*.json")}  # fmt: skip
+    Path(out, f"{rank}.json").write_text(json.dumps({"flags": flags(results), "chunks": chunks, "attacked": done,
+                                                     "seeds": seeds, "saved_seeds": saved}))  # fmt: skip
     dist.destroy_process_group()
 
 
@@ -147,9 +174,12 @@ def test_two_processes_give_the_flags_of_one(tmp_path, reference):
     rank 0's chunks although rank 1 alone would have chosen others."""
     mp.spawn(_rank, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
     expected = {"flags": flags(reference), "chunks": {name: [2, 16] for name in CFG.attacks}}
-    for rank in (0, 1):  # round-robin: rank r attacked chunk r of each attack, and no other
+    for rank in (0, 1):  # round-robin: rank r attacked chunk r of each attack, and no other, seeded by its index
         attacked = [f"{name}/0000{rank}" for name in sorted(CFG.attacks)]
-        assert json.loads((tmp_path / f"{rank}.json").read_text()) == expected | {"attacked": attacked}
+        seeds = {"pgd20": [chunk_seed(3, "pgd20", rank)], "aa": [chunk_seed(3, "aa", rank)]}
+        saved = {f"{name}/0000{rank}": chunk_seed(3, name, rank) for name in CFG.attacks}
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got == expected | {"attacked": attacked, "seeds": seeds, "saved_seeds": saved}
 
 
 KILLABLE = """
@@ -168,7 +198,7 @@ evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, record_d
 
 
 @pytest.mark.slow
-def test_a_killed_evaluation_resumes_from_its_finished_chunks(tmp_path, reference):
+def test_a_killed_evaluation_resumes_from_its_finished_chunks(tmp_path, reference, monkeypatch):
     record = tmp_path / "eval"
     script = KILLABLE.format(tests=str(REPO / "tests"), repo=str(REPO), record=str(record))
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -178,10 +208,13 @@ def test_a_killed_evaluation_resumes_from_its_finished_chunks(tmp_path, referenc
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the evaluation ended before it could be killed"
     assert [p.name for p in record.glob("chunks/aa-*/0*.json")] == ["00000.json"]  # one of two AutoAttack chunks
+    seeds = record_seeds(monkeypatch.setattr)
     with one_thread():
         resumed = evaluate(SparseLinear(), labelled_split(), CFG, torch.device("cpu"), 3, record_dir=record)
     assert flags(resumed) == flags(reference)
+    assert seeds == {"pgd20": [], "aa": [chunk_seed(3, "aa", 1)]}  # the redone chunk keeps its index's seed
     assert resumed["clean"]["reused_chunks"] == 2 and resumed["aa"]["reused_chunks"] == 1
+    assert resumed["pgd20"]["reused_chunks"] == 2
     assert resumed["aa"]["stages"] == reference["aa"]["stages"]
 
 
@@ -559,3 +592,15 @@ def test_chunks_made_on_other_test_images_are_not_reused(tmp_path):
     cfg = EvalConfig(attacks=("clean",), num_examples=4, chunk_size=2)
     specs = [attack_spec("clean", cfg, 4, 0, "m", 2, data_hash=data_fingerprint(a, y)) for a in (x, other)]
     assert specs[0] != specs[1] and specs[0]["data"] == data_fingerprint(x, y)
+    # through evaluate: one pixel changed in the last of 32 images (the hash covers every image evaluated)
+    from engine.data.cifar import ArraySplit
+
+    split, record = labelled_split(), tmp_path / "eval"
+    images = split.images.copy()
+    images[31, 0, 0, 0] ^= 1
+    changed = ArraySplit(images, split.labels.copy())
+    cfg = EvalConfig(attacks=("clean",), num_examples=32, batch_size=16, chunk_size=16)
+    runs = [
+        evaluate(SparseLinear(), s, cfg, torch.device("cpu"), 3, record_dir=record) for s in (split, split, changed)
+    ]
+    assert [r["clean"]["reused_chunks"] for r in runs] == [0, 2, 0]

@@ -22,11 +22,22 @@ def setup(tiny_cfg, *overrides):
 
 
 def test_arat_loss_by_hand(tiny_cfg):
+    """The step against separate passes by hand, its attack through the adversarial BNs in train mode: the clean
+    BNs' parameters are made to differ first (at initialisation both branches compute the same, and an attack
+    through the clean BNs passed), and the BN batch counts say which branch ran how often."""
     cfg, model, method, nets = setup(tiny_cfg)
     method.adv_weight = 0.3
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".clean." in name:
+                p.mul_(1.5).add_(0.1)
     x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    counts = model.bn1.adv.num_batches_tracked.item(), model.bn1.clean.num_batches_tracked.item()
     torch.manual_seed(5)
     out = method.step(nets, x, y, NO_AMP)
+    steps = cfg.attack.num_steps
+    assert steps > 0 and model.bn1.adv.num_batches_tracked.item() - counts[0] == steps + 1  # attack + training pass
+    assert model.bn1.clean.num_batches_tracked.item() - counts[1] == 1  # the training pass only
     # by hand, with the same attack randomness and separate passes
     torch.manual_seed(5)
     from engine.attacks import pgd

@@ -56,9 +56,10 @@ def test_replay_window_is_the_first_half_of_fine_tuning(tiny_cfg):
     assert window == [False, False, True, True, False, False]  # 4 fine-tuning epochs: the first 2
 
 
-def fine_tune_step(tiny_cfg, replay_cos: float, epoch: int):
-    """One fine-tuning step with a deterministic attack (x~ = x unless replay), the student moved off the teacher."""
-    overrides = [f"method.replay_cos={replay_cos}", "attack.num_steps=0", "attack.start=none", "train.epochs=4"]
+def fine_tune_step(tiny_cfg, replay_cos: float, epoch: int, steps: int = 0):
+    """One fine-tuning step with a deterministic attack (no random start; x~ = x unless replay with 0 steps), the
+    student moved off the teacher."""
+    overrides = [f"method.replay_cos={replay_cos}", f"attack.num_steps={steps}", "attack.start=none", "train.epochs=4"]
     cfg, model, method, nets = setup(tiny_cfg, *overrides)
     method.on_epoch_start(nets, [], NO_AMP, 1)  # teacher = student
     with torch.no_grad():
@@ -114,6 +115,21 @@ def test_no_replay_above_the_threshold(tiny_cfg, capture_penultimate):
     cfg, out, ref, teacher, x, _, y = fine_tune_step(tiny_cfg, replay_cos=-1.0, epoch=2)
     assert out.sums["replay"].item() == 0
     cls, inv = by_hand(cfg, ref, teacher, x, x, y)  # x~ = the attack's output (here x itself: 0 steps, no start)
+    torch.testing.assert_close(out.terms["cls"], cls, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.terms["inv"], inv, rtol=1e-4, atol=1e-5)
+
+
+def test_without_replay_the_student_trains_on_its_eval_mode_pgd_example(tiny_cfg, capture_penultimate):
+    """With attack steps: x~ is PGD on the student in eval mode (the running statistics), not x and not a train-mode
+    attack (both would pass the 0-step tests above)."""
+    from engine.attacks import pgd
+
+    cfg, out, ref, teacher, x, _, y = fine_tune_step(tiny_cfg, replay_cos=-1.0, epoch=2, steps=2)
+    assert out.sums["replay"].item() == 0
+    twin = copy.deepcopy(ref)  # before a forward leaves a captured feature (no deepcopy of a non-leaf) on it
+    x_adv = pgd(ref, x, y, cfg.attack, bn="adv", train=False)
+    assert (x_adv != x).any() and not torch.equal(x_adv, pgd(twin, x, y, cfg.attack, bn="adv", train=True))
+    cls, inv = by_hand(cfg, ref, teacher, x_adv, x, y)
     torch.testing.assert_close(out.terms["cls"], cls, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.terms["inv"], inv, rtol=1e-4, atol=1e-5)
 

@@ -44,7 +44,9 @@ def test_smoke_run_writes_a_complete_run_dir(tiny_cfg, tmp_path):
     assert results["clean"]["num_examples"] == 64
 
 
-def test_resume_gives_identical_results(tiny_cfg, tmp_path):
+def test_resume_gives_identical_results(tiny_cfg, tmp_path, capsys):
+    """A run stopped after epoch 1 and resumed ends as the uninterrupted one; it resumed (a restart from epoch 1
+    would also end alike: same seed, same code): it says so, and its epoch-1 row is the first process's."""
     cfg = apply_overrides(tiny_cfg, ["train.epochs=3", "eval.attacks=clean"])
     full = run_training(cfg, tmp_path / "full")
     partial = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "resumed", evaluate_at_end=False)
@@ -55,7 +57,11 @@ def test_resume_gives_identical_results(tiny_cfg, tmp_path):
     (partial / "config.json").write_text(json.dumps(cfg_json))
     from engine.train import load_run_config
 
+    first_row = (partial / "metrics.jsonl").read_text().splitlines()[0]
+    capsys.readouterr()
     resumed = run_training(load_run_config(partial), partial, resume=True)
+    assert "resuming after epoch 1/3" in capsys.readouterr().out
+    assert (resumed / "metrics.jsonl").read_text().splitlines()[0] == first_row  # kept, not trained again
     drop = ("epoch_seconds", "images_per_s", "wall_seconds")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(read_rows(full)) == strip(read_rows(resumed))
