@@ -27,8 +27,9 @@ x, y = torch.rand(16, 3, 32, 32).contiguous(memory_format=torch.channels_last), 
 loss = torch.compile(lambda x, y: nn.functional.cross_entropy(net(x), y), dynamic=False)(x, y)
 loss.backward()
 grad = net[0].weight.grad
+import os
 print(json.dumps({"loss": float(loss), "finite": bool(torch.isfinite(grad).all() and torch.isfinite(grad.norm())),
-                  "norm": float(grad.norm())}))
+                  "norm": float(grad.norm()), "cache": os.environ["TORCHINDUCTOR_CACHE_DIR"]}))
 """
 
 
@@ -74,6 +75,8 @@ def test_avx2_after_avx512_in_one_temp_dir_stays_finite(tmp_path):
         pytest.skip("needs an AVX-512 CPU to compile under two ISAs (AVX2 is emulated by ATEN_CPU_CAPABILITY)")
     first = compiled_step(tmp_path, None)
     second = compiled_step(tmp_path, "avx2")  # same TMPDIR: the default cache location is shared
+    # the engine's isolation itself, whether or not this torch still mixes the two ISAs' kernels: two folders
+    assert first["cache"] != second["cache"] and all(Path(r["cache"]).is_relative_to(tmp_path) for r in (first, second))
     assert first["finite"] and second["finite"], (first, second)
     assert second["loss"] == pytest.approx(first["loss"], rel=1e-5)
     assert second["norm"] == pytest.approx(first["norm"], rel=1e-2)

@@ -150,6 +150,8 @@ def test_official_pickles_of_numpy_arrays_still_load(tmp_path):
     _fake_cifar10(tmp_path, {b"data": data, b"labels": [0, 1, 2, 3], b"batch_label": b"testing batch 1 of 1"})
     split = load_split("cifar10", tmp_path, train=False)
     assert split.images.shape == (4, 32, 32, 3) and list(split.labels) == [0, 1, 2, 3]
+    # the official rows hold the R, G and B planes one after the other: HWC is that reshaped and transposed
+    assert np.array_equal(split.images, data.reshape(4, 3, 32, 32).transpose(0, 2, 3, 1))
 
 
 def test_pixels_out_of_range_are_refused_not_wrapped(tmp_path):

@@ -537,11 +537,11 @@ def test_evaluation_compiles_in_inductors_default_mode_whatever_training_used(mo
         return build(net, perf_cfg, device, attack)
 
     monkeypatch.setattr(evaluate_module, "eval_network", recording)
-    cfg = EvalConfig(attacks=("clean",), num_examples=8, batch_size=8, chunk_size=8)
-    for mode in ("max-autotune", "reduce-overhead"):
-        perf = PerfConfig(compile="off", compile_mode=mode, device="cpu")
+    cfg = EvalConfig(attacks=("clean", "aa"), num_examples=8, aa_num_examples=2, batch_size=8, chunk_size=8)
+    for mode in ("max-autotune", "reduce-overhead"):  # compiled (the eager backend), AutoAttack's role built too
+        perf = PerfConfig(compile="on", compile_backend="eager", compile_mode=mode, device="cpu")
         evaluate(SparseLinear(), labelled_split(8), cfg, torch.device("cpu"), 0, perf)
-    assert modes == ["default"] * 4
+    assert modes == ["default"] * 6  # per run: the classifier, the attacker, AutoAttack's classifier
 
 
 def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys):

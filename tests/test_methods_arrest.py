@@ -134,6 +134,26 @@ def test_without_replay_the_student_trains_on_its_eval_mode_pgd_example(tiny_cfg
     torch.testing.assert_close(out.terms["inv"], inv, rtol=1e-4, atol=1e-5)
 
 
+def test_replay_compares_the_student_s_eval_mode_clean_features_with_the_teacher_s(tiny_cfg, capture_penultimate):
+    """The switch reads the batch's mean cosine between the student's clean penultimate features in eval mode and
+    the teacher's: thresholds just above and below that cosine turn it on and off (thresholds of +-1 could not
+    tell it from the train-mode features', which lie outside that margin here)."""
+    _, _, ref, teacher, x, _, _ = fine_tune_step(tiny_cfg, replay_cos=-1.0, epoch=2)
+    twin = copy.deepcopy(ref)
+    with torch.no_grad():
+        teacher(x)
+        h_t = teacher.last_pre_linear
+        ref.eval()
+        ref(x)
+        c = F.cosine_similarity(ref.last_pre_linear, h_t, dim=1).mean().item()
+        twin.train()
+        twin(x)
+        c_train = F.cosine_similarity(twin.last_pre_linear, h_t, dim=1).mean().item()
+    assert abs(c_train - c) > 1e-2 and -1 < c < 1
+    for threshold, fires in ((c + 1e-3, 1), (c - 1e-3, 0)):
+        assert fine_tune_step(tiny_cfg, replay_cos=threshold, epoch=2)[1].sums["replay"].item() == fires
+
+
 def test_no_replay_in_the_second_half(tiny_cfg, capture_penultimate):
     cfg, out, ref, teacher, x, _, y = fine_tune_step(tiny_cfg, replay_cos=1.0, epoch=3)  # 3 of 4: past the half
     assert out.sums["replay"].item() == 0

@@ -205,9 +205,10 @@ def test_trades_bn_statistics_follow_the_published_forwards(tiny_cfg, monkeypatc
     x, y = batch()
     x_adv = fixed_adversary(x)
     monkeypatch.setattr("engine.methods.trades.trades_attack", lambda *a, **k: x_adv)
-    ref = copy.deepcopy(model)
+    ref, other = copy.deepcopy(model), copy.deepcopy(model)
     method.step(nets, x, y, NO_AMP)
-    assert_bn_statistics_of(model, ref, [x, x_adv, x] if published else [x, x_adv])
+    inputs, wrong = ([x, x_adv, x], [x, x, x_adv]) if published else ([x, x_adv], [x_adv, x])
+    assert_bn_statistics_of(model, ref, inputs, (other, wrong))  # the order shows: the wrong one is told apart
     assert model.bn1.num_batches_tracked.item() == (3 if published else 2)
 
 
