@@ -28,6 +28,7 @@ from . import autoattack
 from .attacks import is_compiled, mode, pgd
 from .attacks.graphs import active as active_graphs
 from .attacks.graphs import using as graphs_in_use
+from .compile_cache import cpu_key
 from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit
 from .distributed import DistInfo, gather_objects
@@ -254,8 +255,6 @@ def hardware_id(device: torch.device) -> str:
     if device.type == "cuda":
         return (f"{torch.cuda.get_device_name(device)}; cuDNN {torch.backends.cudnn.version()}; "
                 f"CUDA {torch.version.cuda}; torch {torch.__version__}")  # fmt: skip
-    from .compile_cache import cpu_key
-
     return f"{device.type} {cpu_key()}; torch {torch.__version__}"
 
 

@@ -406,16 +406,14 @@ def swa_from_now(run: Run) -> str:
     """SWA turned on (config.json) for the resume of a run that trained without it: it averages the steps still to
     come, if any of them is a multiple of swa.every (else the run would train to the end and then stop)."""
     swa, steps, epochs = run.cfg.swa, len(run.train_loader), run.cfg.epochs
-    if not run.swa.updates(steps, epochs, done=run.epoch):
+    first, updates = max(swa.start_epoch, run.epoch + 1), run.swa.updates(steps, epochs, done=run.epoch)
+    if not updates:
         raise UserError(
             f"SWA would average nothing: it was off for the {run.epoch} epochs trained, and epochs "
-            f"{max(swa.start_epoch, run.epoch + 1)}-{epochs} hold no step that is a multiple of swa.every={swa.every} "
+            f"{first}-{epochs} hold no step that is a multiple of swa.every={swa.every} "
             f"({steps} steps per epoch); lower swa.every or raise train.epochs in config.json, or set swa.enabled=false"
         )
-    return (
-        f"SWA was off for the {run.epoch} epochs trained: it averages from epoch "
-        f"{max(swa.start_epoch, run.epoch + 1)} on ({run.swa.updates(steps, epochs, done=run.epoch)} updates)"
-    )
+    return f"SWA was off for the {run.epoch} epochs trained: it averages from epoch {first} on ({updates} updates)"
 
 
 def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bool) -> None:
@@ -428,9 +426,11 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     if resume and rundir.checkpoint(LATEST).exists():
         run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
     swa_notice = swa_from_now(run) if run.swa.started_on_resume and run.epoch < cfg.epochs else None
+    kept = []  # the metrics rows of the epochs a resume keeps
     if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone
         rundir.remove_stale_temp_files()
-        rundir.rewrite_metrics([r for r in rundir.metrics() if r.get("epoch", 0) <= run.epoch])
+        kept = [r for r in rundir.metrics() if r.get("epoch", 0) <= run.epoch]
+        rundir.rewrite_metrics(kept)
     final_exists = evaluated = False
     if resume and run.epoch >= cfg.epochs:  # rank 0's view of the run directory, shared: every rank takes one branch
         final_exists, evaluated = distributed.gather_objects(
@@ -469,8 +469,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
             f"--set train.batch_size=N sets each process's)")  # fmt: skip
     progress = (lambda row: rundir.write_json("progress.json", row)) if run.dist.is_main else None
     # wall time of the whole run: a resume adds this process's to the time the earlier processes' rows reached
-    rows = rundir.metrics() if resume and run.dist.is_main else []
-    earlier = [r["wall_seconds"] for r in rows if "wall_seconds" in r]
+    earlier = [r["wall_seconds"] for r in kept if "wall_seconds" in r]
     wall = time.perf_counter() - (earlier[-1] if earlier else 0.0)
     for epoch in range(run.epoch + 1, cfg.epochs + 1):
         row = {"epoch": epoch} | train_epoch(run, epoch, progress)

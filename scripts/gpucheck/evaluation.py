@@ -131,10 +131,6 @@ def chunk_seconds(directory: Path, attack: str) -> list[float]:
     return [r["seconds"] for r in chunk_records(directory, attack)]
 
 
-def steady(chunk: dict[str, Any]) -> float | None:
-    return round((chunk["stop"] - chunk["start"]) / chunk["seconds"], 1) if chunk["seconds"] > 0 else None
-
-
 def replayed_rate(chunks: list[dict[str, Any]]) -> float | None:
     """img/s over the chunks whose attacks replayed a capture (None: no such chunk, as in a cut run)."""
     images, seconds = sum(c["stop"] - c["start"] for c in chunks), sum(c["seconds"] for c in chunks)
@@ -168,7 +164,6 @@ def evaluation_row(record: StageRecord, name: str, model, split, cfg, dev, compi
             "chunk_seconds": [c["seconds"] for c in chunks],
             "images_per_s_after_first_chunk": round(images / seconds, 1) if seconds > 0 else None,
             # a captured attack warms up over two calls and is captured in the third (one chunk each)
-            "images_per_s_last_chunk": steady(chunks[-1]) if len(chunks) > STEADY_FROM else None,
             "images_per_s_replayed": replayed_rate(chunks[STEADY_FROM:]),
             "compiled": r["config"]["compiled"],
         }
