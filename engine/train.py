@@ -78,9 +78,8 @@ class Run:
             except UserError:  # its own one-line message
                 raise
             except (RuntimeError, ValueError, KeyError) as e:  # config.json edited (another width, no predictor...)
-                first = str(e).strip().splitlines()
                 raise RunDirError(
-                    f"the checkpoint's {key} does not fit the run's config.json ({first[-1].strip() if first else e}); "
+                    f"the checkpoint's {key} does not fit the run's config.json ({brief_load_error(e)}); "
                     "restore the config the run was started with"
                 ) from None
         restore_optimizer_kind(self.optimizer, self.perf.device)
@@ -106,6 +105,18 @@ class Run:
     def rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         cuda = self.perf.device.type == "cuda"
         return torch.get_rng_state(), torch.cuda.get_rng_state(self.perf.device) if cuda else None
+
+
+def brief_load_error(error: Exception) -> str:
+    """The last line of a failed `load_state_dict`, its key list cut to the first three (a method's predictors alone
+    name 32 keys: the one-line message ran to 2,000 characters)."""
+    lines = str(error).strip().splitlines()
+    last = lines[-1].strip() if lines else type(error).__name__
+    head, sep, keys = last.partition(": ")
+    names = [k.strip().strip('"') for k in keys.rstrip(". ").split(", ")] if sep and keys.startswith('"') else []
+    if len(names) <= 3:
+        return last
+    return f"{head}: {', '.join(names[:3])} and {len(names) - 3} more"
 
 
 def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
