@@ -10,5 +10,6 @@ if [ -f build/CMakeCache.txt ] && ! grep -q "CMAKE_HOME_DIRECTORY:INTERNAL=$PWD\
 fi
 prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 cmake -S . -B build -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build build -j"$(nproc)" >/dev/null
+# a build cut short (a compile error, a link killed) must not leave a library that make then takes as up to date
+cmake --build build -j"$(nproc)" >/dev/null || { rm -f build/libarat_native.so; exit 1; }
 echo "built build/libarat_native.so"

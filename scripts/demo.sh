@@ -1,8 +1,23 @@
 #!/usr/bin/env bash
-# Set up, then train + evaluate the `demo` recipe (AR-AT, ~10 min on a 2-core CPU; real CIFAR-10 when present).
+# Set up, then train + evaluate the `demo` recipe (AR-AT, ~10 min on a 2-core CPU; real CIFAR-10 when present) in
+# runs/demo. Run again after an interruption, it continues that run from its last finished epoch; after a finished
+# one (or with arguments, which only a new run takes), it starts a new run in runs/demo-<date>.
 set -euo pipefail
 # ARAT_DATA_DIR given relative to the caller's folder, as arat itself reads it (the script works from the checkout)
 if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_DATA_DIR=$PWD/$ARAT_DATA_DIR; fi
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/arat train --recipe demo --out "runs/demo-$(date +%Y%m%d-%H%M%S)" "$@"
+run=runs/demo
+if [ $# -eq 0 ] && [ -f "$run/config.json" ] && [ ! -f "$run/results.json" ]; then
+    echo "demo: continuing the interrupted run in $run"
+    args=(--resume "$run")
+else
+    [ ! -e "$run" ] || run="runs/demo-$(date +%Y%m%d-%H%M%S)"
+    args=(--recipe demo --out "$run" "$@")
+fi
+code=0
+.venv/bin/arat train "${args[@]}" || code=$?
+if [ "$code" = 130 ]; then # interrupted (Ctrl-C, SIGTERM): arat named its own command; this one works too
+    echo "demo: \`bash scripts/demo.sh\` again continues it (without arguments)" >&2
+fi
+exit "$code"

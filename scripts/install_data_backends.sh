@@ -44,7 +44,7 @@ ffcv_system_libs() {
         pkg-config --exists libturbojpeg && { pkg-config --exists opencv4 || pkg-config --exists opencv; }; then
         return
     fi
-    echo "ffcv: installing system libraries (apt-get)"
+    echo "ffcv: installing system libraries (apt-get; on a bare machine ~250 packages, a few minutes)"
     as_root apt-get update -qq || return
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopencv-dev libturbojpeg0-dev pkg-config g++ \
         >/dev/null

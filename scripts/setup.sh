@@ -23,7 +23,14 @@ elif [ "$installed" != "$pinned" ]; then # none yet, removed since, a venv made 
         "installing the pin (ARAT_KEEP_TORCH=1 keeps it)" >&2
     rm -f "$stamp"
 fi
+# The stamp holds the checkout's folder: a .venv copied or moved with its checkout still runs the other folder's
+# engine (an editable install) through scripts naming the other folder's python, until it is installed again here
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$PWD" ]; then
+    echo "setup: .venv was installed for another folder ($(cat "$stamp")): installing this checkout's engine" >&2
+    rm -f "$stamp"
+fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/cpu.txt -nt "$stamp" ]; then
+    echo "setup: installing torch $pinned, the engine and its test tools into .venv (first time: a few minutes)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
     # ARAT_TORCH_INDEX: where pip finds the pinned CPU build when it is not on this machine's disk
     # (https://download.pytorch.org/whl/cpu; PyPI has no +cpu builds, and its plain torch is the CUDA one)
@@ -33,12 +40,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/cpu.txt
             "ARAT_TORCH_INDEX=https://download.pytorch.org/whl/cpu and rerun" >&2
         exit 1
     }
-    touch "$stamp"
+    echo "$PWD" > "$stamp"
 fi
 data=${ARAT_DATA_DIR:-data}
 prepare=../shared/data/cifar10/prepare.py
 # batches.meta is the last file prepare.py writes: a preparation cut short is redone
 if [ ! -f "$data/cifar-10-batches-py/batches.meta" ] && [ -f "$prepare" ]; then
     echo "preparing real CIFAR-10 (JPEG-degraded copy) into $data"
-    .venv/bin/python "$prepare" "$data"
+    .venv/bin/python "$prepare" "$data" || echo "setup: could not prepare CIFAR-10 into $data (above): until it is," \
+        "the demo trains on synthetic data and the real-data tests skip; rerun this script to try again" >&2
 fi

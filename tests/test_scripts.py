@@ -98,7 +98,7 @@ def test_setup_reinstalls_a_venv_torch_other_than_the_pin(tmp_path, case):
         ' *"-m pip install"*" -e "*) exit 1 ;; esac\n'
     )
     venv_python.chmod(0o755)
-    (root / ".venv" / ".arat-installed").touch()
+    (root / ".venv" / ".arat-installed").write_text(f"{root}\n")  # installed for this folder
     env = {**os.environ, "ARAT_DATA_DIR": str(tmp_path / "data")}
     env.pop("ARAT_KEEP_TORCH", None)
     if case == "kept":
@@ -114,6 +114,81 @@ def test_setup_reinstalls_a_venv_torch_other_than_the_pin(tmp_path, case):
         assert result.returncode == 0, result.stderr
         assert "-m pip install" not in calls
         assert ("keeping .venv's torch 2.11.0+cu130" in result.stderr) == (case == "kept")
+
+
+def test_setup_reinstalls_the_engine_of_a_venv_copied_from_another_folder(tmp_path):
+    """A .venv copied or moved with its checkout runs the other folder's engine (an editable install) until it is
+    installed here: a stamp naming another folder (or an older stamp naming none) installs again, then names this."""
+    root = tmp_path / "copy"
+    (root / "scripts").mkdir(parents=True)
+    (root / "constraints").mkdir()
+    for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
+        (root / rel).write_bytes((REPO / rel).read_bytes())
+    pinned = next(
+        line.split("==")[1].split()[0]
+        for line in (REPO / "constraints/cpu.txt").read_text().splitlines()
+        if line.startswith("torch==")
+    )
+    venv_python = root / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    log = tmp_path / "calls.txt"
+    venv_python.write_text(f'#!/usr/bin/env bash\necho "python $*" >> {log}\n'
+                           f'case "$*" in *importlib.metadata*) echo {pinned} ;; esac\n')  # fmt: skip
+    venv_python.chmod(0o755)
+    stamp = root / ".venv" / ".arat-installed"
+    env = {k: v for k, v in os.environ.items() if k != "ARAT_KEEP_TORCH"} | {"ARAT_DATA_DIR": str(tmp_path / "d")}
+    for before, reinstalled in (("/elsewhere/main\n", True), ("", True), (f"{root}\n", False)):
+        stamp.write_text(before)
+        log.write_text("")
+        result = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert ("-m pip install" in log.read_text()) == reinstalled, (before, result.stderr)
+        assert ("installed for another folder (/elsewhere/main)" in result.stderr) == before.startswith("/else")
+        assert stamp.read_text().strip() == str(root)
+
+
+def demo_folder(tmp_path: Path, arat_exit: int = 0) -> tuple[Path, Path]:
+    """scripts/demo.sh copied beside a setup.sh that does nothing and a .venv/bin/arat that logs its arguments
+    (and exits `arat_exit`): (the copy's root, the log)."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "demo.sh").write_bytes((REPO / "scripts" / "demo.sh").read_bytes())
+    (root / "scripts" / "setup.sh").write_text("exit 0\n")
+    arat = root / ".venv" / "bin" / "arat"
+    arat.parent.mkdir(parents=True)
+    log = tmp_path / "arat.txt"
+    arat.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\nexit {arat_exit}\n')
+    arat.chmod(0o755)
+    return root, log
+
+
+def test_demo_continues_an_interrupted_run_and_starts_anew_after_a_finished_one(tmp_path):
+    root, log = demo_folder(tmp_path)
+
+    def demo(*args: str) -> tuple[str, str]:
+        log.write_text("")
+        result = subprocess.run(["bash", str(root / "scripts" / "demo.sh"), *args], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return log.read_text().strip(), result.stdout
+
+    assert demo() == ("train --recipe demo --out runs/demo", "")  # the first run
+    (root / "runs" / "demo").mkdir(parents=True)
+    (root / "runs" / "demo" / "config.json").write_text("{}")  # started, interrupted before its results
+    called, said = demo()
+    assert called == "train --resume runs/demo" and "continuing the interrupted run in runs/demo" in said
+    called, _ = demo("--set", "train.epochs=1")  # arguments: a new run, which alone takes them
+    assert called.startswith("train --recipe demo --out runs/demo-") and called.endswith("--set train.epochs=1")
+    (root / "runs" / "demo" / "results.json").write_text("{}")  # finished
+    called, _ = demo()
+    assert called.startswith("train --recipe demo --out runs/demo-"), called
+
+
+def test_an_interrupted_demo_says_the_demo_command_continues_it(tmp_path):
+    root, _ = demo_folder(tmp_path, arat_exit=130)
+    result = subprocess.run(["bash", str(root / "scripts" / "demo.sh")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130 and "`bash scripts/demo.sh` again continues it" in result.stderr
 
 
 TINY = [
