@@ -7,7 +7,7 @@ Both evaluations run the original AutoAttack code through engine.evaluate, chunk
 seeds; the bf16 one wraps the network in bf16 autocast (logits, losses and steps stay fp32). On a CPU without native
 bf16 the bf16 run is many times slower (emulated).
 
-    python bench/aa_dtype.py --run runs/demo-...              # the demo model (default: the newest runs/demo-*)
+    python bench/aa_dtype.py --run runs/demo                 # the demo model (default: the newest runs/demo*)
     python bench/aa_dtype.py --num-examples 500 --version legacy-10
 """
 

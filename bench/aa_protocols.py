@@ -5,7 +5,7 @@ each takes, and, image by image, how many images `legacy-10` counts robust that 
 Issue 10 item 4: "so a user can see how much the paper's protocol over-reads robustness on the same model". Both
 evaluations run the original AutoAttack code (pyautoattack) through engine.evaluate, fp32, chunk by chunk.
 
-    python bench/aa_protocols.py --run runs/demo-...          # a run directory, an exported .pt or a state_dict
+    python bench/aa_protocols.py --run runs/demo             # a run directory, an exported .pt or a state_dict
     python bench/aa_protocols.py --run $PYAUTOATTACK/examples/model_test.pt --num-examples 200
 """
 

@@ -16,6 +16,8 @@ import sys
 import harness  # noqa: F401  (puts the repository on sys.path)
 from harness import append_jsonl, markdown_table, provenance, run_cli
 
+from engine.errors import UserError
+
 COLUMNS = [
     "kernel",
     "arch",
@@ -35,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 80 and 90)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
-    from kernels import aot
+        raise UserError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
+    try:
+        from kernels import aot
+    except ImportError as e:  # triton is the optional `kernels` extra
+        raise UserError(f"{e}: install Triton (pip install -e '.[kernels]') to compile the kernels") from None
 
     stamp = provenance("cpu") | {"device": "none (compiled ahead of time)"}  # a GPU, if any, is not used
     rows = [compiled_row(aot, spec, arch) | stamp for spec in aot.all_specs() for arch in args.arch or aot.ARCHS]

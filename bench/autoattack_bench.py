@@ -8,7 +8,7 @@ runs it), after an untimed warm-up, in alternating order round by round, so the 
 costs or saves on this machine (on a CPU the attack's arithmetic dominates both; the gains
 the chunking is for, ranks and large static batches on a GPU, are not measured here).
 
-    python bench/autoattack_bench.py --run runs/demo-...        # the demo model (default: the newest runs/demo-*)
+    python bench/autoattack_bench.py --run runs/demo           # the demo model (default: the newest runs/demo*)
     python bench/autoattack_bench.py --num-examples 200 --batch-size 100 --version legacy-10
 """
 
@@ -34,12 +34,13 @@ from engine.perf import EvalForward
 
 
 def newest_demo_run() -> Path:
-    """The newest finished demo run under ./runs, else under the checkout's runs/ (where scripts/demo.sh puts it)."""
+    """The newest finished demo run (runs/demo, runs/demo-<date>) under ./runs, else under the checkout's runs/
+    (where scripts/demo.sh puts it)."""
     for root in dict.fromkeys([Path("runs"), REPO / "runs"]):
-        runs = sorted(root.glob("demo-*/checkpoints/final.pt"))
+        runs = [*root.glob("demo/checkpoints/final.pt"), *root.glob("demo-*/checkpoints/final.pt")]
         if runs:
-            return runs[-1].parents[1]
-    raise UserError("no runs/demo-*/checkpoints/final.pt: run `bash scripts/demo.sh` first, or pass --run")
+            return max(runs, key=lambda p: p.stat().st_mtime).parents[1]
+    raise UserError("no runs/demo*/checkpoints/final.pt: run `bash scripts/demo.sh` first, or pass --run")
 
 
 def add_model_arguments(p: argparse.ArgumentParser, num_examples: int) -> None:
@@ -53,13 +54,18 @@ def add_model_arguments(p: argparse.ArgumentParser, num_examples: int) -> None:
 
 
 def model_and_test_split(args: argparse.Namespace):
-    """(where the model came from, the plain network: forward(x, bn=...) on --device, the CIFAR-10 test split,
-    the device); args.num_examples capped at the split's size."""
+    """(where the model came from, the plain network: forward(x, bn=...) on --device, the test split of the
+    network's dataset (CIFAR-10 or CIFAR-100, by its number of classes), the device); args.num_examples capped at
+    the split's size."""
     device = bench_device(args.device)
     source = args.run or newest_demo_run()
-    split = load_split("cifar10", args.data_dir, train=False)
+    net = load_model(source).net
+    classes = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    if classes not in (10, 100):
+        raise UserError(f"{source} classifies {classes} classes: the AutoAttack benches run CIFAR-10 or CIFAR-100")
+    split = load_split(f"cifar{classes}", args.data_dir, train=False)
     args.num_examples = min(args.num_examples, len(split))
-    return source, load_model(source).net.to(device), split, device
+    return source, net.to(device), split, device
 
 
 def warm_up(net, split, cfg: EvalConfig, device) -> None:

@@ -46,14 +46,15 @@ from dataclasses import dataclass, field
 
 import torch
 from cost_model import derived, epoch_images, forward_units
-from harness import append_jsonl, markdown_table, provenance, run_cli
+from harness import append_jsonl, markdown_table, positive_int, provenance, run_cli
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.attacks.graphs import active as active_attack_graphs
 from engine.attacks.graphs import set_attack_graphs
 from engine.config import TrainConfig, apply_overrides
+from engine.errors import UserError
 from engine.methods.arat import attack_inputs
-from engine.perf import cpu_has_native_bf16, peak_tflops, resolve_device
+from engine.perf import cpu_has_native_bf16, cuda_has_native_bf16, peak_tflops, resolve_device
 from engine.recipes import get_recipe
 from engine.train import Run, build_run, train_step
 
@@ -211,10 +212,13 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def matmul_ceiling(device: torch.device) -> dict:
-    """The machine's matrix-product throughput in TFLOP/s, the ceiling each row is a % of: bf16 on CUDA and on a
-    CPU with native bf16, fp32 on other CPUs (emulated bf16 is no ceiling); 8192^3 on CUDA, 2048^3 on a CPU."""
-    bf16 = device.type == "cuda" or cpu_has_native_bf16()
-    dtype, n = (torch.bfloat16 if bf16 else torch.float32), (8192 if device.type == "cuda" else 2048)
+    """The machine's matrix-product throughput in TFLOP/s, the ceiling each row is a % of: bf16 where the device
+    has it natively, else what perf.dtype=auto picks there (fp16 on such a GPU, fp32 on such a CPU: emulated bf16
+    is no ceiling); 8192^3 on CUDA, 2048^3 on a CPU."""
+    if device.type == "cuda":
+        dtype, n = (torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16), 8192
+    else:
+        dtype, n = (torch.bfloat16 if cpu_has_native_bf16() else torch.float32), 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     per_call = 10 if device.type == "cuda" else 1  # back to back between syncs: a ~1.4 ms product, not its launch
@@ -250,6 +254,7 @@ class Row:
     x: torch.Tensor
     y: torch.Tensor
     warm: Counter = field(default_factory=Counter)  # dynamo counts after this row's warm-up
+    timed: Counter = field(default_factory=Counter)  # dynamo counts during its timed calls (recompiles: none wanted)
     warmup_s: float = 0.0  # the warm-up steps and attacks, compiling included
     step_ms: list[float] = field(default_factory=list)  # one median per round
     attack_ms: list[float] = field(default_factory=list)
@@ -267,8 +272,10 @@ def build_row(name: str, cfg: TrainConfig, warmup: int) -> Row:
     run = build_run(cfg)
     x, y = next(iter(run.train_loader))
     row = Row(name, cfg, run, x, y)
+    graphs = run.perf.attack_graphs  # with its attack captured, enough calls that the capture is not timed
+    calls = max(warmup, 1, graphs.warmup + 1 if graphs is not None else 0)
     before, start = dynamo_counts(), time.perf_counter()
-    for _ in range(max(warmup, 1)):  # compile, autotune, allocator warm-up
+    for _ in range(calls):  # compile, autotune, allocator warm-up
         row.step()
         row.attack()
     sync(run.perf.device)
@@ -278,14 +285,16 @@ def build_row(name: str, cfg: TrainConfig, warmup: int) -> Row:
 
 
 def interleave(rows: list[Row], rounds: int, steps: int) -> None:
-    """`rounds` rounds; in each, every row takes `steps` timed steps and 1-2 timed attacks, one row after another,
-    so that a machine slowing down or speeding up affects every row alike; every other round in reverse order, so
-    that no row always runs first (clocks ramping, caches)."""
+    """`rounds` rounds; in each, every row takes `steps` timed steps and max(1, steps // 2) timed attacks, one row
+    after another, so that a machine slowing down or speeding up affects every row alike; every other round in
+    reverse order, so that no row always runs first (clocks ramping, caches). Graphs compiled during a row's timed
+    calls (recompiles) are counted on the row."""
     for i in range(rounds):
         for row in rows if i % 2 == 0 else rows[::-1]:
-            device = row.run.perf.device
+            device, before = row.run.perf.device, dynamo_counts()
             row.step_ms.append(median_ms(row.step, device, steps))
             row.attack_ms.append(median_ms(row.attack, device, max(1, steps // 2)))
+            row.timed += dynamo_counts() - before
 
 
 def report(row: Row) -> dict:
@@ -293,7 +302,7 @@ def report(row: Row) -> dict:
     device, cfg, compiled = row.run.perf.device, row.cfg, row.run.perf.compiled
     before = dynamo_counts()
     profiled = profile_call(row.step, device, step_ms)
-    after_warm = dynamo_counts() - before  # the profiled step
+    after_warm = dynamo_counts() - before + row.timed  # the timed rounds and the profiled step
     flops = forward_flops(row.run.nets.raw, row.x[:8]) * forward_units(cfg.attack.num_steps)
     images_per_s = len(row.y) / (step_ms / 1e3)
     figures = derived(images_per_s, flops, CEILING.get("matmul_ceiling_tflops"), epoch_images(len(row.y)))
@@ -434,12 +443,12 @@ QUICK_SIZES = {"width": 16, "batch_size": 64, "attack_steps": 5, "rounds": 3}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet18", choices=["resnet18", "wrn34-10"])
-    p.add_argument("--width", type=int, help="ResNet-18's width (default 64; --quick: 16)")
-    p.add_argument("--batch-size", type=int, help="default 128; --quick: 64")
-    p.add_argument("--attack-steps", type=int, help="PGD steps (default 10; --quick: 5)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per row and round (their median)")
-    p.add_argument("--rounds", type=int, help="interleaved rounds; a row's figure: their median (5; --quick: 3)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--width", type=positive_int, help="ResNet-18's width (default 64; --quick: 16)")
+    p.add_argument("--batch-size", type=positive_int, help="default 128; --quick: 64")
+    p.add_argument("--attack-steps", type=positive_int, help="PGD steps (default 10; --quick: 5)")
+    p.add_argument("--steps", type=positive_int, default=3, help="timed steps per row and round (their median)")
+    p.add_argument("--rounds", type=positive_int, help="interleaved rounds; a row's figure: the median (5; --quick: 3)")
+    p.add_argument("--warmup", type=positive_int, default=2)
     mode = p.add_mutually_exclusive_group()  # default: the greedy ladder
     mode.add_argument("--cumulative", action="store_true", help="every switch on the previous row (not greedy)")
     mode.add_argument("--direct", metavar="KEY=V,KEY=V", help="one configuration (on fp32 eager's switches) timed "
@@ -457,6 +466,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (QUICK_SIZES if args.quick else SIZES).items():  # what the user gave stays
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.rows is not None:
+        if not args.cumulative:
+            p.error("--rows picks rows of --cumulative: add --cumulative")
+        ladder = [name for name, _ in LADDER if not (args.quick and name == "+torch.compile")]
+        try:
+            args.rows = sorted({int(i) for i in args.rows.split(",")})
+        except ValueError:
+            p.error(f"--rows {args.rows}: give ladder indices, e.g. 0,3,4")
+        if args.rows[0] < 0 or args.rows[-1] >= len(ladder):
+            p.error(f"--rows: the ladder's rows are 0-{len(ladder) - 1} ({', '.join(ladder)})")
+    method = next((o for o in args.overrides if o.partition("=")[0].strip() == "method.name"), None)
+    if method and method.partition("=")[2].strip() != "arat":  # its FLOP count and attack timing are AR-AT's
+        p.error(f"--set {method}: the rows time AR-AT's step (its cost model and attack); other methods: "
+                "bench/compare_methods.sh or scripts/gpu_check.sh's methods stage")  # fmt: skip
     clash = next((o for o in args.overrides if o.partition("=")[0].strip() in LADDER_KEYS), None)
     if clash and not args.compare:  # the ladder (or --direct's fp32 reference) would set it over the user's value
         key = clash.partition("=")[0].strip()
@@ -476,7 +499,12 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
         f"data.synthetic_size={args.batch_size}",
     ]
     if args.data_dir:
-        base[-2:] = ["data.dataset=cifar10", f"data.data_dir={args.data_dir}", "data.train_subset=10000"]
+        base[-2:] = [
+            "data.dataset=cifar10",
+            f"data.data_dir={args.data_dir}",
+            "data.train_subset=10000",
+            "data.synthetic_fallback=false",
+        ]  # no CIFAR-10 there: an error, not synthetic figures
     return base + args.overrides
 
 
@@ -498,7 +526,12 @@ def main(argv: list[str] | None = None) -> None:
         key, _, values = args.compare.partition("=")
         rows = compare(base, key, values.split(","), args.rounds, args.steps, args.warmup)
     elif args.cumulative:
-        wanted = {int(i) for i in args.rows.split(",")} if args.rows else set(range(len(LADDER)))
+        wanted = set(args.rows) if args.rows else set(range(len(LADDER)))
+        skipped = [f"{i} ({LADDER[i][0]})" for i in sorted(wanted) if not applies(LADDER[i][0], device.type)]
+        if skipped:
+            print(f"rows {', '.join(skipped)}: not on a {device.type} device, skipped", flush=True)
+            if len(skipped) == len(wanted):
+                raise UserError(f"--rows: none of the rows asked for runs on a {device.type} device")
         rows = cumulative(base, wanted, args.rounds, args.steps, args.warmup, device.type)
     else:
         rows = greedy(base, args.rounds, args.steps, args.warmup, device.type)

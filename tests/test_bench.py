@@ -307,6 +307,67 @@ def test_the_ladder_runs_on_the_configured_device_and_refuses_a_set_it_would_ove
     assert bad.value.code == 2 and "perf.device" in capsys.readouterr().err
 
 
+def test_the_ladder_refuses_bad_counts_rows_and_methods_in_one_line(capsys):
+    """Counts below 1, --rows that are no ladder indices or come without --cumulative, and a --set of another method
+    (the rows' FLOP count and attack timing are AR-AT's) end in argparse's one line, exit 2, before any row is built;
+    --data-dir turns the synthetic fallback off (a wrong folder is an error, not synthetic figures)."""
+    import train_step as ts
+
+    cases = {
+        ("--rounds", "0"): "must be at least 1",
+        ("--steps", "0"): "must be at least 1",
+        ("--cumulative", "--rows", "1,x"): "give ladder indices",
+        ("--cumulative", "--rows", "9"): "the ladder's rows are 0-",
+        ("--cumulative", "--quick", "--rows", str(len(ts.LADDER) - 1)): "the ladder's rows are 0-",
+        ("--rows", "1"): "add --cumulative",
+        ("--set", "method.name=at"): "the rows time AR-AT's step",
+    }
+    for argv, says in cases.items():
+        with pytest.raises(SystemExit) as refused:
+            ts.parse_args(list(argv))
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and says in err, (argv, err)
+    assert ts.parse_args(["--cumulative", "--rows", "3,0,3"]).rows == [0, 3]
+    assert ts.parse_args(["--set", "method.name=arat"]).overrides == ["method.name=arat"]
+    base = ts.base_overrides(ts.parse_args(["--data-dir", "/nowhere", "--train-epochs", "1"]))
+    assert "data.synthetic_fallback=false" in base and "data.dataset=cifar10" in base
+
+
+def test_a_row_counts_recompiles_in_its_timed_rounds_and_warms_past_the_capture(monkeypatch):
+    """A graph compiled while a row is timed (a recompile that slowed its figure) is reported on it, not only one
+    in the profiled step after the rounds; with its attack captured, the warm-up runs past the capture."""
+    import types
+    from collections import Counter
+
+    import train_step as ts
+
+    counts = Counter(graphs=5, graph_breaks=0)
+    monkeypatch.setattr(ts, "dynamo_counts", lambda: Counter(counts))
+    monkeypatch.setattr(ts, "median_ms", lambda fn, device, n: [fn() for _ in range(n)] and 10.0)
+    calls = []
+    graphs = types.SimpleNamespace(warmup=2)
+    perf = types.SimpleNamespace(device=types.SimpleNamespace(type="cpu"), attack_graphs=graphs, activate=lambda: None,
+                                 autocast=None)  # fmt: skip
+    run = types.SimpleNamespace(perf=perf, nets=None)
+    monkeypatch.setattr(ts, "build_run", lambda cfg: run)
+    monkeypatch.setattr(ts, "train_step", lambda r, x, y: calls.append("step"))
+    monkeypatch.setattr(ts, "attack_inputs", lambda *a: calls.append("attack"))
+    loader = [(None, None)]
+    run.train_loader = loader
+    row = ts.build_row("row", types.SimpleNamespace(attack=None), warmup=1)
+    assert calls.count("attack") >= graphs.warmup + 1  # the step's attack is a call of the captured attack too
+    calls.clear()
+
+    def step_that_recompiles():
+        calls.append("step")
+        if calls.count("step") == 4:  # the first step of round 2
+            counts["graphs"] += 1
+
+    monkeypatch.setattr(ts, "train_step", lambda r, x, y: step_that_recompiles())
+    ts.interleave([row], rounds=2, steps=3)
+    assert row.timed["graphs"] == 1 and len(row.step_ms) == 2
+
+
 def test_releasing_a_row_drops_its_captured_attacks(monkeypatch):
     """A dropped row's captured attacks (graphs, static buffers, the network they hold) go with it, active or not."""
     import types
@@ -402,3 +463,56 @@ def test_aot_report_keeps_every_other_row_when_one_compile_fails(monkeypatch, tm
     assert rows[2]["error"] == "RuntimeError: ptxas fatal: bad register"
     assert all(r["device"] == "none (compiled ahead of time)" for r in rows)
     assert "FAILED: broken on sm_80" in capsys.readouterr().err
+
+
+def test_autoattack_benches_take_the_networks_dataset_and_find_the_demo_run(tmp_path, monkeypatch):
+    """A CIFAR-100 network is attacked on CIFAR-100's test images (its labels 0-99), not CIFAR-10's; the default
+    model is the newest demo run, runs/demo (scripts/demo.sh's folder) as well as runs/demo-<date>."""
+    import argparse
+
+    import autoattack_bench as ab
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    for i, name in enumerate(("demo-20261201-000000", "demo")):
+        final = tmp_path / "runs" / name / "checkpoints" / "final.pt"
+        final.parent.mkdir(parents=True)
+        net = build_model(ModelConfig(arch="resnet18", width=4), 100 if name == "demo" else 10)
+        torch.save({"model": net.state_dict()}, final)
+        os.utime(final, (1_000 + i, 1_000 + i))
+    assert ab.newest_demo_run() == Path("runs/demo")
+    seen = []
+    monkeypatch.setattr(ab, "load_split", lambda dataset, data_dir, train: seen.append(dataset) or [0] * 7)
+    args = argparse.Namespace(device="cpu", run=None, data_dir="d", num_examples=100)
+    source, net, split, device = ab.model_and_test_split(args)
+    assert seen == ["cifar100"] and args.num_examples == 7 and source == Path("runs/demo")
+    args.run = tmp_path / "runs" / "demo-20261201-000000"
+    ab.model_and_test_split(args)
+    assert seen == ["cifar100", "cifar10"]
+
+
+def test_aot_report_refuses_the_interpreter_and_a_missing_triton_in_one_line(monkeypatch, capsys):
+    import builtins
+
+    import aot_report
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit) as interpreted:
+        aot_report.run_cli(lambda: aot_report.main(["--out", "unused.jsonl"]), "bench/aot_report.py")
+    assert interpreted.value.code == 2 and "unset TRITON_INTERPRET" in capsys.readouterr().err
+    monkeypatch.delenv("TRITON_INTERPRET")
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name in ("kernels.aot", "triton") or (name == "kernels" and "aot" in (args[2] or ())):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    with pytest.raises(SystemExit) as missing:
+        aot_report.run_cli(lambda: aot_report.main(["--out", "unused.jsonl"]), "bench/aot_report.py")
+    err = capsys.readouterr().err
+    assert missing.value.code == 2 and "install Triton" in err and len(err.strip().splitlines()) == 1, err
