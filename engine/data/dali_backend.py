@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .cifar import ArraySplit
+from .cifar import ArraySplit, DataError
 from .loader import PAD, SIZE, Batch, EpochPlan, PlannedLoader
 from .optional import require
 
@@ -29,10 +29,11 @@ def build_pipeline(batch_size: int, device: torch.device, augment: bool, num_thr
     on_gpu = device.type == "cuda"
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
     # seed: DALI's own generators, unused here (the plan supplies every random choice). Queue depth 1: each
-    # schedule_run then runs exactly the one batch just fed (a deeper queue runs that many on the first call).
-    pipe = Pipeline(
-        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=1
-    )
+    # schedule_run then runs exactly the one batch just fed (a deeper queue runs that many on the first call). The
+    # dynamic executor (DALI's default since 2.0, named so an older default cannot change it) hands outputs over in
+    # a CUDA stream's order (`DALILoader._take`): the host does not wait for each batch.
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                    prefetch_queue_depth=1, exec_dynamic=True)  # fmt: skip
     with pipe:
         images = fn.external_source(name="images", device="cpu", layout="HWC", dtype=types.UINT8, ndim=3)
         images = images.gpu() if on_gpu else images
@@ -56,7 +57,14 @@ class DALILoader(PlannedLoader):
         self.labels = torch.from_numpy(split.labels).to(self.device)
         threads = num_threads or torch.get_num_threads()
         self.pipe = build_pipeline(batch_size, self.device, self.augment, threads, self.seed)
-        self.pipe.build()
+        try:
+            self.pipe.build()
+        except RuntimeError as e:  # on a GPU: a DALI wheel for another CUDA than the driver's, or no device memory
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise DataError(
+                f"DALI could not build its pipeline on {self.device} ({first}); check that the nvidia-dali wheel "
+                "matches the driver's CUDA (nvidia-smi), or use data.backend=device"
+            ) from None
 
     def _feed(self, plan: EpochPlan, b: int) -> None:
         sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
@@ -67,14 +75,22 @@ class DALILoader(PlannedLoader):
             self.pipe.feed_input("flip", plan.flip[sl].astype(np.int32))
         self.pipe.schedule_run()
 
-    def _to_torch(self, images) -> torch.Tensor:
-        """The pipeline's output (a DALI TensorList on the CPU or GPU) copied into a new uint8 tensor."""
+    def _take(self) -> torch.Tensor:
+        """The finished run's output (a DALI TensorList on the CPU or GPU) copied into a new uint8 tensor.
+
+        On CUDA the output is shared in the order of torch's current stream: that stream waits for DALI's work on
+        the device, the host does not (without a stream, share_outputs blocks until the batch is done, once per
+        batch). The copy is queued on the same stream, and the dynamic executor frees the buffer in that stream's
+        order, after the copy: a later run cannot overwrite it first, however far the stream lags."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        (images,) = self.pipe.share_outputs(stream)
         dense = images.as_tensor()  # (B, 32, 32, 3)
         out = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        return feed_ndarray(dense, out, cuda_stream=stream)  # ordered after DALI's work, on torch's stream
+        feed_ndarray(dense, out, cuda_stream=stream)
+        self.pipe.release_outputs()
+        return out
 
     def __iter__(self) -> Iterator[Batch]:
         plan, num_batches = self.plan(), len(self)
@@ -84,17 +100,14 @@ class DALILoader(PlannedLoader):
             self._feed(plan, 0)
         try:
             for b in range(num_batches):
-                (images,) = self.pipe.share_outputs()
-                hwc = self._to_torch(images)
-                self.pipe.release_outputs()
+                hwc = self._take()
                 in_flight = b + 1 < num_batches
                 if in_flight:  # DALI prepares the next batch while the trainer works on this one
                     self._feed(plan, b + 1)
                 yield self.finish(hwc, self.labels[order[b * self.batch_size : (b + 1) * self.batch_size]])
         finally:  # a loop left early: collect the run still in flight so the next epoch starts clean
             if in_flight:
-                self.pipe.share_outputs()
-                self.pipe.release_outputs()
+                self._take()
 
 
 def make_loader(split: ArraySplit, batch_size: int, *, train: bool, device: torch.device, **kwargs) -> DALILoader:

@@ -6,6 +6,7 @@ an output must then equal exactly one of the 9 x 9 x 2 allowed crops/flips of th
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -196,12 +197,75 @@ def test_same_batches_as_device_loader(backend, augment):
 
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_epoch_left_early_then_full_epoch(backend):
+    """An epoch left after 0, 1 or all but one batch (a run in flight is collected) leaves the loader clean: the
+    same epoch again, and the next one, give DeviceLoader's batches bit for bit."""
     train_loader, _ = make_loaders(backend)
-    for i, _ in enumerate(train_loader):
-        if i == 1:
-            break
-    labels = np.concatenate([y.numpy() for _, y in train_loader])
-    assert np.array_equal(np.sort(labels), np.arange(NUM_TRAIN))
+    reference, _ = make_loaders("device")
+    for leave_after in (0, 1, len(train_loader) - 1):
+        for epoch in (1, 2):
+            train_loader.set_epoch(epoch), reference.set_epoch(epoch)
+            it = iter(train_loader)
+            for _ in range(leave_after + 1):
+                next(it)
+            del it  # the generator closes: its finally collects the run in flight
+            pairs = list(zip(train_loader, reference, strict=True))
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs), (leave_after, epoch)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_batches_held_while_the_epoch_goes_on_keep_their_pixels(backend):
+    """The trainer keeps its first batches while later ones arrive (train.py's head): each batch is its own memory,
+    not a buffer the backend's next batch overwrites."""
+    train_loader, _ = make_loaders(backend)
+    reference, _ = make_loaders("device")
+    it = iter(train_loader)
+    head = list(itertools.islice(it, 3))
+    rest = list(it)
+    for a, b in zip(head + rest, reference, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_dali_schedules_the_next_batch_before_handing_out_this_one(monkeypatch):
+    """DALI's calls, in order: batch b+1 is fed and scheduled before batch b is handed out (DALI works on it while
+    the trainer steps), at most one run is in flight, each output is shared in a stream's order (None on a CPU:
+    the host's) and released after its copy, and nothing is left in flight after an epoch, whole or left early.
+    The pipeline runs the dynamic executor, whose outputs can follow a CUDA stream."""
+    need("dali")
+    train_loader, _ = make_loaders("dali")
+    assert train_loader.pipe.exec_dynamic
+    calls = []
+    pipe = train_loader.pipe
+
+    class Spy:
+        def __getattr__(self, name):
+            attr = getattr(pipe, name)
+            if name not in ("schedule_run", "share_outputs", "release_outputs"):
+                return attr
+
+            def logged(*args):
+                calls.append((name, *args))
+                return attr(*args)
+
+            return logged
+
+    monkeypatch.setattr(train_loader, "pipe", Spy())
+    n = len(train_loader)
+    for b, _ in enumerate(train_loader):
+        scheduled = sum(c[0] == "schedule_run" for c in calls)
+        shared = [c for c in calls if c[0] == "share_outputs"]
+        assert scheduled == min(b + 2, n) and len(shared) == b + 1, (b, calls)  # the next one already runs
+        assert shared[-1] == ("share_outputs", None)  # a stream's order; on a CPU None (there is no stream)
+        assert calls[-1][0] != "share_outputs"  # released (after the copy) before the batch is handed out
+    names = [c[0] for c in calls]
+    assert names.count("schedule_run") == names.count("share_outputs") == names.count("release_outputs") == n
+    in_flight = 0
+    for name in names:
+        in_flight += {"schedule_run": 1, "share_outputs": -1}.get(name, 0)
+        assert 0 <= in_flight <= 1
+    calls.clear()
+    next(iter(train_loader))  # left after one batch: the generator's close collects the next run
+    names = [c[0] for c in calls]
+    assert names.count("schedule_run") == names.count("share_outputs") == names.count("release_outputs") == 2
 
 
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
@@ -244,6 +308,7 @@ def test_gpu_pipelines_construct_without_a_gpu():
         pipe = dali_backend.build_pipeline(64, cuda, augment=True, num_threads=1, seed=0)
         outputs = getattr(pipe, "_graph_out", None)  # private: checked where this DALI version has it
         assert pipe.device_id == 0 and (outputs is None or [node.device for node in outputs] == ["gpu"])
+        assert pipe.exec_dynamic  # its outputs can be shared in a CUDA stream's order
 
 
 CUDA_PARAM = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
