@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cifar import ArraySplit, load_split
+from .cifar import ArraySplit, DataError, load_split
 from .loader import PAD, SIZE, Batch, PlannedLoader
 from .optional import require
 
@@ -77,11 +78,13 @@ def write_beton(split: ArraySplit, path: Path) -> Path:
 
     _check_split(split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")  # unique on a shared cache too
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
     writer = DatasetWriter(str(tmp), fields, num_workers=min(4, os.cpu_count() or 1))
     try:
         writer.from_indexed_dataset(_IndexedSplit(split), chunksize=1000)
+        with open(tmp, "rb") as f:  # on disk before the name says it is whole (a power cut after the rename)
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -224,15 +227,21 @@ class FFCVLoader(PlannedLoader):
         # Each batch is copied into a fresh block of torch's pinned memory instead (pinned_copy), whose allocator
         # holds it until the copy has run.
         self.pin = on_cuda
-        self.ffcv = Loader(
-            str(beton),
-            batch_size=batch_size,
-            num_workers=threads,
-            order=OrderOption.SEQUENTIAL,
-            drop_last=False,
-            os_cache=True,
-            pipelines={"image": image_ops, "label": label_ops},
-        )
+        spoilt = f"{beton} is not a beton of this split ({{}}): delete it and the next run writes it again"
+        try:
+            self.ffcv = Loader(
+                str(beton),
+                batch_size=batch_size,
+                num_workers=threads,
+                order=OrderOption.SEQUENTIAL,
+                drop_last=False,
+                os_cache=True,
+                pipelines={"image": image_ops, "label": label_ops},
+            )
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: FFCV's reader raises many kinds
+            raise DataError(spoilt.format(f"{type(e).__name__} reading it")) from None
+        if self.ffcv.reader.num_samples != self.num_total:
+            raise DataError(spoilt.format(f"{self.ffcv.reader.num_samples} images, the split has {self.num_total}"))
         # Our plan decides order and length (FFCV's `distributed` needs a process group and its own sampler)
         self.order = self.ffcv.traversal_order = _PlanOrder()
         self.ffcv.first_traversal_order = np.zeros(self.num_images, dtype=np.uint64)

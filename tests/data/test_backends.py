@@ -376,6 +376,27 @@ def test_betons_are_cached_by_content(tmp_path):
         ffcv_backend.write_betons(ArraySplit(TRAIN.images.astype(np.float32), TRAIN.labels), TEST, tmp_path / "x")
 
 
+def test_a_spoilt_beton_is_one_line_naming_it(tmp_path, monkeypatch):
+    """A file at the beton's name that FFCV cannot read (cut short, foreign) or that holds another number of images
+    is trusted by name alone: the loader says which file to delete, in one line, instead of FFCV's traceback; no
+    temporary file is left beside a written beton."""
+    need("ffcv")
+    from engine.data import ffcv_backend
+
+    monkeypatch.setenv("ARAT_CACHE_DIR", str(tmp_path))
+    small = ArraySplit(TEST.images[:64], TEST.labels[:64])
+    written = ffcv_backend.write_beton(small, tmp_path / "other.beton")
+    assert [p.name for p in tmp_path.iterdir()] == ["other.beton"]  # the temporary file renamed, nothing else
+    beton = ffcv_backend.cache_dir() / f"test-{ffcv_backend.split_digest(TEST)}.beton"
+    beton.parent.mkdir(parents=True, exist_ok=True)
+    for content, says in ((written.read_bytes()[:300], "reading it"), (written.read_bytes(), "64 images")):
+        beton.write_bytes(content)
+        with pytest.raises(DataError) as err:
+            ffcv_backend.make_loader(TEST, 100, train=False, device=CPU)
+        message = str(err.value)
+        assert str(beton) in message and "delete it" in message and says in message and "\n" not in message
+
+
 @pytest.mark.data
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_real_cifar10_same_as_device_loader(backend, tmp_path):
