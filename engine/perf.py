@@ -148,7 +148,7 @@ class Perf:
 
 def kernels_wanted(value: str, device: torch.device) -> bool:
     """perf.kernels: on, off, or auto = on for CUDA (Triton), off on a CPU. On a CPU the native C++ library is a
-    wash: 1.03-1.13x on the demo's step (width 16) and 0.87-0.99x on the full-width ResNet-18 step, on three CPUs
+    wash: 1.03-1.13x on the demo's step (width 16) and 0.87-1.02x on the full-width ResNet-18 step, on three CPUs
     (docs/kernels.md), so auto leaves it to the user there."""
     return resolve_switch(value, device)
 

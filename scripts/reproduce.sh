@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the seed's tables: every method's recipe trained and evaluated (clean, PGD-20, AutoAttack on the test
 # set, as each recipe sets), then `arat table` renders the markdown table and the clean-vs-AA plot beside the
-# published numbers. The recipes are the full-scale ones (100-110 epochs): a GPU's job, one run after another.
+# published numbers. The recipes are the full-scale ones (100 epochs; ARREST 100 + 20, or 20 fine-tuning the std run):
+# a GPU's job, one run after another.
 #
 #   bash scripts/reproduce.sh [OUT_DIR] [--set KEY=VALUE ...]   (default OUT_DIR: the checkout's runs/reproduce-$ARCH-$DATASET)
 #   env: ARCH (resnet18 | wrn34-10), DATASET (cifar10 | cifar100), SEEDS ("0"; "0 1 2" for mean ± std),

@@ -96,6 +96,7 @@ def test_a_tiny_ladder_row_carries_the_derived_figures(tmp_path):
     assert "matrix-product ceiling" in done.stdout
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["config"] == "perf.channels_last=true (direct vs fp32 eager)" and row["batch_size"] == 8
+    assert row["method"] == "arat" and row["attack_ms"] > 0
     assert row["matmul_ceiling_tflops"] > 0 and row["matmul_ceiling_case"].endswith(" 2048^3")
     assert row["pct_ceiling"] == pytest.approx(100 * row["tflops"] / row["matmul_ceiling_tflops"], rel=0.02, abs=0.01)
     assert row["epoch_s"] == pytest.approx(epoch_images(8) / row["images_per_s"], rel=1e-3)
@@ -103,6 +104,25 @@ def test_a_tiny_ladder_row_carries_the_derived_figures(tmp_path):
     assert row["ops_per_step"] > 0 and row["kernels_per_step"] is None and row["busy_fraction"] is None  # CPU
     assert row["cpu"] and row["cpu_native_bf16"] in (True, False)
     assert row["gflop_per_image_step"] == pytest.approx(forward_units(1) * resnet18_flops(8) / 1e9, abs=1e-3)
+
+
+def test_another_methods_rows_time_its_step_without_ar_at_s_cost_model(tmp_path):
+    """`--set method.name=trades` (docs/methods.md times TRADES's BN order so): the rows time TRADES's step and say
+    so; the figures of METHOD 9's AR-AT cost model (TFLOP/s, % of the ceiling) and AR-AT's attack alone are absent,
+    not AR-AT's figures under TRADES's name."""
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(REPO / "bench" / "train_step.py"), "--width", "8", "--batch-size", "8",
+           "--attack-steps", "1", "--rounds", "1", "--steps", "1", "--warmup", "1", "--set", "method.name=trades",
+           "--set", "model.split_bn=false", "--compare", "method.published_bn_updates=false,true",
+           "--out", str(out)]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["config"] for r in rows] == [f"method.published_bn_updates={v}" for v in ("false", "true")]
+    for row in rows:
+        assert row["method"] == "trades" and row["step_ms"] > 0 and row["images_per_s"] > 0 and row["epoch_s"] > 0
+        assert row["tflops"] is row["pct_ceiling"] is row["gflop_per_image_step"] is row["attack_ms"] is None
 
 
 def resnet18_flops(width: int, classes: int = 10) -> int:
@@ -308,9 +328,9 @@ def test_the_ladder_runs_on_the_configured_device_and_refuses_a_set_it_would_ove
 
 
 def test_the_ladder_refuses_bad_counts_rows_and_methods_in_one_line(capsys):
-    """Counts below 1, --rows that are no ladder indices or come without --cumulative, and a --set of another method
-    (the rows' FLOP count and attack timing are AR-AT's) end in argparse's one line, exit 2, before any row is built;
-    --data-dir turns the synthetic fallback off (a wrong folder is an error, not synthetic figures)."""
+    """Counts below 1 and --rows that are no ladder indices or come without --cumulative end in argparse's one line,
+    exit 2, before any row is built; --data-dir turns the synthetic fallback off (a wrong folder is an error, not
+    synthetic figures)."""
     import train_step as ts
 
     cases = {
@@ -320,7 +340,6 @@ def test_the_ladder_refuses_bad_counts_rows_and_methods_in_one_line(capsys):
         ("--cumulative", "--rows", "9"): "the ladder's rows are 0-",
         ("--cumulative", "--quick", "--rows", str(len(ts.LADDER) - 1)): "the ladder's rows are 0-",
         ("--rows", "1"): "add --cumulative",
-        ("--set", "method.name=at"): "the rows time AR-AT's step",
     }
     for argv, says in cases.items():
         with pytest.raises(SystemExit) as refused:
@@ -328,7 +347,6 @@ def test_the_ladder_refuses_bad_counts_rows_and_methods_in_one_line(capsys):
         err = capsys.readouterr().err
         assert refused.value.code == 2 and says in err, (argv, err)
     assert ts.parse_args(["--cumulative", "--rows", "3,0,3"]).rows == [0, 3]
-    assert ts.parse_args(["--set", "method.name=arat"]).overrides == ["method.name=arat"]
     base = ts.base_overrides(ts.parse_args(["--data-dir", "/nowhere", "--train-epochs", "1"]))
     assert "data.synthetic_fallback=false" in base and "data.dataset=cifar10" in base
 
@@ -354,7 +372,7 @@ def test_a_row_counts_recompiles_in_its_timed_rounds_and_warms_past_the_capture(
     monkeypatch.setattr(ts, "attack_inputs", lambda *a: calls.append("attack"))
     loader = [(None, None)]
     run.train_loader = loader
-    row = ts.build_row("row", types.SimpleNamespace(attack=None), warmup=1)
+    row = ts.build_row("row", types.SimpleNamespace(attack=None, method=types.SimpleNamespace(name="arat")), warmup=1)
     assert calls.count("attack") >= graphs.warmup + 1  # the step's attack is a call of the captured attack too
     calls.clear()
 
