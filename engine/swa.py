@@ -99,15 +99,24 @@ def reestimate_adv_bn(model: nn.Module, loader: Loader, attack: AttackConfig, au
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
     model.train()
     bar = progress_bar(loader, desc="swa: adv-BN re-estimation", leave=False, dynamic_ncols=True, disable=not show)
-    for x, y in bar:
-        # eager: with momentum None, BN reads num_batches_tracked on the host (a sync no CUDA graph may contain)
-        with frozen_bn_stats(model), graphs.using(None):
+    for k, (x, y) in enumerate(bar, start=1):
+        # The cumulative moving average, as BN's momentum None computes it, without its host read: None makes every
+        # train-mode forward read num_batches_tracked back (float(), ~200 syncs per batch in the attack alone). The
+        # attack's updates are undone (frozen_bn_stats): any momentum serves there, a fixed one. Then the k-th
+        # batch's update with factor 1/k, the very float momentum None derives from the count (k after its add).
+        set_momentum(norms, 0.0)
+        with frozen_bn_stats(model), graphs.using(None):  # eager: one pass of a model made for it
             x_adv = pgd(model, x, y, attack, bn="adv", train=True, autocast=autocast)
+        set_momentum(norms, 1.0 / k)
         with torch.no_grad(), autocast():
             model(x_adv, bn="adv")
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.eval()
+
+
+def set_momentum(norms: list[nn.modules.batchnorm._BatchNorm], momentum: float) -> None:
+    for m in norms:
+        m.momentum = momentum

@@ -60,6 +60,48 @@ def test_average_of_snapshots_and_adv_bn_reestimation():
     assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())  # the live model untouched
 
 
+def test_adv_bn_reestimation_equals_the_cumulative_average_of_momentum_none_bit_for_bit(monkeypatch):
+    """The re-estimation sets each batch's factor 1/k itself instead of BN's momentum None, which reads every BN's
+    batch count back to the host on every train-mode forward (a sync per BN per attack step): the statistics are
+    the ones momentum None gives, bit for bit, and no forward reads a count."""
+    from engine import swa as swa_module
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet18", width=8, split_bn=True), 10)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    attack = AttackConfig(num_steps=2, start="none", step_size=2 / 255)
+    ours = copy.deepcopy(model)
+    reads = []
+    real_float = float
+
+    def counting_float(value):
+        if isinstance(value, torch.Tensor):
+            reads.append(value)
+        return real_float(value)
+
+    import torch.nn.modules.batchnorm as batchnorm
+
+    monkeypatch.setattr(batchnorm, "float", counting_float, raising=False)
+    swa_module.reestimate_adv_bn(ours, batches, attack, NO_AMP, show=False)
+    assert reads == []  # no BN read its count back: momentum None's float(num_batches_tracked)
+    # the previous way: momentum None throughout
+    norms = swa_module._batch_norms(model)
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x, y in batches:
+        with swa_module.frozen_bn_stats(model):
+            x_adv = pgd(model, x, y, attack, bn="adv", train=True, autocast=NO_AMP)
+        with torch.no_grad():
+            model(x_adv, bn="adv")
+    assert reads  # momentum None does read them (the probe sees the reads it counts)
+    for (name, a), b in zip(ours.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert all(m.momentum == 0.1 for m in swa_module._batch_norms(ours))  # restored
+
+
 def test_a_run_resumed_after_its_last_epoch_reestimates_on_that_epochs_batches(tiny_cfg, tmp_path):
     """Killed after the last epoch's checkpoint, before final.pt (in the SWA re-estimation or the evaluation): the
     resumed run trains no epoch, and re-estimates the adv BNs on the last epoch's batches, as the run would have."""
