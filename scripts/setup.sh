@@ -5,6 +5,12 @@ set -euo pipefail
 # ARAT_DATA_DIR given relative to the caller's folder, as arat itself reads it (the script works from the checkout)
 if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_DATA_DIR=$PWD/$ARAT_DATA_DIR; fi
 cd "$(dirname "$0")/.."
+# One setup at a time (the demo and the tests started together on a fresh checkout would build one .venv twice
+# and prepare one data folder twice): the second waits for the first, then finds its work done
+if command -v flock >/dev/null; then
+    exec 9>.setup.lock
+    flock 9
+fi
 PY=${PYTHON:-python3}
 if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     echo "setup: .venv has no working pip (a venv creation cut short?): making it again" >&2

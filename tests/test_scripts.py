@@ -148,6 +148,32 @@ def test_setup_reinstalls_the_engine_of_a_venv_copied_from_another_folder(tmp_pa
         assert stamp.read_text().strip() == str(root)
 
 
+def test_two_setups_started_together_install_once(tmp_path):
+    """The demo and the tests started together on a fresh checkout: the second setup waits for the first (a lock)
+    and finds its install done, instead of running pip into the same .venv at the same time."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    (root / "constraints").mkdir()
+    for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
+        (root / rel).write_bytes((REPO / rel).read_bytes())
+    pinned = next(
+        line.split("==")[1].split()[0]
+        for line in (REPO / "constraints/cpu.txt").read_text().splitlines()
+        if line.startswith("torch==")
+    )
+    venv_python = root / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    log = tmp_path / "calls.txt"
+    venv_python.write_text(f'#!/usr/bin/env bash\ncase "$*" in *importlib.metadata*) echo {pinned} ;;'
+                           f' *"-m pip install"*" -e "*) echo install >> {log}; sleep 1 ;; esac\n')  # fmt: skip
+    venv_python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "ARAT_KEEP_TORCH"} | {"ARAT_DATA_DIR": str(tmp_path / "d")}
+    setups = [subprocess.Popen(["bash", str(root / "scripts" / "setup.sh")], env=env, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]  # fmt: skip
+    assert [p.wait(timeout=60) for p in setups] == [0, 0]
+    assert log.read_text().splitlines() == ["install"]
+
+
 def demo_folder(tmp_path: Path, arat_exit: int = 0) -> tuple[Path, Path]:
     """scripts/demo.sh copied beside a setup.sh that does nothing and a .venv/bin/arat that logs its arguments
     (and exits `arat_exit`): (the copy's root, the log)."""
