@@ -14,11 +14,12 @@ bf16 the bf16 run is many times slower (emulated).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 from autoattack_bench import add_model_arguments, model_and_test_split, warm_up
-from harness import append_jsonl, markdown_table, provenance, run_cli
+from harness import append_jsonl, markdown_table, positive_int, provenance, run_cli
 from torch import nn
 
 from engine import autoattack
@@ -51,24 +52,32 @@ def main() -> None:
     add_model_arguments(p, num_examples=200)
     p.add_argument("--version", default="standard", choices=sorted(autoattack.PROTOCOLS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=positive_int, default=2, help="timed rounds, alternating which dtype runs first "
+                   "(a row's seconds: the median; the ratio: the median of per-round ratios)")  # fmt: skip
     p.add_argument("--out", default="bench/results/aa_dtype.jsonl")
     args = p.parse_args()
     source, net, split, device = model_and_test_split(args)
     cfg = EvalConfig(attacks=("aa",), num_examples=args.num_examples, batch_size=args.batch_size,
                      chunk_size=args.batch_size, aa_version=args.version)  # fmt: skip
-    results, seconds = {}, {}
-    for dtype in ("fp32", "bf16"):
-        model = Bf16(net) if dtype == "bf16" else net
-        warm_up(model, split, cfg, device)  # each dtype's first forwards untimed
-        start = time.perf_counter()
-        results[dtype] = evaluate(model, split, cfg, device, seed=args.seed)["aa"]
-        seconds[dtype] = time.perf_counter() - start
+    models = {"fp32": net, "bf16": Bf16(net)}
+    for model in models.values():
+        warm_up(model, split, cfg, device)  # each dtype's first forwards untimed, before any timing
+    results, times = {}, {"fp32": [], "bf16": []}
+    for r in range(args.rounds):  # alternating order: neither dtype always runs first (clocks, caches)
+        for dtype in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
+            start = time.perf_counter()
+            result = evaluate(models[dtype], split, cfg, device, seed=args.seed)["aa"]
+            times[dtype].append(time.perf_counter() - start)
+            results.setdefault(dtype, result)  # the same seeds every round: the flags of the first
+    seconds = {dtype: statistics.median(t) for dtype, t in times.items()}
+    ratio = statistics.median(f / b for f, b in zip(times["fp32"], times["bf16"], strict=True))
     differ, n = agreement(results["fp32"], results["bf16"])
     stamp = provenance(device)
     rows = [
         {"bench": "aa_dtype", "dtype": dtype, "version": args.version, "model": str(source), "num_examples": n,
          "robust_accuracy": results[dtype]["accuracy"], "stages": results[dtype]["stages"],
-         "seconds": round(seconds[dtype], 1), "vs_fp32": round(seconds["fp32"] / seconds[dtype], 3),
+         "seconds": round(seconds[dtype], 1), "rounds": args.rounds,
+         "vs_fp32": 1.0 if dtype == "fp32" else round(ratio, 3),
          "flags_differ": differ, "agreement": round(1 - differ / n, 4), "passes": 1 - differ / n >= THRESHOLD}
         | stamp
         for dtype in ("fp32", "bf16")
