@@ -76,7 +76,7 @@ def main() -> None:
     rows = [
         {"bench": "aa_dtype", "dtype": dtype, "version": args.version, "model": str(source), "num_examples": n,
          "robust_accuracy": results[dtype]["accuracy"], "stages": results[dtype]["stages"],
-         "seconds": round(seconds[dtype], 1), "rounds": args.rounds,
+         "seconds": round(seconds[dtype], 3), "rounds": args.rounds,
          "vs_fp32": 1.0 if dtype == "fp32" else round(ratio, 3),
          "flags_differ": differ, "agreement": round(1 - differ / n, 4), "passes": 1 - differ / n >= THRESHOLD}
         | stamp

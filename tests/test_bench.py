@@ -534,3 +534,27 @@ def test_aot_report_refuses_the_interpreter_and_a_missing_triton_in_one_line(mon
         aot_report.run_cli(lambda: aot_report.main(["--out", "unused.jsonl"]), "bench/aot_report.py")
     err = capsys.readouterr().err
     assert missing.value.code == 2 and "install Triton" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_aa_dtype_times_both_dtypes_in_alternating_rounds(tmp_path, cifar_dir):
+    """bench/aa_dtype.py end to end on a tiny network: a row per dtype, each timed over the rounds (order
+    alternating), the ratio on the bf16 row, and the flags compared image by image."""
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"model": build_model(ModelConfig(arch="resnet18", width=4), 10).state_dict()}, ckpt)
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(REPO / "bench" / "aa_dtype.py"), "--run", str(ckpt), "--data-dir", str(cifar_dir),
+           "--num-examples", "8", "--batch-size", "8", "--rounds", "2", "--out", str(out)]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fp32, bf16 = (json.loads(line) for line in out.read_text().splitlines())
+    assert (fp32["dtype"], bf16["dtype"], fp32["rounds"], bf16["rounds"]) == ("fp32", "bf16", 2, 2)
+    assert fp32["vs_fp32"] == 1.0 and bf16["vs_fp32"] > 0 and fp32["seconds"] > 0 and bf16["seconds"] > 0
+    assert fp32["num_examples"] == 8 and 0 <= fp32["flags_differ"] <= 8 and fp32["cpu"]
