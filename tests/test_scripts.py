@@ -116,34 +116,43 @@ def test_setup_reinstalls_a_venv_torch_other_than_the_pin(tmp_path, case):
         assert ("keeping .venv's torch 2.11.0+cu130" in result.stderr) == (case == "kept")
 
 
-def test_setup_reinstalls_the_engine_of_a_venv_copied_from_another_folder(tmp_path):
-    """A .venv copied or moved with its checkout runs the other folder's engine (an editable install) until it is
-    installed here: a stamp naming another folder (or an older stamp naming none) installs again, then names this."""
+PINNED = next(
+    line.split("==")[1].split()[0]
+    for line in (REPO / "constraints/cpu.txt").read_text().splitlines()
+    if line.startswith("torch==")
+)
+
+
+def setup_copy(tmp_path: Path, on_pip_install: str) -> tuple[Path, dict[str, str]]:
+    """setup.sh copied with its constraints into a folder whose .venv/bin/python is a stand-in holding the pinned
+    torch, running `on_pip_install` (bash) for the engine's pip install: (the copy's root, setup's environment)."""
     root = tmp_path / "copy"
     (root / "scripts").mkdir(parents=True)
     (root / "constraints").mkdir()
     for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
         (root / rel).write_bytes((REPO / rel).read_bytes())
-    pinned = next(
-        line.split("==")[1].split()[0]
-        for line in (REPO / "constraints/cpu.txt").read_text().splitlines()
-        if line.startswith("torch==")
-    )
     venv_python = root / ".venv" / "bin" / "python"
     venv_python.parent.mkdir(parents=True)
-    log = tmp_path / "calls.txt"
-    venv_python.write_text(f'#!/usr/bin/env bash\necho "python $*" >> {log}\n'
-                           f'case "$*" in *importlib.metadata*) echo {pinned} ;; esac\n')  # fmt: skip
+    venv_python.write_text(f'#!/usr/bin/env bash\ncase "$*" in *importlib.metadata*) echo {PINNED} ;;'
+                           f' *"-m pip install"*" -e "*) {on_pip_install} ;; esac\n')  # fmt: skip
     venv_python.chmod(0o755)
-    stamp = root / ".venv" / ".arat-installed"
     env = {k: v for k, v in os.environ.items() if k != "ARAT_KEEP_TORCH"} | {"ARAT_DATA_DIR": str(tmp_path / "d")}
+    return root, env
+
+
+def test_setup_reinstalls_the_engine_of_a_venv_copied_from_another_folder(tmp_path):
+    """A .venv copied or moved with its checkout runs the other folder's engine (an editable install) until it is
+    installed here: a stamp naming another folder (or an older stamp naming none) installs again, then names this."""
+    log = tmp_path / "calls.txt"
+    root, env = setup_copy(tmp_path, f"echo install >> {log}")
+    stamp = root / ".venv" / ".arat-installed"
     for before, reinstalled in (("/elsewhere/main\n", True), ("", True), (f"{root}\n", False)):
         stamp.write_text(before)
         log.write_text("")
         result = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, capture_output=True,
                                 text=True, timeout=60)  # fmt: skip
         assert result.returncode == 0, result.stderr
-        assert ("-m pip install" in log.read_text()) == reinstalled, (before, result.stderr)
+        assert (log.read_text() == "install\n") == reinstalled, (before, result.stderr)
         assert ("installed for another folder (/elsewhere/main)" in result.stderr) == before.startswith("/else")
         assert stamp.read_text().strip() == str(root)
 
@@ -151,23 +160,8 @@ def test_setup_reinstalls_the_engine_of_a_venv_copied_from_another_folder(tmp_pa
 def test_two_setups_started_together_install_once(tmp_path):
     """The demo and the tests started together on a fresh checkout: the second setup waits for the first (a lock)
     and finds its install done, instead of running pip into the same .venv at the same time."""
-    root = tmp_path / "repo"
-    (root / "scripts").mkdir(parents=True)
-    (root / "constraints").mkdir()
-    for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
-        (root / rel).write_bytes((REPO / rel).read_bytes())
-    pinned = next(
-        line.split("==")[1].split()[0]
-        for line in (REPO / "constraints/cpu.txt").read_text().splitlines()
-        if line.startswith("torch==")
-    )
-    venv_python = root / ".venv" / "bin" / "python"
-    venv_python.parent.mkdir(parents=True)
     log = tmp_path / "calls.txt"
-    venv_python.write_text(f'#!/usr/bin/env bash\ncase "$*" in *importlib.metadata*) echo {pinned} ;;'
-                           f' *"-m pip install"*" -e "*) echo install >> {log}; sleep 1 ;; esac\n')  # fmt: skip
-    venv_python.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "ARAT_KEEP_TORCH"} | {"ARAT_DATA_DIR": str(tmp_path / "d")}
+    root, env = setup_copy(tmp_path, f"echo install >> {log}; sleep 1")
     setups = [subprocess.Popen(["bash", str(root / "scripts" / "setup.sh")], env=env, stderr=subprocess.PIPE,
                                text=True) for _ in range(2)]  # fmt: skip
     assert [p.wait(timeout=60) for p in setups] == [0, 0]
