@@ -363,7 +363,7 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
     def attempt(name: str, switches: list[str]) -> bool:
         nonlocal overrides, chain, best
         candidate = build_row(name, apply_overrides(get_recipe("demo"), overrides + switches), warmup)
-        best.step_ms.clear(), best.attack_ms.clear()
+        best.step_ms.clear(), best.attack_ms.clear(), best.timed.clear()
         interleave([best, candidate], rounds, steps)
         if not rows:
             rows.append(report(best) | {"kept": True, "vs_previous": 1.0, "vs_fp32_eager": 1.0})
@@ -397,7 +397,7 @@ def direct_check(best: Row, fp32_overrides: list[str], rounds: int, steps: int, 
     """The fastest configuration timed again, interleaved directly against a fresh fp32 eager row: one ratio (median
     of per-round ratios) instead of the product of the ladder's, whose noise compounds."""
     reference = build_row("fp32 eager", apply_overrides(get_recipe("demo"), fp32_overrides), warmup)
-    best.step_ms.clear(), best.attack_ms.clear()
+    best.step_ms.clear(), best.attack_ms.clear(), best.timed.clear()
     interleave([reference, best], rounds, steps)
     ratio = statistics.median(r / b for r, b in zip(reference.step_ms, best.step_ms, strict=True))
     print(f"direct: {best.name} {statistics.median(best.step_ms):.1f} ms vs fp32 eager "
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cumulative:
         wanted = set(args.rows) if args.rows else set(range(len(LADDER)))
         skipped = [f"{i} ({LADDER[i][0]})" for i in sorted(wanted) if not applies(LADDER[i][0], device.type)]
-        if skipped:
+        if skipped and args.rows:  # asked for by index: say why they are missing (the whole ladder skips silently)
             print(f"rows {', '.join(skipped)}: not on a {device.type} device, skipped", flush=True)
             if len(skipped) == len(wanted):
                 raise UserError(f"--rows: none of the rows asked for runs on a {device.type} device")

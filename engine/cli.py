@@ -463,8 +463,9 @@ def interrupted_line(args) -> str:
     if args.command == "train" and getattr(args, "run_dir", None):
         if not (Path(args.run_dir) / "config.json").exists():  # stopped while setting up: nothing to resume yet
             return "arat: interrupted before the run started (no config.json yet); the same command starts it again"
-        return (f"arat: interrupted; `arat train --resume {args.run_dir}` continues the run from its last finished "
-                "epoch")  # fmt: skip
+        # a wrapper that knows better how its user goes on (scripts/demo.sh: arat is not on the demo user's PATH)
+        how = os.environ.get("ARAT_CONTINUE_HINT") or f"`arat train --resume {args.run_dir}`"
+        return f"arat: interrupted; {how} continues the run from its last finished epoch"
     if args.command == "eval":
         return "arat: interrupted; the same `arat eval` command again skips the chunks already finished"
     return "arat: interrupted"

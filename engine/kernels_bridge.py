@@ -1,7 +1,7 @@
 """Connects the fused ops of `kernels/` to the engine's hook points (the PGD step and Split-BN's dual branch).
 
-Eligibility is checked per call; an ineligible call (a BN with cumulative-average momentum, as in SWA's
-re-estimation, or without running statistics) takes the plain-torch path explicitly.
+Eligibility is checked per call; an ineligible call (a BN with cumulative-average momentum None, or without running
+statistics) takes the plain-torch path explicitly.
 """
 
 from __future__ import annotations

@@ -15,9 +15,11 @@ else
     [ ! -e "$run" ] || run="runs/demo-$(date +%Y%m%d-%H%M%S)"
     args=(--recipe demo --out "$run" "$@")
 fi
-code=0
-.venv/bin/arat train "${args[@]}" || code=$?
-if [ "$code" = 130 ]; then # interrupted (Ctrl-C, SIGTERM): arat named its own command; this one works too
-    echo "demo: \`bash scripts/demo.sh\` again continues it (without arguments)" >&2
+# What arat says when interrupted (Ctrl-C, SIGTERM): the demo's own command where it continues this run, else
+# the venv's arat (not on the demo user's PATH). exec: signals reach arat itself, which saves and exits 130.
+if [ "$run" = runs/demo ]; then
+    export ARAT_CONTINUE_HINT="\`bash scripts/demo.sh\` again (without arguments)"
+else
+    export ARAT_CONTINUE_HINT="\`.venv/bin/arat train --resume $run\`"
 fi
-exit "$code"
+exec .venv/bin/arat train "${args[@]}"

@@ -7,10 +7,12 @@ if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_D
 cd "$(dirname "$0")/.."
 # One setup at a time (the demo and the tests started together on a fresh checkout would build one .venv twice
 # and prepare one data folder twice): the second waits for the first, then finds its work done
+# (the lock is on this script, opened for reading: a read-only checkout needs no write for it)
 if command -v flock >/dev/null; then
-    exec 9>.setup.lock
+    exec 9<scripts/setup.sh
     flock 9
 fi
+here=$(pwd -P) # the real folder: reached through a symlink or not, one checkout
 PY=${PYTHON:-python3}
 if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     echo "setup: .venv has no working pip (a venv creation cut short?): making it again" >&2
@@ -31,12 +33,15 @@ elif [ "$installed" != "$pinned" ]; then # none yet, removed since, a venv made 
 fi
 # The stamp holds the checkout's folder: a .venv copied or moved with its checkout still runs the other folder's
 # engine (an editable install) through scripts naming the other folder's python, until it is installed again here
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$PWD" ]; then
-    echo "setup: .venv was installed for another folder ($(cat "$stamp")): installing this checkout's engine" >&2
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$here" ]; then
+    other=$(cat "$stamp")
+    echo "setup: .venv was installed for ${other:-a folder it did not record}: installing this checkout's engine" >&2
     rm -f "$stamp"
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/cpu.txt -nt "$stamp" ]; then
-    echo "setup: installing torch $pinned, the engine and its test tools into .venv (first time: a few minutes)" >&2
+    what="torch $pinned, the engine"
+    [ ${#constraints[@]} -gt 0 ] || what="the engine (torch kept)"
+    echo "setup: installing $what and its test tools into .venv (first time: a few minutes)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
     # ARAT_TORCH_INDEX: where pip finds the pinned CPU build when it is not on this machine's disk
     # (https://download.pytorch.org/whl/cpu; PyPI has no +cpu builds, and its plain torch is the CUDA one)
@@ -46,7 +51,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/cpu.txt
             "ARAT_TORCH_INDEX=https://download.pytorch.org/whl/cpu and rerun" >&2
         exit 1
     }
-    echo "$PWD" > "$stamp"
+    echo "$here" > "$stamp"
 fi
 data=${ARAT_DATA_DIR:-data}
 prepare=../shared/data/cifar10/prepare.py

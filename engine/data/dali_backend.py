@@ -22,9 +22,17 @@ from .optional import require
 def build_pipeline(batch_size: int, device: torch.device, augment: bool, num_threads: int, seed: int):
     """The DALI pipeline: inputs "images" (HWC uint8) and, when augmenting, "start" (y, x) and "flip"."""
     require("dali")
+    import nvidia.dali
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import Pipeline
+
+    major = int(nvidia.dali.__version__.split(".")[0])
+    if major < 2:  # exec_dynamic and stream-ordered share_outputs: an older DALI left in place by the installer
+        raise DataError(
+            f"DALI {nvidia.dali.__version__} is older than this loader needs (2.x, pinned 2.4.0 in "
+            "constraints/cpu.txt): pip install -c constraints/cpu.txt nvidia-dali-cuda130"
+        )
 
     on_gpu = device.type == "cuda"
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
@@ -61,9 +69,11 @@ class DALILoader(PlannedLoader):
             self.pipe.build()
         except RuntimeError as e:  # on a GPU: a DALI wheel for another CUDA than the driver's, or no device memory
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            hint = ""
+            if self.device.type == "cuda":
+                hint = "check that the nvidia-dali wheel matches the driver's CUDA (nvidia-smi), or "
             raise DataError(
-                f"DALI could not build its pipeline on {self.device} ({first}); check that the nvidia-dali wheel "
-                "matches the driver's CUDA (nvidia-smi), or use data.backend=device"
+                f"DALI could not build its pipeline on {self.device} ({first}); {hint}use data.backend=device"
             ) from None
 
     def _feed(self, plan: EpochPlan, b: int) -> None:

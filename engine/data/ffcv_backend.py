@@ -227,21 +227,16 @@ class FFCVLoader(PlannedLoader):
         # Each batch is copied into a fresh block of torch's pinned memory instead (pinned_copy), whose allocator
         # holds it until the copy has run.
         self.pin = on_cuda
-        spoilt = f"{beton} is not a beton of this split ({{}}): delete it and the next run writes it again"
-        try:
-            self.ffcv = Loader(
-                str(beton),
-                batch_size=batch_size,
-                num_workers=threads,
-                order=OrderOption.SEQUENTIAL,
-                drop_last=False,
-                os_cache=True,
-                pipelines={"image": image_ops, "label": label_ops},
-            )
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: FFCV's reader raises many kinds
-            raise DataError(spoilt.format(f"{type(e).__name__} reading it")) from None
-        if self.ffcv.reader.num_samples != self.num_total:
-            raise DataError(spoilt.format(f"{self.ffcv.reader.num_samples} images, the split has {self.num_total}"))
+        check_beton(beton, self.num_total)
+        self.ffcv = Loader(
+            str(beton),
+            batch_size=batch_size,
+            num_workers=threads,
+            order=OrderOption.SEQUENTIAL,
+            drop_last=False,
+            os_cache=True,
+            pipelines={"image": image_ops, "label": label_ops},
+        )
         # Our plan decides order and length (FFCV's `distributed` needs a process group and its own sampler)
         self.order = self.ffcv.traversal_order = _PlanOrder()
         self.ffcv.first_traversal_order = np.zeros(self.num_images, dtype=np.uint64)
@@ -265,6 +260,23 @@ class FFCVLoader(PlannedLoader):
                 yield self.finish(images, labels)
         finally:  # FFCV's reader thread only stops when told (a loop left early would leak it)
             epoch.close()
+
+
+def check_beton(beton: Path, num_images: int) -> None:
+    """A file at a beton's name is trusted by its name alone: one FFCV cannot read (cut short, foreign) or that holds
+    another number of images than the split is a one-line DataError naming the file to delete (FFCV's reader would
+    raise its own traceback on every run). Only the reader is asked: the Loader's pipeline compilation is not."""
+    from ffcv.reader import Reader
+
+    def spoilt(why: str) -> DataError:
+        return DataError(f"{beton} is not a beton of this split ({why}): delete it and the next run writes it again")
+
+    try:
+        found = Reader(str(beton)).num_samples
+    except Exception as e:  # noqa: BLE001 - FFCV's reader raises many kinds on a truncated or foreign file
+        raise spoilt(f"{type(e).__name__} reading it") from None
+    if found != num_images:
+        raise spoilt(f"{found} images, the split has {num_images}")
 
 
 def pinned_copy(t: torch.Tensor) -> torch.Tensor:

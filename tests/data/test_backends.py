@@ -225,6 +225,31 @@ def test_batches_held_while_the_epoch_goes_on_keep_their_pixels(backend):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_an_old_dali_or_a_pipeline_that_does_not_build_is_one_line(monkeypatch):
+    """An older DALI left in place (the installer keeps any that imports) lacks the executor the loader relies on; a
+    pipeline DALI cannot build (on a GPU: a wheel for another CUDA) ends in one line, not DALI's traceback."""
+    need("dali")
+    import nvidia.dali
+
+    from engine.data import dali_backend
+
+    monkeypatch.setattr(nvidia.dali, "__version__", "1.30.0")
+    with pytest.raises(DataError, match="DALI 1.30.0 is older than this loader needs"):
+        dali_backend.build_pipeline(BATCH, CPU, augment=True, num_threads=1, seed=0)
+    monkeypatch.undo()
+
+    class Unbuildable:
+        def build(self):
+            raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version\nat line 1")
+
+    monkeypatch.setattr(dali_backend, "build_pipeline", lambda *args: Unbuildable())
+    with pytest.raises(DataError) as err:
+        dali_backend.make_loader(TRAIN, BATCH, train=True, device=CPU)
+    message = str(err.value)
+    assert "CUDA driver version is insufficient" in message and "data.backend=device" in message
+    assert "\n" not in message and "nvidia-smi" not in message  # on a CPU the CUDA hint does not apply
+
+
 def test_dali_schedules_the_next_batch_before_handing_out_this_one(monkeypatch):
     """DALI's calls, in order: batch b+1 is fed and scheduled before batch b is handed out (DALI works on it while
     the trainer steps), at most one run is in flight, each output is shared in a stream's order (None on a CPU:
