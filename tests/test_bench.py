@@ -231,11 +231,12 @@ def stand_in_ladder(monkeypatch, step_ms) -> tuple:
     """bench/train_step.py with a stand-in timing model (`step_ms` of a row's overrides; no network runs) and a
     recording direct check; returns the module and the direct check's calls."""
     import types
+    from collections import Counter
 
     import train_step as ts
 
     def build_row(name, cfg, warmup):
-        return types.SimpleNamespace(name=name, overrides=cfg, step_ms=[], attack_ms=[])
+        return types.SimpleNamespace(name=name, overrides=cfg, step_ms=[], attack_ms=[], timed=Counter())
 
     def interleave(rows, rounds, steps):
         for row in rows:
