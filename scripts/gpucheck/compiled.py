@@ -4,6 +4,8 @@
 2. unique graphs, graph breaks, cache entries on forward.__code__, dynamic dims;
 3. with torch._dynamo.config.error_on_recompile, 20 timed steps and another on_epoch_start: recompiles after warm-up;
 4. a profile (profile_compiled.txt) and the layouts the dual-BN op received.
+The `defaults` extra below is profiled too (appended to profile_compiled.txt: its GPU-busy fraction says whether
+the step `arat train` runs waits on the host or on the GPU).
 Optional, while time for one more cold compile remains (>= 70 s), in this order: the engine's defaults (`defaults`:
 the AR-AT ResNet-18 recipe with no perf override, what `arat train` runs on the device), the engine's CUDA graphs of
 the attack (perf.cuda_graphs=on), TRADES, mode="reduce-overhead" (Inductor's CUDA graphs) as attack and train net,
@@ -283,8 +285,12 @@ def _extra_case(record: StageRecord, name: str) -> dict[str, Any]:
         step()
     step_ms = ms_per_call(step, SMOKE_STEPS if record.smoke else EXTRA_STEPS, run.perf.device)
     loss = loss_of(step())
+    profile: dict[str, Any] = {}
+    if name == "defaults":  # what `arat train` runs (compiled, attack captured): is its GPU busy, and with what
+        title = f"defaults (compiled, attack captured), B={len(y)}"
+        profile = profile_steps(step, 2, run.perf.device, record.side_file("profile_compiled.txt"), title, step_ms)
     skips = [line.strip()[-300:] for line in torch_log_lines(record) if "skipping cudagraphs" in line]
-    return record.row({
+    return record.row(profile | {
         "case": name, "batch_size": len(y), "compile_s": round(compile_s, 1), "step_ms": round(step_ms, 2),
         "images_per_s": round(len(y) / (step_ms / 1e3), 1), "loss": loss, "finite_loss": math.isfinite(loss),
         "unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
@@ -331,6 +337,9 @@ def extras(record: StageRecord) -> None:
                 record.data["figures"].setdefault("extra_problems", []).append(f"{name}: {row.get('error', 'loss')}")
             elif problem := capture_problem(row):
                 record.data["figures"].setdefault("extra_problems", []).append(f"{name}: {problem}")
+            if name == "defaults" and "step_ms" in row:
+                keys = ("step_ms", "images_per_s", "busy_fraction", "kernels_per_step", "graph_launches_per_step")
+                record.figure("defaults", {k: row.get(k) for k in keys})
             record.figure("speed_vs_main", speed_vs_main(record.data["rows"]))
 
 

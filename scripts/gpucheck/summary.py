@@ -23,6 +23,7 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         },
         "cuda_graphs": {"b128": fig["step_eager"].get("b128_cuda_graphs")},
         "compile_variants": compiled.get("speed_vs_main"),
+        "defaults": compiled.get("defaults"),  # what `arat train` runs, profiled
         "compile_variant_problems": compiled.get("extra_problems"),
         "graphs": compiled.get("unique_graphs"),
         "graph_breaks": compiled.get("graph_breaks"),
@@ -135,6 +136,7 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
          f"{compile_seconds(s['compiled'])}"],
         ["RN18 B=128 eager + CUDA graphs", throughput(s["cuda_graphs"]["b128"])],
         ["compile variants", variants_line(s.get("compile_variants"), s.get("compile_variant_problems"))],
+        ["RN18 B=128 `arat train` step", defaults_line(s.get("defaults"))],
         ["methods", f"{fmt(m['ok'])}/{fmt(m['total'])} ok" + (f" (failed: {', '.join(m['failed'])})" if m["failed"]
                                                               else "") + (f", {m['skipped']} skipped (budget)"
                                                                           if m.get("skipped") else "")],
@@ -155,6 +157,15 @@ def compile_seconds(c: dict[str, Any]) -> str:
         text = f"> {fmt(c['compile_s_at_least'])} s"
     phase = c.get("main_phase")
     return text + (f" (main case stopped in: {phase})" if phase not in (None, "done") else "")
+
+
+def defaults_line(d: dict[str, Any] | None) -> str:
+    """The compile stage's `defaults` case (every perf switch at its default: compiled, attack captured)."""
+    if not d:
+        return "not measured"
+    return (f"{fmt(d.get('images_per_s'))} img/s, {fmt(d.get('step_ms'))} ms/step, GPU busy "
+            f"{fmt(d.get('busy_fraction'))}, {fmt(d.get('kernels_per_step'))} kernels and "
+            f"{fmt(d.get('graph_launches_per_step'))} graph launches per step")  # fmt: skip
 
 
 def variants_line(v: dict[str, Any] | None, problems: list[str] | None = None) -> str:
