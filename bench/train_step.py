@@ -311,12 +311,8 @@ def report(row: Row) -> dict:
     before = dynamo_counts()
     profiled = profile_call(row.step, device, step_ms)
     after_warm = dynamo_counts() - before + row.timed  # the timed rounds and the profiled step
-    # METHOD 9's cost model is AR-AT's: another method's step gets no FLOP-based figure (not a wrong one)
-    flops = forward_flops(row.run.nets.raw, row.x[:8]) * forward_units(cfg.attack.num_steps) if row.arat else None
     images_per_s = len(row.y) / (step_ms / 1e3)
-    figures = derived(images_per_s, flops or 0.0, CEILING.get("matmul_ceiling_tflops"), epoch_images(len(row.y)))
-    tflops = images_per_s * flops / 1e12 if flops else None
-    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" and flops else None
+    epoch = derived(images_per_s, 0.0, None, epoch_images(len(row.y)))
     spread = (max(row.step_ms) - min(row.step_ms)) / step_ms if len(row.step_ms) > 1 else 0.0
     return {
         "bench": "train_step", "config": row.name, "method": cfg.method.name, "arch": cfg.model.arch,
@@ -324,16 +320,30 @@ def report(row: Row) -> dict:
         "batch_size": len(row.y), "attack_steps": cfg.attack.num_steps, "images_per_s": round(images_per_s, 1),
         "step_ms": round(step_ms, 2), "step_spread": round(spread, 3), "rounds": len(row.step_ms),
         "attack_ms": round(attack_ms, 2) if attack_ms else None,
-        "attack_share": round(attack_ms / step_ms, 3) if attack_ms else None,
-        "gflop_per_image_step": round(flops / 1e9, 3) if flops else None, "tflops": round(tflops, 4) if flops else None,
-        "peak_fraction": round(tflops / peak, 4) if peak else None,
-        "pct_ceiling": figures["pct_ceiling"] if flops else None,
-        "epoch_s": figures["epoch_s"], "run100_min": figures["run100_min"], **profiled,
+        "attack_share": round(attack_ms / step_ms, 3) if attack_ms else None, **cost_figures(row, images_per_s),
+        "epoch_s": epoch["epoch_s"], "run100_min": epoch["run100_min"], **profiled,
         "warmup_s": round(row.warmup_s, 1),
         "graphs": row.warm["graphs"] if compiled else None,
         "recompiles_after_warmup": after_warm["graphs"] if compiled else None,
         "graph_breaks": row.warm["graph_breaks"] + after_warm["graph_breaks"] if compiled else None,
         "perf": row.run.perf.summary(), **CEILING, "_cfg": cfg,
+    }  # fmt: skip
+
+
+def cost_figures(row: Row, images_per_s: float) -> dict:
+    """GFLOP per image-step by METHOD 9's cost model, TFLOP/s, the fraction of the GPU's datasheet peak and the % of
+    the measured matmul ceiling. The cost model is AR-AT's: another method's row gets None for each (not a wrong
+    figure)."""
+    if not row.arat:
+        return dict.fromkeys(("gflop_per_image_step", "tflops", "peak_fraction", "pct_ceiling"))
+    device = row.run.perf.device
+    flops = forward_flops(row.run.nets.raw, row.x[:8]) * forward_units(row.cfg.attack.num_steps)
+    tflops = images_per_s * flops / 1e12
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return {
+        "gflop_per_image_step": round(flops / 1e9, 3), "tflops": round(tflops, 4),
+        "peak_fraction": round(tflops / peak, 4) if peak else None,
+        "pct_ceiling": derived(images_per_s, flops, CEILING.get("matmul_ceiling_tflops"))["pct_ceiling"],
     }  # fmt: skip
 
 
