@@ -13,6 +13,8 @@ import functools
 import hashlib
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -55,39 +57,72 @@ def _check_split(split: ArraySplit) -> None:
         )
 
 
-class _IndexedSplit:
-    """The indexable dataset FFCV's writer reads: sample i -> (HWC uint8 image, int label)."""
+# FFCV's writer, run in a fresh interpreter: it forks its worker processes, and a fork of a process whose other
+# threads hold locks (torch's pools, DALI's, a test runner's) can leave a worker stuck, while the writer polls its
+# progress counter forever (a CI run hung so for 900 s, 2026-12-06). A fresh interpreter forks with no such thread.
+_WRITER = """
+import sys
+import numpy as np
+from ffcv.fields import IntField, RGBImageField
+from ffcv.writer import DatasetWriter
 
-    def __init__(self, split: ArraySplit):
-        self.split = split
+arrays = np.load(sys.argv[1])
+images, labels = arrays["images"], arrays["labels"]
 
-    def __len__(self) -> int:
-        return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        return self.split.images[i], int(self.split.labels[i])
+class Split:  # sample i -> (HWC uint8 image, int label)
+    def __len__(self):
+        return len(labels)
+
+    def __getitem__(self, i):
+        return images[i], int(labels[i])
+
+
+fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+DatasetWriter(sys.argv[2], fields, num_workers=int(sys.argv[3])).from_indexed_dataset(Split(), chunksize=1000)
+"""
+WRITE_TRIES = 2  # a writer stuck past its time is killed and run once more (a stuck fork is rare, not repeatable)
+
+
+def write_seconds(num_images: int) -> float:
+    """How long a beton write may take before it counts as stuck: ~10 s per 50k raw images when healthy."""
+    return 120.0 + num_images / 100
 
 
 def write_beton(split: ArraySplit, path: Path) -> Path:
-    """Write `split` to `path` unless it is already there (written to a temporary name, then renamed)."""
+    """Write `split` to `path` unless it is already there (written to a temporary name in a fresh interpreter,
+    synced, then renamed)."""
     if path.is_file():
         return path
     require("ffcv")
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
     _check_split(split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")  # unique on a shared cache too
-    fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
-    writer = DatasetWriter(str(tmp), fields, num_workers=min(4, os.cpu_count() or 1))
+    unique = f"{os.getpid()}-{secrets.token_hex(4)}"  # unique on a shared cache too
+    tmp, arrays = path.with_name(f"{path.name}.tmp{unique}"), path.with_name(f"{path.name}.arrays{unique}.npz")
+    workers = str(min(4, os.cpu_count() or 1))
     try:
-        writer.from_indexed_dataset(_IndexedSplit(split), chunksize=1000)
+        np.savez(arrays, images=np.ascontiguousarray(split.images), labels=np.asarray(split.labels, dtype=np.int64))
+        for attempt in range(1, WRITE_TRIES + 1):
+            tmp.unlink(missing_ok=True)
+            try:
+                done = subprocess.run([sys.executable, "-c", _WRITER, str(arrays), str(tmp), workers],
+                                      stdout=subprocess.DEVNULL, timeout=write_seconds(len(split)))  # fmt: skip
+            except subprocess.TimeoutExpired:
+                if attempt < WRITE_TRIES:
+                    continue
+                raise DataError(
+                    f"FFCV's writer did not finish {path.name} in {write_seconds(len(split)):.0f} s, twice; "
+                    "use data.backend=device (the same batches) or retry"
+                ) from None
+            if done.returncode != 0:
+                raise DataError(f"FFCV's writer failed on {path.name} (exit {done.returncode}, its error above)")
+            break
         with open(tmp, "rb") as f:  # on disk before the name says it is whole (a power cut after the rename)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        arrays.unlink(missing_ok=True)
     return path
 
 

@@ -422,6 +422,26 @@ def test_a_spoilt_beton_is_one_line_naming_it(tmp_path, monkeypatch):
         assert str(beton) in message and "delete it" in message and says in message and "\n" not in message
 
 
+def test_a_stuck_or_failing_beton_writer_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    """FFCV's writer polls its workers' progress forever when one is stuck or dead (a CI run hung 900 s in it): it
+    runs in a fresh interpreter with a time limit, is run once more when stuck, and then, like a failing one, ends
+    in one line; nothing is left beside the beton's name."""
+    need("ffcv")
+    from engine.data import ffcv_backend
+
+    small = ArraySplit(TEST.images[:8], TEST.labels[:8])
+    runs = tmp_path / "runs.txt"
+    monkeypatch.setattr(ffcv_backend, "write_seconds", lambda n: 1.0)
+    monkeypatch.setattr(ffcv_backend, "_WRITER", f"open({str(runs)!r}, 'a').write('x'); import time; time.sleep(30)")
+    with pytest.raises(DataError, match="did not finish stuck.beton in 1 s, twice"):
+        ffcv_backend.write_beton(small, tmp_path / "stuck.beton")
+    assert runs.read_text() == "xx"  # run once more before giving up
+    monkeypatch.setattr(ffcv_backend, "_WRITER", "raise SystemExit(3)")
+    with pytest.raises(DataError, match=r"failed on bad.beton \(exit 3"):
+        ffcv_backend.write_beton(small, tmp_path / "bad.beton")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.txt"]
+
+
 @pytest.mark.data
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_real_cifar10_same_as_device_loader(backend, tmp_path):
