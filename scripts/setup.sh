@@ -33,8 +33,7 @@ elif [ "$installed" != "$pinned" ]; then # none yet, removed since, a venv made 
 fi
 # The stamp holds the checkout's folder: a .venv copied or moved with its checkout still runs the other folder's
 # engine (an editable install) through scripts naming the other folder's python, until it is installed again here
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" != "$here" ]; then
-    other=$(cat "$stamp")
+if [ -f "$stamp" ] && other=$(cat "$stamp") && [ "$other" != "$here" ]; then
     echo "setup: .venv was installed for ${other:-a folder it did not record}: installing this checkout's engine" >&2
     rm -f "$stamp"
 fi

@@ -99,24 +99,24 @@ def write_beton(split: ArraySplit, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"  # unique on a shared cache too
     tmp, arrays = path.with_name(f"{path.name}.tmp{unique}"), path.with_name(f"{path.name}.arrays{unique}.npz")
-    workers = str(min(4, os.cpu_count() or 1))
+    command = [sys.executable, "-c", _WRITER, str(arrays), str(tmp), str(min(4, os.cpu_count() or 1))]
+    limit = write_seconds(len(split))
     try:
         np.savez(arrays, images=np.ascontiguousarray(split.images), labels=np.asarray(split.labels, dtype=np.int64))
-        for attempt in range(1, WRITE_TRIES + 1):
+        for _ in range(WRITE_TRIES):
             tmp.unlink(missing_ok=True)
             try:
-                done = subprocess.run([sys.executable, "-c", _WRITER, str(arrays), str(tmp), workers],
-                                      stdout=subprocess.DEVNULL, timeout=write_seconds(len(split)))  # fmt: skip
+                done = subprocess.run(command, stdout=subprocess.DEVNULL, timeout=limit)
+                break
             except subprocess.TimeoutExpired:
-                if attempt < WRITE_TRIES:
-                    continue
-                raise DataError(
-                    f"FFCV's writer did not finish {path.name} in {write_seconds(len(split)):.0f} s, twice; "
-                    "use data.backend=device (the same batches) or retry"
-                ) from None
-            if done.returncode != 0:
-                raise DataError(f"FFCV's writer failed on {path.name} (exit {done.returncode}, its error above)")
-            break
+                pass
+        else:
+            raise DataError(
+                f"FFCV's writer did not finish {path.name} in {limit:.0f} s, twice; "
+                "use data.backend=device (the same batches) or retry"
+            )
+        if done.returncode != 0:
+            raise DataError(f"FFCV's writer failed on {path.name} (exit {done.returncode}, its error above)")
         with open(tmp, "rb") as f:  # on disk before the name says it is whole (a power cut after the rename)
             os.fsync(f.fileno())
         os.replace(tmp, path)
