@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 command -v cmake >/dev/null || { echo "cmake not found: apt-get install -y cmake g++ (or skip the native build)" >&2; exit 1; }
 # a build/ configured in another checkout (a copied or moved tree) stops CMake: configure afresh
-if [ -f build/CMakeCache.txt ] && ! grep -q "CMAKE_HOME_DIRECTORY:INTERNAL=$PWD\$" build/CMakeCache.txt; then
+if [ -f build/CMakeCache.txt ] && ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$PWD" build/CMakeCache.txt; then
     rm -rf build
 fi
 prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')

@@ -9,12 +9,16 @@ FFCV 1.0.2 never seeds, so runs with them would not be reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
 import hashlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -62,6 +66,9 @@ def _check_split(split: ArraySplit) -> None:
 # progress counter forever (a CI run hung so for 900 s, 2026-12-06). A fresh interpreter forks with no such thread.
 _WRITER = """
 import sys
+
+if sys.path and sys.path[0] == "":  # -c puts the working directory first: a folder there named like a module wins
+    del sys.path[0]
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
@@ -85,8 +92,36 @@ WRITE_TRIES = 2  # a writer stuck past its time is killed and run once more (a s
 
 
 def write_seconds(num_images: int) -> float:
-    """How long a beton write may take before it counts as stuck: ~10 s per 50k raw images when healthy."""
-    return 120.0 + num_images / 100
+    """How long a beton write may take before it counts as stuck: ~10 s per 50k raw images when healthy. Both tries
+    of both CIFAR splits fit in a test's 900 s."""
+    return 60.0 + num_images / 500
+
+
+def _run_writer(command: list[str], limit: float) -> int | None:
+    """The writer's exit status, or None when it ran past `limit`. It runs in a session of its own, and it and every
+    process it started (FFCV's workers, which outlive a killed writer, waiting on their queue forever) are killed
+    when it ends, is stuck, or this process is interrupted."""
+    writer = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return writer.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # ended with its workers, as a healthy write does
+            os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait()
+
+
+def _sweep_stale(path: Path, limit: float) -> None:
+    """Remove the temporary files of earlier writes of `path` whose process was killed outright (SIGKILL, the OOM
+    killer): their names are unique, so nothing else ever would. Only files older than any live write can be."""
+    cutoff = time.time() - WRITE_TRIES * limit - 600
+    for f in path.parent.glob(glob.escape(path.name) + ".*"):
+        if not f.name.startswith((f"{path.name}.tmp", f"{path.name}.arrays")):
+            continue
+        with contextlib.suppress(OSError):  # removed by another process meanwhile
+            if f.stat().st_mtime < cutoff:
+                f.unlink()
 
 
 def write_beton(split: ArraySplit, path: Path) -> Path:
@@ -97,26 +132,26 @@ def write_beton(split: ArraySplit, path: Path) -> Path:
     require("ffcv")
     _check_split(split)
     path.parent.mkdir(parents=True, exist_ok=True)
+    limit = write_seconds(len(split))
+    _sweep_stale(path, limit)
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"  # unique on a shared cache too
     tmp, arrays = path.with_name(f"{path.name}.tmp{unique}"), path.with_name(f"{path.name}.arrays{unique}.npz")
     command = [sys.executable, "-c", _WRITER, str(arrays), str(tmp), str(min(4, os.cpu_count() or 1))]
-    limit = write_seconds(len(split))
     try:
         np.savez(arrays, images=np.ascontiguousarray(split.images), labels=np.asarray(split.labels, dtype=np.int64))
         for _ in range(WRITE_TRIES):
             tmp.unlink(missing_ok=True)
-            try:
-                done = subprocess.run(command, stdout=subprocess.DEVNULL, timeout=limit)
+            status = _run_writer(command, limit)
+            if status is not None:
                 break
-            except subprocess.TimeoutExpired:
-                pass
         else:
             raise DataError(
                 f"FFCV's writer did not finish {path.name} in {limit:.0f} s, twice; "
                 "use data.backend=device (the same batches) or retry"
             )
-        if done.returncode != 0:
-            raise DataError(f"FFCV's writer failed on {path.name} (exit {done.returncode}, its error above)")
+        if status != 0:
+            how = f"killed by signal {-status}" if status < 0 else f"exit {status}, its error above"
+            raise DataError(f"FFCV's writer failed on {path.name} ({how})")
         with open(tmp, "rb") as f:  # on disk before the name says it is whole (a power cut after the rename)
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,15 @@ def test_dali_schedules_the_next_batch_before_handing_out_this_one(monkeypatch):
             return logged
 
     monkeypatch.setattr(train_loader, "pipe", Spy())
+    import nvidia.dali.plugin.pytorch as dali_torch
+
+    copy = dali_torch.feed_ndarray
+
+    def logged_copy(*args, **kwargs):
+        calls.append(("copy",))
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(dali_torch, "feed_ndarray", logged_copy)
     n = len(train_loader)
     for b, _ in enumerate(train_loader):
         scheduled = sum(c[0] == "schedule_run" for c in calls)
@@ -283,6 +293,7 @@ def test_dali_schedules_the_next_batch_before_handing_out_this_one(monkeypatch):
         assert calls[-1][0] != "share_outputs"  # released (after the copy) before the batch is handed out
     names = [c[0] for c in calls]
     assert names.count("schedule_run") == names.count("share_outputs") == names.count("release_outputs") == n
+    assert [m for m in names if m != "schedule_run"] == ["share_outputs", "copy", "release_outputs"] * n
     in_flight = 0
     for name in names:
         in_flight += {"schedule_run": 1, "share_outputs": -1}.get(name, 0)
@@ -422,24 +433,65 @@ def test_a_spoilt_beton_is_one_line_naming_it(tmp_path, monkeypatch):
         assert str(beton) in message and "delete it" in message and says in message and "\n" not in message
 
 
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a killed one may linger as a zombie its new parent never reaps)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
 def test_a_stuck_or_failing_beton_writer_is_one_line_not_a_hang(tmp_path, monkeypatch):
     """FFCV's writer polls its workers' progress forever when one is stuck or dead (a CI run hung 900 s in it): it
     runs in a fresh interpreter with a time limit, is run once more when stuck, and then, like a failing one, ends
-    in one line; nothing is left beside the beton's name."""
+    in one line. The processes it started (FFCV's workers) are killed with it, its partial file is removed, and so
+    are the temporary files of a write killed long ago; nothing else is touched."""
     need("ffcv")
     from engine.data import ffcv_backend
 
     small = ArraySplit(TEST.images[:8], TEST.labels[:8])
-    runs = tmp_path / "runs.txt"
-    monkeypatch.setattr(ffcv_backend, "write_seconds", lambda n: 1.0)
-    monkeypatch.setattr(ffcv_backend, "_WRITER", f"open({str(runs)!r}, 'a').write('x'); import time; time.sleep(30)")
-    with pytest.raises(DataError, match="did not finish stuck.beton in 1 s, twice"):
+    runs, pids = tmp_path / "runs.txt", tmp_path / "pids.txt"
+    stuck = (  # a writer that starts a worker, writes part of its file, then hangs
+        f"import subprocess, sys, time; open({str(runs)!r}, 'a').write('x'); "
+        "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pids)!r}, 'a').write(f'{{w.pid}} '); open(sys.argv[2], 'wb').write(b'partial'); time.sleep(60)"
+    )
+    old, recent = tmp_path / "stuck.beton.tmp1-dead", tmp_path / "stuck.beton.arrays2-live.npz"
+    for leftover in (old, recent):
+        leftover.write_bytes(b"left by a killed write")
+    os.utime(old, (time.time() - 86400, time.time() - 86400))
+    monkeypatch.setattr(ffcv_backend, "write_seconds", lambda n: 3.0)
+    monkeypatch.setattr(ffcv_backend, "_WRITER", stuck)
+    with pytest.raises(DataError, match="did not finish stuck.beton in 3 s, twice"):
         ffcv_backend.write_beton(small, tmp_path / "stuck.beton")
     assert runs.read_text() == "xx"  # run once more before giving up
+    workers = [int(pid) for pid in pids.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, workers)), "the stuck writer's worker outlived it"
     monkeypatch.setattr(ffcv_backend, "_WRITER", "raise SystemExit(3)")
     with pytest.raises(DataError, match=r"failed on bad.beton \(exit 3"):
         ffcv_backend.write_beton(small, tmp_path / "bad.beton")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.txt"]
+    monkeypatch.setattr(ffcv_backend, "_WRITER", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    with pytest.raises(DataError, match=r"failed on killed.beton \(killed by signal 9\)"):
+        ffcv_backend.write_beton(small, tmp_path / "killed.beton")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pids.txt", "runs.txt", recent.name]
+
+
+def test_the_beton_writer_does_not_import_from_the_working_directory(tmp_path, monkeypatch):
+    """`python -c` puts the working directory first on sys.path: a run started beside a folder named like one of
+    the writer's imports (a cloned `ffcv/` source tree) must still write with the installed FFCV."""
+    need("ffcv")
+    from engine.data import ffcv_backend
+
+    (tmp_path / "ffcv").mkdir()
+    (tmp_path / "ffcv" / "__init__.py").write_text("raise SystemExit(7)")
+    monkeypatch.chdir(tmp_path)
+    small = ArraySplit(TEST.images[:8], TEST.labels[:8])
+    assert ffcv_backend.write_beton(small, tmp_path / "out" / "small.beton").stat().st_size > 8 * 3072
 
 
 @pytest.mark.data
