@@ -309,13 +309,14 @@ def output_classes(model: torch.nn.Module) -> int:
 
 def merged_evaluation(path: Path, dataset: str, results: dict) -> dict:
     """RUN/eval.json with this evaluation's attacks replacing their earlier entries: `arat eval RUN --attacks clean`
-    after an evaluation of AutoAttack kept only clean (the AutoAttack figure vanished from `arat table`). An
-    eval.json on other data is replaced whole (its figures stay in eval/records/)."""
-    from .rundir import fewer_images_of_the_same_network, read_json_or_none
+    after an evaluation of AutoAttack kept only clean (the AutoAttack figure vanished from `arat table`); each
+    AutoAttack protocol has its own entry. An eval.json on other data is replaced whole (its figures stay in
+    eval/records/)."""
+    from .rundir import by_protocol, fewer_images_of_the_same_network, read_json_or_none
 
     earlier = read_json_or_none(path)
     same = isinstance(earlier, dict) and earlier.get("dataset") == dataset and isinstance(earlier.get("results"), dict)
-    merged = dict(earlier["results"]) if same else {}
+    merged = by_protocol(earlier["results"]) if same else {}  # each AutoAttack protocol's figure apart
     for attack, result in results.items():  # a rerun of the same weights on fewer images keeps the fuller figure
         if not fewer_images_of_the_same_network(result, merged.get(attack)):
             merged[attack] = result

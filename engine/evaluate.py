@@ -35,7 +35,7 @@ from .distributed import DistInfo, gather_objects
 from .errors import CompiledEvaluationFailed
 from .perf import EvalForward, attack_graphs, compile_wanted, eval_network
 from .progress import progress_bar
-from .rundir import atomic_json, read_json_or_none
+from .rundir import atomic_json, by_protocol, read_json_or_none, record_key
 
 PGD20 = AttackConfig(eps=EPS_8, step_size=STEP_2, num_steps=20, start="uniform")
 CPU_CHUNK = 500
@@ -428,8 +428,9 @@ def _postfix(bar, stages: tuple[str, ...]):
 
 
 def summary(results: dict) -> dict:
-    """The results without the per-image flags (for results.json and eval.json; the flags go to their own file)."""
-    return {name: {k: v for k, v in r.items() if k != "flags"} for name, r in results.items()}
+    """The results without the per-image flags (for results.json and eval.json; the flags go to their own file),
+    each under its record key (AutoAttack's legacy-10 as "aa-legacy-10")."""
+    return {record_key(name, r): {k: v for k, v in r.items() if k != "flags"} for name, r in results.items()}
 
 
 def write_flags(directory: str | Path, results: dict) -> Path:
@@ -439,13 +440,14 @@ def write_flags(directory: str | Path, results: dict) -> Path:
     lost the run's AutoAttack flags)."""
     path = Path(directory) / "flags.json"
     data = read_json_or_none(path)
-    data = data if isinstance(data, dict) else {}
+    data = by_protocol(data) if isinstance(data, dict) else {}
     for name, r in results.items():
         config = r.get("config", {})
-        data[name] = {"num_examples": r["num_examples"], "bits": r["flags"], "order": "official test order, MSB first",
-                      "model": config.get("model"), "data": config.get("data")}  # fmt: skip
+        key = record_key(name, r)  # each AutoAttack protocol's flags apart
+        data[key] = {"num_examples": r["num_examples"], "bits": r["flags"], "order": "official test order, MSB first",
+                     "model": config.get("model"), "data": config.get("data")}  # fmt: skip
         if name == "aa":
-            data[name]["version"] = r.get("version")
+            data[key]["version"] = r.get("version")
     atomic_json(path, data, indent=None)
     return path
 

@@ -107,6 +107,20 @@ def package_version(package: str) -> str | None:
         return None
 
 
+def record_key(attack: str, result: Any) -> str:
+    """The name an attack's result is kept under in results.json, eval.json and flags.json: AutoAttack under a
+    protocol other than `standard` apart from it ("aa-legacy-10"), so that evaluating one protocol never replaces
+    the other's figure (a legacy-10 evaluation after a standard one replaced it, and `arat export` then published
+    legacy-10's higher reading as RobustBench's autoattack_acc)."""
+    version = result.get("version") if attack == "aa" and isinstance(result, dict) else None
+    return attack if version in (None, "standard") else f"aa-{version}"
+
+
+def by_protocol(results: dict) -> dict:
+    """`results` keyed by `record_key` (records an older engine wrote kept every protocol under "aa")."""
+    return {record_key(attack, result): result for attack, result in results.items()}
+
+
 def results_on(dataset: str, evaluations: list[tuple[str, dict]]) -> tuple[dict, list[tuple[str, str]]]:
     """The results of `evaluations` ((file name, its JSON) in order: results.json, then eval.json, a later `arat
     eval`, whose attacks override) made on `dataset`, the data the run trained on; and the (file name, dataset) of
@@ -119,7 +133,7 @@ def results_on(dataset: str, evaluations: list[tuple[str, dict]]) -> tuple[dict,
         if evaluation.get("dataset", dataset) != dataset:
             left_out.append((name, evaluation["dataset"]))
             continue
-        for attack, result in evaluation["results"].items():
+        for attack, result in by_protocol(evaluation["results"]).items():
             if not fewer_images_of_the_same_network(result, results.get(attack)):
                 results[attack] = result
     return results, left_out

@@ -230,6 +230,9 @@ def read_run(path: Path) -> RunResult:
                          "though synthetic data may have replaced it")  # fmt: skip
         results, left_out = results_on(dataset, list(zip((f.name for f in files[1:]), evaluations, strict=True)))
         notes += [f"{path}/{name} ({other}) left out: the run trained on {dataset}" for name, other in left_out]
+        others = [results.pop(k) for k in sorted(results) if k.startswith("aa-")]  # AutoAttack, other protocols
+        if others and "aa" not in results:  # standard when the run has it (the leaderboard's), else legacy-10's row
+            results["aa"] = others[0]
         accuracy = {k: 100 * v["accuracy"] for k, v in results.items()}
         num_examples = {k: v["num_examples"] for k, v in results.items()}
         model = model_name(cfg["model"])

@@ -239,7 +239,12 @@ def test_saved_chunks_of_other_hardware_are_not_reused(tmp_path, monkeypatch):
 
     split, record = labelled_split(), tmp_path / "eval"
     cfg = EvalConfig(attacks=("clean",), num_examples=32, batch_size=16, chunk_size=16)
-    assert "torch " + torch.__version__ in ev.hardware_id(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert "torch " + torch.__version__ in ev.hardware_id(cpu) and ev.cpu_key() in ev.hardware_id(cpu)
+    for isa in ("avx2-1234abcd", "avx512-1234abcd"):  # the same CPU model, another instruction set: attacked again
+        monkeypatch.setattr(ev, "cpu_key", lambda isa=isa: isa)
+        assert evaluate(SparseLinear(), split, cfg, cpu, 3, record_dir=record)["clean"]["reused_chunks"] == 0
+    assert evaluate(SparseLinear(), split, cfg, cpu, 3, record_dir=record)["clean"]["reused_chunks"] == 2
     monkeypatch.setattr(ev, "hardware_id", lambda device: "NVIDIA H100 80GB HBM3; cuDNN 91900; CUDA 13.0")
     assert (
         evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 0
@@ -371,6 +376,38 @@ def test_export_writes_model_info_and_hub_loads_the_network(tmp_path, capsys):
         torch.testing.assert_close(load_model(run)(x), model(x))  # a run directory loads the same network
     flags_file = json.loads((run / "eval" / "flags.json").read_text())
     assert flags_file["clean"]["num_examples"] == results["clean"]["num_examples"]
+
+
+def test_each_autoattack_protocol_keeps_its_figure_and_export_publishes_only_standard(tmp_path):
+    """`arat eval RUN --aa-version legacy-10` after a standard evaluation replaced the standard figure in eval.json,
+    and `arat export` then published legacy-10's higher reading as RobustBench's autoattack_acc. Each protocol now
+    has its own entry, whichever ran last, and model_info's autoattack_acc is standard's or empty."""
+    from engine.cli import main, merged_evaluation
+    from engine.evaluate import summary
+    from engine.rundir import atomic_json
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1",
+                 "--set", "eval.attacks=clean"]) == 0  # fmt: skip
+    standard = {"accuracy": 0.40, "num_examples": 500, "version": "standard", "flags": "00"}
+    legacy = {"accuracy": 0.52, "num_examples": 500, "version": "legacy-10", "flags": "00"}
+
+    def evaluated(aa: dict) -> None:  # what `arat eval RUN --attacks aa` writes into RUN/eval.json
+        atomic_json(run / "eval.json", merged_evaluation(run / "eval.json", "synthetic", summary({"aa": aa})))
+
+    def exported(name: str) -> dict:
+        assert main(["export", str(run), str(tmp_path / f"{name}.pt")]) == 0
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    evaluated(legacy)
+    assert exported("legacy")["autoattack_acc"] == ""  # legacy-10 alone is no RobustBench figure
+    evaluated(standard)
+    evaluated(legacy)  # run last: it must not replace the standard figure
+    results = json.loads((run / "eval.json").read_text())["results"]
+    assert (results["aa"]["accuracy"], results["aa-legacy-10"]["accuracy"]) == (0.40, 0.52)
+    info = exported("both")
+    assert info["autoattack_acc"] == "40.00" and "standard" in info["footnote"]
+    assert info["engine"]["results"]["aa-legacy-10"]["accuracy"] == 0.52
 
 
 def test_fewer_images_than_a_chunk_are_not_padded_up_to_it():
@@ -567,16 +604,26 @@ def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys):
 
 def test_flags_of_other_attacks_are_kept_and_each_entry_says_its_network_data_and_version(tmp_path):
     """`arat eval RUN --attacks pgd20` rewrote RUN/eval/flags.json with PGD-20 alone, losing the run's AutoAttack
-    flags, and a legacy-10 AutoAttack's flags were stored under "aa" with no version."""
+    flags, and a legacy-10 AutoAttack's flags were stored under "aa" with no version, then in the standard
+    protocol's place. Each protocol's flags now have their own entry, an older engine's "aa" entry of legacy-10
+    included."""
     from engine.evaluate import pack, write_flags
 
-    bits = pack(torch.tensor([True, False, True]))
+    bits, other = pack(torch.tensor([True, False, True])), pack(torch.tensor([False, False, True]))
     aa = {"num_examples": 3, "flags": bits, "version": "legacy-10", "config": {"model": "m1", "data": "d1"}}
     write_flags(tmp_path, {"aa": aa})
     write_flags(tmp_path, {"pgd20": {"num_examples": 3, "flags": bits, "config": {"model": "m1", "data": "d1"}}})
     flags = json.loads((tmp_path / "flags.json").read_text())
-    assert set(flags) == {"aa", "pgd20"} and flags["aa"]["version"] == "legacy-10"
-    assert flags["pgd20"]["model"] == flags["aa"]["model"] == "m1" and flags["pgd20"]["data"] == "d1"
+    assert set(flags) == {"aa-legacy-10", "pgd20"} and flags["aa-legacy-10"]["version"] == "legacy-10"
+    assert flags["pgd20"]["model"] == flags["aa-legacy-10"]["model"] == "m1" and flags["pgd20"]["data"] == "d1"
+    write_flags(tmp_path, {"aa": aa | {"version": "standard", "flags": other}})
+    flags = json.loads((tmp_path / "flags.json").read_text())
+    assert (flags["aa"]["bits"], flags["aa"]["version"], flags["aa-legacy-10"]["bits"]) == (other, "standard", bits)
+    older = flags | {"aa": flags.pop("aa-legacy-10")}  # an older engine's file: legacy-10 under "aa"
+    (tmp_path / "flags.json").write_text(json.dumps(older))
+    write_flags(tmp_path, {"aa": aa | {"version": "standard", "flags": other}})
+    flags = json.loads((tmp_path / "flags.json").read_text())
+    assert (flags["aa"]["version"], flags["aa-legacy-10"]["bits"]) == ("standard", bits)
 
 
 def test_chunks_made_on_other_test_images_are_not_reused(tmp_path):

@@ -282,18 +282,22 @@ def test_a_sum_needs_every_run_and_the_symmetric_variant_splits_rows(tmp_path):
 
 def test_autoattack_versions_split_rows_and_a_smaller_rerun_of_the_same_network_keeps_the_fuller_figure(tmp_path):
     """A `--aa-version legacy-10` evaluation (eval.json) became the run's AA with no label and was averaged with
-    standard-AA seeds in one row; a quick `arat eval RUN --num-examples 100` of the same network replaced the
-    table's 10k clean figure. Now the protocol splits rows (labelled), and a later evaluation of the same weights on
-    fewer images does not replace the fuller one (of other weights, or on more images, it does)."""
+    standard-AA seeds in one row, and then replaced the run's standard figure; a quick `arat eval RUN
+    --num-examples 100` of the same network replaced the table's 10k clean figure. Now the protocol splits rows
+    (labelled), a run's standard figure is kept beside a later legacy-10 one (the legacy-10 row holds runs with no
+    standard figure), and a later evaluation of the same weights on fewer images does not replace the fuller one
+    (of other weights, or on more images, it does). Both the current record key and an older engine's "aa" key
+    with its version inside are read as legacy-10."""
     from engine.rundir import results_on
 
     root = tmp_path / "runs"
-    legacy = {"aa": {"accuracy": 0.52, "num_examples": 500, "version": "legacy-10"}}
+    legacy = {"accuracy": 0.52, "num_examples": 500, "version": "legacy-10"}
     write_run(root, "s0", "at-resnet18-cifar10", 0.80, 0.40)
-    write_run(root, "s1", "at-resnet18-cifar10", 0.82, 0.44, eval_json=legacy)
+    write_run(root, "s1", "at-resnet18-cifar10", 0.82, 0.44, eval_json={"aa": legacy})  # an older engine's key
+    write_run(root, "s2", "at-resnet18-cifar10", 0.84, None, eval_json={"aa-legacy-10": legacy}, cfg={"seed": 2})
     md = render(table([str(root)]))
-    assert row_of(md, "ResNet-18", "AT (aa_version=legacy-10)")[3] == "52.00"
-    assert row_of(md, "ResNet-18", "AT (aa_version=standard)")[3] == "40.00"
+    assert row_of(md, "ResNet-18", "AT (aa_version=legacy-10)")[3] == "52.00"  # s2 alone
+    assert row_of(md, "ResNet-18", "AT (aa_version=standard)")[3] == "42.00 ± 2.83"  # s0 and s1's standard figures
     full = {"clean": {"accuracy": 0.8, "num_examples": 10000, "config": {"model": "abc"}}}
     quick = {"clean": {"accuracy": 0.7, "num_examples": 100, "config": {"model": "abc"}}}
     other = {"clean": {"accuracy": 0.6, "num_examples": 100, "config": {"model": "def"}}}
