@@ -537,6 +537,46 @@ def test_aot_report_refuses_the_interpreter_and_a_missing_triton_in_one_line(mon
     assert missing.value.code == 2 and "install Triton" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_aa_dtype_runs_bf16_under_autocast_alternates_order_and_counts_differing_flags(tmp_path, monkeypatch):
+    """In process, with AutoAttack replaced by a recorder: the bf16 row's network computes in bf16 (a convolution's
+    output dtype inside it), the timed rounds alternate which dtype runs first, and the rows count exactly the
+    images whose robust flags differ (not the fp32 flags against themselves)."""
+    import aa_dtype
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.evaluate import pack
+    from engine.models import build_model
+
+    net = build_model(ModelConfig(arch="resnet18", width=4), 10).eval()
+    conv_dtypes = []
+    net.conv1.register_forward_hook(lambda module, args, out: conv_dtypes.append(out.dtype))
+    n, differ = 16, 3
+    flags = {"fp32": torch.zeros(n, dtype=torch.bool), "bf16": torch.zeros(n, dtype=torch.bool)}
+    flags["bf16"][:differ] = True
+    order = []
+
+    def fake_evaluate(model, split, cfg, device, seed):
+        dtype = "bf16" if isinstance(model, aa_dtype.Bf16) else "fp32"
+        order.append(dtype)
+        model(torch.rand(2, 3, 32, 32))
+        result = {"accuracy": float(flags[dtype].float().mean()), "stages": {}, "num_examples": n}
+        return {"aa": result | {"flags": pack(flags[dtype])}}
+
+    monkeypatch.setattr(aa_dtype, "model_and_test_split", lambda args: ("tiny", net, None, torch.device("cpu")))
+    monkeypatch.setattr(aa_dtype, "warm_up", lambda *a: None)
+    monkeypatch.setattr(aa_dtype, "evaluate", fake_evaluate)
+    out = tmp_path / "rows.jsonl"
+    monkeypatch.setattr(sys, "argv", ["aa_dtype.py", "--num-examples", str(n), "--rounds", "3", "--out", str(out)])
+    aa_dtype.main()
+    assert order == ["fp32", "bf16", "bf16", "fp32", "fp32", "bf16"]
+    assert conv_dtypes == [torch.bfloat16 if dtype == "bf16" else torch.float32 for dtype in order]
+    fp32, bf16 = (json.loads(line) for line in out.read_text().splitlines())
+    assert (fp32["dtype"], bf16["dtype"], fp32["flags_differ"], bf16["flags_differ"]) == ("fp32", "bf16", 3, 3)
+    assert bf16["agreement"] == round(1 - differ / n, 4) and not bf16["passes"]
+    assert (fp32["robust_accuracy"], bf16["robust_accuracy"]) == (0.0, differ / n)
+
+
 @pytest.mark.slow
 def test_aa_dtype_times_both_dtypes_in_alternating_rounds(tmp_path, cifar_dir):
     """bench/aa_dtype.py end to end on a tiny network: a row per dtype, each timed over the rounds (order

@@ -98,6 +98,30 @@ def test_no_recompile_or_graph_break_after_warmup(family, dynamo_fresh, monkeypa
     assert row == eager_row and results == eager_results  # backend "eager" runs the traced ops as they are
 
 
+@pytest.mark.parametrize("family", ["lbgat", "arrest"])
+def test_a_methods_second_network_follows_the_runs_switches(family, dynamo_fresh):
+    """Issue 9 item 5: LBGAT's clean model and ARREST's teacher run channels-last and compiled (a role of their
+    own, sharing the module's weights) when the model does, and as themselves when it does not. The compiled
+    families above would pass with `follow` a no-op: the main model's graphs alone count as compiled."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from engine.perf import AuxForward
+
+    recipe, extra = FAMILIES[family]
+    name = {"lbgat": "clean_model", "arrest": "teacher"}[family]
+    for compiled in (True, False):
+        switches = [f"perf.compile={'on' if compiled else 'off'}", "perf.channels_last=true"]
+        run = build_run(apply_overrides(get_recipe(recipe), SHAPE + extra + switches))
+        net, runner = getattr(run.method, name), run.method.runner(name)
+        convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        if compiled:
+            assert isinstance(runner, OptimizedModule) and isinstance(runner._orig_mod, AuxForward)
+            assert runner._orig_mod.net is net
+        else:
+            assert runner is net
+
+
 def test_compile_auto_is_on_for_cuda_only():
     from engine.config import PerfConfig
     from engine.perf import compile_wanted

@@ -660,9 +660,13 @@ def test_real_run_plans_one_epoch_when_two_would_leave_no_time_for_the_evaluatio
     assert planned_epochs(record_with(40.0, fits + 10)) == (2, None, None)
     epochs, why, subset = planned_epochs(record_with(40.0, fits - 10))  # the captured figure is read, not b128's
     assert (epochs, subset) == (1, None) and "390 x 40.0 ms" in why and "AutoAttack" in why
-    # 150 ms steps: one epoch of 390 needs 58.5 s + 65 s; with 90 s left, 25 s of steps: 166 x 128 images
-    epochs, why, subset = planned_epochs(record_with(150.0, 90 + 10))  # remaining() keeps a margin of the budget
-    assert epochs == 1 and MIN_SUBSET <= subset < 50_000 and subset % 1000 == 0 and "training images" in why
+    # 150 ms steps: one epoch of 390 needs 58.5 s + 65 s; with 97 s left, 32 s of steps: 213 x 128 images
+    short = record_with(150.0, 90 + 10)
+    short.remaining = lambda: 97.0  # a fixed clock: the planned subset, to the thousand
+    epochs, why, subset = planned_epochs(short)
+    assert (epochs, subset) == (1, 27_000) and "27000 training images" in why
+    short.remaining = lambda: 70.0  # 5 s of steps: never fewer than MIN_SUBSET images
+    assert planned_epochs(short)[2] == MIN_SUBSET
     one = StageRecord("real_run", tmp_path / "one.json", 60, smoke=False)
     criteria(one, {"epochs": 1, "clean": 0.27, "pgd20": 0.2, "aa": None, "pgd20_on_aa_images": None})
     assert not one.failed and "clean > 20% (1 epoch)" in one.data["figures"]["criteria"]

@@ -1,5 +1,6 @@
 """The performance switches change speed, not results: each against the plain path on the same step."""
 
+import contextlib
 import copy
 import dataclasses
 
@@ -179,6 +180,34 @@ def test_compiled_objectives_equal_eager(recipe, monkeypatch):
         monkeypatch.setattr(module, "pgd", fixed_attack)
     cfg = apply_overrides(get_recipe(recipe), SMOKE_SHAPE + EXACT + ["attack.start=none", "perf.compile=false"])
     assert_same_step(cfg, apply_overrides(cfg, ["perf.compile=true"]))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_attack_gradient_equals_eager():
+    """The attack's own role compiled by Inductor (weights frozen: the input gradient only; batch norm in training
+    mode on the adv branch, as training's attack runs it): the input gradient PGD takes signs of sits as near a
+    float64 run as eager's does, and no weight gradient is left. The compiled training tests above hold the
+    attack fixed (PGD's signs would amplify last-bit differences), so only this one checks the attack's graphs."""
+    from engine.attacks.pgd import frozen, input_gradient, is_compiled, mode
+    from engine.config import ModelConfig, PerfConfig
+    from engine.models import build_model
+    from engine.perf import AttackForward, role
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(width=8), 10)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    compiled = role(AttackForward, net, PerfConfig(compile="on"), torch.device("cpu"))
+    assert is_compiled(compiled)
+
+    def gradient(model, inputs):
+        with mode(model, True), frozen(model) if is_compiled(model) else contextlib.nullcontext():
+            return input_gradient(model, inputs, y, "adv", None, None)
+
+    net64 = copy.deepcopy(net).double()
+    ref, probe = gradient(net64, x.double()), gradient(net64, perturbed(x.double()))
+    got, plain = gradient(compiled, x), gradient(net, x)
+    assert_near_reference("attack input gradient", got, plain, ref, probe, floor=1e-5)
+    assert all(p.grad is None for p in net.parameters()) and all(p.requires_grad for p in net.parameters())
 
 
 @pytest.mark.parametrize("threads", [1, 2])
