@@ -14,7 +14,7 @@ set -uo pipefail # no -e: a failing stage is recorded and the check goes on
 cd "$(dirname "$0")/.."
 
 # stage:cap in seconds, in priority order; scripts/gpucheck/__init__.py holds the same list (a test compares)
-STAGES=(env:25 ceilings:15 kernels_correct:40 kernels_speed:35 step_eager:45 compile:150 methods:35 real_run:90
+STAGES=(env:25 ceilings:15 kernels_correct:40 kernels_speed:35 step_eager:60 compile:150 methods:35 real_run:105
     probes:35 pytest_kernels:45 eval:150)
 MIN_STAGE_S=15 # a stage with less time left than this is skipped (reason: budget)
 RESERVE_S=10   # kept for the merge at the end
@@ -113,7 +113,16 @@ stop_prep() {
 merge_quietly() { # after every stage: a check killed later (the device's command limit) still leaves its outputs
     timeout -k 5 30 "$PYTHON" scripts/gpu_check.py --merge "$W" --out "$OUT" >"$W/merge.log" 2>&1
 }
-trap 'stop_prep; merge_quietly; exit 130' INT TERM
+STAGE_PID=""
+stop_stage() { # the check itself stopped (the device's command limit): the running stage flushes its rows first
+    if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then
+        kill -TERM "$STAGE_PID" 2>/dev/null # timeout(1) passes it on: the stage's handler writes what it measured
+        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$STAGE_PID" 2>/dev/null || break; sleep 0.5; done
+    fi
+}
+# the stage runs in the background and the check waits for it: a signal to a script waiting in the foreground is
+# handled only once that stage has ended, and a kill after the signal then lost the running stage's rows
+trap 'stop_stage; stop_prep; merge_quietly; exit 130' INT TERM
 if { selected real_run || selected eval; } && [ ${#SMOKE[@]} -eq 0 ] &&
     [ ! -f "$W/data/cifar-10-batches-py/batches.meta" ]; then
     if [ -f .gpucheck/prepare.py ]; then
@@ -166,8 +175,11 @@ run_stage() { # name cap
     fi
     t0=$(now_ms)
     timeout -k 5 "$limit" "$PYTHON" scripts/gpu_check.py --stage "$name" --json "$W/$name.json" --budget "$limit" \
-        "${SMOKE[@]}" >"$W/$name.log" 2>&1 </dev/null
+        "${SMOKE[@]}" >"$W/$name.log" 2>&1 </dev/null &
+    STAGE_PID=$!
+    wait "$STAGE_PID"
     rc=$?
+    STAGE_PID=""
     case $rc in 0) status=ok ;; 124 | 137) status=timeout ;; *) status=failed ;; esac
     [ "$status" = ok ] || FAILED=1
     write_status "$name" "$status" "$rc" "$(seconds_since "$t0")" "$limit" ""

@@ -13,10 +13,10 @@ STAGES: list[tuple[str, int]] = [
     ("ceilings", 15),
     ("kernels_correct", 40),
     ("kernels_speed", 35),
-    ("step_eager", 45),
+    ("step_eager", 60),
     ("compile", 150),
     ("methods", 35),
-    ("real_run", 90),
+    ("real_run", 105),
     ("probes", 35),
     ("pytest_kernels", 45),
     ("eval", 150),  # beyond the specification's ten (whose caps fill the 480 s): it runs in the time they leave

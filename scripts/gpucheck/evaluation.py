@@ -30,6 +30,7 @@ import dataclasses
 import json
 import shutil
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from .real_run import (
     time_attacks,
     wait_for_data,
 )
-from .record import BUDGET_SKIP, StageFailed, StageRecord, guarded
+from .record import BUDGET_SKIP, StageFailed, StageRecord, error_line, guarded, traceback_tail
 
 ATTACKS = ("clean", "pgd20")
 # five full chunks (a short one is padded to 400: its images would undercount the work). A captured attack (one
@@ -263,8 +264,11 @@ def _eval_stage(record: StageRecord) -> None:
         try:
             compiled = evaluation_row(record, "compiled", model, split, cfg, dev, compiled=True)
         except Exception as exc:  # noqa: BLE001 -- recorded as the stage's failure; the AA timing still gets its try
-            compiled = None
-            record.fail(f"compiled evaluation: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            compiled = None  # the whole traceback to the stage log, its end in a row (an Inductor error's first line
+            traceback.print_exc()  # names only the subprocess that raised it)
+            record.row({"case": "compiled", "ok": False, "error": error_line(exc),
+                        "traceback": traceback_tail(exc, lines=20)})  # fmt: skip
+            record.fail(f"compiled evaluation: {error_line(exc)}")
         record.on_timeout = None
     if compiled is not None:
         judge_compiled(record, eager, compiled)

@@ -49,6 +49,9 @@ FIXED_S = 30.0  # besides the epochs: start-up, data, the epoch-start pass, warm
 # the standard AutoAttack on 200 images of a 1-2 epoch network, eagerly (a review's estimate: ~20-35 s on a GPU;
 # the smoke cuts it to 2 iterations); counted so that the plan leaves it time inside the cap
 AA_S = 35.0
+# the extras after the evaluation (the eager AA projection, the loader epoch): a plan that spent every second on
+# training left them none (the projection needs EXTRA_SECONDS to start and ~10 s on a GPU)
+EXTRAS_S = 15.0
 CLEAN_FLOOR = {2: 0.30, 1: 0.20}  # the clean-accuracy criterion after 2 epochs, or after 1 (planned_epochs)
 # standard AA (Linf): iterations per attacked image, targets included
 STANDARD = {"apgd-ce": 100, "apgd-t": 9 * 100, "fab-t": 9 * 100, "square": 5000}
@@ -144,12 +147,12 @@ def planned_epochs(record: StageRecord) -> tuple[int, str | None, int | None]:
         return 2, None, None
     if not step_ms:
         return 1, "no step_eager figure for B=128 in this work folder: one epoch, its time unknown", None
-    left, rest = record.remaining(), FIXED_S + AA_S
+    left, rest = record.remaining(), FIXED_S + AA_S + EXTRAS_S
     need = 2 * 390 * step_ms / 1e3 + rest
     if need <= left:
         return 2, None, None
-    why = (f"2 epochs of 390 x {step_ms} ms + {FIXED_S:.0f} s + AutoAttack ~{AA_S:.0f} s need ~{need:.0f} s, "
-           f"{left:.0f} s left")  # fmt: skip
+    why = (f"2 epochs of 390 x {step_ms} ms + {FIXED_S:.0f} s + AutoAttack ~{AA_S:.0f} s + extras {EXTRAS_S:.0f} s "
+           f"need ~{need:.0f} s, {left:.0f} s left")  # fmt: skip
     if 390 * step_ms / 1e3 + rest <= left:
         return 1, why, None
     images = max(MIN_SUBSET, int((left - rest) / (step_ms / 1e3)) * 128 // 1000 * 1000)

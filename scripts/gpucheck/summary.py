@@ -163,9 +163,13 @@ def defaults_line(d: dict[str, Any] | None) -> str:
     """The compile stage's `defaults` case (every perf switch at its default: compiled, attack captured)."""
     if not d:
         return "not measured"
+    graphs = d.get("cuda_graphs") or {}
+    captured = (f"; attacks: {graphs.get('captures')} captures, {graphs.get('replays')} replays, "
+                f"{graphs.get('eager_calls')} eager calls after warm-up" if graphs else "; attacks not graphed")
     return (f"{fmt(d.get('images_per_s'))} img/s, {fmt(d.get('step_ms'))} ms/step, GPU busy "
-            f"{fmt(d.get('busy_fraction'))}, {fmt(d.get('kernels_per_step'))} kernels and "
-            f"{fmt(d.get('graph_launches_per_step'))} graph launches per step")  # fmt: skip
+            f"{fmt(d.get('busy_fraction'))}, {fmt(d.get('kernels_per_step'))} kernels, "
+            f"{fmt(d.get('launches_per_step'))} host kernel launches and "
+            f"{fmt(d.get('graph_launches_per_step'))} graph launches per step{captured}")  # fmt: skip
 
 
 def variants_line(v: dict[str, Any] | None, problems: list[str] | None = None) -> str:
