@@ -213,6 +213,22 @@ def test_orchestrator_lists_the_same_stages():
     assert sum(cap for _, cap in STAGES[:-1]) == 480 + 40 + 10 + 15
 
 
+def test_the_arat_train_step_row_says_how_busy_the_gpu_was_and_whether_the_attacks_were_captured():
+    """The summary's "`arat train` step" row (the compile stage's `defaults` case): GPU busy, kernels, the host's
+    kernel and graph launches per step, and the capture counts (a capture that fell back to eager would otherwise
+    show only among the compile variants' problems, under a title saying "attack captured")."""
+    from gpucheck.summary import defaults_line
+
+    captured = {"step_ms": 25.5, "images_per_s": 5029.0, "busy_fraction": 0.9, "kernels_per_step": 3041,
+                "launches_per_step": 1200, "graph_launches_per_step": 1,
+                "cuda_graphs": {"captures": 1, "replays": 12, "eager_calls": 0}}  # fmt: skip
+    line = defaults_line(captured)
+    assert "GPU busy 0.9" in line and "1200 host kernel launches" in line and "1 graph launches" in line, line
+    assert "1 captures, 12 replays, 0 eager calls" in line, line
+    assert defaults_line(captured | {"cuda_graphs": None}).endswith("attacks not graphed")
+    assert defaults_line(None) == "not measured"
+
+
 def test_compile_variants_are_speeds_relative_to_the_main_case():
     """The `compile` stage's decision figure (issue 9 item 3: kernels on or off under compile; the captured attack on
     top of compile): each case's speed relative to the main case, > 1 faster; skipped cases are left out."""

@@ -338,8 +338,15 @@ def extras(record: StageRecord) -> None:
             elif problem := capture_problem(row):
                 record.data["figures"].setdefault("extra_problems", []).append(f"{name}: {problem}")
             if name == "defaults" and "step_ms" in row:
-                keys = ("step_ms", "images_per_s", "busy_fraction", "kernels_per_step", "launches_per_step",
-                        "graph_launches_per_step", "cuda_graphs")  # host launches; whether the attacks were captured
+                keys = (
+                    "step_ms",
+                    "images_per_s",
+                    "busy_fraction",
+                    "kernels_per_step",
+                    "launches_per_step",
+                    "graph_launches_per_step",
+                    "cuda_graphs",
+                )  # host launches; whether the attacks were captured
                 record.figure("defaults", {k: row.get(k) for k in keys})
             record.figure("speed_vs_main", speed_vs_main(record.data["rows"]))
 

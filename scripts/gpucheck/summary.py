@@ -164,8 +164,12 @@ def defaults_line(d: dict[str, Any] | None) -> str:
     if not d:
         return "not measured"
     graphs = d.get("cuda_graphs") or {}
-    captured = (f"; attacks: {graphs.get('captures')} captures, {graphs.get('replays')} replays, "
-                f"{graphs.get('eager_calls')} eager calls after warm-up" if graphs else "; attacks not graphed")
+    captured = (
+        f"; attacks: {graphs.get('captures')} captures, {graphs.get('replays')} replays, "
+        f"{graphs.get('eager_calls')} eager calls after warm-up"
+        if graphs
+        else "; attacks not graphed"
+    )
     return (f"{fmt(d.get('images_per_s'))} img/s, {fmt(d.get('step_ms'))} ms/step, GPU busy "
             f"{fmt(d.get('busy_fraction'))}, {fmt(d.get('kernels_per_step'))} kernels, "
             f"{fmt(d.get('launches_per_step'))} host kernel launches and "
