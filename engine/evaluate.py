@@ -63,10 +63,11 @@ def padded(size: int, *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 class SubsetBatch(nn.Module):
     """A compiled `net` called on AutoAttack's shrinking sets of still-robust images (in pieces of at most `size`):
-    the batch dimension is marked dynamic, so one graph per grad mode serves every subset size, and no subset is
-    padded to the chunk. (Padding to the chunk, the static-shape alternative, would run APGD-T, FAB-T and Square,
-    which attack only the images still robust, about half of a chunk, on about twice the images.) A single image is
-    padded to two: dynamo specializes a dimension of size 1, which would be one more graph."""
+    the batch dimension is marked dynamic, so one graph per grad mode serves every subset size (two on a CPU, whose
+    convolution backend, and with it the graph, changes below a batch of 16), and no subset is padded to the chunk.
+    (Padding to the chunk, the static-shape alternative, would run APGD-T, FAB-T and Square, which attack only the
+    images still robust, about half of a chunk, on about twice the images.) A single image is padded to two: dynamo
+    specializes a dimension of size 1, which would be one more graph."""
 
     def __init__(self, net: nn.Module, size: int):
         super().__init__()

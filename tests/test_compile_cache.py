@@ -69,6 +69,21 @@ def test_the_cache_dir_is_inductor_s_own_per_account_and_inherited_defaults_are_
     assert isolate_inductor_cache() == isolated
 
 
+def test_processes_of_two_isas_get_two_folders(tmp_path):
+    """Without any compile, on any x86 CPU: a process that runs torch at another ISA (ATEN_CPU_CAPABILITY) gets its
+    own cache folder from `import engine`. The ISA test below, which shows why, needs an AVX-512 CPU and is slow."""
+    code = "import os, engine; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    folders = []
+    for capability in ("default", "avx2"):
+        env = {k: v for k, v in os.environ.items() if k != ENV}
+        env |= {"TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO), "ATEN_CPU_CAPABILITY": capability}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        folders.append(Path(out.stdout.strip().splitlines()[-1]))
+    assert folders[0] != folders[1] and folders[0].parent == folders[1].parent
+    assert folders[0].name.startswith("arat-default-") and folders[1].name.startswith("arat-avx2-"), folders
+
+
 @pytest.mark.slow
 def test_avx2_after_avx512_in_one_temp_dir_stays_finite(tmp_path):
     if torch.backends.cpu.get_cpu_capability() != "AVX512":

@@ -56,7 +56,10 @@ def test_torchrun_two_processes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((single / "flags.json").read_text()) == json.loads((out / "eval" / "flags.json").read_text())
-    assert 0 < results["clean"]["accuracy"] < 1  # flags of both kinds: the comparison is not of all-equal bits
+    # flags of both kinds: the comparison is not of all-equal bits. Clean only: PGD-20 leaves the smoke network (2
+    # epochs on synthetic data) no robust image, so its flags compare all-zero bits; mixed robust flags of 2
+    # processes against 1 are test_evaluation_chunks.py::test_two_processes_give_the_flags_of_one's
+    assert 0 < results["clean"]["accuracy"] < 1
 
 
 DIVERGE_ON_RANK_1 = """

@@ -358,7 +358,11 @@ def test_export_writes_model_info_and_hub_loads_the_network(tmp_path, capsys):
     out = tmp_path / "plain.pt"
     assert main(["export", str(run), str(out)]) == 0
     info = json.loads(out.with_suffix(".json").read_text())
-    results = json.loads((run / "results.json").read_text())["results"]
+    record = json.loads((run / "results.json").read_text())
+    results = record["results"]
+    env = record["environment"]  # issue 10 item 5: the end-of-training evaluation's versions and hardware
+    assert env["torch"] == torch.__version__ and env["world_size"] == 1
+    assert {"pyautoattack", "cpu", "device"} <= set(env)
     assert info["architecture"] == "ResNet-18 (width 8)" and info["eps"] == "8/255"
     assert info["clean_acc"] == f"{100 * results['clean']['accuracy']:.2f}" and info["autoattack_acc"] == ""
     assert info["additional_data"] is False and info["dataset"] == "synthetic"
@@ -455,6 +459,45 @@ def test_a_compiled_evaluation_keeps_its_graphs_few_and_finds_the_same_flags(ref
         # attacks): a handful of graphs, none per subset size (5 with torch 2.13), and at least one per role
         assert 3 <= counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"], dict(counters["stats"])
         assert results["aa"]["config"]["compiled"] and not reference["aa"]["config"]["compiled"]  # not reused
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_compiled_resnet_serves_every_autoattack_subset_size_from_a_few_graphs():
+    """AutoAttack's role on the ResNet the engine trains (batch norm, residual adds, pooling: shapes the linear model
+    above does not have), called as AutoAttack calls it: subsets shrinking as images fall, with and without input
+    gradients. A first pass over the sizes builds at most two graphs per grad mode (on a CPU the convolution's
+    backend, and with it the graph, differs below a batch of 16); a second pass over other sizes builds none."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from engine.config import ModelConfig, PerfConfig
+    from engine.evaluate import SubsetBatch
+    from engine.models import build_model
+    from engine.perf import eval_network
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        torch.manual_seed(0)
+        net = build_model(ModelConfig(width=8), 10).eval().to(memory_format=torch.channels_last)
+        perf = PerfConfig(compile="on", compile_backend="eager", device="cpu")
+        attacker = SubsetBatch(eval_network(net, perf, torch.device("cpu"), attack="autoattack"), 32)
+
+        def sizes_pass(sizes):
+            for n in sizes:
+                x = torch.rand(n, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+                with torch.no_grad():
+                    assert attacker(x).shape == (n, 10)
+                x.requires_grad_(True)
+                (grad,) = torch.autograd.grad(attacker(x).sum(), x)
+                assert grad.shape == x.shape
+            return counters["stats"]["unique_graphs"]
+
+        with one_thread():
+            first = sizes_pass([32, 20, 13, 9, 5, 2, 1])
+            assert 2 <= first <= 4 and not counters["graph_break"], dict(counters["stats"])
+            assert sizes_pass([31, 17, 15, 11, 7, 3, 40]) == first, dict(counters["stats"])  # none per size
     finally:
         torch._dynamo.reset()
 

@@ -89,10 +89,13 @@ def test_a_trades_wrn_checkpoint_with_its_unused_sub_block1_loads():
     from engine.models import CheckpointError
     from engine.models.wrn import Group
 
-    m = build_model(ModelConfig(arch="wrn34-10", split_bn=False), 10)
-    state = dict(m.state_dict())
+    torch.manual_seed(0)
+    state = dict(build_model(ModelConfig(arch="wrn34-10", split_bn=False), 10).state_dict())  # the checkpoint's
+    m = build_model(ModelConfig(arch="wrn34-10", split_bn=False), 10)  # other initial weights
     extra = {f"sub_block1.{k}": v for k, v in Group(5, 16, 160, 1, split_bn=False).state_dict().items()}
     load_plain(m, state | extra, "trades.pt")
+    loaded = m.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
     with pytest.raises(CheckpointError, match="unexpected"):
         load_plain(m, state | {"other.weight": torch.zeros(1)}, "other.pt")
 
