@@ -233,6 +233,9 @@ def extra_run(record: StageRecord, name: str) -> tuple[Run, Any]:
     """The run of an extra case, and its step function."""
     if name == "kernels=off":
         return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, ["perf.compile=true", "perf.kernels=off"])), None
+    if name == "kernels=off+graphs":  # issue 9 item 3 on the CUDA default path: is Inductor's own code better there?
+        overrides = ["perf.compile=true", "perf.kernels=off", "perf.cuda_graphs=on"]
+        return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, overrides)), None
     if name == "opaque_kernels":  # the main case's switches; extra_case closes the triton_op route around it
         return build_run(ladder_config(DEFAULT_ROW, 128, record.smoke, COMPILED)), None
     if name == "cuda_graphs":
@@ -323,10 +326,12 @@ def extra_seconds(record: StageRecord, name: str) -> float:
 
 def extras(record: StageRecord) -> None:
     """The optional cases, each under record.optional: one cut at the stage's cap leaves the stage ok."""
-    # kernels=off and opaque_kernels last: the H200 settled them (0.598x, 0.592x on 2026-12-04, docs/kernels.md)
-    names = ("defaults", "cuda_graphs", "trades", "reduce-overhead", "kernels=off", "opaque_kernels")
+    # kernels=off and opaque_kernels last: the H200 settled them on the uncaptured step (0.598x, 0.592x on
+    # 2026-12-04, docs/kernels.md); kernels=off+graphs asks the same with the attack captured, as `arat train` runs
+    names = ("defaults", "cuda_graphs", "kernels=off+graphs", "trades", "reduce-overhead", "kernels=off",
+             "opaque_kernels")  # fmt: skip
     for name in [n for n in names if n not in ("kernels=off", "opaque_kernels")] if record.smoke else names:
-        if name in ("cuda_graphs", "reduce-overhead") and not torch.cuda.is_available():
+        if name in ("cuda_graphs", "kernels=off+graphs", "reduce-overhead") and not torch.cuda.is_available():
             record.row({"case": name, "status": SMOKE_SKIP})
         elif not record.has_time(extra_seconds(record, name)):
             record.row({"case": name, "status": BUDGET_SKIP})
@@ -355,8 +360,9 @@ def speed_vs_main(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Each extra case's speed relative to the main case (compiled, kernels on through their triton_ops): > 1 is
     faster. `kernels=off` > 1 means Inductor's own fusion beats the Triton kernels under compile (issue 9 item 3:
     then perf.kernels should default to off under compile); `opaque_kernels` > 1 means the triton_op route is slower
-    than opaque custom ops; `cuda_graphs` is the engine's captured attack on top of compile; `defaults` is what
-    `arat train` runs (on CUDA: compiled, kernels fused, attack captured, cudnn.benchmark)."""
+    than opaque custom ops; `cuda_graphs` is the engine's captured attack on top of compile; `kernels=off+graphs`
+    above `cuda_graphs` means Inductor's own code wins once the attack is captured; `defaults` is what `arat train`
+    runs (on CUDA: compiled, kernels fused, attack captured, cudnn.benchmark)."""
     ms = {r["case"]: r.get("step_ms") for r in rows if r.get("case") and isinstance(r.get("step_ms"), int | float)}
     main = ms.pop("main", None)
     return {case: round(main / v, 3) for case, v in ms.items() if main and v} if main else {}
