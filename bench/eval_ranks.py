@@ -58,14 +58,20 @@ def run_once(ckpt: Path, ranks: int, args, work: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"eval_ranks: the {ranks}-rank evaluation failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    (record,) = sorted((out / "records").glob("*.json"))
-    results = json.loads(record.read_text())["results"]
     return {
         "threads_per_rank": threads,
-        "results": results,
+        "results": record_results(out),
         "flags": json.loads((out / "flags.json").read_text()),
         "wall_seconds": wall,
     }
+
+
+def record_results(out: Path) -> dict:
+    """An `arat eval --out OUT` record's figures keyed by attack name: the record keys AutoAttack's legacy-10 as
+    "aa-legacy-10" (each protocol apart in a run's files); one evaluation runs one protocol, so here it is "aa"."""
+    (record,) = sorted((out / "records").glob("*.json"))
+    results = json.loads(record.read_text())["results"]
+    return {"aa" if attack.startswith("aa-") else attack: figures for attack, figures in results.items()}
 
 
 def runs_on_cpu(args) -> bool:

@@ -5,7 +5,9 @@ Rows are method x model (mean ± sample std over the runs that differ only in th
 (METHOD 5 and 8) when there are any. A run's method is what its config computes (an AR-AT run whose switches make
 it an ablation row is tabulated as that row, whatever recipe it started from); runs of one method whose training
 settings differ get a row each, labelled with the settings that tell them apart. A run's accuracies come from its
-`results.json`, overridden by a later `arat eval RUN_DIR` (`eval.json`); its dataset is the one training used
+`results.json`, overridden by a later `arat eval RUN_DIR` (`eval.json`) attack by attack (AutoAttack's standard
+figure, else its legacy-10 one, in a row of its own: a later legacy-10 evaluation does not replace a standard
+figure); its dataset is the one training used
 (`results.json` records it): a run whose real data was absent and replaced by synthetic data is tabulated as
 synthetic, not beside the paper's CIFAR-10 numbers, and an evaluation of it on other data is left out (and said).
 """

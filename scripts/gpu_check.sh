@@ -113,11 +113,14 @@ stop_prep() {
 merge_quietly() { # after every stage: a check killed later (the device's command limit) still leaves its outputs
     timeout -k 5 30 "$PYTHON" scripts/gpu_check.py --merge "$W" --out "$OUT" >"$W/merge.log" 2>&1
 }
-STAGE_PID=""
+STAGE_PID="" STAGE_NAME="" STAGE_LIMIT="" STAGE_T0=""
 stop_stage() { # the check itself stopped (the device's command limit): the running stage flushes its rows first
     if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then
         kill -TERM "$STAGE_PID" 2>/dev/null # timeout(1) passes it on: the stage's handler writes what it measured
         for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$STAGE_PID" 2>/dev/null || break; sleep 0.5; done
+        # its status says so (the stage's own record reads "stopped at the stage's cap"; it was not its cap)
+        write_status "$STAGE_NAME" timeout 130 "$(seconds_since "$STAGE_T0")" "$STAGE_LIMIT" \
+            "the check was stopped (a signal) before this stage's cap"
     fi
 }
 # the stage runs in the background and the check waits for it: a signal to a script waiting in the foreground is
@@ -174,6 +177,7 @@ run_stage() { # name cap
         return
     fi
     t0=$(now_ms)
+    STAGE_NAME=$name STAGE_LIMIT=$limit STAGE_T0=$t0
     timeout -k 5 "$limit" "$PYTHON" scripts/gpu_check.py --stage "$name" --json "$W/$name.json" --budget "$limit" \
         "${SMOKE[@]}" >"$W/$name.log" 2>&1 </dev/null &
     STAGE_PID=$!

@@ -171,6 +171,21 @@ def test_protocol_pairs_count_image_by_image():
 
 
 @pytest.mark.slow
+def test_eval_ranks_reads_a_legacy_10_record_by_attack_name(tmp_path):
+    """`--aa-version legacy-10`: the record keys its AutoAttack "aa-legacy-10" (each protocol apart in a run's
+    files), and the rows, built after every evaluation of every rank count, looked it up as "aa" (a KeyError)."""
+    from eval_ranks import record_results
+
+    from engine.evaluate import summary
+    from engine.rundir import atomic_json
+
+    (tmp_path / "records").mkdir()
+    figures = {"aa": {"accuracy": 0.5, "num_examples": 8, "version": "legacy-10", "seconds": 1.0, "flags": "00"},
+               "clean": {"accuracy": 0.75, "num_examples": 8, "seconds": 0.1, "flags": "00"}}  # fmt: skip
+    atomic_json(tmp_path / "records" / "20261206-000000.json", {"results": summary(figures)})  # as `arat eval` writes
+    assert record_results(tmp_path) == {k: {f: v for f, v in r.items() if f != "flags"} for k, r in figures.items()}
+
+
 def test_eval_ranks_rows_say_the_flags_of_two_ranks_equal_one(tmp_path):
     """bench/eval_ranks.py end to end on a tiny network: `arat eval` under torchrun with 1 and 2 ranks, a row each
     with its speed-up, efficiency and balance, and the per-image flags compared across rank counts."""

@@ -69,6 +69,10 @@ def test_the_cache_dir_is_inductor_s_own_per_account_and_inherited_defaults_are_
     assert isolate_inductor_cache() == isolated
 
 
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="ATEN_CPU_CAPABILITY=avx2 takes effect on an x86 CPU with AVX2 only",
+)
 def test_processes_of_two_isas_get_two_folders(tmp_path):
     """Without any compile, on any x86 CPU: a process that runs torch at another ISA (ATEN_CPU_CAPABILITY) gets its
     own cache folder from `import engine`. The ISA test below, which shows why, needs an AVX-512 CPU and is slow."""

@@ -61,14 +61,32 @@ def _check_split(split: ArraySplit) -> None:
         )
 
 
+# Prepended to the writer (below). It runs in a session of its own, to be killed as a group with FFCV's workers, so a
+# parent killed outright (SIGKILL, the OOM killer, a CI job's cancel) would leave it and its workers running, a stuck
+# one forever: a thread watching for its parent to change kills the group then (it only sleeps between looks, holding
+# no lock when FFCV forks). And `-c` puts the working directory first on sys.path, where a folder named like a
+# module (a cloned `ffcv/`) would win.
+_GUARD = """
+import os, signal, sys, threading, time
+
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+_parent = os.getppid()
+
+
+def _orphaned():
+    while os.getppid() == _parent:
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGKILL)
+
+
+threading.Thread(target=_orphaned, daemon=True).start()
+"""
 # FFCV's writer, run in a fresh interpreter: it forks its worker processes, and a fork of a process whose other
 # threads hold locks (torch's pools, DALI's, a test runner's) can leave a worker stuck, while the writer polls its
 # progress counter forever (a CI run hung so for 900 s, 2026-12-06). A fresh interpreter forks with no such thread.
 _WRITER = """
 import sys
-
-if sys.path and sys.path[0] == "":  # -c puts the working directory first: a folder there named like a module wins
-    del sys.path[0]
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
@@ -136,7 +154,7 @@ def write_beton(split: ArraySplit, path: Path) -> Path:
     _sweep_stale(path, limit)
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"  # unique on a shared cache too
     tmp, arrays = path.with_name(f"{path.name}.tmp{unique}"), path.with_name(f"{path.name}.arrays{unique}.npz")
-    command = [sys.executable, "-c", _WRITER, str(arrays), str(tmp), str(min(4, os.cpu_count() or 1))]
+    command = [sys.executable, "-c", _GUARD + _WRITER, str(arrays), str(tmp), str(min(4, os.cpu_count() or 1))]
     try:
         np.savez(arrays, images=np.ascontiguousarray(split.images), labels=np.asarray(split.labels, dtype=np.int64))
         for _ in range(WRITE_TRIES):

@@ -48,12 +48,15 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     return tail_text(path, 64 * 1024).splitlines()[-lines:]
 
 
+STOPPED = "the check was stopped"  # a status reason: the check's own end (a signal), not the stage's cap
+
+
 def stage_record(work: Path, name: str) -> dict[str, Any]:
     """One stage's entry of gpu_check.json, from the orchestrator's status and the driver's record."""
     status = read_json(work / f"{name}.status")
     data = read_json(work / f"{name}.json") or {}
     if status is None and data:  # a record but no exit status: the check itself was stopped during this stage
-        status = {"status": "timeout", "rc": None, "seconds": None, "reason": "the check was stopped in this stage"}
+        status = {"status": "timeout", "rc": None, "seconds": None, "reason": f"{STOPPED} in this stage"}
     if status is None:
         return empty_record(name, "not run (not selected, or no run in this work folder yet)")
     record = {
@@ -89,8 +92,16 @@ def settle_status(record: dict[str, Any], data: dict[str, Any], log: Path) -> No
         record["status"] = "failed"
     if record["status"] == "timeout":
         earlier = data.get("error") if "SIGTERM" not in str(data.get("error")) else None
-        record["error"] = f"timeout at the {record['cap_s']} s cap ({len(record['rows'])} rows kept)" + (
-            f"; first failure before it: {earlier}" if earlier else ""
+        stopped = str(record.get("reason") or "").startswith(STOPPED)  # the whole check, not the stage's cap
+        when = f" after {record['seconds']} s" if record.get("seconds") is not None else ""
+        record["error"] = (
+            (
+                f"the check was stopped{when}, before this stage's {record['cap_s']} s cap"
+                if stopped
+                else f"timeout at the {record['cap_s']} s cap"
+            )
+            + f" ({len(record['rows'])} rows kept)"
+            + (f"; first failure before it: {earlier}" if earlier else "")
         )
     if record["status"] == "failed" and not record["error"]:
         lines = [line for line in log_tail(log) if line.strip()]

@@ -16,7 +16,7 @@ from typing import Any
 SMOKE_SKIP = "skipped: cpu-smoke"
 BUDGET_SKIP = "skipped: budget"
 REPO = Path(__file__).resolve().parents[2]
-CASE_MARGIN = 1.25  # has_time_for: the next case of a kind may take this much longer than the last one
+CASE_MARGIN = 1.25  # has_time_for: the next case of a kind may take this much longer than its longest warm one
 FLUSH_MARGIN_S = 3.0  # kept free before the stage's cap: the last flush must land before `timeout` kills it
 child_processes: set[int] = set()  # process groups a stage started in their own session (pytest): killed on SIGTERM
 

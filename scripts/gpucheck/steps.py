@@ -103,11 +103,12 @@ def step_eager(record: StageRecord) -> None:
 def step_case(record: StageRecord, case: tuple, rows: list[dict[str, Any]], busy: dict[int, Any]) -> None:
     """One ladder row, then the stage's figures again (a stage cut at its cap keeps them)."""
     batch, row, cudnn, profile = case
-    if not record.has_time_for(f"B={batch}", ROW_SECONDS[batch] + (PROFILE_SECONDS if profile else 0.0)):
+    kind = f"B={batch}" + (" profiled" if profile else "")  # a profiled row's time does not size the plain ones
+    if not record.has_time_for(kind, ROW_SECONDS[batch] + (PROFILE_SECONDS if profile else 0.0)):
         record.row({"row": row, "nominal_batch": batch, "cudnn_benchmark": cudnn, "status": BUDGET_SKIP})
         return
     # one row's fault (a capture, the profiler) becomes a failing row and must not hide the others
-    with record.timed_case(f"B={batch}"):
+    with record.timed_case(kind):
         result = guarded(record, f"{LADDER[row][0]} B={batch}", recorded_row, record, batch, row, cudnn, profile)
     release_memory()
     if result.get("ok") is False:

@@ -461,9 +461,9 @@ def test_a_stuck_or_failing_beton_writer_is_one_line_not_a_hang(tmp_path, monkey
     for leftover in (old, recent):
         leftover.write_bytes(b"left by a killed write")
     os.utime(old, (time.time() - 86400, time.time() - 86400))
-    monkeypatch.setattr(ffcv_backend, "write_seconds", lambda n: 3.0)
+    monkeypatch.setattr(ffcv_backend, "write_seconds", lambda n: 6.0)  # two interpreter start-ups on a busy CPU
     monkeypatch.setattr(ffcv_backend, "_WRITER", stuck)
-    with pytest.raises(DataError, match="did not finish stuck.beton in 3 s, twice"):
+    with pytest.raises(DataError, match="did not finish stuck.beton in 6 s, twice"):
         ffcv_backend.write_beton(small, tmp_path / "stuck.beton")
     assert runs.read_text() == "xx"  # run once more before giving up
     workers = [int(pid) for pid in pids.read_text().split()]
@@ -479,6 +479,54 @@ def test_a_stuck_or_failing_beton_writer_is_one_line_not_a_hang(tmp_path, monkey
     with pytest.raises(DataError, match=r"failed on killed.beton \(killed by signal 9\)"):
         ffcv_backend.write_beton(small, tmp_path / "killed.beton")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pids.txt", "runs.txt", recent.name]
+
+
+ORPHANING_PARENT = """
+import sys
+from engine.data import ffcv_backend
+from engine.data.cifar import ArraySplit
+import numpy as np
+
+ffcv_backend.require = lambda name: None
+ffcv_backend.write_seconds = lambda n: 120.0
+ffcv_backend._WRITER = sys.argv[2]
+images = np.zeros((8, 32, 32, 3), np.uint8)
+ffcv_backend.write_beton(ArraySplit(images, np.zeros(8, np.int64)), __import__("pathlib").Path(sys.argv[1]))
+"""
+
+
+def test_a_writer_whose_parent_is_killed_outright_dies_with_its_workers(tmp_path):
+    """The writer runs in a session of its own (to be killed as a group with FFCV's workers): a parent killed
+    outright (SIGKILL, the OOM killer) runs no cleanup, and the writer and its workers, a stuck one included, kept
+    running, holding the parent's output pipe. They now kill themselves once their parent is gone."""
+    import signal
+    import subprocess
+    import sys
+
+    pids = tmp_path / "pids.txt"
+    stuck = (  # a writer that starts a worker, then hangs: records both pids
+        "import os, subprocess, sys, time; "
+        "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{w.pid}}'); time.sleep(60)"
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANING_PARENT, str(tmp_path / "x.beton"), stuck],
+                              env={**os.environ, "PYTHONPATH": repo})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.exists() and len(pids.read_text().split()) == 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        writers = [int(pid) for pid in pids.read_text().split()]
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(map(_running, writers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in writers if _running(pid)]
+    for pid in alive:  # not left behind by a failing test
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the writer or its worker outlived a parent killed outright"
 
 
 def test_the_beton_writer_does_not_import_from_the_working_directory(tmp_path, monkeypatch):
