@@ -544,25 +544,39 @@ compiled.compile_stage(record)
     assert compile_seconds({"compile_s": 95.2, "main_phase": "done"}) == "95.2 s"
 
 
+def started_check(tmp_path: Path, wrapper: str, args: list[str]) -> subprocess.Popen:
+    """`gpu_check.sh --cpu-smoke ARGS` in a session of its own, its Python the bash script `wrapper`; outputs in
+    tmp_path/out, work in tmp_path/work."""
+    python = tmp_path / "python"
+    python.write_text(wrapper)
+    python.chmod(0o755)
+    env = os.environ | {"GPU_CHECK_OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+                        "PYTHON": str(python)}  # fmt: skip
+    command = ["bash", "scripts/gpu_check.sh", "--cpu-smoke", *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+
+
+def appeared(mark: Path, proc: subprocess.Popen, seconds: float = 120.0) -> bool:
+    """Whether `mark` exists within `seconds`, while `proc` runs."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return mark.exists()
+
+
 def test_the_check_merges_after_every_stage_so_a_killed_check_keeps_its_outputs(tmp_path):
     """The device's command limit may kill the whole check: the stages finished before must be in the outputs."""
     import signal
-    import time
 
-    out, work, mark = tmp_path / "out", tmp_path / "work", tmp_path / "second_stage_started"
-    wrapper = tmp_path / "python"
-    wrapper.write_text(f'#!/usr/bin/env bash\n[[ "$*" == *"--stage ceilings"* ]] && touch {mark} && sleep 60\n'
-                       f'exec {sys.executable} "$@"\n')  # fmt: skip
-    wrapper.chmod(0o755)
-    env = os.environ | {"GPU_CHECK_OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": str(wrapper)}
-    command = ["bash", "scripts/gpu_check.sh", "--cpu-smoke", "--stages", "env,ceilings"]
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    out, mark = tmp_path / "out", tmp_path / "second_stage_started"
+    wrapper = (f'#!/usr/bin/env bash\n[[ "$*" == *"--stage ceilings"* ]] && touch {mark} && sleep 60\n'
+               f'exec {sys.executable} "$@"\n')  # fmt: skip
+    proc = started_check(tmp_path, wrapper, ["--stages", "env,ceilings"])
     try:
-        deadline = time.monotonic() + 120
-        while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert mark.exists(), "the second stage never started"
+        assert appeared(mark, proc), "the second stage never started"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -587,7 +601,6 @@ def test_a_check_stopped_mid_stage_keeps_that_stages_rows(tmp_path):
     It waited in the foreground before, where bash runs a trap only once the stage has ended, so a kill soon after
     the TERM lost the running stage's rows."""
     import signal
-    import time
 
     out, work, mark = tmp_path / "out", tmp_path / "work", tmp_path / "stage_measured_a_row"
     slow_stage = (
@@ -599,19 +612,11 @@ def test_a_check_stopped_mid_stage_keeps_that_stages_rows(tmp_path):
         "stage.ceilings = measured_then_slow\n"
         "sys.exit(gpu_check.main(sys.argv[2:]))\n"
     )
-    wrapper = tmp_path / "python"
-    wrapper.write_text(f'#!/usr/bin/env bash\n[[ "$*" == *"--stage ceilings"* ]] && exec {sys.executable} -c '
-                       f'"{slow_stage}" "$@"\nexec {sys.executable} "$@"\n')  # fmt: skip
-    wrapper.chmod(0o755)
-    env = os.environ | {"GPU_CHECK_OUT": str(out), "GPU_CHECK_WORK": str(work), "PYTHON": str(wrapper)}
-    command = ["bash", "scripts/gpu_check.sh", "--cpu-smoke", "--stages", "ceilings", "--cap", "ceilings=120"]
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    wrapper = (f'#!/usr/bin/env bash\n[[ "$*" == *"--stage ceilings"* ]] && exec {sys.executable} -c '
+               f'"{slow_stage}" "$@"\nexec {sys.executable} "$@"\n')  # fmt: skip
+    proc = started_check(tmp_path, wrapper, ["--stages", "ceilings", "--cap", "ceilings=120"])
     try:
-        deadline = time.monotonic() + 120
-        while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert mark.exists(), "the stage never measured its row"  # its cap (120 s) is far off
+        assert appeared(mark, proc), "the stage never measured its row"  # its cap (120 s) is far off
         proc.send_signal(signal.SIGTERM)  # the check alone, as a command limit would
         proc.wait(timeout=30)  # within seconds, not after the stage's 60 s
     finally:
