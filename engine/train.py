@@ -231,6 +231,7 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
         run.optimizer.state.clear()  # momentum buffers are made again from the next gradients
     begun, first = time.perf_counter(), {}
     compiling = run.perf.compiled and not run.warm  # the epoch-start pass and the first step build the graphs
+    graphs_before = dynamo_counts() if run.perf.compiled else None
     batches = iter(loader)
     # ~balance_images images over all ranks (METHOD 4's ~1024), each rank measuring its share of its own batches
     share = math.ceil(cfg.method.balance_images / (cfg.batch_size * run.dist.world_size))
@@ -282,7 +283,16 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     timing = {"lr": lr, "epoch_seconds": round(seconds, 3), "images_per_s": throughput}
     if run.perf.attack_graphs is not None:  # this process's captured attacks so far (an eager fallback shows here)
         timing["cuda_graphs"] = run.perf.attack_graphs.stats()
+    if graphs_before is not None:  # issue 9's figure: after the first epoch, no graph made and no break (recompiles)
+        timing["compile"] = {k: v - graphs_before[k] for k, v in dynamo_counts().items()}
     return summarize(totals, i, images, run.dist) | extra | timing | first
+
+
+def dynamo_counts() -> dict[str, int]:
+    """torch.compile's graphs built and graph breaks so far in this process (cheap: dynamo's own counters)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def synced_seconds(start: float, device: torch.device) -> float:
@@ -320,6 +330,9 @@ def epoch_line(row: dict, epochs: int, cost=lambda epoch: 1.0) -> str:
     parts += [f"{row['images_per_s']:.0f} img/s", f"{row['epoch_seconds']:.0f}s"]
     if "first_step_seconds" in row:
         parts.append(f"(compiling: {row['first_step_seconds']:.0f}s to the first step)")
+    made = row.get("compile") or {}
+    if made.get("graphs") or made.get("graph_breaks"):  # after the first epoch, recompiles (or a new stage's role)
+        parts.append(f"({made['graphs']} graphs compiled, {made['graph_breaks']} graph breaks)")
     if row.get("cuda_graphs", {}).get("eager_calls"):
         parts.append(f"({row['cuda_graphs']['eager_calls']} attacks ran uncaptured: see the warning above)")
     if row["epoch"] < epochs:  # at this epoch's pace, less the compiling that only the first epoch pays

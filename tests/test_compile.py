@@ -90,6 +90,7 @@ def test_no_recompile_or_graph_break_after_warmup(family, dynamo_fresh, monkeypa
 
     row, results = train_and_evaluate(cfg, after_warmup)
     assert warm["graphs"] > 0, "nothing was compiled"
+    assert row.pop("compile") == {"graphs": 0, "graph_breaks": 0}  # the epoch's own figure, as metrics.jsonl has it
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     eval_graphs = counters["stats"]["unique_graphs"] - warm["graphs"]
     assert eval_graphs == 2, f"{eval_graphs} graphs after warm-up: evaluation should add its two roles' graphs"
@@ -122,7 +123,21 @@ def test_a_methods_second_network_follows_the_runs_switches(family, dynamo_fresh
             assert runner is net
 
 
-def test_compile_auto_is_on_for_cuda_only():
+def test_each_epoch_row_counts_the_graphs_it_built(dynamo_fresh):
+    """Issue 9's recompile figure in every compiled run's metrics: the first epoch builds the graphs (its line says
+    how many), a later one builds none; an eager run has no such figure."""
+    from engine.train import epoch_line
+
+    cfg = apply_overrides(get_recipe("arat-resnet18-cifar10"), SHAPE + ["perf.compile=on"])
+    run = build_run(cfg)
+    first, second = train_epoch(run, 1), train_epoch(run, 2)
+    assert first["compile"]["graphs"] > 0 and first["compile"]["graph_breaks"] == 0
+    assert second["compile"] == {"graphs": 0, "graph_breaks": 0}
+    assert f"({first['compile']['graphs']} graphs compiled, 0 graph breaks)" in epoch_line(first | {"epoch": 1}, 2)
+    assert "graphs compiled" not in epoch_line(second | {"epoch": 2}, 2)
+    eager = build_run(apply_overrides(cfg, ["perf.compile=off"]))
+    assert "compile" not in train_epoch(eager, 1)
+
     from engine.config import PerfConfig
     from engine.perf import compile_wanted
 
