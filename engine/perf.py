@@ -355,3 +355,19 @@ def peak_tflops(device_name: str) -> float | None:
     # the first key found in the name: the PCIe and NVL H100s (lower clocks and power) before the SXM one
     table = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
     return next((v for k, v in table.items() if k in device_name), None)
+
+
+def arat_step_flops(model: nn.Module, attack_steps: int, device: torch.device) -> float:
+    """METHOD 9's cost of one AR-AT image-step in FLOPs: (2 x attack steps + 6) forward units F, F counted by
+    FlopCounterMode on one image through the adv branch in eval mode (as bench/cost_model.py and bench/train_step.py
+    count it). One forward of one image: no statistics change, no randomness drawn."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, 32, 32, device=device), bn="adv")
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() * (2 * attack_steps + 6)

@@ -50,6 +50,7 @@ class Run:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     warm: bool = False  # compiled, this process has built its graphs (taken a step); not saved
+    step_flops: float | None = None  # METHOD 9's FLOPs per AR-AT image-step, counted at the first epoch's end
     requested_device: str = "auto"  # perf.device as configured (cfg holds the resolved one): what config.json keeps
 
     def state_dict(self) -> dict:
@@ -281,6 +282,10 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     seconds = synced_seconds(start, run.perf.device)
     throughput = round(images * run.dist.world_size / seconds, 1)
     timing = {"lr": lr, "epoch_seconds": round(seconds, 3), "images_per_s": throughput}
+    if cfg.method.name == "arat":  # METHOD 9's cost model is AR-AT's (its ablations' too): achieved TFLOP/s
+        if run.step_flops is None:
+            run.step_flops = perf.arat_step_flops(run.nets.raw, cfg.attack.num_steps, run.perf.device)
+        timing["tflop_per_s"] = round(throughput * run.step_flops / 1e12, 4)
     if run.perf.attack_graphs is not None:  # this process's captured attacks so far (an eager fallback shows here)
         timing["cuda_graphs"] = run.perf.attack_graphs.stats()
     if graphs_before is not None:  # issue 9's figure: after the first epoch, no graph made and no break (recompiles)
@@ -327,7 +332,10 @@ def epoch_line(row: dict, epochs: int, cost=lambda epoch: 1.0) -> str:
     keys = ("loss", "cls", "inv", "adv_weight", "grad_sim", "grad_conflict", "lr")
     parts += [f"{k} {row[k]:.4g}" for k in keys if row.get(k) is not None]
     parts += [f"{k.removeprefix('train_')} {100 * row[k]:.1f}%" for k in row if k.startswith("train_acc_")]
-    parts += [f"{row['images_per_s']:.0f} img/s", f"{row['epoch_seconds']:.0f}s"]
+    parts += [f"{row['images_per_s']:.0f} img/s"]
+    if row.get("tflop_per_s") is not None:
+        parts.append(f"{row['tflop_per_s']:.3g} TFLOP/s")
+    parts.append(f"{row['epoch_seconds']:.0f}s")
     if "first_step_seconds" in row:
         parts.append(f"(compiling: {row['first_step_seconds']:.0f}s to the first step)")
     made = row.get("compile") or {}

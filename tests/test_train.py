@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ def test_smoke_run_writes_a_complete_run_dir(tiny_cfg, tmp_path):
         "train_acc_adv",
         "train_acc_clean",
         "images_per_s",
+        "tflop_per_s",
         "wall_seconds",
     ):
         assert key in rows[0], key
@@ -62,7 +64,7 @@ def test_resume_gives_identical_results(tiny_cfg, tmp_path, capsys):
     resumed = run_training(load_run_config(partial), partial, resume=True)
     assert "resuming after epoch 1/3" in capsys.readouterr().out
     assert (resumed / "metrics.jsonl").read_text().splitlines()[0] == first_row  # kept, not trained again
-    drop = ("epoch_seconds", "images_per_s", "wall_seconds")
+    drop = ("epoch_seconds", "images_per_s", "tflop_per_s", "wall_seconds")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(read_rows(full)) == strip(read_rows(resumed))
     a = torch.load(full / "checkpoints" / "final.pt")["model"]
@@ -454,3 +456,25 @@ def test_a_checkpoint_from_another_device_leaves_this_device_s_optimizer_kind(ti
         group["fused"], group["foreach"] = True, False  # as written on CUDA
     run.load_state_dict(state)
     assert all(g["fused"] is False and g["foreach"] is True for g in run.optimizer.param_groups)
+
+
+def test_an_arat_epoch_row_gives_its_tflop_per_s_by_the_benchs_cost_model(tiny_cfg):
+    """METHOD 9's cost model in every AR-AT run's metrics: img/s x (2 x attack steps + 6) x F, F counted as
+    bench/train_step.py counts it (the same figure its rows give); another method's rows have none (the cost model
+    is AR-AT's). The count changes nothing the run computes: one eval-mode forward of one image."""
+    import sys
+
+    from engine.train import build_run, epoch_line, train_epoch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from cost_model import forward_units
+    from train_step import forward_flops
+
+    run = build_run(apply_overrides(tiny_cfg, ["train.epochs=1"]))
+    row = train_epoch(run, 1)
+    x = torch.rand(4, 3, 32, 32)
+    assert run.step_flops == forward_flops(run.nets.raw, x) * forward_units(run.cfg.attack.num_steps) > 0
+    assert row["tflop_per_s"] == round(row["images_per_s"] * run.step_flops / 1e12, 4)
+    assert f"{row['tflop_per_s']:.3g} TFLOP/s" in epoch_line(row | {"epoch": 1}, 1)
+    at = build_run(apply_overrides(tiny_cfg, ["train.epochs=1", "method.name=at", "model.split_bn=false"]))
+    assert "tflop_per_s" not in train_epoch(at, 1)
