@@ -282,10 +282,11 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     seconds = synced_seconds(start, run.perf.device)
     throughput = round(images * run.dist.world_size / seconds, 1)
     timing = {"lr": lr, "epoch_seconds": round(seconds, 3), "images_per_s": throughput}
-    if cfg.method.name == "arat":  # METHOD 9's cost model is AR-AT's (its ablations' too): achieved TFLOP/s
+    # METHOD 9's cost model is AR-AT's (an ablation's too), without grad-sim's two extra backwards: achieved TFLOP/s
+    if cfg.method.name == "arat" and run.grad_sim is None:
         if run.step_flops is None:
             run.step_flops = perf.arat_step_flops(run.nets.raw, cfg.attack.num_steps, run.perf.device)
-        timing["tflop_per_s"] = round(throughput * run.step_flops / 1e12, 4)
+        timing["tflop_per_s"] = float(f"{throughput * run.step_flops / 1e12:.4g}")
     if run.perf.attack_graphs is not None:  # this process's captured attacks so far (an eager fallback shows here)
         timing["cuda_graphs"] = run.perf.attack_graphs.stats()
     if graphs_before is not None:  # issue 9's figure: after the first epoch, no graph made and no break (recompiles)
@@ -333,14 +334,16 @@ def epoch_line(row: dict, epochs: int, cost=lambda epoch: 1.0) -> str:
     parts += [f"{k} {row[k]:.4g}" for k in keys if row.get(k) is not None]
     parts += [f"{k.removeprefix('train_')} {100 * row[k]:.1f}%" for k in row if k.startswith("train_acc_")]
     parts += [f"{row['images_per_s']:.0f} img/s"]
-    if row.get("tflop_per_s") is not None:
-        parts.append(f"{row['tflop_per_s']:.3g} TFLOP/s")
+    if row.get("tflop_per_s") is not None:  # summed over ranks: past 1,000 on a few GPUs
+        tflops = row["tflop_per_s"]
+        parts.append(f"{tflops:,.0f} TFLOP/s" if tflops >= 1000 else f"{tflops:.3g} TFLOP/s")
     parts.append(f"{row['epoch_seconds']:.0f}s")
     if "first_step_seconds" in row:
         parts.append(f"(compiling: {row['first_step_seconds']:.0f}s to the first step)")
     made = row.get("compile") or {}
     if made.get("graphs") or made.get("graph_breaks"):  # after the first epoch, recompiles (or a new stage's role)
-        parts.append(f"({made['graphs']} graphs compiled, {made['graph_breaks']} graph breaks)")
+        graphs, breaks = made["graphs"], made["graph_breaks"]
+        parts.append(f"({graphs} graph{'s' * (graphs != 1)} compiled, {breaks} graph break{'s' * (breaks != 1)})")
     if row.get("cuda_graphs", {}).get("eager_calls"):
         parts.append(f"({row['cuda_graphs']['eager_calls']} attacks ran uncaptured: see the warning above)")
     if row["epoch"] < epochs:  # at this epoch's pace, less the compiling that only the first epoch pays

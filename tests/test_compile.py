@@ -134,10 +134,14 @@ def test_each_epoch_row_counts_the_graphs_it_built(dynamo_fresh):
     assert first["compile"]["graphs"] > 0 and first["compile"]["graph_breaks"] == 0
     assert second["compile"] == {"graphs": 0, "graph_breaks": 0}
     assert f"({first['compile']['graphs']} graphs compiled, 0 graph breaks)" in epoch_line(first | {"epoch": 1}, 2)
-    assert "graphs compiled" not in epoch_line(second | {"epoch": 2}, 2)
+    assert "compiled" not in epoch_line(second | {"epoch": 2}, 2)
+    one = {"epoch": 2, "compile": {"graphs": 1, "graph_breaks": 0}}
+    assert "(1 graph compiled, 0 graph breaks)" in epoch_line(second | one, 2)
     eager = build_run(apply_overrides(cfg, ["perf.compile=off"]))
     assert "compile" not in train_epoch(eager, 1)
 
+
+def test_compile_auto_is_on_for_cuda_only():
     from engine.config import PerfConfig
     from engine.perf import compile_wanted
 
