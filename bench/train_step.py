@@ -47,14 +47,14 @@ from dataclasses import dataclass, field
 import torch
 from cost_model import derived, epoch_images, forward_units
 from harness import append_jsonl, markdown_table, positive_int, provenance, run_cli
-from torch.utils.flop_counter import FlopCounterMode
 
 from engine.attacks.graphs import active as active_attack_graphs
 from engine.attacks.graphs import set_attack_graphs
 from engine.config import TrainConfig, apply_overrides
 from engine.errors import UserError
 from engine.methods.arat import attack_inputs
-from engine.perf import cpu_has_native_bf16, cuda_has_native_bf16, peak_tflops, resolve_device
+from engine.perf import cpu_has_native_bf16, cuda_has_native_bf16, forward_flops, peak_tflops, resolve_device
+from engine.perf import dynamo_counts as engine_dynamo_counts
 from engine.recipes import get_recipe
 from engine.train import Run, build_run, train_step
 
@@ -121,16 +121,6 @@ def median_ms(fn, device: torch.device, reps: int) -> float:
         sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """F: forward FLOPs per image (adv branch, eval mode)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, bn="adv")
-    model.train(was_training)
-    return counter.get_total_flops() / len(x)
 
 
 def profiled(fn, device: torch.device, calls: int = 1) -> tuple[list, float]:
@@ -238,12 +228,9 @@ def inside_aten(event) -> bool:
 
 
 def dynamo_counts() -> Counter:
-    """torch._dynamo's running totals: graphs compiled and graph breaks (all compiled functions of the process)."""
-    from torch._dynamo.utils import counters
-
-    return Counter(
-        graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values())
-    )  # fmt: skip
+    """torch._dynamo's running totals: graphs compiled and graph breaks (all compiled functions of the process), as
+    a Counter (rows subtract them)."""
+    return Counter(engine_dynamo_counts())
 
 
 @dataclass

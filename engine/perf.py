@@ -357,17 +357,29 @@ def peak_tflops(device_name: str) -> float | None:
     return next((v for k, v in table.items() if k in device_name), None)
 
 
-def arat_step_flops(model: nn.Module, attack_steps: int, device: torch.device) -> float:
-    """METHOD 9's cost of one AR-AT image-step in FLOPs: (2 x attack steps + 6) forward units F, F counted by
-    FlopCounterMode on one image through the adv branch in eval mode (as bench/cost_model.py and bench/train_step.py
-    count it). One forward of one image: no statistics change, no randomness drawn."""
+def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """F: forward FLOPs per image (adv branch, eval mode), counted by FlopCounterMode on `x`. No statistics change,
+    no randomness drawn."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, 3, 32, 32, device=device), bn="adv")
+            model(x, bn="adv")
     finally:
         model.train(was_training)
-    return counter.get_total_flops() * (2 * attack_steps + 6)
+    return counter.get_total_flops() / len(x)
+
+
+def arat_step_flops(model: nn.Module, attack_steps: int, device: torch.device) -> float:
+    """METHOD 9's cost of one AR-AT image-step in FLOPs: (2 x attack steps + 6) forward units F (bench/cost_model.py's
+    forward_units), F counted on one image."""
+    return forward_flops(model, torch.zeros(1, 3, 32, 32, device=device)) * (2 * attack_steps + 6)
+
+
+def dynamo_counts() -> dict[str, int]:
+    """torch.compile's graphs built and graph breaks so far in this process (cheap: dynamo's own counters)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}

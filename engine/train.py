@@ -232,7 +232,7 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
         run.optimizer.state.clear()  # momentum buffers are made again from the next gradients
     begun, first = time.perf_counter(), {}
     compiling = run.perf.compiled and not run.warm  # the epoch-start pass and the first step build the graphs
-    graphs_before = dynamo_counts() if run.perf.compiled else None
+    graphs_before = perf.dynamo_counts() if run.perf.compiled else None
     batches = iter(loader)
     # ~balance_images images over all ranks (METHOD 4's ~1024), each rank measuring its share of its own batches
     share = math.ceil(cfg.method.balance_images / (cfg.batch_size * run.dist.world_size))
@@ -290,15 +290,8 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     if run.perf.attack_graphs is not None:  # this process's captured attacks so far (an eager fallback shows here)
         timing["cuda_graphs"] = run.perf.attack_graphs.stats()
     if graphs_before is not None:  # issue 9's figure: after the first epoch, no graph made and no break (recompiles)
-        timing["compile"] = {k: v - graphs_before[k] for k, v in dynamo_counts().items()}
+        timing["compile"] = {k: v - graphs_before[k] for k, v in perf.dynamo_counts().items()}
     return summarize(totals, i, images, run.dist) | extra | timing | first
-
-
-def dynamo_counts() -> dict[str, int]:
-    """torch.compile's graphs built and graph breaks so far in this process (cheap: dynamo's own counters)."""
-    from torch._dynamo.utils import counters
-
-    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def synced_seconds(start: float, device: torch.device) -> float:

@@ -134,12 +134,11 @@ def _sweep_stale(path: Path, limit: float) -> None:
     """Remove the temporary files of earlier writes of `path` whose process was killed outright (SIGKILL, the OOM
     killer): their names are unique, so nothing else ever would. Only files older than any live write can be."""
     cutoff = time.time() - WRITE_TRIES * limit - 600
-    for f in path.parent.glob(glob.escape(path.name) + ".*"):
-        if not f.name.startswith((f"{path.name}.tmp", f"{path.name}.arrays")):
-            continue
-        with contextlib.suppress(OSError):  # removed by another process meanwhile
-            if f.stat().st_mtime < cutoff:
-                f.unlink()
+    for kind in (".tmp*", ".arrays*"):
+        for f in path.parent.glob(glob.escape(path.name) + kind):
+            with contextlib.suppress(OSError):  # removed by another process meanwhile
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
 
 
 def write_beton(split: ArraySplit, path: Path) -> Path:

@@ -92,16 +92,14 @@ def settle_status(record: dict[str, Any], data: dict[str, Any], log: Path) -> No
         record["status"] = "failed"
     if record["status"] == "timeout":
         earlier = data.get("error") if "SIGTERM" not in str(data.get("error")) else None
-        stopped = str(record.get("reason") or "").startswith(STOPPED)  # the whole check, not the stage's cap
-        when = f" after {record['seconds']} s" if record.get("seconds") is not None else ""
-        record["error"] = (
-            (
-                f"the check was stopped{when}, before this stage's {record['cap_s']} s cap"
-                if stopped
-                else f"timeout at the {record['cap_s']} s cap"
-            )
-            + f" ({len(record['rows'])} rows kept)"
-            + (f"; first failure before it: {earlier}" if earlier else "")
+        cap = f"{record['cap_s']} s cap"
+        if str(record.get("reason") or "").startswith(STOPPED):  # the whole check was stopped, not at the stage's cap
+            when = f" after {record['seconds']} s" if record.get("seconds") is not None else ""
+            ended = f"{STOPPED}{when}, before this stage's {cap}"
+        else:
+            ended = f"timeout at the {cap}"
+        record["error"] = f"{ended} ({len(record['rows'])} rows kept)" + (
+            f"; first failure before it: {earlier}" if earlier else ""
         )
     if record["status"] == "failed" and not record["error"]:
         lines = [line for line in log_tail(log) if line.strip()]
