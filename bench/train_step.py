@@ -228,8 +228,8 @@ def inside_aten(event) -> bool:
 
 
 def dynamo_counts() -> Counter:
-    """torch._dynamo's running totals: graphs compiled and graph breaks (all compiled functions of the process), as
-    a Counter (rows subtract them)."""
+    """torch._dynamo's running totals: graphs compiled, graph breaks and frames given up on (all compiled functions
+    of the process), as a Counter (rows subtract them)."""
     return Counter(engine_dynamo_counts())
 
 
@@ -313,6 +313,7 @@ def report(row: Row) -> dict:
         "graphs": row.warm["graphs"] if compiled else None,
         "recompiles_after_warmup": after_warm["graphs"] if compiled else None,
         "graph_breaks": row.warm["graph_breaks"] + after_warm["graph_breaks"] if compiled else None,
+        "eager_frames": row.warm["eager_frames"] + after_warm["eager_frames"] if compiled else None,  # given up on
         "perf": row.run.perf.summary(), **CEILING, "_cfg": cfg,
     }  # fmt: skip
 
@@ -552,8 +553,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_table(rows: list[dict], stamp: dict, order: str, device_type: str, accuracy: bool) -> None:
     columns = ["config", "kept", "images_per_s", "step_ms", "step_spread", "vs_fp32_eager", "vs_first", "attack_ms",
-               "attack_share", "ops_per_step", "graphs", "recompiles_after_warmup", "graph_breaks", "tflops",
-               "pct_ceiling", "epoch_s", "run100_min", "warmup_s"]  # fmt: skip
+               "attack_share", "ops_per_step", "graphs", "recompiles_after_warmup", "graph_breaks", "eager_frames",
+               "tflops", "pct_ceiling", "epoch_s", "run100_min", "warmup_s"]  # fmt: skip
     if device_type == "cuda":
         at = columns.index("ops_per_step") + 1
         columns[at:at] = ["kernels_per_step", "launches_per_step", "busy_fraction"]

@@ -379,7 +379,13 @@ def arat_step_flops(model: nn.Module, attack_steps: int, device: torch.device) -
 
 
 def dynamo_counts() -> dict[str, int]:
-    """torch.compile's graphs built and graph breaks so far in this process (cheap: dynamo's own counters)."""
+    """torch.compile's graphs built, graph breaks and frames given up on so far in this process (cheap: dynamo's own
+    counters). A frame dynamo gives up on (its recompile limit hit, or an error it falls back from) builds no graph
+    and breaks none, and from then on runs eagerly without a word: only `eager_frames` counts it."""
     from torch._dynamo.utils import counters
 
-    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+    frames = counters["frames"]
+    return {
+        "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+        "eager_frames": frames["total"] - frames["ok"],
+    }  # fmt: skip

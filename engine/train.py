@@ -337,6 +337,9 @@ def epoch_line(row: dict, epochs: int, cost=lambda epoch: 1.0) -> str:
     if made.get("graphs") or made.get("graph_breaks"):  # after the first epoch, recompiles (or a new stage's role)
         graphs, breaks = made["graphs"], made["graph_breaks"]
         parts.append(f"({graphs} graph{'s' * (graphs != 1)} compiled, {breaks} graph break{'s' * (breaks != 1)})")
+    if made.get("eager_frames"):  # dynamo gave up on a function (its recompile limit, an error): now it runs eagerly
+        n = made["eager_frames"]
+        parts.append(f"({n} function{'s' * (n != 1)} left uncompiled by dynamo: TORCH_LOGS=recompiles says why)")
     if row.get("cuda_graphs", {}).get("eager_calls"):
         parts.append(f"({row['cuda_graphs']['eager_calls']} attacks ran uncaptured: see the warning above)")
     if row["epoch"] < epochs:  # at this epoch's pace, less the compiling that only the first epoch pays

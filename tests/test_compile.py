@@ -90,7 +90,7 @@ def test_no_recompile_or_graph_break_after_warmup(family, dynamo_fresh, monkeypa
 
     row, results = train_and_evaluate(cfg, after_warmup)
     assert warm["graphs"] > 0, "nothing was compiled"
-    assert row.pop("compile") == {"graphs": 0, "graph_breaks": 0}  # the epoch's own figure, as metrics.jsonl has it
+    assert row.pop("compile") == {"graphs": 0, "graph_breaks": 0, "eager_frames": 0}  # the epoch's, as metrics has it
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     eval_graphs = counters["stats"]["unique_graphs"] - warm["graphs"]
     assert eval_graphs == 2, f"{eval_graphs} graphs after warm-up: evaluation should add its two roles' graphs"
@@ -131,14 +131,31 @@ def test_each_epoch_row_counts_the_graphs_it_built(dynamo_fresh):
     cfg = apply_overrides(get_recipe("arat-resnet18-cifar10"), SHAPE + ["perf.compile=on"])
     run = build_run(cfg)
     first, second = train_epoch(run, 1), train_epoch(run, 2)
-    assert first["compile"]["graphs"] > 0 and first["compile"]["graph_breaks"] == 0
-    assert second["compile"] == {"graphs": 0, "graph_breaks": 0}
+    assert first["compile"]["graphs"] > 0 and first["compile"]["graph_breaks"] == first["compile"]["eager_frames"] == 0
+    assert second["compile"] == {"graphs": 0, "graph_breaks": 0, "eager_frames": 0}
     assert f"({first['compile']['graphs']} graphs compiled, 0 graph breaks)" in epoch_line(first | {"epoch": 1}, 2)
     assert "compiled" not in epoch_line(second | {"epoch": 2}, 2)
     one = {"epoch": 2, "compile": {"graphs": 1, "graph_breaks": 0}}
     assert "(1 graph compiled, 0 graph breaks)" in epoch_line(second | one, 2)
     eager = build_run(apply_overrides(cfg, ["perf.compile=off"]))
     assert "compile" not in train_epoch(eager, 1)
+
+
+def test_a_function_dynamo_gives_up_on_is_counted_and_named(dynamo_fresh, monkeypatch):
+    """Past its recompile limit dynamo runs a function eagerly from then on, building no graph and breaking none:
+    graphs and breaks alone would read "no recompile" for an epoch that ran uncompiled."""
+    from engine.perf import dynamo_counts
+    from engine.train import epoch_line
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    double = torch.compile(lambda x: x * 2, dynamic=False, backend="eager")
+    for n in range(4):
+        double(torch.ones(n + 1))  # a new shape each call: two graphs, then the limit
+    assert dynamo_counts() == {"graphs": 2, "graph_breaks": 0, "eager_frames": 1}
+    given_up = {"graphs": 0, "graph_breaks": 0, "eager_frames": 1}
+    row = {"epoch": 2, "images_per_s": 9.0, "epoch_seconds": 1.0, "compile": given_up}
+    assert "(1 function left uncompiled by dynamo: TORCH_LOGS=recompiles says why)" in epoch_line(row, 2)
+    assert "uncompiled" not in epoch_line(row | {"compile": {"graphs": 0, "graph_breaks": 0}}, 2)  # older rows
 
 
 def test_compile_auto_is_on_for_cuda_only():

@@ -31,6 +31,7 @@ from cost_model import derived, epoch_images  # bench/ is on sys.path (scripts/g
 from torch._dynamo.utils import counters
 
 from engine.methods import Nets
+from engine.perf import dynamo_counts
 from engine.train import Run, build_run, train_step
 
 from .common import (
@@ -107,6 +108,7 @@ def graph_figures(run: Run) -> dict[str, Any]:
     return {
         "unique_graphs": counters["stats"]["unique_graphs"],
         "graph_breaks": sum(counters["graph_break"].values()),
+        "eager_frames": dynamo_counts()["eager_frames"],  # functions dynamo gave up on: they ran uncompiled
         "graph_break_reasons": [str(k)[:200] for k in list(counters["graph_break"])[:10]],
         "cache_entries": cache_entries(run.nets.raw),
     }

@@ -27,6 +27,7 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "compile_variant_problems": compiled.get("extra_problems"),
         "graphs": compiled.get("unique_graphs"),
         "graph_breaks": compiled.get("graph_breaks"),
+        "eager_frames": compiled.get("eager_frames"),
         "recompiles_after_warmup": compiled.get("recompiles_after_warmup"),
         "kernels": {
             "passed": correct.get("passed"),
@@ -132,6 +133,7 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
         ["cudnn.benchmark", cudnn_line(s.get("cudnn_benchmark"))],
         ["RN18 B=128 compiled", throughput(s["compiled"]["b128"]) + f"; graphs {fmt(s['graphs'])}, breaks "
          f"{fmt(s['graph_breaks'])}, recompiles after warm-up {fmt(s['recompiles_after_warmup'])}, "
+         + (f"{s['eager_frames']} functions left uncompiled, " if s.get("eager_frames") else "") +
          f"{'cold' if s['compiled'].get('compile_cache') != 'warm' else 'warm-cache'} compile "
          f"{compile_seconds(s['compiled'])}"],
         ["RN18 B=128 eager + CUDA graphs", throughput(s["cuda_graphs"]["b128"])],
