@@ -731,7 +731,7 @@ def test_real_run_plans_one_epoch_when_two_would_leave_no_time_for_the_evaluatio
     the stage trains one epoch when two (plus start-up and evaluation) would not fit its cap, says why, and judges
     clean accuracy against the one-epoch floor."""
     sys.path.insert(0, str(REPO / "bench"))  # gpucheck.common imports bench/train_step.py
-    from gpucheck.real_run import AA_S, EXTRAS_S, FIXED_S, MIN_SUBSET, criteria, planned_epochs
+    from gpucheck.real_run import AA_S, EXTRAS_S, FIXED_S, MIN_SUBSET, criteria, epoch_flag, planned_epochs
     from gpucheck.record import StageRecord
     from gpucheck.summary import real_run_line
 
@@ -764,6 +764,12 @@ def test_real_run_plans_one_epoch_when_two_would_leave_no_time_for_the_evaluatio
     line = real_run_line({"epochs_planned": 1, "one_epoch_because": why, "epoch1_s": 25.0, "epochs": 1})
     assert "1 epoch planned" in line and "epoch 1 25 s" in line
     assert "epoch 2 21 s" in real_run_line({"epochs_planned": 2, "epoch2_s": 21.0, "epochs": 2})
+    # epoch 2 against 390 captured steps of step_eager (40 ms: 15.6 s), flagged beyond 25% and naming the row
+    assert epoch_flag(record_with(40.0, 90), 18.0) is None
+    flag = epoch_flag(record_with(40.0, 90), 21.0)
+    assert flag.startswith("epoch 2 took 21.0 s, +35% vs 390 x 40.0 ms") and "kernels=on" in flag
+    (tmp_path / "step_eager.json").unlink()
+    assert epoch_flag(record_with(None, 90), 21.0) is None  # nothing to compare with
 
 
 def test_the_eval_stage_evaluates_the_prepared_cifar10_else_synthetic_images(tmp_path):
