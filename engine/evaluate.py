@@ -368,47 +368,61 @@ def _evaluate(
                 record = store.load(k)
                 if record is None:
                     lo, hi = starts[k], min(starts[k] + cfg.chunk_size, n)
-                    x, y, chunk_start = x_all[lo:hi], y_all[lo:hi], time.perf_counter()
-                    s = chunk_seed(seed, name, k)
-                    counts = None
-                    if name == "clean":
-                        flags = _clean_flags(classifier, x, y, batch)
-                    elif name == "pgd20":
-                        flags = _pgd_flags(classifier, attacker, x, y, batch, s)
-                    else:
-                        bar.set_postfix_str("")  # not the last chunk's stages
-                        progress = _postfix(bar, protocol.attacks)
-                        flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, s, batch, progress)
-                    record = {"index": k, "start": lo, "stop": hi, "seed": s, "flags": pack(flags),
-                              "counts": counts, "seconds": round(time.perf_counter() - chunk_start, 3)}  # fmt: skip
+                    chunk = (k, lo, x_all[lo:hi], y_all[lo:hi], chunk_seed(seed, name, k))
+                    record = _attack_chunk(name, chunk, (classifier, attacker, aa_net), batch, protocol, bar)
                     store.save(k, record)
                 else:
                     reused += 1
                 records.append(record)
-            records = sorted((r for part in gather_objects(records, dist) for r in part), key=lambda r: r["index"])
-            if [(r["start"], r["stop"]) for r in records] != [(lo, min(lo + cfg.chunk_size, n)) for lo in starts]:
-                raise RuntimeError(f"{name}: the chunks gathered from the ranks do not tile the {n} test images")
-            flags = torch.cat([unpack(r["flags"], r["stop"] - r["start"]) for r in records])
-            seconds = time.perf_counter() - start
-            reused = sum(gather_objects(reused, dist))  # on any rank: then the wall time is not all the work's
-            result = {
-                "accuracy": int(flags.sum()) / n,
-                "num_examples": n,
-                "seconds": round(seconds, 2),
-                "images_per_s": round(n / seconds, 2) if seconds > 0 and not reused else None,
-                "chunk_seconds": round(sum(r["seconds"] for r in records), 2),
-                "chunks": len(records),
-                "reused_chunks": reused,
-                "config": store.spec | {"chunk_size_rule": chunk_reason},
-                "flags": pack(flags),
-            }
-            if name == "aa":
-                stages = {s: sum(r["counts"][s] for r in records) / n for s in ("clean", *protocol.attacks)}
-                result |= {"version": cfg.aa_version, "stages": stages}
-            results[name] = result
+            config = store.spec | {"chunk_size_rule": chunk_reason}
+            results[name] = _attack_result(name, records, n, cfg, protocol, config, reused, start, dist)
             if name == "pgd20" and graphs is not None:  # AutoAttack's chunks were sized without PGD-20's graphs
                 graphs.release()
     return results
+
+
+def _attack_chunk(name: str, chunk: tuple, nets: tuple, batch: int, protocol, bar) -> dict:
+    """One chunk's record: (index, first image, images, labels, seed) in; its packed per-image flags, AutoAttack's
+    stage counts and its seconds out."""
+    k, lo, x, y, seed = chunk
+    classifier, attacker, aa_net = nets
+    start, counts = time.perf_counter(), None
+    if name == "clean":
+        flags = _clean_flags(classifier, x, y, batch)
+    elif name == "pgd20":
+        flags = _pgd_flags(classifier, attacker, x, y, batch, seed)
+    else:
+        bar.set_postfix_str("")  # not the last chunk's stages
+        flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, seed, batch, _postfix(bar, protocol.attacks))
+    return {"index": k, "start": lo, "stop": lo + len(y), "seed": seed, "flags": pack(flags), "counts": counts,
+            "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+
+
+def _attack_result(name: str, records: list[dict], n: int, cfg: EvalConfig, protocol, config: dict, reused: int,
+                   start: float, dist: DistInfo) -> dict:  # fmt: skip
+    """An attack's result from every rank's chunk records (gathered here: the same on every rank)."""
+    records = sorted((r for part in gather_objects(records, dist) for r in part), key=lambda r: r["index"])
+    tiling = [(lo, min(lo + cfg.chunk_size, n)) for lo in range(0, n, cfg.chunk_size)]
+    if [(r["start"], r["stop"]) for r in records] != tiling:
+        raise RuntimeError(f"{name}: the chunks gathered from the ranks do not tile the {n} test images")
+    flags = torch.cat([unpack(r["flags"], r["stop"] - r["start"]) for r in records])
+    seconds = time.perf_counter() - start
+    reused = sum(gather_objects(reused, dist))  # on any rank: then the wall time is not all the work's
+    result = {
+        "accuracy": int(flags.sum()) / n,
+        "num_examples": n,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(n / seconds, 2) if seconds > 0 and not reused else None,
+        "chunk_seconds": round(sum(r["seconds"] for r in records), 2),
+        "chunks": len(records),
+        "reused_chunks": reused,
+        "config": config,
+        "flags": pack(flags),
+    }
+    if name == "aa":
+        stages = {s: sum(r["counts"][s] for r in records) / n for s in ("clean", *protocol.attacks)}
+        result |= {"version": cfg.aa_version, "stages": stages}
+    return result
 
 
 def num_images(attack: str, cfg: EvalConfig, available: int) -> int:
