@@ -30,7 +30,7 @@ from .attacks.graphs import active as active_graphs
 from .attacks.graphs import using as graphs_in_use
 from .compile_cache import cpu_key
 from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
-from .data import ArraySplit
+from .data import ArraySplit, to_unit_interval
 from .distributed import DistInfo, gather_objects
 from .errors import CompiledEvaluationFailed
 from .perf import EvalForward, attack_graphs, compile_wanted, eval_network
@@ -46,7 +46,7 @@ NAMES = {"clean": "clean", "pgd20": "PGD-20", "aa": "AutoAttack"}
 def test_tensors(split: ArraySplit, num_examples: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `num_examples` test images in official order, (N, 3, 32, 32) float in [0, 1]."""
     n = min(num_examples, len(split))
-    x = torch.from_numpy(np.ascontiguousarray(split.images[:n])).to(device).permute(0, 3, 1, 2).float() / 255
+    x = to_unit_interval(torch.from_numpy(np.ascontiguousarray(split.images[:n])).to(device)).permute(0, 3, 1, 2)
     return x.contiguous(), torch.from_numpy(split.labels[:n]).to(device)
 
 

@@ -159,3 +159,20 @@ def test_pixels_out_of_range_are_refused_not_wrapped(tmp_path):
     _fake_cifar10(tmp_path, {b"data": data, b"labels": [0, 1]})
     with pytest.raises(DataError, match="outside 0..255"):
         load_split("cifar10", tmp_path, train=False)
+
+
+def test_pixels_become_their_quotient_by_255_by_a_table_the_same_on_every_device():
+    """uint8 -> float u / 255 by a lookup of the CPU's quotients: on CUDA, dividing by the host scalar 255 computes
+    u * fl(1/255), one bit off for about half the values (so a CUDA batch would not equal the CPU loader's)."""
+    from engine.data import to_unit_interval
+
+    u = torch.arange(256, dtype=torch.uint8)
+    unit = to_unit_interval(u)
+    assert unit.dtype == torch.float32 and torch.equal(unit, u.float().div(255))  # the CPU's quotients, bit for bit
+    assert torch.equal(unit, u.double().div(255).float())  # correctly rounded
+    reciprocal = u.float() * torch.tensor(1.0, dtype=torch.float32).div(255)  # what CUDA computes for `x / 255`
+    assert (reciprocal != unit).sum() > 100
+    hwc = torch.randint(0, 256, (2, 4, 4, 3), dtype=torch.uint8)
+    nchw = to_unit_interval(hwc).permute(0, 3, 1, 2)  # as the loaders' finish: channels-last strides kept
+    assert nchw.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(nchw, hwc.permute(0, 3, 1, 2).float() / 255)

@@ -8,7 +8,7 @@ import torch
 
 from ..config import DataConfig
 from .cifar import ArraySplit, DataError, find_layout, how_to_get, load_split
-from .loader import Batch, DeviceLoader, Loader
+from .loader import Batch, DeviceLoader, Loader, to_unit_interval
 from .synthetic import synthetic_split
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "build_loaders",
     "load_splits",
     "load_test_split",
+    "to_unit_interval",
 ]
 
 

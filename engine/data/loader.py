@@ -22,6 +22,19 @@ SIZE = 32
 Batch = tuple[torch.Tensor, torch.Tensor]  # (B, 3, 32, 32) float in [0, 1], (B,) int64
 
 
+_UNIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def to_unit_interval(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 u / 255, same shape and layout, the same bits on every device. Dividing on the device
+    is not: CUDA divides by a host scalar as u * fl(1/255), one bit off the CPU's quotient for 126 of the 256
+    values. The CPU's 256 quotients, looked up on the device, are exact everywhere."""
+    table = _UNIT_TABLES.get(u8.device)
+    if table is None:
+        table = _UNIT_TABLES[u8.device] = torch.arange(256, dtype=torch.uint8).float().div_(255).to(u8.device)
+    return table[u8.int()]
+
+
 class Loader(Protocol):
     """What the trainer needs from a data backend."""
 
@@ -123,7 +136,7 @@ class PlannedLoader:
 
     def finish(self, hwc: torch.Tensor, labels: torch.Tensor) -> Batch:
         """(B, 32, 32, 3) uint8 on the device -> (B, 3, 32, 32) float in [0, 1], as `DeviceLoader` computes it."""
-        x = hwc.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = to_unit_interval(hwc.to(self.device, non_blocking=True)).permute(0, 3, 1, 2)  # channels-last strides
         x = x if self.channels_last else x.contiguous()
         # copy=True: a backend may hand out labels in a buffer it reuses a few batches later
         return x, labels.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
