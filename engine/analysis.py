@@ -62,5 +62,14 @@ class GradSim:
 
 def build_grad_sim(cfg: TrainConfig, model: nn.Module, extra: list[nn.Module]) -> GradSim | None:
     """The analysis for a run (None unless `analysis.grad_sim`): the model plus the method's other trained
-    networks (`Method.backbones`, e.g. LBGAT's clean model)."""
-    return GradSim(backbone_weights([model, *extra])) if cfg.analysis.grad_sim else None
+    networks (`Method.backbones`, e.g. LBGAT's clean model). It keeps the compiled backward's buffers (process-wide,
+    before the first compile): grad-sim's retain_graph backward is refused by a backward compiled with donated
+    buffers, which a process never makes itself (grad-sim's backward runs first and clears them) but loads from
+    Inductor's on-disk cache where a run without grad-sim compiled the same graph (an ablation after `arat-...`).
+    The switch is part of the cache key: such a run compiles its own."""
+    if not cfg.analysis.grad_sim:
+        return None
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    return GradSim(backbone_weights([model, *extra]))
