@@ -258,6 +258,9 @@ def read_run(path: Path) -> RunResult:
         raise TableError(f"{path} has no results.json or eval.json: evaluate it with `arat eval {path}`")
     aa = results.get("aa")
     aa_version = {"aa_version": aa.get("version") or "standard"} if isinstance(aa, dict) else {}
+    # how many test images each figure is over splits rows too: a 1,000-image AutoAttack (eval.aa_num_examples) is
+    # never averaged with 10,000-image seeds, and a row that differs in it from its siblings says so
+    counts = {f"{k}_images": num_examples[k] for k in ("clean", "aa") if k in num_examples}
     rows = RunDir(path).metrics()
     sims = [r["grad_sim"] for r in rows if isinstance(r.get("grad_sim"), int | float)]  # None: no finite step
     return RunResult(
@@ -270,7 +273,7 @@ def read_run(path: Path) -> RunResult:
         num_examples=num_examples,
         grad_sim=statistics.fmean(sims) if sims else None,
         # AutoAttack's protocol splits rows: legacy-10 reads robustness higher, never averaged with standard seeds
-        settings=training_settings(cfg, dataset, world_size) | aa_version,
+        settings=training_settings(cfg, dataset, world_size) | aa_version | counts,
         notes=notes,
     )
 
@@ -304,7 +307,9 @@ class Row:
         if not values or (key == "sum" and len(values) < len(self.runs)):  # a sum of fewer runs than clean's mean
             return "–"
         text = f"{statistics.fmean(values):.{digits}f}"
-        return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+        text += f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+        fewer = key != "grad_sim" and len(values) < len(self.runs)  # e.g. some seeds not evaluated by AutoAttack
+        return text + (f" ({len(values)} of {len(self.runs)} runs)" if fewer else "")
 
     def paper(self, with_sim: bool, ablations: bool = False) -> str:
         """The seed's published clean / AA (/ grad-sim) for this method and network, on CIFAR-10. An AR-AT row made
@@ -344,7 +349,9 @@ def group(runs: list[RunResult]) -> list[Row]:
     for g, settings in zip(groups, merged, strict=True):
         siblings = [m for h, m in zip(groups, merged, strict=True) if _kind(h[0]) == _kind(g[0])]
         differ = sorted({k for a in siblings for b in siblings for k in a.keys() & b.keys() if a[k] != b[k]})
-        named = ", ".join(f"{k}={_show(k, settings[k]) if k in settings else '?'}" for k in differ)
+        shown = differ + (["aa_version"] if settings.get("aa_version", "standard") != "standard" else [])
+        # legacy-10 reads robustness higher: its rows say so even where no sibling differs
+        named = ", ".join(f"{k}={_show(k, settings[k]) if k in settings else '?'}" for k in dict.fromkeys(shown))
         label = g[0].label
         if named:  # "AR-AT (split_bn=...; epochs=4)", not two brackets
             label = f"{label[:-1]}; {named})" if label.endswith(")") else f"{label} ({named})"
@@ -373,13 +380,25 @@ def render(rows: list[Row]) -> str:
         for r in part:
             cells = [r.model, r.label, *(r.cell(k, 3 if k == "grad_sim" else 2) for k, _ in cols), str(len(r.runs))]
             lines.append("| " + " | ".join(cells + ([r.paper(sim, r.arch in ablated)] if paper else [])) + " |")
-        counts = sorted({n for r in part for run in r.runs for k, n in run.num_examples.items() if k == "aa"})
-        note = f"; AutoAttack on {', '.join(map(str, counts))} test images" if counts else ""
+        note = _images_note(part, "clean", "clean and PGD-20") + _images_note(part, "aa", "AutoAttack")
         out += [f"### {DATASETS.get(dataset, dataset)}", "", *lines, ""]
         out.append(f"Accuracy in %, mean ± sample std over the runs of one setting (seeds){note}.")
         out.append("")
     notes = [n for r in rows for run in r.runs for n in run.notes]
     return "\n".join(out + ([f"Notes: {'; '.join(notes)}.", ""] if notes else []))
+
+
+def _images_note(rows: list[Row], attack: str, what: str) -> str:
+    """The note's "; AutoAttack on 10000 test images", naming the rows of each count where rows' counts differ."""
+    by_count: dict[int, list[str]] = {}
+    several_models = len({r.model for r in rows}) > 1
+    for r in rows:
+        for n in sorted({run.num_examples[attack] for run in r.runs if attack in run.num_examples}):
+            by_count.setdefault(n, []).append(f"{r.model} {r.label}" if several_models else r.label)
+    if len(by_count) <= 1:
+        return "".join(f"; {what} on {n} test images" for n in by_count)
+    parts = [f"{n} test images ({', '.join(names)})" for n, names in sorted(by_count.items())]
+    return f"; {what} on " + ", on ".join(parts)
 
 
 MARKERS = {"resnet18": "s", "wrn34-10": "^"}

@@ -69,7 +69,11 @@ def test_table_means_stds_sums_and_paper_numbers(runs):
     assert row_of(markdown, "ResNet-18 (width 16)", "TRADES")[2:5] == ["50.00", "25.00", "75.00"]  # eval.json wins
     methods = [line.split("|")[2].strip() for line in markdown.splitlines() if line.startswith("| ResNet-18 |")]
     assert methods == ["AT", "AR-AT", "V0 (naive)"]  # the seed's order: baselines, AR-AT, ablations
-    assert "AutoAttack on 500, 1000 test images" in markdown
+    note = next(line for line in markdown.splitlines() if line.startswith("Accuracy in %"))
+    assert note.endswith(
+        "; clean and PGD-20 on 1000 test images; AutoAttack on 500 test images (ResNet-18 AT, "
+        "ResNet-18 AR-AT, ResNet-18 V0 (naive)), on 1000 test images (ResNet-18 (width 16) TRADES)."
+    )
 
 
 def test_method_labels():
@@ -275,9 +279,26 @@ def test_a_sum_needs_every_run_and_the_symmetric_variant_splits_rows(tmp_path):
         cfg = v0 | {"method": v0["method"] | {"symmetric": symmetric}}
         write_run(root, name, "ablation-v0-resnet18-cifar10", 0.8, 0.4, cfg=cfg)
     md = render(table([str(root)]))
-    assert row_of(md, "ResNet-18", "AT")[2:5] == ["85.00 ± 7.07", "40.00", "–"]
+    assert row_of(md, "ResNet-18", "AT")[2:5] == ["85.00 ± 7.07", "40.00 (1 of 2 runs)", "–"]  # not AT's figure
     labels = [line.split("|")[2].strip() for line in md.splitlines() if "V0" in line]
     assert len(labels) == 2 and any("symmetric=average" in label for label in labels), labels
+
+
+def test_a_legacy_10_row_says_so_alone_and_seeds_on_other_image_counts_are_not_averaged(tmp_path):
+    """helper-84: a run evaluated only by legacy-10 stood in the table as "AT" (no sibling differed, so no label), and
+    seeds with 1,000-image and 10,000-image AutoAttack (eval.aa_num_examples) were averaged into one cell."""
+    root = tmp_path / "runs"
+    legacy = {"accuracy": 0.52, "num_examples": 500, "version": "legacy-10"}
+    write_run(root, "at", "at-resnet18-cifar10", 0.84, None, eval_json={"aa-legacy-10": legacy})
+    assert row_of(render(table([str(root)])), "ResNet-18", "AT (aa_version=legacy-10)")[3] == "52.00"
+    root = tmp_path / "counts"
+    for seed, n in enumerate((1000, 10000, 10000)):
+        aa = {"aa": {"accuracy": 0.40 + seed / 100, "num_examples": n}}
+        write_run(root, f"s{seed}", "arat-resnet18-cifar10", 0.8, None, eval_json=aa, cfg={"seed": seed})
+    md = render(table([str(root)]))
+    assert row_of(md, "ResNet-18", "AR-AT (aa_images=1000)")[3] == "40.00"
+    assert row_of(md, "ResNet-18", "AR-AT (aa_images=10000)")[3:6] == ["41.50 ± 0.71", "121.50 ± 0.71", "2"]
+    assert "AutoAttack on 1000 test images (AR-AT (aa_images=1000)), on 10000 test images" in md
 
 
 def test_autoattack_versions_split_rows_and_a_smaller_rerun_of_the_same_network_keeps_the_fuller_figure(tmp_path):
