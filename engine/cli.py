@@ -174,21 +174,16 @@ def cmd_train(args) -> None:
 def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
     """(checkpoint file, its run config if it belongs to a run)."""
     from .models import CheckpointError
-    from .rundir import RunDir
-    from .train import FINAL, LATEST, load_run_config
+    from .rundir import FINAL, LATEST, RunDir
+    from .train import load_run_config
 
     path = Path(target)
     if path.is_dir():
         cfg = load_run_config(path)
         for name in (FINAL, LATEST):
             if (path / "checkpoints" / name).exists():
-                if name == LATEST:  # said, not silent: the figures are of an unfinished network
-                    try:
-                        epochs = [r.get("epoch") for r in RunDir(path).metrics() if isinstance(r, dict)]
-                    except UserError:  # a corrupt metrics.jsonl: the note goes without the epoch
-                        epochs = []
-                    after = f" (after epoch {epochs[-1]} of {cfg.epochs})" if epochs else ""
-                    print(f"arat: {path} has not finished: using its latest checkpoint{after}", file=sys.stderr)
+                if stage := RunDir(path).unfinished(cfg.epochs):  # said, not silent: an unfinished network's figures
+                    print(f"arat: {path} has not finished: using its latest checkpoint ({stage})", file=sys.stderr)
                 return path / "checkpoints" / name, cfg
         raise CheckpointError(
             f"{path} has no checkpoint yet: one is written when its first epoch ends; wait for that, or continue "
@@ -411,6 +406,8 @@ def model_info(target: Path, cfg: TrainConfig | None, plain: dict) -> dict:
     if arch_cfg.arch == "resnet18" and arch_cfg.width != 64:
         architecture += f" (width {arch_cfg.width})"
     note = f"AutoAttack {aa.get('version', 'standard')} on the first {aa['num_examples']} test images" if aa else ""
+    if target.is_dir() and cfg and (stage := RunDir(target).unfinished(cfg.epochs)):
+        note = "; ".join(filter(None, [f"an unfinished run's latest checkpoint ({stage})", note]))
     return {
         "name": cfg.recipe if cfg else target.stem,
         "link": "",

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .errors import UserError
 
 LOCK = ".lock"  # held by the process writing the run (train, or eval writing eval.json)
+LATEST, FINAL = "latest.pt", "final.pt"  # checkpoints/: after each epoch; the network the run ended with
 
 
 class RunDirError(UserError):
@@ -232,6 +233,18 @@ class RunDir:
 
     def checkpoint(self, name: str) -> Path:
         return self.checkpoints / name
+
+    def unfinished(self, epochs: int | None) -> str | None:
+        """ "after epoch N of M" where the run's figures can only be its latest checkpoint's (no final.pt: it never
+        ended, or it is training on past an earlier end); None for a finished run or one without a checkpoint."""
+        if self.checkpoint(FINAL).exists() or not self.checkpoint(LATEST).exists():
+            return None
+        try:
+            done = [row.get("epoch") for row in self.metrics()]
+        except RunDirError:  # a corrupt metrics.jsonl: said without the epoch
+            done = []
+        of = f" of {epochs}" if epochs else ""
+        return f"after epoch {done[-1]}{of}" if done else f"before the last epoch{of}"
 
     def metrics(self) -> list[dict]:
         """The rows of metrics.jsonl; a half-written last line (a kill during the append) is dropped."""

@@ -239,6 +239,8 @@ def read_run(path: Path) -> RunResult:
         num_examples = {k: v["num_examples"] for k, v in results.items()}
         model = model_name(cfg["model"])
         label = run_label(recipe, cfg)
+        if stage := RunDir(path).unfinished(cfg.get("epochs")):  # its figures are its latest checkpoint's: a row apart
+            label = f"{label} (unfinished: {stage})"
         world_size = record.get("world_size", 1)
     except (KeyError, TypeError, AttributeError) as e:
         names = ", ".join(f.name for f in files)

@@ -22,10 +22,8 @@ from .evaluate import evaluate, format_results, summary, write_flags
 from .methods import Method, Nets, build_method
 from .models import build_model, read_checkpoint
 from .progress import progress_bar
-from .rundir import RunDir, RunDirError, environment
+from .rundir import FINAL, LATEST, RunDir, RunDirError, environment
 from .swa import SWA
-
-LATEST, FINAL = "latest.pt", "final.pt"
 
 
 class Diverged(UserError):

@@ -597,3 +597,10 @@ def test_evaluating_an_unfinished_run_says_so(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 0
     assert f"{run} has not finished: using its latest checkpoint (after epoch 1 of 1)" in capsys.readouterr().err
+    # its figures are the latest checkpoint's: `arat table` gives them a row of their own, `arat export` says so
+    # (helper-84: a killed seed's epoch-50 figures were averaged into the finished seeds' row, exported as theirs)
+    assert main(["table", str(run)]) == 0
+    assert "| AR-AT (unfinished: after epoch 1 of 1) |" in capsys.readouterr().out
+    assert main(["export", str(run), str(tmp_path / "net.pt")]) == 0
+    info = json.loads((tmp_path / "net.json").read_text())
+    assert info["footnote"].startswith("an unfinished run's latest checkpoint (after epoch 1 of 1)")
