@@ -44,7 +44,10 @@ class Protocol:
 
     def describe(self) -> dict:
         eps, checkpoints = "8/255" if self.eps == EPS_8 else self.eps, list(apgd_schedule(self.iterations))
-        return asdict(self) | {"eps": eps, "apgd_checkpoints": checkpoints, "code": "pyautoattack"}
+        from .rundir import package_version  # the attack code's version: an upgrade may change what it finds
+
+        code = f"pyautoattack {package_version('pyautoattack')}"
+        return asdict(self) | {"eps": eps, "apgd_checkpoints": checkpoints, "code": code}
 
 
 PROTOCOLS = {

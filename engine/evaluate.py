@@ -33,6 +33,7 @@ from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit, to_unit_interval
 from .distributed import DistInfo, gather_objects
 from .errors import CompiledEvaluationFailed
+from .models.gemm_conv import GemmConv2d
 from .perf import EvalForward, attack_graphs, compile_wanted, eval_network
 from .progress import progress_bar
 from .rundir import atomic_json, by_protocol, read_json_or_none, record_key
@@ -231,18 +232,21 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 def attack_spec(
     name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int, tf32: bool = False,
     channels_last: bool = True, compiled: bool = False, data_hash: str | None = None, hardware: str | None = None,
+    gemm_convs: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """What determines an attack's per-image flags (and so whether saved chunks can be reused). `tf32`: CUDA
     convolutions may run in TF32 (torch's default for cuDNN, which AutoAttack and RobustBench evaluations keep).
     The network's memory format picks other convolution kernels, whose last bits may differ, as does torch.compile
     (`compiled`: Inductor's fused code); cuDNN picks its algorithms by heuristic, deterministic ones only
     (`repeatable_cudnn`). `hardware` (`hardware_id`): kernels differ in their last bits between GPU models,
-    cuDNN/CUDA versions, CPU instruction sets and torch versions, so chunks are reused only where they ran."""
+    cuDNN/CUDA versions, CPU instruction sets and torch versions, so chunks are reused only where they ran.
+    `gemm_convs`: the convolutions a CPU run computes as matrix products (perf.gemm_conv: the evaluation ending a
+    training run inherits them, `arat eval` does not), whose last bits differ from oneDNN's."""
     spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
             "batch_size": batch_size, "dtype": "fp32", "tf32_convolutions": tf32,
             "memory_format": "channels_last" if channels_last else "contiguous", "compiled": compiled,
             "cudnn_algorithms": "heuristic, deterministic", "seeds": "sha256(seed:attack:chunk) per chunk",
-            "data": data_hash, "hardware": hardware}  # fmt: skip
+            "data": data_hash, "hardware": hardware, "gemm_convolutions": gemm_convs or []}  # fmt: skip
     if name == "pgd20":
         spec |= {"steps": PGD20.num_steps, "step_size": "2/255", "eps": "8/255", "start": PGD20.start}
     if name == "aa":
@@ -252,11 +256,12 @@ def attack_spec(
 
 def hardware_id(device: torch.device) -> str:
     """What picks the evaluation's kernels besides its settings: the GPU model with cuDNN's and CUDA's versions, or
-    the CPU's instruction set (torch's capability and a hash of its flags), and torch's version."""
+    the CPU's instruction set (torch's capability and a hash of its flags) and torch's threads (a reduction split
+    over other threads may sum in another order: torchrun gives each rank one), and torch's version."""
     if device.type == "cuda":
         return (f"{torch.cuda.get_device_name(device)}; cuDNN {torch.backends.cudnn.version()}; "
                 f"CUDA {torch.version.cuda}; torch {torch.__version__}")  # fmt: skip
-    return f"{device.type} {cpu_key()}; torch {torch.__version__}"
+    return f"{device.type} {cpu_key()}; {torch.get_num_threads()} threads; torch {torch.__version__}"
 
 
 @contextlib.contextmanager
@@ -348,6 +353,7 @@ def _evaluate(
     )
     protocol = autoattack.PROTOCOLS[cfg.aa_version]
     model_hash = fingerprint(model)
+    gemm_convs = sorted(name for name, m in model.named_modules() if isinstance(m, GemmConv2d))
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
     hardware = hardware_id(device)
     results, data_hashes = {}, {}
@@ -358,7 +364,7 @@ def _evaluate(
             if n not in data_hashes:  # clean and PGD-20 run on the same images: hashed (on the host) once
                 data_hashes[n] = data_fingerprint(x_all[:n], y_all[:n])
             spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last, compiled,
-                               data_hashes[n], hardware)  # fmt: skip
+                               data_hashes[n], hardware, gemm_convs)  # fmt: skip
             store = ChunkStore(record_dir, name, spec)
             starts = range(0, n, cfg.chunk_size)
             mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]

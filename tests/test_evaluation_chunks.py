@@ -3,6 +3,7 @@ evaluation ran, AutoAttack's protocols and stage figures, records, and the expor
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -542,6 +543,38 @@ def test_the_network_is_evaluated_in_the_training_layout(tmp_path):
     assert all(p.is_contiguous() for p in convs)
     assert first["clean"]["config"]["memory_format"] == "channels_last"
     assert other["clean"]["config"]["memory_format"] == "contiguous" and other["clean"]["reused_chunks"] == 0
+
+
+def test_chunks_of_other_threads_other_convolutions_or_another_attack_code_are_not_reused(tmp_path, monkeypatch):
+    """helper-84/85: chunks are keyed by torch's CPU threads (torchrun's ranks run one each, a lone `arat eval` every
+    core: a reduction split otherwise may sum in another order), by the convolutions computed as matrix products
+    (perf.gemm_conv: the evaluation ending a CPU training run inherits them, `arat eval` of the run does not) and
+    by pyautoattack's version (an upgrade may find other images)."""
+    import engine.evaluate as ev
+    from engine.autoattack import PROTOCOLS
+    from engine.config import PerfConfig
+    from engine.models import build_model
+    from engine.models.gemm_conv import set_gemm_convs
+    from engine.recipes import get_recipe
+
+    cpu, perf = torch.device("cpu"), PerfConfig(compile="off")
+    assert f"; {torch.get_num_threads()} threads;" in ev.hardware_id(cpu)
+    assert PROTOCOLS["standard"].describe()["code"].startswith("pyautoattack ")
+    torch.manual_seed(0)
+    model = build_model(get_recipe("smoke").model, 10)
+    split = synthetic_split(16, 10, seed=0)
+    cfg = EvalConfig(attacks=("clean",), num_examples=16, batch_size=16, chunk_size=16)
+
+    def reused(net) -> int:
+        return evaluate(net, split, cfg, cpu, 0, perf, record_dir=tmp_path)["clean"]["reused_chunks"]
+
+    with one_thread():
+        assert reused(model) == 0 and reused(model) == 1
+        monkeypatch.setattr(ev, "hardware_id", lambda device: "cpu same-isa; 2 threads; torch same")
+        assert reused(model) == 0
+        gemm = copy.deepcopy(model)
+        assert set_gemm_convs(gemm, 8)  # the same weights (the same hash), other kernels
+        assert reused(gemm) == 0 and reused(gemm) == 1
 
 
 def broken_compile(role, cfg, device):
