@@ -203,6 +203,9 @@ class PerfConfig:
     cudnn_benchmark: str = "auto"  # auto (on for CUDA: static shapes) | on | off
     cuda_graphs: str = "auto"  # auto (on for CUDA) | on | off: each PGD attack captured once as a CUDA graph
     gemm_conv: int = 0  # CPU: convolutions with outputs of at most N x N pixels run as one matrix product (0: off)
+    # repeatable kernels (cuDNN's deterministic ones, nothing timed to choose, torch's deterministic algorithms): on
+    # CUDA a resumed run then equals an uninterrupted one, as it does on a CPU anyway; slower
+    deterministic: bool = False
 
     def __post_init__(self):
         _one_of("perf.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
@@ -214,6 +217,8 @@ class PerfConfig:
         modes = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
         _one_of("perf.compile_mode", self.compile_mode, modes)
         _one_of("perf.cudnn_benchmark", self.cudnn_benchmark, ("auto", "on", "off"))
+        _check(not (self.deterministic and self.cudnn_benchmark == "on"),
+               "perf.deterministic times no cuDNN algorithms: leave perf.cudnn_benchmark auto or off")  # fmt: skip
         _one_of("perf.cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "perf.device: auto|cpu|cuda")
         _check(

@@ -18,6 +18,7 @@ on a CPU without native bf16 (e.g. AVX2-only), bf16 autocast is emulated and ran
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,6 +144,7 @@ class Perf:
             f"device={self.device} dtype={DTYPE_NAMES[self.dtype]} ({self.dtype_reason}) "
             f"channels_last={self.channels_last} compile={self.compiled} kernels={self.kernels} "
             f"cuda_graphs={self.cuda_graphs} gemm_conv={self.gemm_convs} {hardware}"
+            + (" deterministic" if torch.are_deterministic_algorithms_enabled() else "")
         )
 
 
@@ -341,12 +343,29 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
     if on:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # roles x modes
     train, attack = role(TrainForward, model, cfg, device), role(AttackForward, model, cfg, device)
-    benchmark = resolve_switch(cfg.cudnn_benchmark, device)
+    benchmark = resolve_switch(cfg.cudnn_benchmark, device) and not cfg.deterministic
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = benchmark  # process-wide: one run per process
+    if cfg.deterministic:
+        make_deterministic()
     graphs = attack_graphs(cfg, device)
     set_attack_graphs(graphs)
     return train, attack, Perf(device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel, graphs, gemm)
+
+
+def make_deterministic() -> None:
+    """perf.deterministic, process-wide (one run per process): what would let two processes compute a step in other
+    kernels, or other summation orders, is pinned. cuDNN's deterministic algorithms, not timed (autotuning times
+    each process's own: some weight-gradient algorithms sum with atomics); torch's deterministic algorithms (an op
+    without one warns once); Inductor's deterministic mode (it times no configs on the device, and keeps reductions
+    in a fixed order); cuBLAS's fixed workspace, read when its handle is made (at the first matrix product)."""
+    import torch._inductor.config
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if hasattr(torch._inductor.config, "deterministic"):  # torch >= 2.10
+        torch._inductor.config.deterministic = True
 
 
 @functools.cache

@@ -363,3 +363,35 @@ def test_the_fused_dual_bn_takes_only_bns_it_computes_as_torch_would(monkeypatch
     assert len(calls) == 1
     torch.testing.assert_close(y, torch.cat([ref_clean(x[:4]), ref_adv(x[4:])]))
     torch.testing.assert_close(adv.running_mean, ref_adv.running_mean)
+
+
+def test_deterministic_pins_what_could_differ_between_processes(tiny_cfg, monkeypatch):
+    """perf.deterministic (helper-85: on CUDA cuDNN's and Inductor's autotuning let a resumed process pick other
+    kernels than the uninterrupted one): cuDNN deterministic and not timed, torch's deterministic algorithms,
+    Inductor's deterministic mode, cuBLAS's fixed workspace; said in the start-up line; a step runs under it."""
+    import os
+    import warnings
+
+    import torch._inductor.config as inductor
+
+    from engine.config import ConfigError, PerfConfig
+    from engine.train import train_epoch
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # restored as it was after the test
+    monkeypatch.setattr(inductor, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    try:
+        run = build_run(apply_overrides(tiny_cfg, ["perf.deterministic=true", "train.epochs=1"]))
+        assert torch.are_deterministic_algorithms_enabled() and inductor.deterministic
+        assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert run.perf.summary().endswith(" deterministic")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_epoch(run, 1)
+        assert not [w for w in caught if "deterministic" in str(w.message)]  # every op of a step has a repeatable form
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not build_run(tiny_cfg).perf.summary().endswith("deterministic")
+    with pytest.raises(ConfigError, match="perf.cudnn_benchmark"):
+        PerfConfig(deterministic=True, cudnn_benchmark="on")
