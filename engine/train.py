@@ -144,6 +144,10 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     """Set up the process group, data, network, method and optimizer, with every perf switch applied.
     `from_checkpoint`: a checkpoint will replace the starting weights, so ARREST's method.init is not read (the
     file may have moved since the run started; the checkpoint holds the network and the teacher)."""
+    if cfg.method.name == "arrest" and not cfg.method.init and not cfg.method.pretrain_epochs:  # checked before a
+        # resume's init="" below; without either, the teacher would be the untrained network (its cosine 1: no replay)
+        raise ConfigError("ARREST fine-tunes a standard-trained network: give it one (`arat train --init PATH`) or "
+                          "train one first (method.pretrain_epochs > 0, within train.epochs)")  # fmt: skip
     requested_device = cfg.perf.device
     device = perf.resolve_device(cfg.perf.device)
     info = distributed.init(cfg.dist, device.type)

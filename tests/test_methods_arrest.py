@@ -199,6 +199,17 @@ def test_init_needs_the_standard_stage_dropped(tiny_cfg):
         init_overrides(get_recipe("at-resnet18-cifar10"), "x.pt")
 
 
+def test_fine_tuning_with_neither_a_standard_stage_nor_an_init_is_refused(tiny_cfg):
+    """helper-83: method.pretrain_epochs=0 without method.init fine-tuned against the untrained network as teacher
+    (its features' cosine 1: the replay never fired), without a word. A resumed --init run still builds (test
+    above: the resume passes the run its init as "", and the check reads the config first)."""
+    from engine.train import build_run
+
+    cfg = apply_overrides(tiny_cfg, ["method.name=arrest", "model.split_bn=false", "method.pretrain_epochs=0"])
+    with pytest.raises(ConfigError, match="--init PATH"):
+        build_run(cfg)
+
+
 def test_init_from_pyautoattack_standard_resnet18(tiny_cfg):
     pyautoattack = pytest.importorskip("pyautoattack")
     path = os.path.join(os.path.dirname(pyautoattack.__file__), "examples", "model_test.pt")
