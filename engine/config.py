@@ -269,6 +269,14 @@ class TrainConfig:
         _check(self.log_every > 0, "train.log_every must be positive")
         # the loader seeds each epoch with seed * 1_000_003 + epoch, which torch's RNG takes below 2^63
         _check(0 <= self.seed < 2**32, "train.seed must be in [0, 2^32)")
+        swa, method = self.swa, self.method
+        # SWA re-estimates the averaged network's BN statistics on PGD examples (METHOD 4)
+        _check(not swa.enabled or method.name != "std", "swa.enabled: SWA's BN statistics are re-estimated on PGD "
+               "examples, which standard training never sees; set swa.enabled=false")  # fmt: skip
+        mixes_stages = method.name == "arrest" and swa.start_epoch <= method.pretrain_epochs
+        _check(not swa.enabled or not mixes_stages,
+               f"swa.enabled: ARREST's standard stage runs to epoch {method.pretrain_epochs}: averaging from "
+               f"swa.start_epoch={swa.start_epoch} mixes its weights with fine-tuned ones; start later")  # fmt: skip
         _check_finite(self)
 
     def to_dict(self) -> dict[str, Any]:

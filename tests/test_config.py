@@ -100,3 +100,18 @@ def test_a_config_written_with_a_bool_compile_switch_still_loads():
     raw["perf"]["channels_last"] = "yes"
     with pytest.raises(ConfigError, match="perf.channels_last='yes' is not a bool"):
         from_dict(raw)
+
+
+def test_swa_where_its_bn_re_estimation_or_averaging_cannot_fit_the_method_is_refused():
+    """helper-83: SWA re-estimates BN statistics on PGD examples, which standard training never sees, and ARREST's
+    default averaging start (76) lies inside its standard stage (100 epochs): both refused in one line; ARREST
+    averaging within its fine-tuning, and the adversarial baselines, are taken."""
+    from engine.config import ConfigError, apply_overrides
+    from engine.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match="standard training never sees"):
+        apply_overrides(get_recipe("std-resnet18-cifar10"), ["swa.enabled=true"])
+    with pytest.raises(ConfigError, match="runs to epoch 100"):
+        apply_overrides(get_recipe("arrest-resnet18-cifar10"), ["swa.enabled=true"])
+    assert apply_overrides(get_recipe("arrest-resnet18-cifar10"), ["swa.enabled=true", "swa.start_epoch=101"]).swa
+    assert apply_overrides(get_recipe("trades-resnet18-cifar10"), ["swa.enabled=true"]).swa.enabled
