@@ -41,6 +41,8 @@ def init(cfg: DistConfig, device_type: str) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     info = DistInfo(int(os.environ["RANK"]), world_size, local_rank)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if backend == "nccl" and device_type != "cuda":  # before any group: NCCL's error came as a traceback per rank
+        raise UserError("dist.backend=nccl needs CUDA devices: on a CPU use dist.backend=gloo (or auto)")
     if device_type == "cuda":
         info.gpu = gpu_index(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(info.gpu)

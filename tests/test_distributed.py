@@ -122,6 +122,7 @@ def test_collectives_wait_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
 
     from engine import distributed
     from engine.config import ConfigError, DistConfig
+    from engine.errors import UserError
 
     made = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -133,6 +134,10 @@ def test_collectives_wait_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
     assert made == {"backend": "gloo", "timeout": timedelta(minutes=180)}
     distributed.init(DistConfig(timeout_min=30), "cpu")
     assert made["timeout"] == timedelta(minutes=30)
+    made.clear()
+    with pytest.raises(UserError, match="dist.backend=nccl needs CUDA"):  # was NCCL's traceback on every rank
+        distributed.init(DistConfig(backend="nccl"), "cpu")
+    assert not made  # refused before any process group
     with pytest.raises(ConfigError, match="dist.timeout_min"):
         DistConfig(timeout_min=0)
 
