@@ -147,13 +147,14 @@ def cmd_train(args) -> None:
             raise ConfigError("--resume continues a run with its saved config.json: drop --recipe and --init")
         if args.out is not None:
             raise ConfigError(f"--resume continues {args.resume} in place: drop --out")
-        device = [o for o in args.overrides if o.partition("=")[0].strip() == "perf.device"]
-        if len(device) != len(args.overrides):
-            raise ConfigError("--resume continues a run with its saved config.json: of --set it takes only "
-                              "perf.device=... (to continue on another device)")  # fmt: skip
+        # how and where the run goes on (another machine, its switches), never what it trains: kept in config.json
+        how = [o for o in args.overrides if o.partition("=")[0].strip().startswith(("perf.", "dist."))]
+        if len(how) != len(args.overrides):
+            raise ConfigError("--resume continues a run with its saved config.json: of --set it takes only perf.* "
+                              "and dist.* (how and where it runs: perf.device=cpu...), not what it trains")  # fmt: skip
         moved = [f"data.data_dir={args.data_dir}"] if args.data_dir else []  # the data may live elsewhere now
         cfg, out = load_run_config(args.resume), args.resume
-        cfg = apply_overrides(cfg, moved + device) if moved or device else cfg
+        cfg = apply_overrides(cfg, moved + how) if moved or how else cfg
     else:
         if not args.recipe:
             raise ConfigError("train needs --recipe NAME (or --resume RUN_DIR); `arat recipes` lists recipes")
