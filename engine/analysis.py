@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .distributed import DistInfo, mean_over_ranks_of
 
 
 def backbone_weights(networks: list[nn.Module]) -> list[nn.Parameter]:
@@ -40,10 +41,13 @@ def grad_similarity(grads_a: list[torch.Tensor], grads_b: list[torch.Tensor]) ->
 
 
 class GradSim:
-    """Per-step gradient similarity of the `cls` and `inv` loss terms over fixed backbone weights."""
+    """Per-step gradient similarity of the `cls` and `inv` loss terms over fixed backbone weights. Under DDP each
+    term's gradient is averaged over the ranks first: the cosine of the synchronized gradients, as one process over
+    the whole batch measures it (a mean of per-rank cosines reads lower: each rank's gradient is noisier)."""
 
-    def __init__(self, weights: list[nn.Parameter]):
+    def __init__(self, weights: list[nn.Parameter], dist: DistInfo | None = None):
         self.weights = weights
+        self.dist = dist or DistInfo()
 
     def __call__(self, terms: dict[str, torch.Tensor], scale=None) -> dict[str, torch.Tensor]:
         """`scale`: the step's GradScaler.scale: under fp16 the terms' gradients are taken scaled, as the step's own
@@ -52,7 +56,7 @@ class GradSim:
         if "cls" not in terms or "inv" not in terms:  # no invariance term (AT, standard training)
             return {}
         grads = [self._grads(terms[k] if scale is None else scale(terms[k])) for k in ("cls", "inv")]
-        return grad_similarity(*grads)
+        return grad_similarity(*(mean_over_ranks_of(g, self.dist) for g in grads))
 
     def _grads(self, loss: torch.Tensor) -> list[torch.Tensor]:
         # retain_graph: the step's own backward runs on the same graph afterwards
@@ -60,7 +64,9 @@ class GradSim:
         return [torch.zeros_like(w) if g is None else g for w, g in zip(self.weights, grads, strict=True)]
 
 
-def build_grad_sim(cfg: TrainConfig, model: nn.Module, extra: list[nn.Module]) -> GradSim | None:
+def build_grad_sim(
+    cfg: TrainConfig, model: nn.Module, extra: list[nn.Module], dist: DistInfo | None = None
+) -> GradSim | None:
     """The analysis for a run (None unless `analysis.grad_sim`): the model plus the method's other trained
     networks (`Method.backbones`, e.g. LBGAT's clean model). It keeps the compiled backward's buffers (process-wide,
     before the first compile): grad-sim's retain_graph backward is refused by a backward compiled with donated
@@ -72,4 +78,4 @@ def build_grad_sim(cfg: TrainConfig, model: nn.Module, extra: list[nn.Module]) -
     import torch._functorch.config
 
     torch._functorch.config.donated_buffer = False
-    return GradSim(backbone_weights([model, *extra]))
+    return GradSim(backbone_weights([model, *extra]), dist)

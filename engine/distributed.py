@@ -130,13 +130,19 @@ def average_gradients(params, info: DistInfo) -> None:
     if not info.enabled:
         return
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
+    for g, synced in zip(grads, mean_over_ranks_of(grads, info), strict=True):
+        g.copy_(synced)
+
+
+def mean_over_ranks_of(tensors: list[torch.Tensor], info: DistInfo) -> list[torch.Tensor]:
+    """The element-wise means over the ranks of `tensors`, through one flat all-reduce (new tensors; the tensors
+    themselves outside a process group)."""
+    if not info.enabled or not tensors:
+        return tensors
+    flat = torch._utils._flatten_dense_tensors(tensors)
     dist.all_reduce(flat)
     flat.div_(info.world_size)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(synced)
+    return list(torch._utils._unflatten_dense_tensors(flat, tensors))
 
 
 def mean_over_ranks(value: float) -> float:

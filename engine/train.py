@@ -205,7 +205,7 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
         swa,
         train_loader,
         test_split,
-        build_grad_sim(cfg, model, method.backbones()),
+        build_grad_sim(cfg, model, method.backbones(), info),
         requested_device=requested_device,
     )
 

@@ -52,6 +52,40 @@ def test_grad_sim_matches_a_direct_computation():
     assert -1 < cosine < 1 and 0 < conflict < 1
 
 
+def test_under_ddp_grad_sim_is_the_cosine_of_the_gradients_averaged_over_the_ranks(monkeypatch):
+    """helper-83: each rank's cosine of its own gradients, averaged, read lower than the synchronized gradients'
+    (METHOD 5's figure: what one process over the whole batch measures). A stand-in all-reduce adds rank 1's."""
+    import torch.distributed as dist
+
+    from engine.distributed import DistInfo
+
+    torch.manual_seed(0)
+    model = Tiny()
+    weights = backbone_weights([model])
+
+    def terms(x, y):
+        logits = model(x)
+        return {"cls": F.cross_entropy(logits, y), "inv": logits.square().mean()}
+
+    batches = [(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
+    own = [
+        [torch.autograd.grad(t[k], weights, retain_graph=True) for k in ("cls", "inv")]
+        for t in (terms(x, y) for x, y in batches)
+    ]
+    rank1 = {k: torch.cat([g.reshape(-1) for g in own[1][i]]) for i, k in enumerate(("cls", "inv"))}
+    sent = []
+
+    def all_reduce(flat):  # the sum with rank 1's gradient of the same term (cls first, then inv)
+        flat += rank1[("cls", "inv")[len(sent)]]
+        sent.append(flat)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    got = GradSim(weights, DistInfo(rank=0, world_size=2))(terms(*batches[0]))
+    mean = [torch.cat([(a + b).reshape(-1) / 2 for a, b in zip(own[0][i], own[1][i], strict=True)]) for i in (0, 1)]
+    assert len(sent) == 2
+    assert abs(got["grad_sim"].item() - F.cosine_similarity(mean[0], mean[1], dim=0).item()) < 1e-5
+
+
 def test_grad_sim_needs_an_invariance_term_and_leaves_no_gradients():
     model = Tiny()
     loss = model(torch.rand(2, 3, 8, 8)).sum()
