@@ -84,6 +84,8 @@ class AttackConfig:
         _check(0 < self.step_size <= 1, "attack.step_size must be in (0, 1] (images are in [0, 1]: write 2/255, not 2)")
         _check(self.num_steps >= 0, "attack.num_steps must be >= 0")
         _one_of("attack.start", self.start, ("uniform", "gaussian", "none"))
+        _check(not self.official_quirk or self.start == "uniform", "attack.official_quirk starts from the official "
+               "code's x + U(-eps, eps), whatever attack.start says: leave attack.start=uniform")  # fmt: skip
 
 
 @dataclass
@@ -277,6 +279,8 @@ class TrainConfig:
         _check(not swa.enabled or not mixes_stages,
                f"swa.enabled: ARREST's standard stage runs to epoch {method.pretrain_epochs}: averaging from "
                f"swa.start_epoch={swa.start_epoch} mixes its weights with fine-tuned ones; start later")  # fmt: skip
+        _check(not method.init or method.name == "arrest", f"method.init fine-tunes an ARREST run; {method.name} "
+               "starts from fresh weights: drop method.init")  # fmt: skip
         _check_finite(self)
 
     def to_dict(self) -> dict[str, Any]:

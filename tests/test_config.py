@@ -115,3 +115,16 @@ def test_swa_where_its_bn_re_estimation_or_averaging_cannot_fit_the_method_is_re
         apply_overrides(get_recipe("arrest-resnet18-cifar10"), ["swa.enabled=true"])
     assert apply_overrides(get_recipe("arrest-resnet18-cifar10"), ["swa.enabled=true", "swa.start_epoch=101"]).swa
     assert apply_overrides(get_recipe("trades-resnet18-cifar10"), ["swa.enabled=true"]).swa.enabled
+
+
+def test_switches_a_method_would_silently_ignore_are_refused():
+    """helper-83: attack.official_quirk replaced any attack.start with its uniform start, and method.init on another
+    method than ARREST was never read; both are now one line."""
+    from engine.config import ConfigError, apply_overrides
+    from engine.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match="leave attack.start=uniform"):
+        apply_overrides(get_recipe("arat-resnet18-cifar10"), ["attack.official_quirk=true", "attack.start=gaussian"])
+    assert apply_overrides(get_recipe("arat-resnet18-cifar10"), ["attack.official_quirk=true"]).attack.official_quirk
+    with pytest.raises(ConfigError, match="drop method.init"):
+        apply_overrides(get_recipe("at-resnet18-cifar10"), ["method.init=x.pt"])
