@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, EvalConfig, ModelConfig, TrainConfig, apply_overrides, default_data_dir
+from .config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig, apply_overrides, default_data_dir
 from .errors import CompiledEvaluationFailed, UserError
 from .recipes import RECIPES, get_recipe
 
@@ -198,7 +198,7 @@ def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
 def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
     """The network to evaluate (Split-BN from a run/engine checkpoint, or plain from a bare state_dict)."""
     from .config import from_dict
-    from .models import build_model, load_plain, read_weights
+    from .models import CheckpointError, build_model, load_plain, read_weights
 
     ckpt_path, run_cfg = resolve_target(args.target)
     state, saved = read_weights(ckpt_path)
@@ -207,14 +207,33 @@ def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
         model = build_model(cfg.model, cfg.data.num_classes)
         load_plain(model, state, str(ckpt_path))
         return model, cfg
-    if not args.model:
-        raise ConfigError(f"{ckpt_path} is a plain state_dict: say which network with --model resnet18|wrn34-10")
-    cfg = TrainConfig(model=ModelConfig(arch=args.model, width=args.width, split_bn=False))
-    model = build_model(
-        cfg.model, cfg.data.num_classes if not args.dataset else (100 if args.dataset == "cifar100" else 10)
-    )
+    classes = None
+    if args.model:
+        model_cfg = ModelConfig(arch=args.model, width=args.width, split_bn=False)
+    else:  # an exported network (or one named like it): its weights' names and shapes say which
+        from .hub import export_state_dict, infer_config
+
+        try:
+            model_cfg, classes = infer_config(export_state_dict(state))
+        except CheckpointError:
+            raise ConfigError(f"{ckpt_path} is a plain state_dict of a network this engine cannot name from its "
+                              "weights: say which with --model resnet18|wrn34-10 (and --width)") from None  # fmt: skip
+    # the data it was made for: --dataset, else the model_info `arat export` wrote beside it, else its class count
+    dataset = args.dataset or exported_dataset(ckpt_path) or ("cifar100" if classes == 100 else "cifar10")
+    cfg = TrainConfig(model=model_cfg, data=DataConfig(dataset=dataset))
+    model = build_model(cfg.model, classes or cfg.data.num_classes)
     load_plain(model, state, str(ckpt_path))
     return model, cfg
+
+
+def exported_dataset(weights: Path) -> str | None:
+    """The dataset in the model_info JSON `arat export` wrote beside `weights`, if any (cifar10 or cifar100)."""
+    from .hub import info_path
+    from .rundir import read_json_or_none
+
+    info = read_json_or_none(info_path(weights))
+    dataset = info.get("dataset") if isinstance(info, dict) else None
+    return dataset if dataset in ("cifar10", "cifar100") else None
 
 
 def cmd_eval(args) -> None:
@@ -386,7 +405,7 @@ def model_info(target: Path, cfg: TrainConfig | None, plain: dict) -> dict:
     from .rundir import RunDir, read_json_or_none, results_on
 
     arch_cfg, classes = infer_config(plain)
-    dataset = cfg.data.dataset if cfg else "cifar10"
+    dataset = cfg.data.dataset if cfg else "cifar100" if classes == 100 else "cifar10"  # a plain file: its classes
     dataset = RunDir(target).training_record().get("dataset", dataset) if target.is_dir() else dataset
     evaluations = []
     for name in ("results.json", "eval.json") if target.is_dir() else ():  # eval.json (a later `arat eval`) overrides

@@ -85,6 +85,28 @@ def test_train_eval_export_round_trip(capsys, tmp_path):
     assert main(["recipes"]) == 0 and "arat-wrn34-10-cifar10" in capsys.readouterr().out
 
 
+def test_an_exported_network_is_evaluated_without_naming_it(capsys, tmp_path):
+    """helper-84: `arat eval OUT.pt` of an exported network needed --model (and --dataset for CIFAR-100, else a
+    message about --model/--width): its weights name the network (engine.hub.infer_config) and the model_info beside
+    it, or its class count, the dataset."""
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    net = build_model(ModelConfig(arch="resnet18", width=8, split_bn=False), 100)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    no_data = ["--attacks", "clean", "--data-dir", str(tmp_path / "nodata")]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "net.pt"), *no_data]) == 2
+    assert "cifar-100" in one_line_error(capsys).lower()  # the network built (100 classes): the data is what is missing
+    (tmp_path / "net.json").write_text(json.dumps({"dataset": "cifar10"}))  # what its export said wins
+    assert main(["eval", str(tmp_path / "net.pt"), *no_data]) == 2
+    assert "100 outputs" in one_line_error(capsys)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.pt")
+    assert main(["eval", str(tmp_path / "other.pt"), *no_data]) == 2 and "--model" in one_line_error(capsys)
+    assert main(["export", str(tmp_path / "net.pt"), str(tmp_path / "again.pt")]) == 0  # model_info said cifar10
+    assert json.loads((tmp_path / "again.json").read_text())["dataset"] == "cifar100"
+
+
 def test_a_run_on_synthetic_stand_in_data_records_it(capsys, tmp_path):
     """The demo's fallback (real CIFAR-10 absent): results.json, eval.json, model_info and the table say synthetic,
     so the run is never shown as CIFAR-10 beside the paper's numbers."""
