@@ -531,14 +531,15 @@ def check_finite_weights(run: Run, epoch: int) -> None:
 
 def set_aside_earlier_end(run: Run, rundir: RunDir, say) -> None:
     """A finished run trained on (train.epochs raised in its config.json): its earlier end's final network and
-    results (and a later `arat eval`'s eval.json) move to previous-epoch-N/, so that neither `arat eval`, `arat
-    table` nor `arat export` reads them as this run's while it trains on or once it ends (a stop during the new
-    final evaluation found results.json and kept the shorter run's). The chunk records stay: they are keyed by the
-    network's weights."""
+    results (a later `arat eval`'s eval.json, eval/flags.json) move to previous-epoch-N/, so that neither `arat
+    eval`, `arat table` nor `arat export` reads them as this run's while it trains on or once it ends (a stop during
+    the new final evaluation found results.json and kept the shorter run's). The chunk records stay: they are keyed
+    by the network's weights."""
     if not run.dist.is_main:
         return
+    # eval/flags.json too: a later evaluation merges its attacks into it, beside the earlier network's other entries
     files = [rundir.checkpoint(FINAL), rundir.path / "results.json", rundir.path / "eval.json"]
-    present = [f for f in files if f.exists()]
+    present = [f for f in [*files, rundir.path / "eval" / "flags.json"] if f.exists()]
     if not present:
         return
     end = rundir.path / f"previous-epoch-{run.epoch}"

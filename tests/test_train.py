@@ -381,7 +381,8 @@ def test_training_on_past_a_finished_end_sets_its_results_aside(tiny_cfg, tmp_pa
     (run / "config.json").write_text(json.dumps(saved | {"epochs": 2}))
     run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
     aside = run / "previous-epoch-1"
-    assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "final.pt", "results.json"]
+    assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "final.pt", "flags.json", "results.json"]
+    assert not (run / "eval" / "flags.json").exists()  # the earlier network's flags (helper-84: merged into)
     assert json.loads((aside / "results.json").read_text()) == first
     assert not (run / "results.json").exists() and not (run / "eval.json").exists()
     assert "moved to" in capsys.readouterr().out
