@@ -123,6 +123,28 @@ def test_chunk_seeds_differ_per_chunk_and_attack():
     assert chunk_seed(0, "aa", 5) == chunk_seed(0, "aa", 5) != chunk_seed(1, "aa", 5)
 
 
+def test_pgd_20_draws_each_chunk_s_random_start_from_its_seed(monkeypatch):
+    """helper-85: the tests record the seed each chunk's PGD-20 is handed, and the linear model's flags ignore the
+    random start, so PGD-20 not seeding from it would pass them: the generator's state as the attack starts is the
+    seed's."""
+    import engine.evaluate as ev
+
+    states = []
+
+    def pgd(attacker, x, y, cfg, **kwargs):
+        states.append(torch.get_rng_state())
+        return x
+
+    monkeypatch.setattr(ev, "pgd", pgd)
+    net = SparseLinear()
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for seed in (chunk_seed(3, "pgd20", 0), chunk_seed(3, "pgd20", 1)):
+        torch.manual_seed(12345)  # whatever ran before
+        ev._pgd_flags(net, net, x, y, 4, seed)
+        expected = torch.Generator().manual_seed(seed).get_state()
+        assert torch.equal(states[-1], expected)
+
+
 def record_seeds(set_attr=setattr) -> dict[str, list[int]]:
     """The seeds the attacks are handed, per attack, in call order (the linear test model's flags do not depend on
     its random starts, so its flags alone cannot show that each chunk is seeded by its index). `set_attr`:
