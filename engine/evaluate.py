@@ -238,15 +238,16 @@ def attack_spec(
     convolutions may run in TF32 (torch's default for cuDNN, which AutoAttack and RobustBench evaluations keep).
     The network's memory format picks other convolution kernels, whose last bits may differ, as does torch.compile
     (`compiled`: Inductor's fused code); cuDNN picks its algorithms by heuristic, deterministic ones only
-    (`repeatable_cudnn`). `hardware` (`hardware_id`): kernels differ in their last bits between GPU models,
+    (`repeatable_kernels`). `hardware` (`hardware_id`): kernels differ in their last bits between GPU models,
     cuDNN/CUDA versions, CPU instruction sets and torch versions, so chunks are reused only where they ran.
     `gemm_convs`: the convolutions a CPU run computes as matrix products (perf.gemm_conv: the evaluation ending a
     training run inherits them, `arat eval` does not), whose last bits differ from oneDNN's."""
     spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
             "batch_size": batch_size, "dtype": "fp32", "tf32_convolutions": tf32,
             "memory_format": "channels_last" if channels_last else "contiguous", "compiled": compiled,
-            "cudnn_algorithms": "heuristic, deterministic", "seeds": "sha256(seed:attack:chunk) per chunk",
-            "data": data_hash, "hardware": hardware, "gemm_convolutions": gemm_convs or []}  # fmt: skip
+            "cudnn_algorithms": "heuristic, deterministic", "inductor": "deterministic",
+            "seeds": "sha256(seed:attack:chunk) per chunk", "data": data_hash, "hardware": hardware,
+            "gemm_convolutions": gemm_convs or []}  # fmt: skip
     if name == "pgd20":
         spec |= {"steps": PGD20.num_steps, "step_size": "2/255", "eps": "8/255", "start": PGD20.start}
     if name == "aa":
@@ -265,16 +266,21 @@ def hardware_id(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def repeatable_cudnn() -> Iterator[None]:
+def repeatable_kernels() -> Iterator[None]:
     """cuDNN's algorithms chosen by its heuristic, not by timing them (training's cudnn.benchmark would let each
     process time its own and pick differently for one shape, and it times again for every new batch size of
-    AutoAttack's shrinking subsets), and deterministic ones only: an image's flags must not depend on the process
-    or the run that attacked it. The previous settings come back afterwards."""
+    AutoAttack's shrinking subsets), and deterministic ones only; Inductor in its deterministic mode while the
+    evaluation's roles compile and first run (it would time candidate reduction configs in each process): an
+    image's flags must not depend on the process or the run that attacked it. The previous settings come back."""
+    import torch._inductor.config as inductor
+
     cudnn = torch.backends.cudnn
     saved = cudnn.benchmark, cudnn.deterministic
     cudnn.benchmark, cudnn.deterministic = False, True
+    pinned = inductor.patch(deterministic=True) if hasattr(inductor, "deterministic") else contextlib.nullcontext()
     try:
-        yield
+        with pinned:
+            yield
     finally:
         cudnn.benchmark, cudnn.deterministic = saved
 
@@ -358,7 +364,7 @@ def _evaluate(
     hardware = hardware_id(device)
     results, data_hashes = {}, {}
     graphs = attack_graphs(perf_cfg, device, reuse=active_graphs())  # PGD-20 captured on CUDA, in training's pool
-    with mode(model, train=False), graphs_in_use(graphs), repeatable_cudnn():
+    with mode(model, train=False), graphs_in_use(graphs), repeatable_kernels():
         for name in cfg.attacks:
             n = num_images(name, cfg, len(y_all))
             if n not in data_hashes:  # clean and PGD-20 run on the same images: hashed (on the host) once

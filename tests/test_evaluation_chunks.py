@@ -529,19 +529,24 @@ def test_cudnn_picks_repeatable_algorithms_while_evaluating(monkeypatch):
     """Training turns cudnn.benchmark on (CUDA): each process would time its own algorithms for a shape, and an
     image's flags would depend on the rank that attacked it. The evaluation runs with cuDNN's heuristic choice,
     deterministic algorithms only, records it, and gives training its settings back."""
+    import torch._inductor.config as inductor
+
     from engine import evaluate as ev
 
     seen = []
     clean_flags = ev._clean_flags
     monkeypatch.setattr(ev, "_clean_flags", lambda *a: seen.append(
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)) or clean_flags(*a))  # fmt: skip
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, inductor.deterministic))
+        or clean_flags(*a))  # fmt: skip
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     cfg = EvalConfig(attacks=("clean",), num_examples=32, batch_size=16, chunk_size=16)
     results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3)
-    assert seen == [(False, True)] * 2
+    assert seen == [(False, True, True)] * 2  # Inductor too (helper-85: it times reduction configs per process)
     assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+    assert not inductor.deterministic
     assert results["clean"]["config"]["cudnn_algorithms"] == "heuristic, deterministic"
+    assert results["clean"]["config"]["inductor"] == "deterministic"
 
 
 def test_the_network_is_evaluated_in_the_training_layout(tmp_path):

@@ -335,9 +335,9 @@ def as_in_evaluation(model: torch.nn.Module):
     """What engine.autoattack.attack_chunk runs AutoAttack's attacks under: no grad outside their own enable_grad
     (run_standard_evaluation's), frozen weights (no weight gradient computed or kept) and repeatable cuDNN."""
     from engine.attacks.pgd import frozen
-    from engine.evaluate import repeatable_cudnn
+    from engine.evaluate import repeatable_kernels
 
-    with torch.no_grad(), frozen(model), repeatable_cudnn():
+    with torch.no_grad(), frozen(model), repeatable_kernels():
         yield
 
 
