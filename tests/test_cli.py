@@ -48,7 +48,9 @@ def test_corrupt_and_mismatched_checkpoints(capsys, tmp_path):
     torch.save(build_model(ModelConfig(width=8, split_bn=False), 10).state_dict(), wrong)
     code, _, err = run_cli(capsys, "eval", str(wrong), "--model", "wrn34-10")
     assert code == 2 and "does not fit" in err
-    code, _, err = run_cli(capsys, "eval", str(wrong))
+    unnamed = tmp_path / "unnamed.pt"  # an engine network names itself (an export); other weights need --model
+    torch.save({"features.0.weight": torch.zeros(1)}, unnamed)
+    code, _, err = run_cli(capsys, "eval", str(unnamed))
     assert code == 2 and "--model" in err
 
 

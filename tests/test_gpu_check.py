@@ -816,3 +816,24 @@ def test_a_stage_s_cap_can_be_raised_for_one_run(tmp_path):
     subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
     status = json.loads((tmp_path / "work" / "env.status").read_text())
     assert status["status"] == "ok" and status["cap_s"] == 27
+
+
+def test_every_method_case_builds_and_arrest_fine_tunes_from_an_init(tmp_path):
+    """helper-86: ARREST now refuses to fine-tune without a standard stage or an init, and the methods stage's case
+    had neither: it failed, the GPU check losing its only ARREST figure. Every case's config builds (smoke shapes),
+    and ARREST's step runs from a fresh network saved outside the check's output folder."""
+    sys.path.insert(0, str(REPO / "bench"))  # gpucheck.common imports bench/train_step.py
+    from gpucheck.common import recipe_config
+    from gpucheck.methods import CASES, EAGER, run_case
+    from gpucheck.record import StageRecord
+
+    from engine.train import build_run
+
+    for name, recipe, overrides in CASES:
+        if not name.startswith("arrest"):
+            build_run(recipe_config(recipe, 8, True, [*EAGER, *overrides]))
+    record = StageRecord("methods", tmp_path / "methods.json", 60, smoke=True)
+    name, recipe, overrides = next(c for c in CASES if c[0] == "arrest")
+    row = run_case(record, name, recipe, overrides)
+    assert row["ok"] and row["finite_loss"], row
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["methods.json"]  # no init file among the outputs

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import gc
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 from cost_model import derived, epoch_images  # bench/ is on sys.path (scripts/gpu_check.py)
 
 from engine.attacks.pgd import frozen, input_gradient, mode
+from engine.config import apply_overrides
+from engine.models import build_model
 from engine.train import build_run, train_step
 
 from .common import (
@@ -45,7 +49,7 @@ CASES = [  # (name, recipe, overrides)
     ("arat official_quirk", ARAT, ["attack.official_quirk=true"]),
     ("ablation-v0", "ablation-v0-resnet18-cifar10", []),
     *[(m, f"{m}-resnet18-cifar10", []) for m in ("at", "trades", "mart", "lbgat", "std")],
-    ("arrest", "arrest-resnet18-cifar10", ["method.pretrain_epochs=0", "train.epochs=20"]),
+    ("arrest", "arrest-resnet18-cifar10", ["method.pretrain_epochs=0", "train.epochs=20"]),  # + an init: run_case
 ]
 WARMUP, STEPS, SMOKE_WARMUP, SMOKE_STEPS = 1, 3, 0, 1
 CASE_SECONDS, WRN_SECONDS = 2.0, 6.0
@@ -75,7 +79,12 @@ def warmup_steps(run) -> int:
 
 def run_case(record: StageRecord, name: str, recipe: str, overrides: list[str]) -> dict[str, Any]:
     arch = "wrn34-10" if "wrn34-10" in recipe else "resnet18"
-    run = build_run(recipe_config(recipe, 128, record.smoke, [*EAGER, *overrides], arch=arch))
+    cfg = recipe_config(recipe, 128, record.smoke, [*EAGER, *overrides], arch=arch)
+    if cfg.method.name != "arrest":
+        run = build_run(cfg)
+    else:  # its fine-tuning step, timed on a fresh network's weights as the standard-trained one
+        with tempfile.TemporaryDirectory() as folder:  # not the check's output folder: its files come back
+            run = build_run(apply_overrides(cfg, [f"method.init={fresh_init(Path(folder), cfg)}"]))
     x, y = first_batch(run)
     dev = run.perf.device
     reset_peak(dev)
@@ -93,6 +102,15 @@ def run_case(record: StageRecord, name: str, recipe: str, overrides: list[str]) 
         row["zero_grad_fraction"] = zero_gradient_fractions(run, x, y)
         record.figure("zero_grad_fraction", row["zero_grad_fraction"])
     return record.row(row)
+
+
+def fresh_init(folder: Path, cfg) -> Path:
+    """A freshly built plain network of `cfg`'s shape, saved in `folder` for ARREST's method.init: ARREST refuses to
+    fine-tune without a standard-trained network, and a step's cost does not depend on what the teacher learned."""
+    path = folder / "arrest_init.pt"
+    net = build_model(cfg.model, cfg.data.num_classes, split_bn=False)
+    torch.save(net.state_dict(), path)
+    return path
 
 
 def captured(run) -> dict[str, Any]:
