@@ -135,9 +135,15 @@ def restore_optimizer_kind(optimizer: torch.optim.Optimizer, device: torch.devic
     """The fused/foreach choice of this device, after a checkpoint's param groups replaced it: a CPU checkpoint
     resumed on CUDA (`--set perf.device=cuda`) brought foreach SGD back, which under fp16's GradScaler (its fused
     path hands the optimizer grad_scale and found_inf) fails its first step; on bf16 it silently lost the fused
-    kernel."""
+    kernel. And each momentum buffer in its parameter's memory format: a run resumed with another
+    perf.channels_last kept the checkpoint's strides, which CUDA's fused SGD refuses (parameters, gradients and
+    buffers must share them)."""
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = device.type == "cuda", device.type != "cuda"
+    for param, state in optimizer.state.items():
+        buffer = state.get("momentum_buffer")
+        if buffer is not None and buffer.stride() != param.stride():
+            state["momentum_buffer"] = torch.empty_like(param).copy_(buffer)
 
 
 def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:

@@ -459,6 +459,29 @@ def test_a_checkpoint_from_another_device_leaves_this_device_s_optimizer_kind(ti
     assert all(g["fused"] is False and g["foreach"] is True for g in run.optimizer.param_groups)
 
 
+def test_a_resume_in_the_other_memory_format_lays_the_momentum_out_as_the_parameters(tiny_cfg):
+    """--resume takes perf.* now (helper-86): a run checkpointed channels-last and resumed contiguous (or back) kept
+    the checkpoint's momentum strides, which CUDA's fused SGD refuses at its first step (a CPU's foreach SGD only
+    slows down)."""
+    from engine.config import apply_overrides
+    from engine.train import build_run, train_step
+
+    cfg = apply_overrides(tiny_cfg, ["data.synthetic_size=64", "perf.dtype=fp32", "perf.channels_last=true"])
+    run = build_run(cfg)
+    x, y = next(iter(run.train_loader))
+    train_step(run, x, y)  # momentum buffers exist
+    state = run.state_dict()
+    assert any(
+        b.dim() == 4 and not b.is_contiguous()
+        for b in (s["momentum_buffer"] for s in state["optimizer"]["state"].values())
+    )
+    other = build_run(apply_overrides(cfg, ["perf.channels_last=false"]))
+    other.load_state_dict(state)
+    for param, saved in other.optimizer.state.items():
+        assert saved["momentum_buffer"].stride() == param.stride()
+    train_step(other, x, y)
+
+
 def test_an_arat_epoch_row_gives_its_tflop_per_s_by_the_benchs_cost_model(tiny_cfg):
     """METHOD 9's cost model in every AR-AT run's metrics: img/s x (2 x attack steps + 6) x F, F counted as
     bench/train_step.py counts it (the same figure its rows give); another method's rows have none (the cost model
