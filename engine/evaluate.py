@@ -245,7 +245,8 @@ def attack_spec(
     spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
             "batch_size": batch_size, "dtype": "fp32", "tf32_convolutions": tf32,
             "memory_format": "channels_last" if channels_last else "contiguous", "compiled": compiled,
-            "cudnn_algorithms": "heuristic, deterministic", "inductor": "deterministic",
+            "cudnn_algorithms": "heuristic, deterministic", "inductor": inductor_mode(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),  # perf.deterministic's
             "seeds": "sha256(seed:attack:chunk) per chunk", "data": data_hash, "hardware": hardware,
             "gemm_convolutions": gemm_convs or []}  # fmt: skip
     if name == "pgd20":
@@ -253,6 +254,13 @@ def attack_spec(
     if name == "aa":
         spec |= {"protocol": autoattack.PROTOCOLS[cfg.aa_version].describe()}
     return spec
+
+
+def inductor_mode() -> str:
+    """Whether Inductor compiles in its deterministic mode now (inside `repeatable_kernels`, where torch has it)."""
+    import torch._inductor.config as inductor
+
+    return "deterministic" if getattr(inductor, "deterministic", False) else "default"
 
 
 def hardware_id(device: torch.device) -> str:

@@ -110,20 +110,23 @@ class Perf:
     step_kernel: Callable | None = None  # the PGD step this run installed (None: plain torch)
     attack_graphs: AttackGraphs | None = None  # the captured attacks (None: attacks run eagerly)
     gemm_convs: str = "off"  # perf.gemm_conv as resolved: "off" or which convolutions run as matrix products
+    deterministic: bool = False  # perf.deterministic
 
     @property
     def cuda_graphs(self) -> bool:
         return self.attack_graphs is not None
 
     def activate(self) -> None:
-        """Install this run's PGD step, attack graphs and cuDNN autotuning again (each is process-wide: for
-        benchmarks that alternate runs)."""
+        """Install this run's PGD step, attack graphs, cuDNN autotuning and deterministic algorithms again (each is
+        process-wide: for benchmarks that alternate runs)."""
         from .attacks import set_step_kernel
 
         set_step_kernel(self.step_kernel)
         set_attack_graphs(self.attack_graphs)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        if self.deterministic or torch.are_deterministic_algorithms_enabled():  # a deterministic run's, or another's
+            set_deterministic(self.deterministic)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -144,7 +147,7 @@ class Perf:
             f"device={self.device} dtype={DTYPE_NAMES[self.dtype]} ({self.dtype_reason}) "
             f"channels_last={self.channels_last} compile={self.compiled} kernels={self.kernels} "
             f"cuda_graphs={self.cuda_graphs} gemm_conv={self.gemm_convs} {hardware}"
-            + (" deterministic" if torch.are_deterministic_algorithms_enabled() else "")
+            + (" deterministic" if self.deterministic else "")
         )
 
 
@@ -347,25 +350,28 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = benchmark  # process-wide: one run per process
     if cfg.deterministic:
-        make_deterministic()
+        set_deterministic(True)
     graphs = attack_graphs(cfg, device)
     set_attack_graphs(graphs)
-    return train, attack, Perf(device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel, graphs, gemm)
+    switches = (device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel, graphs, gemm)
+    return train, attack, Perf(*switches, cfg.deterministic)
 
 
-def make_deterministic() -> None:
-    """perf.deterministic, process-wide (one run per process): what would let two processes compute a step in other
-    kernels, or other summation orders, is pinned. cuDNN's deterministic algorithms, not timed (autotuning times
-    each process's own: some weight-gradient algorithms sum with atomics); torch's deterministic algorithms (an op
-    without one warns once); Inductor's deterministic mode (it times no configs on the device, and keeps reductions
-    in a fixed order); cuBLAS's fixed workspace, read when its handle is made (at the first matrix product)."""
+def set_deterministic(on: bool) -> None:
+    """perf.deterministic, process-wide (a run's `Perf.activate` sets it again): what would let two processes compute
+    a step in other kernels, or other summation orders, is pinned. cuDNN's deterministic algorithms, not timed
+    (autotuning times each process's own: some weight-gradient algorithms sum with atomics); torch's deterministic
+    algorithms (an op without one warns once); Inductor's deterministic mode (it times no configs on the device, and
+    keeps reductions in a fixed order); cuBLAS's fixed workspace, read when its handle is made (at the first matrix
+    product: it stays once made). Off undoes the first three."""
     import torch._inductor.config
 
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.use_deterministic_algorithms(on, warn_only=True)
     if hasattr(torch._inductor.config, "deterministic"):  # torch >= 2.10
-        torch._inductor.config.deterministic = True
+        torch._inductor.config.deterministic = on
 
 
 @functools.cache

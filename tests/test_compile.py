@@ -79,14 +79,16 @@ def dynamo_fresh():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_no_recompile_or_graph_break_after_warmup(family, dynamo_fresh, monkeypatch):
+def test_no_recompile_or_graph_break_after_warmup(family, dynamo_fresh):
     recipe, extra = FAMILIES[family]
     cfg = apply_overrides(get_recipe(recipe), SHAPE + extra + ["perf.compile=on"])
     warm = {}
 
     def after_warmup():
         warm["graphs"] = counters["stats"]["unique_graphs"]
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile now fails the test
+        # a recompile now fails the test (dynamo_fresh turns it off again: monkeypatch's undo deletes a key of
+        # torch's config modules, which then raise on every read)
+        torch._dynamo.config.error_on_recompile = True
 
     row, results = train_and_evaluate(cfg, after_warmup)
     assert warm["graphs"] > 0, "nothing was compiled"
@@ -141,16 +143,16 @@ def test_each_epoch_row_counts_the_graphs_it_built(dynamo_fresh):
     assert "compile" not in train_epoch(eager, 1)
 
 
-def test_a_function_dynamo_gives_up_on_is_counted_and_named(dynamo_fresh, monkeypatch):
+def test_a_function_dynamo_gives_up_on_is_counted_and_named(dynamo_fresh):
     """Past its recompile limit dynamo runs a function eagerly from then on, building no graph and breaking none:
     graphs and breaks alone would read "no recompile" for an epoch that ran uncompiled."""
     from engine.perf import dynamo_counts
     from engine.train import epoch_line
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     double = torch.compile(lambda x: x * 2, dynamic=False, backend="eager")
-    for n in range(4):
-        double(torch.ones(n + 1))  # a new shape each call: two graphs, then the limit
+    with torch._dynamo.config.patch(recompile_limit=2):  # not monkeypatch: its undo deletes the config's key
+        for n in range(4):
+            double(torch.ones(n + 1))  # a new shape each call: two graphs, then the limit
     assert dynamo_counts() == {"graphs": 2, "graph_breaks": 0, "eager_frames": 1}
     given_up = {"graphs": 0, "graph_breaks": 0, "eager_frames": 1}
     row = {"epoch": 2, "images_per_s": 9.0, "epoch_seconds": 1.0, "compile": given_up}

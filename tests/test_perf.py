@@ -379,9 +379,11 @@ def test_deterministic_pins_what_could_differ_between_processes(tiny_cfg, monkey
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # restored as it was after the test
-    monkeypatch.setattr(inductor, "deterministic", False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
-    try:
+    # Inductor's config through its own patch: monkeypatch's undo deleted the key (later reads raised)
+    with contextlib.ExitStack() as undo:
+        undo.enter_context(inductor.patch(deterministic=False))
+        undo.callback(torch.use_deterministic_algorithms, False)
         run = build_run(apply_overrides(tiny_cfg, ["perf.deterministic=true", "train.epochs=1"]))
         assert torch.are_deterministic_algorithms_enabled() and inductor.deterministic
         assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
@@ -390,8 +392,13 @@ def test_deterministic_pins_what_could_differ_between_processes(tiny_cfg, monkey
             warnings.simplefilter("always")
             train_epoch(run, 1)
         assert not [w for w in caught if "deterministic" in str(w.message)]  # every op of a step has a repeatable form
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert not build_run(tiny_cfg).perf.summary().endswith("deterministic")
+        plain = build_run(tiny_cfg)  # a benchmark alternating runs: each run's activate() sets its own (helper-86)
+        assert torch.are_deterministic_algorithms_enabled()  # leaked, until activated
+        plain.perf.activate()
+        assert not torch.are_deterministic_algorithms_enabled() and not inductor.deterministic
+        run.perf.activate()
+        assert torch.are_deterministic_algorithms_enabled() and inductor.deterministic
+    assert not torch.are_deterministic_algorithms_enabled() and inductor.deterministic is False
+    assert not plain.perf.summary().endswith("deterministic")
     with pytest.raises(ConfigError, match="perf.cudnn_benchmark"):
         PerfConfig(deterministic=True, cudnn_benchmark="on")
