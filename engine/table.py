@@ -106,6 +106,7 @@ class RunResult:
     num_examples: dict[str, int]
     grad_sim: float | None
     settings: dict = field(default_factory=dict)  # the training settings, flattened (dotted keys), seed left out
+    unfinished: str | None = None  # "after epoch N of M": no final.pt, the figures are its latest checkpoint's
     notes: list[str] = field(default_factory=list)  # said under the table: what was left out of its row, or is unsure
 
 
@@ -239,8 +240,7 @@ def read_run(path: Path) -> RunResult:
         num_examples = {k: v["num_examples"] for k, v in results.items()}
         model = model_name(cfg["model"])
         label = run_label(recipe, cfg)
-        if stage := RunDir(path).unfinished(cfg.get("epochs")):  # its figures are its latest checkpoint's: a row apart
-            label = f"{label} (unfinished: {stage})"
+        unfinished = RunDir(path).unfinished(cfg.get("epochs"))  # its figures are its latest checkpoint's
         world_size = record.get("world_size", 1)
     except (KeyError, TypeError, AttributeError) as e:
         names = ", ".join(f.name for f in files)
@@ -277,6 +277,7 @@ def read_run(path: Path) -> RunResult:
         # AutoAttack's protocol splits rows: legacy-10 reads robustness higher, never averaged with standard seeds
         settings=training_settings(cfg, dataset, world_size) | aa_version | counts,
         notes=notes,
+        unfinished=unfinished,
     )
 
 
@@ -333,7 +334,7 @@ def _agree(a: dict, b: dict) -> bool:
 
 
 def _kind(r: RunResult) -> tuple:
-    return r.dataset, r.model, r.label
+    return r.dataset, r.model, r.label, r.unfinished  # an unfinished run's figures: a row apart
 
 
 def group(runs: list[RunResult]) -> list[Row]:
@@ -354,14 +355,18 @@ def group(runs: list[RunResult]) -> list[Row]:
         shown = differ + (["aa_version"] if settings.get("aa_version", "standard") != "standard" else [])
         # legacy-10 reads robustness higher: its rows say so even where no sibling differs
         named = ", ".join(f"{k}={_show(k, settings[k]) if k in settings else '?'}" for k in dict.fromkeys(shown))
-        label = g[0].label
+        label = g[0].label if not g[0].unfinished else f"{g[0].label} (unfinished: {g[0].unfinished})"
         if named:  # "AR-AT (split_bn=...; epochs=4)", not two brackets
             label = f"{label[:-1]}; {named})" if label.endswith(")") else f"{label} ({named})"
         values = tuple(_sortable(settings.get(k)) for k in differ)
         rows.append(Row(label, g[0].arch, g[0].model, g[0].dataset, g, method=g[0].label, order=values))
     order = list(METHOD_LABELS.values())
     rank = {label: i for i, label in enumerate(order)}
-    return sorted(rows, key=lambda r: (r.dataset, r.model, rank.get(r.method, len(order)), r.method, r.order))
+
+    def place(r: Row) -> tuple:  # the seed's method order; an unfinished run after its method's finished rows
+        return r.dataset, r.model, rank.get(r.method, len(order)), r.method, r.runs[0].unfinished is not None, r.order
+
+    return sorted(rows, key=place)
 
 
 COLUMNS = [("clean", "clean"), ("aa", "AA"), ("sum", "sum"), ("pgd20", "PGD-20"), ("grad_sim", "grad-sim")]

@@ -326,3 +326,20 @@ def test_autoattack_versions_split_rows_and_a_smaller_rerun_of_the_same_network_
     pick = lambda later: results_on("cifar10", [("results.json", {"results": full}), ("eval.json", {"results": later})])  # noqa: E731
     assert pick(quick)[0]["clean"]["accuracy"] == 0.8
     assert pick(other)[0]["clean"]["accuracy"] == 0.6 and pick(more)[0]["clean"]["accuracy"] == 0.81
+
+
+def test_an_unfinished_run_keeps_its_method_s_place_and_paper_numbers(tmp_path):
+    """An unfinished run (latest.pt, no final.pt) has a row of its own, labelled, but still its method's: its place
+    among the methods and the seed's published figures (helper-86: the label had become the row's method)."""
+    root = tmp_path / "runs"
+    write_run(root, "arat", "arat-resnet18-cifar10", 0.875, 0.49)
+    write_run(root, "at-done", "at-resnet18-cifar10", 0.80, 0.40)
+    killed = write_run(root, "at-killed", "at-resnet18-cifar10", 0.70, 0.30, cfg={"seed": 1, "epochs": 100})
+    (killed / "checkpoints").mkdir()
+    (killed / "checkpoints" / "latest.pt").write_bytes(b"")
+    (killed / "metrics.jsonl").write_text('{"epoch": 50}\n')
+    md = render(table([str(root)]))
+    methods = [line.split("|")[2].strip() for line in md.splitlines() if line.startswith("| ResNet-18 |")]
+    assert methods == ["AT", "AT (unfinished: after epoch 50 of 100)", "AR-AT"], methods
+    assert row_of(md, "ResNet-18", "AT (unfinished: after epoch 50 of 100)")[2:4] == ["70.00", "30.00"]
+    assert row_of(md, "ResNet-18", "AT (unfinished: after epoch 50 of 100)")[-1] == "83.77 / 42.42"
