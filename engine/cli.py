@@ -271,8 +271,9 @@ def cmd_eval(args) -> None:
     if args.data_dir:
         data_cfg.data_dir = args.data_dir
     if data_cfg.num_classes != (classes := output_classes(model)):
-        raise ConfigError(f"--dataset {args.dataset}: {data_cfg.num_classes} classes, but the network has "
-                          f"{classes} outputs; evaluate it on the data it was trained for")  # fmt: skip
+        told = f"--dataset {args.dataset}" if args.dataset else f"{data_cfg.dataset} (the run's or its model_info's)"
+        raise ConfigError(f"{told}: {data_cfg.num_classes} classes, but the network has {classes} outputs; "
+                          "evaluate it on the data it was trained for (--dataset)")  # fmt: skip
     record = Path(args.out) if args.out else target / "eval" if target.is_dir() else target.with_suffix(".eval")
     split = load_test_split(data_cfg, cfg.seed)
     info = distributed.init(DistConfig(), device.type)  # under torchrun: the chunks are shared among the ranks
