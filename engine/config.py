@@ -84,8 +84,6 @@ class AttackConfig:
         _check(0 < self.step_size <= 1, "attack.step_size must be in (0, 1] (images are in [0, 1]: write 2/255, not 2)")
         _check(self.num_steps >= 0, "attack.num_steps must be >= 0")
         _one_of("attack.start", self.start, ("uniform", "gaussian", "none"))
-        _check(not self.official_quirk or self.start == "uniform", "attack.official_quirk starts from the official "
-               "code's x + U(-eps, eps), whatever attack.start says: leave attack.start=uniform")  # fmt: skip
 
 
 @dataclass
@@ -271,16 +269,6 @@ class TrainConfig:
         _check(self.log_every > 0, "train.log_every must be positive")
         # the loader seeds each epoch with seed * 1_000_003 + epoch, which torch's RNG takes below 2^63
         _check(0 <= self.seed < 2**32, "train.seed must be in [0, 2^32)")
-        swa, method = self.swa, self.method
-        # SWA re-estimates the averaged network's BN statistics on PGD examples (METHOD 4)
-        _check(not swa.enabled or method.name != "std", "swa.enabled: SWA's BN statistics are re-estimated on PGD "
-               "examples, which standard training never sees; set swa.enabled=false")  # fmt: skip
-        mixes_stages = method.name == "arrest" and swa.start_epoch <= method.pretrain_epochs
-        _check(not swa.enabled or not mixes_stages,
-               f"swa.enabled: ARREST's standard stage runs to epoch {method.pretrain_epochs}: averaging from "
-               f"swa.start_epoch={swa.start_epoch} mixes its weights with fine-tuned ones; start later")  # fmt: skip
-        _check(not method.init or method.name == "arrest", f"method.init fine-tunes an ARREST run; {method.name} "
-               "starts from fresh weights: drop method.init")  # fmt: skip
         _check_finite(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -288,6 +276,25 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def check_trainable(cfg: TrainConfig) -> None:
+    """What a run must not train with, beyond each section's own checks: switches one method would ignore or misuse.
+    Checked when a run is built (not when a config is read: an older run's evaluation or export still loads)."""
+    swa, method = cfg.swa, cfg.method
+    # SWA re-estimates the averaged network's BN statistics on PGD examples (METHOD 4)
+    _check(not swa.enabled or method.name != "std", "swa.enabled: SWA's BN statistics are re-estimated on PGD "
+           "examples, which standard training never sees; set swa.enabled=false")  # fmt: skip
+    mixes_stages = method.name == "arrest" and swa.start_epoch <= method.pretrain_epochs
+    _check(not swa.enabled or not mixes_stages,
+           f"swa.enabled: ARREST's standard stage runs to epoch {method.pretrain_epochs}: averaging from "
+           f"swa.start_epoch={swa.start_epoch} mixes its weights with fine-tuned ones; start later")  # fmt: skip
+    _check(not method.init or method.name == "arrest", f"method.init fine-tunes an ARREST run; {method.name} "
+           "starts from fresh weights: drop method.init")  # fmt: skip
+    # without either, ARREST's teacher would be the untrained network (its cosine 1: the replay never fires)
+    _check(method.name != "arrest" or bool(method.init) or method.pretrain_epochs > 0,
+           "ARREST fine-tunes a standard-trained network: give it one (`arat train --init PATH`) or train one "
+           "first (method.pretrain_epochs > 0, within train.epochs)")  # fmt: skip
 
 
 def _check_finite(cfg: TrainConfig) -> None:

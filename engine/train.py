@@ -15,7 +15,7 @@ from torch import nn
 
 from . import distributed, perf
 from .analysis import GradSim, build_grad_sim
-from .config import ConfigError, TrainConfig, from_dict
+from .config import ConfigError, TrainConfig, check_trainable, from_dict
 from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, resolve_dataset
 from .errors import UserError
 from .evaluate import evaluate, format_results, summary, write_flags
@@ -150,10 +150,7 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     """Set up the process group, data, network, method and optimizer, with every perf switch applied.
     `from_checkpoint`: a checkpoint will replace the starting weights, so ARREST's method.init is not read (the
     file may have moved since the run started; the checkpoint holds the network and the teacher)."""
-    if cfg.method.name == "arrest" and not cfg.method.init and not cfg.method.pretrain_epochs:  # checked before a
-        # resume's init="" below; without either, the teacher would be the untrained network (its cosine 1: no replay)
-        raise ConfigError("ARREST fine-tunes a standard-trained network: give it one (`arat train --init PATH`) or "
-                          "train one first (method.pretrain_epochs > 0, within train.epochs)")  # fmt: skip
+    check_trainable(cfg)  # before a resume's init="" below
     requested_device = cfg.perf.device
     device = perf.resolve_device(cfg.perf.device)
     info = distributed.init(cfg.dist, device.type)

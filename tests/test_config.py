@@ -106,25 +106,34 @@ def test_swa_where_its_bn_re_estimation_or_averaging_cannot_fit_the_method_is_re
     """helper-83: SWA re-estimates BN statistics on PGD examples, which standard training never sees, and ARREST's
     default averaging start (76) lies inside its standard stage (100 epochs): both refused in one line; ARREST
     averaging within its fine-tuning, and the adversarial baselines, are taken."""
-    from engine.config import ConfigError, apply_overrides
+    from engine.config import ConfigError, apply_overrides, check_trainable
     from engine.recipes import get_recipe
 
+    def trainable(recipe, overrides):
+        cfg = apply_overrides(get_recipe(recipe), overrides)  # a config that reads (an older run's: evaluated)
+        check_trainable(cfg)  # what build_run checks before training
+
     with pytest.raises(ConfigError, match="standard training never sees"):
-        apply_overrides(get_recipe("std-resnet18-cifar10"), ["swa.enabled=true"])
+        trainable("std-resnet18-cifar10", ["swa.enabled=true"])
     with pytest.raises(ConfigError, match="runs to epoch 100"):
-        apply_overrides(get_recipe("arrest-resnet18-cifar10"), ["swa.enabled=true"])
-    assert apply_overrides(get_recipe("arrest-resnet18-cifar10"), ["swa.enabled=true", "swa.start_epoch=101"]).swa
-    assert apply_overrides(get_recipe("trades-resnet18-cifar10"), ["swa.enabled=true"]).swa.enabled
+        trainable("arrest-resnet18-cifar10", ["swa.enabled=true"])
+    trainable("arrest-resnet18-cifar10", ["swa.enabled=true", "swa.start_epoch=101"])
+    trainable("trades-resnet18-cifar10", ["swa.enabled=true"])
 
 
 def test_switches_a_method_would_silently_ignore_are_refused():
     """helper-83: attack.official_quirk replaced any attack.start with its uniform start, and method.init on another
     method than ARREST was never read; both are now one line."""
-    from engine.config import ConfigError, apply_overrides
+    from engine.config import ConfigError, apply_overrides, check_trainable
+    from engine.methods import build_method
+    from engine.models import build_model
     from engine.recipes import get_recipe
 
+    quirk = apply_overrides(
+        get_recipe("arat-resnet18-cifar10"), ["attack.official_quirk=true", "attack.start=gaussian"]
+    )
     with pytest.raises(ConfigError, match="leave attack.start=uniform"):
-        apply_overrides(get_recipe("arat-resnet18-cifar10"), ["attack.official_quirk=true", "attack.start=gaussian"])
-    assert apply_overrides(get_recipe("arat-resnet18-cifar10"), ["attack.official_quirk=true"]).attack.official_quirk
+        build_method(quirk, build_model(quirk.model, 10))
+    init = apply_overrides(get_recipe("at-resnet18-cifar10"), ["method.init=x.pt"])  # an older run's config reads
     with pytest.raises(ConfigError, match="drop method.init"):
-        apply_overrides(get_recipe("at-resnet18-cifar10"), ["method.init=x.pt"])
+        check_trainable(init)

@@ -35,4 +35,7 @@ def build_method(cfg: TrainConfig, model: nn.Module) -> Method:
             f"attack.official_quirk reproduces the AR-AT code's in-place PGD start (methods arat and at); {cls.name} "
             "runs its own published attack: drop --set attack.official_quirk=true"
         )
+    if cfg.attack.official_quirk and cfg.attack.start != "uniform":
+        raise ConfigError("attack.official_quirk starts from the official code's x + U(-eps, eps), whatever "
+                          "attack.start says: leave attack.start=uniform")  # fmt: skip
     return cls(cfg, model)
