@@ -32,7 +32,7 @@ def to_unit_interval(u8: torch.Tensor) -> torch.Tensor:
     table = _UNIT_TABLES.get(u8.device)
     if table is None:
         table = _UNIT_TABLES[u8.device] = torch.arange(256, dtype=torch.uint8).float().div_(255).to(u8.device)
-    return table[u8.int()]
+    return table[u8.long()]  # (an int32 index is widened to int64 inside indexing anyway)
 
 
 class Loader(Protocol):
