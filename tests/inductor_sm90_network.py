@@ -4,12 +4,14 @@ test_inductor_sm90.py in a subprocess without TRITON_INTERPRET.
 
 Graphs, as the compiled roles run them on CUDA by default: the training forward (Split-BN's dual branch over a batch
 of 2B in train mode, bf16 autocast, channels-last, the fused dual BN as engine.perf installs it when compiled; under
-no_grad, since a backward cannot be traced here) and the evaluation forward (adv BN, eval mode, fp32 logits).
+no_grad, since a backward cannot be traced here) and the evaluation forward (adv BN, eval mode, fp32 logits; in
+Inductor's deterministic mode, as the evaluation compiles it).
 Usage: python tests/inductor_sm90_network.py [resnet18|wrn34-10] [width] [batch]
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -36,6 +38,7 @@ def main(arch: str = "resnet18", width: int = 64, batch: int = 128) -> None:
     import kernels
     from engine import kernels_bridge
     from engine.config import ModelConfig
+    from engine.evaluate import repeatable_kernels
     from engine.models import build_model
     from kernels import _triton_util
 
@@ -62,7 +65,10 @@ def main(arch: str = "resnet18", width: int = 64, batch: int = 128) -> None:
 
     graphs = {}
     for name, fn in (("train forward", train_forward), ("eval forward", eval_forward)):
-        compiled = fake_cuda.compile_graph(fn, *state.values(), x)
+        # the evaluation compiles under engine.evaluate.repeatable_kernels (Inductor's deterministic mode)
+        pinned = repeatable_kernels() if name == "eval forward" else contextlib.nullcontext()
+        with pinned:
+            compiled = fake_cuda.compile_graph(fn, *state.values(), x)
         graphs[name] = {"kernels": len(compiled), "user": sorted({k for k in compiled if not k.startswith("triton_")})}
     print(json.dumps({"torch": torch.__version__, "arch": arch, "width": width, "graphs": graphs}))
 
