@@ -428,3 +428,15 @@ def test_a_resumed_two_rank_run_equals_an_uninterrupted_one(tmp_path):
         for run in (tmp_path / "full", part)
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_grad_sim_runs_under_two_ranks(tmp_path):
+    """grad-sim under DDP averages each term's gradient over the ranks (one all-reduce each) before the cosine: two
+    ranks take its extra backwards and collectives with DDP's own in step, and the epoch's figure is written."""
+    run = tmp_path / "run"
+    proc = _torchrun_train("--recipe", "smoke", "--no-eval", "--set", "train.epochs=1", "--set",
+                           "analysis.grad_sim=true", "--out", str(run))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert -1 <= row["grad_sim"] <= 1 and 0 <= row["grad_conflict"] <= 1, row
