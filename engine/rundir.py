@@ -172,8 +172,17 @@ class RunDir:
         finally:
             os.close(fd)  # releases the lock
 
+    def holds_anything(self) -> bool:
+        """Anything but what an interrupted start leaves (the lock, an empty checkpoints/, the write probe): a run
+        killed between making its folder and writing its config starts again there."""
+        left_by_a_start = {LOCK, ".write-test"}
+        return any(
+            p.name not in left_by_a_start and not (p == self.checkpoints and p.is_dir() and not any(p.iterdir()))
+            for p in self.path.iterdir()
+        )
+
     def create(self, resume: bool) -> None:
-        if self.path.exists() and not resume and any(p.name != LOCK for p in self.path.iterdir()):
+        if self.path.exists() and not resume and self.holds_anything():
             if not (self.path / "config.json").exists():
                 raise RunDirError(f"{self.path} is not empty and holds no run: pick another --out (a new or empty "
                                   "directory)")  # fmt: skip

@@ -12,10 +12,12 @@
 #        run under `torchrun --standalone --nproc_per_node N`), DATA_DIR (default $ARAT_DATA_DIR, else the checkout's data/),
 #        ARREST_SET (extra --set arguments for ARREST only), ARAT (the arat command; default .venv/bin/arat, else
 #        `arat` on PATH), TORCHRUN (default: the torchrun beside $ARAT)
-#   Every --set after OUT_DIR goes to every new run (e.g. --set eval.aa_num_examples=1000 for a shorter evaluation).
+#   Every --set after OUT_DIR goes to every new run (e.g. --set eval.aa_num_examples=1000 for a shorter evaluation);
+#   an unfinished run resumed takes only its perf.* and dist.* ones (how it runs, not what it trains).
 #
 # Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch (with the
-# settings they started with).
+# settings they started with). A run that fails is named and the others go on; the table then holds the finished
+# runs and the script exits 1. One OUT_DIR holds one ARCH and DATASET (its run folders are named by method).
 set -euo pipefail
 from_caller() { # a path given relative to the caller's folder, made absolute (the script works from the checkout)
     if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi
@@ -38,7 +40,10 @@ METHODS=${METHODS:-std at trades mart lbgat arat arrest}
 ABLATIONS=${ABLATIONS:-0}
 SWA=${SWA:-0}
 NPROC=${NPROC:-1}
-DATA_DIR=${DATA_DIR:-data} # default: the checkout's (scripts/setup.sh prepares it there)
+# --data-dir only where DATA_DIR/ARAT_DATA_DIR is set: arat's default is the checkout's data/ (scripts/setup.sh
+# prepares it), and a resume given none keeps the data folder its run started with
+DATA=()
+[ -z "${DATA_DIR:-}" ] || DATA=(--data-dir "$DATA_DIR")
 read -r -a ARREST_SETS <<<"${ARREST_SET:-}"
 
 die() {
@@ -56,6 +61,10 @@ if [[ $ARAT == */* ]]; then TORCHRUN=${TORCHRUN:-$(dirname "$ARAT")/torchrun}; e
 for ((i = 0; i < ${#SETS[@]}; i += 2)); do # (${#a[@]} of an empty array is 0 on every bash)
     [ "${SETS[i]}" = --set ] && [ $((i + 1)) -lt ${#SETS[@]} ] ||
         die "after OUT_DIR only --set KEY=VALUE pairs are taken (got '${SETS[i]}')"
+done
+for ((i = 0; i < ${#ARREST_SETS[@]}; i += 2)); do # checked now, not when ARREST's turn comes days later
+    [ "${ARREST_SETS[i]}" = --set ] && [ $((i + 1)) -lt ${#ARREST_SETS[@]} ] ||
+        die "ARREST_SET takes only --set KEY=VALUE pairs (got '${ARREST_SETS[i]}')"
 done
 has_std=0
 has_arrest=0
@@ -75,6 +84,9 @@ if [ "$DATASET" != cifar10 ] && { [ "$ABLATIONS" = 1 ] || [ "$SWA" = 1 ]; }; the
     die "ABLATIONS and SWA have CIFAR-10 recipes only: set DATASET=cifar10 or leave them 0"
 fi
 
+# what an interrupted arat says to continue: this script again (it resumes every unfinished run, with NPROC ranks)
+export ARAT_CONTINUE_HINT="the same \`bash scripts/reproduce.sh\` command again"
+
 arat_train() { # one process, or torchrun with NPROC ranks (evaluation included)
     if [ "$NPROC" = 1 ]; then
         "$ARAT" train "$@"
@@ -83,18 +95,41 @@ arat_train() { # one process, or torchrun with NPROC ranks (evaluation included)
     fi
 }
 
-train() { # train RUN_DIR ARGS...: skip a finished run, resume an interrupted one
-    local run=$1
-    shift
+recorded_recipe() { # the recipe in RUN_DIR/config.json (empty if it names none)
+    { grep -o '"recipe": *"[^"]*"' "$1/config.json" || true; } | head -n 1 | sed 's/.*"\([^"]*\)"$/\1/'
+}
+
+resume_sets() { # of the --set pairs in "$@", those a resume takes (perf.*, dist.*); the others said, once per run
+    local -a taken=() ignored=()
+    while [ $# -gt 1 ]; do
+        case "$2" in perf.* | dist.*) taken+=(--set "$2") ;; *) ignored+=("$2") ;; esac
+        shift 2
+    done
+    [ ${#ignored[@]} -eq 0 ] || echo "reproduce: (resuming with its own settings: ${ignored[*]} not taken)" >&2
+    echo "${taken[@]+"${taken[@]}"}"
+}
+
+failed=()
+train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interrupted one; a failure is noted
+    local run=$1 recipe=$2 rc=0
+    shift 2
+    if [ -f "$run/config.json" ] && [ "$(recorded_recipe "$run")" != "$recipe" ]; then
+        die "$run holds a $(recorded_recipe "$run") run, not $recipe: give each ARCH/DATASET an OUT_DIR of its own"
+    fi
     if [ -f "$run/results.json" ]; then
         echo "reproduce: $run is done"
+        return
     elif [ -f "$run/config.json" ]; then
         echo "reproduce: resuming $run"
-        arat_train --resume "$run" --data-dir "$DATA_DIR"
+        local -a sets
+        read -r -a sets <<<"$(resume_sets ${SETS[@]+"${SETS[@]}"})"
+        arat_train --resume "$run" ${DATA[@]+"${DATA[@]}"} ${sets[@]+"${sets[@]}"} || rc=$?
     else
         echo "reproduce: training $run"
-        arat_train --out "$run" --data-dir "$DATA_DIR" "$@"
+        arat_train --out "$run" ${DATA[@]+"${DATA[@]}"} --recipe "$recipe" "$@" || rc=$?
     fi
+    [ "$rc" != 130 ] || exit 130 # interrupted (Ctrl-C, SIGTERM): the run saved itself; stop here
+    [ "$rc" = 0 ] || failed+=("$run (exit $rc)")
 }
 
 recipes=()
@@ -108,15 +143,27 @@ for seed in $SEEDS; do
     for recipe in ${recipes[@]+"${recipes[@]}"}; do
         extra=()
         [[ $recipe == ablation-* ]] && extra=(--set analysis.grad_sim=true)
-        train "$OUT/${recipe%-"$ARCH"-*}-s$seed" --recipe "$recipe" ${SETS[@]+"${SETS[@]}"} --set train.seed="$seed" \
+        train "$OUT/${recipe%-"$ARCH"-*}-s$seed" "$recipe" ${SETS[@]+"${SETS[@]}"} --set train.seed="$seed" \
             ${extra[@]+"${extra[@]}"}
     done
     [ "$has_arrest" = 1 ] || continue
     init=()
     [ "$has_std" = 1 ] && init=(--init "$OUT/std-s$seed") # fine-tune this script's standard run
-    train "$OUT/arrest-s$seed" --recipe "arrest-$ARCH-$DATASET" ${init[@]+"${init[@]}"} ${SETS[@]+"${SETS[@]}"} \
+    train "$OUT/arrest-s$seed" "arrest-$ARCH-$DATASET" ${init[@]+"${init[@]}"} ${SETS[@]+"${SETS[@]}"} \
         --set train.seed="$seed" ${ARREST_SETS[@]+"${ARREST_SETS[@]}"}
 done
 
-"$ARAT" table "$OUT" --out "$OUT/table.md" --plot "$OUT/tradeoff.png"
-echo "reproduce: table in $OUT/table.md, plot in $OUT/tradeoff.png"
+finished=() # the runs with results (a failed or foreign folder in OUT is left out of the table)
+for result in "$OUT"/*/results.json; do [ ! -f "$result" ] || finished+=("$(dirname "$result")"); done
+if [ ${#finished[@]} -gt 0 ]; then
+    "$ARAT" table "${finished[@]}" --out "$OUT/table.md" || echo "reproduce: no table (above)" >&2
+    if "$ARAT" table "${finished[@]}" --plot "$OUT/tradeoff.png" >/dev/null; then
+        echo "reproduce: table in $OUT/table.md, plot in $OUT/tradeoff.png"
+    else
+        echo "reproduce: table in $OUT/table.md (no plot: above)"
+    fi
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "reproduce: ${#failed[@]} run(s) failed: ${failed[*]}; see their messages above, fix, then run this again" >&2
+    exit 1
+fi

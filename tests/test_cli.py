@@ -54,6 +54,20 @@ def test_corrupt_and_mismatched_checkpoints(capsys, tmp_path):
     assert code == 2 and "--model" in err
 
 
+def test_a_folder_left_by_an_interrupted_start_is_taken(tmp_path):
+    """helper-90: a run killed between making its folder and writing its config.json (a torchrun rank failing in
+    build_run, a Ctrl-C) left checkpoints/ and .lock, and every later start there was refused as "holds no run"
+    (reproduce.sh cannot pick another folder)."""
+    from engine.rundir import RunDir
+
+    left = tmp_path / "run"
+    (left / "checkpoints").mkdir(parents=True)
+    (left / ".lock").write_text("")
+    assert not RunDir(left).holds_anything()
+    (left / "checkpoints" / "latest.pt").write_bytes(b"")
+    assert RunDir(left).holds_anything()
+
+
 def test_existing_run_dir_is_not_overwritten(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -307,14 +307,62 @@ def test_reproduce_refuses_bad_settings_in_one_line(tmp_path, env, args, says):
 def test_reproduce_takes_relative_paths_from_the_callers_folder(tmp_path):
     """ARAT, OUT_DIR and DATA_DIR given relative to the folder reproduce.sh is called from (it works from the
     checkout): a stand-in arat there logs its calls."""
-    (tmp_path / "bin").mkdir()
-    fake = tmp_path / "bin" / "arat"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls.txt"}\n')
-    fake.chmod(0o755)
+    fake_arat(tmp_path)
     env = reproduce_env(ARAT="bin/arat", METHODS="std", DATA_DIR="mydata")
     cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), "out"]
     result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    train, table = (tmp_path / "calls.txt").read_text().splitlines()
+    train, table, plot = (tmp_path / "calls.txt").read_text().splitlines()
     assert train.startswith(f"train --out {tmp_path / 'out' / 'std-s0'} --data-dir {tmp_path / 'mydata'} ")
-    assert table.startswith(f"table {tmp_path / 'out'} ")
+    assert table.startswith(f"table {tmp_path / 'out' / 'std-s0'} --out ") and "--plot" in plot
+
+
+def fake_arat(folder: Path, fails: str = "") -> None:
+    """bin/arat in `folder`: logs its calls to calls.txt; `train --out RUN` writes RUN/config.json (its recipe) and
+    RUN/results.json, or exits 1 where the recipe starts with `fails`."""
+    (folder / "bin").mkdir()
+    fake = folder / "bin" / "arat"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {folder / "calls.txt"}
+[ "$1" = train ] && [ "$2" = --out ] || exit 0
+run=$3; recipe=$(echo "$*" | sed 's/.*--recipe \\([^ ]*\\).*/\\1/')
+mkdir -p "$run"; printf '{{\\n  "recipe": "%s"\\n}}\\n' "$recipe" > "$run/config.json"
+if [ -n "{fails}" ] && [[ $recipe == {fails}* ]]; then exit 1; fi
+echo '{{}}' > "$run/results.json"
+""")
+    fake.chmod(0o755)
+
+
+def test_reproduce_goes_on_past_a_failed_run_and_tables_the_finished_ones(tmp_path):
+    """helper-90: one failed run stopped every later method and seed, and the table never came; now the others run,
+    the table holds the finished runs, the failure is named and the exit is 1. A rerun resumes the failed run with
+    only the perf.*/dist.* settings (said), and no --data-dir where none was given (its own data folder kept)."""
+    fake_arat(tmp_path, fails="at-")
+    env = reproduce_env(ARAT="bin/arat", METHODS="std at arat")
+    sets = ["--set", "perf.compile=off", "--set", "train.epochs=2"]
+    cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), "out", *sets]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "1 run(s) failed:" in result.stderr and "at-s0 (exit 1)" in result.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert [c.split()[2].rsplit("/", 1)[1] for c in calls if c.startswith("train")] == ["std-s0", "at-s0", "arat-s0"]
+    assert "--data-dir" not in calls[0]
+    table = next(c for c in calls if c.startswith("table") and "--out" in c)
+    runs = {Path(a).name for a in table.split()[1:] if a.startswith(str(tmp_path))}
+    assert runs == {"std-s0", "arat-s0", "table.md"}  # the finished runs (and --out's table.md), not at-s0
+    (tmp_path / "calls.txt").unlink()
+    again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    resumed = next(c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("train"))
+    assert resumed == f"train --resume {tmp_path / 'out' / 'at-s0'} --set perf.compile=off"
+    assert "train.epochs=2 not taken" in again.stderr and again.stdout.count("is done") == 2
+
+
+def test_reproduce_refuses_an_out_dir_holding_another_arch_s_runs(tmp_path):
+    """Run folders are named by method: the same OUT_DIR for another ARCH/DATASET found every run "done" (the first
+    table again) or resumed the other network; now one line, before anything runs."""
+    fake_arat(tmp_path)
+    env = reproduce_env(ARAT="bin/arat", METHODS="std")
+    cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), "out"]
+    assert subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60).returncode == 0
+    other = subprocess.run(cmd, env=env | {"DATASET": "cifar100"}, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert other.returncode == 2 and "holds a std-resnet18-cifar10 run, not std-resnet18-cifar100" in other.stderr
