@@ -130,13 +130,31 @@ def test_fp16_attack_gradient_signs_agree_with_fp32(monkeypatch):
 
     reference = pgd_module.input_gradient(m, x, y, "adv", None, None)  # fp32
     scaled = pgd_module.input_gradient(m, x, y, "adv", None, fp16)
-    monkeypatch.setattr(pgd_module, "fp16_gradient_scale", lambda *a: 1.0)
+    monkeypatch.setattr(pgd_module, "fp16_gradient_scale", lambda *a, **k: 1.0)
     unscaled = pgd_module.input_gradient(m, x, y, "adv", None, fp16)
     zeros_unscaled, zeros_scaled = (unscaled == 0).float().mean().item(), (scaled == 0).float().mean().item()
     agree_unscaled, agree_scaled = sign_agreement(unscaled, reference), sign_agreement(scaled, reference)
     assert zeros_unscaled > 0.5, f"the case must underflow unscaled (zeros {zeros_unscaled:.3f})"
     assert zeros_scaled < 0.01 and torch.isfinite(scaled).all(), f"zeros with the scale: {zeros_scaled:.4f}"
     assert agree_scaled > 0.9 and agree_scaled > agree_unscaled + 0.4, (agree_scaled, agree_unscaled)
+
+
+def test_an_eval_mode_fp16_attack_scales_each_image_so_a_misclassified_one_leaves_the_others_their_gradient():
+    """helper-89: one scale for the batch, set by its worst-classified image (2^8), left a confident image's input
+    gradient underflowing in fp16 (sign 0: no step). In eval mode images do not interact: each gets its own power
+    of two. (Train mode keeps one scale: batch norm mixes every image's loss into each gradient.)"""
+    pgd_module = importlib.import_module("engine.attacks.pgd")
+    m = confident_model()
+    x, y = torch.rand(16, 3, 32, 32), torch.zeros(16, dtype=torch.long)
+    y[0] = 1  # image 0 misclassified: its logit gradient is ~1
+
+    def fp16():
+        return torch.autocast("cpu", dtype=torch.float16)
+
+    reference = pgd_module.input_gradient(m, x, y, "adv", None, None)[1:]  # fp32, the confident images
+    scaled = pgd_module.input_gradient(m, x, y, "adv", None, fp16)[1:]
+    assert (scaled == 0).float().mean().item() < 0.01 and torch.isfinite(scaled).all()
+    assert sign_agreement(scaled, reference) > 0.9
 
 
 def test_fp16_gradient_scale_is_a_power_of_two_bounding_the_logit_gradient():

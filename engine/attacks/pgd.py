@@ -46,15 +46,33 @@ def objective(logits: torch.Tensor, y: torch.Tensor, target_probs: torch.Tensor 
     return F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="sum")
 
 
-def fp16_gradient_scale(logits: torch.Tensor, y: torch.Tensor, target_probs: torch.Tensor | None) -> torch.Tensor:
+def fp16_gradient_scale(
+    logits: torch.Tensor, y: torch.Tensor, target_probs: torch.Tensor | None, per_image: bool = False
+) -> torch.Tensor:
     """A power of two that lifts the largest logit gradient of `objective` to [2^7, 2^8], so that an fp16 backward
     neither underflows (a confident network's gradients fall below fp16's 6e-8; sign(0) = 0 silently weakens the
     attack) nor overflows (the logit gradient of CE or KL is at most 1 per entry, as at initialization). One scalar
-    for the whole batch: every sign, and batch-norm's coupling of the samples, stay exactly those of fp32. No sync."""
+    for the whole batch, or with `per_image` one per image, (B,): a power of two changes no sign. No sync."""
     probs = F.softmax(logits.detach().float(), dim=1)  # (B, classes)
     target = F.one_hot(y, probs.shape[1]).to(probs.dtype) if target_probs is None else target_probs
-    largest = (probs - target).abs().amax().clamp_min(2.0**-100)
+    gap = (probs - target).abs()
+    largest = (gap.amax(dim=1) if per_image else gap.amax()).clamp_min(2.0**-100)
     return torch.exp2(8 - torch.ceil(torch.log2(largest)))
+
+
+def fp16_scaled_objective(logits: torch.Tensor, y: torch.Tensor, target_probs, coupled: bool) -> torch.Tensor:
+    """`objective` for an fp16 backward. Images a train-mode batch norm couples (`coupled`: each image's gradient
+    mixes every image's loss) share one scale, which leaves that mix as fp32 weighs it; a confident image beside a
+    badly classified one may still underflow there. Otherwise (eval mode) each image gets its own: one badly
+    classified image set the batch's scale to 2^8, under which a confident image's gradient (~1e-9) underflowed."""
+    if coupled:
+        return objective(logits, y, target_probs) * fp16_gradient_scale(logits, y, target_probs)
+    logits32 = logits.float()
+    if target_probs is None:
+        per_image = F.cross_entropy(logits32, y, reduction="none")
+    else:
+        per_image = F.kl_div(F.log_softmax(logits32, dim=1), target_probs, reduction="none").sum(dim=1)
+    return (per_image * fp16_gradient_scale(logits, y, target_probs, per_image=True)).sum()
 
 
 def pgd(
@@ -108,13 +126,14 @@ def autocast_once(autocast):
 
 
 def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, bn: str, target_probs, autocast):
-    """d objective / d x_adv (its signs are what PGD uses); under fp16 autocast, of the loss scaled by
-    `fp16_gradient_scale` so that no gradient underflows."""
+    """d objective / d x_adv (its signs are what PGD uses); under fp16 autocast, of the loss scaled by powers of two
+    against underflow (`fp16_scaled_objective`)."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad(), autocast() if autocast else nullcontext():
         logits = model(x_adv, bn=bn)
-        loss = objective(logits, y, target_probs)
         if logits.dtype == torch.float16:
-            loss = loss * fp16_gradient_scale(logits, y, target_probs)
+            loss = fp16_scaled_objective(logits, y, target_probs, coupled=model.training)
+        else:
+            loss = objective(logits, y, target_probs)
     (grad,) = torch.autograd.grad(loss, x_adv)
     return grad
