@@ -110,6 +110,8 @@ resume_sets() { # of the --set pairs in "$@", those a resume takes (perf.*, dist
 }
 
 failed=()
+interrupted=0 # Ctrl-C reaches arat (or torchrun, whose exit status may not say so) and this script alike
+trap 'interrupted=1' INT
 train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interrupted one; a failure is noted
     local run=$1 recipe=$2 rc=0
     shift 2
@@ -128,7 +130,7 @@ train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interru
         echo "reproduce: training $run"
         arat_train --out "$run" ${DATA[@]+"${DATA[@]}"} --recipe "$recipe" "$@" || rc=$?
     fi
-    [ "$rc" != 130 ] || exit 130 # interrupted (Ctrl-C, SIGTERM): the run saved itself; stop here
+    [ "$rc" != 130 ] && [ "$interrupted" = 0 ] || exit 130 # interrupted: the run saved itself; stop here
     [ "$rc" = 0 ] || failed+=("$run (exit $rc)")
 }
 

@@ -356,6 +356,20 @@ def test_reproduce_goes_on_past_a_failed_run_and_tables_the_finished_ones(tmp_pa
     assert "train.epochs=2 not taken" in again.stderr and again.stdout.count("is done") == 2
 
 
+def test_reproduce_stops_when_interrupted_whatever_the_run_s_exit_status(tmp_path):
+    """Ctrl-C reaches the run and the script alike; under torchrun the run's status need not be 130, and the script
+    then went on to the next run: it stops (130) after the interrupted one."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "arat"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls.txt"}\n[ "$1" = train ] || exit 0\n'
+                    'kill -INT $PPID\nexit 1\n')  # fmt: skip
+    fake.chmod(0o755)
+    cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), "out"]
+    result = subprocess.run(cmd, env=reproduce_env(ARAT="bin/arat", METHODS="std at"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 130 and len((tmp_path / "calls.txt").read_text().splitlines()) == 1
+
+
 def test_reproduce_refuses_an_out_dir_holding_another_arch_s_runs(tmp_path):
     """Run folders are named by method: the same OUT_DIR for another ARCH/DATASET found every run "done" (the first
     table again) or resumed the other network; now one line, before anything runs."""
