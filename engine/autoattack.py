@@ -15,7 +15,6 @@ so the per-image outcome depends on the chunk, its seed and the batch size only.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import sys
@@ -45,19 +44,10 @@ class Protocol:
 
     def describe(self) -> dict:
         eps, checkpoints = "8/255" if self.eps == EPS_8 else self.eps, list(apgd_schedule(self.iterations))
-        code = f"pyautoattack {attack_code_version()}"  # an upgrade may change what the attack finds
+        from .rundir import package_version
+
+        code = f"pyautoattack {package_version('pyautoattack')}"  # an upgrade may change what the attack finds
         return asdict(self) | {"eps": eps, "apgd_checkpoints": checkpoints, "code": code}
-
-
-def attack_code_version() -> str | None:
-    """pyautoattack's version: its package metadata, else the module's own `__version__` (the GPU check carries
-    the module's files without the metadata)."""
-    from .rundir import package_version
-
-    try:
-        return package_version("pyautoattack") or getattr(importlib.import_module("pyautoattack"), "__version__", None)
-    except ImportError:
-        return None
 
 
 PROTOCOLS = {

@@ -23,6 +23,7 @@ from .errors import UserError
 
 LOCK = ".lock"  # held by the process writing the run (train, or eval writing eval.json)
 LATEST, FINAL = "latest.pt", "final.pt"  # checkpoints/: after each epoch; the network the run ended with
+WRITE_PROBE = ".write-test"  # written and removed to check a run folder is writable
 
 
 class RunDirError(UserError):
@@ -99,12 +100,18 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def package_version(package: str) -> str | None:
-    """The installed distribution's version (None: not installed)."""
+    """The installed distribution's version, else the importable module's own `__version__` (a copy of its files
+    without the package metadata: the GPU check carries pyautoattack so); None: neither."""
+    import importlib
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(package)
     except PackageNotFoundError:
+        pass
+    try:
+        return getattr(importlib.import_module(package), "__version__", None)
+    except ImportError:
         return None
 
 
@@ -175,7 +182,7 @@ class RunDir:
     def holds_anything(self) -> bool:
         """Anything but what an interrupted start leaves (the lock, an empty checkpoints/, the write probe): a run
         killed between making its folder and writing its config starts again there."""
-        left_by_a_start = {LOCK, ".write-test"}
+        left_by_a_start = {LOCK, WRITE_PROBE}
         return any(
             p.name not in left_by_a_start and not (p == self.checkpoints and p.is_dir() and not any(p.iterdir()))
             for p in self.path.iterdir()
@@ -192,7 +199,7 @@ class RunDir:
             )
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
+            probe = self.path / WRITE_PROBE
             probe.write_text("")
             probe.unlink()
         except OSError as e:
@@ -278,7 +285,7 @@ class RunDir:
         """Temporary files of atomic writes that a kill interrupted (`.latest.pt.XXXX`): never read, only clutter."""
         for folder in (self.path, self.checkpoints):
             for tmp in folder.glob(".*.*") if folder.is_dir() else []:
-                if tmp.is_file() and tmp.name != ".write-test":
+                if tmp.is_file() and tmp.name != WRITE_PROBE:
                     tmp.unlink(missing_ok=True)
 
     def rewrite_metrics(self, rows: list[dict]) -> None:

@@ -541,8 +541,8 @@ def set_aside_earlier_end(run: Run, rundir: RunDir, say) -> None:
     if not run.dist.is_main:
         return
     # eval/flags.json too: a later evaluation merges its attacks into it, beside the earlier network's other entries
-    files = [rundir.checkpoint(FINAL), rundir.path / "results.json", rundir.path / "eval.json"]
-    present = [f for f in [*files, rundir.path / "eval" / "flags.json"] if f.exists()]
+    files = [rundir.checkpoint(FINAL), *(rundir.path / n for n in ("results.json", "eval.json", "eval/flags.json"))]
+    present = [f for f in files if f.exists()]
     if not present:
         return
     end = rundir.path / f"previous-epoch-{run.epoch}"

@@ -587,14 +587,16 @@ def test_chunks_of_other_threads_other_convolutions_or_another_attack_code_are_n
     cpu, perf = torch.device("cpu"), PerfConfig(compile="off")
     assert f"; {torch.get_num_threads()} threads;" in ev.hardware_id(cpu)
     assert PROTOCOLS["standard"].describe()["code"].startswith("pyautoattack ")
-    import engine.rundir
+    import importlib.metadata
 
-    monkeypatch.setattr(engine.rundir, "package_version", lambda package: None)  # the GPU check's copy: no metadata
-    assert (
-        PROTOCOLS["standard"].describe()["code"]
-        == f"pyautoattack {autoattack.attack_code_version()}"
-        != ("pyautoattack None")
-    )  # the module's own __version__ (helper-87)
+    import pyautoattack
+
+    def no_metadata(package):  # the GPU check's copy of the module: its files without the package metadata
+        raise importlib.metadata.PackageNotFoundError(package)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_metadata)
+    code = PROTOCOLS["standard"].describe()["code"]
+    assert code == f"pyautoattack {pyautoattack.__version__}" != "pyautoattack None"  # the module's own (helper-87)
     torch.manual_seed(0)
     model = build_model(get_recipe("smoke").model, 10)
     split = synthetic_split(16, 10, seed=0)

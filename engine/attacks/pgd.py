@@ -38,12 +38,17 @@ def frozen(model: nn.Module):
             p.requires_grad_(True)
 
 
-def objective(logits: torch.Tensor, y: torch.Tensor, target_probs: torch.Tensor | None) -> torch.Tensor:
-    """Sum-reduced CE to the labels, or (with target_probs) sum-reduced KL(target || p(x_adv)) as in TRADES."""
+def objective(
+    logits: torch.Tensor, y: torch.Tensor, target_probs: torch.Tensor | None, per_image: bool = False
+) -> torch.Tensor:
+    """Sum-reduced CE to the labels, or (with target_probs) sum-reduced KL(target || p(x_adv)) as in TRADES; with
+    `per_image` each image's, (B,)."""
     logits = logits.float()
+    reduction = "none" if per_image else "sum"
     if target_probs is None:
-        return F.cross_entropy(logits, y, reduction="sum")
-    return F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="sum")
+        return F.cross_entropy(logits, y, reduction=reduction)
+    kl = F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction=reduction)
+    return kl.sum(dim=1) if per_image else kl
 
 
 def fp16_gradient_scale(
@@ -65,14 +70,8 @@ def fp16_scaled_objective(logits: torch.Tensor, y: torch.Tensor, target_probs, c
     mixes every image's loss) share one scale, which leaves that mix as fp32 weighs it; a confident image beside a
     badly classified one may still underflow there. Otherwise (eval mode) each image gets its own: one badly
     classified image set the batch's scale to 2^8, under which a confident image's gradient (~1e-9) underflowed."""
-    if coupled:
-        return objective(logits, y, target_probs) * fp16_gradient_scale(logits, y, target_probs)
-    logits32 = logits.float()
-    if target_probs is None:
-        per_image = F.cross_entropy(logits32, y, reduction="none")
-    else:
-        per_image = F.kl_div(F.log_softmax(logits32, dim=1), target_probs, reduction="none").sum(dim=1)
-    return (per_image * fp16_gradient_scale(logits, y, target_probs, per_image=True)).sum()
+    scale = fp16_gradient_scale(logits, y, target_probs, per_image=not coupled)
+    return (objective(logits, y, target_probs, per_image=not coupled) * scale).sum()
 
 
 def pgd(

@@ -105,10 +105,11 @@ def torch_log_lines(record: StageRecord) -> list[str]:
 
 
 def graph_figures(run: Run) -> dict[str, Any]:
+    made = dynamo_counts()  # eager_frames: functions dynamo gave up on (they ran uncompiled)
     return {
-        "unique_graphs": counters["stats"]["unique_graphs"],
-        "graph_breaks": sum(counters["graph_break"].values()),
-        "eager_frames": dynamo_counts()["eager_frames"],  # functions dynamo gave up on: they ran uncompiled
+        "unique_graphs": made["graphs"],
+        "graph_breaks": made["graph_breaks"],
+        "eager_frames": made["eager_frames"],
         "graph_break_reasons": [str(k)[:200] for k in list(counters["graph_break"])[:10]],
         "cache_entries": cache_entries(run.nets.raw),
     }
@@ -295,10 +296,11 @@ def _extra_case(record: StageRecord, name: str) -> dict[str, Any]:
         title = f"defaults (compiled, attack captured), B={len(y)}"
         profile = profile_steps(step, 2, run.perf.device, record.side_file("profile_compiled.txt"), title, step_ms)
     skips = [line.strip()[-300:] for line in torch_log_lines(record) if "skipping cudagraphs" in line]
+    made = dynamo_counts()
     return record.row(profile | {
         "case": name, "batch_size": len(y), "compile_s": round(compile_s, 1), "step_ms": round(step_ms, 2),
         "images_per_s": round(len(y) / (step_ms / 1e3), 1), "loss": loss, "finite_loss": math.isfinite(loss),
-        "unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+        "unique_graphs": made["graphs"], "graph_breaks": made["graph_breaks"],
         "cudagraph_skips": skips[-5:], "perf": run.perf.summary(), **capture_stats(run),
     })  # fmt: skip
 
