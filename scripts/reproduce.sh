@@ -15,6 +15,7 @@
 #   Every --set after OUT_DIR goes to every new run (e.g. --set eval.aa_num_examples=1000 for a shorter evaluation);
 #   an unfinished run resumed takes only its perf.* and dist.* ones (how it runs, not what it trains).
 #
+# Ctrl-C or SIGTERM stops the run in progress (it saves its epoch) and then the script (exit 130 or 143).
 # Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch (with the
 # settings they started with). A run that fails is named and the others go on; the table then holds the finished
 # runs and the script exits 1. One OUT_DIR holds one ARCH and DATASET (its run folders are named by method).
@@ -89,9 +90,9 @@ export ARAT_CONTINUE_HINT="the same \`bash scripts/reproduce.sh\` command again"
 
 arat_train() { # one process, or torchrun with NPROC ranks (evaluation included)
     if [ "$NPROC" = 1 ]; then
-        "$ARAT" train "$@"
+        run_child "$ARAT" train "$@"
     else
-        "$TORCHRUN" --standalone --nproc_per_node "$NPROC" -m engine.cli train "$@"
+        run_child "$TORCHRUN" --standalone --nproc_per_node "$NPROC" -m engine.cli train "$@"
     fi
 }
 
@@ -110,8 +111,30 @@ resume_sets() { # of the --set pairs in "$@", those a resume takes (perf.*, dist
 }
 
 failed=()
-interrupted=0 # Ctrl-C reaches arat (or torchrun, whose exit status may not say so) and this script alike
-trap 'interrupted=1' INT
+# Each run is a child this script waits on: a signal to the script (Ctrl-C, or SIGTERM from `timeout`, `kill` or a
+# scheduler) is passed to the run as SIGTERM, which arat ends like Ctrl-C (saving its epoch), and the script stops
+# after it. (A child run in the foreground outlived a SIGTERM'd script, holding its run's lock; a child started
+# with & has Ctrl-C's SIGINT ignored, hence TERM for both.)
+interrupted=0 # the status to stop with: 130 after Ctrl-C, 143 after SIGTERM
+child=0
+stop_run() {
+    interrupted=$1
+    [ "$child" = 0 ] || kill -TERM "$child" 2>/dev/null || true
+}
+trap 'stop_run 130' INT
+trap 'stop_run 143' TERM
+run_child() { # "$@" as the run this script passes its signals to; returns its exit status
+    local rc=0
+    "$@" &
+    child=$!
+    wait "$child" || rc=$?
+    while [ "$interrupted" != 0 ] && kill -0 "$child" 2>/dev/null; do # the wait was cut by the signal: the run's end
+        rc=0
+        wait "$child" || rc=$?
+    done
+    child=0
+    return "$rc"
+}
 train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interrupted one; a failure is noted
     local run=$1 recipe=$2 rc=0
     shift 2
@@ -130,7 +153,8 @@ train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interru
         echo "reproduce: training $run"
         arat_train --out "$run" ${DATA[@]+"${DATA[@]}"} --recipe "$recipe" "$@" || rc=$?
     fi
-    [ "$rc" != 130 ] && [ "$interrupted" = 0 ] || exit 130 # interrupted: the run saved itself; stop here
+    [ "$interrupted" = 0 ] || exit "$interrupted" # the run saved itself; stop here
+    [ "$rc" != 130 ] || exit 130                   # a run stopped by a Ctrl-C of its own
     [ "$rc" = 0 ] || failed+=("$run (exit $rc)")
 }
 

@@ -18,7 +18,23 @@ if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&
     echo "setup: .venv has no working pip (a venv creation cut short?): making it again" >&2
     rm -rf .venv
 fi
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if [ ! -x .venv/bin/python ]; then # each way this fails on a fresh machine, in one line saying what to do
+    command -v "$PY" >/dev/null || {
+        echo "setup: no $PY on PATH: install Python 3.10 or newer, or set PYTHON=/path/to/python3" >&2
+        exit 2
+    }
+    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || {
+        echo "setup: $PY is Python $("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null ||
+            echo '(unknown)'); the engine needs 3.10 or newer: set PYTHON=/path/to/python3.10+" >&2
+        exit 2
+    }
+    if ! said=$("$PY" -m venv .venv 2>&1); then
+        rm -rf .venv # a half-made venv (no pip) is made again next time anyway
+        echo "setup: $PY could not make .venv ($(echo "$said" | grep -m1 -iE 'ensurepip|error|no module' ||
+            echo "$said" | tail -n 1)); on Debian/Ubuntu: apt install python3-venv (or python3.X-venv), then rerun" >&2
+        exit 2
+    fi
+fi
 stamp=.venv/.arat-installed
 pinned=$(sed -n 's/^torch==\([^[:space:]#]*\).*/\1/p' constraints/cpu.txt)
 installed=$(.venv/bin/python -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null || true)

@@ -4,9 +4,11 @@ tests skip) and when a build fails, and what setup.sh does with a venv holding a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -115,6 +117,40 @@ def test_setup_reinstalls_a_venv_torch_other_than_the_pin(tmp_path, case):
         assert result.returncode == 0, result.stderr
         assert "-m pip install" not in calls
         assert ("keeping .venv's torch 2.11.0+cu130" in result.stderr) == (case == "kept")
+
+
+OLD_PYTHON = 'case "$*" in *version_info*) exit 1 ;; *python_version*) echo 3.8.10 ;; esac\n'
+NO_ENSUREPIP = ('case "$*" in *"-m venv"*) mkdir -p .venv/bin; echo "The virtual environment was not created'
+                ' successfully because ensurepip is not"; echo "available. On Debian/Ubuntu systems, ..."; exit 1 ;;'
+                ' esac\n')  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("python", "says"),
+    [
+        (None, "no python-nowhere on PATH: install Python 3.10 or newer"),
+        (OLD_PYTHON, "is Python 3.8.10; the engine needs 3.10 or newer"),
+        (NO_ENSUREPIP, "could not make .venv (The virtual environment was not created successfully because"),
+    ],
+)
+def test_setup_without_a_usable_python_says_what_to_do_in_one_line(tmp_path, python, says):
+    """No python, one too old, or one without its venv module (Debian's python3-venv missing): each one line, exit
+    2, no half-made .venv left (these were bash's or python's own multi-line messages)."""
+    root = tmp_path / "copy"
+    (root / "scripts").mkdir(parents=True)
+    (root / "constraints").mkdir()
+    for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
+        (root / rel).write_bytes((REPO / rel).read_bytes())
+    interpreter = "python-nowhere"
+    if python is not None:
+        interpreter = str(tmp_path / "python3")
+        Path(interpreter).write_text(f"#!/usr/bin/env bash\n{python}")
+        Path(interpreter).chmod(0o755)
+    env = {**os.environ, "PYTHON": interpreter, "ARAT_DATA_DIR": str(tmp_path / "d")}
+    result = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (root / ".venv").exists()
 
 
 PINNED = next(
@@ -368,6 +404,61 @@ def test_reproduce_stops_when_interrupted_whatever_the_run_s_exit_status(tmp_pat
     result = subprocess.run(cmd, env=reproduce_env(ARAT="bin/arat", METHODS="std at"), cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 130 and len((tmp_path / "calls.txt").read_text().splitlines()) == 1
+
+
+STAND_IN_RUN = """#!{python}
+import pathlib, signal, sys, time
+
+def stop(signum, frame):  # as arat: SIGTERM ends the command like Ctrl-C
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, stop)
+log = pathlib.Path({log!r})
+with log.open("a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+if sys.argv[1] != "train":
+    sys.exit(0)
+try:
+    pathlib.Path({ready!r}).touch()
+    time.sleep(60)
+except KeyboardInterrupt:
+    with log.open("a") as f:
+        f.write("saved and stopped\\n")
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize(("signum", "to_group", "status"), [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)])
+def test_reproduce_passes_a_signal_to_its_run_and_stops(tmp_path, signum, to_group, status):
+    """SIGTERM to the script (`timeout`, `kill`, a scheduler) killed it and left its run training on, orphaned and
+    holding the run's lock; Ctrl-C (SIGINT to the whole group) must still stop the run too. Either way the run is
+    told to stop, the script waits for it to save, and ends without starting the next one."""
+    import sys
+    import time
+
+    (tmp_path / "bin").mkdir()
+    stand_in = tmp_path / "bin" / "arat"
+    log, ready = tmp_path / "calls.txt", tmp_path / "ready"
+    stand_in.write_text(STAND_IN_RUN.format(python=sys.executable, log=str(log), ready=str(ready)))
+    stand_in.chmod(0o755)
+    cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), "out"]
+    script = subprocess.Popen(cmd, env=reproduce_env(ARAT="bin/arat", METHODS="std at"), cwd=tmp_path,
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the stand-in run never started"
+        if to_group:
+            os.killpg(script.pid, signum)
+        else:
+            os.kill(script.pid, signum)
+        assert script.wait(timeout=60) == status
+        calls = log.read_text().splitlines()  # one run started (std), stopped, and no other
+        assert len(calls) == 2 and calls[0].startswith("train --out") and calls[1] == "saved and stopped"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)
 
 
 def test_reproduce_refuses_an_out_dir_holding_another_arch_s_runs(tmp_path):
