@@ -53,10 +53,16 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def shard(num: int, rank: int, world_size: int) -> slice:
-    """This rank's equal share of an epoch's permutation (the remainder is dropped, as DistributedSampler does with
-    drop_last=True; its default pads with repeated images instead)."""
-    per_rank = num // world_size
+def per_rank_images(num: int, world_size: int, drop_last: bool = True) -> int:
+    """Each rank's equal share of an epoch of `num` images: the remainder of num / world_size dropped (as
+    DistributedSampler with drop_last=True), or, without drop_last, the epoch padded by its own first images so
+    every image comes at least once (as DistributedSampler's default)."""
+    return num // world_size if drop_last else -(-num // world_size)
+
+
+def shard(num: int, rank: int, world_size: int, drop_last: bool = True) -> slice:
+    """This rank's share of an epoch's permutation (padded as `per_rank_images` says)."""
+    per_rank = per_rank_images(num, world_size, drop_last)
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
@@ -109,7 +115,7 @@ class PlannedLoader:
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last and train
         self.num_total = len(split)
-        self.num_images = self.num_total // world_size if train else self.num_total
+        self.num_images = per_rank_images(self.num_total, world_size, self.drop_last) if train else self.num_total
         self.epoch = 1
 
     def __len__(self) -> int:
@@ -125,13 +131,15 @@ class PlannedLoader:
         if not self.train:
             return EpochPlan(np.arange(used, dtype=np.int64))
         gen = epoch_generator(self.seed, self.epoch)
-        mine = shard(self.num_total, self.rank, self.world_size)
-        order = torch.randperm(self.num_total, generator=gen)[mine]
+        mine = shard(self.num_total, self.rank, self.world_size, self.drop_last)
+        # the epoch's places: the permutation, padded by its own start where ranks without drop_last need more
+        places = torch.arange(self.num_images * self.world_size) % self.num_total
+        order = torch.randperm(self.num_total, generator=gen)[places][mine]
         if not self.augment:
             return EpochPlan(order[:used].numpy())
         # drawn for the whole permutation, then sharded like it: drawn per shard from the same generator state,
         # every rank's j-th image took the same crop and flip (one process: the same draws as before)
-        dy, dx, flip = (t[mine][:used].numpy() for t in draw_augmentation(gen, self.num_total))
+        dy, dx, flip = (t[places][mine][:used].numpy() for t in draw_augmentation(gen, self.num_total))
         return EpochPlan(order[:used].numpy(), dy, dx, flip)
 
     def finish(self, hwc: torch.Tensor, labels: torch.Tensor) -> Batch:

@@ -166,6 +166,21 @@ def test_drop_last_and_sharding(backend):
     assert len(seen[0]) == len(seen[1]) == 256 and not set(seen[0]) & set(seen[1])
 
 
+@pytest.mark.parametrize("backend", ["device", "ffcv", "dali"])
+def test_ranks_without_drop_last_see_every_image(backend):
+    """data.drop_last=false under ranks: the epoch is padded by its own first images (as DistributedSampler's
+    default), so every image comes at least once and each rank takes as many; with drop_last the remainder of
+    101 / 2 is dropped (and the partial batches). Without drop_last one image of 101 was dropped all the same."""
+    need(backend)
+    split = indexed_split(101, 3)
+    for drop_last, per_rank, loaded, covered in [(False, 51, 51, 101), (True, 50, 48, 96)]:
+        ranks = [make_loaders(backend, split, batch_size=16, drop_last=drop_last, rank=r, world_size=2)[0]
+                 for r in (0, 1)]  # fmt: skip
+        seen = [np.concatenate([y.numpy() for _, y in loader]) for loader in ranks]
+        assert [r.num_images for r in ranks] == [per_rank] * 2 and [len(y) for y in seen] == [loaded] * 2
+        assert len(set(seen[0]) | set(seen[1])) == covered
+
+
 def test_ranks_draw_their_own_crops_and_flips():
     """Under DDP each rank's images take the augmentation drawn for their place in the epoch's permutation: drawn
     per shard from one generator state, every rank's j-th image had the same crop and flip (a global batch held
