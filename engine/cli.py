@@ -195,13 +195,27 @@ def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
     return path, None
 
 
+def read_target_weights(ckpt_path: Path, of_a_run: bool, target: str) -> tuple[dict, dict | None]:
+    """`read_weights` of what `resolve_target` found; a run's unreadable final.pt names the resume that makes it
+    again from the last epoch's checkpoint, without training."""
+    from .models import CheckpointError, read_weights
+    from .rundir import FINAL, LATEST
+
+    try:
+        return read_weights(ckpt_path)
+    except CheckpointError as e:
+        if not of_a_run or ckpt_path.name != FINAL or not ckpt_path.with_name(LATEST).exists():
+            raise
+        raise CheckpointError(f"{e}: delete it, then `arat train --resume {target}` writes it again") from None
+
+
 def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
     """The network to evaluate (Split-BN from a run/engine checkpoint, or plain from a bare state_dict)."""
     from .config import from_dict
-    from .models import CheckpointError, build_model, load_plain, read_weights
+    from .models import CheckpointError, build_model, load_plain
 
     ckpt_path, run_cfg = resolve_target(args.target)
-    state, saved = read_weights(ckpt_path)
+    state, saved = read_target_weights(ckpt_path, run_cfg is not None, args.target)
     if saved is not None or run_cfg is not None:
         cfg = run_cfg or from_dict(saved, f"{ckpt_path} (its config)")
         model = build_model(cfg.model, cfg.data.num_classes)
@@ -370,7 +384,7 @@ def cmd_table(args) -> None:
 
 def cmd_export(args) -> None:
     from .config import from_dict
-    from .models import build_model, export_state_dict, load_plain, read_weights
+    from .models import build_model, export_state_dict, load_plain
     from .rundir import RunDirError, atomic_json, atomic_write
 
     out = Path(args.out)
@@ -379,7 +393,7 @@ def cmd_export(args) -> None:
     if not out.parent.is_dir():
         raise RunDirError(f"{out.parent} does not exist; create it or pick another OUT.pt")
     ckpt_path, run_cfg = resolve_target(args.target)
-    state, saved = read_weights(ckpt_path)
+    state, saved = read_target_weights(ckpt_path, run_cfg is not None, args.target)
     from .hub import info_path
 
     plain, cfg = export_state_dict(state), None

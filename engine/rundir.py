@@ -265,12 +265,14 @@ class RunDir:
     def metrics(self) -> list[dict]:
         """The rows of metrics.jsonl; a half-written last line (a kill during the append) is dropped."""
         path = self.path / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
+        # line by line from bytes: a tail a power cut left undecodable is a half-written line too (decoding the
+        # whole file raised before any line was read)
+        lines = path.read_bytes().splitlines() if path.exists() else []
         rows = []
         for i, line in enumerate(lines):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = json.loads(line.decode())
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 if i < len(lines) - 1:
                     raise RunDirError(
                         f"{path} line {i + 1} is not JSON; fix or delete that line, then resume"
@@ -293,5 +295,8 @@ class RunDir:
         atomic_write(self.path / "metrics.jsonl", lambda f: f.write(text.encode()))
 
     def append_metrics(self, row: dict) -> None:
+        """One row, on disk before the epoch's checkpoint is written (a power cut between them keeps the row)."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

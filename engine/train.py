@@ -20,7 +20,7 @@ from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, r
 from .errors import UserError
 from .evaluate import evaluate, format_results, summary, write_flags
 from .methods import Method, Nets, build_method
-from .models import build_model, read_checkpoint
+from .models import CheckpointError, build_model, read_checkpoint
 from .progress import progress_bar
 from .rundir import FINAL, LATEST, RunDir, RunDirError, environment
 from .swa import SWA
@@ -452,15 +452,34 @@ def swa_from_now(run: Run) -> str:
     return f"SWA was off for the {run.epoch} epochs trained: it averages from epoch {first} on ({updates} updates)"
 
 
+def check_checkpoint_kept(rundir: RunDir) -> None:
+    """A resumed run without checkpoints/latest.pt whose records say it trained (epoch rows past the first, or a
+    final.pt) lost its checkpoint (deleted, or never copied): refused. Started over, it emptied metrics.jsonl and
+    said it had no checkpoint yet. (One row and no checkpoint: stopped between epoch 1's row and its checkpoint.)"""
+    if rundir.checkpoint(LATEST).exists():
+        return
+    trained = max((r.get("epoch", 0) for r in rundir.metrics()), default=0)
+    if trained >= 2 or rundir.checkpoint(FINAL).exists():
+        raise RunDirError(
+            f"{rundir.path} trained {trained} epochs (metrics.jsonl) but has no checkpoints/{LATEST}: copy it back "
+            "to continue the run; to train it again from epoch 1, start it in a new folder"
+        )
+
+
 def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bool) -> None:
     cfg = run.cfg
+    if resume:
+        check_checkpoint_kept(rundir)
     say = print if run.dist.is_main else (lambda *a, **k: None)
     if run.dist.is_main:  # the device as asked for (auto, cuda...): a resume elsewhere resolves it again
         rundir.save_config(replace(cfg, perf=replace(cfg.perf, device=run.requested_device)))
         started = {"dataset": resolve_dataset(cfg.data), "world_size": run.dist.world_size}  # what is trained on
         rundir.record_environment(environment(run.perf.device) | started, resume)
     if resume and rundir.checkpoint(LATEST).exists():
-        run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
+        try:
+            run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
+        except CheckpointError as e:  # cut short in a copy, or a disk that lost it: the run cannot go on without it
+            raise RunDirError(f"{e}: copy it again from where the run came from (the run is left as it was)") from None
     swa_notice = swa_from_now(run) if run.swa.started_on_resume and run.epoch < cfg.epochs else None
     kept = []  # the metrics rows of the epochs a resume keeps
     if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone
@@ -620,7 +639,8 @@ def load_checkpoint(path: Path) -> dict:
     state = read_checkpoint(path)
     if not isinstance(state, dict) or not state.keys() >= CHECKPOINT_KEYS:
         missing = "/".join(sorted(CHECKPOINT_KEYS - state.keys())) if isinstance(state, dict) else "every part"
-        raise RunDirError(f"{path} is not a training checkpoint of this engine (no {missing}); delete it to restart")
+        raise RunDirError(f"{path} is not a training checkpoint of this engine (no {missing}); copy the run's own "
+                          "again, or start the run over in a new folder")  # fmt: skip
     return state
 
 

@@ -253,9 +253,36 @@ def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
     assert "config.json" in one_line_error(capsys)
     (run / "config.json").write_text(json.dumps(config))
     latest = run / "checkpoints" / "latest.pt"
-    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    whole = latest.read_bytes()
+    latest.write_bytes(whole[:1000])  # truncated
     assert main(["train", "--resume", str(run)]) == 2
-    assert "not a readable checkpoint" in one_line_error(capsys)
+    assert "not a readable checkpoint" in (said := one_line_error(capsys)) and "copy it again" in said
+    # gone, while metrics.jsonl says the run trained: refused, and the rows kept (a restart from epoch 1 emptied
+    # them and said the run had no checkpoint yet)
+    latest.unlink()
+    rows = json.dumps({"epoch": 1}) + "\n" + json.dumps({"epoch": 2}) + "\n"
+    (run / "metrics.jsonl").write_text(rows)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "trained 2 epochs (metrics.jsonl) but has no checkpoints/latest.pt" in one_line_error(capsys)
+    assert (run / "metrics.jsonl").read_text() == rows
+
+
+def test_a_corrupt_final_checkpoint_names_the_resume_that_writes_it_again(tmp_path, capsys):
+    from engine.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--set", "train.epochs=1", "--no-eval", "--out", str(run)]) == 0
+    final = run / "checkpoints" / "final.pt"
+    whole = final.read_bytes()
+    final.write_bytes(whole[:1000])
+    capsys.readouterr()
+    assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 2
+    assert f"delete it, then `arat train --resume {run}` writes it again" in one_line_error(capsys)
+    final.unlink()
+    assert main(["train", "--resume", str(run), "--no-eval"]) == 0  # no epoch trained: the final network again
+    again = torch.load(final, weights_only=True)["model"]
+    before = torch.load(io.BytesIO(whole), weights_only=True)["model"]
+    assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in before)
 
 
 def test_unwritable_output_is_one_line(tmp_path, capsys):

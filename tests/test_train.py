@@ -185,6 +185,8 @@ def test_resume_trims_metrics_to_the_checkpoint_and_cleans_temp_files(tiny_cfg, 
     (run / "checkpoints" / "final.pt").unlink()
     with (run / "metrics.jsonl").open("a") as f:  # a kill after epoch 2's row, before its checkpoint ...
         f.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n" + '{"epoch": 3, "lo')  # ... and a half line
+    with (run / "metrics.jsonl").open("ab") as f:  # whose tail a power cut left undecodable (a traceback before)
+        f.write(b"\xff\xfe")
     stale = run / "checkpoints" / ".latest.pt.abc123"
     stale.write_bytes(b"partial")
     run_training(cfg, run, resume=True, evaluate_at_end=False)
