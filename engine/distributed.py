@@ -193,10 +193,11 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
-def average_bn_statistics(module: nn.Module, info: DistInfo) -> None:
-    """Every BN's running mean and variance averaged over the ranks, their batch counts summed: statistics each
-    rank accumulated as a cumulative average over its equal share of the batches become the average over all of
-    them (SWA's re-estimation: one pass over the whole training set, not rank 0's share)."""
+def average_bn_statistics(module: nn.Module, info: DistInfo, sum_counts: bool = True) -> None:
+    """Every BN's running mean and variance averaged over the ranks. With `sum_counts` their batch counts are
+    summed: statistics each rank accumulated as a cumulative average over its equal share of the batches become the
+    average over all of them (SWA's re-estimation: one pass over the whole training set, not rank 0's share).
+    Without, each keeps its count (moving averages over the same number of steps on every rank)."""
     if not info.enabled:
         return
     with torch.no_grad():
@@ -205,7 +206,16 @@ def average_bn_statistics(module: nn.Module, info: DistInfo) -> None:
                 for t in (m.running_mean, m.running_var):
                     dist.all_reduce(t)
                     t.div_(info.world_size)
-                dist.all_reduce(m.num_batches_tracked)
+                if sum_counts:
+                    dist.all_reduce(m.num_batches_tracked)
+
+
+def group_info() -> DistInfo:
+    """This process's rank and world size in the running process group (one process outside one), for code that
+    is not handed a DistInfo (a method's own collectives)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
 def broadcast_state(module: nn.Module, info: DistInfo) -> None:

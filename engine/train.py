@@ -381,8 +381,11 @@ def start_line(run: Run) -> str:
 
 
 def final_model(run: Run) -> nn.Module:
-    """The network to evaluate and save: the SWA average (with re-estimated adv BNs) when SWA is on."""
+    """The network to evaluate and save: the SWA average (with re-estimated adv BNs) when SWA is on. Under DDP its
+    BN statistics are the ranks' average (each rank's moving averages saw only its own batches: rank 0's alone
+    were a 1/N sample)."""
     if not run.cfg.swa.enabled:
+        distributed.average_bn_statistics(run.nets.raw, run.dist, sum_counts=False)
         return run.nets.raw
     # the adv BNs are re-estimated on the last epoch's batches, also in a run resumed after its last epoch (where
     # no epoch ran in this process to set the loader's epoch)

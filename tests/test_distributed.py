@@ -401,6 +401,12 @@ def test_a_resumed_two_rank_run_equals_an_uninterrupted_one(tmp_path):
     proc = _torchrun_train(*common, "--out", str(tmp_path / "full"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train.batch_size=32 is per process: 64 images per step over 2 processes" in proc.stdout
+    # the final network's BN statistics: the ranks' average (rank 0's alone before, a sample of half the batches)
+    latest = torch.load(tmp_path / "full" / "checkpoints" / "latest.pt", weights_only=False)["rank_buffers"]
+    final = torch.load(tmp_path / "full" / "checkpoints" / "final.pt", weights_only=False)["model"]
+    for key in ("bn1.adv.running_mean", "bn1.clean.running_var"):
+        per_rank = [r[f"model.{key}"] for r in latest]
+        assert torch.allclose(final[key], (per_rank[0] + per_rank[1]) / 2) and not torch.equal(final[key], per_rank[0])
     part = tmp_path / "part"
     proc = _torchrun_train(*common, "--set", "train.epochs=1", "--out", str(part))
     assert proc.returncode == 0, proc.stderr[-3000:]

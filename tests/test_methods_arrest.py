@@ -47,6 +47,43 @@ def test_replay_switch_uses_the_batch_mean():
     assert not bool(replay_switch(torch.cat([s1, s1, s2]), torch.cat([t1, t1, t2]), COS_30))  # mean 0.871
 
 
+def two_ranks(monkeypatch, other: dict[int, torch.Tensor] | torch.Tensor):
+    """This process as rank 0 of 2, whose all-reduce adds rank 1's values (`other`: by the tensor's shape or one)."""
+    import torch.distributed as dist
+
+    from engine.distributed import DistInfo
+    from engine.methods import arrest
+
+    monkeypatch.setattr(arrest, "group_info", lambda: DistInfo(rank=0, world_size=2))
+
+    def all_reduce(t):
+        t += other if isinstance(other, torch.Tensor) else other[t.numel()]
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+
+
+def test_replay_switch_under_ddp_takes_every_rank_s_batch(monkeypatch):
+    """Under DDP each rank decided on its own share of the batch: rank 0 replayed noise while rank 1 attacked, and
+    the averaged gradient mixed the two. The ranks' mean cosine decides for all, as one process would."""
+    student, teacher = at_angle(40)  # cos 0.766 here: below cos 30 alone
+    assert bool(replay_switch(student, teacher, COS_30))
+    two_ranks(monkeypatch, torch.tensor([0.99]))  # rank 1's mean cosine: 0.878 over both, above cos 30
+    assert not bool(replay_switch(student, teacher, COS_30))
+
+
+def test_under_ddp_the_teacher_takes_the_ranks_average_bn_statistics(tiny_cfg, monkeypatch):
+    """The teacher snapshot at the start of fine-tuning: each rank's BN statistics are its own under DDP, so each
+    rank distilled towards its own teacher; they take the ranks' average (its weights are the same everywhere)."""
+    _, model, method, nets = setup(tiny_cfg, "train.epochs=2", "method.pretrain_epochs=1")
+    method.on_epoch_start(nets, [], NO_AMP, 1)
+    two_ranks(monkeypatch, torch.ones(()))  # rank 1's statistics: 1 everywhere (mean 1 and variance 1)
+    weight = model.conv1.weight.clone()
+    method.on_epoch_start(nets, [], NO_AMP, 2)
+    assert torch.equal(method.teacher.bn1.running_mean, (model.bn1.running_mean + 1) / 2)
+    assert torch.equal(method.teacher.bn1.running_var, (model.bn1.running_var + 1) / 2)
+    assert torch.equal(method.teacher.conv1.weight, weight)
+
+
 def test_replay_window_is_the_first_half_of_fine_tuning(tiny_cfg):
     _, model, method, nets = setup(tiny_cfg, "method.pretrain_epochs=2", "train.epochs=6")
     window = []

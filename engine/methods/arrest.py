@@ -24,6 +24,7 @@ from torch import nn
 
 from ..attacks import mode, pgd, random_start
 from ..config import ConfigError, TrainConfig
+from ..distributed import average_bn_statistics, group_info, mean_over_ranks_of
 from ..models import build_model, export_state_dict, load_plain, read_weights
 from .base import Method, Nets, StepOutput, correct, freeze
 from .std import natural_step
@@ -60,8 +61,12 @@ def read_init_state(path: str) -> dict[str, torch.Tensor]:
 
 
 def replay_switch(h_student: torch.Tensor, h_teacher: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Device bool: the batch's mean clean-feature cosine to the teacher is below `threshold`."""
-    return F.cosine_similarity(h_student.float(), h_teacher.float(), dim=1).mean() < threshold
+    """Device bool: the batch's mean clean-feature cosine to the teacher is below `threshold`. Under DDP the batch
+    is every rank's (ranks' equal shares: the mean of their means), so all ranks replay or attack together, as one
+    process would (one all-reduce on the device: no host sync)."""
+    cos = F.cosine_similarity(h_student.float(), h_teacher.float(), dim=1).mean()
+    (cos,) = mean_over_ranks_of([cos], group_info())
+    return cos < threshold
 
 
 def init_overrides(cfg: TrainConfig, path: str) -> list[str]:
@@ -123,6 +128,9 @@ class ARREST(Method):
         self.epoch = epoch
         if epoch > self.pretrain_epochs and not bool(self.teacher_ready):  # one host sync per epoch
             self.snapshot_teacher(nets.raw)
+            # under DDP each rank's BN statistics are its own (the standard stage's): one teacher for every rank,
+            # with their average, as the final network takes (a run from --init loads the same file everywhere)
+            average_bn_statistics(self.teacher, group_info(), sum_counts=False)
         return {"finetune_epoch": max(epoch - self.pretrain_epochs, 0)}
 
     def replay_window(self) -> bool:
