@@ -9,7 +9,8 @@
 #        METHODS ("std at trades mart lbgat arat arrest"; arrest fine-tunes this script's std run when std is listed,
 #        else trains its own standard stage), ABLATIONS (0; 1 adds the four ablation rows, CIFAR-10 only, with
 #        analysis.grad_sim on), SWA (0; 1 adds AR-AT + SWA, CIFAR-10 only), NPROC (1; N trains and evaluates each
-#        run under `torchrun --standalone --nproc_per_node N`), DATA_DIR (default $ARAT_DATA_DIR, else the checkout's data/),
+#        run under `torchrun --standalone --nproc_per_node N`, each process taking 128/N images of the batch of 128),
+#        DATA_DIR (default $ARAT_DATA_DIR, else the checkout's data/),
 #        ARREST_SET (extra --set arguments for ARREST only), ARAT (the arat command; default .venv/bin/arat, else
 #        `arat` on PATH), TORCHRUN (default: the torchrun beside $ARAT)
 #   Every --set after OUT_DIR goes to every new run (e.g. --set eval.aa_num_examples=1000 for a shorter evaluation);
@@ -81,6 +82,16 @@ done
 for flag in ABLATIONS SWA; do
     case "${!flag}" in 0 | 1) ;; *) die "$flag=${!flag}: 0 or 1" ;; esac
 done
+# Under torchrun train.batch_size is each process's: NPROC ranks keep METHOD's batch of 128 (the recipes') at
+# 128/NPROC each, unless a --set train.batch_size says otherwise (SWA's swa.every counts steps at that batch too)
+BATCH=()
+if [ "$NPROC" != 1 ] && [[ " ${SETS[*]-} " != *" train.batch_size="* ]]; then
+    [ $((128 % NPROC)) = 0 ] || die "NPROC=$NPROC does not divide the recipes' batch of 128: use 2, 4, 8, 16 or 32" \
+        "processes, or set each one's batch with --set train.batch_size=N"
+    BATCH=(--set train.batch_size=$((128 / NPROC)))
+    echo "reproduce: $NPROC processes x $((128 / NPROC)) images = the recipes' batch of 128 (train.batch_size is" \
+        "each process's)"
+fi
 if [ "$DATASET" != cifar10 ] && { [ "$ABLATIONS" = 1 ] || [ "$SWA" = 1 ]; }; then
     die "ABLATIONS and SWA have CIFAR-10 recipes only: set DATASET=cifar10 or leave them 0"
 fi
@@ -151,7 +162,7 @@ train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interru
         arat_train --resume "$run" ${DATA[@]+"${DATA[@]}"} ${sets[@]+"${sets[@]}"} || rc=$?
     else
         echo "reproduce: training $run"
-        arat_train --out "$run" ${DATA[@]+"${DATA[@]}"} --recipe "$recipe" "$@" || rc=$?
+        arat_train --out "$run" ${DATA[@]+"${DATA[@]}"} --recipe "$recipe" ${BATCH[@]+"${BATCH[@]}"} "$@" || rc=$?
     fi
     [ "$interrupted" = 0 ] || exit "$interrupted" # the run saved itself; stop here
     [ "$rc" != 130 ] || exit 130                   # a run stopped by a Ctrl-C of its own

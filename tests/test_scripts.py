@@ -406,6 +406,36 @@ def test_reproduce_stops_when_interrupted_whatever_the_run_s_exit_status(tmp_pat
     assert result.returncode == 130 and len((tmp_path / "calls.txt").read_text().splitlines()) == 1
 
 
+def test_reproduce_under_torchrun_keeps_the_batch_of_128(tmp_path):
+    """train.batch_size is each process's: NPROC=8 trained 8 x 128 = 1,024 images per step at the recipes' rate
+    (SWA averaging 2 snapshots instead of 20). The script gives each process 128/NPROC, unless the caller sets a
+    batch; an NPROC that does not divide 128 is refused in one line."""
+    (tmp_path / "bin").mkdir()
+    calls = tmp_path / "calls.txt"
+    for name in ("arat", "torchrun"):
+        stand_in = tmp_path / "bin" / name
+        stand_in.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> {calls}\n[ "$1" = table ] || exit 1\n')
+        stand_in.chmod(0o755)
+    env = {"ARAT": "bin/arat", "TORCHRUN": "bin/torchrun", "METHODS": "at"}
+    cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), "out"]
+    result = subprocess.run(cmd, env=reproduce_env(NPROC="8", **env), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert "--nproc_per_node 8 -m engine.cli train" in calls.read_text()
+    assert "--set train.batch_size=16" in calls.read_text() and "8 processes x 16 images" in result.stdout
+    calls.unlink()
+    result = subprocess.run([*cmd, "--set", "train.batch_size=32"], env=reproduce_env(NPROC="8", **env), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "train.batch_size=16" not in calls.read_text() and "train.batch_size=32" in calls.read_text()
+    calls.unlink()
+    result = subprocess.run(cmd, env=reproduce_env(NPROC="3", **env), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "NPROC=3 does not divide the recipes' batch of 128" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not calls.exists()
+    result = subprocess.run(cmd, env=reproduce_env(NPROC="1", **env), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert "arat train" in calls.read_text() and "train.batch_size" not in calls.read_text()
+
+
 STAND_IN_RUN = """#!{python}
 import pathlib, signal, sys, time
 
