@@ -496,7 +496,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     """Every row's configuration before the ladder's switches: the network, the step, the data, then --set."""
     base = [
         f"model.arch={args.arch}",
-        f"model.width={args.width}",
+        *([f"model.width={args.width}"] if args.arch == "resnet18" else []),  # WRN-34-10's widths are its own
         f"train.batch_size={args.batch_size}",
         f"attack.num_steps={args.attack_steps}",
         "attack.step_size=2/255",

@@ -54,6 +54,7 @@ class DataConfig:
         _one_of("data.backend", self.backend, ("device", "ffcv", "dali"))
         _check(self.train_subset >= 0 and self.test_subset >= 0, "data.*_subset must be >= 0 (0 = all)")
         _check(self.synthetic_size > 0, "data.synthetic_size must be positive")
+        _check(bool(self.data_dir.strip()), "data.data_dir is empty: name the data folder (or leave it at its default)")
 
     @property
     def num_classes(self) -> int:
@@ -69,6 +70,8 @@ class ModelConfig:
     def __post_init__(self):
         _one_of("model.arch", self.arch, ("resnet18", "wrn34-10"))
         _check(self.width > 0 and self.width % 4 == 0, "model.width must be a positive multiple of 4")
+        _check(self.arch == "resnet18" or self.width == 64, f"model.width={self.width} sizes ResNet-18 only; "
+               "WRN-34-10's widths are its own (16 x 10, ...): drop model.width")  # fmt: skip
 
 
 @dataclass
@@ -84,6 +87,9 @@ class AttackConfig:
         _check(0 < self.step_size <= 1, "attack.step_size must be in (0, 1] (images are in [0, 1]: write 2/255, not 2)")
         _check(self.num_steps >= 0, "attack.num_steps must be >= 0")
         _one_of("attack.start", self.start, ("uniform", "gaussian", "none"))
+        # only a PGD step projects onto [0, 1]: TRADES's gaussian start alone leaves pixels outside it
+        _check(self.num_steps > 0 or self.start != "gaussian", "attack.num_steps=0 with attack.start=gaussian "
+               "trains on x + noise outside [0, 1]: take at least one step, or attack.start=uniform/none")  # fmt: skip
 
 
 @dataclass
@@ -111,14 +117,13 @@ class MethodConfig:
     replay_until: float = 0.5  # ... and within this fraction of the fine-tuning epochs
 
     def __post_init__(self):
-        self.finetune_milestones = tuple(int(m) for m in self.finetune_milestones)
+        self.finetune_milestones = _epochs("method.finetune_milestones", self.finetune_milestones)
         _check(self.invariance_weight >= 0, "method.invariance_weight must be >= 0")
         _one_of("method.symmetric", self.symmetric, ("full", "average"))
         _check(0 <= self.fixed_adv_weight <= 1, "method.fixed_adv_weight must be in [0, 1]")
         _check(self.balance_images > 0, "method.balance_images must be positive")
         _check(self.beta >= 0, "method.beta must be >= 0")
         _check(self.pretrain_epochs >= 0 and self.finetune_lr > 0, "method.pretrain_epochs >= 0, finetune_lr > 0")
-        _check(list(self.finetune_milestones) == sorted(self.finetune_milestones), "method.finetune_milestones: sort")
         _check(-1 <= self.replay_cos <= 1, "method.replay_cos must be in [-1, 1]")
         _check(0 <= self.replay_until <= 1, "method.replay_until must be in [0, 1]")
         _check(
@@ -126,6 +131,18 @@ class MethodConfig:
             "method.init replaces the standard-training stage: also set method.pretrain_epochs=0 and train.epochs "
             "to the fine-tuning length (`arat train --init PATH` does all three)",
         )
+
+
+def _epochs(key: str, values) -> tuple[int, ...]:
+    """A milestone list: whole epochs >= 1, strictly increasing (a repeated one decayed the rate twice at once)."""
+    try:
+        epochs = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={values!r}: epochs, as comma-separated whole numbers (e.g. {key}=76,91)") from None
+    _check(all(e >= 1 for e in epochs), f"{key}: epochs are counted from 1; each must be >= 1")
+    _check(list(epochs) == sorted(set(epochs)), f"{key}={','.join(map(str, epochs))}: each epoch once, in "
+           "increasing order")  # fmt: skip
+    return epochs
 
 
 @dataclass
@@ -139,10 +156,8 @@ class OptimConfig:
     weight_decay: float = 5e-4
 
     def __post_init__(self):
-        self.milestones = tuple(int(m) for m in self.milestones)
+        self.milestones = _epochs("optim.milestones", self.milestones)
         _check(self.lr > 0 and self.first_epoch_lr > 0, "optim.lr and optim.first_epoch_lr must be positive")
-        _check(list(self.milestones) == sorted(self.milestones), "optim.milestones must be increasing")
-        _check(all(m >= 1 for m in self.milestones), "optim.milestones are epochs: each must be >= 1")
         _check(0 < self.decay <= 1, "optim.decay multiplies the learning rate at each milestone: 0 < decay <= 1")
         _check(self.weight_decay >= 0 and 0 <= self.momentum < 1, "optim.weight_decay >= 0, 0 <= momentum < 1")
 
@@ -278,6 +293,48 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+METHOD_KEYS = {  # method.* keys each method reads (besides name)
+    "arat": {
+        "invariance_weight",
+        "auto_balance",
+        "balance_images",
+        "fixed_adv_weight",
+        "stop_grad",
+        "predictor",
+        "symmetric",
+    },  # fmt: skip
+    "trades": {"beta", "published_bn_updates"},
+    "mart": {"beta"},
+    "lbgat": {"beta", "published_bn_updates"},
+    "arrest": {
+        "invariance_weight",
+        "init",
+        "pretrain_epochs",
+        "finetune_lr",
+        "finetune_milestones",
+        "replay_cos",
+        "replay_until",
+    },  # fmt: skip
+    "at": set(),
+    "std": set(),
+}
+
+
+def ignored_method_keys(method: MethodConfig) -> list[str]:
+    """The method.* keys set away from their defaults that this method never reads (AR-AT's fixed weight under its
+    auto-balance, its symmetric form under stop-grad too): a run would train as if they were not set."""
+    if method.name not in METHOD_KEYS:  # refused as an unknown method when the run is built
+        return []
+    default, reads = MethodConfig(), METHOD_KEYS[method.name]
+    ignored = [f.name for f in dataclasses.fields(MethodConfig) if f.name != "name" and f.name not in reads
+               and getattr(method, f.name) != getattr(default, f.name)]  # fmt: skip
+    if method.name == "arat" and method.auto_balance and method.fixed_adv_weight != default.fixed_adv_weight:
+        ignored.append("fixed_adv_weight (read with method.auto_balance=false)")
+    if method.name == "arat" and method.stop_grad and method.symmetric != default.symmetric:
+        ignored.append("symmetric (read with method.stop_grad=false)")
+    return ignored
+
+
 def check_trainable(cfg: TrainConfig) -> None:
     """What a run must not train with, beyond each section's own checks: switches one method would ignore or misuse.
     Checked when a run is built (not when a config is read: an older run's evaluation or export still loads)."""
@@ -295,6 +352,9 @@ def check_trainable(cfg: TrainConfig) -> None:
     _check(method.name != "arrest" or bool(method.init) or method.pretrain_epochs > 0,
            "ARREST fine-tunes a standard-trained network: give it one (`arat train --init PATH`) or train one "
            "first (method.pretrain_epochs > 0, within train.epochs)")  # fmt: skip
+    ignored = ignored_method_keys(method)
+    _check(not ignored, f"{method.name} does not read method.{', method.'.join(ignored)}: drop it, or pick the method "
+           "that does")  # fmt: skip
 
 
 def _check_finite(cfg: TrainConfig) -> None:
@@ -404,4 +464,25 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         _check(target is not None, f"--set {key}: unknown section {section!r} (train, {', '.join(sorted(SECTIONS))})")
         _check(name in target and not isinstance(target[name], dict), f"--set {key}: unknown key {name!r}")
         target[name] = _parse_value(text.strip(), target[name], key)
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    # a recipe without a warm first epoch (first_epoch_lr = lr: the baselines) keeps none when lr is set: epoch 1
+    # ran at the recipe's rate, then the new one
+    if "optim.lr" in keys and "optim.first_epoch_lr" not in keys and cfg.optim.first_epoch_lr == cfg.optim.lr:
+        raw["optim"]["first_epoch_lr"] = raw["optim"]["lr"]
     return from_dict(raw)
+
+
+def schedule_notice(cfg: TrainConfig) -> str | None:
+    """A learning-rate milestone the run never reaches (e.g. a 100-epoch recipe cut to 30 epochs): said, not
+    refused (a short run may mean it)."""
+    if cfg.method.name == "arrest":
+        key, milestones = "method.finetune_milestones", cfg.method.finetune_milestones
+        last = cfg.epochs - cfg.method.pretrain_epochs  # fine-tuning epochs
+    else:
+        key, milestones, last = "optim.milestones", cfg.optim.milestones, cfg.epochs
+    late = [m for m in milestones if m >= last]
+    if not late:
+        return None
+    return (f"{key}={','.join(map(str, milestones))}: the learning rate never decays after epoch"
+            f"{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} in a run of {last} epochs "
+            f"(set {key} to change that)")  # fmt: skip

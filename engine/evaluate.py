@@ -231,14 +231,14 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 
 def attack_spec(
     name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int, tf32: bool = False,
-    channels_last: bool = True, compiled: bool = False, data_hash: str | None = None, hardware: str | None = None,
+    channels_last: bool = True, compiled: bool | str = False, data_hash: str | None = None, hardware: str | None = None,
     gemm_convs: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """What determines an attack's per-image flags (and so whether saved chunks can be reused). `tf32`: CUDA
     convolutions may run in TF32 (torch's default for cuDNN, which AutoAttack and RobustBench evaluations keep).
     The network's memory format picks other convolution kernels, whose last bits may differ, as does torch.compile
-    (`compiled`: Inductor's fused code); cuDNN picks its algorithms by heuristic, deterministic ones only
-    (`repeatable_kernels`). `hardware` (`hardware_id`): kernels differ in their last bits between GPU models,
+    (`compiled`: its backend, e.g. Inductor's fused code); cuDNN picks its algorithms by heuristic, deterministic
+    ones only (`repeatable_kernels`). `hardware` (`hardware_id`): kernels differ in their last bits between GPU models,
     cuDNN/CUDA versions, CPU instruction sets and torch versions, so chunks are reused only where they ran.
     `gemm_convs`: the convolutions a CPU run computes as matrix products (perf.gemm_conv: the evaluation ending a
     training run inherits them, `arat eval` does not), whose last bits differ from oneDNN's."""
@@ -377,8 +377,8 @@ def _evaluate(
             n = num_images(name, cfg, len(y_all))
             if n not in data_hashes:  # clean and PGD-20 run on the same images: hashed (on the host) once
                 data_hashes[n] = data_fingerprint(x_all[:n], y_all[:n])
-            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last, compiled,
-                               data_hashes[n], hardware, gemm_convs)  # fmt: skip
+            spec = attack_spec(name, cfg, n, seed, model_hash, batch, tf32, perf_cfg.channels_last,
+                               compiled and perf_cfg.compile_backend, data_hashes[n], hardware, gemm_convs)  # fmt: skip
             store = ChunkStore(record_dir, name, spec)
             starts = range(0, n, cfg.chunk_size)
             mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]

@@ -128,6 +128,13 @@ class Perf:
         if self.deterministic or torch.are_deterministic_algorithms_enabled():  # a deterministic run's, or another's
             set_deterministic(self.deterministic)
 
+    def resolved(self) -> dict[str, object]:
+        """The switches as this process resolved them (config.json keeps `auto`): for env.json and results.json,
+        so a run's precision and compilation are on record whatever the hardware made of auto."""
+        return {"dtype": DTYPE_NAMES[self.dtype], "channels_last": self.channels_last, "compile": self.compiled,
+                "kernels": self.kernels, "cuda_graphs": self.cuda_graphs, "gemm_conv": self.gemm_convs,
+                "cudnn_benchmark": self.cudnn_benchmark, "deterministic": self.deterministic}  # fmt: skip
+
     def autocast(self):
         if self.dtype == torch.float32:
             return torch.autocast(self.device.type, enabled=False)

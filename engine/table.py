@@ -19,6 +19,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import METHOD_KEYS
 from .errors import UserError
 from .recipes import ABLATION_NAMES, ABLATIONS
 
@@ -64,31 +65,6 @@ ARAT_VARIANTS = {(split_bn, asym, asym): ABLATION_NAMES[v] for v, (split_bn, asy
 # the method.* keys the run's method does not read; plus the number of processes (each takes a batch of its own).
 NOT_SETTINGS = {"recipe", "description", "seed", "log_every", "eval", "perf", "dist", "analysis"}
 NOT_DATA_SETTINGS = {"data_dir", "backend", "synthetic_fallback", "test_subset"}
-METHOD_KEYS = {  # method.* keys each method reads (besides name)
-    "arat": {
-        "invariance_weight",
-        "auto_balance",
-        "balance_images",
-        "fixed_adv_weight",
-        "stop_grad",
-        "predictor",
-        "symmetric",
-    },  # fmt: skip
-    "trades": {"beta", "published_bn_updates"},
-    "mart": {"beta"},
-    "lbgat": {"beta", "published_bn_updates"},
-    "arrest": {
-        "invariance_weight",
-        "init",
-        "pretrain_epochs",
-        "finetune_lr",
-        "finetune_milestones",
-        "replay_cos",
-        "replay_until",
-    },  # fmt: skip
-    "at": set(),
-    "std": set(),
-}
 
 
 class TableError(UserError):

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import distributed, perf
 from .analysis import GradSim, build_grad_sim
-from .config import ConfigError, TrainConfig, check_trainable, from_dict
+from .config import ConfigError, TrainConfig, check_trainable, from_dict, schedule_notice
 from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, resolve_dataset
 from .errors import UserError
 from .evaluate import evaluate, format_results, summary, write_flags
@@ -476,7 +476,11 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     say = print if run.dist.is_main else (lambda *a, **k: None)
     if run.dist.is_main:  # the device as asked for (auto, cuda...): a resume elsewhere resolves it again
         rundir.save_config(replace(cfg, perf=replace(cfg.perf, device=run.requested_device)))
-        started = {"dataset": resolve_dataset(cfg.data), "world_size": run.dist.world_size}  # what is trained on
+        started = {
+            "dataset": resolve_dataset(cfg.data),
+            "world_size": run.dist.world_size,  # what is trained on
+            "perf": run.perf.resolved(),
+        }  # and how: auto as resolved here (each resume's its own)
         rundir.record_environment(environment(run.perf.device) | started, resume)
     if resume and rundir.checkpoint(LATEST).exists():
         try:
@@ -511,6 +515,8 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     if resume and not run.epoch:
         say(f"{rundir.path} has no checkpoint yet (none is written before epoch 1 ends): starting it from epoch 1")
     if notice := data_notice(cfg.data):
+        say(notice)
+    if (notice := schedule_notice(cfg)) and run.epoch < cfg.epochs:
         say(notice)
     if run.epoch:
         say(f"resuming after epoch {run.epoch}/{cfg.epochs} from {rundir.checkpoint(LATEST)}")

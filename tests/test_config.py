@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from engine.config import ConfigError, OptimConfig, TrainConfig, apply_overrides, from_dict
@@ -137,3 +139,70 @@ def test_switches_a_method_would_silently_ignore_are_refused():
     init = apply_overrides(get_recipe("at-resnet18-cifar10"), ["method.init=x.pt"])  # an older run's config reads
     with pytest.raises(ConfigError, match="drop method.init"):
         check_trainable(init)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["optim.milestones=2,2"], "each epoch once, in increasing order"),  # decayed twice at once before
+        (["optim.milestones=", "optim.milestones=abc"], "epochs, as comma-separated whole numbers"),  # a traceback
+        (["method.finetune_milestones=0,5"], "epochs are counted from 1"),
+        (["attack.num_steps=0", "attack.start=gaussian"], "outside [0, 1]"),
+        (["model.arch=wrn34-10", "model.width=16"], "sizes ResNet-18 only"),  # silently ignored before
+        (["data.data_dir= "], "data.data_dir is empty"),
+    ],
+)
+def test_settings_that_trained_something_else_are_refused(overrides, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        apply_overrides(get_recipe("smoke"), overrides)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "says"),
+    [
+        ("at-resnet18-cifar10", ["method.invariance_weight=100"], "at does not read method.invariance_weight"),
+        ("trades-resnet18-cifar10", ["method.stop_grad=false"], "trades does not read method.stop_grad"),
+        ("smoke", ["method.beta=3"], "arat does not read method.beta"),
+        ("smoke", ["method.fixed_adv_weight=0.3"], "fixed_adv_weight (read with method.auto_balance=false)"),
+        ("smoke", ["method.symmetric=average"], "symmetric (read with method.stop_grad=false)"),
+    ],
+)
+def test_method_keys_the_method_does_not_read_are_refused(recipe, overrides, says):
+    """Accepted and ignored before: the run trained as if they were not set."""
+    from engine.config import check_trainable
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check_trainable(apply_overrides(get_recipe(recipe), overrides))
+    check_trainable(apply_overrides(get_recipe("smoke"), ["method.auto_balance=false", "method.fixed_adv_weight=0.3"]))
+
+
+def test_every_recipe_sets_only_keys_its_method_reads_and_every_method_is_listed():
+    from engine.config import METHOD_KEYS, check_trainable
+    from engine.methods import METHODS
+
+    assert METHOD_KEYS.keys() == METHODS.keys()
+    for name in RECIPES:
+        check_trainable(get_recipe(name))
+
+
+def test_a_recipe_without_a_warm_first_epoch_keeps_none_when_its_lr_is_set():
+    """The baselines' first_epoch_lr is their lr, a number in the recipe: `--set optim.lr=0.05` ran epoch 1 at 0.1
+    and the rest at 0.05. A warm first epoch (AR-AT's 0.02) stays, and an explicit one wins."""
+    at = apply_overrides(get_recipe("at-resnet18-cifar10"), ["optim.lr=0.05"])
+    assert at.optim.lr_at(1) == at.optim.lr_at(2) == 0.05
+    arat = apply_overrides(get_recipe("arat-resnet18-cifar10"), ["optim.lr=0.05"])
+    assert arat.optim.lr_at(1) == 0.02 and arat.optim.lr_at(2) == 0.05
+    both = apply_overrides(get_recipe("at-resnet18-cifar10"), ["optim.lr=0.05", "optim.first_epoch_lr=0.01"])
+    assert both.optim.lr_at(1) == 0.01
+
+
+def test_a_milestone_the_run_never_reaches_is_said():
+    from engine.config import schedule_notice
+
+    assert schedule_notice(get_recipe("arat-resnet18-cifar10")) is None
+    short = apply_overrides(get_recipe("arat-resnet18-cifar10"), ["train.epochs=30"])
+    assert "never decays after epochs 76, 91 in a run of 30 epochs" in schedule_notice(short)
+    arrest = apply_overrides(get_recipe("arrest-resnet18-cifar10"), ["method.finetune_milestones=10,25"])
+    assert "method.finetune_milestones=10,25: the learning rate never decays after epoch 25 in a run of 20" in (
+        schedule_notice(arrest)
+    )

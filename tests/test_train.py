@@ -226,6 +226,8 @@ def test_one_permission_policy_and_env_json_kept_on_resume(tiny_cfg, tmp_path):
     run_training(cfg, run, resume=True)
     env = json.loads((run / "env.json").read_text())
     assert {k: v for k, v in env.items() if k != "resumes"} == first and len(env["resumes"]) == 1
+    # the switches as resolved (config.json keeps auto): the precision each process trained in is on record
+    assert first["perf"]["dtype"] in ("bf16", "fp32") and env["resumes"][0]["perf"] == first["perf"]
     modes = {p.relative_to(run).as_posix(): p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
     assert len(set(modes.values())) == 1, modes
 
