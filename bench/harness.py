@@ -92,11 +92,13 @@ def cpu_model() -> str:
 
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Rows appended, each on a line of its own: after a benchmark killed mid-row, the next begins a new line (it
+    continued the half line, leaving a line no JSON reader takes in the middle of the file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    with path.open("ab+") as f:
+        ends_open = f.tell() > 0 and (f.seek(-1, 2) or f.read(1)) != b"\n"
+        f.write(b"\n" * ends_open + "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

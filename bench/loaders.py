@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import statistics
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import bench_device, provenance, run_cli
+from harness import append_jsonl, bench_device, provenance, run_cli
 
 from engine.config import DataConfig, default_data_dir
 from engine.data import DeviceLoader, Loader, backends, build_loaders, load_splits
@@ -178,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         row |= {"bench": "loaders", "dataset": args.dataset, "batch_size": args.batch_size, "epochs": args.epochs}
         row |= {"device_type": device.type, "workers": args.workers, **env}
         rows.append(row)
-        with args.out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(args.out, [row])
         print(f"{backend}: {row['images_per_s']:,} img/s (first epoch {row['first_epoch_images_per_s']:,})")
     print(
         f"\n{table(rows)}\n\n{len(train)} training images, batch {args.batch_size}, {env['device']}, "

@@ -7,6 +7,7 @@ line on stderr and exit status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -290,7 +291,8 @@ def cmd_eval(args) -> None:
                           "evaluate it on the data it was trained for (--dataset)")  # fmt: skip
     record = Path(args.out) if args.out else target / "eval" if target.is_dir() else target.with_suffix(".eval")
     split = load_test_split(data_cfg, cfg.seed)
-    info = distributed.init(DistConfig(), device.type)  # under torchrun: the chunks are shared among the ranks
+    # under torchrun: the chunks are shared among the ranks, waiting on each other as long as the run's ranks may
+    info = distributed.init(DistConfig(timeout_min=cfg.dist.timeout_min), device.type)
     device = distributed.local_device(info, device)
     make_current(device)
     seed = cfg.seed if args.seed is None else args.seed
@@ -310,26 +312,30 @@ def cmd_eval(args) -> None:
     dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
     entry = {"target": str(target.resolve()), "dataset": dataset, "results": summary(results),
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-    write_flags(record, results)
-    (record / "records").mkdir(exist_ok=True)
-    atomic_json(record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}.json", entry)
-    if target.is_dir():
-        with RunDir(target).open_for_writing(resume=True) as rundir:
+    # every file this evaluation updates is written under the run's lock: two evaluations of one run at once
+    # each merged into flags.json as read before the other wrote (one's entry lost)
+    with RunDir(target).open_for_writing(resume=True) if target.is_dir() else contextlib.nullcontext() as rundir:
+        write_flags(record, results)
+        (record / "records").mkdir(exist_ok=True)
+        # the process in the name: two evaluations ending in the same second keep both records
+        atomic_json(record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json", entry)
+        if rundir is not None:
             rundir.write_json("eval.json", merged_evaluation(rundir.path / "eval.json", dataset, summary(results)))
 
 
 def writable_now(run: Path) -> None:
     """`arat eval RUN` writes RUN/eval.json at its end: a run in use (still training) or read-only is refused before
     anything is evaluated (it was refused after the whole evaluation, whose chunks a retry then redid)."""
-    from .rundir import RunDir, RunDirError
+    from .rundir import FINAL, LATEST, RunDir, RunDirError, RunDirInUse
 
+    network = run / "checkpoints" / (FINAL if (run / "checkpoints" / FINAL).exists() else LATEST)  # SWA's: final
+    apart = f"to evaluate its network without writing there: arat eval {network} --out DIR"
+    unwritable = f"arat eval {run} writes {run / 'eval.json'}, which arat table reads; {apart}"
     try:
-        with RunDir(run).open_for_writing(resume=True):
+        with RunDir(run).open_for_writing(resume=True, unwritable=unwritable):
             pass
-    except RunDirError as e:
-        latest = run / "checkpoints" / "latest.pt"
-        raise RunDirError(f"{e} (arat eval {run} writes {run / 'eval.json'}, which arat table reads; a checkpoint "
-                          f"file is evaluated apart: arat eval {latest})") from None  # fmt: skip
+    except RunDirInUse as e:
+        raise RunDirError(f"{e} ({unwritable})") from None
 
 
 def output_classes(model: torch.nn.Module) -> int:

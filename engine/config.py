@@ -87,9 +87,6 @@ class AttackConfig:
         _check(0 < self.step_size <= 1, "attack.step_size must be in (0, 1] (images are in [0, 1]: write 2/255, not 2)")
         _check(self.num_steps >= 0, "attack.num_steps must be >= 0")
         _one_of("attack.start", self.start, ("uniform", "gaussian", "none"))
-        # only a PGD step projects onto [0, 1]: TRADES's gaussian start alone leaves pixels outside it
-        _check(self.num_steps > 0 or self.start != "gaussian", "attack.num_steps=0 with attack.start=gaussian "
-               "trains on x + noise outside [0, 1]: take at least one step, or attack.start=uniform/none")  # fmt: skip
 
 
 @dataclass
@@ -352,9 +349,19 @@ def check_trainable(cfg: TrainConfig) -> None:
     _check(method.name != "arrest" or bool(method.init) or method.pretrain_epochs > 0,
            "ARREST fine-tunes a standard-trained network: give it one (`arat train --init PATH`) or train one "
            "first (method.pretrain_epochs > 0, within train.epochs)")  # fmt: skip
+    # only a PGD step projects onto [0, 1]: TRADES's gaussian start alone leaves pixels outside it
+    _check(cfg.attack.num_steps > 0 or cfg.attack.start != "gaussian" or method.name == "std",
+           "attack.num_steps=0 with attack.start=gaussian trains on x + noise outside [0, 1]: take at least one "
+           "step, or attack.start=uniform/none")  # fmt: skip
+
+
+def ignored_keys_notice(method: MethodConfig) -> str | None:
+    """Said at start, not refused (`scripts/reproduce.sh` passes one --set to every method's run): the method.* keys
+    set that this run's method does not read."""
     ignored = ignored_method_keys(method)
-    _check(not ignored, f"{method.name} does not read method.{', method.'.join(ignored)}: drop it, or pick the method "
-           "that does")  # fmt: skip
+    if not ignored:
+        return None
+    return f"{method.name} does not read method.{', method.'.join(ignored)}: the run trains as if unset"
 
 
 def _check_finite(cfg: TrainConfig) -> None:

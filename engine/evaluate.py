@@ -120,17 +120,33 @@ class ChunkStore:
             if not (self.path / "spec.json").exists():
                 atomic_json(self.path / "spec.json", spec, indent=None)
 
-    def load(self, index: int) -> dict | None:
+    def load(self, index: int, start: int, stop: int, seed: int, stages: tuple[str, ...] = ()) -> dict | None:
+        """Chunk `index` (images start..stop, drawn from `seed`; AutoAttack's: with a count per stage), or None to
+        attack it (again): absent, unreadable, or not a whole record of that chunk (hand-edited or damaged: a short
+        flags string read as a silently lower accuracy)."""
         if self.path is None or not (self.path / f"{index:05d}.json").exists():
             return None
         try:
-            return json.loads((self.path / f"{index:05d}.json").read_text())
+            record = json.loads((self.path / f"{index:05d}.json").read_text())
         except (OSError, ValueError):  # a chunk written by a process killed mid-write is redone
             return None
+        return record if whole_record(record, index, start, stop, seed, stages) else None
 
     def save(self, index: int, record: dict) -> None:
         if self.path is not None:
             atomic_json(self.path / f"{index:05d}.json", record, indent=None)
+
+
+def whole_record(record, index: int, start: int, stop: int, seed: int, stages: tuple[str, ...]) -> bool:
+    """Whether `record` is a finished record of this chunk, every field in place and the flags long enough."""
+    try:
+        counts = record["counts"]
+        return (record["index"] == index and (record["start"], record["stop"]) == (start, stop)
+                and record["seed"] == seed and len(bytes.fromhex(record["flags"])) * 8 >= stop - start
+                and isinstance(record["seconds"], (int, float))
+                and all(isinstance(counts[s], int) for s in stages))  # fmt: skip
+    except (KeyError, TypeError, ValueError, IndexError):
+        return False
 
 
 @torch.no_grad()
@@ -384,10 +400,11 @@ def _evaluate(
             mine = [k for k in range(len(starts)) if k % dist.world_size == dist.rank]
             start, records, reused = time.perf_counter(), [], 0
             bar = progress_bar(mine, desc=f"eval: {name}", leave=False, dynamic_ncols=True, disable=not dist.is_main)
+            stages = ("clean", *protocol.attacks) if name == "aa" else ()
             for k in bar:
-                record = store.load(k)
+                lo, hi = starts[k], min(starts[k] + cfg.chunk_size, n)
+                record = store.load(k, lo, hi, chunk_seed(seed, name, k), stages)
                 if record is None:
-                    lo, hi = starts[k], min(starts[k] + cfg.chunk_size, n)
                     chunk = (k, lo, x_all[lo:hi], y_all[lo:hi], chunk_seed(seed, name, k))
                     record = _attack_chunk(name, chunk, (classifier, attacker, aa_net), batch, protocol, bar)
                     store.save(k, record)

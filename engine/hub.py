@@ -5,13 +5,11 @@
     logits = model(images)                            # (N, 3, 32, 32) in [0, 1] -> (N, classes)
 
 That is the convention AutoAttack, torchattacks and RobustBench expect (no normalization inside or outside). The
-architecture comes from the `model_info` JSON `arat export` writes beside the weights, else from the weights' names
-and shapes (so a plain state_dict of either network loads too).
+architecture comes from the weights' names and shapes (so a plain state_dict of either network loads too).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -46,11 +44,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         source = source / "checkpoints" / "final.pt"
     state, _ = read_weights(source)
     plain = export_state_dict(state)
+    # the weights' names and shapes name the network (a model_info JSON beside them is not needed: one that is
+    # foreign or broken, a common name, raised before)
     cfg, classes = infer_config(plain)
-    info = info_path(source)
-    if info.exists():
-        meta = json.loads(info.read_text()).get("engine", {})
-        cfg = ModelConfig(arch=meta.get("arch", cfg.arch), width=meta.get("width", cfg.width), split_bn=False)
     net = build_model(cfg, classes, split_bn=False)
     load_plain(net, plain, str(source))
     return EvalForward(net).to(device).eval()  # the plain network's single BN holds the adv-BN statistics

@@ -30,6 +30,10 @@ class RunDirError(UserError):
     """An output directory that can't be used; the message says what to do."""
 
 
+class RunDirInUse(RunDirError):
+    """Another process holds the run's lock."""
+
+
 def file_mode() -> int:
     """One permission policy for every file of a run: what the umask gives a new file (mkstemp alone gives 0600)."""
     umask = os.umask(0)
@@ -44,7 +48,8 @@ def atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a host crash leaves the old file or the new, whole
-        os.chmod(tmp, file_mode())
+        with contextlib.suppress(PermissionError, NotImplementedError):  # vfat/exFAT refuse it: their own modes
+            os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -161,17 +166,29 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
 
     @contextlib.contextmanager
-    def open_for_writing(self, resume: bool):
+    def open_for_writing(self, resume: bool, unwritable: str = "pick a writable --out"):
         """Create (or reopen, to resume) the run directory and hold an exclusive lock on it until the block ends:
-        a second process writing into the same run gets one line naming the holder."""
-        self.create(resume)
+        a second process writing into the same run gets one line naming the holder. `unwritable`: what to do when
+        the folder cannot be written (the caller knows)."""
+        self.create(resume, unwritable)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, file_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunDirError(f"{self.path} is in use by {holder}: wait for it to end (or stop it), retry") from None
+            stale = f"a holder on another host that is down leaves the lock held: then remove {LOCK}"
+            said = f"{self.path} is in use by {holder}: wait for it to end (or stop it), retry ({stale})"
+            raise RunDirInUse(said) from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP...: NFS without its lock daemon, some FUSE or SMB mounts
+            os.close(fd)
+            raise RunDirError(f"cannot lock {self.path / LOCK} ({e.strerror}): this filesystem takes no file locks; "
+                              "put the run on a local disk") from None  # fmt: skip
+        try:  # started together with another process, which took the lock and wrote its run first
+            self.check_new(resume)
+        except RunDirError:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {platform.node()}".encode(), 0)
         try:
@@ -188,7 +205,8 @@ class RunDir:
             for p in self.path.iterdir()
         )
 
-    def create(self, resume: bool) -> None:
+    def check_new(self, resume: bool) -> None:
+        """A new run (not a resume) goes only into a new folder, an empty one, or one an interrupted start left."""
         if self.path.exists() and not resume and self.holds_anything():
             if not (self.path / "config.json").exists():
                 raise RunDirError(f"{self.path} is not empty and holds no run: pick another --out (a new or empty "
@@ -197,13 +215,16 @@ class RunDir:
                 f"{self.path} already holds a run: resume it with `arat train --resume {self.path}` "
                 "or pick another --out"
             )
+
+    def create(self, resume: bool, unwritable: str = "pick a writable --out") -> None:
+        self.check_new(resume)
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             probe = self.path / WRITE_PROBE
             probe.write_text("")
-            probe.unlink()
+            probe.unlink(missing_ok=True)  # another process starting here at once may have removed it
         except OSError as e:
-            raise RunDirError(f"cannot write to {self.path} ({e.strerror}); pick a writable --out") from None
+            raise RunDirError(f"cannot write to {self.path} ({e.strerror}); {unwritable}") from None
 
     def write_json(self, name: str, data: dict) -> None:
         atomic_json(self.path / name, data)
@@ -255,12 +276,15 @@ class RunDir:
         ended, or it is training on past an earlier end); None for a finished run or one without a checkpoint."""
         if self.checkpoint(FINAL).exists() or not self.checkpoint(LATEST).exists():
             return None
-        try:
-            done = [row.get("epoch") for row in self.metrics()]
-        except RunDirError:  # a corrupt metrics.jsonl: said without the epoch
-            done = []
+        try:  # the checkpoint's own epoch (its tensors mapped, not read): a row is written just before it
+            epoch = torch.load(self.checkpoint(LATEST), map_location="cpu", mmap=True, weights_only=True)["epoch"]
+        except Exception:  # unreadable here: the metrics' last row
+            try:
+                epoch = ([row.get("epoch") for row in self.metrics()] or [None])[-1]
+            except RunDirError:  # a corrupt metrics.jsonl: said without the epoch
+                epoch = None
         of = f" of {epochs}" if epochs else ""
-        return f"after epoch {done[-1]}{of}" if done else f"before the last epoch{of}"
+        return f"after epoch {epoch}{of}" if epoch else f"before the last epoch{of}"
 
     def metrics(self) -> list[dict]:
         """The rows of metrics.jsonl; a half-written last line (a kill during the append) is dropped."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import distributed, perf
 from .analysis import GradSim, build_grad_sim
-from .config import ConfigError, TrainConfig, check_trainable, from_dict, schedule_notice
+from .config import ConfigError, TrainConfig, check_trainable, from_dict, ignored_keys_notice, schedule_notice
 from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, resolve_dataset
 from .errors import UserError
 from .evaluate import evaluate, format_results, summary, write_flags
@@ -236,7 +236,9 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     if run.method.fresh_optimizer_at(epoch):
         run.optimizer.state.clear()  # momentum buffers are made again from the next gradients
     begun, first = time.perf_counter(), {}
-    compiling = run.perf.compiled and not run.warm  # the epoch-start pass and the first step build the graphs
+    # the epoch-start pass and the first step build the graphs: in a process's first epoch, and in the first epoch
+    # of a new stage (ARREST's fine-tuning: the eval-mode attack and the teacher), timed apart from the pace
+    compiling = run.perf.compiled and (not run.warm or run.method.fresh_optimizer_at(epoch))
     graphs_before = perf.dynamo_counts() if run.perf.compiled else None
     batches = iter(loader)
     # ~balance_images images over all ranks (METHOD 4's ~1024), each rank measuring its share of its own batches
@@ -257,7 +259,7 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     for i, (x, y) in enumerate(itertools.chain(head, batches), 1):
         for k, v in train_step(run, x, y).items():
             totals[k] = totals.get(k, 0) + v
-        if compiling and not run.warm:
+        if compiling and not first:
             run.warm = True
             first["first_step_seconds"] = round(synced_seconds(begun, run.perf.device), 2)
             first["epoch_start_seconds"] = round(start - begun, 2)  # the balance pass, its compiling included
@@ -326,7 +328,7 @@ def summarize(totals: dict[str, torch.Tensor], steps: int, images: int, info: di
     return row
 
 
-def epoch_line(row: dict, epochs: int, cost=lambda epoch: 1.0) -> str:
+def epoch_line(row: dict, epochs: int, cost=lambda epoch: 1.0, checkpoint_seconds: float = 0.0) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}"]
     keys = ("loss", "cls", "inv", "adv_weight", "grad_sim", "grad_conflict", "lr")
     parts += [f"{k} {row[k]:.4g}" for k in keys if row.get(k) is not None]
@@ -353,7 +355,7 @@ def epoch_line(row: dict, epochs: int, cost=lambda epoch: 1.0) -> str:
         pace = row["epoch_seconds"] - (row.get("first_step_seconds", 0.0) - row.get("epoch_start_seconds", 0.0))
         # `cost(epoch)`: an epoch's relative cost (ARREST's fine-tuning epochs attack, its standard ones do not)
         left = sum(cost(e) for e in range(row["epoch"] + 1, epochs + 1)) / cost(row["epoch"])
-        parts.append(f"~{clock(max(pace, 0.0) * left)} of training left")
+        parts.append(f"~{clock(max(pace, 0.0) * left + checkpoint_seconds * (epochs - row['epoch']))} of training left")
     return "  ".join(parts)
 
 
@@ -418,7 +420,9 @@ def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
         problem = None
         if run.dist.is_main:
             try:
-                stack.enter_context(rundir.open_for_writing(resume))
+                # a resume writes into the run itself: --out is no way out
+                unwritable = "make it writable, or copy the run to a writable folder and resume the copy"
+                stack.enter_context(rundir.open_for_writing(resume, unwritable if resume else "pick a writable --out"))
                 problem = other_data_on_resume(run, rundir) if resume else None
             except RunDirError as e:
                 problem = str(e)
@@ -516,12 +520,17 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         say(f"{rundir.path} has no checkpoint yet (none is written before epoch 1 ends): starting it from epoch 1")
     if notice := data_notice(cfg.data):
         say(notice)
-    if (notice := schedule_notice(cfg)) and run.epoch < cfg.epochs:
-        say(notice)
+    for notice in (schedule_notice(cfg), ignored_keys_notice(cfg.method)):
+        if notice and run.epoch < cfg.epochs:
+            say(notice)
     if run.epoch:
         say(f"resuming after epoch {run.epoch}/{cfg.epochs} from {rundir.checkpoint(LATEST)}")
     if swa_notice:
         say(swa_notice)
+    elif cfg.swa.enabled and run.epoch < cfg.epochs:  # swa.every counts steps: a batch per process changes it
+        steps, n = len(run.train_loader), run.swa.updates(len(run.train_loader), cfg.epochs, done=run.epoch)
+        say(f"SWA averages {n} snapshot{'s' * (n != 1)} from here: every {cfg.swa.every} steps from epoch "
+            f"{max(cfg.swa.start_epoch, run.epoch + 1)} ({steps} steps per epoch)")  # fmt: skip
     if run.perf.compiled and run.epoch < cfg.epochs:
         say("torch.compile builds the step's graphs during the first steps (minutes on a CPU; Inductor's on-disk "
             "cache shortens later runs); the first epoch's line gives the time")  # fmt: skip
@@ -540,11 +549,13 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         check_finite_weights(run, epoch)  # the epoch's last update came after its last loss
         run.epoch = epoch
         row["wall_seconds"] = round(time.perf_counter() - wall, 2)
+        saving = time.perf_counter()
         state = run.state_dict()  # a collective under DDP (per-rank RNG states): every rank calls it
         if run.dist.is_main:
             rundir.append_metrics(row)
             rundir.save_checkpoint(LATEST, state)
-        say(epoch_line(row, cfg.epochs, run.method.epoch_cost))
+        # the checkpoint's write, every epoch (seconds for WRN-34-10 with SWA), is in the time left too
+        say(epoch_line(row, cfg.epochs, run.method.epoch_cost, time.perf_counter() - saving))
     finish(run, rundir, evaluate_at_end, say)
 
 

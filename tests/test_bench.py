@@ -614,3 +614,19 @@ def test_aa_dtype_times_both_dtypes_in_alternating_rounds(tmp_path, cifar_dir):
     assert (fp32["dtype"], bf16["dtype"], fp32["rounds"], bf16["rounds"]) == ("fp32", "bf16", 2, 2)
     assert fp32["vs_fp32"] == 1.0 and bf16["vs_fp32"] > 0 and fp32["seconds"] > 0 and bf16["seconds"] > 0
     assert fp32["num_examples"] == 8 and 0 <= fp32["flags_differ"] <= 8 and fp32["cpu"]
+
+
+def test_rows_appended_after_a_half_written_one_start_a_line_of_their_own(tmp_path):
+    """A benchmark killed mid-row left a half line; the next appended onto it, and the file held a line no JSON
+    reader takes in its middle. Now the next row starts a new line: every line but the half one reads."""
+    from harness import append_jsonl
+
+    out = tmp_path / "rows.jsonl"
+    append_jsonl(out, [{"a": 1}])
+    with out.open("a") as f:
+        f.write('{"b": ')  # the kill
+    append_jsonl(out, [{"c": 3}, {"d": 4}])
+    lines = out.read_text().splitlines()
+    assert lines[1] == '{"b": ' and [json.loads(line) for line in lines[2:]] == [{"c": 3}, {"d": 4}]
+    append_jsonl(tmp_path / "new.jsonl", [{"e": 5}])
+    assert (tmp_path / "new.jsonl").read_text() == '{"e": 5}\n'

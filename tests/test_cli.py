@@ -14,6 +14,7 @@ from hostile import RunsCode
 from engine.cli import main
 from engine.config import ModelConfig
 from engine.models import build_model
+from engine.rundir import RunDir
 
 
 def run_cli(capsys, *args):
@@ -601,7 +602,7 @@ def test_a_user_s_review_of_the_cli(tmp_path, capsys, monkeypatch):
     with RunDir(run).open_for_writing(resume=True):
         assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "32"]) == 2
     err = one_line_error(capsys)
-    assert "in use" in err and "latest.pt" in err
+    assert "in use" in err and "final.pt --out DIR" in err  # its final network (an SWA run's latest.pt is not)
     assert main(["eval", str(run), "--attacks", "clean", "--dataset", "cifar100"]) == 2
     assert "10 outputs" in one_line_error(capsys)
     if not torch.cuda.is_available():
@@ -676,3 +677,7 @@ def test_evaluating_an_unfinished_run_says_so(tmp_path, capsys):
     assert main(["export", str(run), str(tmp_path / "net.pt")]) == 0
     info = json.loads((tmp_path / "net.json").read_text())
     assert info["footnote"].startswith("an unfinished run's latest checkpoint (after epoch 1 of 1)")
+    # stopped between epoch 2's row and its checkpoint: the checkpoint's epoch, not the row's
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"epoch": 2}) + "\n")
+    assert RunDir(run).unfinished(3) == "after epoch 1 of 3"

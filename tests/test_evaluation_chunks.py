@@ -255,6 +255,27 @@ def test_saved_chunks_of_another_model_are_not_reused(tmp_path):
     assert evaluate(other, split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 0
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: r | {"flags": ""},  # short flags: the accuracy read silently low (0 of 16)
+        lambda r: r | {"flags": "zz"},  # not hex: a traceback
+        lambda r: [r],  # not a record
+        lambda r: {k: v for k, v in r.items() if k != "counts"},
+        lambda r: r | {"start": 16, "stop": 32},  # another chunk's place
+        lambda r: r | {"seed": r["seed"] + 1},
+    ],
+)
+def test_a_damaged_or_edited_chunk_record_is_attacked_again(tmp_path, damage):
+    split, record = labelled_split(), tmp_path / "eval"
+    cfg = EvalConfig(attacks=("clean",), num_examples=32, batch_size=16, chunk_size=16)
+    first = evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)
+    (chunk,) = (record / "chunks").glob("clean-*/00000.json")
+    chunk.write_text(json.dumps(damage(json.loads(chunk.read_text()))))
+    again = evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]
+    assert again["reused_chunks"] == 1 and again["accuracy"] == first["clean"]["accuracy"] == 1.0
+
+
 def test_saved_chunks_of_other_hardware_are_not_reused(tmp_path, monkeypatch):
     """A rerun on another GPU model (or cuDNN, CUDA, CPU instruction set, torch) attacks again: its kernels differ
     in their last bits, and one evaluation's flags would mix the two (the key held none of these)."""
@@ -401,6 +422,8 @@ def test_export_writes_model_info_and_hub_loads_the_network(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(model(x), split_bn.eval()(x, bn="adv").float())
         torch.testing.assert_close(load_model(run)(x), model(x))  # a run directory loads the same network
+        out.with_suffix(".json").write_text("{")  # a foreign or broken JSON of that common name: the weights decide
+        torch.testing.assert_close(load_model(out)(x), model(x))
     flags_file = json.loads((run / "eval" / "flags.json").read_text())
     assert flags_file["clean"]["num_examples"] == results["clean"]["num_examples"]
 

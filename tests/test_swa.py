@@ -143,7 +143,9 @@ def test_swa_turned_on_for_a_resume_averages_from_there_or_is_refused_at_once(ti
     (run / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
     run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
-    assert "SWA was off for the 2 epochs trained: it averages from epoch 3 on (2 updates)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "SWA was off for the 2 epochs trained: it averages from epoch 3 on (2 updates)" in out
+    assert "SWA averages" not in out  # said once
     latest = torch.load(run / "checkpoints" / "latest.pt")
     assert latest["epoch"] == 3 and latest["step"] == 6 and latest["swa"]["count"] == 2  # epoch 3's steps
     assert latest["swa"]["average"] and set(latest["swa"]["average"]) <= set(latest["model"])
@@ -152,3 +154,8 @@ def test_swa_turned_on_for_a_resume_averages_from_there_or_is_refused_at_once(ti
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[1]["wall_seconds"] >= rows[0]["wall_seconds"] + rows[1]["epoch_seconds"] - 0.02  # rounding
     assert rows[2]["wall_seconds"] >= rows[1]["wall_seconds"] + rows[2]["epoch_seconds"] - 0.02
+    config["epochs"] = 5  # trained on: the count said at start (swa.every counts steps: a batch per process
+    (run / "config.json").write_text(json.dumps(config))  # changes it, 2 snapshots where one process made 20)
+    run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
+    said = "SWA averages 4 snapshots from here: every 1 steps from epoch 4 (2 steps per epoch)"
+    assert said in capsys.readouterr().out

@@ -315,6 +315,23 @@ def test_the_epoch_line_says_how_much_training_is_left():
     # 120 s of the 300 went to the epoch-start pass, outside epoch_seconds: 400 - 180 = 220 s per epoch ahead
     slow_start = compiled | {"epoch_start_seconds": 120.0}
     assert epoch_line(slow_start, 3).endswith("~7m of training left")
+    # the checkpoint written after each epoch, outside epoch_seconds (seconds for WRN-34-10 with SWA): 2 x 130 s
+    assert epoch_line(row, 3, checkpoint_seconds=30.0).endswith("~4m of training left")
+
+
+def test_arrest_s_fine_tuning_stage_is_timed_as_compiling(tiny_cfg, tmp_path):
+    """ARREST's first fine-tuning epoch builds new graphs (its eval-mode attack, the teacher): its row times the
+    compiling apart (first_step_seconds) and its pace leaves it out, as a process's first epoch does (it was
+    counted as the pace of the 19 epochs to come)."""
+    from engine.config import apply_overrides
+    from engine.train import run_training
+
+    cfg = apply_overrides(tiny_cfg, ["method.name=arrest", "model.split_bn=false", "train.epochs=3",
+                                     "method.pretrain_epochs=1", "perf.compile=on", "perf.compile_backend=eager",
+                                     "eval.attacks=clean"])  # fmt: skip
+    run = run_training(cfg, tmp_path / "run", evaluate_at_end=False)
+    rows = read_rows(run)
+    assert ["first_step_seconds" in r for r in rows] == [True, True, False]
 
 
 def test_arrest_s_time_left_counts_its_fine_tuning_epochs_at_their_cost(tiny_cfg):

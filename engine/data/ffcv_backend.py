@@ -359,11 +359,16 @@ def check_beton(beton: Path, num_images: int) -> None:
         return DataError(f"{beton} is not a beton of this split ({why}): delete it and the next run writes it again")
 
     try:
-        found = Reader(str(beton)).num_samples
+        reader = Reader(str(beton))
     except Exception as e:  # noqa: BLE001 - FFCV's reader raises many kinds on a truncated or foreign file
         raise spoilt(f"{type(e).__name__} reading it") from None
-    if found != num_images:
-        raise spoilt(f"{found} images, the split has {num_images}")
+    if reader.num_samples != num_images:
+        raise spoilt(f"{reader.num_samples} images, the split has {num_images}")
+    # the allocation table ends the file and says where each image's bytes lie: a file cut short in its data (an
+    # interrupted copy) reads its header and count whole, then fails inside FFCV's loader threads
+    table, table_at = reader.alloc_table, int(reader.header["alloc_table_ptr"])
+    if beton.stat().st_size != table_at + table.nbytes or bool((table["ptr"] + table["size"] > table_at).any()):
+        raise spoilt(f"cut short: {beton.stat().st_size} bytes")
 
 
 def pinned_copy(t: torch.Tensor) -> torch.Tensor:

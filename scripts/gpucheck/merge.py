@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import CAPS, STAGE_NAMES
-from .record import read_commit, write_json_atomic
+from .record import read_commit, write_json_atomic, write_text_atomic
 from .schema import MAX_FILE_BYTES, OUTPUT_FILES, SCHEMA, check_output_dir, validate
 from .summary import headline_rows, markdown_table, stage_rows, summarize
 
@@ -186,10 +186,9 @@ def cell(value: Any) -> str:
 def write_log(work: Path, path: Path) -> None:
     """Stage logs, pip.log and prepare.log, each cut to its last 200 KB."""
     names = [f"{name}.log" for name in STAGE_NAMES] + ["pip.log", "prepare.log"]
-    with path.open("w") as f:
-        for name in names:
-            if (work / name).is_file():
-                f.write(f"===== {name} =====\n{tail_text(work / name, LOG_CUT_BYTES)}\n")
+    present = [name for name in names if (work / name).is_file()]
+    parts = [f"===== {name} =====\n{tail_text(work / name, LOG_CUT_BYTES)}\n" for name in present]
+    write_text_atomic(path, "".join(parts))
 
 
 def write_compile_log(work: Path, path: Path) -> bool:
@@ -202,7 +201,7 @@ def write_compile_log(work: Path, path: Path) -> bool:
     if not lines:
         return False
     text = "\n".join(lines) + "\n"
-    path.write_text(text[-SIDE_CUT_BYTES:])
+    write_text_atomic(path, text[-SIDE_CUT_BYTES:])
     return True
 
 
@@ -211,13 +210,13 @@ def write_outputs(doc: dict[str, Any], work: Path, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     written = {"gpu_check.json", "gpu_check.md", "gpu_check.log"}
     write_json_atomic(out / "gpu_check.json", doc)
-    (out / "gpu_check.md").write_text(render_markdown(doc)[: MAX_FILE_BYTES // 2])
+    write_text_atomic(out / "gpu_check.md", render_markdown(doc)[: MAX_FILE_BYTES // 2])
     write_log(work, out / "gpu_check.log")
     if write_compile_log(work, out / "compile_log.txt"):
         written.add("compile_log.txt")
     for name in SIDE_FILES:
         if (work / name).is_file():
-            (out / name).write_text(tail_text(work / name, SIDE_CUT_BYTES))
+            write_text_atomic(out / name, tail_text(work / name, SIDE_CUT_BYTES))
             written.add(name)
     for name in set(OUTPUT_FILES) - written:
         (out / name).unlink(missing_ok=True)  # a previous run's file that this run did not produce

@@ -36,10 +36,16 @@ def clean(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` at `path` through a temporary file and a rename: a check killed at the device's time limit while
+    writing leaves the last whole file (its output folder is the only copy that comes back)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(clean(data), indent=1, default=str) + "\n")  # default: never lose a row to a type
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(clean(data), indent=1, default=str) + "\n")  # default: never lose a row
 
 
 class StageRecord:
