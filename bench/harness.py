@@ -97,7 +97,10 @@ def append_jsonl(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("ab+") as f:
-        ends_open = f.tell() > 0 and (f.seek(-1, 2) or f.read(1)) != b"\n"
+        ends_open = False
+        if f.tell() > 0:  # appending: at the end already
+            f.seek(-1, 2)
+            ends_open = f.read(1) != b"\n"
         f.write(b"\n" * ends_open + "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 

@@ -7,7 +7,6 @@ line on stderr and exit status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig, apply_overrides, default_data_dir
-from .errors import CompiledEvaluationFailed, UserError
+from .errors import CompiledEvaluationFailed, UserError, innermost
+from .progress import close_bars
 from .recipes import RECIPES, get_recipe
 
 
@@ -259,7 +259,7 @@ def cmd_eval(args) -> None:
     from .data import load_test_split, resolve_dataset
     from .evaluate import evaluate, format_results, summary, write_flags
     from .perf import make_current, resolve_device
-    from .rundir import RunDir, atomic_json, environment
+    from .rundir import RunDir, RunDirError, RunDirInUse, atomic_json, environment
 
     flags = {"--num-examples": (args.num_examples, ""), "--batch-size": (args.batch_size, ""),
              "--aa-num-examples": (args.aa_num_examples, " (0: as --num-examples)"),
@@ -312,15 +312,32 @@ def cmd_eval(args) -> None:
     dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
     entry = {"target": str(target.resolve()), "dataset": dataset, "results": summary(results),
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-    # every file this evaluation updates is written under the run's lock: two evaluations of one run at once
-    # each merged into flags.json as read before the other wrote (one's entry lost)
-    with RunDir(target).open_for_writing(resume=True) if target.is_dir() else contextlib.nullcontext() as rundir:
+
+    def write_record() -> None:
         write_flags(record, results)
         (record / "records").mkdir(exist_ok=True)
         # the process in the name: two evaluations ending in the same second keep both records
         atomic_json(record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json", entry)
-        if rundir is not None:
+
+    in_run = target.is_dir() and record.resolve().is_relative_to(target.resolve())
+    if not in_run:  # a record folder of its own (--out, or beside a checkpoint file): the run's lock is not needed
+        write_record()
+    if not target.is_dir():
+        return
+    # the run's files are written under its lock: two evaluations of one run at once each merged into flags.json as
+    # read before the other wrote (one's entry lost). Another holder gets a minute to let go; then the results
+    # (printed above) wait for a rerun, which finds every chunk saved
+    try:
+        with RunDir(target).open_for_writing(resume=True, wait_s=EVAL_LOCK_WAIT_S) as rundir:
+            if in_run:
+                write_record()
             rundir.write_json("eval.json", merged_evaluation(rundir.path / "eval.json", dataset, summary(results)))
+    except RunDirInUse as e:
+        raise RunDirError(f"{e}: the results above were not written into the run; the same `arat eval` again "
+                          "writes them in seconds (every chunk is saved)") from None  # fmt: skip
+
+
+EVAL_LOCK_WAIT_S = 60.0  # how long an ending `arat eval` waits for another holder of its run's lock
 
 
 def writable_now(run: Path) -> None:
@@ -510,6 +527,24 @@ def interrupted_line(args) -> str:
     return "arat: interrupted"
 
 
+def resource_line(args, error: BaseException) -> str | None:
+    """One line for a resource that ran out or a path that failed (a full disk, no memory: also under the wrappers
+    torch.compile puts around its backend's errors), saying what is kept and what to do; None: not one of those."""
+    cause = innermost(error)
+    if isinstance(cause, OSError):  # a path that can't be read or written (read-only, full disk, missing)
+        where = f" {cause.filename}" if cause.filename else ""
+        return f"cannot access{where}: {cause.strerror or cause}; check the path, its permissions and free space"
+    if not isinstance(cause, (torch.OutOfMemoryError, MemoryError)):
+        return None
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+    if args.command == "train":  # (an evaluation's own is an EvaluationOutOfMemory, a UserError)
+        return (
+            f"out of memory ({first}); the last finished epoch's checkpoint is kept: resume with --set "
+            "perf.cuda_graphs=off or --set perf.compile=off, or start a run with a smaller train.batch_size"
+        )
+    return f"out of memory ({first}); free the device's memory (another process?) or take smaller batches"
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt  # `timeout`, a scheduler or torchrun stopping the process: Ctrl-C's path and line
 
@@ -527,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args) -> int:
     try:
-        COMMANDS[args.command](args)
+        try:
+            COMMANDS[args.command](args)
+        finally:  # an error inside an epoch or an evaluation leaves its bar open: its line is cleared first
+            close_bars()
     except CompiledEvaluationFailed as e:  # the trained network and the finished chunks are saved
         target = getattr(args, "run_dir", None) or getattr(args, "target", "RUN")
         print(f"arat: error: {e}; evaluate without compiling: `arat eval {target} --compile off` (the trained "
@@ -537,10 +575,10 @@ def run_command(args) -> int:
     except UserError as e:  # bad input: one line saying what to do, no traceback
         print(f"arat: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a path that can't be read or written (read-only, full disk, missing): one line too
-        where = f" {e.filename}" if e.filename else ""
-        print(f"arat: error: cannot access{where}: {e.strerror or e}; check the path, its permissions and free space",
-              file=sys.stderr)  # fmt: skip
+    except (OSError, MemoryError, RuntimeError) as e:  # RuntimeError: torch.compile's wrappers (below)
+        if (line := resource_line(args, e)) is None:
+            raise
+        print(f"arat: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\n" + interrupted_line(args), file=sys.stderr)  # the newline ends a progress bar's line

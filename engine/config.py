@@ -34,7 +34,7 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def default_data_dir() -> str:
-    return os.environ.get("ARAT_DATA_DIR", "./data")
+    return os.environ.get("ARAT_DATA_DIR") or "./data"  # set but empty: unset, as the scripts read it
 
 
 @dataclass
@@ -54,7 +54,6 @@ class DataConfig:
         _one_of("data.backend", self.backend, ("device", "ffcv", "dali"))
         _check(self.train_subset >= 0 and self.test_subset >= 0, "data.*_subset must be >= 0 (0 = all)")
         _check(self.synthetic_size > 0, "data.synthetic_size must be positive")
-        _check(bool(self.data_dir.strip()), "data.data_dir is empty: name the data folder (or leave it at its default)")
 
     @property
     def num_classes(self) -> int:
@@ -70,8 +69,6 @@ class ModelConfig:
     def __post_init__(self):
         _one_of("model.arch", self.arch, ("resnet18", "wrn34-10"))
         _check(self.width > 0 and self.width % 4 == 0, "model.width must be a positive multiple of 4")
-        _check(self.arch == "resnet18" or self.width == 64, f"model.width={self.width} sizes ResNet-18 only; "
-               "WRN-34-10's widths are its own (16 x 10, ...): drop model.width")  # fmt: skip
 
 
 @dataclass
@@ -131,14 +128,13 @@ class MethodConfig:
 
 
 def _epochs(key: str, values) -> tuple[int, ...]:
-    """A milestone list: whole epochs >= 1, strictly increasing (a repeated one decayed the rate twice at once)."""
+    """A milestone list as read (from --set or an older config.json): whole epochs, sorted; `check_trainable` asks
+    more of a run about to train (each >= 1, none repeated)."""
     try:
         epochs = tuple(int(v) for v in values)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={values!r}: epochs, as comma-separated whole numbers (e.g. {key}=76,91)") from None
-    _check(all(e >= 1 for e in epochs), f"{key}: epochs are counted from 1; each must be >= 1")
-    _check(list(epochs) == sorted(set(epochs)), f"{key}={','.join(map(str, epochs))}: each epoch once, in "
-           "increasing order")  # fmt: skip
+    _check(list(epochs) == sorted(epochs), f"{key}={','.join(map(str, epochs))}: in increasing order")
     return epochs
 
 
@@ -155,6 +151,7 @@ class OptimConfig:
     def __post_init__(self):
         self.milestones = _epochs("optim.milestones", self.milestones)
         _check(self.lr > 0 and self.first_epoch_lr > 0, "optim.lr and optim.first_epoch_lr must be positive")
+        _check(all(m >= 1 for m in self.milestones), "optim.milestones are epochs: each must be >= 1")
         _check(0 < self.decay <= 1, "optim.decay multiplies the learning rate at each milestone: 0 < decay <= 1")
         _check(self.weight_decay >= 0 and 0 <= self.momentum < 1, "optim.weight_decay >= 0, 0 <= momentum < 1")
 
@@ -349,6 +346,15 @@ def check_trainable(cfg: TrainConfig) -> None:
     _check(method.name != "arrest" or bool(method.init) or method.pretrain_epochs > 0,
            "ARREST fine-tunes a standard-trained network: give it one (`arat train --init PATH`) or train one "
            "first (method.pretrain_epochs > 0, within train.epochs)")  # fmt: skip
+    # read back from an older config.json these load (its evaluation and export), but train no more:
+    _check(cfg.model.arch == "resnet18" or cfg.model.width == 64, f"model.width={cfg.model.width} sizes ResNet-18 "
+           "only; WRN-34-10's widths are its own (16 x 10, ...): drop model.width")  # fmt: skip
+    _check(bool(cfg.data.data_dir.strip()), "data.data_dir is empty: name the data folder (or leave it at its default)")
+    for key, milestones in (("optim.milestones", cfg.optim.milestones),
+                            ("method.finetune_milestones", method.finetune_milestones)):  # fmt: skip
+        _check(all(m >= 1 for m in milestones) and len(set(milestones)) == len(milestones),
+               f"{key}={','.join(map(str, milestones))}: epochs counted from 1, each once (a repeated one decays "
+               "the rate twice at once)")  # fmt: skip
     # only a PGD step projects onto [0, 1]: TRADES's gaussian start alone leaves pixels outside it
     _check(cfg.attack.num_steps > 0 or cfg.attack.start != "gaussian" or method.name == "std",
            "attack.num_steps=0 with attack.start=gaussian trains on x + noise outside [0, 1]: take at least one "

@@ -102,8 +102,8 @@ def local_device(info: DistInfo, device: torch.device) -> torch.device:
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     """DDP around the (compiled) network. BN statistics stay per rank (no SyncBN), as in single-GPU recipes
-    scaled out; rank 0's are the network's in final.pt and the evaluation, every rank's are in the training
-    checkpoints (a resume restores each rank's)."""
+    scaled out; their average over the ranks is the network's in final.pt and the evaluation, every rank's are in
+    the training checkpoints (a resume restores each rank's)."""
     if not info.enabled:
         return model
     ids = [device.index] if device.type == "cuda" else None

@@ -8,3 +8,12 @@ class UserError(ValueError):
 class CompiledEvaluationFailed(UserError):
     """torch.compile failed on the evaluation's classifier. What was trained and what was evaluated stays saved; the
     CLI names the rerun without compiling (`arat eval TARGET --compile off`)."""
+
+
+def innermost(error: BaseException) -> BaseException:
+    """The error under torch.compile's wrappers (BackendCompilerFailed, ...: `inner_exception` or the cause chain):
+    a full disk under Inductor's cache or an out-of-memory while compiling is said as itself."""
+    cause = error
+    while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None and inner is not cause:
+        cause = inner
+    return cause

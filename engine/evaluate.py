@@ -32,7 +32,7 @@ from .compile_cache import cpu_key
 from .config import EPS_8, STEP_2, AttackConfig, EvalConfig, PerfConfig
 from .data import ArraySplit, to_unit_interval
 from .distributed import DistInfo, gather_objects
-from .errors import CompiledEvaluationFailed
+from .errors import CompiledEvaluationFailed, UserError, innermost
 from .models.gemm_conv import GemmConv2d
 from .perf import EvalForward, attack_graphs, compile_wanted, eval_network
 from .progress import progress_bar
@@ -135,6 +135,17 @@ class ChunkStore:
     def save(self, index: int, record: dict) -> None:
         if self.path is not None:
             atomic_json(self.path / f"{index:05d}.json", record, indent=None)
+
+
+class EvaluationOutOfMemory(UserError):
+    """A chunk's attack ran out of memory: the finished chunks are saved; smaller chunks (or forwards) fit."""
+
+    def __init__(self, attack: str, chunk_size: int, batch: int, error: BaseException):
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        smaller = f"--chunk-size {max(chunk_size // 2, 1)}" + (f" (or --batch-size {max(batch // 2, 1)})" * (batch > 1))
+        super().__init__(f"out of memory attacking {attack} in chunks of {chunk_size} images, {batch} per forward "
+                         f"({first}); the finished chunks are saved: evaluate with smaller ones, `arat eval` with "
+                         f"{smaller}")  # fmt: skip
 
 
 def whole_record(record, index: int, start: int, stop: int, seed: int, stages: tuple[str, ...]) -> bool:
@@ -333,9 +344,9 @@ def evaluate(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(traceback.format_exception(e)))
             where = f"; traceback in {path}"
-        cause = e  # dynamo wraps the backend's error: name the innermost
-        while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None:
-            cause = inner
+        cause = innermost(e)  # dynamo wraps the backend's error: name the innermost
+        if isinstance(cause, (OSError, MemoryError)):  # a full disk, no memory: said as such, not "compile off"
+            raise cause from e
         first = (str(cause).strip().splitlines() or [""])[0][:200]
         raise CompiledEvaluationFailed(
             f"the compiled evaluation failed ({type(cause).__name__}: {first}{where})"
@@ -406,7 +417,10 @@ def _evaluate(
                 record = store.load(k, lo, hi, chunk_seed(seed, name, k), stages)
                 if record is None:
                     chunk = (k, lo, x_all[lo:hi], y_all[lo:hi], chunk_seed(seed, name, k))
-                    record = _attack_chunk(name, chunk, (classifier, attacker, aa_net), batch, protocol, bar)
+                    try:
+                        record = _attack_chunk(name, chunk, (classifier, attacker, aa_net), batch, protocol, bar)
+                    except (torch.OutOfMemoryError, MemoryError) as e:
+                        raise EvaluationOutOfMemory(name, cfg.chunk_size, batch, e) from None
                     store.save(k, record)
                 else:
                     reused += 1

@@ -129,7 +129,7 @@ class Perf:
             set_deterministic(self.deterministic)
 
     def resolved(self) -> dict[str, object]:
-        """The switches as this process resolved them (config.json keeps `auto`): for env.json and results.json,
+        """The switches as this process resolved them (config.json keeps `auto`): for env.json (and each resume),
         so a run's precision and compilation are on record whatever the hardware made of auto."""
         return {"dtype": DTYPE_NAMES[self.dtype], "channels_last": self.channels_last, "compile": self.compiled,
                 "kernels": self.kernels, "cuda_graphs": self.cuda_graphs, "gemm_conv": self.gemm_convs,

@@ -44,3 +44,10 @@ def _terminal(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # a replaced or closed stream
         return False
+
+
+def close_bars() -> None:
+    """Close every open bar (a command ending on an error inside an epoch or an evaluation): its line is cleared,
+    so the error line that follows starts at the left, not after the bar."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,14 +167,22 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
 
     @contextlib.contextmanager
-    def open_for_writing(self, resume: bool, unwritable: str = "pick a writable --out"):
+    def open_for_writing(self, resume: bool, unwritable: str = "pick a writable --out", wait_s: float = 0.0):
         """Create (or reopen, to resume) the run directory and hold an exclusive lock on it until the block ends:
-        a second process writing into the same run gets one line naming the holder. `unwritable`: what to do when
-        the folder cannot be written (the caller knows)."""
+        a second process writing into the same run gets one line naming the holder (after waiting up to `wait_s`
+        for it to let go). `unwritable`: what to do when the folder cannot be written (the caller knows)."""
         self.create(resume, unwritable)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, file_mode())
+        deadline = time.monotonic() + wait_s
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.5)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)

@@ -465,8 +465,11 @@ def check_checkpoint_kept(rundir: RunDir) -> None:
     said it had no checkpoint yet. (One row and no checkpoint: stopped between epoch 1's row and its checkpoint.)"""
     if rundir.checkpoint(LATEST).exists():
         return
+    if rundir.checkpoint(FINAL).exists():  # finished; latest.pt deleted (to save disk?)
+        raise RunDirError(f"{rundir.path} finished its training (checkpoints/{FINAL}): `arat eval {rundir.path}` "
+                          f"evaluates it; training it further needs its checkpoints/{LATEST}")  # fmt: skip
     trained = max((r.get("epoch", 0) for r in rundir.metrics()), default=0)
-    if trained >= 2 or rundir.checkpoint(FINAL).exists():
+    if trained >= 2:
         raise RunDirError(
             f"{rundir.path} trained {trained} epochs (metrics.jsonl) but has no checkpoints/{LATEST}: copy it back "
             "to continue the run; to train it again from epoch 1, start it in a new folder"
@@ -478,19 +481,17 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     if resume:
         check_checkpoint_kept(rundir)
     say = print if run.dist.is_main else (lambda *a, **k: None)
-    if run.dist.is_main:  # the device as asked for (auto, cuda...): a resume elsewhere resolves it again
-        rundir.save_config(replace(cfg, perf=replace(cfg.perf, device=run.requested_device)))
-        started = {
-            "dataset": resolve_dataset(cfg.data),
-            "world_size": run.dist.world_size,  # what is trained on
-            "perf": run.perf.resolved(),
-        }  # and how: auto as resolved here (each resume's its own)
-        rundir.record_environment(environment(run.perf.device) | started, resume)
-    if resume and rundir.checkpoint(LATEST).exists():
+    if resume and rundir.checkpoint(LATEST).exists():  # read before anything is written: a refusal changes nothing
         try:
             run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
         except CheckpointError as e:  # cut short in a copy, or a disk that lost it: the run cannot go on without it
             raise RunDirError(f"{e}: copy it again from where the run came from (the run is left as it was)") from None
+    if run.dist.is_main:  # the device as asked for (auto, cuda...): a resume elsewhere resolves it again
+        rundir.save_config(replace(cfg, perf=replace(cfg.perf, device=run.requested_device)))
+        # what is trained on, and how: the switches as resolved here (auto's choice; each resume records its own)
+        started = {"dataset": resolve_dataset(cfg.data), "world_size": run.dist.world_size,
+                   "perf": run.perf.resolved()}  # fmt: skip
+        rundir.record_environment(environment(run.perf.device) | started, resume)
     swa_notice = swa_from_now(run) if run.swa.started_on_resume and run.epoch < cfg.epochs else None
     kept = []  # the metrics rows of the epochs a resume keeps
     if resume and run.dist.is_main:  # rows written after the checkpoint (a kill in between) are redone
@@ -626,8 +627,9 @@ def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:
 
 
 def evaluate_and_record(run: Run, rundir: RunDir, model: nn.Module, say) -> None:
-    """The evaluation ending a run: every rank takes its share of the chunks, on rank 0's network (its BN
-    statistics); rank 0 writes the flags and results.json."""
+    """The evaluation ending a run: every rank takes its share of the chunks, on rank 0's network (the final
+    network's BN statistics are the ranks' average already; a resumed end's final.pt is read by rank 0's choice);
+    rank 0 writes the flags and results.json."""
     release_training_memory(run)
     distributed.broadcast_state(model, run.dist)
     results = evaluate(model, run.test_split, run.cfg.eval, run.perf.device, run.cfg.seed, run.cfg.perf,

@@ -136,8 +136,10 @@ trap 'stop_run 130' INT
 trap 'stop_run 143' TERM
 run_child() { # "$@" as the run this script passes its signals to; returns its exit status
     local rc=0
+    [ "$interrupted" = 0 ] || return "$interrupted" # a signal between two runs: start no other
     "$@" &
     child=$!
+    [ "$interrupted" = 0 ] || kill -TERM "$child" 2>/dev/null || true # one before $child was set
     wait "$child" || rc=$?
     while [ "$interrupted" != 0 ] && kill -0 "$child" 2>/dev/null; do # the wait was cut by the signal: the run's end
         rc=0

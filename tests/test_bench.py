@@ -629,4 +629,5 @@ def test_rows_appended_after_a_half_written_one_start_a_line_of_their_own(tmp_pa
     lines = out.read_text().splitlines()
     assert lines[1] == '{"b": ' and [json.loads(line) for line in lines[2:]] == [{"c": 3}, {"d": 4}]
     append_jsonl(tmp_path / "new.jsonl", [{"e": 5}])
-    assert (tmp_path / "new.jsonl").read_text() == '{"e": 5}\n'
+    append_jsonl(tmp_path / "new.jsonl", [{"f": 6}])  # a whole file: no blank line between the two appends
+    assert (tmp_path / "new.jsonl").read_text() == '{"e": 5}\n{"f": 6}\n'

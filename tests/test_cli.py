@@ -256,8 +256,10 @@ def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
     latest = run / "checkpoints" / "latest.pt"
     whole = latest.read_bytes()
     latest.write_bytes(whole[:1000])  # truncated
-    assert main(["train", "--resume", str(run)]) == 2
+    before = {name: (run / name).read_bytes() for name in ("config.json", "env.json")}
+    assert main(["train", "--resume", str(run), "--set", "dist.timeout_min=7"]) == 2
     assert "not a readable checkpoint" in (said := one_line_error(capsys)) and "copy it again" in said
+    assert {name: (run / name).read_bytes() for name in before} == before  # "left as it was": config.json too
     # gone, while metrics.jsonl says the run trained: refused, and the rows kept (a restart from epoch 1 emptied
     # them and said the run had no checkpoint yet)
     latest.unlink()
@@ -266,6 +268,9 @@ def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
     assert main(["train", "--resume", str(run)]) == 2
     assert "trained 2 epochs (metrics.jsonl) but has no checkpoints/latest.pt" in one_line_error(capsys)
     assert (run / "metrics.jsonl").read_text() == rows
+    (run / "checkpoints" / "final.pt").write_bytes(b"")  # finished, latest.pt deleted to save disk
+    assert main(["train", "--resume", str(run)]) == 2
+    assert f"`arat eval {run}` evaluates it" in one_line_error(capsys)
 
 
 def test_a_corrupt_final_checkpoint_names_the_resume_that_writes_it_again(tmp_path, capsys):
@@ -601,8 +606,18 @@ def test_a_user_s_review_of_the_cli(tmp_path, capsys, monkeypatch):
 
     with RunDir(run).open_for_writing(resume=True):
         assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "32"]) == 2
-    err = one_line_error(capsys)
-    assert "in use" in err and "final.pt --out DIR" in err  # its final network (an SWA run's latest.pt is not)
+        err = one_line_error(capsys)
+        assert "in use" in err and "final.pt --out DIR" in err  # its final network (an SWA run's latest.pt is not)
+        # taken while an evaluation ran: --out's files are its own (written), the run's wait for a rerun
+        import engine.cli
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine.cli, "writable_now", lambda run: None)
+            patch.setattr(engine.cli, "EVAL_LOCK_WAIT_S", 0.5)
+            args = ["eval", str(run), "--attacks", "clean", "--num-examples", "32", "--out", str(tmp_path / "apart")]
+            assert main(args) == 2
+        said = capsys.readouterr().err  # after the evaluation's progress bar
+        assert "writes them in seconds" in said and (tmp_path / "apart" / "flags.json").exists()
     assert main(["eval", str(run), "--attacks", "clean", "--dataset", "cifar100"]) == 2
     assert "10 outputs" in one_line_error(capsys)
     if not torch.cuda.is_available():
@@ -681,3 +696,49 @@ def test_evaluating_an_unfinished_run_says_so(tmp_path, capsys):
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"epoch": 2}) + "\n")
     assert RunDir(run).unfinished(3) == "after epoch 1 of 3"
+
+
+def _last_line(err: str) -> str:
+    """The error line after any progress bar's redraws (carriage returns)."""
+    line = err.strip().splitlines()[-1].split("\r")[-1]
+    assert line.startswith("arat: error:") and "Traceback" not in err, err
+    return line
+
+
+def test_out_of_memory_is_one_line_saying_what_is_kept_and_what_to_do(tmp_path, capsys, monkeypatch):
+    """An out-of-memory error was a traceback and exit 1; in the evaluation that ends a run, a resume ran the same
+    chunk size into it again (--resume takes no eval.* setting): now one line, exit 2, naming a smaller chunk."""
+    import engine.evaluate
+    import engine.train
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.evaluate, "_attack_chunk", oom)
+        code, _, err = run_cli(capsys, "train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1",
+                               "--set", "eval.attacks=clean", "--set", "eval.num_examples=32",
+                               "--set", "eval.chunk_size=32")  # fmt: skip
+    line = _last_line(err)
+    assert code == 2 and "out of memory attacking clean in chunks of 32 images" in line and "--chunk-size 16" in line
+    assert (run / "checkpoints" / "final.pt").exists()
+    monkeypatch.setattr(engine.train, "train_step", oom)
+    code, _, err = run_cli(capsys, "train", "--recipe", "smoke", "--out", str(tmp_path / "other"))
+    assert code == 2 and "out of memory (CUDA out of memory." in _last_line(err) and "resume with" in err
+
+
+def test_a_full_disk_under_torch_compile_s_wrapper_is_said_as_a_full_disk(capsys, monkeypatch):
+    """torch.compile wraps its backend's errors (BackendCompilerFailed, a RuntimeError): Inductor's cache on a full
+    disk was a traceback in training and "evaluate without compiling" in evaluation."""
+    import engine.train
+
+    def full(*args, **kwargs):
+        raise RuntimeError("backend='inductor' raised") from OSError(28, "No space left on device", "/tmp/ind/x.py")
+
+    monkeypatch.setattr(engine.train, "run_training", full)
+    code, _, err = run_cli(capsys, "train", "--recipe", "smoke", "--out", "/tmp/never-made")
+    assert code == 2 and "cannot access /tmp/ind/x.py: No space left on device" in _last_line(err)
+    monkeypatch.setattr(engine.train, "run_training", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error keeps its traceback
+        main(["train", "--recipe", "smoke", "--out", "/tmp/never-made"])

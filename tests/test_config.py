@@ -144,16 +144,28 @@ def test_switches_a_method_would_silently_ignore_are_refused():
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["optim.milestones=2,2"], "each epoch once, in increasing order"),  # decayed twice at once before
-        (["optim.milestones=", "optim.milestones=abc"], "epochs, as comma-separated whole numbers"),  # a traceback
-        (["method.finetune_milestones=0,5"], "epochs are counted from 1"),
+        (["optim.milestones=2,2"], "each once (a repeated one decays the rate twice at once)"),
+        (["method.finetune_milestones=0,5"], "epochs counted from 1"),
         (["model.arch=wrn34-10", "model.width=16"], "sizes ResNet-18 only"),  # silently ignored before
         (["data.data_dir= "], "data.data_dir is empty"),
     ],
 )
-def test_settings_that_trained_something_else_are_refused(overrides, says):
+def test_settings_that_trained_something_else_are_refused_for_training(overrides, says):
+    """Refused when a run is built, not when a config is read: an older run's config.json holding one (accepted
+    before) still loads for its evaluation and export."""
+    from engine.config import check_trainable
+
+    cfg = apply_overrides(get_recipe("smoke"), overrides)
+    assert from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match=re.escape(says)):
-        apply_overrides(get_recipe("smoke"), overrides)
+        check_trainable(cfg)
+
+
+def test_a_bad_milestone_list_is_one_line_and_an_empty_data_dir_variable_is_unset(monkeypatch):
+    with pytest.raises(ConfigError, match="epochs, as comma-separated whole numbers"):  # a ValueError traceback
+        apply_overrides(get_recipe("smoke"), ["optim.milestones=", "optim.milestones=abc"])
+    monkeypatch.setenv("ARAT_DATA_DIR", "")  # exported but empty (a wrapper's export ARAT_DATA_DIR=$X)
+    assert get_recipe("smoke").data.data_dir == "./data"
 
 
 @pytest.mark.parametrize(

@@ -491,6 +491,31 @@ def test_reproduce_passes_a_signal_to_its_run_and_stops(tmp_path, signum, to_gro
             os.killpg(script.pid, signal.SIGKILL)
 
 
+def test_reproduce_starts_no_run_after_a_signal_between_runs(tmp_path):
+    """A SIGTERM while the script reads a run's folder (between runs, no child to pass it to) let the next run start
+    and train to its end; now no run starts after it. The signal comes from a `grep` stand-in the script calls
+    while reading the interrupted run's config.json."""
+    import shutil as sh
+
+    (tmp_path / "bin").mkdir()
+    calls, pid_file = tmp_path / "calls.txt", tmp_path / "pid"
+    (tmp_path / "bin" / "arat").write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    (tmp_path / "bin" / "grep").write_text(
+        f'#!/usr/bin/env bash\n[ -e {tmp_path}/sent ] || {{ touch {tmp_path}/sent; kill -TERM "$(cat {pid_file})"; }}\n'
+        f'exec {sh.which("grep")} "$@"\n'
+    )
+    for name in ("arat", "grep"):
+        (tmp_path / "bin" / name).chmod(0o755)
+    (tmp_path / "out" / "std-s0").mkdir(parents=True)
+    (tmp_path / "out" / "std-s0" / "config.json").write_text('{"recipe": "std-resnet18-cifar10"}')
+    env = reproduce_env(ARAT="bin/arat", METHODS="std at") | {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    script = subprocess.Popen(["bash", "-c", f"echo $$ > {pid_file}; sleep 0.5; exec bash "
+                               f"{REPO / 'scripts' / 'reproduce.sh'} out"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert script.wait(timeout=60) == 143
+    assert (tmp_path / "sent").exists() and not calls.exists()  # neither the resume nor the next run started
+
+
 def test_reproduce_refuses_an_out_dir_holding_another_arch_s_runs(tmp_path):
     """Run folders are named by method: the same OUT_DIR for another ARCH/DATASET found every run "done" (the first
     table again) or resumed the other network; now one line, before anything runs."""
