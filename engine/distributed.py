@@ -170,7 +170,7 @@ def _next_round() -> int:
     return _rounds
 
 
-def gather_objects(obj, info: DistInfo) -> list:
+def gather_objects(obj, info: DistInfo, wait: timedelta | None = None) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank, exchanged through the process group's store (pickled),
     each rank reading every rank's entry of this round; a rank that never writes its entry makes the others wait
     the group's timeout, as a collective would.
@@ -179,12 +179,17 @@ def gather_objects(obj, info: DistInfo) -> list:
     reference to a collective's Python-created tensors must take the GIL to do so. A gather just before the process
     exits (every evaluation ends with one) left that worker waiting for the GIL as the interpreter finalized, and
     the process aborted after its results were written ("terminate called without an active exception", SIGABRT,
-    ~1 exit in 6 with two ranks on two cores). Store reads and writes run on the calling thread."""
+    ~1 exit in 6 with two ranks on two cores). Store reads and writes run on the calling thread.
+
+    `wait`: how long to wait for the other ranks' entries when that may take longer than the group's timeout (an
+    evaluation's ranks finish their chunks hours apart on a CPU); torchrun stops every rank when one fails."""
     if not info.enabled:
         return [obj]
     store = dist.distributed_c10d._get_default_store()
     n = _next_round()
     store.set(_gather_key(n, info.rank), pickle.dumps(obj))
+    if wait is not None:
+        store.wait([_gather_key(n, r) for r in range(info.world_size)], wait)
     out = [pickle.loads(store.get(_gather_key(n, r))) for r in range(info.world_size)]
     global _last_gather
     if _last_gather is not None:  # every rank wrote round n after reading all of that one: no one reads it again

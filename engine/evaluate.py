@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,9 @@ class ChunkStore:
     def save(self, index: int, record: dict) -> None:
         if self.path is not None:
             atomic_json(self.path / f"{index:05d}.json", record, indent=None)
+
+
+CHUNK_WAIT = timedelta(days=7)  # how long an evaluation's ranks wait for each other's chunks
 
 
 class EvaluationOutOfMemory(UserError):
@@ -452,7 +456,10 @@ def _attack_chunk(name: str, chunk: tuple, nets: tuple, batch: int, protocol, ba
 def _attack_result(name: str, records: list[dict], n: int, cfg: EvalConfig, protocol, config: dict, reused: int,
                    start: float, dist: DistInfo) -> dict:  # fmt: skip
     """An attack's result from every rank's chunk records (gathered here: the same on every rank)."""
-    records = sorted((r for part in gather_objects(records, dist) for r in part), key=lambda r: r["index"])
+    # a rank's last chunk may end hours after another's (a CPU's AutoAttack at full width: ~6 h per 500 images),
+    # past the group's timeout: the ranks that are done wait for it
+    gathered = gather_objects(records, dist, wait=CHUNK_WAIT)
+    records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
     tiling = [(lo, min(lo + cfg.chunk_size, n)) for lo in range(0, n, cfg.chunk_size)]
     if [(r["start"], r["stop"]) for r in records] != tiling:
         raise RuntimeError(f"{name}: the chunks gathered from the ranks do not tile the {n} test images")

@@ -205,6 +205,38 @@ def test_two_processes_give_the_flags_of_one(tmp_path, reference):
         assert got == expected | {"attacked": attacked, "seeds": seeds, "saved_seeds": saved}
 
 
+def _slow_rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    import engine.evaluate
+    from engine.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    attack_chunk = engine.evaluate._attack_chunk
+
+    def slow(*args, **kwargs):  # rank 0's chunk takes longer than the group's timeout
+        time.sleep(6)
+        return attack_chunk(*args, **kwargs)
+
+    if rank == 0:
+        engine.evaluate._attack_chunk = slow
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=3))
+    cfg = EvalConfig(attacks=("clean",), num_examples=32, batch_size=16, chunk_size=16)
+    results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3, None, DistInfo(rank, world))
+    Path(out, f"{rank}.json").write_text(json.dumps(flags(results)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_a_chunk_longer_than_the_group_s_timeout(tmp_path):
+    """A rank done with its chunks waited for the others' within the process group's timeout (180 min by default):
+    a CPU's AutoAttack chunk at full width takes hours, and the waiting rank failed (DistStoreError), the working
+    one was stopped and its chunk lost, every rerun the same. Now they wait for each other's chunks."""
+    mp.spawn(_slow_rank, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert got[0] == got[1] and len(got[0]["clean"]) == 32
+
+
 KILLABLE = """
 import sys, time, torch
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
