@@ -352,6 +352,7 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
     gemm = _install_gemm_convs(model, cfg, device)
     if on:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # roles x modes
+        share_compile_workers()
     train, attack = role(TrainForward, model, cfg, device), role(AttackForward, model, cfg, device)
     benchmark = resolve_switch(cfg.cudnn_benchmark, device) and not cfg.deterministic
     if device.type == "cuda":
@@ -362,6 +363,19 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
     set_attack_graphs(graphs)
     switches = (device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel, graphs, gemm)
     return train, attack, Perf(*switches, cfg.deterministic)
+
+
+def share_compile_workers() -> None:
+    """Inductor compiles with up to min(32, cores) worker processes in every process: N torchrun processes on one
+    machine started N x cores of them at once, all compiling together (thrashing, or the kernel's OOM killer on a
+    small host). Each process takes its share, cores / N (TORCHINDUCTOR_COMPILE_THREADS, when set, decides)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local <= 1 or "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
+        return
+    import torch._inductor.config as inductor
+
+    share = max(1, (os.cpu_count() or 1) // local)
+    inductor.compile_threads = min(inductor.compile_threads or share, share)
 
 
 def set_deterministic(on: bool) -> None:

@@ -604,6 +604,10 @@ def release_training_memory(run: Run) -> None:
     if run.perf.attack_graphs is not None:
         run.perf.attack_graphs.release()
     if run.perf.device.type == "cuda":
+        if run.perf.compiled and run.cfg.perf.compile_mode != "default":  # Inductor's own CUDA graphs (its trees)
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees  # keep the training step's pool
+
+            reset_cudagraph_trees()  # (the evaluation compiles in the default mode: it builds none)
         torch.cuda.empty_cache()
 
 

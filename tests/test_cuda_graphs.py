@@ -186,6 +186,31 @@ def test_a_failed_capture_is_logged_once_and_every_attack_stays_eager(caplog):
         assert torch.equal(a, b)
 
 
+def test_a_capture_out_of_memory_frees_its_tensors_before_the_eager_fallback():
+    """The eager fallback ran inside the `except` block, while the error's traceback held the failed capture's
+    frames and their tensors (allocated in its private pool): an out-of-memory capture's fallback ran short of just
+    that memory. The fallback now runs after them, each freed."""
+    import weakref
+
+    kept = []
+
+    class OutOfMemoryCapture(Rerun):
+        def capture(self, fn):
+            partial = torch.empty(1 << 16)  # what a capture allocated before running out
+            kept.append(weakref.ref(partial))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def warm(self, fn):
+            if kept:  # the fallback after the failed capture
+                assert kept[0]() is None, "the failed capture's tensors are still held"
+            return fn()
+
+    model = net()
+    captured = graphs.AttackGraphs(OutOfMemoryCapture(model), warmup=1)
+    attacks(model, batches(3), AttackConfig(num_steps=1), captured, bn="adv", train=True)
+    assert kept and captured.broken and captured.stats()["eager_calls"] >= 1
+
+
 def test_graphs_are_installed_for_cuda_only(tiny_cfg, monkeypatch):
     from engine import perf
     from engine.config import ConfigError, apply_overrides

@@ -402,3 +402,27 @@ def test_deterministic_pins_what_could_differ_between_processes(tiny_cfg, monkey
     assert not plain.perf.summary().endswith("deterministic")
     with pytest.raises(ConfigError, match="perf.cudnn_benchmark"):
         PerfConfig(deterministic=True, cudnn_benchmark="on")
+
+
+def test_torchrun_processes_share_the_machine_s_compile_workers(monkeypatch):
+    """Inductor starts up to min(32, cores) compile workers in every process: 8 processes on a 16-core machine
+    started 128 at once. Each takes cores / N; an explicit TORCHINDUCTOR_COMPILE_THREADS decides; one process keeps
+    Inductor's own choice."""
+    import os
+
+    import torch._inductor.config as inductor
+
+    from engine.perf import share_compile_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    for local, want in (("8", 2), ("1", 16), ("32", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        with inductor.patch(compile_threads=16):
+            share_compile_workers()
+            assert inductor.compile_threads == want, local
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "12")
+    with inductor.patch(compile_threads=12):
+        share_compile_workers()
+        assert inductor.compile_threads == 12

@@ -526,3 +526,27 @@ def test_an_arat_epoch_row_gives_its_tflop_per_s_by_the_benchs_cost_model(tiny_c
     measured = build_run(apply_overrides(tiny_cfg, ["train.epochs=1", "analysis.grad_sim=true"]))
     assert "tflop_per_s" not in train_epoch(measured, 1)  # two more backwards a step than the cost model counts
     assert "2,390 TFLOP/s" in epoch_line(row | {"epoch": 1, "tflop_per_s": 2390.0}, 1)
+
+
+def test_the_end_of_training_releases_inductor_s_cuda_graphs_too(monkeypatch):
+    """With compile_mode reduce-overhead or max-autotune Inductor keeps the training step's CUDA-graph pool (several
+    GB for WRN-34-10) through the evaluation, which sizes its chunks by the device's memory: released with the rest.
+    (CUDA only: the branch is driven here with a stand-in run on a CPU.)"""
+    from types import SimpleNamespace
+
+    import torch._inductor.cudagraph_trees as trees
+
+    from engine.config import PerfConfig
+    from engine.train import release_training_memory
+
+    calls = []
+    monkeypatch.setattr(trees, "reset_cudagraph_trees", lambda: calls.append("trees"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cache"))
+    weight = torch.nn.Parameter(torch.ones(2))
+    for mode, want in (("reduce-overhead", ["trees", "cache"]), ("default", ["cache"])):
+        calls.clear()
+        perf = SimpleNamespace(attack_graphs=None, device=torch.device("cuda"), compiled=True)
+        cfg = SimpleNamespace(perf=PerfConfig(compile_mode=mode))
+        run = SimpleNamespace(optimizer=torch.optim.SGD([weight], lr=0.1), cfg=cfg, perf=perf)
+        release_training_memory(run)
+        assert calls == want, mode

@@ -92,6 +92,9 @@ class CudaCapture:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
         gc.collect()  # no Python-side frees of CUDA tensors in the middle of the capture
+        # the warm-up's cached blocks back to the device, as torch.cuda.graph does: the allocator does not hand
+        # them to a capture's private pool, and a capture near the memory's limit failed where the attack fits
+        torch.cuda.empty_cache()
         with torch.cuda.stream(self.stream):
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             failure = None
@@ -107,6 +110,8 @@ class CudaCapture:
                     self._abandon_capture()
                     if failure is None:  # else fn's own error goes on (ending reports only "a previous error")
                         raise
+                finally:  # no cycle frame -> error -> traceback -> frame keeping the failed capture's tensors
+                    failure = None
         return graph.replay, out
 
     def _abandon_capture(self) -> None:
@@ -200,12 +205,16 @@ class AttackGraphs:
             return out
         if entry.replay is None:
             entry.inputs = tuple(None if t is None else torch.empty_like(t).copy_(t) for t in (x, y, target_probs))
+            failed = None
             try:
                 entry.replay, entry.output = self.capture_backend.capture(lambda: call(*entry.inputs))
             except Exception as err:  # noqa: BLE001 - any failure means: attacks run eagerly from now on
                 self.broken, entry.inputs = True, ()
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                log.warning("CUDA graph capture of an attack failed (%s); attacks run eagerly from now on", first)
+                failed = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if failed is not None:  # outside the except block: the error, its traceback and the failed capture's
+                log.warning("CUDA graph capture of an attack failed (%s); attacks run eagerly from now on", failed)
+                gc.collect()  # tensors are gone before the eager attack needs their memory (an out-of-memory
+                torch.cuda.empty_cache()  # capture's fallback ran short of just that); a no-op without CUDA
                 self.eager_calls += 1
                 return self.capture_backend.warm(lambda: call(x, y, target_probs))
             self.captures += 1

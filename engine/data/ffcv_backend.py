@@ -10,6 +10,7 @@ FFCV 1.0.2 never seeds, so runs with them would not be reproducible.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
@@ -149,6 +150,17 @@ def write_beton(split: ArraySplit, path: Path) -> Path:
     require("ffcv")
     _check_split(split)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # one writer per beton: torchrun's ranks all build their loaders at once, and each wrote the same file (N
+    # writers of 4 processes each, N temporary copies); the others wait, then find it written
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if path.is_file():
+            return path
+        _write_beton(split, path)
+    return path
+
+
+def _write_beton(split: ArraySplit, path: Path) -> None:
     limit = write_seconds(len(split))
     _sweep_stale(path, limit)
     unique = f"{os.getpid()}-{secrets.token_hex(4)}"  # unique on a shared cache too
@@ -175,7 +187,6 @@ def write_beton(split: ArraySplit, path: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
         arrays.unlink(missing_ok=True)
-    return path
 
 
 def write_betons(split_train: ArraySplit, split_test: ArraySplit, out_dir: str | Path) -> tuple[Path, Path]:

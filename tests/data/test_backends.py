@@ -437,7 +437,8 @@ def test_a_spoilt_beton_is_one_line_naming_it(tmp_path, monkeypatch):
     monkeypatch.setenv("ARAT_CACHE_DIR", str(tmp_path))
     small = ArraySplit(TEST.images[:64], TEST.labels[:64])
     written = ffcv_backend.write_beton(small, tmp_path / "other.beton")
-    assert [p.name for p in tmp_path.iterdir()] == ["other.beton"]  # the temporary file renamed, nothing else
+    names = sorted(p.name for p in tmp_path.iterdir())  # the temporary file renamed, nothing else but the lock
+    assert names == [".other.beton.lock", "other.beton"]
     beton = ffcv_backend.cache_dir() / f"test-{ffcv_backend.split_digest(TEST)}.beton"
     beton.parent.mkdir(parents=True, exist_ok=True)
     whole = ffcv_backend.write_beton(TEST, tmp_path / "whole.beton").read_bytes()
@@ -449,6 +450,33 @@ def test_a_spoilt_beton_is_one_line_naming_it(tmp_path, monkeypatch):
             ffcv_backend.make_loader(TEST, 100, train=False, device=CPU)
         message = str(err.value)
         assert str(beton) in message and "delete it" in message and says in message and "\n" not in message
+
+
+def test_ranks_building_their_loaders_at_once_write_each_beton_once(tmp_path, monkeypatch):
+    """torchrun's ranks build their FFCV loaders together: each wrote the same beton (N writers, N temporary
+    copies). One writes, the others wait for it and find the file written."""
+    need("ffcv")
+    import threading
+    import time
+
+    from engine.data import ffcv_backend
+
+    writes = []
+
+    def writer(command, limit):  # the writer process, stood in: slow enough for the others to arrive meanwhile
+        writes.append(command)
+        time.sleep(0.5)
+        Path(command[-2]).write_bytes(b"beton")
+        return 0
+
+    monkeypatch.setattr(ffcv_backend, "_run_writer", writer)
+    small, path = ArraySplit(TEST.images[:64], TEST.labels[:64]), tmp_path / "small.beton"
+    threads = [threading.Thread(target=ffcv_backend.write_beton, args=(small, path)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(writes) == 1 and path.read_bytes() == b"beton"
 
 
 def _running(pid: int) -> bool:
