@@ -7,6 +7,7 @@ line on stderr and exit status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -77,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--init", metavar="CHECKPOINT", help="ARREST: fine-tune this checkpoint or run (no standard stage)")
 
-    sub.add_parser("recipes", help="list recipes")
+    p = sub.add_parser("recipes", help="list recipes (--show NAME: one recipe's every setting)")
+    p.add_argument("--show", metavar="NAME", help="print a recipe's resolved config (every key --set takes)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --show: the config after these overrides")  # fmt: skip
 
     p = sub.add_parser("eval", help="evaluate a run, a checkpoint, or a plain state_dict")
     p.add_argument("target", metavar="RUN_OR_CHECKPOINT")
@@ -133,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_recipes(args) -> None:
+    if args.show:  # every key and its value: what `--set section.key=value` can change
+        print(json.dumps(apply_overrides(get_recipe(args.show), args.overrides).to_dict(), indent=2))
+        return
+    if args.overrides:
+        raise ConfigError("--set goes with --show NAME (the recipe it changes)")
     width = max(map(len, RECIPES))
     for name, (_, description) in RECIPES.items():
         print(f"{name:<{width}}  {description}")

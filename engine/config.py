@@ -111,6 +111,7 @@ class MethodConfig:
     replay_until: float = 0.5  # ... and within this fraction of the fine-tuning epochs
 
     def __post_init__(self):
+        _one_of("method.name", self.name, tuple(METHOD_KEYS))  # before the data loads, on every rank
         self.finetune_milestones = _epochs("method.finetune_milestones", self.finetune_milestones)
         _check(self.invariance_weight >= 0, "method.invariance_weight must be >= 0")
         _one_of("method.symmetric", self.symmetric, ("full", "average"))

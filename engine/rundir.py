@@ -42,13 +42,17 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, durable: bool = True) -> None:
+    """`write(f)` into a temporary file renamed to `path`: a kill leaves the old file or the new, whole. `durable`:
+    synced before the rename, so a host crash does too (not for progress.json: rewritten every log interval, where
+    a sync can stall a GPU run on a busy disk)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a host crash leaves the old file or the new, whole
+            if durable:
+                os.fsync(f.fileno())
         with contextlib.suppress(PermissionError, NotImplementedError):  # vfat/exFAT refuse it: their own modes
             os.chmod(tmp, file_mode())
         os.replace(tmp, path)
@@ -57,10 +61,10 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def atomic_json(path: Path, data: dict, indent: int | None = 2) -> None:
+def atomic_json(path: Path, data: dict, indent: int | None = 2, durable: bool = True) -> None:
     """`data` as JSON at `path`, written atomically (indent None: one line, for many small files)."""
     text = json.dumps(data, indent=indent) + ("\n" if indent is not None else "")
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), durable)
 
 
 def read_json_or_none(path: Path) -> Any:
@@ -235,8 +239,8 @@ class RunDir:
         except OSError as e:
             raise RunDirError(f"cannot write to {self.path} ({e.strerror}); {unwritable}") from None
 
-    def write_json(self, name: str, data: dict) -> None:
-        atomic_json(self.path / name, data)
+    def write_json(self, name: str, data: dict, durable: bool = True) -> None:
+        atomic_json(self.path / name, data, durable=durable)
 
     def read_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())

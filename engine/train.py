@@ -541,7 +541,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         say(f"train.batch_size={cfg.batch_size} is per process: {cfg.batch_size * run.dist.world_size} images per "
             f"step over {run.dist.world_size} processes (the recipes' batch is for one process; "
             f"--set train.batch_size=N sets each process's)")  # fmt: skip
-    progress = (lambda row: rundir.write_json("progress.json", row)) if run.dist.is_main else None
+    progress = (lambda row: rundir.write_json("progress.json", row, durable=False)) if run.dist.is_main else None
     # wall time of the whole run: a resume adds this process's to the time the earlier processes' rows reached
     earlier = [r["wall_seconds"] for r in kept if "wall_seconds" in r]
     wall = time.perf_counter() - (earlier[-1] if earlier else 0.0)

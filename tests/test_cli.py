@@ -742,3 +742,14 @@ def test_a_full_disk_under_torch_compile_s_wrapper_is_said_as_a_full_disk(capsys
     monkeypatch.setattr(engine.train, "run_training", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # any other error keeps its traceback
         main(["train", "--recipe", "smoke", "--out", "/tmp/never-made"])
+
+
+def test_recipes_show_prints_every_key_a_set_takes(capsys):
+    """No command listed the keys --set takes (the unknown-key error lists none): --show prints a recipe's resolved
+    config, with --set applied."""
+    code, out, _ = run_cli(capsys, "recipes", "--show", "arat-resnet18-cifar10", "--set", "train.epochs=7")
+    shown = json.loads(out)
+    assert code == 0 and shown["epochs"] == 7 and shown["optim"]["milestones"] == [76, 91]
+    assert {"data", "model", "attack", "method", "optim", "swa", "eval", "perf", "dist", "analysis"} <= set(shown)
+    code, _, err = run_cli(capsys, "recipes", "--set", "train.epochs=7")
+    assert code == 2 and "--set goes with --show NAME" in err

@@ -550,3 +550,21 @@ def test_the_end_of_training_releases_inductor_s_cuda_graphs_too(monkeypatch):
         run = SimpleNamespace(optimizer=torch.optim.SGD([weight], lr=0.1), cfg=cfg, perf=perf)
         release_training_memory(run)
         assert calls == want, mode
+
+
+def test_progress_json_is_not_synced_to_disk_every_log_interval(tiny_cfg, tmp_path, monkeypatch):
+    """progress.json is rewritten at every log interval: its write was fsynced each time (a stall on a busy disk);
+    the checkpoints, config and metrics still are."""
+    import engine.rundir
+
+    seen: dict[str, set[bool]] = {}
+    write = engine.rundir.atomic_write
+
+    def recording(path, data, durable=True):
+        seen.setdefault(Path(path).name, set()).add(durable)
+        return write(path, data, durable)
+
+    monkeypatch.setattr(engine.rundir, "atomic_write", recording)
+    run_training(apply_overrides(tiny_cfg, ["train.epochs=1", "eval.attacks=clean"]), tmp_path / "run")
+    assert seen["progress.json"] == {False}
+    assert seen["latest.pt"] == seen["final.pt"] == seen["config.json"] == seen["results.json"] == {True}
