@@ -136,6 +136,9 @@ def training_settings(cfg: dict, dataset: str, world_size: int = 1) -> dict:
             if key == "swa" and k != "enabled" and not swa_on:
                 continue
             flat[f"{key}.{k}"] = v
+    dist = cfg.get("dist")  # how processes talk, not what is trained: but for synchronized BN statistics
+    if world_size > 1:  # (one process: nothing to synchronize)
+        flat["dist.sync_bn"] = bool(isinstance(dist, dict) and dist.get("sync_bn"))
     return flat
 
 

@@ -20,7 +20,7 @@ from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, r
 from .errors import UserError
 from .evaluate import evaluate, format_results, summary, write_flags
 from .methods import Method, Nets, build_method
-from .models import CheckpointError, build_model, read_checkpoint
+from .models import CheckpointError, build_model, read_checkpoint, set_sync_bn
 from .progress import progress_bar
 from .rundir import FINAL, LATEST, RunDir, RunDirError, environment
 from .swa import SWA
@@ -160,9 +160,15 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     train_split, test_split = load_splits(cfg.data, cfg.seed)
     model = build_model(cfg.model, cfg.data.num_classes)
     method = build_method(replace(cfg, method=replace(cfg.method, init="")) if from_checkpoint else cfg, model)
-    train_net, attack_net, switches = perf.apply(model, cfg.perf)
+    sync_bn = cfg.dist.sync_bn and info.enabled
+    # synchronized BN runs uncompiled and uncaptured: auto resolves to off (on is refused by check_trainable)
+    perf_cfg = replace(cfg.perf, compile="off", cuda_graphs="off") if sync_bn else cfg.perf
+    train_net, attack_net, switches = perf.apply(model, perf_cfg)
     method.to(switches.device)
-    method.follow(lambda net: perf.follow(net, cfg.perf, switches.device))
+    method.follow(lambda net: perf.follow(net, perf_cfg, switches.device))
+    if sync_bn:  # every BN of the network and the method's own (AR-AT's predictors, LBGAT's clean model)
+        set_sync_bn(model, True)
+        set_sync_bn(method, True)
     nets = Nets(train=distributed.wrap(train_net, info, switches.device), attack=attack_net, raw=model)
     torch.manual_seed(cfg.seed + info.rank)  # same initial weights everywhere, distinct attack noise per rank
     train_loader, _ = build_loaders(
@@ -379,6 +385,7 @@ def start_line(run: Run) -> str:
         f"{'' if cfg.model.arch != 'resnet18' or cfg.model.width == 64 else f'(width {cfg.model.width})'} "
         f"split_bn={cfg.model.split_bn} data={dataset}/{cfg.data.backend} ({run.train_loader.num_images} train "
         f"images) {run.perf.summary()} world_size={run.dist.world_size}"
+        + (" sync_bn (BN statistics over every rank's batch)" if cfg.dist.sync_bn and run.dist.enabled else "")
     )
 
 

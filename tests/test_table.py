@@ -147,7 +147,8 @@ def test_settings_labels_and_method_labels_from_configs():
     cfg["method"] = {"name": "arat", "beta": 6.0, "invariance_weight": 30.0, "init": "/runs/std"}
     cfg["swa"] = {"enabled": False, "start_epoch": 76}
     assert training_settings(cfg, "cifar10", 8) == settings | {
-        "world_size": 8, "method.name": "arat", "method.invariance_weight": 30.0, "swa.enabled": False}  # fmt: skip
+        "world_size": 8, "method.name": "arat", "method.invariance_weight": 30.0, "swa.enabled": False,
+        "dist.sync_bn": False}  # fmt: skip
 
 
 def test_rows_are_not_split_by_what_does_not_change_training(tmp_path):
@@ -211,6 +212,11 @@ def test_training_data_and_processes_come_from_env_json(tmp_path):
               eval_json=on_cifar)  # fmt: skip
     md = render(table([str(root)]))
     assert row_of(md, "ResNet-18", "AR-AT (world_size=1)") and row_of(md, "ResNet-18", "AR-AT (world_size=8)")
+    # synchronized BN statistics train something else at 8 processes (METHOD's BN batch): a row of their own
+    write_run(root, "synced", "demo", None, cfg=arat_cfg(seed=2, dist={"sync_bn": True}),
+              env={"dataset": "cifar10", "world_size": 8}, eval_json=on_cifar)  # fmt: skip
+    labels = [line.split("|")[2].strip() for line in render(table([str(root)])).splitlines() if "| AR-AT" in line]
+    assert len(labels) == 3 and any("dist.sync_bn=true" in label for label in labels), labels
     fell_back = write_run(tmp_path, "fell-back", "demo", None, cfg=arat_cfg(), env={"dataset": "synthetic"},
                           eval_json=on_cifar)  # fmt: skip
     with pytest.raises(TableError, match="--dataset synthetic"):

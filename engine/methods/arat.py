@@ -16,6 +16,7 @@ from ..attacks import mode, pgd
 from ..attacks.step import noise_like
 from ..config import AttackConfig, TrainConfig
 from ..distributed import mean_over_ranks
+from ..models import SyncableBatchNorm1d
 from .base import Method, Nets, StepOutput, correct, forward_pair
 
 
@@ -30,7 +31,7 @@ class Predictor(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim, dim // 4, bias=False), nn.BatchNorm1d(dim // 4), nn.ReLU(), nn.Linear(dim // 4, dim)
+            nn.Linear(dim, dim // 4, bias=False), SyncableBatchNorm1d(dim // 4), nn.ReLU(), nn.Linear(dim // 4, dim)
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ..errors import UserError
 from .gemm_conv import GemmConv2d, set_gemm_convs
 from .resnet import ResNet18
 from .splitbn import BRANCHES, SplitBatchNorm2d, check_branch, set_dual_kernel, split_bn_layers
+from .syncbn import SyncableBatchNorm1d, SyncableBatchNorm2d, set_sync_bn
 from .wrn import WideResNet
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "GemmConv2d",
     "ResNet18",
     "SplitBatchNorm2d",
+    "SyncableBatchNorm1d",
+    "SyncableBatchNorm2d",
     "WideResNet",
     "build_model",
     "check_branch",
@@ -26,6 +29,7 @@ __all__ = [
     "read_weights",
     "set_dual_kernel",
     "set_gemm_convs",
+    "set_sync_bn",
     "split_bn_layers",
 ]
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .syncbn import SyncableBatchNorm2d
+
 BRANCHES = ("clean", "adv", "dual")
 # (x, clean_bn, adv_bn, relu) -> y; set by engine.perf when the fused dual-BN kernel is on.
 DualBNKernel = Callable[[torch.Tensor, nn.BatchNorm2d, nn.BatchNorm2d, bool], torch.Tensor]
@@ -36,8 +38,8 @@ class _BranchNorm(nn.Module):
 class SplitBatchNorm2d(_BranchNorm):
     def __init__(self, num_features: int):
         super().__init__()
-        self.clean = nn.BatchNorm2d(num_features)
-        self.adv = nn.BatchNorm2d(num_features)
+        self.clean = SyncableBatchNorm2d(num_features)
+        self.adv = SyncableBatchNorm2d(num_features)
 
     def forward(self, x: torch.Tensor, bn: str, relu: bool = False) -> torch.Tensor:
         if bn == "dual":
@@ -51,7 +53,7 @@ class SplitBatchNorm2d(_BranchNorm):
         return F.relu(y) if relu else y
 
 
-class BranchBatchNorm2d(_BranchNorm, nn.BatchNorm2d):
+class BranchBatchNorm2d(_BranchNorm, SyncableBatchNorm2d):
     """A single BN that accepts the branch argument (single-BN methods and exported plain models).
 
     It is an nn.BatchNorm2d, so a plain network's state_dict (`bn1.weight`, ...) loads as is.

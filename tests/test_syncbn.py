@@ -1,0 +1,125 @@
+"""dist.sync_bn: batch statistics over every rank's images equal one process's over the whole batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from engine.models import SyncableBatchNorm1d, SyncableBatchNorm2d, set_sync_bn
+
+SHAPES = {"2d": (8, 3, 5, 5), "1d": (8, 6)}
+
+
+def _bn(kind: str, momentum: float | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    bn = SyncableBatchNorm2d(3, momentum=momentum) if kind == "2d" else SyncableBatchNorm1d(6, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+def _batch(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = 3 * torch.randn(SHAPES[kind], generator=generator, dtype=torch.float64).float() + 1
+    return x, torch.randn(SHAPES[kind], generator=generator)  # images, a weight of each output in the loss
+
+
+def _whole(kind: str, momentum: float | None) -> dict[str, torch.Tensor]:
+    """One process, the whole batch, two steps: what the ranks must give."""
+    bn, (x, w) = _bn(kind, momentum), _batch(kind)
+    x.requires_grad_(True)
+    for _ in range(2):
+        y = bn(x)
+        (y * w).sum().backward()
+    return {"y": y.detach(), "x_grad": x.grad, "w_grad": bn.weight.grad, "b_grad": bn.bias.grad,
+            "mean": bn.running_mean, "var": bn.running_var}  # fmt: skip
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=2))
+    results = {}
+    for kind in SHAPES:
+        for momentum in (0.1, None):
+            bn, (x, w) = _bn(kind, momentum), _batch(kind)
+            assert set_sync_bn(bn, True) == 1
+            half = len(x) // world
+            mine = x[rank * half : (rank + 1) * half].clone().requires_grad_(True)
+            for _ in range(2):
+                y = bn(mine)
+                (y * w[rank * half : (rank + 1) * half]).sum().backward()
+            grads = [bn.weight.grad.clone(), bn.bias.grad.clone()]
+            for g in grads:  # the parameter gradients summed over the ranks (DDP averages them: the same scale)
+                dist.all_reduce(g)
+            found = {"y": y.detach(), "x_grad": mine.grad, "w_grad": grads[0], "b_grad": grads[1],
+                     "mean": bn.running_mean, "var": bn.running_var}  # fmt: skip
+            results[f"{kind}-{momentum}"] = {k: v.tolist() for k, v in found.items()}
+    Path(out, f"{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_normalize_over_the_whole_batch_as_one_process_does(tmp_path):
+    """Each rank holds half the batch: outputs, input gradients (through the statistics, over both ranks), summed
+    parameter gradients and running statistics (momentum 0.1, and None: SWA's cumulative average) equal one process
+    normalizing the whole batch."""
+    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    for kind in SHAPES:
+        for momentum in (0.1, None):
+            want, key = _whole(kind, momentum), f"{kind}-{momentum}"
+            for name in ("y", "x_grad"):  # each rank's half of the batch
+                both = torch.cat([torch.tensor(got[r][key][name]) for r in (0, 1)])
+                torch.testing.assert_close(both, want[name], rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+            for name in ("w_grad", "b_grad", "mean", "var"):  # the same on both ranks
+                for r in (0, 1):
+                    torch.testing.assert_close(torch.tensor(got[r][key][name]), want[name], rtol=1e-4, atol=1e-5,
+                                               msg=f"{key} {name} rank {r}")  # fmt: skip
+
+
+def test_unmarked_or_in_eval_mode_it_is_a_plain_batch_norm():
+    """Off (the default), and in eval mode when on, the forward is nn.BatchNorm's own (no process group needed)."""
+    x = torch.randn(4, 3, 5, 5)
+    plain, syncable = torch.nn.BatchNorm2d(3), SyncableBatchNorm2d(3)
+    torch.testing.assert_close(syncable(x), plain(x), rtol=0, atol=0)
+    set_sync_bn(syncable, True)
+    syncable.eval(), plain.eval()
+    torch.testing.assert_close(syncable(x), plain(x), rtol=0, atol=0)
+    assert syncable.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_with_sync_bn_keeps_one_set_of_bn_statistics(tmp_path):
+    """Under torchrun with dist.sync_bn every rank's BN statistics are the global batch's: the two ranks' saved
+    statistics are equal (without it they differ: tests/test_distributed.py); the start line says so."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.cli",
+           "train", "--recipe", "smoke", "--no-eval", "--set", "train.epochs=1", "--set", "dist.sync_bn=true",
+           "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sync_bn (BN statistics over every rank's batch)" in proc.stdout and "compile=False" in proc.stdout
+    ranks = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)["rank_buffers"]
+    stats = [k for k in ranks[0] if k.endswith(("running_mean", "running_var"))]
+    assert any(".predictor" in k or "predictors" in k for k in stats), stats  # AR-AT's predictors' BatchNorm1d too
+    for key in stats:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_sync_bn_is_refused_with_compile_or_graphs_on():
+    from engine.config import ConfigError, apply_overrides, check_trainable
+    from engine.recipes import get_recipe
+
+    for switch in ("perf.compile=on", "perf.cuda_graphs=on"):
+        with pytest.raises(ConfigError, match="dist.sync_bn runs uncompiled and uncaptured"):
+            check_trainable(apply_overrides(get_recipe("smoke"), ["dist.sync_bn=true", switch]))
+    check_trainable(apply_overrides(get_recipe("smoke"), ["dist.sync_bn=true"]))  # auto: off with it
