@@ -137,14 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_recipes(args) -> None:
-    if args.show:  # every key and its value: what `--set section.key=value` can change
-        print(json.dumps(apply_overrides(get_recipe(args.show), args.overrides).to_dict(), indent=2))
+    if args.show:  # every key and its value, as `--set section.key=value` names them (train.* at the top level)
+        shown = apply_overrides(get_recipe(args.show), args.overrides).to_dict()
+        train = {k: shown.pop(k) for k in list(shown) if not isinstance(shown[k], dict)}
+        print(json.dumps({"train": train} | shown, indent=2))
         return
     if args.overrides:
         raise ConfigError("--set goes with --show NAME (the recipe it changes)")
     width = max(map(len, RECIPES))
     for name, (_, description) in RECIPES.items():
         print(f"{name:<{width}}  {description}")
+
+
+def resume_takes(key: str) -> bool:
+    """The --set keys a resume takes: how and where the run goes on, not what it trains (synchronized BN statistics
+    are what it trains); the closing evaluation's chunk and forward sizes (memory, not results: a smaller chunk is
+    the way past an evaluation that ran out of memory)."""
+    how = key.startswith(("perf.", "dist.")) and key != "dist.sync_bn"
+    return how or key in ("eval.chunk_size", "eval.batch_size")
 
 
 def cmd_train(args) -> None:
@@ -158,10 +168,11 @@ def cmd_train(args) -> None:
         if args.out is not None:
             raise ConfigError(f"--resume continues {args.resume} in place: drop --out")
         # how and where the run goes on (another machine, its switches), never what it trains: kept in config.json
-        how = [o for o in args.overrides if o.partition("=")[0].strip().startswith(("perf.", "dist."))]
+        how = [o for o in args.overrides if resume_takes(o.partition("=")[0].strip())]
         if len(how) != len(args.overrides):
-            raise ConfigError("--resume continues a run with its saved config.json: of --set it takes only perf.* "
-                              "and dist.* (how and where it runs: perf.device=cpu...), not what it trains")  # fmt: skip
+            raise ConfigError("--resume continues a run with its saved config.json: of --set it takes only perf.*, "
+                              "dist.* (not dist.sync_bn) and eval.chunk_size / eval.batch_size (how and where it "
+                              "runs: perf.device=cpu...), not what it trains")  # fmt: skip
         moved = [f"data.data_dir={args.data_dir}"] if args.data_dir else []  # the data may live elsewhere now
         cfg, out = load_run_config(args.resume), args.resume
         cfg = apply_overrides(cfg, moved + how) if moved or how else cfg
@@ -300,7 +311,8 @@ def cmd_eval(args) -> None:
                           "evaluate it on the data it was trained for (--dataset)")  # fmt: skip
     record = Path(args.out) if args.out else target / "eval" if target.is_dir() else target.with_suffix(".eval")
     split = load_test_split(data_cfg, cfg.seed)
-    # under torchrun: the chunks are shared among the ranks, waiting on each other as long as the run's ranks may
+    # under torchrun: the chunks are shared among the ranks (the collectives bounded by the run's timeout; the
+    # gathers of finished chunks by the chunks' own time, evaluate._attack_result)
     info = distributed.init(DistConfig(timeout_min=cfg.dist.timeout_min), device.type)
     device = distributed.local_device(info, device)
     make_current(device)
@@ -547,10 +559,16 @@ def resource_line(args, error: BaseException) -> str | None:
         return None
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
     if args.command == "train":  # (an evaluation's own is an EvaluationOutOfMemory, a UserError)
-        return (
-            f"out of memory ({first}); the last finished epoch's checkpoint is kept: resume with --set "
-            "perf.cuda_graphs=off or --set perf.compile=off, or start a run with a smaller train.batch_size"
-        )
+        run = getattr(args, "run_dir", None)
+        if run is not None and (Path(run) / "checkpoints" / "latest.pt").is_file():
+            again = f"its last epoch's checkpoint is kept: `arat train --resume {run}`"
+        elif run is not None and (Path(run) / "config.json").is_file():
+            again = f"no epoch ended: `arat train --resume {run}` starts it again"
+        else:
+            again = "the same command again"
+        if isinstance(cause, torch.OutOfMemoryError):  # the device's: the captured attack and compiled code hold some
+            again += " with --set perf.cuda_graphs=off or --set perf.compile=off,"
+        return f"out of memory ({first}); {again} or a new run with a smaller train.batch_size"
     return f"out of memory ({first}); free the device's memory (another process?) or take smaller batches"
 
 

@@ -182,14 +182,14 @@ def gather_objects(obj, info: DistInfo, wait: timedelta | None = None) -> list:
     ~1 exit in 6 with two ranks on two cores). Store reads and writes run on the calling thread.
 
     `wait`: how long to wait for the other ranks' entries when that may take longer than the group's timeout (an
-    evaluation's ranks finish their chunks hours apart on a CPU); torchrun stops every rank when one fails."""
+    evaluation's ranks finish their chunks hours apart on a CPU); never less than the group's timeout."""
     if not info.enabled:
         return [obj]
     store = dist.distributed_c10d._get_default_store()
     n = _next_round()
     store.set(_gather_key(n, info.rank), pickle.dumps(obj))
     if wait is not None:
-        store.wait([_gather_key(n, r) for r in range(info.world_size)], wait)
+        store.wait([_gather_key(n, r) for r in range(info.world_size)], max(wait, store.timeout))
     out = [pickle.loads(store.get(_gather_key(n, r))) for r in range(info.world_size)]
     global _last_gather
     if _last_gather is not None:  # every rank wrote round n after reading all of that one: no one reads it again

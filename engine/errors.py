@@ -13,7 +13,9 @@ class CompiledEvaluationFailed(UserError):
 def innermost(error: BaseException) -> BaseException:
     """The error under torch.compile's wrappers (BackendCompilerFailed, ...: `inner_exception` or the cause chain):
     a full disk under Inductor's cache or an out-of-memory while compiling is said as itself."""
-    cause = error
-    while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None and inner is not cause:
+    cause, seen = error, {id(error)}
+    # a chain may loop (an error re-raised from its own wrapper): each error once
+    while (inner := getattr(cause, "inner_exception", None) or cause.__cause__) is not None and id(inner) not in seen:
         cause = inner
+        seen.add(id(cause))
     return cause

@@ -138,18 +138,16 @@ class ChunkStore:
             atomic_json(self.path / f"{index:05d}.json", record, indent=None)
 
 
-CHUNK_WAIT = timedelta(days=7)  # how long an evaluation's ranks wait for each other's chunks
-
-
 class EvaluationOutOfMemory(UserError):
     """A chunk's attack ran out of memory: the finished chunks are saved; smaller chunks (or forwards) fit."""
 
     def __init__(self, attack: str, chunk_size: int, batch: int, error: BaseException):
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        smaller = f"--chunk-size {max(chunk_size // 2, 1)}" + (f" (or --batch-size {max(batch // 2, 1)})" * (batch > 1))
+        half = max(chunk_size // 2, 1)
         super().__init__(f"out of memory attacking {attack} in chunks of {chunk_size} images, {batch} per forward "
-                         f"({first}); the finished chunks are saved: evaluate with smaller ones, `arat eval` with "
-                         f"{smaller}")  # fmt: skip
+                         f"({first}); smaller chunks fit: `arat eval ... --attacks {attack} --chunk-size {half}`, or "
+                         f"for a run's closing evaluation `arat train --resume RUN --set eval.chunk_size={half}` (the "
+                         "chunk size keys the saved chunks and seeds each: a new size starts over)")  # fmt: skip
 
 
 def whole_record(record, index: int, start: int, stop: int, seed: int, stages: tuple[str, ...]) -> bool:
@@ -349,8 +347,8 @@ def evaluate(
             path.write_text("".join(traceback.format_exception(e)))
             where = f"; traceback in {path}"
         cause = innermost(e)  # dynamo wraps the backend's error: name the innermost
-        if isinstance(cause, (OSError, MemoryError)):  # a full disk, no memory: said as such, not "compile off"
-            raise cause from e
+        if isinstance(cause, (OSError, MemoryError, torch.OutOfMemoryError)):  # said as such, not "compile off"
+            raise cause from None  # (the whole traceback is in compile_error.txt; `from e` made a cycle)
         first = (str(cause).strip().splitlines() or [""])[0][:200]
         raise CompiledEvaluationFailed(
             f"the compiled evaluation failed ({type(cause).__name__}: {first}{where})"
@@ -457,8 +455,10 @@ def _attack_result(name: str, records: list[dict], n: int, cfg: EvalConfig, prot
                    start: float, dist: DistInfo) -> dict:  # fmt: skip
     """An attack's result from every rank's chunk records (gathered here: the same on every rank)."""
     # a rank's last chunk may end hours after another's (a CPU's AutoAttack at full width: ~6 h per 500 images),
-    # past the group's timeout: the ranks that are done wait for it
-    gathered = gather_objects(records, dist, wait=CHUNK_WAIT)
+    # past the group's timeout: the ranks that are done wait for it, as long as a few of their own chunks took (the
+    # chunks go round-robin: another rank has at most one more; a rank that died is given up on after that)
+    longest = max((r["seconds"] for r in records), default=0.0)
+    gathered = gather_objects(records, dist, wait=timedelta(seconds=4 * longest + 600))
     records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
     tiling = [(lo, min(lo + cfg.chunk_size, n)) for lo in range(0, n, cfg.chunk_size)]
     if [(r["start"], r["stop"]) for r in records] != tiling:

@@ -310,6 +310,7 @@ def inductor_options(cfg: PerfConfig, device: torch.device) -> dict:
 
 def compile_role(role: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:
     """torch.compile with static shapes (every shape in the hot loop is fixed; evaluation pads its last batch)."""
+    share_compile_workers()  # every compiled role: training's, the evaluation's (`arat eval` under torchrun too)
     return torch.compile(role, dynamic=False, backend=cfg.compile_backend, **inductor_options(cfg, device))
 
 
@@ -352,7 +353,6 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
     gemm = _install_gemm_convs(model, cfg, device)
     if on:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # roles x modes
-        share_compile_workers()
     train, attack = role(TrainForward, model, cfg, device), role(AttackForward, model, cfg, device)
     benchmark = resolve_switch(cfg.cudnn_benchmark, device) and not cfg.deterministic
     if device.type == "cuda":
@@ -374,7 +374,9 @@ def share_compile_workers() -> None:
         return
     import torch._inductor.config as inductor
 
-    share = max(1, (os.cpu_count() or 1) // local)
+    # the cores this process may use (its affinity: a container's cpuset), as Inductor counts them
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cores // local)
     inductor.compile_threads = min(inductor.compile_threads or share, share)
 
 

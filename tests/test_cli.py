@@ -725,7 +725,59 @@ def test_out_of_memory_is_one_line_saying_what_is_kept_and_what_to_do(tmp_path, 
     assert (run / "checkpoints" / "final.pt").exists()
     monkeypatch.setattr(engine.train, "train_step", oom)
     code, _, err = run_cli(capsys, "train", "--recipe", "smoke", "--out", str(tmp_path / "other"))
-    assert code == 2 and "out of memory (CUDA out of memory." in _last_line(err) and "resume with" in err
+    line = _last_line(err)
+    assert code == 2 and "out of memory (CUDA out of memory." in line and "no epoch ended" in line
+    assert f"`arat train --resume {tmp_path / 'other'}` starts it again with --set perf.cuda_graphs=off" in line
+    # the closing evaluation's chunk size is how it runs, not what the run trains: a resume takes it
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--set", "eval.chunk_size=16")
+    assert code == 0 and json.loads((run / "config.json").read_text())["eval"]["chunk_size"] == 16
+    assert (run / "results.json").exists()
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--set", "dist.sync_bn=true")  # what it trains
+    assert code == 2 and "not dist.sync_bn" in err
+
+
+def test_an_error_chain_that_loops_ends(monkeypatch):
+    """Inductor's error keeps the error it wraps as inner_exception; re-raised from the wrapper, the two pointed at
+    each other and the walk to the innermost one never ended (every rank at 100% CPU, forever)."""
+    from engine.errors import innermost
+
+    class Wrapper(RuntimeError):
+        def __init__(self, inner):
+            super().__init__("wrapped")
+            self.inner_exception = inner
+
+    full = OSError(28, "No space left on device")
+    wrapper = Wrapper(full)
+    full.__cause__ = wrapper  # `raise inner from wrapper`
+    assert innermost(wrapper) is full and innermost(full) in (full, wrapper)
+
+
+@pytest.mark.parametrize(
+    "inner, says",
+    [
+        (OSError(28, "No space left on device", "/tmp/ind/x.py"), "No space left on device"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory"),
+    ],
+)
+def test_a_compiled_evaluation_that_runs_out_of_disk_or_memory_says_so(tmp_path, capsys, monkeypatch, inner, says):
+    """Not "evaluate without compiling": a full disk under Inductor's cache, or the device's memory, said as such
+    (a full disk looped forever before: see above)."""
+    import torch._dynamo
+
+    import engine.evaluate
+
+    def failing(*args, **kwargs):
+        error = torch._dynamo.exc.TorchDynamoException("backend='inductor' raised")
+        error.inner_exception = inner
+        raise error
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--set", "train.epochs=1", "--no-eval", "--out", str(run)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(engine.evaluate, "_evaluate", failing)
+    code, _, err = run_cli(capsys, "eval", str(run), "--attacks", "clean", "--num-examples", "16", "--compile", "on")
+    assert code == 2 and says in _last_line(err) and "--compile off" not in err
 
 
 def test_a_full_disk_under_torch_compile_s_wrapper_is_said_as_a_full_disk(capsys, monkeypatch):
@@ -749,7 +801,15 @@ def test_recipes_show_prints_every_key_a_set_takes(capsys):
     config, with --set applied."""
     code, out, _ = run_cli(capsys, "recipes", "--show", "arat-resnet18-cifar10", "--set", "train.epochs=7")
     shown = json.loads(out)
-    assert code == 0 and shown["epochs"] == 7 and shown["optim"]["milestones"] == [76, 91]
+    assert code == 0 and shown["train"]["epochs"] == 7 and shown["optim"]["milestones"] == [76, 91]
+    # every key as --set names it: each round-trips
+    from engine.config import apply_overrides
+    from engine.recipes import get_recipe
+
+    scalars = {f"{section}.{key}": value for section, values in shown.items() for key, value in values.items()
+               if not isinstance(value, list)}  # fmt: skip
+    sets = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in scalars.items()]
+    assert apply_overrides(get_recipe("arat-resnet18-cifar10"), sets).epochs == 7 and len(sets) > 50
     assert {"data", "model", "attack", "method", "optim", "swa", "eval", "perf", "dist", "analysis"} <= set(shown)
     code, _, err = run_cli(capsys, "recipes", "--set", "train.epochs=7")
     assert code == 2 and "--set goes with --show NAME" in err

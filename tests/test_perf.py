@@ -414,7 +414,8 @@ def test_torchrun_processes_share_the_machine_s_compile_workers(monkeypatch):
 
     from engine.perf import share_compile_workers
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)  # the host's; this process may use 16 of them (a cpuset)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     for local, want in (("8", 2), ("1", 16), ("32", 1)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
@@ -426,3 +427,11 @@ def test_torchrun_processes_share_the_machine_s_compile_workers(monkeypatch):
     with inductor.patch(compile_threads=12):
         share_compile_workers()
         assert inductor.compile_threads == 12
+    # every compiled role shares them: the evaluation's too (`arat eval` under torchrun)
+    from engine.config import PerfConfig
+    from engine.perf import eval_network
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")
+    with inductor.patch(compile_threads=16):
+        eval_network(torch.nn.Linear(2, 2), PerfConfig(compile="on", compile_backend="eager"), torch.device("cpu"))
+        assert inductor.compile_threads == 2

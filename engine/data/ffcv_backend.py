@@ -152,12 +152,38 @@ def write_beton(split: ArraySplit, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # one writer per beton: torchrun's ranks all build their loaders at once, and each wrote the same file (N
     # writers of 4 processes each, N temporary copies); the others wait, then find it written
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    with _writer_lock(path, WRITE_TRIES * write_seconds(len(split)) + 60):
         if path.is_file():
             return path
         _write_beton(split, path)
     return path
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path, wait_s: float):
+    """An exclusive lock beside `path` for up to `wait_s` (a holder stopped or hung: then each writes its own
+    temporary copy, which the atomic rename makes safe, as without a lock); none where the folder takes no lock
+    (NFS without lockd, another user's lock file)."""
+    try:
+        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
+            except OSError:  # ENOLCK, EOPNOTSUPP: no file locks here
+                break
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_beton(split: ArraySplit, path: Path) -> None:

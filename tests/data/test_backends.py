@@ -477,6 +477,15 @@ def test_ranks_building_their_loaders_at_once_write_each_beton_once(tmp_path, mo
     for t in threads:
         t.join()
     assert len(writes) == 1 and path.read_bytes() == b"beton"
+    # a folder that takes no file locks (NFS without lockd): written without one, as before the lock
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(ffcv_backend.fcntl, "flock", no_locks)
+    ffcv_backend.write_beton(small, tmp_path / "unlocked.beton")
+    assert len(writes) == 2 and (tmp_path / "unlocked.beton").read_bytes() == b"beton"
 
 
 def _running(pid: int) -> bool:
