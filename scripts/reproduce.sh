@@ -14,7 +14,8 @@
 #        ARREST_SET (extra --set arguments for ARREST only), ARAT (the arat command; default .venv/bin/arat, else
 #        `arat` on PATH), TORCHRUN (default: the torchrun beside $ARAT)
 #   Every --set after OUT_DIR goes to every new run (e.g. --set eval.aa_num_examples=1000 for a shorter evaluation);
-#   an unfinished run resumed takes only its perf.* and dist.* ones (how it runs, not what it trains).
+#   an unfinished run resumed takes only its perf.*, dist.* (not dist.sync_bn) and eval.chunk_size/batch_size ones
+#   (how it runs, not what it trains).
 #
 # Ctrl-C or SIGTERM stops the run in progress (it saves its epoch) and then the script (exit 130 or 143).
 # Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch (with the
@@ -111,10 +112,14 @@ recorded_recipe() { # the recipe in RUN_DIR/config.json (empty if it names none)
     { grep -o '"recipe": *"[^"]*"' "$1/config.json" || true; } | head -n 1 | sed 's/.*"\([^"]*\)"$/\1/'
 }
 
-resume_sets() { # of the --set pairs in "$@", those a resume takes (perf.*, dist.*); the others said, once per run
+resume_sets() { # of the --set pairs in "$@", those a resume takes (arat's resume_takes); the others said, once per run
     local -a taken=() ignored=()
     while [ $# -gt 1 ]; do
-        case "$2" in perf.* | dist.*) taken+=(--set "$2") ;; *) ignored+=("$2") ;; esac
+        case "$2" in
+            dist.sync_bn=*) ignored+=("$2") ;; # what the run trains
+            perf.* | dist.* | eval.chunk_size=* | eval.batch_size=*) taken+=(--set "$2") ;;
+            *) ignored+=("$2") ;;
+        esac
         shift 2
     done
     [ ${#ignored[@]} -eq 0 ] || echo "reproduce: (resuming with its own settings: ${ignored[*]} not taken)" >&2

@@ -375,7 +375,8 @@ def test_reproduce_goes_on_past_a_failed_run_and_tables_the_finished_ones(tmp_pa
     only the perf.*/dist.* settings (said), and no --data-dir where none was given (its own data folder kept)."""
     fake_arat(tmp_path, fails="at-")
     env = reproduce_env(ARAT="bin/arat", METHODS="std at arat")
-    sets = ["--set", "perf.compile=off", "--set", "train.epochs=2"]
+    sets = ["--set", "perf.compile=off", "--set", "train.epochs=2", "--set", "eval.chunk_size=16", "--set",
+            "dist.sync_bn=true"]  # fmt: skip
     cmd = ["bash", str(REPO / "scripts" / "reproduce.sh"), "out", *sets]
     result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "1 run(s) failed:" in result.stderr and "at-s0 (exit 1)" in result.stderr
@@ -388,8 +389,8 @@ def test_reproduce_goes_on_past_a_failed_run_and_tables_the_finished_ones(tmp_pa
     (tmp_path / "calls.txt").unlink()
     again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     resumed = next(c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("train"))
-    assert resumed == f"train --resume {tmp_path / 'out' / 'at-s0'} --set perf.compile=off"
-    assert "train.epochs=2 not taken" in again.stderr and again.stdout.count("is done") == 2
+    assert resumed == f"train --resume {tmp_path / 'out' / 'at-s0'} --set perf.compile=off --set eval.chunk_size=16"
+    assert "train.epochs=2 dist.sync_bn=true not taken" in again.stderr and again.stdout.count("is done") == 2
 
 
 def test_reproduce_stops_when_interrupted_whatever_the_run_s_exit_status(tmp_path):
