@@ -411,10 +411,10 @@ def test_results_are_printed_before_a_write_that_fails(tmp_path, capsys, monkeyp
 
     write_json = RunDir.write_json
 
-    def full_disk(self, name, data):
+    def full_disk(self, name, data, durable=True):
         if name in ("results.json", "eval.json"):
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path / name))
-        write_json(self, name, data)
+        write_json(self, name, data, durable)
 
     monkeypatch.setattr(RunDir, "write_json", full_disk)
     run = tmp_path / "run"

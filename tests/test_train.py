@@ -267,9 +267,9 @@ def test_progress_is_on_disk_before_an_epoch_ends(tiny_cfg, tmp_path, monkeypatc
 
     written, real_write = [], RunDir.write_json
 
-    def recording_write(self, name, data):
+    def recording_write(self, name, data, durable=True):
         written.append((name, dict(data), (self.path / "metrics.jsonl").exists()))
-        real_write(self, name, data)
+        real_write(self, name, data, durable)
 
     monkeypatch.setattr(RunDir, "write_json", recording_write)
     run_training(apply_overrides(tiny_cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
