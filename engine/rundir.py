@@ -6,13 +6,11 @@ Every file is written atomically (temporary file + rename), so an interrupted ru
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import platform
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 from .compile_cache import cpuinfo
 from .config import TrainConfig
 from .errors import UserError
+from .locks import flock_within
 
 LOCK = ".lock"  # held by the process writing the run (train, or eval writing eval.json)
 LATEST, FINAL = "latest.pt", "final.pt"  # checkpoints/: after each epoch; the network the run ended with
@@ -177,16 +176,9 @@ class RunDir:
         for it to let go). `unwritable`: what to do when the folder cannot be written (the caller knows)."""
         self.create(resume, unwritable)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, file_mode())
-        deadline = time.monotonic() + wait_s
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.5)
+            if not flock_within(fd, wait_s, poll_s=0.5):
+                raise BlockingIOError
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)

@@ -10,7 +10,6 @@ FFCV 1.0.2 never seeds, so runs with them would not be reproducible.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import glob
 import hashlib
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..locks import flock_within
 from .cifar import ArraySplit, DataError, load_split
 from .loader import PAD, SIZE, Batch, PlannedLoader
 from .optional import require
@@ -170,17 +170,8 @@ def _writer_lock(path: Path, wait_s: float):
         yield
         return
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.2)
-            except OSError:  # ENOLCK, EOPNOTSUPP: no file locks here
-                break
+        with contextlib.suppress(OSError):  # ENOLCK, EOPNOTSUPP: no file locks here
+            flock_within(fd, wait_s)  # (not taken in time: written unlocked)
         yield
     finally:
         os.close(fd)  # releases the lock

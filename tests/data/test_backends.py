@@ -483,7 +483,9 @@ def test_ranks_building_their_loaders_at_once_write_each_beton_once(tmp_path, mo
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(ffcv_backend.fcntl, "flock", no_locks)
+    import fcntl
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
     ffcv_backend.write_beton(small, tmp_path / "unlocked.beton")
     assert len(writes) == 2 and (tmp_path / "unlocked.beton").read_bytes() == b"beton"
 
