@@ -359,9 +359,6 @@ def check_trainable(cfg: TrainConfig) -> None:
         _check(all(m >= 1 for m in milestones) and len(set(milestones)) == len(milestones),
                f"{key}={','.join(map(str, milestones))}: epochs counted from 1, each once (a repeated one decays "
                "the rate twice at once)")  # fmt: skip
-    _check(not cfg.dist.sync_bn or "on" not in (cfg.perf.compile, cfg.perf.cuda_graphs),
-           "dist.sync_bn runs uncompiled and uncaptured (its all-reduce inside every BN is not compiled or captured "
-           "yet): leave perf.compile and perf.cuda_graphs at auto or off")  # fmt: skip
     # only a PGD step projects onto [0, 1]: TRADES's gaussian start alone leaves pixels outside it
     _check(cfg.attack.num_steps > 0 or cfg.attack.start != "gaussian" or method.name == "std",
            "attack.num_steps=0 with attack.start=gaussian trains on x + noise outside [0, 1]: take at least one "

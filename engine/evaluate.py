@@ -455,10 +455,11 @@ def _attack_result(name: str, records: list[dict], n: int, cfg: EvalConfig, prot
                    start: float, dist: DistInfo) -> dict:  # fmt: skip
     """An attack's result from every rank's chunk records (gathered here: the same on every rank)."""
     # a rank's last chunk may end hours after another's (a CPU's AutoAttack at full width: ~6 h per 500 images),
-    # past the group's timeout: the ranks that are done wait for it, as long as a few of their own chunks took (the
-    # chunks go round-robin: another rank has at most one more; a rank that died is given up on after that)
-    longest = max((r["seconds"] for r in records), default=0.0)
-    gathered = gather_objects(records, dist, wait=timedelta(seconds=4 * longest + 600))
+    # past the group's timeout: the ranks that are done wait for it, as long as four whole chunks would take at
+    # their own pace (round-robin: another rank has at most one more); a rank with no chunk of its own, a week
+    per_image = max((r["seconds"] / max(r["stop"] - r["start"], 1) for r in records), default=None)
+    wait = timedelta(days=7) if per_image is None else timedelta(seconds=4 * per_image * cfg.chunk_size + 600)
+    gathered = gather_objects(records, dist, wait=wait)
     records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
     tiling = [(lo, min(lo + cfg.chunk_size, n)) for lo in range(0, n, cfg.chunk_size)]
     if [(r["start"], r["stop"]) for r in records] != tiling:

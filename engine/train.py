@@ -146,6 +146,15 @@ def restore_optimizer_kind(optimizer: torch.optim.Optimizer, device: torch.devic
             state["momentum_buffer"] = torch.empty_like(param).copy_(buffer)
 
 
+def _check_sync_bn(perf_cfg) -> None:
+    """dist.sync_bn's refusals, where it synchronizes (more than one process)."""
+    if "on" in (perf_cfg.compile, perf_cfg.cuda_graphs):
+        raise ConfigError(
+            "dist.sync_bn runs uncompiled and uncaptured (its all-reduce inside every BN is neither "
+            "compiled nor captured yet): leave perf.compile and perf.cuda_graphs at auto or off"
+        )
+
+
 def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     """Set up the process group, data, network, method and optimizer, with every perf switch applied.
     `from_checkpoint`: a checkpoint will replace the starting weights, so ARREST's method.init is not read (the
@@ -160,15 +169,24 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     train_split, test_split = load_splits(cfg.data, cfg.seed)
     model = build_model(cfg.model, cfg.data.num_classes)
     method = build_method(replace(cfg, method=replace(cfg.method, init="")) if from_checkpoint else cfg, model)
-    sync_bn = cfg.dist.sync_bn and info.enabled
-    # synchronized BN runs uncompiled and uncaptured: auto resolves to off (on is refused by check_trainable)
+    sync_bn = cfg.dist.sync_bn and info.enabled  # (one process: nothing to synchronize)
+    # synchronized BN runs uncompiled and uncaptured: auto resolves to off, on is refused
+    if sync_bn:
+        _check_sync_bn(cfg.perf)
     perf_cfg = replace(cfg.perf, compile="off", cuda_graphs="off") if sync_bn else cfg.perf
     train_net, attack_net, switches = perf.apply(model, perf_cfg)
     method.to(switches.device)
     method.follow(lambda net: perf.follow(net, perf_cfg, switches.device))
     if sync_bn:  # every BN of the network and the method's own (AR-AT's predictors, LBGAT's clean model)
+        if switches.dtype == torch.float16:  # each rank's attack scales its loss by its own power of two
+            raise ConfigError(
+                "dist.sync_bn with fp16 (perf.dtype auto picks it where the GPU has no bf16): the "
+                "ranks' summed input gradients would mix their loss scales; set perf.dtype=fp32"
+            )
         set_sync_bn(model, True)
         set_sync_bn(method, True)
+        if switches.kernels != "off":  # the fused dual BN computes each rank's own statistics: set_sync_bn took it off
+            switches.kernels += " (no dual BN: dist.sync_bn)"
     nets = Nets(train=distributed.wrap(train_net, info, switches.device), attack=attack_net, raw=model)
     torch.manual_seed(cfg.seed + info.rank)  # same initial weights everywhere, distinct attack noise per rank
     train_loader, _ = build_loaders(
@@ -401,7 +419,8 @@ def final_model(run: Run) -> nn.Module:
     run.train_loader.set_epoch(max(run.epoch, 1))
     model = run.swa.averaged_model(run.nets.raw, run.train_loader, run.cfg.attack, run.perf.autocast,
                                    show=run.dist.is_main)  # fmt: skip
-    distributed.average_bn_statistics(model, run.dist)  # each rank re-estimated on its shard: the whole set
+    # each rank re-estimated on its shard: the whole set (synchronized, each holds the global batches' already)
+    distributed.average_bn_statistics(model, run.dist, sum_counts=not run.cfg.dist.sync_bn)
     return model
 
 

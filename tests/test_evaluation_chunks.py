@@ -826,3 +826,26 @@ def test_chunks_made_on_other_test_images_are_not_reused(tmp_path):
         evaluate(SparseLinear(), s, cfg, torch.device("cpu"), 3, record_dir=record) for s in (split, split, changed)
     ]
     assert [r["clean"]["reused_chunks"] for r in runs] == [0, 2, 0]
+
+
+def test_the_ranks_wait_for_a_whole_chunk_at_their_own_pace(monkeypatch):
+    """The wait for the other ranks' chunks: four whole chunks at this rank's own pace per image (its last chunk may
+    be a short tail: the others' are whole), a week where this rank had no chunk to time."""
+    import engine.evaluate
+    from engine.distributed import DistInfo
+
+    waits = []
+
+    def gather(obj, info, wait=None):
+        waits.append(wait)
+        return [obj]
+
+    monkeypatch.setattr(engine.evaluate, "gather_objects", gather)
+    cfg = EvalConfig(attacks=("clean",), num_examples=520, batch_size=20, chunk_size=500)
+    flags = engine.evaluate.pack(torch.ones(20, dtype=torch.bool))
+    tail = {"index": 1, "start": 500, "stop": 520, "seed": 0, "flags": flags, "counts": None, "seconds": 900.0}
+    for records in ([], [tail]):
+        waits.clear()
+        with pytest.raises(RuntimeError, match="do not tile"):  # one rank's records alone: not the whole set
+            engine.evaluate._attack_result("clean", records, 520, cfg, None, {}, 0, 0.0, DistInfo(0, 2))
+        assert waits[0] >= (timedelta(days=1) if not records else timedelta(seconds=500 / 20 * 900))

@@ -115,11 +115,75 @@ def test_a_two_rank_run_with_sync_bn_keeps_one_set_of_bn_statistics(tmp_path):
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_sync_bn_is_refused_with_compile_or_graphs_on():
-    from engine.config import ConfigError, apply_overrides, check_trainable
-    from engine.recipes import get_recipe
+def _step_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Rank `rank` of `world` (world 1: one process) takes one AR-AT step on its share of one batch."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    if world == 1:
+        os.environ["WORLD_SIZE"] = "1"
+    import torch.distributed as dist
 
-    for switch in ("perf.compile=on", "perf.cuda_graphs=on"):
-        with pytest.raises(ConfigError, match="dist.sync_bn runs uncompiled and uncaptured"):
-            check_trainable(apply_overrides(get_recipe("smoke"), ["dist.sync_bn=true", switch]))
-    check_trainable(apply_overrides(get_recipe("smoke"), ["dist.sync_bn=true"]))  # auto: off with it
+    from engine.config import apply_overrides
+    from engine.recipes import get_recipe
+    from engine.train import build_run, train_step
+
+    torch.set_num_threads(1)
+    cfg = apply_overrides(get_recipe("smoke"), ["dist.sync_bn=true", "perf.dtype=fp32", "attack.start=none",
+                                                "perf.device=cpu", "dist.timeout_min=2"])  # fmt: skip
+    run = build_run(cfg)
+    if world == 1:  # the same synchronized batch norm over one rank's whole batch: the reference, formula for formula
+        from engine.models import set_sync_bn
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        set_sync_bn(run.nets.raw, True)
+        set_sync_bn(run.method, True)
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.rand(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    share = 32 // world
+    mine = slice(rank * share, (rank + 1) * share)
+    train_step(run, x[mine].contiguous(memory_format=torch.channels_last), y[mine])
+    if rank == 0:
+        state = {k: v.tolist() for k, v in run.nets.raw.state_dict().items() if v.is_floating_point()}
+        state |= {f"method.{k}": v.tolist() for k, v in run.method.state_dict().items() if v.is_floating_point()}
+        Path(out, f"world{world}.json").write_text(json.dumps(state))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_an_ar_at_step_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    """The whole step, with its attack (train-mode BN, started at x so both draw nothing), Split-BN's dual forward,
+    DDP's gradient average and the predictors' own: the weights after one step on 2 x 16 images with dist.sync_bn
+    equal one process's on the 32 through the same batch norm (each layer's against nn.BatchNorm: above; through
+    20 layers and AR-AT's cosine their last bits part by ~0.3% at width 8, as two orders of summation do)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_step_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    _step_rank(0, 1, port, str(tmp_path))
+    two, one = (json.loads((tmp_path / f"world{w}.json").read_text()) for w in (2, 1))
+    assert two.keys() == one.keys() and any(k.startswith("method.predictors") for k in one)
+    for key in one:
+        torch.testing.assert_close(torch.tensor(two[key]), torch.tensor(one[key]), rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_sync_bn_refusals_and_one_process_without_anything_to_synchronize(tmp_path):
+    """Compiled or captured, or in fp16, synchronized BN is refused (the first two not yet supported; fp16 mixes
+    each rank's loss scale); one process has nothing to synchronize and trains with them."""
+    from engine.config import apply_overrides
+    from engine.recipes import get_recipe
+    from engine.train import build_run
+
+    run = build_run(apply_overrides(get_recipe("smoke"), ["dist.sync_bn=true", "perf.compile=on",
+                                                          "perf.compile_backend=eager"]))  # fmt: skip
+    assert run.perf.compiled
+    for switch, says in (("perf.compile=on", "dist.sync_bn runs uncompiled and uncaptured"),
+                         ("perf.dtype=fp16", "dist.sync_bn with fp16")):  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.cli",
+               "train", "--recipe", "smoke", "--no-eval", "--set", "dist.sync_bn=true", "--set", switch,
+               "--out", str(tmp_path / switch)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode != 0 and says in proc.stderr, proc.stderr[-2000:]

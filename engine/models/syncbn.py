@@ -6,8 +6,11 @@ state_dict) that, once `set_sync_bn` marks them and while in train mode, normali
 whole global batch: each rank's per-channel sums (x, x^2, count) are summed over the ranks by one differentiable
 all-reduce (its backward sums the gradients too, as torch's SyncBatchNorm does), and the running statistics take
 the global batch's mean and unbiased variance, the same on every rank. Eval mode (the running statistics) is
-untouched. Works on gloo (CPU) and NCCL; torch's own nn.SyncBatchNorm refuses CPU tensors and takes no branch
-argument. Uncompiled and uncaptured only (the run refuses perf.compile / perf.cuda_graphs on with it).
+untouched. Autograd keeps fp32 copies of each BN's input (about 6x the memory cuDNN's BN keeps): harmless at
+METHOD's 16 images per GPU, more at large per-GPU batches. Works on gloo (CPU) and NCCL (not yet run on GPUs);
+torch's own nn.SyncBatchNorm refuses CPU tensors and takes no branch argument. Uncompiled and uncaptured only (the
+run refuses perf.compile / perf.cuda_graphs on with it), and not under fp16 (each rank's attack would scale its
+loss by its own power of two, and the summed input gradients would mix the scales).
 """
 
 from __future__ import annotations
@@ -42,20 +45,24 @@ def sync_batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tor
     `bn`'s running statistics with the global batch's (momentum None: the cumulative average)."""
     channels = x.shape[1]
     dims = [d for d in range(x.dim()) if d != 1]
-    xf = x.float()
-    count = xf.new_full((1,), x.numel() // channels)
-    totals = _SumOverRanks.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))  # (2C + 1,) over ranks
+    shape = (1, channels) + (1,) * (x.dim() - 2)
+    # sums of x - K for a K the same on every rank, near the mean once training runs (the running mean: synced,
+    # equal everywhere): E[d^2] - E[d]^2 loses digits as (mean / std)^2 grows, which the shift keeps small
+    shift = bn.running_mean.detach().float() if bn.track_running_stats else x.new_zeros(channels, dtype=torch.float)
+    d = x.float() - shift.view(shape)
+    count = d.new_full((1,), x.numel() // channels)
+    totals = _SumOverRanks.apply(torch.cat([d.sum(dims), (d * d).sum(dims), count]))  # (2C + 1,) over ranks
     n = totals[-1]
-    mean = totals[:channels] / n
-    var = (totals[channels : 2 * channels] / n - mean * mean).clamp_min(0)  # biased, as batch norm normalizes
+    centred = totals[:channels] / n
+    mean = shift + centred
+    var = (totals[channels : 2 * channels] / n - centred * centred).clamp_min(0)  # biased, as batch norm normalizes
     if bn.track_running_stats:
         with torch.no_grad():  # device tensors throughout: no host sync
             bn.num_batches_tracked.add_(1)
             m = 1.0 / bn.num_batches_tracked.float() if bn.momentum is None else bn.momentum
             bn.running_mean.mul_(1 - m).add_(m * mean)
             bn.running_var.mul_(1 - m).add_(m * var * n / (n - 1))  # unbiased, as F.batch_norm keeps it
-    shape = (1, channels) + (1,) * (x.dim() - 2)
-    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    y = (d - centred.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
     if bn.affine:
         y = y * bn.weight.view(shape) + bn.bias.view(shape)
     return y.to(x.dtype)
