@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import run_group
 
 
 @pytest.mark.slow
@@ -33,7 +34,7 @@ def test_torchrun_two_processes(tmp_path):
         "eval.chunk_size=16",  # 4 chunks of the 64 images, 2 per rank (one CPU chunk of 500 left rank 1 idle)
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_group(cmd, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("arat: recipe=smoke") == 1  # only rank 0 prints
     assert "world_size=2" in proc.stdout
@@ -53,7 +54,7 @@ def test_torchrun_two_processes(tmp_path):
     single = tmp_path / "single"
     cmd = [sys.executable, "-m", "engine.cli", "eval", str(out), "--attacks", "clean,pgd20", "--num-examples", "64",
            "--batch-size", "64", "--chunk-size", "16", "--out", str(single)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_group(cmd, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((single / "flags.json").read_text()) == json.loads((out / "eval" / "flags.json").read_text())
     # flags of both kinds: the comparison is not of all-equal bits. Clean only: PGD-20 leaves the smoke network (2
@@ -93,7 +94,7 @@ def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
            "--recipe", "smoke", "--out", str(tmp_path / "run"), "--set", "eval.attacks=clean"]  # fmt: skip
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_group(cmd, timeout=300, env=env)
     assert proc.returncode != 0 and proc.stderr.count("training diverged") == 2, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "results.json").exists()
 
@@ -108,7 +109,7 @@ def test_an_out_folder_rank0_refuses_stops_every_rank(tmp_path):
            "train", "--recipe", "smoke", "--out", str(out), "--set", "eval.attacks=clean"]  # fmt: skip
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = run_group(cmd, timeout=240, env=env)
     assert proc.returncode != 0 and proc.stderr.count("is not empty and holds no run") == 2, proc.stderr[-3000:]
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
@@ -350,7 +351,7 @@ def test_compiled_ddp_epoch_has_no_recompiles_or_graph_breaks(tmp_path, recipe):
            json.dumps(overrides), str(tmp_path)]  # fmt: skip
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_group(cmd, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for record in ranks:
@@ -389,7 +390,7 @@ def test_swa_statistics_are_averaged_over_the_ranks_shards(monkeypatch):
 def _torchrun_train(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.cli",
            "train", *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_group(cmd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow

@@ -220,7 +220,9 @@ def _slow_rank(rank: int, world: int, init: str, out: str) -> None:
 
     if rank == 0:
         engine.evaluate._attack_chunk = slow
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=3))
+    # started with time to spare (a loaded machine's imports), then the group's timeout cut below the chunk's 6 s
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=2))
+    dist.distributed_c10d._get_default_store().set_timeout(timedelta(seconds=3))
     cfg = EvalConfig(attacks=("clean",), num_examples=32, batch_size=16, chunk_size=16)
     results = evaluate(SparseLinear(), labelled_split(), cfg, torch.device("cpu"), 3, None, DistInfo(rank, world))
     Path(out, f"{rank}.json").write_text(json.dumps(flags(results)))
@@ -848,4 +850,5 @@ def test_the_ranks_wait_for_a_whole_chunk_at_their_own_pace(monkeypatch):
         waits.clear()
         with pytest.raises(RuntimeError, match="do not tile"):  # one rank's records alone: not the whole set
             engine.evaluate._attack_result("clean", records, 520, cfg, None, {}, 0, 0.0, DistInfo(0, 2))
-        assert waits[0] >= (timedelta(days=1) if not records else timedelta(seconds=500 / 20 * 900))
+        # 45 s per image (20 images in 900 s): four chunks of 500 and 600 s; a week with no chunk of its own
+        assert waits == [timedelta(days=7) if not records else timedelta(seconds=4 * 45 * 500 + 600)]

@@ -417,9 +417,9 @@ def test_torchrun_processes_share_the_machine_s_compile_workers(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 128)  # the host's; this process may use 16 of them (a cpuset)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    for local, want in (("8", 2), ("1", 16), ("32", 1)):
+    for local, threads, want in (("8", 16, 2), ("1", 32, 32), ("32", 16, 1)):  # one process: Inductor's 32 kept
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
-        with inductor.patch(compile_threads=16):
+        with inductor.patch(compile_threads=threads):
             share_compile_workers()
             assert inductor.compile_threads == want, local
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

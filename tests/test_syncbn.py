@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from launch import run_group
 
 from engine.models import SyncableBatchNorm1d, SyncableBatchNorm2d, set_sync_bn
 
@@ -105,9 +105,9 @@ def test_a_two_rank_run_with_sync_bn_keeps_one_set_of_bn_statistics(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.cli",
            "train", "--recipe", "smoke", "--no-eval", "--set", "train.epochs=1", "--set", "dist.sync_bn=true",
            "--out", str(tmp_path / "run")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_group(cmd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "sync_bn (BN statistics over every rank's batch)" in proc.stdout and "compile=False" in proc.stdout
+    assert "sync_bn (BN statistics over every rank's batch)" in proc.stdout
     ranks = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)["rank_buffers"]
     stats = [k for k in ranks[0] if k.endswith(("running_mean", "running_var"))]
     assert any(".predictor" in k or "predictors" in k for k in stats), stats  # AR-AT's predictors' BatchNorm1d too
@@ -115,12 +115,18 @@ def test_a_two_rank_run_with_sync_bn_keeps_one_set_of_bn_statistics(tmp_path):
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _step_rank(rank: int, world: int, port: int, out: str) -> None:
     """Rank `rank` of `world` (world 1: one process) takes one AR-AT step on its share of one batch."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
-    if world == 1:
-        os.environ["WORLD_SIZE"] = "1"
     import torch.distributed as dist
 
     from engine.config import apply_overrides
@@ -130,7 +136,12 @@ def _step_rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     cfg = apply_overrides(get_recipe("smoke"), ["dist.sync_bn=true", "perf.dtype=fp32", "attack.start=none",
                                                 "perf.device=cpu", "dist.timeout_min=2"])  # fmt: skip
+    if world > 1:  # compile's auto as on CUDA (on): where BN synchronizes it must resolve to off
+        import engine.perf
+
+        engine.perf.compile_wanted = lambda perf_cfg, device: perf_cfg.compile != "off"
     run = build_run(cfg)
+    assert not run.perf.compiled
     if world == 1:  # the same synchronized batch norm over one rank's whole batch: the reference, formula for formula
         from engine.models import set_sync_bn
 
@@ -156,13 +167,8 @@ def test_an_ar_at_step_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_pa
     DDP's gradient average and the predictors' own: the weights after one step on 2 x 16 images with dist.sync_bn
     equal one process's on the 32 through the same batch norm (each layer's against nn.BatchNorm: above; through
     20 layers and AR-AT's cosine their last bits part by ~0.3% at width 8, as two orders of summation do)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_step_rank, args=(2, port, str(tmp_path)), nprocs=2)
-    _step_rank(0, 1, port, str(tmp_path))
+    for world in (2, 1):  # the reference in a process of its own too (its environment and threads stay there)
+        mp.spawn(_step_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world)
     two, one = (json.loads((tmp_path / f"world{w}.json").read_text()) for w in (2, 1))
     assert two.keys() == one.keys() and any(k.startswith("method.predictors") for k in one)
     for key in one:
@@ -185,5 +191,5 @@ def test_sync_bn_refusals_and_one_process_without_anything_to_synchronize(tmp_pa
                "train", "--recipe", "smoke", "--no-eval", "--set", "dist.sync_bn=true", "--set", switch,
                "--out", str(tmp_path / switch)]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        proc = run_group(cmd, timeout=600, env=env)
         assert proc.returncode != 0 and says in proc.stderr, proc.stderr[-2000:]
