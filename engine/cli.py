@@ -72,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a config field, repeatable (e.g. --set train.epochs=5 --set attack.eps=8/255); "
-        "sections: train, data, model, attack, method, optim, swa, eval, perf, dist, analysis",
+        "sections: train, data, model, attack, method, optim, swa, eval, perf, dist, analysis "
+        "(`arat recipes --show NAME` lists every key)",
     )
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint; "
+                   "its --set may change only perf.*, dist.* (not dist.sync_bn), eval.chunk_size and "
+                   "eval.batch_size (--data-dir: where its data is now)")  # fmt: skip
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--init", metavar="CHECKPOINT", help="ARREST: fine-tune this checkpoint or run (no standard stage)")
 

@@ -243,8 +243,10 @@ class DistConfig:
     # how long a rank waits in a collective before the job fails: an evaluation's ranks wait for the slowest one's
     # AutoAttack chunk (NCCL's own default, 10 minutes, can end a healthy WRN-34-10 evaluation)
     timeout_min: float = 180.0
-    # BN batch statistics over every rank's images (METHOD's batch of 128 at 8 x 16); off: each rank's own. Runs
-    # uncompiled and uncaptured (refused with perf.compile / perf.cuda_graphs on; their auto is off with it)
+    # BN batch statistics over every rank's images (METHOD's batch of 128 at 8 x 16); off: each rank's own. It
+    # synchronizes only under torchrun with more than one rank (one process: plain BN, nothing refused). There it
+    # runs uncompiled and uncaptured (perf.compile / perf.cuda_graphs auto resolve off, on is refused), without the
+    # fused dual BN, and is refused with fp16 (each rank's attack scales its loss by its own power of two)
     sync_bn: bool = False
 
     def __post_init__(self):

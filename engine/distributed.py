@@ -101,9 +101,11 @@ def local_device(info: DistInfo, device: torch.device) -> torch.device:
 
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """DDP around the (compiled) network. BN statistics stay per rank (no SyncBN), as in single-GPU recipes
-    scaled out; their average over the ranks is the network's in final.pt and the evaluation, every rank's are in
-    the training checkpoints (a resume restores each rank's)."""
+    """DDP around the (compiled) network (the network itself outside a process group), broadcasting no buffers
+    after wrap time (`no_buffer_sync`): by default each rank's BN normalizes over its own images and keeps its own
+    running statistics (with `dist.sync_bn` the network's own BNs, marked by `set_sync_bn`, take both over every
+    rank's images; DDP does not). Their average over the ranks is the network's in final.pt and the evaluation,
+    every rank's are in the training checkpoints (a resume restores each rank's)."""
     if not info.enabled:
         return model
     ids = [device.index] if device.type == "cuda" else None

@@ -9,7 +9,8 @@
 #        METHODS ("std at trades mart lbgat arat arrest"; arrest fine-tunes this script's std run when std is listed,
 #        else trains its own standard stage), ABLATIONS (0; 1 adds the four ablation rows, CIFAR-10 only, with
 #        analysis.grad_sim on), SWA (0; 1 adds AR-AT + SWA, CIFAR-10 only), NPROC (1; N trains and evaluates each
-#        run under `torchrun --standalone --nproc_per_node N`, each process taking 128/N images of the batch of 128),
+#        run under `torchrun --standalone --nproc_per_node N`, each process taking 128/N images of the batch of 128:
+#        N must divide 128, unless a --set train.batch_size of yours, which wins, sets each process's batch),
 #        DATA_DIR (default $ARAT_DATA_DIR, else the checkout's data/),
 #        ARREST_SET (extra --set arguments for ARREST only), ARAT (the arat command; default .venv/bin/arat, else
 #        `arat` on PATH), TORCHRUN (default: the torchrun beside $ARAT)
@@ -17,7 +18,8 @@
 #   an unfinished run resumed takes only its perf.*, dist.* (not dist.sync_bn) and eval.chunk_size/batch_size ones
 #   (how it runs, not what it trains).
 #
-# Ctrl-C or SIGTERM stops the run in progress (it saves its epoch) and then the script (exit 130 or 143).
+# Ctrl-C or SIGTERM stops the run in progress (its last finished epoch's checkpoint is kept; the epoch it was in is
+# not saved) and then the script (exit 130 or 143).
 # Interrupted? Run it again: finished runs are kept, unfinished ones resume from their last epoch (with the
 # settings they started with). A run that fails is named and the others go on; the table then holds the finished
 # runs and the script exits 1. One OUT_DIR holds one ARCH and DATASET (its run folders are named by method).
@@ -128,9 +130,9 @@ resume_sets() { # of the --set pairs in "$@", those a resume takes (arat's resum
 
 failed=()
 # Each run is a child this script waits on: a signal to the script (Ctrl-C, or SIGTERM from `timeout`, `kill` or a
-# scheduler) is passed to the run as SIGTERM, which arat ends like Ctrl-C (saving its epoch), and the script stops
-# after it. (A child run in the foreground outlived a SIGTERM'd script, holding its run's lock; a child started
-# with & has Ctrl-C's SIGINT ignored, hence TERM for both.)
+# scheduler) is passed to the run as SIGTERM, which arat ends like Ctrl-C (its last finished epoch's checkpoint
+# kept, the interrupted epoch lost), and the script stops after it. (A child run in the foreground outlived a
+# SIGTERM'd script, holding its run's lock; a child started with & has Ctrl-C's SIGINT ignored, hence TERM for both.)
 interrupted=0 # the status to stop with: 130 after Ctrl-C, 143 after SIGTERM
 child=0
 stop_run() {
@@ -171,7 +173,7 @@ train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interru
         echo "reproduce: training $run"
         arat_train --out "$run" ${DATA[@]+"${DATA[@]}"} --recipe "$recipe" ${BATCH[@]+"${BATCH[@]}"} "$@" || rc=$?
     fi
-    [ "$interrupted" = 0 ] || exit "$interrupted" # the run saved itself; stop here
+    [ "$interrupted" = 0 ] || exit "$interrupted" # the run stopped, its last epoch kept; stop here
     [ "$rc" != 130 ] || exit 130                   # a run stopped by a Ctrl-C of its own
     [ "$rc" = 0 ] || failed+=("$run (exit $rc)")
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with the CPU build of torch (pinned in constraints/cpu.txt) and the engine; prepare real CIFAR-10
 # into ./data when the shared copy is beside the checkout. Idempotent: a second run takes seconds.
+# Needs Python >= 3.10 with its venv module (Debian/Ubuntu: python3-venv); PYTHON picks the interpreter (default
+# python3 on PATH), read only when .venv is made.
 set -euo pipefail
 # ARAT_DATA_DIR given relative to the caller's folder, as arat itself reads it (the script works from the checkout)
 if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_DATA_DIR=$PWD/$ARAT_DATA_DIR; fi

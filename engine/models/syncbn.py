@@ -8,9 +8,10 @@ all-reduce (its backward sums the gradients too, as torch's SyncBatchNorm does),
 the global batch's mean and unbiased variance, the same on every rank. Eval mode (the running statistics) is
 untouched. Autograd keeps fp32 copies of each BN's input (about 6x the memory cuDNN's BN keeps): harmless at
 METHOD's 16 images per GPU, more at large per-GPU batches. Works on gloo (CPU) and NCCL (not yet run on GPUs);
-torch's own nn.SyncBatchNorm refuses CPU tensors and takes no branch argument. Uncompiled and uncaptured only (the
-run refuses perf.compile / perf.cuda_graphs on with it), and not under fp16 (each rank's attack would scale its
-loss by its own power of two, and the summed input gradients would mix the scales).
+torch's own nn.SyncBatchNorm refuses CPU tensors and takes no branch argument. Where it synchronizes (torchrun, more
+than one rank; one process marks nothing), uncompiled and uncaptured only (compile's and graphs' auto resolve off,
+on is refused), and not under fp16 (each rank's attack would scale its loss by its own power of two, and the summed
+input gradients would mix the scales).
 """
 
 from __future__ import annotations
