@@ -68,6 +68,13 @@ class Run:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
+        trained_synced = bool(state.get("config", {}).get("dist", {}).get("sync_bn"))
+        if trained_synced != self.cfg.dist.sync_bn:  # config.json edited: --set refuses it (what the run trains)
+            # (turned on, each rank's own running means would be the shifts of one sum: they must be equal)
+            raise RunDirError(
+                f"config.json's dist.sync_bn ({str(self.cfg.dist.sync_bn).lower()}) is not the checkpoint's "
+                f"({str(trained_synced).lower()}): restore it, or train a new run with it"
+            )
         parts = [(self.nets.raw, "model"), (self.method, "method"), (self.optimizer, "optimizer"), (self.swa, "swa")]
         if state["scaler"]:  # empty from a run without fp16 (bf16/fp32, scaler off): resumed where fp16 is chosen,
             parts.append((self.scaler, "scaler"))  # the scaler starts afresh (loading {} would raise)
@@ -413,6 +420,7 @@ def final_model(run: Run) -> nn.Module:
     were a 1/N sample)."""
     if not run.cfg.swa.enabled:
         distributed.average_bn_statistics(run.nets.raw, run.dist, sum_counts=False)
+        set_sync_bn(run.nets.raw, False)  # (below)
         return run.nets.raw
     # the adv BNs are re-estimated on the last epoch's batches, also in a run resumed after its last epoch (where
     # no epoch ran in this process to set the loader's epoch)
@@ -421,6 +429,7 @@ def final_model(run: Run) -> nn.Module:
                                    show=run.dist.is_main)  # fmt: skip
     # each rank re-estimated on its shard: the whole set (synchronized, each holds the global batches' already)
     distributed.average_bn_statistics(model, run.dist, sum_counts=not run.cfg.dist.sync_bn)
+    set_sync_bn(model, False)  # the evaluation's ranks take unequal chunks: no all-reduce may pair them
     return model
 
 

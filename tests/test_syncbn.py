@@ -193,3 +193,48 @@ def test_sync_bn_refusals_and_one_process_without_anything_to_synchronize(tmp_pa
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = run_group(cmd, timeout=600, env=env)
         assert proc.returncode != 0 and says in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_marked_batch_norm_without_a_process_group_is_a_plain_one():
+    """After the run's process group is gone (or before there is one), a marked BN in train mode normalizes as
+    nn.BatchNorm does (it raised: no default process group)."""
+    x = torch.randn(4, 3, 5, 5)
+    plain, syncable = torch.nn.BatchNorm2d(3), SyncableBatchNorm2d(3)
+    set_sync_bn(syncable, True)
+    torch.testing.assert_close(syncable(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(syncable.running_var, plain.running_var, rtol=0, atol=0)
+
+
+def test_the_network_evaluated_is_unmarked(tiny_cfg):
+    """The closing evaluation's ranks take unequal shares of the chunks: the network they evaluate synchronizes no
+    BN (a train-mode forward there would pair one rank's all-reduce with nothing); SWA's average too."""
+    from engine.train import build_run, final_model
+
+    for swa in (False, True):
+        tiny_cfg.swa.enabled, tiny_cfg.swa.start_epoch, tiny_cfg.swa.every = swa, 1, 4
+        run = build_run(tiny_cfg)
+        set_sync_bn(run.nets.raw, True)
+        run.swa.maybe_update(run.nets.raw, epoch=1, step=4)  # one average (SWA's BN re-estimation then runs)
+        model = final_model(run)
+        marked = [m for m in model.modules() if getattr(m, "sync", False)]
+        assert not marked and any(isinstance(m, SyncableBatchNorm2d) for m in model.modules()), swa
+
+
+def test_a_resume_whose_config_turns_sync_bn_on_is_refused(tmp_path, capsys):
+    """`--set dist.sync_bn` is refused on a resume; config.json edited to it (as raising train.epochs is) was
+    trained on, each rank's own running means then the shifts of one sum (its statistics wrong by their spread,
+    for good). Now one line, exit 2, the run as it was."""
+    from engine.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--set", "train.epochs=1", "--no-eval", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["dist"]["sync_bn"], config["epochs"] = True, 2
+    (run / "config.json").write_text(json.dumps(config))
+    checkpoint = (run / "checkpoints" / "latest.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.json's dist.sync_bn (true) is not the checkpoint's (false)" in err and "\n" not in err
+    assert (run / "checkpoints" / "latest.pt").read_bytes() == checkpoint
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1

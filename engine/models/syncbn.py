@@ -48,7 +48,8 @@ def sync_batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tor
     dims = [d for d in range(x.dim()) if d != 1]
     shape = (1, channels) + (1,) * (x.dim() - 2)
     # sums of x - K for a K the same on every rank, near the mean once training runs (the running mean: synced,
-    # equal everywhere): E[d^2] - E[d]^2 loses digits as (mean / std)^2 grows, which the shift keeps small
+    # equal everywhere, as every rank starts from the same network and a resume that turns the synchronization on
+    # is refused): E[d^2] - E[d]^2 loses digits as (mean / std)^2 grows, which the shift keeps small
     shift = bn.running_mean.detach().float() if bn.track_running_stats else x.new_zeros(channels, dtype=torch.float)
     d = x.float() - shift.view(shape)
     count = d.new_full((1,), x.numel() // channels)
@@ -69,11 +70,18 @@ def sync_batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tor
     return y.to(x.dtype)
 
 
+def _grouped() -> bool:
+    """A process group to synchronize over (gone after the run's end: a marked network then trains as plain BN)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 class _Syncable:
     sync = False  # set by set_sync_bn: under DDP, train-mode statistics over every rank's batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sync and self.training:
+        if self.sync and self.training and _grouped():
             return sync_batch_norm(x, self)
         return super().forward(x)
 
