@@ -57,6 +57,12 @@ def init(cfg: DistConfig, device_type: str) -> DistInfo:
     return info
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s own draws (its attack noise): `seed` on rank 0 (one process's run unchanged), apart
+    from every epoch's data seed on the others (seed + rank drew, at seed 0, rank r's noise from epoch r's order)."""
+    return seed + rank * 2**40
+
+
 def gpu_identity(index: int) -> str:
     """This machine's name and the GPU's UUID (the same GPU seen by two processes reads the same)."""
     props = torch.cuda.get_device_properties(index)

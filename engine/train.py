@@ -195,7 +195,7 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
         if switches.kernels != "off":  # the fused dual BN computes each rank's own statistics: set_sync_bn took it off
             switches.kernels += " (no dual BN: dist.sync_bn)"
     nets = Nets(train=distributed.wrap(train_net, info, switches.device), attack=attack_net, raw=model)
-    torch.manual_seed(cfg.seed + info.rank)  # same initial weights everywhere, distinct attack noise per rank
+    torch.manual_seed(distributed.rank_seed(cfg.seed, info.rank))  # same initial weights, distinct noise per rank
     train_loader, _ = build_loaders(
         cfg.data,
         train_split,

@@ -447,3 +447,15 @@ def test_grad_sim_runs_under_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert -1 <= row["grad_sim"] <= 1 and 0 <= row["grad_conflict"] <= 1, row
+
+
+def test_each_rank_s_noise_seed_is_apart_from_every_epoch_s_data_seed():
+    """Rank r drew its attack noise from seed + r: at seed 0, epoch r's shuffle and augmentation generator's seed,
+    the same stream. Rank 0 keeps the run's seed (one process's runs unchanged); the others' lie apart."""
+    from engine.data.loader import epoch_generator
+    from engine.distributed import rank_seed
+
+    for seed in range(4):
+        data = {epoch_generator(seed, epoch).initial_seed() for epoch in range(1, 401)}
+        ranks = [rank_seed(seed, rank) for rank in range(64)]
+        assert ranks[0] == seed and len(set(ranks)) == 64 and not data & set(ranks), seed
