@@ -1,7 +1,8 @@
 """AutoAttack seconds per 1,000 images: the previous evaluation path against the chunked one, same model and images.
 
 - `per-batch` (the evaluation before chunking): one AutoAttack per batch of test images, one seed for all.
-- `chunked` (engine.evaluate today): fixed chunks with their own seeds, each saved, shardable over ranks.
+- `chunked` (engine.evaluate today): fixed chunks with their own seeds, shardable over ranks (here no record
+  folder: nothing is saved, so the time to save each chunk is not in the figure).
 
 Both run the original AutoAttack code on the same images in one process, with the weights frozen (as engine.evaluate
 runs it), after an untimed warm-up, in alternating order round by round, so the ratio is what the restructuring
@@ -28,7 +29,7 @@ from engine.attacks.pgd import frozen
 from engine.config import EvalConfig, default_data_dir
 from engine.data import load_split
 from engine.errors import UserError
-from engine.evaluate import evaluate, test_tensors
+from engine.evaluate import evaluate, repeatable_kernels, test_tensors
 from engine.hub import load_model
 from engine.perf import EvalForward
 
@@ -76,14 +77,17 @@ def warm_up(net, split, cfg: EvalConfig, device) -> None:
 
 
 def per_batch(net, x, y, version: str, batch_size: int) -> float:
-    """The previous path: robust accuracy with one AutoAttack per batch (seed 0 throughout)."""
+    """The previous path: robust accuracy with one AutoAttack per batch (seed 0 throughout), under the cuDNN and
+    Inductor settings the chunked path attacks under (else the ratio would mix algorithm choice in)."""
     hits = 0
-    for i in range(0, len(y), batch_size):
-        aa = autoattack.adversary(EvalForward(net), autoattack.PROTOCOLS[version], 0, x.device)
-        aa.verbose = False
-        with frozen(net):  # as engine.evaluate runs it (FAB's .backward() would compute weight gradients too)
-            _, y_adv = aa.run_standard_evaluation(x[i : i + batch_size], y[i : i + batch_size], batch_size=batch_size)
-        hits += int((y_adv == y[i : i + batch_size]).sum())
+    with repeatable_kernels():
+        for i in range(0, len(y), batch_size):
+            aa = autoattack.adversary(EvalForward(net), autoattack.PROTOCOLS[version], 0, x.device)
+            aa.verbose = False
+            with frozen(net):  # as engine.evaluate runs it (FAB's .backward() would compute weight gradients too)
+                xs, ys = x[i : i + batch_size], y[i : i + batch_size]
+                _, y_adv = aa.run_standard_evaluation(xs, ys, batch_size=batch_size)
+            hits += int((y_adv == ys).sum())
     return hits / len(y)
 
 

@@ -159,7 +159,9 @@ def main() -> None:
     rows = [base] + [row(n, runs[n], base, attacks, reference) for n in ranks[1:]]
     stamp = provenance("cpu" if on_cpu else "cuda")
     config = {"bench": "eval_ranks", "target": str(ckpt), "attacks": args.attacks, "aa_version": args.aa_version,
-              "num_examples": args.num_examples, "chunk_size": args.chunk_size}  # fmt: skip
+              "num_examples": args.num_examples, "chunk_size": args.chunk_size, "batch_size": args.batch_size,
+              "compile": args.compile, "device_asked": args.device, "seed": args.seed,
+              "rounds": args.rounds}  # fmt: skip
     rows = [config | r | stamp for r in rows]
     append_jsonl(args.out, rows)
     columns = ["ranks", "threads_per_rank", "eval_seconds", "speed_up", "efficiency", "balance", "flags_identical"]

@@ -28,18 +28,24 @@ def provenance(device=None) -> dict:
     from engine.perf import cpu_has_native_bf16
 
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    # the tracked files changed since that commit: the rows did not run its code (untracked files aside)
+    changed = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True)  # fmt: skip
     on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     device = torch.cuda.get_device_name(device) if on_gpu else platform.processor() or "cpu"
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "torch": torch.__version__,
         "triton": triton_version,
+        "cuda": torch.version.cuda if on_gpu else None,
+        "cudnn": torch.backends.cudnn.version() if on_gpu else None,
         "device": device,
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_has_native_bf16(),
         "cpu_threads": torch.get_num_threads(),
         "commit": commit.stdout.strip() or None,
+        "dirty": bool(changed.stdout.strip()) if commit.returncode == 0 else None,
     }
 
 

@@ -158,7 +158,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for shape in PGD_SHAPES[size] for r in bench_pgd(shape, dtype, device, args)]
     rows += [r for shape in BN_SHAPES[size] for r in bench_dual_bn(shape, dtype, device, args)]
     stamp = provenance(device)
-    append_jsonl(args.out, [{**row, **stamp} for row in rows])
+    # the fused backend that did not run here: a row saying why (its rows are absent, not slower)
+    fused = "triton" if device.type == "cuda" else "native"
+    report = kernels.available_backends()[fused]
+    skipped = [] if report["active"] else [{"kernel": "all", "backend": fused, "skipped": report["detail"]}]
+    if skipped:
+        print(f"skip {fused}: {report['detail']}")
+    append_jsonl(args.out, [{**row, **stamp} for row in rows + skipped])
     print(f"{stamp['device']}, {stamp['cpu_threads']} CPU threads, torch {stamp['torch']}, triton {stamp['triton']}")
     print(markdown_table(rows, COLUMNS))
 

@@ -170,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for backend in args.backends.split(","):
-        if backend in ("ffcv", "dali") and not backends.available(backend):
+        if backend in ("ffcv", "dali") and not backends.available(backend):  # a row saying so, not a silent gap
             print(f"skip {backend}: {backends.INSTALL[backend]}")
+            append_jsonl(args.out, [{"bench": "loaders", "backend": backend, "skipped": backends.INSTALL[backend],
+                                     "dataset": args.dataset, "device_type": device.type, **env}])  # fmt: skip
             continue
         row = bench_backend(backend, train, args, device)
         row |= {"bench": "loaders", "dataset": args.dataset, "batch_size": args.batch_size, "epochs": args.epochs}

@@ -243,7 +243,7 @@ class Row:
     warm: Counter = field(default_factory=Counter)  # dynamo counts after this row's warm-up
     timed: Counter = field(default_factory=Counter)  # dynamo counts during its timed calls (recompiles: none wanted)
     warmup_s: float = 0.0  # the warm-up steps and attacks, compiling included
-    step_ms: list[float] = field(default_factory=list)  # one median per round
+    step_ms: list[float] = field(default_factory=list)  # one figure per round (median_ms: a CPU's median, CUDA's mean)
     attack_ms: list[float] = field(default_factory=list)
 
     def step(self) -> None:
@@ -301,8 +301,12 @@ def report(row: Row) -> dict:
     images_per_s = len(row.y) / (step_ms / 1e3)
     epoch = derived(images_per_s, 0.0, None, epoch_images(len(row.y)))
     spread = (max(row.step_ms) - min(row.step_ms)) / step_ms if len(row.step_ms) > 1 else 0.0
+    graphs = row.run.perf.attack_graphs.stats() if row.run.perf.attack_graphs is not None else None
+    # a failed capture runs the attacks eagerly from then on: the row says so, under a name of its own
+    eager = graphs is not None and (graphs["broken"] or graphs["eager_calls"] > 0)
     return {
-        "bench": "train_step", "config": row.name, "method": cfg.method.name, "arch": cfg.model.arch,
+        "bench": "train_step", "config": row.name + (" (capture failed: attacks ran eagerly)" if eager else ""),
+        "method": cfg.method.name, "grad_sim": cfg.analysis.grad_sim, "arch": cfg.model.arch,
         "width": cfg.model.width if cfg.model.arch == "resnet18" else None,  # WRN-34-10's widths are its own
         "batch_size": len(row.y), "attack_steps": cfg.attack.num_steps, "images_per_s": round(images_per_s, 1),
         "step_ms": round(step_ms, 2), "step_spread": round(spread, 3), "rounds": len(row.step_ms),
@@ -314,15 +318,16 @@ def report(row: Row) -> dict:
         "recompiles_after_warmup": after_warm["graphs"] if compiled else None,
         "graph_breaks": row.warm["graph_breaks"] + after_warm["graph_breaks"] if compiled else None,
         "eager_frames": row.warm["eager_frames"] + after_warm["eager_frames"] if compiled else None,  # given up on
+        "cuda_graphs": graphs, "captured": None if graphs is None else not eager,
         "perf": row.run.perf.summary(), **CEILING, "_cfg": cfg,
     }  # fmt: skip
 
 
 def cost_figures(row: Row, images_per_s: float) -> dict:
     """GFLOP per image-step by METHOD 9's cost model, TFLOP/s, the fraction of the GPU's datasheet peak and the % of
-    the measured matmul ceiling. The cost model is AR-AT's: another method's row gets None for each (not a wrong
-    figure)."""
-    if not row.arat:
+    the measured matmul ceiling. The cost model is AR-AT's: another method's row, or one with analysis.grad_sim (two
+    more backwards a step, which the model leaves out), gets None for each (not a wrong figure)."""
+    if not row.arat or row.cfg.analysis.grad_sim:
         return dict.fromkeys(("gflop_per_image_step", "tflops", "peak_fraction", "pct_ceiling"))
     device = row.run.perf.device
     flops = forward_flops(row.run.nets.raw, row.x[:8]) * forward_units(row.cfg.attack.num_steps)
@@ -349,26 +354,56 @@ def release(row: Row) -> None:
         torch.cuda.empty_cache()
 
 
-def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:
+class Rows(list):
+    """The rows so far, each handed to `emit` as it is added (written as it comes: a ladder stopped part-way keeps
+    the rows it finished)."""
+
+    def __init__(self, emit=None):
+        super().__init__()
+        self.emit = emit
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.emit is not None:
+            self.emit(row)
+
+
+def failed_row(name: str, error: Exception) -> dict:
+    """A rung that raised (a compile error, out of memory, a kernel backend refusing the call): a row saying so, the
+    ladder going on."""
+    line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return {"bench": "train_step", "config": name, "kept": False, "failed": f"{type(error).__name__}: {line}"}
+
+
+def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: str, emit=None) -> list[dict]:
     """Each switch on top of the fastest configuration so far, timed interleaved against it; kept if faster. Then
     every switch dropped before a later one was kept is tried once more on the configuration then fastest (a switch
     can lose eagerly and win compiled: on the Intel CPU the GEMM small convolutions ran 0.78x eagerly, won compiled)."""
     name, switches = LADDER[0]
     overrides, chain = base + switches, 1.0
     best = build_row(name, apply_overrides(get_recipe("demo"), overrides), warmup)
-    rows: list[dict] = []
+    rows = Rows(emit)
 
     def attempt(name: str, switches: list[str]) -> bool:
         nonlocal overrides, chain, best
-        candidate = build_row(name, apply_overrides(get_recipe("demo"), overrides + switches), warmup)
-        best.step_ms.clear(), best.attack_ms.clear(), best.timed.clear()
-        interleave([best, candidate], rounds, steps)
-        if not rows:
-            rows.append(report(best) | {"kept": True, "vs_previous": 1.0, "vs_fp32_eager": 1.0})
-        ratio = statistics.median(b / c for b, c in zip(best.step_ms, candidate.step_ms, strict=True))  # per round
-        kept = ratio > 1.0
+        candidate = None
+        try:
+            candidate = build_row(name, apply_overrides(get_recipe("demo"), overrides + switches), warmup)
+            best.step_ms.clear(), best.attack_ms.clear(), best.timed.clear()
+            interleave([best, candidate], rounds, steps)
+            if not rows:
+                rows.append(report(best) | {"kept": True, "vs_previous": 1.0, "vs_fp32_eager": 1.0})
+            ratio = statistics.median(b / c for b, c in zip(best.step_ms, candidate.step_ms, strict=True))  # per round
+            row = report(candidate)
+        except Exception as error:  # this rung's failure, not the ladder's: said, dropped, the next one tried
+            rows.append(failed_row(name, error))
+            print(f"{name}: failed ({rows[-1]['failed']}), dropped", flush=True)
+            if candidate is not None:
+                release(candidate)
+            return False
+        kept = ratio > 1.0 and row.get("captured") is not False  # an eager attack under the captured name: never
         figures = {"kept": kept, "vs_previous": round(ratio, 3), "vs_fp32_eager": round(chain * ratio, 3)}
-        row = report(candidate) | figures
+        row |= figures
         rows.append(row)
         print(f"{name}: {row['step_ms']} ms vs {statistics.median(best.step_ms):.1f} ms -> {ratio:.2f}x, "
               f"{'kept' if kept else 'dropped'}", flush=True)  # fmt: skip
@@ -387,6 +422,10 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
     for i, (name, switches) in enumerate(rungs[:last_kept]):
         if not kept[i]:
             attempt(f"{name} (again)", switches)
+    if not rows:  # every rung failed: the base row alone
+        best.step_ms.clear(), best.attack_ms.clear(), best.timed.clear()
+        interleave([best], rounds, steps)
+        rows.append(report(best) | {"kept": True, "vs_previous": 1.0, "vs_fp32_eager": 1.0})
     rows.append(direct_check(best, base + LADDER[0][1], rounds, steps, warmup))
     return rows
 
@@ -407,30 +446,42 @@ def direct_check(best: Row, fp32_overrides: list[str], rounds: int, steps: int, 
 
 
 def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:
-    overrides, built = list(base), []
+    overrides, built, failed = list(base), [], []
     for i, (name, switches) in enumerate(LADDER):
         if not applies(name, device_type):
             continue
         overrides += switches
         if i in wanted:
-            built.append(build_row(name, apply_overrides(get_recipe("demo"), overrides), warmup))
+            try:
+                built.append(build_row(name, apply_overrides(get_recipe("demo"), overrides), warmup))
+            except Exception as error:
+                failed.append(failed_row(name, error))
+                print(f"{name}: failed ({failed[-1]['failed']})", flush=True)
     interleave(built, rounds, steps)
     rows = [report(row) for row in built]
-    for row in rows:
-        row["vs_fp32_eager"] = round(rows[0]["step_ms"] / row["step_ms"], 3) if 0 in wanted else None
-    return rows
+    reference = built[0] if built and built[0].name == LADDER[0][0] else None  # fp32 eager, when it ran
+    for row, b in zip(rows, built, strict=True):  # the median of per-round ratios, as the other modes give
+        ratios = [r / mine for r, mine in zip(reference.step_ms, b.step_ms, strict=True)] if reference else None
+        row["vs_fp32_eager"] = round(statistics.median(ratios), 3) if ratios else None
+    return rows + failed
 
 
 def compare(base: list[str], key: str, values: list[str], rounds: int, steps: int, warmup: int) -> list[dict]:
     """One switch's values on the same base, interleaved; `vs_first` is the median of per-round ratios."""
     configs = [apply_overrides(get_recipe("demo"), base + [f"{key}={v}"]) for v in values]
-    built = [build_row(f"{key}={v}", cfg, warmup) for v, cfg in zip(values, configs, strict=True)]
+    built, failed = [], []
+    for v, cfg in zip(values, configs, strict=True):
+        try:
+            built.append(build_row(f"{key}={v}", cfg, warmup))
+        except Exception as error:
+            failed.append(failed_row(f"{key}={v}", error))
+            print(f"{key}={v}: failed ({failed[-1]['failed']})", flush=True)
     interleave(built, rounds, steps)
     rows = [report(row) for row in built]
     for row, b in zip(rows, built, strict=True):
         ratios = [first / mine for first, mine in zip(built[0].step_ms, b.step_ms, strict=True)]
         row["vs_first"] = round(statistics.median(ratios), 3)
-    return rows
+    return rows + failed
 
 
 def short_run_accuracy(cfg, epochs: int, out_dir: str) -> dict:
@@ -455,7 +506,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=positive_int, help="ResNet-18's width (default 64; --quick: 16)")
     p.add_argument("--batch-size", type=positive_int, help="default 128; --quick: 64")
     p.add_argument("--attack-steps", type=positive_int, help="PGD steps (default 10; --quick: 5)")
-    p.add_argument("--steps", type=positive_int, default=3, help="timed steps per row and round (their median)")
+    p.add_argument("--steps", type=positive_int, default=3, help="timed steps per row and round (a CPU: their "
+                   "median; CUDA: their mean, timed back to back)")  # fmt: skip
     p.add_argument("--rounds", type=positive_int, help="interleaved rounds; a row's figure: the median (5; --quick: 3)")
     p.add_argument("--warmup", type=positive_int, default=2)
     mode = p.add_mutually_exclusive_group()  # default: the greedy ladder
@@ -523,6 +575,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:  # compiling takes minutes on a small CPU
         LADDER = [rung for rung in LADDER if rung[0] != "+torch.compile"]
     CEILING.update(matmul_ceiling(device))
+    order = "direct" if args.direct else "compare" if args.compare else "cumulative" if args.cumulative else "greedy"
+    stamp, written = provenance(device), []
+
+    def write(row: dict) -> None:  # stamped, trained briefly if asked, appended to --out at once
+        row = row | {"ladder": order} | stamp
+        cfg = row.pop("_cfg", None)
+        if args.train_epochs and cfg is not None:
+            at = f"bench/results/runs/train_step-{len(written)}-{time.time():.0f}"
+            row |= short_run_accuracy(cfg, args.train_epochs, at)
+        append_jsonl(args.out, [row])
+        written.append(row)
+
     if args.direct:
         fp32 = base + LADDER[0][1]
         best = build_row(args.direct, apply_overrides(get_recipe("demo"), fp32 + args.direct.split(",")), args.warmup)
@@ -539,16 +603,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"--rows: none of the rows asked for runs on a {device.type} device")
         rows = cumulative(base, wanted, args.rounds, args.steps, args.warmup, device.type)
     else:
-        rows = greedy(base, args.rounds, args.steps, args.warmup, device.type)
-    order = "direct" if args.direct else "compare" if args.compare else "cumulative" if args.cumulative else "greedy"
-    stamp = provenance(device)
-    rows = [row | {"ladder": order} | stamp for row in rows]
-    for i, row in enumerate(rows):
-        cfg = row.pop("_cfg")
-        if args.train_epochs:
-            row |= short_run_accuracy(cfg, args.train_epochs, f"bench/results/runs/train_step-{i}-{time.time():.0f}")
-    append_jsonl(args.out, rows)
-    print_table(rows, stamp, order, device.type, args.train_epochs > 0)
+        rows = greedy(base, args.rounds, args.steps, args.warmup, device.type, emit=write)
+    if order != "greedy":  # (the greedy ladder's were written as they came)
+        for row in rows:
+            write(row)
+    print_table(written, stamp, order, device.type, args.train_epochs > 0)
 
 
 def print_table(rows: list[dict], stamp: dict, order: str, device_type: str, accuracy: bool) -> None:

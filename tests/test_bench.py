@@ -213,6 +213,7 @@ def test_eval_ranks_rows_say_the_flags_of_two_ranks_equal_one(tmp_path):
     assert one["speed_up"] == 1.0 and two["speed_up"] == round(one["eval_seconds"] / two["eval_seconds"], 3)
     assert two["efficiency"] == round(two["speed_up"] / 2, 3)
     assert 0 < two["balance"] <= 1.5 and two["cpu"]
+    assert (two["compile"], two["batch_size"], two["seed"], two["rounds"]) == ("off", 8, 0, 1)  # what timed it
     assert "| ranks |" in proc.stdout
 
 
@@ -321,7 +322,9 @@ def test_the_ladder_runs_on_the_configured_device_and_refuses_a_set_it_would_ove
 
     seen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(ts, "greedy", lambda base, rounds, steps, warmup, device_type: seen.append(device_type) or [])
+    monkeypatch.setattr(
+        ts, "greedy", lambda base, rounds, steps, warmup, device_type, emit: seen.append(device_type) or []
+    )
     monkeypatch.setattr(ts, "matmul_ceiling", lambda device: seen.append(device.type) or {
         "matmul_ceiling_tflops": 1.0, "matmul_ceiling_case": "stand-in"})  # fmt: skip
     monkeypatch.setattr(ts, "provenance", lambda device: {"cpu": "x", "cpu_native_bf16": False, "cpu_threads": 1})
@@ -631,3 +634,133 @@ def test_rows_appended_after_a_half_written_one_start_a_line_of_their_own(tmp_pa
     append_jsonl(tmp_path / "new.jsonl", [{"e": 5}])
     append_jsonl(tmp_path / "new.jsonl", [{"f": 6}])  # a whole file: no blank line between the two appends
     assert (tmp_path / "new.jsonl").read_text() == '{"e": 5}\n{"f": 6}\n'
+
+
+def _tiny_row(ts):
+    """A real ladder row at width 8, batch 8, PGD-1 (seconds on a CPU), timed once by hand."""
+    from engine.config import apply_overrides
+    from engine.recipes import get_recipe
+
+    overrides = ["model.width=8", "train.batch_size=8", "attack.num_steps=1", "data.dataset=synthetic",
+                 "data.synthetic_size=8", "perf.compile=off"]  # fmt: skip
+    row = ts.build_row("+CUDA graphs", apply_overrides(get_recipe("demo"), overrides), warmup=1)
+    row.step_ms, row.attack_ms = [10.0], [5.0]
+    return row
+
+
+def test_a_row_whose_capture_failed_says_its_attacks_ran_eagerly(monkeypatch):
+    """A failed capture runs the attacks eagerly from then on: its row kept the captured name and cuda_graphs=True
+    (the flag says only that the graphs object exists); the greedy ladder could keep it. Now the row says so under
+    a name of its own, with the capture's counts, and the ladder never keeps it."""
+    import types
+
+    import train_step as ts
+
+    monkeypatch.setattr(ts, "profile_call", lambda fn, device, ms: {})
+    row = _tiny_row(ts)
+    stats = {"captures": 0, "replays": 0, "eager_calls": 2, "broken": True, "attacks": 1, "uncapturable_attacks": 0}
+    row.run.perf.attack_graphs = types.SimpleNamespace(stats=lambda: stats)
+    reported = ts.report(row)
+    assert reported["config"] == "+CUDA graphs (capture failed: attacks ran eagerly)"
+    assert reported["captured"] is False and reported["cuda_graphs"] == stats
+    stats.update(captures=1, replays=9, eager_calls=0, broken=False)
+    assert ts.report(row)["captured"] is True and ts.report(row)["config"] == "+CUDA graphs"
+    row.run.perf.attack_graphs = None
+    assert ts.report(row)["captured"] is None  # not graphed at all
+    # the greedy ladder: a faster row whose capture failed is not kept
+    stand_in, _ = stand_in_ladder(monkeypatch, lambda overrides: 100.0 * 0.5 ** len(overrides))
+    monkeypatch.setattr(stand_in, "report", lambda r: {"config": r.name, "step_ms": r.step_ms[0], "captured": False})
+    rows = stand_in.greedy([], rounds=1, steps=1, warmup=1, device_type="cpu")
+    assert [r["kept"] for r in rows[1:5]] == [False] * 4
+
+
+def test_grad_sim_rows_get_no_ar_at_cost_model():
+    """analysis.grad_sim adds two backwards a step, which METHOD 9's model leaves out: such a row got AR-AT's
+    TFLOP/s (a wrong figure under the right name). Now None, as another method's row."""
+    import types
+
+    import train_step as ts
+
+    ns = types.SimpleNamespace
+    cfg = ns(method=ns(name="arat"), analysis=ns(grad_sim=True))
+    row = ts.Row("grad-sim", cfg, run=None, x=None, y=None)
+    assert row.arat and set(ts.cost_figures(row, 1000.0).values()) == {None}
+
+
+def test_a_failing_rung_is_a_row_and_rows_are_written_as_they_come(monkeypatch):
+    """A rung that raised (a compile error, out of memory) ended the whole ladder, every row lost (they were written
+    at the end). Now it is a failed row and the ladder goes on; and each row is handed on as it is made, so a ladder
+    stopped part-way keeps the rows it finished."""
+    import train_step as ts
+
+    stand_in, _ = stand_in_ladder(monkeypatch, lambda overrides: 100.0 * 0.9 ** len(overrides))
+    build = stand_in.build_row
+
+    def build_row(name, cfg, warmup):
+        if name == "+GEMM small convs":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        if name == "+dual forward":
+            raise KeyboardInterrupt  # the ladder stopped here
+        return build(name, cfg, warmup)
+
+    monkeypatch.setattr(stand_in, "build_row", build_row)
+    emitted = []
+    with pytest.raises(KeyboardInterrupt):
+        ts.greedy([], rounds=1, steps=1, warmup=1, device_type="cpu", emit=emitted.append)
+    assert [r["config"] for r in emitted] == ["fp32 eager", "+bf16 autocast", "+GEMM small convs", "+torch.compile"]
+    failed = emitted[2]
+    assert failed["kept"] is False
+    assert failed["failed"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_rows_say_whether_the_tree_had_uncommitted_changes(tmp_path, monkeypatch):
+    """The commit stamp alone named a clean commit for rows run from an edited tree."""
+    import harness
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("a = 1\n")
+    git("add", "f.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    (tmp_path / "untracked.txt").write_text("not code the rows ran")
+    clean = harness.provenance("cpu")
+    assert clean["commit"] and clean["dirty"] is False and clean["cuda"] is None
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert harness.provenance("cpu")["dirty"] is True
+
+
+def test_autoattack_bench_attacks_both_paths_under_the_same_kernel_settings(monkeypatch):
+    """The chunked path attacks under repeatable_kernels (cuDNN deterministic, no autotuning); the per-batch path
+    did not, so on CUDA the ratio mixed algorithm choice in."""
+    import types
+
+    import autoattack_bench
+    import torch
+
+    seen = []
+
+    def adversary(*args, **kwargs):
+        seen.append((torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        return types.SimpleNamespace(verbose=True, run_standard_evaluation=lambda x, y, batch_size: (x, y))
+
+    monkeypatch.setattr(autoattack_bench.autoattack, "adversary", adversary)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    accuracy = autoattack_bench.per_batch(net, torch.rand(4, 3, 2, 2), torch.arange(4), "standard", 2)
+    assert accuracy == 1.0 and seen == [(True, False)] * 2
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)  # given back
+
+
+def test_a_loader_backend_that_cannot_run_here_leaves_a_row_saying_so(tmp_path, monkeypatch, cifar_dir):
+    """An FFCV or DALI not installed was printed and dropped: the rows showed no gap."""
+    import loaders
+
+    monkeypatch.setattr(loaders.backends, "available", lambda name: False)
+    out = tmp_path / "rows.jsonl"
+    loaders.main(["--backends", "dali", "--quick", "--data-dir", str(cifar_dir), "--device", "cpu", "--out", str(out)])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["backend"] == "dali" and row["skipped"] and row["cpu"]
