@@ -410,6 +410,61 @@ def from_dict(raw: Any, source: str = "config") -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
+# What a resume may find changed in config.json: how and where the run goes on (`--set` on a resume takes the same
+# perf.*, dist.*, eval.* keys), how far (train.epochs), what it says; everything else is what the run trains
+RESUME_FREE = {"train.epochs", "train.log_every", "train.description", "data.data_dir", "data.backend",
+               "data.test_subset", "data.synthetic_fallback", "swa.enabled"}  # fmt: skip
+RESUME_FREE_SECTIONS = {"eval", "perf", "dist", "analysis"}  # but dist.sync_bn (each rank's statistics)
+SCHEDULE = {"optim.lr", "optim.first_epoch_lr", "optim.milestones", "optim.decay"}
+
+
+def flat(cfg: TrainConfig) -> dict[str, Any]:
+    """{"section.key": value} as `--set` names the keys (train.* for the top level), JSON values (lists)."""
+    out = {}
+    for name, value in json.loads(json.dumps(cfg.to_dict())).items():
+        out |= {f"{name}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {f"train.{name}": value}
+    return out
+
+
+def resume_change(trained: TrainConfig, now: TrainConfig, epochs_done: int) -> str | None:
+    """What config.json (`now`) changed against the config the checkpoint's epochs trained with (`trained`) that a
+    resume cannot take, said in one line; None when it may go on. Changed mid-run, the result would mix two runs
+    under the second's name (an eps, a weight, a seed, a batch size); the learning-rate schedule may change only
+    where no epoch trained yet (a decay added past the old end), the method's unread keys and SWA's start/cadence
+    before it averages anything freely."""
+    if now.epochs < epochs_done:
+        return (f"config.json's train.epochs ({now.epochs}) is below the {epochs_done} epochs the run trained: raise "
+                "it, or evaluate the run as it is (`arat eval RUN`)")  # fmt: skip
+    old, new = flat(trained), flat(now)
+    reads = METHOD_KEYS.get(trained.method.name, set()) | {"name"}
+    swa_averaging = trained.swa.enabled and now.swa.enabled
+    for key, value in new.items():
+        section, _, name = key.partition(".")
+        if key not in old or key in RESUME_FREE or key in SCHEDULE and trained.method.name != "arrest":
+            continue
+        if section in RESUME_FREE_SECTIONS and key != "dist.sync_bn":
+            continue
+        if section == "method" and name not in reads or section == "swa" and not swa_averaging:
+            continue
+        was = bool(old[key]) if key == "method.init" else old[key]  # (the file it names may have moved since)
+        if (bool(value) if key == "method.init" else value) != was:
+            return (f"config.json's {key} ({_said(value)}) is not the checkpoint's ({_said(old[key])}): a run cannot "
+                    "change what it trains part-way; restore it, or start a new run with it")  # fmt: skip
+    if trained.method.name != "arrest":  # ARREST's stages: its schedule keys are compared above
+        changed = [e for e in range(1, epochs_done + 1) if trained.optim.lr_at(e) != now.optim.lr_at(e)]
+        if changed:
+            return (f"config.json's learning-rate schedule changes epoch {changed[0]}'s rate "
+                    f"({trained.optim.lr_at(changed[0]):g} -> {now.optim.lr_at(changed[0]):g}), which the run "
+                    "trained already: change it only past the trained epochs, or start a new run")  # fmt: skip
+    return None
+
+
+def _said(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value).lower() if isinstance(value, bool) else repr(value) if value == "" else str(value)
+
+
 BOOL_TO_SWITCH = {"perf.compile"}  # once true/false, now auto|on|off
 
 

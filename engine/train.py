@@ -15,7 +15,15 @@ from torch import nn
 
 from . import distributed, perf
 from .analysis import GradSim, build_grad_sim
-from .config import ConfigError, TrainConfig, check_trainable, from_dict, ignored_keys_notice, schedule_notice
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_trainable,
+    from_dict,
+    ignored_keys_notice,
+    resume_change,
+    schedule_notice,
+)
 from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, resolve_dataset
 from .errors import UserError
 from .evaluate import evaluate, format_results, summary, write_flags
@@ -68,13 +76,11 @@ class Run:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
-        trained_synced = bool(state.get("config", {}).get("dist", {}).get("sync_bn"))
-        if trained_synced != self.cfg.dist.sync_bn:  # config.json edited: --set refuses it (what the run trains)
-            # (turned on, each rank's own running means would be the shifts of one sum: they must be equal)
-            raise RunDirError(
-                f"config.json's dist.sync_bn ({str(self.cfg.dist.sync_bn).lower()}) is not the checkpoint's "
-                f"({str(trained_synced).lower()}): restore it, or train a new run with it"
-            )
+        if state.get("config"):  # config.json edited since: what the run trains stays (dist.sync_bn too: turned
+            # on, each rank's own running means would be the shifts of one sum, which must be equal)
+            change = resume_change(from_dict(state["config"], "the checkpoint's config"), self.cfg, state["epoch"])
+            if change:
+                raise RunDirError(change)
         parts = [(self.nets.raw, "model"), (self.method, "method"), (self.optimizer, "optimizer"), (self.swa, "swa")]
         if state["scaler"]:  # empty from a run without fp16 (bf16/fp32, scaler off): resumed where fp16 is chosen,
             parts.append((self.scaler, "scaler"))  # the scaler starts afresh (loading {} would raise)

@@ -5,6 +5,7 @@ import pickle
 import re
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,7 +241,7 @@ def test_corrupt_or_edited_resume_state_is_one_line(tmp_path, capsys):
     (run / "checkpoints" / "final.pt").unlink()
     config = json.loads((run / "config.json").read_text())
     edits = {  # (edit, what the line must say)
-        "width changed": (lambda c: c["model"].update(width=16), "the checkpoint's model does not fit"),
+        "width changed": (lambda c: c["model"].update(width=16), "model.width (16) is not the checkpoint's (8)"),
         "unknown key": (lambda c: c["model"].update(colour="red"), "colour"),
     }
     for what, (edit, said) in edits.items():
@@ -551,8 +552,12 @@ def test_resume_and_export_edge_cases_end_in_one_line(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     broken = tmp_path / "broken"
     for name, edit, message in (
-        # the checkpoint's predictors fit nothing: their 32 keys, cut to three
-        ("predictor", lambda c: c["method"].update(predictor=False), "does not fit the run's config.json"),
+        # what the run trains, against the config its checkpoint trained with (the predictors' 32 keys fit nothing)
+        (
+            "predictor",
+            lambda c: c["method"].update(predictor=False),
+            "method.predictor (false) is not the checkpoint's",
+        ),
         ("utf8", None, "config.json is not a config this engine wrote"),
         ("metrics", None, "metrics.jsonl line 2 is not a metrics row"),
     ):
@@ -825,3 +830,94 @@ def test_recipes_show_prints_every_key_a_set_takes(capsys):
     assert {"data", "model", "attack", "method", "optim", "swa", "eval", "perf", "dist", "analysis"} <= set(shown)
     code, _, err = run_cli(capsys, "recipes", "--set", "train.epochs=7")
     assert code == 2 and "--set goes with --show NAME" in err
+
+
+@pytest.fixture(scope="module")
+def trained_two_epochs(tmp_path_factory):
+    """The smoke recipe trained to its end (2 epochs, lr 0.02 then 0.005), no evaluation: a run to resume."""
+    run = tmp_path_factory.mktemp("resume") / "run"
+    assert main(["train", "--recipe", "smoke", "--no-eval", "--out", str(run)]) == 0
+    return run
+
+
+def _resumed_with(run, capsys, **edits) -> tuple[int, str, Path]:
+    """Resume `run` (a copy) with config.json edited: {"section.key": value} (train.* at the top level), train.epochs
+    raised to 3 unless given. The copy's checkpoint and metrics must be untouched when refused."""
+    import copy
+
+    work = run.parent / f"copy-{len(list(run.parent.iterdir()))}"
+    shutil.copytree(run, work)
+    config = json.loads((work / "config.json").read_text())
+    edited = copy.deepcopy(config)
+    for key, value in ({"train.epochs": 3} | edits).items():
+        section, name = key.split(".")
+        (edited if section == "train" else edited[section])[name] = value
+    (work / "config.json").write_text(json.dumps(edited))
+    checkpoint, metrics = (work / "checkpoints" / "latest.pt").read_bytes(), (work / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    code = main(["train", "--resume", str(work), "--no-eval"])
+    err = capsys.readouterr().err.strip()
+    if code == 2:
+        assert (work / "checkpoints" / "latest.pt").read_bytes() == checkpoint
+        assert (work / "metrics.jsonl").read_text() == metrics and json.loads(
+            (work / "config.json").read_text()
+        ) == edited
+    return code, err, work
+
+
+@pytest.mark.parametrize(
+    "edits, says",
+    [
+        ({"attack.eps": 16 / 255}, "config.json's attack.eps (0.06274509803921569) is not the checkpoint's (0.03137"),
+        ({"method.invariance_weight": 0.0}, "method.invariance_weight (0.0)"),
+        ({"train.seed": 1}, "train.seed (1) is not the checkpoint's (0)"),
+        ({"train.batch_size": 16}, "train.batch_size (16)"),
+        ({"optim.weight_decay": 0.05}, "optim.weight_decay (0.05)"),  # (the optimizer's state kept the old one)
+        ({"model.width": 16}, "model.width (16) is not the checkpoint's (8)"),
+        ({"data.augment": False}, "data.augment (false)"),
+        ({"method.name": "at", "model.split_bn": False}, "model.split_bn (false) is not the checkpoint's (true)"),
+        ({"optim.milestones": [3]}, "changes epoch 2's rate (0.005 -> 0.05)"),
+        ({"train.epochs": 1}, "train.epochs (1) is below the 2 epochs the run trained"),
+    ],
+)
+def test_a_resume_whose_config_json_changes_what_the_run_trains_is_refused(trained_two_epochs, capsys, edits, says):
+    """config.json is edited to train a run on (train.epochs raised); any other change to what it trains was taken
+    part-way (a run of two configurations under the second's name: eps, the invariance weight, the seed, the batch
+    size, a learning rate already passed) or silently ignored while every record claimed it (weight decay: the
+    optimizer's state keeps its own). One line, exit 2, the run as it was."""
+    code, err, _ = _resumed_with(trained_two_epochs, capsys, **edits)
+    assert code == 2 and says in err and "\n" not in err, err
+
+
+def test_a_resume_takes_what_does_not_change_the_trained_epochs(trained_two_epochs, capsys):
+    """Raising train.epochs with a decay past the old end, a method key the method does not read (AR-AT and beta),
+    how it runs (perf.*, eval.*): trained on, epoch 3 at the new decay's rate."""
+    edits = {"optim.milestones": [1, 2], "method.beta": 3.0, "perf.channels_last": False, "eval.batch_size": 64}
+    code, err, work = _resumed_with(trained_two_epochs, capsys, **edits)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["lr"] == pytest.approx(0.0005)
+
+
+def test_resume_change_names_the_first_key_a_resume_cannot_take():
+    """Between single-BN methods nothing else fails to load: AT resumed as TRADES trained on as TRADES (its table
+    row then said TRADES). ARREST's stage keys and its whole schedule are what it trains; SWA's start and cadence
+    once it averages; a method key the method reads."""
+    from engine.config import apply_overrides, resume_change
+    from engine.recipes import get_recipe
+
+    at = apply_overrides(get_recipe("smoke"), ["method.name=at", "model.split_bn=false"])
+    trades = apply_overrides(at, ["method.name=trades"])
+    assert "method.name (trades) is not the checkpoint's (at)" in resume_change(at, trades, 1)
+    assert resume_change(at, apply_overrides(at, ["method.beta=3", "train.epochs=5"]), 1) is None  # AT reads no beta
+    arrest = apply_overrides(get_recipe("smoke"), ["method.name=arrest", "method.pretrain_epochs=1"])
+    assert "method.pretrain_epochs (2)" in resume_change(
+        arrest, apply_overrides(arrest, ["method.pretrain_epochs=2"]), 2
+    )
+    assert "optim.milestones" in resume_change(arrest, apply_overrides(arrest, ["optim.milestones=5"]), 1)
+    swa = apply_overrides(get_recipe("smoke"), ["swa.enabled=true", "swa.start_epoch=1", "swa.every=2"])
+    assert "swa.start_epoch (2)" in resume_change(swa, apply_overrides(swa, ["swa.start_epoch=2"]), 1)
+    off = apply_overrides(get_recipe("smoke"), [])  # turned on in config.json: averages from the resume on
+    assert resume_change(off, apply_overrides(off, ["swa.enabled=true", "swa.start_epoch=1", "swa.every=2"]), 1) is None
+    assert "dist.sync_bn (true)" in resume_change(off, apply_overrides(off, ["dist.sync_bn=true"]), 1)
+    assert resume_change(off, apply_overrides(off, ["dist.timeout_min=5", "perf.dtype=fp32"]), 1) is None
