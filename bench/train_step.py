@@ -368,6 +368,25 @@ class Rows(list):
             self.emit(row)
 
 
+def free_memory() -> None:
+    """What a failed row left behind: its objects, then the allocator's cache on CUDA."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def reported(built: list[Row]) -> tuple[list[dict], list[Row], list[dict]]:
+    """Each row's report, or a failed row where reporting it raised: (reports, the rows reported, failed rows)."""
+    reports, ok, failed = [], [], []
+    for row in built:
+        try:
+            reports.append(report(row))
+            ok.append(row)
+        except Exception as error:
+            failed.append(failed_row(row.name, error))
+    return reports, ok, failed
+
+
 def failed_row(name: str, error: Exception) -> dict:
     """A rung that raised (a compile error, out of memory, a kernel backend refusing the call): a row saying so, the
     ladder going on."""
@@ -382,24 +401,31 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
     name, switches = LADDER[0]
     overrides, chain = base + switches, 1.0
     best = build_row(name, apply_overrides(get_recipe("demo"), overrides), warmup)
-    rows = Rows(emit)
+    rows, base_done = Rows(emit), False
+    base_figures = {"kept": True, "vs_previous": 1.0, "vs_fp32_eager": 1.0}
 
     def attempt(name: str, switches: list[str]) -> bool:
-        nonlocal overrides, chain, best
-        candidate = None
+        nonlocal overrides, chain, best, base_done
+        candidate = base_row = failure = None
         try:
             candidate = build_row(name, apply_overrides(get_recipe("demo"), overrides + switches), warmup)
             best.step_ms.clear(), best.attack_ms.clear(), best.timed.clear()
             interleave([best, candidate], rounds, steps)
-            if not rows:
-                rows.append(report(best) | {"kept": True, "vs_previous": 1.0, "vs_fp32_eager": 1.0})
+            if not base_done:  # the base row, from its first timing against a candidate
+                base_row = report(best) | base_figures
             ratio = statistics.median(b / c for b, c in zip(best.step_ms, candidate.step_ms, strict=True))  # per round
             row = report(candidate)
         except Exception as error:  # this rung's failure, not the ladder's: said, dropped, the next one tried
-            rows.append(failed_row(name, error))
-            print(f"{name}: failed ({rows[-1]['failed']}), dropped", flush=True)
+            failure = failed_row(name, error)
+        if base_row is not None:
+            rows.append(base_row)
+            base_done = True
+        if failure is not None:
+            rows.append(failure)
+            print(f"{name}: failed ({failure['failed']}), dropped", flush=True)
             if candidate is not None:
                 release(candidate)
+            free_memory()
             return False
         kept = ratio > 1.0 and row.get("captured") is not False  # an eager attack under the captured name: never
         figures = {"kept": kept, "vs_previous": round(ratio, 3), "vs_fp32_eager": round(chain * ratio, 3)}
@@ -422,10 +448,12 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
     for i, (name, switches) in enumerate(rungs[:last_kept]):
         if not kept[i]:
             attempt(f"{name} (again)", switches)
-    if not rows:  # every rung failed: the base row alone
+    if not base_done:  # no rung timed against it (each failed): the base row alone, before them in the table
         best.step_ms.clear(), best.attack_ms.clear(), best.timed.clear()
         interleave([best], rounds, steps)
-        rows.append(report(best) | {"kept": True, "vs_previous": 1.0, "vs_fp32_eager": 1.0})
+        rows.insert(0, report(best) | base_figures)
+        if emit is not None:
+            emit(rows[0])
     rows.append(direct_check(best, base + LADDER[0][1], rounds, steps, warmup))
     return rows
 
@@ -441,8 +469,9 @@ def direct_check(best: Row, fp32_overrides: list[str], rounds: int, steps: int, 
           f"{statistics.median(reference.step_ms):.1f} ms -> {ratio:.2f}x", flush=True)  # fmt: skip
     reference_ms = round(statistics.median(reference.step_ms), 2)
     release(reference)
-    direct = {"config": f"{best.name} (direct vs fp32 eager)", "kept": True, "vs_fp32_eager": round(ratio, 3)}
-    return report(best) | direct | {"fp32_eager_step_ms": reference_ms}
+    reported = report(best)  # (its name says a failed capture)
+    direct = {"config": f"{reported['config']} (direct vs fp32 eager)", "kept": True, "vs_fp32_eager": round(ratio, 3)}
+    return reported | direct | {"fp32_eager_step_ms": reference_ms}
 
 
 def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmup: int, device_type: str) -> list[dict]:
@@ -457,8 +486,10 @@ def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmu
             except Exception as error:
                 failed.append(failed_row(name, error))
                 print(f"{name}: failed ({failed[-1]['failed']})", flush=True)
+                free_memory()
     interleave(built, rounds, steps)
-    rows = [report(row) for row in built]
+    rows, built, unreported = reported(built)
+    failed += unreported
     reference = built[0] if built and built[0].name == LADDER[0][0] else None  # fp32 eager, when it ran
     for row, b in zip(rows, built, strict=True):  # the median of per-round ratios, as the other modes give
         ratios = [r / mine for r, mine in zip(reference.step_ms, b.step_ms, strict=True)] if reference else None
@@ -476,12 +507,14 @@ def compare(base: list[str], key: str, values: list[str], rounds: int, steps: in
         except Exception as error:
             failed.append(failed_row(f"{key}={v}", error))
             print(f"{key}={v}: failed ({failed[-1]['failed']})", flush=True)
+            free_memory()
     interleave(built, rounds, steps)
-    rows = [report(row) for row in built]
+    rows, built, unreported = reported(built)
+    first = built[0] if built and built[0].name == f"{key}={values[0]}" else None  # vs_first: the first value's
     for row, b in zip(rows, built, strict=True):
-        ratios = [first / mine for first, mine in zip(built[0].step_ms, b.step_ms, strict=True)]
-        row["vs_first"] = round(statistics.median(ratios), 3)
-    return rows + failed
+        ratios = [one / mine for one, mine in zip(first.step_ms, b.step_ms, strict=True)] if first else None
+        row["vs_first"] = round(statistics.median(ratios), 3) if ratios else None
+    return rows + failed + unreported
 
 
 def short_run_accuracy(cfg, epochs: int, out_dir: str) -> dict:
@@ -603,8 +636,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"--rows: none of the rows asked for runs on a {device.type} device")
         rows = cumulative(base, wanted, args.rounds, args.steps, args.warmup, device.type)
     else:
-        rows = greedy(base, args.rounds, args.steps, args.warmup, device.type, emit=write)
-    if order != "greedy":  # (the greedy ladder's were written as they came)
+        # each row written as it comes; with --train-epochs after the ladder (its runs would share the device with
+        # the rows still held, and a failed one would read as a rung's failure)
+        rows = greedy(base, args.rounds, args.steps, args.warmup, device.type, None if args.train_epochs else write)
+    if order != "greedy" or args.train_epochs:
         for row in rows:
             write(row)
     print_table(written, stamp, order, device.type, args.train_epochs > 0)
@@ -622,7 +657,8 @@ def print_table(rows: list[dict], stamp: dict, order: str, device_type: str, acc
         f"{stamp['cpu']} (native bf16: {stamp['cpu_native_bf16']}, {stamp['cpu_threads']} threads), {order} ladder; "
         f"matrix-product ceiling {CEILING['matmul_ceiling_case']}: {CEILING['matmul_ceiling_tflops']} TFLOP/s"
     )
-    print(markdown_table(rows, columns + (["clean", "pgd20"] if accuracy else [])))
+    failed = ["failed"] if any(row.get("failed") for row in rows) else []
+    print(markdown_table(rows, columns + (["clean", "pgd20"] if accuracy else []) + failed))
 
 
 if __name__ == "__main__":

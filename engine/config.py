@@ -415,7 +415,41 @@ def from_dict(raw: Any, source: str = "config") -> TrainConfig:
 RESUME_FREE = {"train.epochs", "train.log_every", "train.description", "data.data_dir", "data.backend",
                "data.test_subset", "data.synthetic_fallback", "swa.enabled"}  # fmt: skip
 RESUME_FREE_SECTIONS = {"eval", "perf", "dist", "analysis"}  # but dist.sync_bn (each rank's statistics)
-SCHEDULE = {"optim.lr", "optim.first_epoch_lr", "optim.milestones", "optim.decay"}
+# the schedule's keys: free where the trained epochs' rates (and ARREST's replay window) stay as they were
+SCHEDULE = {"optim.lr", "optim.first_epoch_lr", "optim.milestones", "optim.decay", "method.finetune_lr",
+            "method.finetune_milestones", "method.replay_until"}  # fmt: skip
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of 1-based `epoch`: optim's schedule; ARREST's fine-tuning stage its own."""
+    m = cfg.method
+    if m.name != "arrest" or epoch <= m.pretrain_epochs:
+        return cfg.optim.lr_at(epoch)
+    return m.finetune_lr * cfg.optim.decay ** sum(epoch - m.pretrain_epochs > e for e in m.finetune_milestones)
+
+
+def in_replay_window(cfg: TrainConfig, epoch: int) -> bool:
+    """ARREST: whether 1-based `epoch` lies in the part of fine-tuning where noisy replay may fire."""
+    e, m = epoch - cfg.method.pretrain_epochs, cfg.method
+    return cfg.method.name == "arrest" and 1 <= e <= m.replay_until * (cfg.epochs - m.pretrain_epochs)
+
+
+def method_reads(method: MethodConfig) -> set[str]:
+    """The method.* keys `method` reads, its name included (AR-AT's fixed weight only without its auto-balance,
+    its symmetric form only without stop-grad)."""
+    reads = set(METHOD_KEYS.get(method.name, set())) | {"name"}
+    if method.name == "arat" and method.auto_balance:
+        reads.discard("fixed_adv_weight")
+    if method.name == "arat" and method.stop_grad:
+        reads.discard("symmetric")
+    return reads
+
+
+def raw_keys(raw: dict) -> set[str]:
+    """The keys a config as read from JSON holds, as `flat` names them."""
+    return {f"{name}.{k}" for name, value in raw.items() if isinstance(value, dict) for k in value} | {
+        f"train.{name}" for name, value in raw.items() if not isinstance(value, dict)
+    }
 
 
 def flat(cfg: TrainConfig) -> dict[str, Any]:
@@ -426,36 +460,43 @@ def flat(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def resume_change(trained: TrainConfig, now: TrainConfig, epochs_done: int) -> str | None:
+def resume_change(
+    trained: TrainConfig, now: TrainConfig, epochs_done: int, saved: set[str] | None = None
+) -> str | None:
     """What config.json (`now`) changed against the config the checkpoint's epochs trained with (`trained`) that a
     resume cannot take, said in one line; None when it may go on. Changed mid-run, the result would mix two runs
-    under the second's name (an eps, a weight, a seed, a batch size); the learning-rate schedule may change only
-    where no epoch trained yet (a decay added past the old end), the method's unread keys and SWA's start/cadence
-    before it averages anything freely."""
+    under the second's name (an eps, a weight, a seed, a batch size). Free: how and where it runs, how far, the
+    schedule where no trained epoch's rate (or ARREST replay window) moves (a decay added past the trained
+    epochs), method keys the method reads under neither config, SWA's start and cadence while neither has averaged.
+    `saved`: the keys the checkpoint's config held (an older engine's lacks newer ones: not compared)."""
     if now.epochs < epochs_done:
         return (f"config.json's train.epochs ({now.epochs}) is below the {epochs_done} epochs the run trained: raise "
                 "it, or evaluate the run as it is (`arat eval RUN`)")  # fmt: skip
     old, new = flat(trained), flat(now)
-    reads = METHOD_KEYS.get(trained.method.name, set()) | {"name"}
-    swa_averaging = trained.swa.enabled and now.swa.enabled
+    reads = method_reads(trained.method) | method_reads(now.method)
+    swa_started = min(trained.swa.start_epoch, now.swa.start_epoch) <= epochs_done
+    swa_fixed = trained.swa.enabled and now.swa.enabled and swa_started  # (averaging under either)
     for key, value in new.items():
         section, _, name = key.partition(".")
-        if key not in old or key in RESUME_FREE or key in SCHEDULE and trained.method.name != "arrest":
+        if key in RESUME_FREE or key in SCHEDULE or saved is not None and key not in saved:
             continue
         if section in RESUME_FREE_SECTIONS and key != "dist.sync_bn":
             continue
-        if section == "method" and name not in reads or section == "swa" and not swa_averaging:
+        if section == "method" and name not in reads or section == "swa" and not swa_fixed:
             continue
         was = bool(old[key]) if key == "method.init" else old[key]  # (the file it names may have moved since)
         if (bool(value) if key == "method.init" else value) != was:
             return (f"config.json's {key} ({_said(value)}) is not the checkpoint's ({_said(old[key])}): a run cannot "
                     "change what it trains part-way; restore it, or start a new run with it")  # fmt: skip
-    if trained.method.name != "arrest":  # ARREST's stages: its schedule keys are compared above
-        changed = [e for e in range(1, epochs_done + 1) if trained.optim.lr_at(e) != now.optim.lr_at(e)]
-        if changed:
-            return (f"config.json's learning-rate schedule changes epoch {changed[0]}'s rate "
-                    f"({trained.optim.lr_at(changed[0]):g} -> {now.optim.lr_at(changed[0]):g}), which the run "
-                    "trained already: change it only past the trained epochs, or start a new run")  # fmt: skip
+    for e in range(1, epochs_done + 1):  # the schedule's keys, by what they did
+        if lr_at(trained, e) != lr_at(now, e):
+            return (f"config.json's learning-rate schedule changes epoch {e}'s rate ({lr_at(trained, e):g} -> "
+                    f"{lr_at(now, e):g}), which the run trained already: change it only past the trained epochs, "
+                    "or start a new run")  # fmt: skip
+        if in_replay_window(trained, e) != in_replay_window(now, e):
+            return (f"config.json moves ARREST's noisy-replay window over epoch {e}, which the run trained already "
+                    "(method.replay_until x the fine-tuning epochs): restore train.epochs and "
+                    "method.replay_until, or start a new run")  # fmt: skip
     return None
 
 

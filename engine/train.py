@@ -21,6 +21,7 @@ from .config import (
     check_trainable,
     from_dict,
     ignored_keys_notice,
+    raw_keys,
     resume_change,
     schedule_notice,
 )
@@ -78,7 +79,11 @@ class Run:
         self.epoch, self.step = state["epoch"], state["step"]
         if state.get("config"):  # config.json edited since: what the run trains stays (dist.sync_bn too: turned
             # on, each rank's own running means would be the shifts of one sum, which must be equal)
-            change = resume_change(from_dict(state["config"], "the checkpoint's config"), self.cfg, state["epoch"])
+            try:
+                trained = from_dict(state["config"], "the checkpoint's config")
+            except ConfigError:  # an older engine's config that today's checks refuse: nothing to compare with
+                trained = None
+            change = trained and resume_change(trained, self.cfg, state["epoch"], raw_keys(state["config"]))
             if change:
                 raise RunDirError(change)
         parts = [(self.nets.raw, "model"), (self.method, "method"), (self.optimizer, "optimizer"), (self.swa, "swa")]
@@ -552,6 +557,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
                 "network (the chunks it finished are kept)")  # fmt: skip
             model = copy.deepcopy(run.nets.raw)
             model.load_state_dict(final["model"])
+            set_sync_bn(model, False)  # as final_model's: the evaluation's ranks take unequal chunks
             evaluate_and_record(run, rundir, model, say)
             return
         say(f"{rundir.path} finished its {cfg.epochs} epochs already: nothing to train (`arat eval {rundir.path}` "

@@ -764,3 +764,52 @@ def test_a_loader_backend_that_cannot_run_here_leaves_a_row_saying_so(tmp_path, 
     loaders.main(["--backends", "dali", "--quick", "--data-dir", str(cifar_dir), "--device", "cpu", "--out", str(out)])
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["backend"] == "dali" and row["skipped"] and row["cpu"]
+
+
+def test_the_base_row_is_reported_when_rungs_fail(monkeypatch):
+    """The base row (fp32 eager) was written with the first rung that ran: after a first rung that failed, never;
+    with every rung failed, neither (the branch for it could not run)."""
+    stand_in, _ = stand_in_ladder(monkeypatch, lambda overrides: 100.0 * 0.9 ** len(overrides))
+    build = stand_in.build_row
+    failing = {"+bf16 autocast"}
+
+    def build_row(name, cfg, warmup):
+        if name in failing:
+            raise RuntimeError("refused")
+        return build(name, cfg, warmup)
+
+    monkeypatch.setattr(stand_in, "build_row", build_row)
+    names = [r["config"] for r in stand_in.greedy([], rounds=1, steps=1, warmup=1, device_type="cpu")]
+    assert names[:2] == ["+bf16 autocast", "fp32 eager"] and names.count("fp32 eager") == 1
+    failing.update(name for name, _ in STAND_IN_LADDER[1:])
+    emitted = []
+    rows = stand_in.greedy([], rounds=1, steps=1, warmup=1, device_type="cpu", emit=emitted.append)
+    assert rows[0]["config"] == "fp32 eager" and rows[0]["kept"] and all(r.get("failed") for r in rows[1:-1])
+    assert sorted(r["config"] for r in emitted) == sorted(r["config"] for r in rows)  # each written once
+
+
+def test_the_direct_row_keeps_a_failed_capture_s_name(monkeypatch):
+    """direct_check's name replaced the report's, dropping "(capture failed: ...)"."""
+    import types
+
+    import train_step as ts
+
+    best = types.SimpleNamespace(
+        name="+CUDA graphs", step_ms=[], attack_ms=[], timed=types.SimpleNamespace(clear=lambda: None)
+    )
+    reference = types.SimpleNamespace(name="fp32 eager", step_ms=[], attack_ms=[])
+    monkeypatch.setattr(ts, "build_row", lambda name, cfg, warmup: reference)
+    monkeypatch.setattr(ts, "apply_overrides", lambda cfg, overrides: None)
+    monkeypatch.setattr(ts, "get_recipe", lambda name: None)
+    monkeypatch.setattr(ts, "release", lambda row: None)
+
+    def interleave(rows, rounds, steps):
+        for row, ms in zip(rows, (20.0, 10.0), strict=True):
+            row.step_ms.append(ms)
+
+    monkeypatch.setattr(ts, "interleave", interleave)
+    monkeypatch.setattr(ts, "report", lambda row: {"config": row.name + " (capture failed: attacks ran eagerly)",
+                                                  "captured": False})  # fmt: skip
+    row = ts.direct_check(best, [], rounds=1, steps=1, warmup=1)
+    assert row["config"] == "+CUDA graphs (capture failed: attacks ran eagerly) (direct vs fp32 eager)"
+    assert row["captured"] is False and row["vs_fp32_eager"] == 2.0

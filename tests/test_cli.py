@@ -901,23 +901,37 @@ def test_a_resume_takes_what_does_not_change_the_trained_epochs(trained_two_epoc
 
 def test_resume_change_names_the_first_key_a_resume_cannot_take():
     """Between single-BN methods nothing else fails to load: AT resumed as TRADES trained on as TRADES (its table
-    row then said TRADES). ARREST's stage keys and its whole schedule are what it trains; SWA's start and cadence
-    once it averages; a method key the method reads."""
+    row then said TRADES). ARREST: its stage length is what it trains, its schedule and replay window by what they
+    did to the trained epochs; SWA's start and cadence once it averages; a method key the method reads."""
     from engine.config import apply_overrides, resume_change
     from engine.recipes import get_recipe
 
-    at = apply_overrides(get_recipe("smoke"), ["method.name=at", "model.split_bn=false"])
-    trades = apply_overrides(at, ["method.name=trades"])
-    assert "method.name (trades) is not the checkpoint's (at)" in resume_change(at, trades, 1)
-    assert resume_change(at, apply_overrides(at, ["method.beta=3", "train.epochs=5"]), 1) is None  # AT reads no beta
-    arrest = apply_overrides(get_recipe("smoke"), ["method.name=arrest", "method.pretrain_epochs=1"])
-    assert "method.pretrain_epochs (2)" in resume_change(
-        arrest, apply_overrides(arrest, ["method.pretrain_epochs=2"]), 2
-    )
-    assert "optim.milestones" in resume_change(arrest, apply_overrides(arrest, ["optim.milestones=5"]), 1)
-    swa = apply_overrides(get_recipe("smoke"), ["swa.enabled=true", "swa.start_epoch=1", "swa.every=2"])
-    assert "swa.start_epoch (2)" in resume_change(swa, apply_overrides(swa, ["swa.start_epoch=2"]), 1)
-    off = apply_overrides(get_recipe("smoke"), [])  # turned on in config.json: averages from the resume on
-    assert resume_change(off, apply_overrides(off, ["swa.enabled=true", "swa.start_epoch=1", "swa.every=2"]), 1) is None
-    assert "dist.sync_bn (true)" in resume_change(off, apply_overrides(off, ["dist.sync_bn=true"]), 1)
-    assert resume_change(off, apply_overrides(off, ["dist.timeout_min=5", "perf.dtype=fp32"]), 1) is None
+    def after(cfg, *sets):
+        return apply_overrides(cfg, list(sets))
+
+    at = after(get_recipe("smoke"), "method.name=at", "model.split_bn=false")
+    assert "method.name (trades) is not the checkpoint's (at)" in resume_change(at, after(at, "method.name=trades"), 1)
+    assert resume_change(at, after(at, "method.beta=3", "train.epochs=5"), 1) is None  # AT reads no beta
+    arat = get_recipe("smoke")  # auto-balance on: its fixed weight unread
+    assert resume_change(arat, after(arat, "method.fixed_adv_weight=0.9"), 1) is None
+    assert "method.auto_balance (false)" in resume_change(arat, after(arat, "method.auto_balance=false"), 1)
+    arrest = after(get_recipe("smoke"), "method.name=arrest", "method.pretrain_epochs=4", "train.epochs=8",
+                   "method.replay_until=0.5", "optim.milestones=3")  # fmt: skip
+    assert "method.pretrain_epochs (5)" in resume_change(arrest, after(arrest, "method.pretrain_epochs=5"), 2)
+    assert resume_change(arrest, after(arrest, "optim.milestones=3,4", "method.finetune_milestones=1"), 3) is None
+    assert "changes epoch 4's rate" in resume_change(arrest, after(arrest, "optim.milestones=4"), 4)
+    assert "changes epoch 5's rate" in resume_change(arrest, after(arrest, "method.finetune_lr=0.5"), 5)
+    # fine-tuning epochs 5-8, replay over its first 2; 12 epochs: its first 4 (epochs 7 and 8 already trained)
+    assert "noisy-replay window over epoch 7" in resume_change(arrest, after(arrest, "train.epochs=12"), 8)
+    assert resume_change(arrest, after(arrest, "train.epochs=12"), 6) is None
+    swa = after(get_recipe("smoke"), "swa.enabled=true", "swa.start_epoch=1", "swa.every=2")
+    assert "swa.start_epoch (2)" in resume_change(swa, after(swa, "swa.start_epoch=2"), 1)
+    late = after(swa, "swa.start_epoch=76", "train.epochs=100")  # nothing averaged yet at epoch 10
+    assert resume_change(late, after(late, "swa.start_epoch=60", "swa.every=7"), 10) is None
+    assert "swa.start_epoch (5)" in resume_change(late, after(late, "swa.start_epoch=5"), 10)
+    off = get_recipe("smoke")  # turned on in config.json: averages from the resume on
+    assert resume_change(off, after(off, "swa.enabled=true", "swa.start_epoch=1", "swa.every=2"), 1) is None
+    assert "dist.sync_bn (true)" in resume_change(off, after(off, "dist.sync_bn=true"), 1)
+    assert resume_change(off, after(off, "dist.timeout_min=5", "perf.dtype=fp32"), 1) is None
+    # a key an older engine's checkpoint did not hold is not compared (its default may have changed since)
+    assert resume_change(off, after(off, "attack.official_quirk=true"), 1, saved={"attack.eps"}) is None

@@ -265,7 +265,8 @@ def test_cli_init_fine_tunes_a_standard_run(tiny_cfg, tmp_path, capsys):
     args = [f"--set={s}" for s in [*small, "train.epochs=1"]]
     assert main(["train", "--recipe", "std-resnet18-cifar10", "--out", str(tmp_path / "std"), *args]) == 0
     init = ["--init", str(tmp_path / "std")]
-    code = main(["train", "--recipe", "arrest-resnet18-cifar10", *init, "--out", str(tmp_path / "ft"), *args])
+    replay = ["--set", "method.replay_until=1"]  # epoch 1 replays under 1 and 2 epochs alike: the resume trains on
+    code = main(["train", "--recipe", "arrest-resnet18-cifar10", *init, "--out", str(tmp_path / "ft"), *args, *replay])
     assert code == 0, capsys.readouterr().err
     std = torch.load(tmp_path / "std" / "checkpoints" / "final.pt")["model"]
     ft = torch.load(tmp_path / "ft" / "checkpoints" / "final.pt")

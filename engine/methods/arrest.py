@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import mode, pgd, random_start
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, in_replay_window, lr_at
 from ..distributed import average_bn_statistics, group_info, mean_over_ranks_of
 from ..models import build_model, export_state_dict, load_plain, read_weights
 from .base import Method, Nets, StepOutput, correct, freeze
@@ -110,10 +110,7 @@ class ARREST(Method):
         self.teacher_ready.fill_(True)
 
     def lr_at(self, epoch: int) -> float:
-        if epoch <= self.pretrain_epochs:
-            return self.cfg.optim.lr_at(epoch)
-        e, m = epoch - self.pretrain_epochs, self.cfg.method
-        return m.finetune_lr * self.cfg.optim.decay ** sum(e > milestone for milestone in m.finetune_milestones)
+        return lr_at(self.cfg, epoch)  # (a resume compares it under the checkpoint's config: engine.config)
 
     def epoch_cost(self, epoch: int) -> float:
         """Forward units F per image (a backward ~2F): standard training 3F; fine-tuning 2F per attack step, the
@@ -135,8 +132,7 @@ class ARREST(Method):
 
     def replay_window(self) -> bool:
         """Whether the current epoch lies in the part of fine-tuning where noisy replay may fire."""
-        e = self.epoch - self.pretrain_epochs
-        return 1 <= e <= self.cfg.method.replay_until * self.finetune_epochs
+        return in_replay_window(self.cfg, self.epoch)
 
     def step(self, nets: Nets, x: torch.Tensor, y: torch.Tensor, autocast) -> StepOutput:
         if self.epoch <= self.pretrain_epochs:

@@ -456,8 +456,8 @@ def test_ranks_building_their_loaders_at_once_write_each_beton_once(tmp_path, mo
     """torchrun's ranks build their FFCV loaders together: each wrote the same beton (N writers, N temporary
     copies). One writes, the others wait for it and find the file written."""
     need("ffcv")
+    import threading
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     from engine.data import ffcv_backend
 
@@ -471,9 +471,20 @@ def test_ranks_building_their_loaders_at_once_write_each_beton_once(tmp_path, mo
 
     monkeypatch.setattr(ffcv_backend, "_run_writer", writer)
     small, path = ArraySplit(TEST.images[:64], TEST.labels[:64]), tmp_path / "small.beton"
-    with ThreadPoolExecutor(3) as pool:  # each writer's result (or its error) read back
-        written = [f.result(timeout=60) for f in [pool.submit(ffcv_backend.write_beton, small, path) for _ in range(3)]]
-    assert written == [path] * 3 and len(writes) == 1 and path.read_bytes() == b"beton"
+    results = []  # each writer's result or its error, read back; daemon threads: a hung writer fails, not hangs
+
+    def write() -> None:
+        try:
+            results.append(ffcv_backend.write_beton(small, path))
+        except Exception as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=write, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [path] * 3 and len(writes) == 1 and path.read_bytes() == b"beton"
     # a folder that takes no file locks (NFS without lockd): written without one, as before the lock
     import errno
 
