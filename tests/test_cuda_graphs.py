@@ -439,3 +439,25 @@ def test_the_evaluation_ending_a_run_starts_without_training_state(tiny_cfg, tmp
         graphs.set_attack_graphs(None)
     assert seen["grads"] == [] and seen["state"] == 0 and seen["final"] and seen["graphs"] == 0
     assert seen["run"].perf.attack_graphs.captures == 1  # training did capture
+
+
+def test_a_capture_left_open_by_a_failed_abandon_still_falls_back_eagerly(monkeypatch):
+    """The fallback emptied the allocator's cache unconditionally: with a capture the abandon failed to end still
+    open, empty_cache raises there, and the eager fallback was lost with it."""
+    emptied = []
+
+    def empty_cache():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    model = net()
+    captured = graphs.AttackGraphs(Rerun(model, fail=True), warmup=1)
+    out = attacks(model, batches(3), AttackConfig(num_steps=1), captured, bn="adv", train=True)
+    assert len(out) == 3 and captured.broken and captured.stats()["eager_calls"] >= 1 and not emptied
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # closed: emptied as before
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    again = graphs.AttackGraphs(Rerun(model, fail=True), warmup=1)
+    attacks(model, batches(3), AttackConfig(num_steps=1), again, bn="adv", train=True)
+    assert emptied == [True]

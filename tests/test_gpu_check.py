@@ -837,3 +837,29 @@ def test_every_method_case_builds_and_arrest_fine_tunes_from_an_init(tmp_path):
     row = run_case(record, name, recipe, overrides)
     assert row["ok"] and row["finite_loss"], row
     assert sorted(p.name for p in tmp_path.iterdir()) == ["methods.json"]  # no init file among the outputs
+
+
+def test_a_profiler_that_fails_keeps_the_row_s_timing(tmp_path, monkeypatch):
+    """The profiler had never run over CUDA-graph replays: raising, it lost the measured row with it (the stage's
+    headline figure, `b128_cuda_graphs`, and real_run's plan from it). The row stands, with the profiler's error."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck import steps
+    from gpucheck.record import StageRecord
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    monkeypatch.setattr(steps, "profile_row", broken)
+    record = StageRecord("step_eager", tmp_path / "se.json", 60, smoke=True)
+    batch, row, cudnn, _ = steps.SMOKE_ROWS[0]
+    result = steps.step_row(record, batch, row, cudnn, profile=True)
+    assert result["step_ms"] > 0 and result["finite_loss"] and "CUPTI_ERROR_NOT_INITIALIZED" in result["profile_error"]
+
+
+def test_a_pgd20_gap_fails_only_when_its_flips_are_one_sided():
+    """Compiled against eager: borderline images round either way; a gap is an attack's bias only when the flips
+    lean one way beyond chance (three standard deviations of fair coin flips)."""
+    from gpucheck.evaluation import biased
+
+    assert biased(30, 10) and not biased(28, 12)  # 40 flips: beyond 3 x sqrt(40) = 19.0 net
+    assert biased(40, 0) and biased(0, 10) and not biased(12, 8) and not biased(0, 0) and not biased(0, 9)

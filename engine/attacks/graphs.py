@@ -213,8 +213,12 @@ class AttackGraphs:
                 failed = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if failed is not None:  # outside the except block: the error, its traceback and the failed capture's
                 log.warning("CUDA graph capture of an attack failed (%s); attacks run eagerly from now on", failed)
-                gc.collect()  # tensors are gone before the eager attack needs their memory (an out-of-memory
-                torch.cuda.empty_cache()  # capture's fallback ran short of just that); a no-op without CUDA
+                # the failed capture's tensors are freed before the eager attack needs their memory (an
+                # out-of-memory capture's fallback ran short of just that); not while a capture the abandon failed
+                # to end is still open (empty_cache would raise there and lose the fallback)
+                gc.collect()
+                if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+                    torch.cuda.empty_cache()
                 self.eager_calls += 1
                 return self.capture_backend.warm(lambda: call(x, y, target_probs))
             self.captures += 1

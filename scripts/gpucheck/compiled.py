@@ -50,7 +50,7 @@ from .common import (
     smoke_compile,
     sync,
 )
-from .record import BUDGET_SKIP, SMOKE_SKIP, StageFailed, StageRecord, error_line, guarded
+from .record import BUDGET_SKIP, SMOKE_SKIP, StageFailed, StageRecord, error_line, guarded, profile_or_error
 
 COMPILED = ["perf.compile=true", "perf.kernels=on"]
 WARMUP, STEPS, SMOKE_STEPS = 2, 20, 2
@@ -294,7 +294,8 @@ def _extra_case(record: StageRecord, name: str) -> dict[str, Any]:
     profile: dict[str, Any] = {}
     if name == "defaults":  # what `arat train` runs (compiled, attack captured): is its GPU busy, and with what
         title = f"defaults (compiled, attack captured), B={len(y)}"
-        profile = profile_steps(step, 2, run.perf.device, record.side_file("profile_compiled.txt"), title, step_ms)
+        out_file = record.side_file("profile_compiled.txt")
+        profile = profile_or_error(profile_steps, step, 2, run.perf.device, out_file, title, step_ms)
     skips = [line.strip()[-300:] for line in torch_log_lines(record) if "skipping cudagraphs" in line]
     made = dynamo_counts()
     return record.row(profile | {

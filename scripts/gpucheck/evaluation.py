@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 import traceback
@@ -207,9 +208,17 @@ def compiled_aa_row(record: StageRecord, model, split, cfg, dev, figures: dict[s
     return record.row({"case": "compiled AA projection", **projection})
 
 
+def biased(one: int, other: int) -> bool:
+    """Images that flipped one way against the other: beyond three standard deviations of fair coin flips (each
+    borderline image rounding either way), a weaker or stronger attack, not rounding (on 2,000 images of a 1-epoch
+    network, a 1-point gap can come from chance alone)."""
+    return abs(one - other) > 3 * math.sqrt(max(one + other, 1))
+
+
 def judge_compiled(record: StageRecord, eager: dict[str, Any], compiled: dict[str, Any]) -> None:
     """Compiled against eager: clean's flags agree on >= AGREEMENT of the images; PGD-20's accuracy within
-    PGD20_POINTS (its agreement below AGREEMENT is flagged, not failed)."""
+    PGD20_POINTS unless the flips are one-sided beyond chance (a gap within chance, and its agreement below
+    AGREEMENT, are flagged, not failed)."""
     agree = agreement(eager, compiled, eager["images"])
     record.figure("agreement", agree)
     record.figure("images_per_s", {
@@ -229,8 +238,15 @@ def judge_compiled(record: StageRecord, eager: dict[str, Any], compiled: dict[st
     failed = []
     if agree["clean"] < AGREEMENT:
         failed.append(f"compiled clean flags agree with eager on {agree['clean']} of the images (< {AGREEMENT})")
-    if gap > PGD20_POINTS:
-        failed.append(f"compiled PGD-20 accuracy {gap} from eager's (> {PGD20_POINTS})")
+    a, b = (unpack(row["flags"]["pgd20"], eager["images"]) for row in (eager, compiled))
+    only_compiled, only_eager = int((b & ~a).sum()), int((a & ~b).sum())  # robust under one attack alone
+    record.figure("pgd20_flips", {"robust_only_compiled": only_compiled, "robust_only_eager": only_eager})
+    if gap > PGD20_POINTS and biased(only_compiled, only_eager):
+        failed.append(f"compiled PGD-20 accuracy {gap} from eager's (> {PGD20_POINTS}), one-sided: "
+                      f"{only_compiled} images robust only compiled, {only_eager} only eager")  # fmt: skip
+    elif gap > PGD20_POINTS:
+        record.figure("pgd20_gap_flag", f"PGD-20 accuracy gap {gap} (> {PGD20_POINTS}), within the borderline "
+                      f"images' chance ({only_compiled} vs {only_eager} flipped)")  # fmt: skip
     if failed:
         record.fail("; ".join(failed))
 

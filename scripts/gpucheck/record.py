@@ -174,6 +174,15 @@ def guarded(record: StageRecord, name: str, fn, *args, **kwargs) -> dict[str, An
         return row
 
 
+def profile_or_error(fn, *args, **kwargs) -> dict[str, Any]:
+    """A measured row's profile (fn's figures), or {"profile_error": ...} where the profiler raised: the row's timing
+    stands (a profiler over CUDA-graph replays had never run; its failure lost the headline row with it)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the figures measured before it are the row's
+        return {"profile_error": error_line(exc)}
+
+
 def read_commit(repo: str | Path) -> tuple[str | None, bool | None]:
     """(commit, dirty) from `.gpucheck/commit.txt` where every file still matches the sums written with it (the
     prepare step's stamp: the tree is the stamped one, whatever a copied .git says; the H200 copy of 2026-12-04 held a

@@ -18,7 +18,7 @@ from train_step import LADDER
 from engine.train import build_run, train_step
 
 from .common import DEFAULT_ROW, capture_problem, first_batch, ladder_config, measure_steps, profile_steps
-from .record import BUDGET_SKIP, StageFailed, StageRecord, guarded
+from .record import BUDGET_SKIP, StageFailed, StageRecord, guarded, profile_or_error
 
 CUDNN_OFF, CUDNN_ON = "perf.cudnn_benchmark=off", "perf.cudnn_benchmark=on"
 # (batch, ladder row, cudnn.benchmark, profile)
@@ -60,7 +60,7 @@ def step_row(record: StageRecord, batch: int, row: int, cudnn: bool, profile: bo
         warmup = max(warmup, run.perf.attack_graphs.warmup + 1)
     result = {"row": row, "config": name, "cudnn_benchmark": cudnn, **measure_steps(run, record, warmup, steps)}
     if profile:
-        result |= profile_row(run, f"{name}, B={result['batch_size']}", record, result["step_ms"])
+        result |= profile_or_error(profile_row, run, f"{name}, B={result['batch_size']}", record, result["step_ms"])
     return result
 
 
