@@ -319,6 +319,8 @@ def cmd_eval(args) -> None:
     info = distributed.init(DistConfig(timeout_min=cfg.dist.timeout_min), device.type)
     device = distributed.local_device(info, device)
     make_current(device)
+    if note := distributed.idle_gpus_note(info, device):
+        print(f"arat eval: note: {note}", file=sys.stderr)
     seed = cfg.seed if args.seed is None else args.seed
     graphs = cfg.perf.cuda_graphs if device.type == "cuda" else "auto"  # a GPU run's `on` must not stop a CPU eval
     perf_cfg = dataclasses.replace(cfg.perf, device=str(device), compile=args.compile or cfg.perf.compile,

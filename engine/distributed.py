@@ -63,6 +63,15 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + rank * 2**40
 
 
+def idle_gpus_note(info: DistInfo, device: torch.device) -> str | None:
+    """One process on a machine whose other GPUs it leaves idle (no torchrun): what to run instead."""
+    count = torch.cuda.device_count() if device.type == "cuda" and not info.enabled else 0
+    if count < 2:
+        return None
+    return (f"{count} GPUs visible, this process uses one ({device}): `torchrun --nproc_per_node {count} -m "
+            "engine.cli ...` shares the work among them")  # fmt: skip
+
+
 def gpu_identity(index: int) -> str:
     """This machine's name and the GPU's UUID (the same GPU seen by two processes reads the same)."""
     props = torch.cuda.get_device_properties(index)

@@ -184,7 +184,12 @@ def _pgd_flags(classifier, attacker, x, y, batch_size: int, seed: int) -> torch.
     return torch.cat(flags)
 
 
-def chunk_for_memory(bytes_per_image: float, total_bytes: int, share: float = 0.5, margin: float = 3.0) -> int:
+MEMORY_SHARE, MEMORY_MARGIN = 0.5, 3.0  # chunk_for_memory's rule
+
+
+def chunk_for_memory(
+    bytes_per_image: float, total_bytes: int, share: float = MEMORY_SHARE, margin: float = MEMORY_MARGIN
+) -> int:
     """The largest of CHUNK_CHOICES whose attack needs at most `share` of the device's memory, counting `margin`
     times an input-gradient pass's peak per image (AutoAttack keeps a few more image-sized buffers, and the
     allocator rounds up). Depends on the network and the device's total memory only, not on what is free now."""
@@ -218,7 +223,10 @@ def resolve_chunk_size(cfg: EvalConfig, model: nn.Module, image_shape, device: t
     per_image = attack_bytes_per_image(model, tuple(image_shape), device)
     total = torch.cuda.get_device_properties(device).total_memory
     size = chunk_for_memory(per_image, total)
-    return size, f"auto: {per_image / 2**20:.1f} MiB per image (input-gradient pass), {total / 2**30:.0f} GiB device"
+    why = f"auto: {per_image / 2**20:.1f} MiB per image (input-gradient pass), {total / 2**30:.0f} GiB device"
+    if MEMORY_MARGIN * per_image * size > MEMORY_SHARE * total:  # the rule, which its smallest choice breaks here
+        why += f"; {size} is the smallest chunk, above the rule's half of the memory: lower eval.chunk_size if it fails"
+    return size, why
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -35,7 +35,10 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            check_built_for(device)
+        return device
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -46,7 +49,29 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"perf.device={name} but this process sees {torch.cuda.device_count()} GPU(s): "
                           f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
+    if device.type == "cuda":
+        check_built_for(device)
     return device
+
+
+def check_built_for(device: torch.device) -> None:
+    """Refuse a GPU this torch build has no code for (a CUDA 13 wheel on a V100: sm_70 was dropped), in one line,
+    before its first kernel fails with CUDA's "no kernel image is available"."""
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+        built = torch.cuda.get_arch_list()  # e.g. ["sm_75", "sm_80", ..., "compute_120"]
+    except (RuntimeError, AssertionError):  # no driver to ask (a stand-in CUDA): nothing to refuse here
+        return
+    numbers = [(kind, int(n)) for kind, _, n in (a.partition("_") for a in built) if n.isdigit()]
+    arch = 10 * major + minor
+    # a cubin runs on its major version at the same or a later minor; PTX is compiled for any later GPU
+    runs = any(n <= arch and (kind == "compute" or kind == "sm" and n // 10 == major) for kind, n in numbers)
+    if numbers and not runs:
+        raise ConfigError(
+            f"this torch ({torch.__version__}, CUDA {torch.version.cuda}) has no code for this GPU "
+            f"({torch.cuda.get_device_name(device)}, sm_{arch}; built for {' '.join(built)}): install a torch wheel "
+            "built for it (e.g. an older CUDA's), or use the CPU (--set perf.device=cpu)"
+        )
 
 
 def make_current(device: torch.device) -> None:
@@ -81,6 +106,8 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
         dtype = DTYPES[name]
         if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
             return dtype, "set; WARNING: this CPU emulates bf16 (10-15x slower than fp32): use perf.dtype=auto"
+        if dtype == torch.bfloat16 and device.type == "cuda" and not cuda_has_native_bf16(device):
+            return dtype, "set; WARNING: this GPU emulates bf16 (no bf16 tensor cores): use perf.dtype=auto (fp16)"
         return dtype, "set"
     if device.type == "cuda":
         if cuda_has_native_bf16(device):
@@ -399,10 +426,15 @@ def set_deterministic(on: bool) -> None:
 
 @functools.cache
 def peak_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak for known GPUs (for achieved-TFLOP/s ratios in benchmarks)."""
-    # the first key found in the name: the PCIe and NVL H100s (lower clocks and power) before the SXM one
-    table = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
-    return next((v for k, v in table.items() if k in device_name), None)
+    """Dense bf16 peak for known GPUs (for achieved-TFLOP/s ratios in benchmarks); None for any other, and for a
+    MIG slice (a fraction of the whole GPU's peak)."""
+    if " MIG " in f" {device_name} ":
+        return None
+    # the first key found in the name: the PCIe and NVL H100s (lower clocks and power) before the SXM one; whole
+    # words (an "RTX A1000" is not an A100)
+    table = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
+    words = f" {device_name.replace('-', ' ')} "
+    return next((v for k, v in table.items() if f" {k} " in words), None)
 
 
 def forward_flops(model: nn.Module, x: torch.Tensor) -> float:

@@ -422,6 +422,7 @@ def start_line(run: Run) -> str:
         f"split_bn={cfg.model.split_bn} data={dataset}/{cfg.data.backend} ({run.train_loader.num_images} train "
         f"images) {run.perf.summary()} world_size={run.dist.world_size}"
         + (" sync_bn (BN statistics over every rank's batch)" if cfg.dist.sync_bn and run.dist.enabled else "")
+        + (f"\nnote: {note}" if (note := distributed.idle_gpus_note(run.dist, run.perf.device)) else "")
     )
 
 

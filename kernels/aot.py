@@ -52,7 +52,9 @@ def compile_spec(spec: dict, arch: int, float_scalars: str = "fp32") -> dict:
         "local_bytes": usage["LOCAL"],
         "stack_bytes": usage["STACK"],
         **_ptxas_spills(compiled.asm["ptx"], arch),
-        "nan_dropping_minmax": len(NAN_DROPPING_MINMAX.findall(compiled.asm["ptx"])),
+        # before sm_80 PTX has no max.NaN: Triton keeps NaN with a plain max and setp.nan + selp, which the pattern
+        # would count (None: not read there)
+        "nan_dropping_minmax": len(NAN_DROPPING_MINMAX.findall(compiled.asm["ptx"])) if arch >= 80 else None,
         "values": spec.get("values", {}),
     }
 

@@ -863,3 +863,15 @@ def test_a_pgd20_gap_fails_only_when_its_flips_are_one_sided():
 
     assert biased(30, 10) and not biased(28, 12)  # 40 flips: beyond 3 x sqrt(40) = 19.0 net
     assert biased(40, 0) and biased(0, 10) and not biased(12, 8) and not biased(0, 0) and not biased(0, 9)
+
+
+def test_ceilings_expected_only_for_the_gpus_measured():
+    """An A100, a 4090 or a MIG slice was held to the H200's 4.3 TB/s and 790 TFLOP/s: always flagged "throttled"."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck.env import EXPECTED, expected_ceilings
+
+    assert (
+        expected_ceilings("NVIDIA H200") == EXPECTED and expected_ceilings("NVIDIA H100 80GB HBM3")["copy_tb_s"] == 3.0
+    )
+    for name in ("NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090", "NVIDIA H100 80GB HBM3 MIG 1g.10gb", ""):
+        assert expected_ceilings(name) is None, name

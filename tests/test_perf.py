@@ -322,6 +322,80 @@ def test_datasheet_peaks_tell_the_h100_models_apart():
     names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB"]
     assert [peak_tflops(n) for n in names] == [989.0, 756.0, 835.0, 989.0, 312.0]
     assert peak_tflops("NVIDIA GeForce RTX 4090") is None
+    # a MIG slice is a fraction of its GPU; an RTX A1000 is no A100; a GH200 is an H200's peak
+    for name in (
+        "NVIDIA A100-SXM4-40GB MIG 1g.5gb",
+        "NVIDIA H100 80GB HBM3 MIG 1g.10gb",
+        "NVIDIA RTX A1000 6GB Laptop GPU",
+    ):
+        assert peak_tflops(name) is None, name
+    assert peak_tflops("NVIDIA A100 80GB PCIe") == 312.0 and peak_tflops("NVIDIA GH200 480GB") == 989.0
+
+
+@pytest.mark.parametrize(
+    "capability, built, runs",
+    [
+        ((7, 0), ["sm_75", "sm_80", "sm_90", "compute_90"], False),  # a V100 under a CUDA 13 wheel
+        ((8, 6), ["sm_80", "sm_90"], True),  # sm_80's code runs on an sm_86
+        ((9, 0), ["sm_80", "compute_80"], True),  # PTX, compiled for the newer GPU
+        ((12, 0), ["sm_80", "sm_90"], False),
+        ((9, 0), [], True),  # a build that does not say
+    ],
+)
+def test_a_gpu_the_torch_build_has_no_code_for_is_refused_in_one_line(monkeypatch, capability, built, runs):
+    """A V100 with a CUDA 13 wheel failed at its first kernel with CUDA's "no kernel image is available"."""
+    from engine.config import ConfigError
+    from engine.perf import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: built)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Tesla V100-SXM2-16GB")
+    if runs:
+        assert resolve_device("cuda") == torch.device("cuda")
+    else:
+        with pytest.raises(ConfigError, match=f"has no code for this GPU .*sm_{10 * capability[0] + capability[1]}"):
+            resolve_device("auto")
+
+
+def test_bf16_set_on_a_gpu_without_it_is_said_and_idle_gpus_are_named(monkeypatch):
+    """perf.dtype=bf16 on a T4 or V100 (emulated) warned on a CPU only; one process on a machine with several GPUs
+    used one of them in silence."""
+    from engine import distributed, perf
+    from engine.distributed import DistInfo
+
+    monkeypatch.setattr(perf, "cuda_has_native_bf16", lambda device: False)
+    dtype, why = perf.resolve_dtype("bf16", torch.device("cuda"))
+    assert dtype == torch.bfloat16 and "WARNING: this GPU emulates bf16" in why
+    assert perf.resolve_dtype("auto", torch.device("cuda"))[0] == torch.float16
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    note = distributed.idle_gpus_note(DistInfo(), torch.device("cuda"))
+    assert note and "4 GPUs visible" in note and "torchrun --nproc_per_node 4" in note
+    assert distributed.idle_gpus_note(DistInfo(rank=0, world_size=4), torch.device("cuda", 0)) is None
+    assert distributed.idle_gpus_note(DistInfo(), torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.idle_gpus_note(DistInfo(), torch.device("cuda")) is None
+
+
+def test_a_chunk_below_the_memory_rule_says_so(monkeypatch):
+    """On an 8 GB GPU a WRN-34-10's smallest chunk breaks the rule (3x its input-gradient peak within half the
+    memory): the recorded reason said nothing of it."""
+    import types
+
+    from engine import evaluate
+    from engine.config import EvalConfig
+
+    monkeypatch.setattr(evaluate, "attack_bytes_per_image", lambda *a: 40 * 2**20)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=8 * 2**30)
+    )
+    size, why = evaluate.resolve_chunk_size(EvalConfig(), None, (3, 32, 32), torch.device("cuda"))
+    assert size == evaluate.CHUNK_CHOICES[-1] and "smallest chunk, above the rule" in why
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * 2**30)
+    )
+    assert "smallest" not in evaluate.resolve_chunk_size(EvalConfig(), None, (3, 32, 32), torch.device("cuda"))[1]
 
 
 @pytest.mark.parametrize(
