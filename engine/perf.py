@@ -106,6 +106,8 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
         dtype = DTYPES[name]
         if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
             return dtype, "set; WARNING: this CPU emulates bf16 (10-15x slower than fp32): use perf.dtype=auto"
+        if dtype == torch.float16 and device.type == "cpu":
+            return dtype, "set; WARNING: CPUs compute fp16 autocast slowly (~9x fp32 measured): use perf.dtype=auto"
         if dtype == torch.bfloat16 and device.type == "cuda" and not cuda_has_native_bf16(device):
             return dtype, "set; WARNING: this GPU emulates bf16 (no bf16 tensor cores): use perf.dtype=auto (fp16)"
         return dtype, "set"

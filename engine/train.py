@@ -138,7 +138,7 @@ def brief_load_error(error: Exception) -> str:
 
 def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     o = cfg.optim
-    return torch.optim.SGD(
+    optimizer = torch.optim.SGD(
         params,
         lr=o.lr_at(1),
         momentum=o.momentum,
@@ -147,6 +147,19 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opt
         fused=device.type == "cuda",  # one kernel for every parameter (restore_optimizer_kind after a checkpoint)
         foreach=device.type != "cuda",  # a handful of ops per step instead of ~5 per parameter (torch's CPU default)
     )
+    seed_momentum(optimizer)
+    return optimizer
+
+
+def seed_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers where there are none yet: the first step then computes exactly what SGD's own first
+    step does (buffer = gradient), and a first step the fp16 scaler skips (its gradients inf, as the scale starts
+    at 2^16) cannot leave fused SGD's buffers as it made them, uninitialized (torch.empty_like, the kernel returning
+    before writing them): the next real step read that memory as momentum (weights ~1e36, then a NaN loss)."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def restore_optimizer_kind(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -263,8 +276,11 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Te
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     distributed.average_gradients(run.method.parameters(), run.dist)  # DDP syncs only the network's gradients
+    scale = run.scaler._scale.clone() if run.scaler.is_enabled() else None  # (made by scale() above)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if scale is not None:  # fp16: the scaler skipped this step (its gradients not finite) where it lowered the scale
+        analysis = analysis | {"scaler_skipped": (run.scaler._scale < scale).float()}  # a device value: no sync
     return {"loss": loss.detach(), **{k: v.detach() for k, v in out.terms.items()}, **out.sums, **analysis}
 
 
@@ -276,7 +292,8 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if run.method.fresh_optimizer_at(epoch):
-        run.optimizer.state.clear()  # momentum buffers are made again from the next gradients
+        run.optimizer.state.clear()  # no momentum from the stage before
+        seed_momentum(run.optimizer)
     begun, first = time.perf_counter(), {}
     # the epoch-start pass and the first step build the graphs: in a process's first epoch, and in the first epoch
     # of a new stage (ARREST's fine-tuning: the eval-mode attack and the teacher), timed apart from the pace
@@ -340,7 +357,23 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
         timing["cuda_graphs"] = run.perf.attack_graphs.stats()
     if graphs_before is not None:  # issue 9's figure: after the first epoch, no graph made and no break (recompiles)
         timing["compile"] = {k: v - graphs_before[k] for k, v in perf.dynamo_counts().items()}
-    return summarize(totals, i, images, run.dist) | extra | timing | first
+    row = summarize(totals, i, images, run.dist) | extra | timing | first
+    if run.scaler.is_enabled():
+        row["loss_scale"] = float(run.scaler.get_scale())
+        check_scaler(row, epoch)
+    return row
+
+
+def check_scaler(row: dict, epoch: int) -> None:
+    """fp16: an epoch whose steps the loss scaler mostly skipped (non-finite gradients every step, with a finite
+    loss) trained nothing while the scale fell towards 0; it stops here, as a diverged loss does."""
+    skipped = row.get("scaler_skipped") or 0.0
+    if skipped > 0.5 or row["loss_scale"] < 2.0**-24:
+        raise Diverged(
+            f"fp16's loss scaler skipped {100 * skipped:.0f}% of epoch {epoch}'s steps (their gradients were not "
+            f"finite; scale now {row['loss_scale']:.3g}): the weights barely moved. The last good checkpoint is "
+            "kept; set perf.dtype=fp32 (or bf16 where the device has it), then `arat train --resume`"
+        )
 
 
 def synced_seconds(start: float, device: torch.device) -> float:

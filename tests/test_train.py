@@ -568,3 +568,67 @@ def test_progress_json_is_not_synced_to_disk_every_log_interval(tiny_cfg, tmp_pa
     run_training(apply_overrides(tiny_cfg, ["train.epochs=1", "eval.attacks=clean"]), tmp_path / "run")
     assert seen["progress.json"] == {False}
     assert seen["latest.pt"] == seen["final.pt"] == seen["config.json"] == seen["results.json"] == {True}
+
+
+def test_a_first_step_the_fp16_scaler_skips_leaves_no_garbage_momentum():
+    """Fused SGD makes its momentum buffers with torch.empty_like on its first step and sets them there; a first
+    step the scaler skips (inf gradients: the scale starts at 2^16) returned before writing them, and the next real
+    step read uninitialized memory as momentum (on CPU: NaN; a T4's fp16 run diverged in its first steps)."""
+    from engine.config import TrainConfig
+    from engine.train import build_optimizer
+
+    cfg = TrainConfig()
+    p = torch.nn.Parameter(torch.ones(4096))
+    optimizer = build_optimizer([p], cfg, torch.device("cuda"))  # fused, as on CUDA (CPU tensors run it too)
+    scaler = torch.amp.GradScaler("cpu")
+    for loss in (lambda: (p * float("inf")).sum(), lambda: p.sum()):  # skipped, then a real step
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    step = cfg.optim.lr_at(1) * (1 + cfg.optim.weight_decay)  # one plain SGD step from zero momentum
+    torch.testing.assert_close(p.detach(), torch.full((4096,), 1 - step), rtol=0, atol=1e-6)
+
+
+def test_zero_momentum_buffers_take_the_same_steps_as_none(tiny_cfg):
+    """Seeding the buffers with zeros changes no step: buffer = 0 * momentum + gradient, bit for bit."""
+    from engine.train import build_optimizer
+
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 3, 3, 3), torch.randn(10)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+    for fused in ("cpu", "cuda"):  # foreach and fused SGD
+        results = []
+        for seeded in (True, False):
+            params = [torch.nn.Parameter(w.clone()) for w in weights]
+            optimizer = build_optimizer(params, tiny_cfg, torch.device(fused))
+            if not seeded:
+                optimizer.state.clear()
+            for step in grads:
+                for param, g in zip(params, step, strict=True):
+                    param.grad = g.clone()
+                optimizer.step()
+            results.append([param.detach().clone() for param in params])
+        for a, b in zip(*results, strict=True):
+            assert torch.equal(a, b), fused
+
+
+def test_an_epoch_the_fp16_scaler_mostly_skipped_stops_the_run(tiny_cfg):
+    """Gradients not finite at every step with a finite loss: each step skipped, the scale halving towards 0, the
+    weights unmoved, and nothing said (the loss check passed). The epoch's skipped share is recorded, and an epoch
+    skipped over half stops as a diverged one does, naming the dtype to take."""
+    from engine.config import apply_overrides
+    from engine.train import Diverged, build_run, train_epoch
+
+    cfg = apply_overrides(tiny_cfg, ["perf.dtype=fp16", "attack.num_steps=1", "data.synthetic_size=64"])
+    run = build_run(cfg)
+    run.nets.raw.linear.bias.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(Diverged, match="fp16's loss scaler skipped 100% of epoch 1's steps.*perf.dtype=fp32"):
+        train_epoch(run, 1)
+
+
+def test_fp16_set_on_a_cpu_is_said_to_be_slow():
+    from engine.perf import resolve_dtype
+
+    dtype, why = resolve_dtype("fp16", torch.device("cpu"))
+    assert dtype == torch.float16 and "WARNING: CPUs compute fp16 autocast slowly" in why

@@ -56,8 +56,10 @@ CASE_SECONDS, WRN_SECONDS = 2.0, 6.0
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
 
-def zero_gradient_fractions(run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Fraction of exactly-zero pixels of the attack's input gradient (adv branch, train mode) per autocast dtype."""
+def zero_gradient_fractions(run, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Fraction of exactly-zero pixels of the attack's input gradient (adv branch, train mode) per autocast dtype,
+    and of pixels whose gradient is not finite (an overflow under fp16: the PGD step takes NaN as a zero step, so a
+    NaN gradient would read as the best of zero fractions)."""
     model, dev = run.nets.attack, run.perf.device
     eps = run.cfg.attack.eps
     x_adv = (x + eps * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
@@ -67,6 +69,7 @@ def zero_gradient_fractions(run, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
         with mode(model, True), frozen(model):
             grad = input_gradient(model, x_adv, y, "adv", None, autocast)
         fractions[name] = round((grad == 0).float().mean().item(), 6)
+        fractions[f"{name}_not_finite"] = round((~torch.isfinite(grad)).float().mean().item(), 6)
     return fractions
 
 
