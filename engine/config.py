@@ -470,8 +470,8 @@ def resume_change(
     epochs), method keys the method reads under neither config, SWA's start and cadence while neither has averaged.
     `saved`: the keys the checkpoint's config held (an older engine's lacks newer ones: not compared)."""
     if now.epochs < epochs_done:
-        return (f"config.json's train.epochs ({now.epochs}) is below the {epochs_done} epochs the run trained: raise "
-                "it, or evaluate the run as it is (`arat eval RUN`)")  # fmt: skip
+        return (f"config.json's epochs ({now.epochs}) is below the {epochs_done} epochs the run trained: raise it, "
+                "or evaluate the run as it is (`arat eval RUN`)")  # fmt: skip
     old, new = flat(trained), flat(now)
     reads = method_reads(trained.method) | method_reads(now.method)
     swa_started = min(trained.swa.start_epoch, now.swa.start_epoch) <= epochs_done
@@ -486,7 +486,8 @@ def resume_change(
             continue
         was = bool(old[key]) if key == "method.init" else old[key]  # (the file it names may have moved since)
         if (bool(value) if key == "method.init" else value) != was:
-            return (f"config.json's {key} ({_said(value)}) is not the checkpoint's ({_said(old[key])}): a run cannot "
+            named = key.removeprefix("train.")  # (config.json holds train.* at its top level)
+            return (f"config.json's {named} ({_said(value)}) is not the checkpoint's ({_said(old[key])}): a run cannot "
                     "change what it trains part-way; restore it, or start a new run with it")  # fmt: skip
     for e in range(1, epochs_done + 1):  # the schedule's keys, by what they did
         if lr_at(trained, e) != lr_at(now, e):
@@ -495,7 +496,7 @@ def resume_change(
                     "or start a new run")  # fmt: skip
         if in_replay_window(trained, e) != in_replay_window(now, e):
             return (f"config.json moves ARREST's noisy-replay window over epoch {e}, which the run trained already "
-                    "(method.replay_until x the fine-tuning epochs): restore train.epochs and "
+                    "(method.replay_until x the fine-tuning epochs): restore its epochs and "
                     "method.replay_until, or start a new run")  # fmt: skip
     return None
 

@@ -534,7 +534,7 @@ def swa_from_now(run: Run) -> str:
         raise UserError(
             f"SWA would average nothing: it was off for the {run.epoch} epochs trained, and epochs "
             f"{first}-{epochs} hold no step that is a multiple of swa.every={swa.every} "
-            f"({steps} steps per epoch); lower swa.every or raise train.epochs in config.json, or set swa.enabled=false"
+            f"({steps} steps per epoch); lower swa.every or raise epochs in config.json, or set swa.enabled=false"
         )
     return f"SWA was off for the {run.epoch} epochs trained: it averages from epoch {first} on ({updates} updates)"
 
@@ -595,7 +595,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
             evaluate_and_record(run, rundir, model, say)
             return
         say(f"{rundir.path} finished its {cfg.epochs} epochs already: nothing to train (`arat eval {rundir.path}` "
-            "evaluates it again; raise train.epochs in its config.json to train on)")  # fmt: skip
+            "evaluates it again; raise epochs in its config.json to train on)")  # fmt: skip
         return
     say(start_line(run))
     if resume and not run.epoch:

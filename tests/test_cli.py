@@ -870,14 +870,14 @@ def _resumed_with(run, capsys, **edits) -> tuple[int, str, Path]:
     [
         ({"attack.eps": 16 / 255}, "config.json's attack.eps (0.06274509803921569) is not the checkpoint's (0.03137"),
         ({"method.invariance_weight": 0.0}, "method.invariance_weight (0.0)"),
-        ({"train.seed": 1}, "train.seed (1) is not the checkpoint's (0)"),
-        ({"train.batch_size": 16}, "train.batch_size (16)"),
+        ({"train.seed": 1}, "config.json's seed (1) is not the checkpoint's (0)"),
+        ({"train.batch_size": 16}, "config.json's batch_size (16)"),
         ({"optim.weight_decay": 0.05}, "optim.weight_decay (0.05)"),  # (the optimizer's state kept the old one)
         ({"model.width": 16}, "model.width (16) is not the checkpoint's (8)"),
         ({"data.augment": False}, "data.augment (false)"),
         ({"method.name": "at", "model.split_bn": False}, "model.split_bn (false) is not the checkpoint's (true)"),
         ({"optim.milestones": [3]}, "changes epoch 2's rate (0.005 -> 0.05)"),
-        ({"train.epochs": 1}, "train.epochs (1) is below the 2 epochs the run trained"),
+        ({"train.epochs": 1}, "config.json's epochs (1) is below the 2 epochs the run trained"),
     ],
 )
 def test_a_resume_whose_config_json_changes_what_the_run_trains_is_refused(trained_two_epochs, capsys, edits, says):
