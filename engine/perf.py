@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,10 +36,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            check_built_for(device)
-        return device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -49,8 +47,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"perf.device={name} but this process sees {torch.cuda.device_count()} GPU(s): "
                           f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")  # fmt: skip
-    if device.type == "cuda":
-        check_built_for(device)
     return device
 
 
@@ -62,10 +58,18 @@ def check_built_for(device: torch.device) -> None:
         built = torch.cuda.get_arch_list()  # e.g. ["sm_75", "sm_80", ..., "compute_120"]
     except (RuntimeError, AssertionError):  # no driver to ask (a stand-in CUDA): nothing to refuse here
         return
-    numbers = [(kind, int(n)) for kind, _, n in (a.partition("_") for a in built) if n.isdigit()]
+    numbers = [m.groups() for a in built if (m := re.fullmatch(r"(sm|compute)_(\d+)([af]?)", a))]
     arch = 10 * major + minor
-    # a cubin runs on its major version at the same or a later minor; PTX is compiled for any later GPU
-    runs = any(n <= arch and (kind == "compute" or kind == "sm" and n // 10 == major) for kind, n in numbers)
+
+    def runs_here(kind: str, number: str, suffix: str) -> bool:
+        n = int(number)
+        if suffix == "a":  # arch-specific code (sm_90a): that GPU only
+            return n == arch
+        if kind == "compute":  # PTX, compiled for any later GPU
+            return n <= arch
+        return n // 10 == major and n <= arch  # a cubin (sm_XY, family sm_XYf): its major at that minor or later
+
+    runs = any(runs_here(*entry) for entry in numbers)
     if numbers and not runs:
         raise ConfigError(
             f"this torch ({torch.__version__}, CUDA {torch.version.cuda}) has no code for this GPU "
@@ -77,9 +81,12 @@ def check_built_for(device: torch.device) -> None:
 def make_current(device: torch.device) -> None:
     """`device` becomes the current CUDA device: kernels launched from Python (Triton's launcher, the fused ops'
     eager route) run on the current device, not on their tensors', so `perf.device=cuda:1` in one process would
-    launch them on GPU 0 (Inductor's generated code guards its device itself)."""
+    launch them on GPU 0 (Inductor's generated code guards its device itself). Then a GPU this torch build has no
+    code for is refused (`check_built_for`), each process asking its own."""
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    if device.type == "cuda":  # after set_device: torchrun's ranks ask their own GPU, not GPU 0
+        check_built_for(device)
 
 
 def cpu_has_native_bf16() -> bool:

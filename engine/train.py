@@ -99,6 +99,7 @@ class Run:
                     f"the checkpoint's {key} does not fit the run's config.json ({brief_load_error(e)}); "
                     "restore the config the run was started with"
                 ) from None
+        seed_momentum(self.optimizer)  # a checkpoint without a buffer for some parameter: fused SGD takes none
         restore_optimizer_kind(self.optimizer, self.perf.device)
         if len(state["rng"]) != self.dist.world_size:
             raise RunDirError(f"the checkpoint was written by {len(state['rng'])} processes; resume with as many")
@@ -360,15 +361,16 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
     row = summarize(totals, i, images, run.dist) | extra | timing | first
     if run.scaler.is_enabled():
         row["loss_scale"] = float(run.scaler.get_scale())
-        check_scaler(row, epoch)
+        check_scaler(row, epoch, i)
     return row
 
 
-def check_scaler(row: dict, epoch: int) -> None:
+def check_scaler(row: dict, epoch: int, steps: int) -> None:
     """fp16: an epoch whose steps the loss scaler mostly skipped (non-finite gradients every step, with a finite
-    loss) trained nothing while the scale fell towards 0; it stops here, as a diverged loss does."""
+    loss) trained nothing while the scale fell towards 0; it stops here, as a diverged loss does. Not for the few
+    skips of the scale's start (2^16 backs off over ~5-10 steps: most of a very short epoch's)."""
     skipped = row.get("scaler_skipped") or 0.0
-    if skipped > 0.5 or row["loss_scale"] < 2.0**-24:
+    if skipped > 0.5 and skipped * steps >= 16 or row["loss_scale"] < 2.0**-24:
         raise Diverged(
             f"fp16's loss scaler skipped {100 * skipped:.0f}% of epoch {epoch}'s steps (their gradients were not "
             f"finite; scale now {row['loss_scale']:.3g}): the weights barely moved. The last good checkpoint is "

@@ -35,6 +35,9 @@ class Rerun:
     def warm(self, fn):
         return fn()
 
+    def still_capturing(self):
+        return False
+
     def host_syncs(self, fn):
         return fn(), list(self.syncs)
 
@@ -443,21 +446,39 @@ def test_the_evaluation_ending_a_run_starts_without_training_state(tiny_cfg, tmp
 
 def test_a_capture_left_open_by_a_failed_abandon_still_falls_back_eagerly(monkeypatch):
     """The fallback emptied the allocator's cache unconditionally: with a capture the abandon failed to end still
-    open, empty_cache raises there, and the eager fallback was lost with it."""
+    open, empty_cache raises there, and the eager fallback was lost with it. Whether it is still open is asked on
+    the capture's own stream (the caller's is not the one capturing)."""
+    import contextlib
+
     emptied = []
+
+    class LeftOpen(Rerun):
+        def still_capturing(self):
+            return True
 
     def empty_cache():
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
     model = net()
-    captured = graphs.AttackGraphs(Rerun(model, fail=True), warmup=1)
+    captured = graphs.AttackGraphs(LeftOpen(model, fail=True), warmup=1)
     out = attacks(model, batches(3), AttackConfig(num_steps=1), captured, bn="adv", train=True)
-    assert len(out) == 3 and captured.broken and captured.stats()["eager_calls"] >= 1 and not emptied
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # closed: emptied as before
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    assert len(out) == 3 and captured.broken and captured.stats()["eager_calls"] >= 1
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))  # closed: emptied as before
     again = graphs.AttackGraphs(Rerun(model, fail=True), warmup=1)
     attacks(model, batches(3), AttackConfig(num_steps=1), again, bn="adv", train=True)
     assert emptied == [True]
+    # CudaCapture asks on its capture stream
+    current = []
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: current[-1:] == ["capture stream"])
+    backend = object.__new__(graphs.CudaCapture)
+    backend.stream = "capture stream"
+    assert backend.still_capturing() and not torch.cuda.is_current_stream_capturing()

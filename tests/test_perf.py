@@ -340,23 +340,28 @@ def test_datasheet_peaks_tell_the_h100_models_apart():
         ((9, 0), ["sm_80", "compute_80"], True),  # PTX, compiled for the newer GPU
         ((12, 0), ["sm_80", "sm_90"], False),
         ((9, 0), [], True),  # a build that does not say
+        ((9, 0), ["sm_80", "sm_90a"], True),  # arch-specific code: that GPU only
+        ((10, 0), ["sm_80", "sm_90", "sm_100a"], True),
+        ((10, 3), ["sm_80", "sm_100a"], False),
+        ((8, 7), ["sm_72", "sm_87"], True),  # a Jetson
     ],
 )
 def test_a_gpu_the_torch_build_has_no_code_for_is_refused_in_one_line(monkeypatch, capability, built, runs):
     """A V100 with a CUDA 13 wheel failed at its first kernel with CUDA's "no kernel image is available"."""
     from engine.config import ConfigError
-    from engine.perf import resolve_device
+    from engine.perf import make_current
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    asked = []  # after set_device: torchrun's ranks ask their own GPU
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: asked.append(("set", device)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: built)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Tesla V100-SXM2-16GB")
     if runs:
-        assert resolve_device("cuda") == torch.device("cuda")
+        make_current(torch.device("cuda", 1))
+        assert asked == [("set", torch.device("cuda", 1)), torch.device("cuda", 1)]
     else:
         with pytest.raises(ConfigError, match=f"has no code for this GPU .*sm_{10 * capability[0] + capability[1]}"):
-            resolve_device("auto")
+            make_current(torch.device("cuda"))
 
 
 def test_bf16_set_on_a_gpu_without_it_is_said_and_idle_gpus_are_named(monkeypatch):

@@ -620,11 +620,49 @@ def test_an_epoch_the_fp16_scaler_mostly_skipped_stops_the_run(tiny_cfg):
     from engine.config import apply_overrides
     from engine.train import Diverged, build_run, train_epoch
 
-    cfg = apply_overrides(tiny_cfg, ["perf.dtype=fp16", "attack.num_steps=1", "data.synthetic_size=64"])
+    cfg = apply_overrides(tiny_cfg, ["perf.dtype=fp16", "attack.num_steps=1", "data.synthetic_size=128",
+                                     "train.batch_size=8", "method.balance_images=8"])  # fmt: skip
     run = build_run(cfg)
     run.nets.raw.linear.bias.register_hook(lambda g: g * float("nan"))
     with pytest.raises(Diverged, match="fp16's loss scaler skipped 100% of epoch 1's steps.*perf.dtype=fp32"):
-        train_epoch(run, 1)
+        train_epoch(run, 1)  # 16 steps, all skipped
+
+
+def test_the_scale_s_first_skips_in_a_short_epoch_are_no_divergence():
+    """The scale starts at 2^16 and backs off over its first steps: 5 of an 8-step epoch (the smoke recipe on a T4)
+    stopped a healthy run. A share over half counts from 16 skipped steps on; a scale under 2^-24 always."""
+    from engine.train import Diverged, check_scaler
+
+    check_scaler({"scaler_skipped": 5 / 8, "loss_scale": 2048.0}, 1, 8)
+    with pytest.raises(Diverged):
+        check_scaler({"scaler_skipped": 0.8, "loss_scale": 1.0}, 1, 20)
+    with pytest.raises(Diverged):
+        check_scaler({"scaler_skipped": 0.1, "loss_scale": 2.0**-30}, 1, 8)
+
+
+def test_a_checkpoint_without_a_momentum_buffer_resumes_under_fused_sgd(tiny_cfg):
+    """An older engine's optimizer state has no buffer for a parameter that had no gradient yet: loaded, fused SGD
+    took the mixed list (TypeError: expected Tensor ... got NoneType). Buffers are made for those after loading."""
+    from engine.train import build_optimizer, seed_momentum
+
+    a, b = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(8))
+    old = torch.optim.SGD([a, b], lr=0.1, momentum=0.9)
+    a.grad = torch.ones(8)
+    old.step()  # b: no buffer
+    optimizer = build_optimizer([a, b], tiny_cfg, torch.device("cuda"))  # fused
+    optimizer.load_state_dict(old.state_dict())
+    seed_momentum(optimizer)  # as Run.load_state_dict does (below)
+    a.grad, b.grad = torch.ones(8), torch.ones(8)
+    optimizer.step()
+    assert torch.isfinite(b).all() and not torch.equal(b, torch.ones(8))
+    from engine.train import build_run
+
+    state = build_run(tiny_cfg).state_dict()
+    saved = state["optimizer"]["state"]
+    del saved[next(iter(saved))]["momentum_buffer"]
+    run = build_run(tiny_cfg)
+    run.load_state_dict(state)
+    assert all("momentum_buffer" in s for s in run.optimizer.state.values())
 
 
 def test_fp16_set_on_a_cpu_is_said_to_be_slow():

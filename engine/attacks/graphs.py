@@ -60,6 +60,12 @@ class CudaCapture:
         """cuda:N (tensors report cuda:N; a bare "cuda" would never compare equal to their device)."""
         return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
+    def still_capturing(self) -> bool:
+        """Whether the capture stream is still capturing (a failed capture whose abandon could not end it): asked on
+        that stream, not the caller's."""
+        with torch.cuda.stream(self.stream):
+            return torch.cuda.is_current_stream_capturing()
+
     def warm(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """An eager call on the capture stream (what torch's capture recipe asks of warm-up iterations)."""
         current = torch.cuda.current_stream(self.device)
@@ -217,7 +223,7 @@ class AttackGraphs:
                 # out-of-memory capture's fallback ran short of just that); not while a capture the abandon failed
                 # to end is still open (empty_cache would raise there and lose the fallback)
                 gc.collect()
-                if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+                if not self.capture_backend.still_capturing():
                     torch.cuda.empty_cache()
                 self.eager_calls += 1
                 return self.capture_backend.warm(lambda: call(x, y, target_probs))

@@ -216,6 +216,8 @@ def ceilings(record: StageRecord) -> None:
             flags.append(f"{key} {row['value']} < 70% of {expected[key]}: throttled or shared GPU?")
         record.row(row)
         record.figure(key, row["value"])
+        if key == "bf16_matmul_tflops":  # (fp16 where the GPU has no bf16: the key stays, the summary says which)
+            record.figure("matmul_dtype", row["case"].split()[0])
     record.figure("flags", flags)
     if not torch.cuda.is_available() and not record.smoke:
         raise StageFailed("CUDA is not available")

@@ -120,9 +120,10 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
     s, env, c = doc["summary"], doc["env"], doc["ceilings"]
     k, m, real = s["kernels"], s["methods"], s["real_run"]
     flags = doc["stages"]["ceilings"]["figures"].get("flags")
+    dtype = doc["stages"]["ceilings"]["figures"].get("matmul_dtype") or "bf16"
     return [
         ["versions", versions(env)],
-        ["ceilings", f"copy {fmt(c['copy_tb_s'])} TB/s, bf16 matmul {fmt(c['bf16_matmul_tflops'])} TFLOP/s"
+        ["ceilings", f"copy {fmt(c['copy_tb_s'])} TB/s, {dtype} matmul {fmt(c['bf16_matmul_tflops'])} TFLOP/s"
          + (f" FLAGGED: {'; '.join(flags)}" if flags else "")],
         ["kernels correct", f"{fmt(k['passed'])}/{fmt(k['total'])} pass"
                             + (f", {k['not_run']} not run (budget)" if k.get("not_run") else "")],
