@@ -598,7 +598,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     return base + args.overrides
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     global LADDER
     args = parse_args(argv)
     base = base_overrides(args)
@@ -622,8 +622,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.direct:
         fp32 = base + LADDER[0][1]
-        best = build_row(args.direct, apply_overrides(get_recipe("demo"), fp32 + args.direct.split(",")), args.warmup)
-        rows = [direct_check(best, fp32, args.rounds, args.steps, args.warmup)]
+        cfg = apply_overrides(get_recipe("demo"), fp32 + args.direct.split(","))  # a bad key: one line, exit 2
+        try:
+            rows = [direct_check(build_row(args.direct, cfg, args.warmup), fp32, args.rounds, args.steps, args.warmup)]
+        except UserError:
+            raise
+        except Exception as error:  # a row saying so, written like the ladder's (exit 1 below)
+            rows = [failed_row(f"{args.direct} (direct vs fp32 eager)", error)]
     elif args.compare:
         key, _, values = args.compare.partition("=")
         rows = compare(base, key, values.split(","), args.rounds, args.steps, args.warmup)
@@ -643,6 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             write(row)
     print_table(written, stamp, order, device.type, args.train_epochs > 0)
+    return 1 if written and all(row.get("failed") for row in written) else 0  # (nothing measured)
 
 
 def print_table(rows: list[dict], stamp: dict, order: str, device_type: str, accuracy: bool) -> None:

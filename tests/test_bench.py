@@ -813,3 +813,26 @@ def test_the_direct_row_keeps_a_failed_capture_s_name(monkeypatch):
     row = ts.direct_check(best, [], rounds=1, steps=1, warmup=1)
     assert row["config"] == "+CUDA graphs (capture failed: attacks ran eagerly) (direct vs fp32 eager)"
     assert row["captured"] is False and row["vs_fp32_eager"] == 2.0
+
+
+def test_a_direct_configuration_that_fails_is_a_failed_row(monkeypatch, capsys):
+    """`--direct` (one configuration) that raised ended in a traceback with nothing written; now a failed row, as the
+    ladder's rungs, and exit status 1 (nothing measured). A bad key stays one line, exit 2."""
+    import train_step as ts
+
+    from engine.errors import UserError
+
+    written = []
+
+    def broken(name, cfg, warmup):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(ts, "build_row", broken)
+    monkeypatch.setattr(ts, "matmul_ceiling", lambda device: {"matmul_ceiling_tflops": 1.0, "matmul_ceiling_case": "x"})
+    monkeypatch.setattr(ts, "provenance", lambda device: {"cpu": "x", "cpu_native_bf16": False, "cpu_threads": 1})
+    monkeypatch.setattr(ts, "append_jsonl", lambda path, rows: written.extend(rows))
+    assert ts.main(["--direct", "perf.channels_last=true"]) == 1
+    (row,) = written
+    assert row["config"] == "perf.channels_last=true (direct vs fp32 eager)" and "out of memory" in row["failed"]
+    with pytest.raises(UserError):
+        ts.main(["--direct", "perf.no_such_key=1"])
