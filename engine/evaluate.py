@@ -343,8 +343,9 @@ def evaluate(
     """`_evaluate`; a failure of torch.compile there (never run on a GPU yet) becomes one line naming the eager rerun,
     its traceback kept in `record_dir`/compile_error.txt, instead of a traceback at the end of a training run."""
     perf_cfg = perf_cfg or PerfConfig(compile="off")
-    try:
-        return _evaluate(model, split, cfg, device, seed, perf_cfg, dist, record_dir)
+    try:  # fp32, as its records say, also when called under a caller's autocast (which would run it in bf16)
+        with torch.autocast(device.type, enabled=False):
+            return _evaluate(model, split, cfg, device, seed, perf_cfg, dist, record_dir)
     except torch._dynamo.exc.TorchDynamoException as e:
         if not compile_wanted(perf_cfg, device):
             raise

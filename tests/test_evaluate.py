@@ -83,3 +83,18 @@ def test_pgd20_s_captured_graphs_are_dropped_before_autoattack(monkeypatch):
     cfg = EvalConfig(attacks=("clean", "pgd20", "aa"), num_examples=8, aa_num_examples=4, batch_size=4, chunk_size=4)
     evaluate(model, split, cfg, torch.device("cpu"))
     assert captured.captures >= 1 and seen["entries_at_aa"] == 0
+
+
+def test_an_evaluation_called_under_autocast_still_computes_in_fp32():
+    """Its records say fp32; a caller's bf16 autocast (a training loop's, a notebook's) ran its forwards in bf16."""
+    model = build_model(ModelConfig(width=8), 10)
+    dtypes = []
+    model.linear.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    split = synthetic_split(16, 10, seed=0)
+    cfg = EvalConfig(attacks=("clean", "pgd20"), num_examples=16, batch_size=16, chunk_size=16)
+    plain = evaluate(model, split, cfg, torch.device("cpu"), seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wrapped = evaluate(model, split, cfg, torch.device("cpu"), seed=1)
+    assert set(dtypes) == {torch.float32}
+    for attack in cfg.attacks:
+        assert wrapped[attack]["flags"] == plain[attack]["flags"], attack
