@@ -123,10 +123,11 @@ def test_validate_names_what_is_wrong():
 def test_pytest_output_parsing():
     failure = "FAILED tests/test_perf.py::test_x - AssertionError: rel 2e-5"
     full = f"....F.s\n{failure}\n1 failed, 5 passed, 1 skipped in 3.2s\n"
-    assert parse(full) | {"failures": None} == {"failed": 1, "passed": 5, "skipped": 1, "failures": None}
+    assert parse(full) | {"failures": None} == {"failed": 1, "passed": 5, "skipped": 1, "failures": None,
+                                                  "passed_tests": []}  # fmt: skip
     assert parse(full)["failures"] == [failure]
     cut = "$ -m pytest -q tests/kernels\n........F...  [ 12%]\n.....s\n"
-    assert parse(cut) == {"passed": 16, "failed": 1, "errors": 0, "skipped": 1, "failures": []}
+    assert parse(cut) == {"passed": 16, "failed": 1, "errors": 0, "skipped": 1, "failures": [], "passed_tests": []}
     assert parse("a::b\n\n5/6 tests collected (1 deselected) in 0.1s\n")["collected"] == 5
 
 
@@ -149,7 +150,8 @@ def test_a_cut_pytest_run_still_names_its_failures(tmp_path):
     expected = ["FAILED test_live.py::test_bad - AssertionError: one is not two",
                 "ERROR test_live.py::test_setup - RuntimeError: setup broke"]  # fmt: skip
     cut = text.split("=====")[0]  # what a kill before pytest's summary leaves
-    assert parse(cut) == {"passed": 1, "failed": 1, "errors": 1, "skipped": 0, "failures": expected}, text
+    assert parse(cut) == {"passed": 1, "failed": 1, "errors": 1, "skipped": 0, "failures": expected,
+                          "passed_tests": ["test_live.py::test_ok"]}, text  # fmt: skip
     assert parse(text)["failures"] == expected and parse(text)["failed"] == 1
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from .pytest_live import PASSED
 from .pytest_live import PREFIX as LIVE
 from .record import REPO, StageFailed, StageRecord, child_processes
 
@@ -98,7 +99,8 @@ def parse(text: str) -> dict[str, Any]:
         counts["collected"] = int(collected[1])
     live = [line[len(LIVE) :][:300] for line in lines if line.startswith(LIVE)]  # as they happened: a cut run too
     failures = live or [line[:300] for line in lines if line.startswith(("FAILED ", "ERROR "))]
-    return counts | {"failures": failures[:20]}
+    passed = [line[len(PASSED) :] for line in lines if line.startswith(PASSED)]  # which ones, by name
+    return counts | {"failures": failures[:20], "passed_tests": passed[:300]}
 
 
 def publish(record: StageRecord, result: dict[str, Any]) -> None:
