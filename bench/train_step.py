@@ -349,9 +349,7 @@ def release(row: Row) -> None:
         if active_attack_graphs() is graphs:
             set_attack_graphs(None)
     del row.run
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 class Rows(list):

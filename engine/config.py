@@ -325,14 +325,12 @@ def ignored_method_keys(method: MethodConfig) -> list[str]:
     auto-balance, its symmetric form under stop-grad too): a run would train as if they were not set."""
     if method.name not in METHOD_KEYS:  # refused as an unknown method when the run is built
         return []
-    default, reads = MethodConfig(), METHOD_KEYS[method.name]
-    ignored = [f.name for f in dataclasses.fields(MethodConfig) if f.name != "name" and f.name not in reads
-               and getattr(method, f.name) != getattr(default, f.name)]  # fmt: skip
-    if method.name == "arat" and method.auto_balance and method.fixed_adv_weight != default.fixed_adv_weight:
-        ignored.append("fixed_adv_weight (read with method.auto_balance=false)")
-    if method.name == "arat" and method.stop_grad and method.symmetric != default.symmetric:
-        ignored.append("symmetric (read with method.stop_grad=false)")
-    return ignored
+    default, reads = MethodConfig(), method_reads(method)
+    unread = [f.name for f in dataclasses.fields(MethodConfig) if f.name not in reads
+              and getattr(method, f.name) != getattr(default, f.name)]  # fmt: skip
+    plain = [k for k in unread if k not in METHOD_KEYS[method.name]]
+    switch = {"fixed_adv_weight": "auto_balance", "symmetric": "stop_grad"}  # method_reads' conditions
+    return plain + [f"{k} (read with method.{switch[k]}=false)" for k in unread if k in METHOD_KEYS[method.name]]
 
 
 def check_trainable(cfg: TrainConfig) -> None:
@@ -445,19 +443,18 @@ def method_reads(method: MethodConfig) -> set[str]:
     return reads
 
 
-def raw_keys(raw: dict) -> set[str]:
-    """The keys a config as read from JSON holds, as `flat` names them."""
-    return {f"{name}.{k}" for name, value in raw.items() if isinstance(value, dict) for k in value} | {
-        f"train.{name}" for name, value in raw.items() if not isinstance(value, dict)
-    }
+def flatten(raw: dict) -> dict[str, Any]:
+    """A config as JSON holds it (`to_dict`, config.json), as {"section.key": value} with the keys `--set` names
+    (train.* for the top level)."""
+    out = {}
+    for name, value in raw.items():
+        out |= {f"{name}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {f"train.{name}": value}
+    return out
 
 
 def flat(cfg: TrainConfig) -> dict[str, Any]:
-    """{"section.key": value} as `--set` names the keys (train.* for the top level), JSON values (lists)."""
-    out = {}
-    for name, value in json.loads(json.dumps(cfg.to_dict())).items():
-        out |= {f"{name}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {f"train.{name}": value}
-    return out
+    """`flatten` of `cfg`, its values as JSON holds them (lists)."""
+    return flatten(json.loads(json.dumps(cfg.to_dict())))
 
 
 def resume_change(

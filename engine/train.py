@@ -19,9 +19,9 @@ from .config import (
     ConfigError,
     TrainConfig,
     check_trainable,
+    flatten,
     from_dict,
     ignored_keys_notice,
-    raw_keys,
     resume_change,
     schedule_notice,
 )
@@ -83,7 +83,7 @@ class Run:
                 trained = from_dict(state["config"], "the checkpoint's config")
             except ConfigError:  # an older engine's config that today's checks refuse: nothing to compare with
                 trained = None
-            change = trained and resume_change(trained, self.cfg, state["epoch"], raw_keys(state["config"]))
+            change = trained and resume_change(trained, self.cfg, state["epoch"], set(flatten(state["config"])))
             if change:
                 raise RunDirError(change)
         parts = [(self.nets.raw, "model"), (self.method, "method"), (self.optimizer, "optimizer"), (self.swa, "swa")]

@@ -86,8 +86,7 @@ class ARREST(Method):
         super().__init__(cfg, model)
         m = cfg.method
         self.pretrain_epochs = m.pretrain_epochs
-        self.finetune_epochs = cfg.epochs - m.pretrain_epochs
-        if self.finetune_epochs < 1:
+        if cfg.epochs - m.pretrain_epochs < 1:  # no fine-tuning epoch
             raise ConfigError(
                 f"ARREST fine-tunes after method.pretrain_epochs={m.pretrain_epochs}: train.epochs must exceed it"
             )
