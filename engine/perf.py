@@ -433,17 +433,26 @@ def set_deterministic(on: bool) -> None:
         torch._inductor.config.deterministic = on
 
 
+def gpu_model(device_name: str, models) -> str | None:
+    """The first of `models` (names such as "H100 PCIe", most specific first) that `device_name` holds as whole words
+    ("NVIDIA H100 PCIe"; an "RTX A1000" is not an A100, a "GH200" not an H200); None for any other GPU, and for a MIG
+    slice (a fraction of the whole GPU: no figure of the whole GPU holds for it)."""
+    words = f" {device_name.replace('-', ' ')} "
+    if " MIG " in words:
+        return None
+    return next((k for k in models if f" {k} " in words), None)
+
+
+# dense bf16 datasheet peaks; the PCIe and NVL H100s (lower clocks and power) before the SXM one
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
+
+
 @functools.cache
 def peak_tflops(device_name: str) -> float | None:
     """Dense bf16 peak for known GPUs (for achieved-TFLOP/s ratios in benchmarks); None for any other, and for a
-    MIG slice (a fraction of the whole GPU's peak)."""
-    if " MIG " in f" {device_name} ":
-        return None
-    # the first key found in the name: the PCIe and NVL H100s (lower clocks and power) before the SXM one; whole
-    # words (an "RTX A1000" is not an A100)
-    table = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
-    words = f" {device_name.replace('-', ' ')} "
-    return next((v for k, v in table.items() if f" {k} " in words), None)
+    MIG slice."""
+    model = gpu_model(device_name, PEAK_TFLOPS)
+    return PEAK_TFLOPS[model] if model else None
 
 
 def forward_flops(model: nn.Module, x: torch.Tensor) -> float:

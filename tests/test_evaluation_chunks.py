@@ -462,6 +462,48 @@ def test_export_writes_model_info_and_hub_loads_the_network(tmp_path, capsys):
     assert flags_file["clean"]["num_examples"] == results["clean"]["num_examples"]
 
 
+def test_a_trained_runs_autoattack_record_is_read_back_from_disk(tmp_path, capsys):
+    """Issue 10 item 5 end to end: `arat train` ending in standard AutoAttack (two chunks), then what a user reads
+    back from the files themselves: results.json's AutoAttack entry (accuracy, stages as AutoAttack logs them,
+    protocol, chunking, seeds, wall time, images/s, versions and hardware), flags.json's per-image bits agreeing with
+    it, and `arat export`'s model_info publishing that figure."""
+    from engine.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1",
+                 "--set", "eval.attacks=clean,aa", "--set", "eval.num_examples=16",
+                 "--set", "eval.chunk_size=8"]) == 0  # fmt: skip
+    record = json.loads((run / "results.json").read_text())
+    clean, aa = record["results"]["clean"], record["results"]["aa"]
+    assert aa["version"] == "standard" and aa["num_examples"] == clean["num_examples"] == 16
+    assert (aa["chunks"], aa["reused_chunks"]) == (2, 0)
+    stages = aa["stages"]
+    assert list(stages) == ["clean", *autoattack.STAGES]
+    values = list(stages.values())
+    assert values[0] == clean["accuracy"] and values[-1] == aa["accuracy"]  # clean, then after each attack
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    config = aa["config"]
+    seed = json.loads((run / "config.json").read_text())["seed"]
+    assert config["chunk_size"] == 8 and config["seed"] == seed and "per chunk" in config["seeds"]
+    (store,) = (run / "eval" / "chunks").glob("aa-*")  # each chunk's record names the seed it drew from
+    assert [json.loads((store / f"{k:05d}.json").read_text())["seed"] for k in (0, 1)] == [chunk_seed(seed, "aa", k)
+                                                                                       for k in (0, 1)]  # fmt: skip
+    protocol = config["protocol"]
+    assert (protocol["version"], protocol["iterations"], protocol["target_classes"]) == ("standard", 100, 9)
+    assert protocol["square_queries"] == 5000 and protocol["eps"] == "8/255"
+    assert aa["seconds"] > 0 and aa["images_per_s"] == pytest.approx(16 / aa["seconds"], abs=0.01)  # both rounded
+    assert {"torch", "pyautoattack", "cpu", "device"} <= set(record["environment"])
+    flags = json.loads((run / "eval" / "flags.json").read_text())
+    robust, correct = (unpack(flags[k]["bits"], 16) for k in ("aa", "clean"))
+    assert flags["aa"]["version"] == "standard" and flags["aa"]["num_examples"] == 16
+    assert int(robust.sum()) == round(16 * aa["accuracy"]) and not (robust & ~correct).any()  # robust => correct
+    assert main(["export", str(run), str(tmp_path / "model.pt")]) == 0
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["autoattack_acc"] == f"{100 * aa['accuracy']:.2f}" and info["clean_acc"] == f"{100 * values[0]:.2f}"
+    assert "standard on the first 16 test images" in info["footnote"]
+    capsys.readouterr()
+
+
 def test_each_autoattack_protocol_keeps_its_figure_and_export_publishes_only_standard(tmp_path):
     """`arat eval RUN --aa-version legacy-10` after a standard evaluation replaced the standard figure in eval.json,
     and `arat export` then published legacy-10's higher reading as RobustBench's autoattack_acc. Each protocol now

@@ -875,5 +875,7 @@ def test_ceilings_expected_only_for_the_gpus_measured():
     assert (
         expected_ceilings("NVIDIA H200") == EXPECTED and expected_ceilings("NVIDIA H100 80GB HBM3")["copy_tb_s"] == 3.0
     )
-    for name in ("NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090", "NVIDIA H100 80GB HBM3 MIG 1g.10gb", ""):
+    assert expected_ceilings("NVIDIA H100 PCIe")["copy_tb_s"] == 1.8  # the PCIe model, not the SXM one
+    for name in ("NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090", "NVIDIA H100 80GB HBM3 MIG 1g.10gb", "",
+                 "NVIDIA GH200 480GB"):  # fmt: skip
         assert expected_ceilings(name) is None, name

@@ -162,8 +162,10 @@ def fixed_attack(model, x, y, cfg, **_):
 
 
 # The objectives whose compiled code differs from AR-AT's: TRADES' single-BN pair with its KL term, MART's weighted
-# KL, LBGAT's two networks (a clean model compiled beside the robust one), AR-AT's asymmetric invariance on x' != x.
-OBJECTIVES = ["arat-resnet18-cifar10", "trades-resnet18-cifar10", "mart-resnet18-cifar10", "lbgat-resnet18-cifar10"]
+# KL, LBGAT's two networks (a clean model compiled beside the robust one), AR-AT's asymmetric invariance on x' != x,
+# AT's single-BN cross-entropy on x' alone, std's on x (ARREST's pre-training step is std's).
+OBJECTIVES = ["arat-resnet18-cifar10", "trades-resnet18-cifar10", "mart-resnet18-cifar10", "lbgat-resnet18-cifar10",
+              "at-resnet18-cifar10", "std-resnet18-cifar10"]  # fmt: skip
 SMOKE_SHAPE = ["data.dataset=synthetic", "data.synthetic_size=64", "model.width=8", "train.batch_size=32"]
 
 
@@ -210,6 +212,43 @@ def test_inductor_compiled_attack_gradient_equals_eager():
     got, plain = gradient(compiled, x), gradient(net, x)
     assert_near_reference("attack input gradient", got, plain, ref, probe, floor=1e-5)
     assert all(p.requires_grad for p in net.parameters())  # given back after the attack
+
+
+@pytest.mark.slow
+def test_inductor_compiled_evaluation_forwards_equal_eager():
+    """The evaluation's two roles compiled by Inductor, on a network whose BN statistics are trained (not the
+    identity of a fresh one): the no-grad predictions' logits (clean accuracy, AutoAttack's checks) and the input
+    gradient the evaluation's attacks take (eval-mode BN, PGD-20's cross-entropy) sit as near float64 as eager's."""
+    from engine.attacks.pgd import is_compiled
+    from engine.config import ModelConfig, PerfConfig
+    from engine.models import build_model
+    from engine.perf import eval_network
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(width=8), 10)
+    with torch.no_grad():  # running statistics of a few batches, on both branches
+        for _ in range(3):
+            net(torch.rand(32, 3, 32, 32), bn="adv"), net(torch.rand(32, 3, 32, 32), bn="clean")
+    net.eval()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    perf = PerfConfig(compile="on")
+    predict, attack = (eval_network(net, perf, torch.device("cpu"), attack=a) for a in (False, True))
+    assert is_compiled(predict) and is_compiled(attack)
+
+    def logits(model, inputs, bn):
+        with torch.no_grad():
+            return model(inputs, bn=bn)
+
+    def gradient(model, inputs):
+        inputs = inputs.clone().requires_grad_(True)
+        return torch.autograd.grad(torch.nn.functional.cross_entropy(model(inputs).float(), y), inputs)[0]
+
+    net64 = copy.deepcopy(net).double()
+    for bn in ("adv", "clean"):
+        ref, probe = logits(net64, x.double(), bn), logits(net64, perturbed(x.double()), bn)
+        assert_near_reference(f"{bn} logits", logits(predict, x, bn), logits(net, x, bn), ref, probe, floor=1e-6)
+    ref, probe = gradient(net64, x.double()), gradient(net64, perturbed(x.double()))
+    assert_near_reference("evaluation input gradient", gradient(attack, x), gradient(net, x), ref, probe, floor=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -14,6 +14,7 @@ import torch
 from harness import cpu_model  # bench/ is on sys.path (scripts/gpu_check.py)
 
 import kernels
+from engine.perf import gpu_model
 from engine.rundir import package_version
 
 from .record import REPO, SMOKE_SKIP, StageFailed, StageRecord, read_commit
@@ -40,9 +41,8 @@ def expected_ceilings(gpu_name: str) -> dict[str, float] | None:
     """What the ceilings should reach on `gpu_name` (an H100 flagged against the H200's 4.3 TB/s read as throttled);
     None for a GPU not listed (an A100 or a 4090 held to the H200's figures was always "throttled"), and for a MIG
     slice (a fraction of the whole GPU's)."""
-    if " MIG " in f" {gpu_name} ":
-        return None
-    return next((v for k, v in EXPECTED_BY_GPU.items() if k in gpu_name), None)
+    model = gpu_model(gpu_name, EXPECTED_BY_GPU)  # whole words: a GH200 (its own memory) is no H200
+    return EXPECTED_BY_GPU[model] if model else None
 
 
 FLAG_BELOW = 0.7

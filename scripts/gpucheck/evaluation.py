@@ -173,13 +173,14 @@ def evaluation_row(record: StageRecord, name: str, model, split, cfg, dev, compi
     return row | {"flags": {attack: results[attack]["flags"] for attack in ATTACKS}}  # compared, not recorded
 
 
-def agreement(eager: dict[str, Any], compiled: dict[str, Any], n: int) -> dict[str, float]:
+def paired_flags(eager: dict[str, Any], compiled: dict[str, Any], n: int) -> dict[str, tuple]:
+    """Per attack, the per-image flags (eager's, compiled's)."""
+    return {a: (unpack(eager["flags"][a], n), unpack(compiled["flags"][a], n)) for a in ATTACKS}
+
+
+def agreement(pairs: dict[str, tuple]) -> dict[str, float]:
     """Per attack, the share of images whose flag is the same eager and compiled."""
-    out = {}
-    for attack in ATTACKS:
-        a, b = unpack(eager["flags"][attack], n), unpack(compiled["flags"][attack], n)
-        out[attack] = round(float((a == b).float().mean()), 4)
-    return out
+    return {attack: round(float((a == b).float().mean()), 4) for attack, (a, b) in pairs.items()}
 
 
 def compiled_aa_row(record: StageRecord, model, split, cfg, dev, figures: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +220,8 @@ def judge_compiled(record: StageRecord, eager: dict[str, Any], compiled: dict[st
     """Compiled against eager: clean's flags agree on >= AGREEMENT of the images; PGD-20's accuracy within
     PGD20_POINTS unless the flips are one-sided beyond chance (a gap within chance, and its agreement below
     AGREEMENT, are flagged, not failed)."""
-    agree = agreement(eager, compiled, eager["images"])
+    pairs = paired_flags(eager, compiled, eager["images"])
+    agree = agreement(pairs)
     record.figure("agreement", agree)
     record.figure("images_per_s", {
         kind: {a: row[a]["images_per_s_after_first_chunk"] for a in ATTACKS} for kind, row in
@@ -238,7 +240,7 @@ def judge_compiled(record: StageRecord, eager: dict[str, Any], compiled: dict[st
     failed = []
     if agree["clean"] < AGREEMENT:
         failed.append(f"compiled clean flags agree with eager on {agree['clean']} of the images (< {AGREEMENT})")
-    a, b = (unpack(row["flags"]["pgd20"], eager["images"]) for row in (eager, compiled))
+    a, b = pairs["pgd20"]
     only_compiled, only_eager = int((b & ~a).sum()), int((a & ~b).sum())  # robust under one attack alone
     record.figure("pgd20_flips", {"robust_only_compiled": only_compiled, "robust_only_eager": only_eager})
     if gap > PGD20_POINTS and biased(only_compiled, only_eager):
