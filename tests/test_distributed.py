@@ -311,55 +311,62 @@ from engine.evaluate import evaluate
 from engine.recipes import get_recipe
 from engine.train import build_run, final_model, train_epoch
 
-recipe, overrides, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-cfg = apply_overrides(get_recipe(recipe), overrides)
-run = build_run(cfg)
-train_epoch(run, 1)  # the warm-up epoch: every training graph is built here
-warm = counters["stats"]["unique_graphs"]
-torch._dynamo.config.error_on_recompile = True  # a recompile from here on raises
-train_epoch(run, 2)
-trained = counters["stats"]["unique_graphs"]
-model = final_model(run)
-distributed.broadcast_state(model, run.dist)
-results = evaluate(model, run.test_split, cfg.eval, run.perf.device, cfg.seed, cfg.perf, run.dist)
-record = {
-    "world_size": run.dist.world_size,
-    "warm_graphs": warm,
-    "graphs_in_epoch_2": trained - warm,
-    "eval_graphs": counters["stats"]["unique_graphs"] - trained,
-    "graph_breaks": sum(counters["graph_break"].values()),
-    "accuracy": {name: r["accuracy"] for name, r in results.items()},
-}
-(out / f"rank{run.dist.rank}.json").write_text(json.dumps(record))
+families, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+for family, recipe, overrides in families:  # one process group for them all: each family's graphs from nothing
+    torch._dynamo.config.error_on_recompile = False
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = apply_overrides(get_recipe(recipe), overrides)
+    run = build_run(cfg)
+    for epoch in range(1, cfg.epochs):  # the warm-up: every training graph is built here (ARREST's fine-tuning too)
+        train_epoch(run, epoch)
+    warm = counters["stats"]["unique_graphs"]
+    torch._dynamo.config.error_on_recompile = True  # a recompile from here on raises
+    train_epoch(run, cfg.epochs)
+    trained = counters["stats"]["unique_graphs"]
+    model = final_model(run)  # SWA: the average, its BN statistics re-estimated on every rank's shard
+    distributed.broadcast_state(model, run.dist)
+    results = evaluate(model, run.test_split, cfg.eval, run.perf.device, cfg.seed, cfg.perf, run.dist)
+    record = {
+        "world_size": run.dist.world_size,
+        "warm_graphs": warm,
+        "graphs_in_last_epoch": trained - warm,
+        "eval_graphs": counters["stats"]["unique_graphs"] - trained,
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "accuracy": {name: r["accuracy"] for name, r in results.items()},
+    }
+    (out / f"{family}-rank{run.dist.rank}.json").write_text(json.dumps(record))
 distributed.shutdown(run.dist)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["arat-resnet18-cifar10", "lbgat-resnet18-cifar10"])
-def test_compiled_ddp_epoch_has_no_recompiles_or_graph_breaks(tmp_path, recipe):
-    """Issue 9 item 1 under DDP: two gloo processes, each role compiled (dynamo with backend "eager": recompiles and
-    graph breaks do not depend on the backend), DDP around the compiled training role. After the warm-up epoch no
+def test_compiled_ddp_epochs_have_no_recompiles_or_graph_breaks(tmp_path):
+    """Issue 9 item 1 under DDP, for every method family of tests/test_compile.py (the ablations, SWA, grad-sim and
+    the perf switches included): two gloo processes, each role compiled (dynamo with backend "eager": recompiles and
+    graph breaks do not depend on the backend), DDP around the compiled training role. After the warm-up epochs no
     rank recompiles (dynamo's error_on_recompile is on) or builds a training graph, no graph breaks anywhere, and the
     evaluation (its last batch padded, its chunks shared by the ranks) adds only its two roles' graphs."""
-    from test_compile import SHAPE  # the per-role compile tests' shape: epoch 2 of 2 is the one checked
+    from test_compile import FAMILIES, SHAPE  # the per-role compile tests' cases: the last epoch is the one checked
 
     script = tmp_path / "compiled_ddp.py"
     script.write_text(COMPILED_EPOCHS)
-    overrides = SHAPE + ["perf.compile=on", "eval.chunk_size=16"]  # 40 images: chunks of 16, 16, 8 (padded) for 2 ranks
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), recipe,
-           json.dumps(overrides), str(tmp_path)]  # fmt: skip
+    extra = ["perf.compile=on", "eval.chunk_size=16"]  # 40 images: chunks of 16, 16, 8 (padded) for 2 ranks
+    families = [(name, recipe, SHAPE + overrides + extra) for name, (recipe, overrides) in FAMILIES.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           json.dumps(families), str(tmp_path)]  # fmt: skip
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    proc = run_group(cmd, timeout=600, env=env)
+    proc = run_group(cmd, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for record in ranks:
-        assert record["world_size"] == 2
-        assert record["warm_graphs"] > 0, "nothing was compiled"
-        assert record["graphs_in_epoch_2"] == 0 and record["graph_breaks"] == 0, record
-        assert record["eval_graphs"] == 2, record  # compiled, and its two roles only
-    assert ranks[0]["accuracy"] == ranks[1]["accuracy"]  # rank 0 gathers every chunk and every rank returns it
+    for family in FAMILIES:
+        ranks = [json.loads((tmp_path / f"{family}-rank{r}.json").read_text()) for r in (0, 1)]
+        for record in ranks:
+            assert record["world_size"] == 2
+            assert record["warm_graphs"] > 0, f"{family}: nothing was compiled"
+            assert record["graphs_in_last_epoch"] == 0 and record["graph_breaks"] == 0, (family, record)
+            assert record["eval_graphs"] == 2, (family, record)  # compiled, and its two roles only
+        assert ranks[0]["accuracy"] == ranks[1]["accuracy"], family  # rank 0 gathers every chunk, every rank has it
 
 
 def test_swa_statistics_are_averaged_over_the_ranks_shards(monkeypatch):

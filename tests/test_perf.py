@@ -163,25 +163,54 @@ def fixed_attack(model, x, y, cfg, **_):
 
 # The objectives whose compiled code differs from AR-AT's: TRADES' single-BN pair with its KL term, MART's weighted
 # KL, LBGAT's two networks (a clean model compiled beside the robust one), AR-AT's asymmetric invariance on x' != x,
-# AT's single-BN cross-entropy on x' alone, std's on x (ARREST's pre-training step is std's).
-OBJECTIVES = ["arat-resnet18-cifar10", "trades-resnet18-cifar10", "mart-resnet18-cifar10", "lbgat-resnet18-cifar10",
-              "at-resnet18-cifar10", "std-resnet18-cifar10"]  # fmt: skip
+# AT's single-BN cross-entropy on x' alone, std's on x (ARREST's pre-training step is std's), ARREST's fine-tuning
+# (its teacher compiled beside the student, the feature cosine, the replay check's no-grad forward; the replay
+# itself never fires here: it would draw a random start, whose float64 draw differs from fp32's).
+OBJECTIVES = {
+    "arat": [], "trades": [], "mart": [], "lbgat": [], "at": [], "std": [],
+    "arrest": ["method.pretrain_epochs=1", "train.epochs=2", "method.replay_cos=-1"],
+}  # fmt: skip
 SMOKE_SHAPE = ["data.dataset=synthetic", "data.synthetic_size=64", "model.width=8", "train.batch_size=32"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", OBJECTIVES)
-def test_compiled_objectives_equal_eager(recipe, monkeypatch):
+@pytest.mark.parametrize("method", list(OBJECTIVES))
+def test_compiled_objectives_equal_eager(method, monkeypatch):
     """Inductor's code for each training objective on an adversarial batch (the attack held fixed), against eager
     and float64 as test_compile_equals_eager does. On CUDA (the GPU check's probes) perf.kernels is on: the fused
     dual-BN op runs inside Inductor's graphs, TRADES' single-BN pair included."""
-    from engine.methods import arat, mart, trades
+    import test_perf
+
+    from engine.methods import arat, arrest, mart, trades
     from engine.recipes import get_recipe
 
-    for module in (arat, mart, trades):  # LBGAT attacks through trades.trades_attack
+    # fresh caches: dynamo does not guard on module hooks (skip_nnmodule_hook_guards), so ARREST's networks, whose
+    # feature hooks the engine registers before compiling, would reuse another case's graphs and skip them
+    torch._dynamo.reset()
+    for module in (arat, mart, trades, arrest):  # LBGAT attacks through trades.trades_attack, AT through arat's
         monkeypatch.setattr(module, "pgd", fixed_attack)
-    cfg = apply_overrides(get_recipe(recipe), SMOKE_SHAPE + EXACT + ["attack.start=none", "perf.compile=false"])
+    if method == "arrest":  # the step of the first fine-tuning epoch, its teacher the network as it starts
+        runs = []
+
+        def fine_tuning(cfg, built=build_run):
+            run = built(cfg)
+            run.method.epoch = cfg.method.pretrain_epochs + 1
+            run.method.snapshot_teacher(run.nets.raw)
+            runs.append(run)
+            return run
+
+        def pre_training(*_):
+            raise AssertionError("ARREST took its pre-training step")
+
+        monkeypatch.setattr(test_perf, "build_run", fine_tuning)
+        monkeypatch.setattr(arrest, "natural_step", pre_training)
+    overrides = SMOKE_SHAPE + EXACT + OBJECTIVES[method] + ["attack.start=none", "perf.compile=false"]
+    cfg = apply_overrides(get_recipe(f"{method}-resnet18-cifar10"), overrides)
     assert_same_step(cfg, apply_overrides(cfg, ["perf.compile=true"]))
+    if method == "arrest":  # plain, compiled, the two float64 runs: the compiled one's teacher compiled too
+        from engine.attacks.pgd import is_compiled
+
+        assert [is_compiled(r.method.runner("teacher")) for r in runs] == [False, True, False, False]
 
 
 @pytest.mark.slow

@@ -33,7 +33,9 @@ from .std import natural_step
 class FeatureTap:
     """Keeps the input of a network's classifier (the penultimate feature, (B, d)) from its latest forward.
 
-    A hook registered once, before any compilation, so compiled graphs see it from the start."""
+    A hook registered once, before any compilation, so compiled graphs see it from the start (dynamo does not guard
+    on hooks: a graph this process built earlier for the same code on an unhooked network would be reused without
+    it, and the tap's assertion below says so)."""
 
     def __init__(self, model: nn.Module):
         head = model.linear if hasattr(model, "linear") else model.fc
