@@ -68,14 +68,29 @@ def build_grad_sim(
     cfg: TrainConfig, model: nn.Module, extra: list[nn.Module], dist: DistInfo | None = None
 ) -> GradSim | None:
     """The analysis for a run (None unless `analysis.grad_sim`): the model plus the method's other trained
-    networks (`Method.backbones`, e.g. LBGAT's clean model). It keeps the compiled backward's buffers (process-wide,
-    before the first compile): grad-sim's retain_graph backward is refused by a backward compiled with donated
-    buffers, which a process never makes itself (grad-sim's backward runs first and clears them) but loads from
-    Inductor's on-disk cache where a run without grad-sim compiled the same graph (an ablation after `arat-...`).
-    The switch is part of the cache key: such a run compiles its own."""
+    networks (`Method.backbones`, e.g. LBGAT's clean model). Its first backward keeps the graph for the step's own
+    (retain_graph), so no compiled backward may overwrite its saved tensors: `keep_saved_tensors`."""
     if not cfg.analysis.grad_sim:
         return None
-    import torch._functorch.config
-
-    torch._functorch.config.donated_buffer = False
+    keep_saved_tensors()
     return GradSim(backbone_weights([model, *extra]), dist)
+
+
+def keep_saved_tensors() -> None:
+    """Compiled backwards from here on in this process keep their saved tensors (process-wide; call it before the
+    first compile). torch.compile's backward may reuse the tensors it saved as its own buffers ("donated buffers"),
+    which a second backward over the same graph then reads overwritten: gradients silently wrong. So: donated
+    buffers off; graphs this process compiled with them dropped (dynamo does not guard on the switch: they would be
+    reused); and Inductor's on-disk caches neither read nor written, since Inductor's graph cache does not key on
+    donated buffers (torch 2.13): a backward compiled with them by a run without grad-sim (an ablation after
+    `arat-...`) was loaded and gave gradients up to 5.8 away from eager's on a 3-layer test network
+    (tests/test_analysis.py). A grad-sim run compiles from scratch: minutes on a CPU, about one on a GPU."""
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+
+    if torch._functorch.config.donated_buffer:
+        torch._functorch.config.donated_buffer = False
+        torch._dynamo.reset()
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False

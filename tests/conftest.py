@@ -49,3 +49,15 @@ def tiny_cfg():
     cfg.perf.cudnn_benchmark = "off"  # deterministic cuDNN algorithms (see above)
     cfg.perf.compile = "off"  # auto compiles on CUDA (minutes per test in the GPU check's probes); tests may set it
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def compile_settings_as_they_were():
+    """engine.analysis.keep_saved_tensors (any grad-sim run) changes process-wide compile settings; restored after
+    each test, so that a later test in this worker compiles as a run without grad-sim does (Inductor's caches on)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    saved = functorch_config.donated_buffer, functorch_config.enable_autograd_cache, inductor_config.fx_graph_cache
+    yield
+    functorch_config.donated_buffer, functorch_config.enable_autograd_cache, inductor_config.fx_graph_cache = saved

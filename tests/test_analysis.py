@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,6 +130,7 @@ def test_under_fp16_the_terms_gradients_are_taken_scaled_and_an_overflow_counts_
 
 
 GRAD_SIM_STEP = """
+import copy
 import sys
 import torch
 from torch import nn
@@ -139,27 +141,68 @@ from engine.recipes import get_recipe
 grad_sim = sys.argv[1] == "on"
 cfg = apply_overrides(get_recipe("smoke"), [f"analysis.grad_sim={str(grad_sim).lower()}"])
 torch.manual_seed(0)
-net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+eager = copy.deepcopy(net)
+x = torch.randn(8, 32)
 analysis = build_grad_sim(cfg, net, [])  # before the first compile, as build_run calls it
-out = torch.compile(net, backend="inductor", dynamic=False)(torch.randn(8, 32))  # a saved intermediate: donated
-terms = {"cls": out.sum(), "inv": out.square().mean()}
-if analysis:
-    analysis(terms)
-(terms["cls"] + terms["inv"]).backward()
-print("stepped")
+for name, model, forward in (("compiled", net, torch.compile(net, backend="inductor", dynamic=False)),
+                             ("eager", eager, eager)):
+    out = forward(x)  # saved intermediates: donated buffers of the compiled backward, unless grad-sim turned them off
+    terms = {"cls": out.sin().sum(), "inv": out.square().mean()}
+    if analysis:
+        print(f"grad_sim_{name}", float(build_grad_sim(cfg, model, [])(terms)["grad_sim"]))
+    (terms["cls"] + terms["inv"]).backward()
+print("gap", max(float((a.grad - b.grad).abs().max()) for a, b in zip(net.parameters(), eager.parameters())))
 """
 
 
-def test_grad_sim_runs_where_inductor_s_cache_holds_the_graph_compiled_without_it(tmp_path):
+def test_grad_sim_is_right_where_inductor_s_cache_holds_the_graph_compiled_without_it(tmp_path):
     """An ablation recipe (grad-sim on) after `arat-...` (off) loads the same training graph from Inductor's on-disk
     cache, its backward compiled with donated buffers, which refuse grad-sim's retain_graph backward: the step
-    raised at once (helper-83). A backward a process compiles itself has none left by then (grad-sim's runs first)."""
+    raised at once (helper-83). With donated buffers turned off for grad-sim alone, the step then ran, and its
+    gradients were silently wrong (5.8 at most against eager here): Inductor's graph cache does not key on donated
+    buffers, so the cached backward still overwrote the saved tensors grad-sim's backward needs again. A grad-sim
+    process now neither reads nor writes the caches: its gradients and cosines equal eager's."""
     import os
     import subprocess
     import sys
 
     env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PYTHONPATH": os.getcwd()}
-    for grad_sim in ("off", "on"):  # the first fills the cache, the second hits it
+    outputs = []
+    for grad_sim in ("off", "on", "on"):  # the first fills the cache; the others would hit it
         done = subprocess.run([sys.executable, "-c", GRAD_SIM_STEP, grad_sim], env=env, capture_output=True, text=True,
                               timeout=600)  # fmt: skip
-        assert done.returncode == 0 and "stepped" in done.stdout, done.stderr[-1500:]
+        assert done.returncode == 0, done.stderr[-1500:]
+        outputs.append(dict(line.split() for line in done.stdout.splitlines()))
+    for out in outputs:
+        assert float(out["gap"]) < 1e-5, outputs  # compiled gradients: eager's
+    for out in outputs[1:]:
+        assert float(out["grad_sim_compiled"]) == pytest.approx(float(out["grad_sim_eager"]), abs=1e-6), outputs
+
+
+def test_grad_sim_built_after_a_compile_in_the_same_process_is_right():
+    """A grad-sim run built in a process that already compiled the same graphs with donated buffers (the benchmark's
+    `--compare analysis.grad_sim=false,true`): dynamo does not guard on the switch, so the old backward was reused
+    and overwrote what grad-sim's second backward reads. Its graphs are dropped: compiled equals eager."""
+    import copy
+
+    from engine.analysis import keep_saved_tensors
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))]
+    nets += [copy.deepcopy(nets[0]) for _ in range(2)]
+    x = torch.randn(8, 32)
+    out = torch.compile(nets[0], backend="inductor", dynamic=False)(x)  # a run without grad-sim: donated buffers
+    (out.sin().sum() + out.square().mean()).backward()
+    keep_saved_tensors()  # what build_grad_sim calls
+    cosines = []
+    for net in nets[1:]:
+        out = (torch.compile(net, backend="inductor", dynamic=False) if net is nets[1] else net)(x)
+        terms = {"cls": out.sin().sum(), "inv": out.square().mean()}
+        cosines.append(float(GradSim(backbone_weights([net]))(terms)["grad_sim"]))
+        (terms["cls"] + terms["inv"]).backward()
+    torch._dynamo.reset()
+    assert cosines[0] == pytest.approx(cosines[1], abs=1e-6)
+    for compiled, eager in zip(nets[1].parameters(), nets[2].parameters(), strict=True):
+        torch.testing.assert_close(compiled.grad, eager.grad)
