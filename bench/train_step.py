@@ -425,7 +425,9 @@ def greedy(base: list[str], rounds: int, steps: int, warmup: int, device_type: s
                 release(candidate)
             free_memory()
             return False
-        kept = ratio > 1.0 and row.get("captured") is not False  # an eager attack under the captured name: never
+        # never kept: an eager attack under the captured name, or compiled code dynamo gave up on (at its recompile
+        # limit, or on an error) and ran eagerly under the compiled name
+        kept = ratio > 1.0 and row.get("captured") is not False and not row.get("eager_frames")
         figures = {"kept": kept, "vs_previous": round(ratio, 3), "vs_fp32_eager": round(chain * ratio, 3)}
         row |= figures
         rows.append(row)

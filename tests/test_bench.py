@@ -675,6 +675,17 @@ def test_a_row_whose_capture_failed_says_its_attacks_ran_eagerly(monkeypatch):
     assert [r["kept"] for r in rows[1:5]] == [False] * 4
 
 
+def test_the_ladder_never_keeps_a_compiled_row_whose_code_ran_eagerly(monkeypatch):
+    """A frame dynamo gives up on (its recompile limit hit, rows adding cache entries in one process) runs eagerly
+    from then on; that row timed eager code under the compiled name, and the ladder could keep it (helper-112)."""
+    stand_in, _ = stand_in_ladder(monkeypatch, lambda overrides: 100.0 * 0.5 ** len(overrides))
+    monkeypatch.setattr(stand_in, "report", lambda r: {"config": r.name, "step_ms": r.step_ms[0], "eager_frames": 1})
+    rows = stand_in.greedy([], rounds=1, steps=1, warmup=1, device_type="cpu")
+    assert [r["kept"] for r in rows[1:5]] == [False] * 4
+    monkeypatch.setattr(stand_in, "report", lambda r: {"config": r.name, "step_ms": r.step_ms[0], "eager_frames": 0})
+    assert stand_in.greedy([], rounds=1, steps=1, warmup=1, device_type="cpu")[1]["kept"] is True
+
+
 def test_grad_sim_rows_get_no_ar_at_cost_model():
     """analysis.grad_sim adds two backwards a step, which METHOD 9's model leaves out: such a row got AR-AT's
     TFLOP/s (a wrong figure under the right name). Now None, as another method's row."""
