@@ -53,8 +53,15 @@ def inductor_default_dir() -> str:
 def isolate_inductor_cache() -> str:
     """Point Inductor's cache at a per-ISA directory (a no-op when the user set TORCHINDUCTOR_CACHE_DIR);
     returns the directory in use. Must run before the first compile of the process. Inductor writes its default
-    into the variable at its first compile, and child processes inherit it: that value is not a user's choice."""
+    into the variable at its first compile, and child processes inherit it: that value is not a user's choice.
+    Nor is a per-ISA folder this function chose in a parent process: a child running torch at another ISA
+    (ATEN_CPU_CAPABILITY) loaded the parent's graphs from it and computed gradients 7x too large (helper-113);
+    such a child takes the sibling folder of its own ISA."""
     chosen = os.environ.get(ENV)
+    if chosen and re.fullmatch(r"arat-.+-[0-9a-f]{8}", Path(chosen).name):  # inherited from an engine process
+        path = Path(os.path.abspath(chosen)).parent / f"arat-{cpu_key()}"
+        os.environ[ENV] = str(path)
+        return str(path)
     if chosen and os.path.abspath(chosen) != inductor_default_dir():
         return chosen
     path = Path(inductor_default_dir()) / f"arat-{cpu_key()}"

@@ -49,6 +49,9 @@ def test_cache_dir_depends_on_the_cpu_capability(monkeypatch):
     assert torch.backends.cpu.get_cpu_capability().lower() in Path(path).name
     monkeypatch.setenv(ENV, "/chosen/by/user")
     assert isolate_inductor_cache() == "/chosen/by/user"
+    # a per-ISA folder a parent engine process chose (inherited): this process's ISA's sibling folder
+    monkeypatch.setenv(ENV, "/tmp/parent/arat-avx512-0123abcd")
+    assert isolate_inductor_cache() == str(Path("/tmp/parent") / Path(path).name)
 
 
 def test_the_cache_dir_is_inductor_s_own_per_account_and_inherited_defaults_are_isolated_too(monkeypatch):
@@ -78,13 +81,13 @@ def test_processes_of_two_isas_get_two_folders(tmp_path):
     own cache folder from `import engine`. The ISA test below, which shows why, needs an AVX-512 CPU and is slow."""
     code = "import os, engine; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
     folders = []
-    for capability in ("default", "avx2"):
-        env = {k: v for k, v in os.environ.items() if k != ENV}
+    for capability in ("default", "avx2", "avx2"):  # the last a child of the first: its folder in the environment
+        env = {k: v for k, v in os.environ.items() if k != ENV} | ({ENV: str(folders[0])} if len(folders) == 2 else {})
         env |= {"TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO), "ATEN_CPU_CAPABILITY": capability}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         folders.append(Path(out.stdout.strip().splitlines()[-1]))
-    assert folders[0] != folders[1] and folders[0].parent == folders[1].parent
+    assert folders[0] != folders[1] == folders[2] and folders[0].parent == folders[1].parent
     assert folders[0].name.startswith("arat-default-") and folders[1].name.startswith("arat-avx2-"), folders
 
 
