@@ -266,6 +266,12 @@ def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+# What the engine's attacks compute, as a version in every chunk's key: raised with any change that can change a
+# chunk's flags (an attack's code, the evaluation's dtype or forward), so a chunk an older engine saved is redone,
+# not served under the new code's name. 2: evaluation in fp32 also under a caller's autocast (2026-12-06).
+EVAL_VERSION = 2
+
+
 def attack_spec(
     name: str, cfg: EvalConfig, n: int, seed: int, model_hash: str, batch_size: int, tf32: bool = False,
     channels_last: bool = True, compiled: bool | str = False, data_hash: str | None = None, hardware: str | None = None,
@@ -279,7 +285,8 @@ def attack_spec(
     cuDNN/CUDA versions, CPU instruction sets and torch versions, so chunks are reused only where they ran.
     `gemm_convs`: the convolutions a CPU run computes as matrix products (perf.gemm_conv: the evaluation ending a
     training run inherits them, `arat eval` does not), whose last bits differ from oneDNN's."""
-    spec = {"attack": name, "num_examples": n, "chunk_size": cfg.chunk_size, "seed": seed, "model": model_hash,
+    spec = {"engine_evaluation": EVAL_VERSION, "attack": name, "num_examples": n, "chunk_size": cfg.chunk_size,
+            "seed": seed, "model": model_hash,
             "batch_size": batch_size, "dtype": "fp32", "tf32_convolutions": tf32,
             "memory_format": "channels_last" if channels_last else "contiguous", "compiled": compiled,
             "cudnn_algorithms": "heuristic, deterministic", "inductor": inductor_mode(),

@@ -289,6 +289,22 @@ def test_saved_chunks_of_another_model_are_not_reused(tmp_path):
     assert evaluate(other, split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 0
 
 
+def test_chunks_an_older_engine_saved_are_redone(tmp_path, monkeypatch):
+    """The key held what the evaluation was given, not what the engine computes: chunks saved under bf16 autocast
+    before the evaluation forced fp32 were reused as fp32 ones (helper-113). The engine's evaluation version is in
+    the key: raised, every chunk is redone."""
+    import engine.evaluate
+
+    split, record = labelled_split(), tmp_path / "eval"
+    cfg = EvalConfig(attacks=("clean",), num_examples=32, batch_size=16, chunk_size=16)
+    first = evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)
+    assert first["clean"]["config"]["engine_evaluation"] == engine.evaluate.EVAL_VERSION
+    monkeypatch.setattr(engine.evaluate, "EVAL_VERSION", engine.evaluate.EVAL_VERSION + 1)
+    assert (
+        evaluate(SparseLinear(), split, cfg, torch.device("cpu"), 3, record_dir=record)["clean"]["reused_chunks"] == 0
+    )
+
+
 @pytest.mark.parametrize(
     "damage",
     [
