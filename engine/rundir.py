@@ -239,8 +239,9 @@ class RunDir:
 
     def training_record(self) -> dict[str, Any]:
         """What the run recorded about its training: "dataset" (the data used: synthetic where the fallback replaced
-        absent real data) and "world_size" (processes, each with a batch of its own), from env.json (written at the
-        start since 2026-12-02) or else results.json (written at the end); keys left out where nothing says."""
+        absent real data), "world_size" (processes, each with a batch of its own) and "train_data" (the training
+        split's fingerprint, since 2026-12-06), from env.json (written at the start since 2026-12-02) or else
+        results.json (written at the end); keys left out where nothing says."""
         record: dict[str, Any] = {}
         for name in ("results.json", "env.json"):  # env.json's, written first, wins
             try:
@@ -251,6 +252,7 @@ class RunDir:
             found = {
                 "dataset": data.get("dataset") if isinstance(data, dict) else None,
                 "world_size": env.get("world_size") if isinstance(env, dict) else None,
+                "train_data": data.get("train_data") if isinstance(data, dict) and name == "env.json" else None,
             }
             record |= {k: v for k, v in found.items() if v is not None}
         return record

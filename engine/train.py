@@ -59,6 +59,7 @@ class Run:
     warm: bool = False  # compiled, this process has built its graphs (taken a step); not saved
     step_flops: float | None = None  # METHOD 9's FLOPs per AR-AT image-step, counted at the first epoch's end
     requested_device: str = "auto"  # perf.device as configured (cfg holds the resolved one): what config.json keeps
+    train_data: str | None = None  # the training split's fingerprint (env.json: a resume must train on the same)
 
     def state_dict(self) -> dict:
         return {
@@ -266,6 +267,7 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
         test_split,
         build_grad_sim(cfg, model, method.backbones(), info),
         requested_device=requested_device,
+        train_data=train_split.fingerprint() if info.is_main else None,
     )
 
 
@@ -519,12 +521,23 @@ def other_data_on_resume(run: Run, rundir: RunDir) -> str | None:
     """A resume that would train on other data than the checkpointed epochs did: with data.synthetic_fallback, the
     data is resolved again in each process (CIFAR-10 downloaded since, or its folder gone), and the run would mix
     the two without a word (env.json recorded only the first)."""
-    trained = rundir.training_record().get("dataset")
-    now = resolve_dataset(run.cfg.data)
-    if trained is None or trained == now or not rundir.checkpoint(LATEST).exists():
+    record = rundir.training_record()
+    trained, now = record.get("dataset"), resolve_dataset(run.cfg.data)
+    if not rundir.checkpoint(LATEST).exists():
         return None
-    return (f"{rundir.path} trained on {trained}, but {now} would be used now (data.synthetic_fallback resolves the "
-            f"data again): make {trained} available again (--data-dir), or start a new run")  # fmt: skip
+    if trained is not None and trained != now:
+        return (f"{rundir.path} trained on {trained}, but {now} would be used now (data.synthetic_fallback resolves "
+                f"the data again): make {trained} available again (--data-dir), or start a new run")  # fmt: skip
+    # the same name, other images: another copy of the dataset (the official one and the JPEG-degraded one), or a
+    # relative data.data_dir ("data", the default) read from another working directory
+    fingerprint = record.get("train_data")  # (synthetic data is the config's: its resume check covers it)
+    if now != "synthetic" and fingerprint not in (None, run.train_data) and run.train_data is not None:
+        where = Path(run.cfg.data.data_dir).resolve()
+        return (
+            f"{rundir.path} trained on other {now} images than {where} holds (training-set fingerprint "
+            f"{fingerprint}, now {run.train_data}): point --data-dir at the data it trained on, or start a new run"
+        )
+    return None
 
 
 def swa_from_now(run: Run) -> str:
@@ -571,8 +584,8 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     if run.dist.is_main:  # the device as asked for (auto, cuda...): a resume elsewhere resolves it again
         rundir.save_config(replace(cfg, perf=replace(cfg.perf, device=run.requested_device)))
         # what is trained on, and how: the switches as resolved here (auto's choice; each resume records its own)
-        started = {"dataset": resolve_dataset(cfg.data), "world_size": run.dist.world_size,
-                   "perf": run.perf.resolved()}  # fmt: skip
+        started = {"dataset": resolve_dataset(cfg.data), "train_data": run.train_data,
+                   "world_size": run.dist.world_size, "perf": run.perf.resolved()}  # fmt: skip
         rundir.record_environment(environment(run.perf.device) | started, resume)
     swa_notice = swa_from_now(run) if run.swa.started_on_resume and run.epoch < cfg.epochs else None
     kept = []  # the metrics rows of the epochs a resume keeps

@@ -464,6 +464,42 @@ def test_a_resume_that_would_train_on_other_data_is_refused(tiny_cfg, tmp_path, 
     assert [r["epoch"] for r in read_rows(run)] == [1]
 
 
+def test_a_resume_on_other_images_of_the_same_dataset_is_refused(tiny_cfg, tmp_path, monkeypatch, cifar_dir):
+    """Data was known by its name only: a run resumed from another working directory (data.data_dir is "data",
+    relative, by default) or pointed at another copy (the official CIFAR-10 and the JPEG-degraded one) trained its
+    remaining epochs on other images without a word (helper-113, reproduced with two CIFAR-10 folders). env.json
+    records the training split's fingerprint; a resume on other images is refused in one line, changing nothing."""
+    from engine import train
+    from engine.rundir import RunDirError
+    from engine.train import load_run_config
+
+    real = ["data.dataset=cifar10", f"data.data_dir={cifar_dir}", "data.train_subset=256", "data.test_subset=64"]
+    run = run_training(apply_overrides(tiny_cfg, [*real, "train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    fingerprint = json.loads((run / "env.json").read_text())["train_data"]
+    assert len(fingerprint) == 16
+    (run / "checkpoints" / "final.pt").unlink()
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(saved | {"epochs": 2}))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    load_splits = train.load_splits
+
+    def other_images(cfg, seed):  # another copy under the same name: one pixel differs
+        split, test = load_splits(cfg, seed)
+        split.images = split.images.copy()
+        split.images[0, 0, 0, 0] ^= 1
+        return split, test
+
+    monkeypatch.setattr(train, "load_splits", other_images)
+    with pytest.raises(
+        RunDirError, match=f"other cifar10 images than {Path(cifar_dir).resolve()}.*fingerprint {fingerprint}, now "
+    ):
+        run_training(load_run_config(run), run, resume=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written
+    monkeypatch.setattr(train, "load_splits", load_splits)  # the images it trained on: it goes on
+    run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
+    assert [r["epoch"] for r in read_rows(run)] == [1, 2]
+
+
 def test_a_checkpoint_from_another_device_leaves_this_device_s_optimizer_kind(tiny_cfg):
     """The param groups of a checkpoint carry its device's fused/foreach flags, and loading them replaced this
     run's: a CPU checkpoint resumed on CUDA ran foreach SGD, which fails under fp16's GradScaler (its fused path);

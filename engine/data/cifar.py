@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,16 @@ class ArraySplit:
 
     def head(self, n: int) -> ArraySplit:
         return self if n <= 0 or n >= len(self) else ArraySplit(self.images[:n], self.labels[:n])
+
+    def fingerprint(self) -> str:
+        """A hash of the images and labels (~0.3 s for CIFAR's 50,000): which data a run trained on, where a
+        dataset's name and folder do not say (another copy under the same name, a relative data_dir read from
+        another working directory)."""
+        digest = hashlib.sha256()
+        for a in (self.images, self.labels):
+            digest.update(f"{a.shape} {a.dtype}".encode())
+            digest.update(np.ascontiguousarray(a).tobytes())
+        return digest.hexdigest()[:16]
 
 
 def how_to_get(dataset: str, data_dir: Path) -> str:
