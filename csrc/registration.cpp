@@ -3,6 +3,13 @@
 
 #include "arat_native.h"
 
+#ifndef ARAT_NATIVE_SOURCE_HASH
+#define ARAT_NATIVE_SOURCE_HASH "unknown"
+#endif
+// What kernels/native.py compares with the checkout's csrc/ before using the library (read from the file's bytes).
+extern "C" __attribute__((used, visibility("default"))) const char arat_native_sources[] =
+    "arat-native-sources:" ARAT_NATIVE_SOURCE_HASH;
+
 TORCH_LIBRARY(arat_native, m) {
   m.def("pgd_step(Tensor x, Tensor x_adv, Tensor grad, float eps, float alpha) -> Tensor");
   m.def(

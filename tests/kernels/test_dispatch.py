@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +68,21 @@ def test_real_op_fallback_with_native_loaded(caplog):
 def test_load_native_rejects_a_missing_explicit_path(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         kernels.load_native(tmp_path / "missing.so")
+
+
+def test_a_native_library_built_from_other_sources_is_not_used(tmp_path, monkeypatch, caplog):
+    """build/ is ignored by git and nothing rebuilt it: a library from an older checkout (its NaN rules changed
+    twice since) loaded without a word. The library carries its sources' hash; another one's, or none, is not used."""
+    from kernels import native
+
+    monkeypatch.setattr(native, "_loaded_from", None)  # as in a fresh process (nothing loaded yet)
+    stale = tmp_path / "libarat_native.so"
+    caplog.set_level(logging.WARNING, logger="kernels")
+    for content in (b"\x7fELF arat-native-sources:" + b"0" * 64, b"\x7fELF built before the hash"):
+        stale.write_bytes(content)
+        assert native.load_native(stale) is False and not native.is_loaded()
+        assert "built from other sources" in caplog.text and "bash scripts/build_native.sh" in caplog.text
+        caplog.clear()
+    built = Path(native.__file__).resolve().parents[1] / "build" / native.LIBRARY_NAME
+    if built.is_file():  # scripts/test.sh builds it: CMake's hash is the one Python computes from csrc/
+        assert native.built_from(built) == native.source_hash()
