@@ -336,7 +336,8 @@ def cmd_eval(args) -> None:
     print(f"{args.target}: {format_results(results)}")  # printed first: a failed write below loses nothing
     env = environment(device) | {"world_size": info.world_size}
     dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
-    entry = {"target": str(target.resolve()), "dataset": dataset, "results": summary(results),
+    test_data = split.fingerprint()  # which test images, where the dataset's name does not say (another copy)
+    entry = {"target": str(target.resolve()), "dataset": dataset, "test_data": test_data, "results": summary(results),
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
 
     def write_record() -> None:
@@ -357,7 +358,8 @@ def cmd_eval(args) -> None:
         with RunDir(target).open_for_writing(resume=True, wait_s=EVAL_LOCK_WAIT_S) as rundir:
             if in_run:
                 write_record()
-            rundir.write_json("eval.json", merged_evaluation(rundir.path / "eval.json", dataset, summary(results)))
+            merged = merged_evaluation(rundir.path / "eval.json", dataset, summary(results), test_data)
+            rundir.write_json("eval.json", merged)
     except RunDirInUse as e:
         raise RunDirError(f"{e}: the results above were not written into the run; the same `arat eval` again "
                           "writes them in seconds (every chunk is saved)") from None  # fmt: skip
@@ -386,20 +388,21 @@ def output_classes(model: torch.nn.Module) -> int:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
 
 
-def merged_evaluation(path: Path, dataset: str, results: dict) -> dict:
+def merged_evaluation(path: Path, dataset: str, results: dict, test_data: str | None = None) -> dict:
     """RUN/eval.json with this evaluation's attacks replacing their earlier entries: `arat eval RUN --attacks clean`
     after an evaluation of AutoAttack kept only clean (the AutoAttack figure vanished from `arat table`); each
-    AutoAttack protocol has its own entry. An eval.json on other data is replaced whole (its figures stay in
-    eval/records/)."""
+    AutoAttack protocol has its own entry. An eval.json on other data (another dataset, or other test images under
+    the same name: `test_data`, their fingerprint) is replaced whole (its figures stay in eval/records/)."""
     from .rundir import by_protocol, fewer_images_of_the_same_network, read_json_or_none
 
     earlier = read_json_or_none(path)
     same = isinstance(earlier, dict) and earlier.get("dataset") == dataset and isinstance(earlier.get("results"), dict)
+    same = same and earlier.get("test_data") in (None, test_data)  # (an older eval.json does not say)
     merged = by_protocol(earlier["results"]) if same else {}  # each AutoAttack protocol's figure apart
     for attack, result in results.items():  # a rerun of the same weights on fewer images keeps the fuller figure
         if not fewer_images_of_the_same_network(result, merged.get(attack)):
             merged[attack] = result
-    return {"dataset": dataset, "results": merged}
+    return {"dataset": dataset, "results": merged} | ({"test_data": test_data} if test_data else {})
 
 
 PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")  # matplotlib's Agg

@@ -143,13 +143,21 @@ def results_on(dataset: str, evaluations: list[tuple[str, dict]]) -> tuple[dict,
     eval`, whose attacks override) made on `dataset`, the data the run trained on; and the (file name, dataset) of
     those left out, evaluations on other data. A record without "dataset" (an older engine) counts as `dataset`.
     A later attack of the same network (its weights' hash) on fewer images (a quick `arat eval RUN --num-examples
-    100`) does not replace the fuller one."""
+    100`) does not replace the fuller one. Test images other than the first record's (its "test_data"
+    fingerprint: another copy of the dataset, or a relative data folder read from elsewhere) are left out too,
+    as "<dataset>, other test images": clean from one copy beside AutoAttack from another read as one model's."""
     results: dict = {}
     left_out = []
+    test_data = None  # the first record's that says (results.json's: the training's own test images)
     for name, evaluation in evaluations:
         if evaluation.get("dataset", dataset) != dataset:
             left_out.append((name, evaluation["dataset"]))
             continue
+        this = evaluation.get("test_data")
+        if this is not None and test_data is not None and this != test_data:
+            left_out.append((name, f"{dataset}, other test images"))
+            continue
+        test_data = test_data or this
         for attack, result in by_protocol(evaluation["results"]).items():
             if not fewer_images_of_the_same_network(result, results.get(attack)):
                 results[attack] = result

@@ -742,6 +742,7 @@ def evaluate_and_record(run: Run, rundir: RunDir, model: nn.Module, say) -> None
             {
                 "recipe": run.cfg.recipe,
                 "dataset": resolve_dataset(run.cfg.data),  # synthetic where the fallback replaced the real data
+                "test_data": run.test_split.fingerprint(),  # which test images (another copy has the same name)
                 "epochs": run.epoch,
                 "model": "adv-bn",
                 "swa": run.cfg.swa.enabled,

@@ -935,3 +935,42 @@ def test_resume_change_names_the_first_key_a_resume_cannot_take():
     assert resume_change(off, after(off, "dist.timeout_min=5", "perf.dtype=fp32"), 1) is None
     # a key an older engine's checkpoint did not hold is not compared (its default may have changed since)
     assert resume_change(off, after(off, "attack.official_quirk=true"), 1, saved={"attack.eps"}) is None
+
+
+def test_an_evaluation_on_other_test_images_of_the_same_dataset_is_not_mixed_in(tmp_path, monkeypatch, capsys):
+    """`arat eval RUN` reading another copy of the dataset (another --data-dir, or the relative default from another
+    working directory: the name is the same) merged its attacks into eval.json beside the training's, and export
+    and the table mixed figures from two test sets as one model's (helper-113). Each record now carries its test
+    images' fingerprint: such an evaluation replaces eval.json whole and is left out beside results.json."""
+    import engine.data
+
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1",
+                 "--set", "eval.attacks=clean"]) == 0  # fmt: skip
+    trained = json.loads((run / "results.json").read_text())
+    load_test_split = engine.data.load_test_split
+
+    def other_copy(cfg, seed):  # the same name, other pixels
+        split = load_test_split(cfg, seed)
+        split.images = 255 - split.images
+        return split
+
+    monkeypatch.setattr(engine.data, "load_test_split", other_copy)
+    assert main(["eval", str(run), "--attacks", "clean,pgd20", "--num-examples", "16"]) == 0
+    other = json.loads((run / "eval.json").read_text())
+    assert other["test_data"] != trained["test_data"] and set(other["results"]) == {"clean", "pgd20"}
+    assert main(["export", str(run), str(tmp_path / "model.pt")]) == 0
+    published = json.loads((tmp_path / "model.json").read_text())["engine"]["results"]
+    assert set(published) == {"clean"} and published["clean"] == trained["results"]["clean"]  # the training's
+    assert "eval.json (synthetic, other test images) left out: the run trained on synthetic" in main_table(run)
+    monkeypatch.setattr(engine.data, "load_test_split", load_test_split)  # the training's test images again
+    assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 0
+    again = json.loads((run / "eval.json").read_text())
+    assert again["test_data"] == trained["test_data"] and set(again["results"]) == {"clean"}  # replaced whole
+    capsys.readouterr()
+
+
+def main_table(run) -> str:
+    from engine.table import render, table
+
+    return render(table([str(run)]))
