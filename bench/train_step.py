@@ -45,9 +45,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo
 from cost_model import derived, epoch_images, forward_units
 from harness import append_jsonl, markdown_table, positive_int, provenance, run_cli
 
+from engine.analysis import keep_saved_tensors
 from engine.attacks.graphs import active as active_attack_graphs
 from engine.attacks.graphs import set_attack_graphs
 from engine.config import TrainConfig, apply_overrides
@@ -500,6 +502,10 @@ def cumulative(base: list[str], wanted: set[int], rounds: int, steps: int, warmu
 def compare(base: list[str], key: str, values: list[str], rounds: int, steps: int, warmup: int) -> list[dict]:
     """One switch's values on the same base, interleaved; `vs_first` is the median of per-round ratios."""
     configs = [apply_overrides(get_recipe("demo"), base + [f"{key}={v}"]) for v in values]
+    if any(c.analysis.grad_sim for c in configs):  # before any row compiles: building a grad-sim row later would
+        keep_saved_tensors()  # drop the rows' graphs built so far (they would recompile in their timed rounds)
+        print("note: a grad-sim row is compared: every row compiles without donated buffers and Inductor's caches",
+              flush=True)  # fmt: skip
     built, failed = [], []
     for v, cfg in zip(values, configs, strict=True):
         try:
@@ -601,6 +607,9 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     global LADDER
     args = parse_args(argv)
+    # a frame at dynamo's recompile limit runs eagerly for the rest of the process without counting again
+    # (helper-114): a later row would time eager code under a compiled name. Raised instead: that row fails
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     base = base_overrides(args)
     # the rows run where the configuration says (--set perf.device=cpu on a GPU machine: the CPU ladder); a bad
     # setting is a UserError, one line and exit 2 through run_cli

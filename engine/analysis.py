@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, mean_over_ranks_of
+from .perf import compile_wanted, resolve_device
 
 
 def backbone_weights(networks: list[nn.Module]) -> list[nn.Parameter]:
@@ -72,11 +73,11 @@ def build_grad_sim(
     (retain_graph), so no compiled backward may overwrite its saved tensors: `keep_saved_tensors`."""
     if not cfg.analysis.grad_sim:
         return None
-    keep_saved_tensors()
+    keep_saved_tensors(compile_wanted(cfg.perf, resolve_device(cfg.perf.device)))
     return GradSim(backbone_weights([model, *extra]), dist)
 
 
-def keep_saved_tensors() -> None:
+def keep_saved_tensors(compiled: bool = True) -> None:
     """Compiled backwards from here on in this process keep their saved tensors (process-wide; call it before the
     first compile). torch.compile's backward may reuse the tensors it saved as its own buffers ("donated buffers"),
     which a second backward over the same graph then reads overwritten: gradients silently wrong. So: donated
@@ -84,13 +85,24 @@ def keep_saved_tensors() -> None:
     reused); and Inductor's on-disk caches neither read nor written, since Inductor's graph cache does not key on
     donated buffers (torch 2.13): a backward compiled with them by a run without grad-sim (an ablation after
     `arat-...`) was loaded and gave gradients up to 5.8 away from eager's on a 3-layer test network
-    (tests/test_analysis.py). A grad-sim run compiles from scratch: minutes on a CPU, about one on a GPU."""
+    (tests/test_analysis.py). A grad-sim run compiles from scratch: minutes on a CPU, about one on a GPU.
+    `compiled`: the run compiles; then an environment that forces the caches on is refused in one line."""
     import torch._dynamo
     import torch._functorch.config
     import torch._inductor.config
+    import torch.compiler.config
 
     if torch._functorch.config.donated_buffer:
         torch._functorch.config.donated_buffer = False
         torch._dynamo.reset()
+    # force_disable_caches too: TORCHINDUCTOR_FX_GRAPH_CACHE / TORCHINDUCTOR_AUTOGRAD_CACHE set in the environment
+    # override the two switches (helper-114 reproduced the wrong gradients with them set); read back, since the
+    # environment can override that one as well
+    torch.compiler.config.force_disable_caches = True
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
+    if compiled and not torch.compiler.config.force_disable_caches:
+        raise ConfigError(
+            "analysis.grad_sim under torch.compile needs Inductor's caches off, and TORCHINDUCTOR_FORCE_DISABLE_CACHES"
+            " (or TORCH_COMPILE_FORCE_DISABLE_CACHES) in the environment keeps them on: unset it, or perf.compile=off"
+        )

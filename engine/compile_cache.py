@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 ENV = "TORCHINDUCTOR_CACHE_DIR"
+CHOSEN_ENV = "ARAT_INDUCTOR_CACHE_DIR"  # the folder an engine process chose (so not a user's), for its children
 
 
 def cpuinfo(*keys: str) -> str:
@@ -58,12 +59,11 @@ def isolate_inductor_cache() -> str:
     (ATEN_CPU_CAPABILITY) loaded the parent's graphs from it and computed gradients 7x too large (helper-113);
     such a child takes the sibling folder of its own ISA."""
     chosen = os.environ.get(ENV)
-    if chosen and re.fullmatch(r"arat-.+-[0-9a-f]{8}", Path(chosen).name):  # inherited from an engine process
+    if chosen and chosen == os.environ.get(CHOSEN_ENV):  # inherited from an engine process (a user's is kept)
         path = Path(os.path.abspath(chosen)).parent / f"arat-{cpu_key()}"
-        os.environ[ENV] = str(path)
-        return str(path)
-    if chosen and os.path.abspath(chosen) != inductor_default_dir():
+    elif chosen and os.path.abspath(chosen) != inductor_default_dir():
         return chosen
-    path = Path(inductor_default_dir()) / f"arat-{cpu_key()}"
-    os.environ[ENV] = str(path)
+    else:
+        path = Path(inductor_default_dir()) / f"arat-{cpu_key()}"
+    os.environ[ENV] = os.environ[CHOSEN_ENV] = str(path)  # the second says to a child that the engine chose it
     return str(path)

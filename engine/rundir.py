@@ -172,6 +172,16 @@ def fewer_images_of_the_same_network(later: Any, earlier: Any) -> bool:
     return model[0] is not None and model[0] == model[1] and fewer
 
 
+def first_fingerprint(env: Any) -> str | None:
+    """The training set's fingerprint env.json first recorded: its start's, or, for a run started before the key
+    existed, that of the first resume that recorded one (helper-114: such a run was never checked again)."""
+    if not isinstance(env, dict):
+        return None
+    resumes = env.get("resumes") if isinstance(env.get("resumes"), list) else []
+    found = [e.get("train_data") for e in [env, *resumes] if isinstance(e, dict)]
+    return next((f for f in found if isinstance(f, str)), None)
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -260,7 +270,7 @@ class RunDir:
             found = {
                 "dataset": data.get("dataset") if isinstance(data, dict) else None,
                 "world_size": env.get("world_size") if isinstance(env, dict) else None,
-                "train_data": data.get("train_data") if isinstance(data, dict) and name == "env.json" else None,
+                "train_data": first_fingerprint(data) if name == "env.json" else None,
             }
             record |= {k: v for k, v in found.items() if v is not None}
         return record

@@ -167,7 +167,10 @@ def test_grad_sim_is_right_where_inductor_s_cache_holds_the_graph_compiled_witho
     import subprocess
     import sys
 
-    env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PYTHONPATH": os.getcwd()}
+    # the cache switches of the environment left out: with the caches forced off the first run would fill none
+    # (the test vacuous); forced on, they are what the fix must withstand (below)
+    env = {k: v for k, v in os.environ.items() if "CACHE" not in k or not k.startswith(("TORCHINDUCTOR", "TORCH_"))}
+    env |= {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PYTHONPATH": os.getcwd()}
     outputs = []
     for grad_sim in ("off", "on", "on"):  # the first fills the cache; the others would hit it
         done = subprocess.run([sys.executable, "-c", GRAD_SIM_STEP, grad_sim], env=env, capture_output=True, text=True,
@@ -178,6 +181,12 @@ def test_grad_sim_is_right_where_inductor_s_cache_holds_the_graph_compiled_witho
         assert float(out["gap"]) < 1e-5, outputs  # compiled gradients: eager's
     for out in outputs[1:]:
         assert float(out["grad_sim_compiled"]) == pytest.approx(float(out["grad_sim_eager"]), abs=1e-6), outputs
+    # the caches' own switches forced on in the environment override the engine's (helper-114): still right
+    forced = env | {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    done = subprocess.run([sys.executable, "-c", GRAD_SIM_STEP, "on"], env=forced, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert float(dict(line.split() for line in done.stdout.splitlines())["gap"]) < 1e-5, done.stdout
 
 
 def test_grad_sim_built_after_a_compile_in_the_same_process_is_right():

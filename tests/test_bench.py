@@ -686,6 +686,26 @@ def test_the_ladder_never_keeps_a_compiled_row_whose_code_ran_eagerly(monkeypatc
     assert stand_in.greedy([], rounds=1, steps=1, warmup=1, device_type="cpu")[1]["kept"] is True
 
 
+def test_comparing_grad_sim_keeps_saved_tensors_before_any_row_compiles(monkeypatch):
+    """Building a grad-sim row drops the graphs compiled so far (engine.analysis.keep_saved_tensors): the rows
+    built before it recompiled in their timed rounds (helper-114). It is called once, before the first row."""
+    import train_step as ts
+
+    calls = []
+    monkeypatch.setattr(ts, "keep_saved_tensors", lambda: calls.append("keep"))
+
+    def build_row(name, cfg, warmup):
+        calls.append(name)
+        raise RuntimeError("stand-in")
+
+    monkeypatch.setattr(ts, "build_row", build_row)
+    rows = ts.compare([], "analysis.grad_sim", ["false", "true"], rounds=1, steps=1, warmup=1)
+    assert calls == ["keep", "analysis.grad_sim=false", "analysis.grad_sim=true"] and len(rows) == 2
+    calls.clear()
+    ts.compare([], "perf.dual_forward", ["false", "true"], rounds=1, steps=1, warmup=1)
+    assert "keep" not in calls
+
+
 def test_grad_sim_rows_get_no_ar_at_cost_model():
     """analysis.grad_sim adds two backwards a step, which METHOD 9's model leaves out: such a row got AR-AT's
     TFLOP/s (a wrong figure under the right name). Now None, as another method's row."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.compile_cache import ENV, isolate_inductor_cache
+from engine.compile_cache import CHOSEN_ENV, ENV, isolate_inductor_cache
 
 REPO = Path(__file__).resolve().parents[1]
 STEP = """
@@ -51,7 +51,11 @@ def test_cache_dir_depends_on_the_cpu_capability(monkeypatch):
     assert isolate_inductor_cache() == "/chosen/by/user"
     # a per-ISA folder a parent engine process chose (inherited): this process's ISA's sibling folder
     monkeypatch.setenv(ENV, "/tmp/parent/arat-avx512-0123abcd")
+    monkeypatch.setenv(CHOSEN_ENV, "/tmp/parent/arat-avx512-0123abcd")
     assert isolate_inductor_cache() == str(Path("/tmp/parent") / Path(path).name)
+    # a user's folder of a name like it is the user's (helper-114: a pattern took /scratch/arat-cache-20261206)
+    monkeypatch.setenv(ENV, "/scratch/arat-cache-20261206")
+    assert isolate_inductor_cache() == "/scratch/arat-cache-20261206"
 
 
 def test_the_cache_dir_is_inductor_s_own_per_account_and_inherited_defaults_are_isolated_too(monkeypatch):
@@ -82,7 +86,8 @@ def test_processes_of_two_isas_get_two_folders(tmp_path):
     code = "import os, engine; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
     folders = []
     for capability in ("default", "avx2", "avx2"):  # the last a child of the first: its folder in the environment
-        env = {k: v for k, v in os.environ.items() if k != ENV} | ({ENV: str(folders[0])} if len(folders) == 2 else {})
+        env = {k: v for k, v in os.environ.items() if k not in (ENV, CHOSEN_ENV)}
+        env |= {ENV: str(folders[0]), CHOSEN_ENV: str(folders[0])} if len(folders) == 2 else {}
         env |= {"TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO), "ATEN_CPU_CAPABILITY": capability}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -498,6 +498,14 @@ def test_a_resume_on_other_images_of_the_same_dataset_is_refused(tiny_cfg, tmp_p
     monkeypatch.setattr(train, "load_splits", load_splits)  # the images it trained on: it goes on
     run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
     assert [r["epoch"] for r in read_rows(run)] == [1, 2]
+    # a run started before the fingerprint existed: its first resume's is the one later resumes are held to
+    env = json.loads((run / "env.json").read_text())
+    (run / "env.json").write_text(json.dumps({k: v for k, v in env.items() if k != "train_data"}))
+    (run / "checkpoints" / "final.pt").unlink()
+    (run / "config.json").write_text(json.dumps(json.loads((run / "config.json").read_text()) | {"epochs": 3}))
+    monkeypatch.setattr(train, "load_splits", other_images)
+    with pytest.raises(RunDirError, match=f"fingerprint {fingerprint}, now "):
+        run_training(load_run_config(run), run, resume=True)
 
 
 def test_a_checkpoint_from_another_device_leaves_this_device_s_optimizer_kind(tiny_cfg):
