@@ -330,9 +330,14 @@ def test_the_ladder_runs_on_the_configured_device_and_refuses_a_set_it_would_ove
         "matmul_ceiling_tflops": 1.0, "matmul_ceiling_case": "stand-in"})  # fmt: skip
     monkeypatch.setattr(ts, "provenance", lambda device: {"cpu": "x", "cpu_native_bf16": False, "cpu_threads": 1})
     monkeypatch.setattr(ts, "append_jsonl", lambda path, rows: None)
+    strict = []
+    monkeypatch.setattr(ts, "greedy", lambda *a, **k: strict.append(torch._dynamo.config.fail_on_recompile_limit_hit)
+                        or seen.append(a[4]) or [])  # fmt: skip
     ts.main(["--set", "perf.device=cpu"])
     ts.main([])  # auto: the GPU this machine (says it) has
     assert seen == ["cpu", "cpu", "cuda", "cuda"]
+    # rows at dynamo's recompile limit fail inside the benchmark, and the process's setting is as it was after
+    assert strict == [True, True] and torch._dynamo.config.fail_on_recompile_limit_hit is False
     for argv in (["--set", "perf.dtype=fp32"], ["--direct", "perf.compile=on", "--set", "perf.gemm_conv=8"],
                  ["--direct", "perf.compile=on", "--compare", "perf.kernels=off,on"]):  # fmt: skip
         with pytest.raises(SystemExit) as refused:
