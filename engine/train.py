@@ -520,7 +520,8 @@ def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
 def other_data_on_resume(run: Run, rundir: RunDir) -> str | None:
     """A resume that would train on other data than the checkpointed epochs did: with data.synthetic_fallback, the
     data is resolved again in each process (CIFAR-10 downloaded since, or its folder gone), and the run would mix
-    the two without a word (env.json recorded only the first)."""
+    the two without a word (env.json recorded only the first); or other images under the same dataset name (env.json's
+    training-set fingerprint)."""
     record = rundir.training_record()
     trained, now = record.get("dataset"), resolve_dataset(run.cfg.data)
     if not rundir.checkpoint(LATEST).exists():

@@ -58,10 +58,10 @@ def load_native(path: str | os.PathLike | None = None) -> bool:
     if _loaded_from is not None:
         return True
     candidates = [Path(path)] if path is not None else default_paths()
+    expected = source_hash()  # the checkout's sources, read once for every candidate
     for candidate in candidates:
         if not candidate.is_file():
             continue
-        expected = source_hash()
         if expected is not None and built_from(candidate) != expected:
             log.warning(
                 "native library %s was built from other sources than %s holds: rebuild it (bash "
