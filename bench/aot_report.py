@@ -1,4 +1,4 @@
-"""Compile every Triton kernel x config for sm_80 and sm_90 ahead of time (no GPU needed) and report resources.
+"""Compile every Triton kernel x config for sm_75, sm_80 and sm_90 ahead of time (no GPU needed) and report resources.
 
     python bench/aot_report.py --out bench/results/aot.jsonl
 
@@ -34,7 +34,7 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/aot.jsonl", help="JSON-lines file to append to")
-    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 80 and 90)")
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 75 80 90)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise UserError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")

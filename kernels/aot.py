@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of every Triton kernel for sm_80 / sm_90 without a GPU, with resource usage.
+"""Ahead-of-time compilation of every Triton kernel for sm_75 / sm_80 / sm_90 without a GPU, with resource usage.
 
 triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) runs the whole pipeline (TTIR -> PTX -> cubin
 via the ptxas shipped in the triton wheel); no driver is needed. Registers, shared and local memory come from
@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-ARCHS = (80, 90)
+ARCHS = (75, 80, 90)  # T4 (fp16 autocast: no bf16), A100, H100/H200
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # a float min/max without .NaN returns the other operand when one is NaN (tl.maximum's default): a fused ReLU or
 # clamp would turn NaN into a number where torch keeps it, hiding a diverged step from the non-finite-loss check
@@ -52,8 +52,8 @@ def compile_spec(spec: dict, arch: int, float_scalars: str = "fp32") -> dict:
         "local_bytes": usage["LOCAL"],
         "stack_bytes": usage["STACK"],
         **_ptxas_spills(compiled.asm["ptx"], arch),
-        # before sm_80 PTX has no max.NaN: Triton keeps NaN with a plain max and setp.nan + selp, which the pattern
-        # would count (None: not read there)
+        # before sm_80 PTX has no max.NaN: Triton keeps NaN with plain max/min instructions and setp.nan + selp
+        # around them, which the pattern would count (None: not read there)
         "nan_dropping_minmax": len(NAN_DROPPING_MINMAX.findall(compiled.asm["ptx"])) if arch >= 80 else None,
         "values": spec.get("values", {}),
     }

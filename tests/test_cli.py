@@ -56,6 +56,22 @@ def test_corrupt_and_mismatched_checkpoints(capsys, tmp_path):
     assert code == 2 and "--model" in err
 
 
+def test_weights_for_another_class_count_say_so(capsys, tmp_path):
+    """helper-115: a 100-class file evaluated with --model (the dataset then defaults to CIFAR-10) was refused as a
+    wrong --model / --width, which were right (as was ARREST's --init from a run on the other dataset); the
+    classifier's output count alone differing names the dataset."""
+    from engine.models import CheckpointError, load_plain
+
+    weights = tmp_path / "c100.pt"
+    torch.save(build_model(ModelConfig(width=8, split_bn=False), 100).state_dict(), weights)
+    code, _, err = run_cli(capsys, "eval", str(weights), "--model", "resnet18", "--width", "8", "--attacks", "clean")
+    assert code == 2 and "classifies into 100 classes, this network into 10" in err and "--dataset" in err
+    with pytest.raises(CheckpointError, match="classifies into 100 classes, this network into 10"):
+        load_plain(build_model(ModelConfig(width=8, split_bn=False), 10), torch.load(weights), "w")
+    with pytest.raises(CheckpointError, match="check --model"):  # more than the classifier differs: as before
+        load_plain(build_model(ModelConfig(width=16, split_bn=False), 100), torch.load(weights), "w")
+
+
 def test_a_folder_left_by_an_interrupted_start_is_taken(tmp_path):
     """helper-90: a run killed between making its folder and writing its config.json (a torchrun rank failing in
     build_run, a Ctrl-C) left checkpoints/ and .lock, and every later start there was refused as "holds no run"

@@ -22,7 +22,7 @@ AOT_PROGRAMS = 4 * 132  # program_target() on an H100 SXM (132 SMs)
 
 
 def aot_specs() -> list[dict]:
-    """Every kernel x config the launchers produce for ResNet-18 activations, both layouts, fp32 and bf16.
+    """Every kernel x config the launchers produce for ResNet-18 activations, both layouts, fp32, bf16 and fp16.
 
     Integer arguments carry the values the launcher passes for that activation ("values"), so kernels.aot
     specialises them as the runtime does (1 -> constant, multiple of 16 -> divisibility hint).
@@ -34,7 +34,7 @@ def aot_specs() -> list[dict]:
             plans.setdefault((channels_last, p.block_s, p.block_c), p)  # one activation per distinct tile config
     first = next(iter(plans.values()))
     specs = []
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16", "fp16"):  # fp16: autocast's dtype on a GPU without bf16 (and perf.amp_dtype=fp16)
         for p in plans.values():
             specs += _tile_specs(dtype, p)
         specs += [_stats_finalize_spec(dtype, True, channels_last, first) for channels_last in (True, False)]

@@ -4,6 +4,7 @@ Tolerances (vs the F.batch_norm definition, which reduces in another order and c
 where the kernels compute x * scale + shift): fp32 outputs and input gradients 1e-5 abs / 1e-4 rel, parameter
 gradients (sums over B*H*W terms) 1e-4 / 1e-4, running buffers 1e-6 / 1e-5. bf16 inputs (fp32 parameters): one or
 two bf16 roundings of the output, 2e-2 / 2e-2 on maps, 5e-2 on parameter gradients, running buffers 1e-4 / 1e-4.
+fp16 inputs (what autocast picks on a GPU without bf16): held to bf16's tolerances (fp16 rounds 8x finer).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def assert_matches_definition(x, state, training, relu, tol, momentum=0.1):
 
 
 @pytest.mark.parametrize("shape, channels_last", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # fp16: a GPU without bf16
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
 def test_backend_matches_definition(backend, shape, channels_last, dtype, training, relu):

@@ -23,7 +23,7 @@ LAYOUTS = [  # (shape, channels_last): odd sizes, size-1 dims, non-4-D
     ((7,), False),
     ((2, 9), False),
 ]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # fp16: autocast's on a GPU without bf16
 
 
 def exact_tolerance(name: str, device: torch.device, dtype: torch.dtype) -> dict:
@@ -146,7 +146,7 @@ def test_uniform_start_in_ball_and_deterministic(rng_backend, dtype, channels_la
     assert kernels.last_backend()["uniform_start"] == name
     assert torch.equal(first, second) and not torch.equal(first, third)
     assert first.dtype == dtype and first.stride() == x.stride()
-    bf16_slack = 0.0 if dtype == torch.float32 else 2**-8  # one rounding of the noisy value to bf16
+    bf16_slack = 0.0 if dtype == torch.float32 else 2**-8  # one rounding of the noisy value to bf16 (fp16: finer)
     assert (first.float() - x.float()).abs().max() <= EPS + 1e-6 + bf16_slack
     assert first.min() >= 0 and first.max() <= 1
 

@@ -56,7 +56,7 @@ def test_routing_rules(monkeypatch):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pgd_step_through_the_triton_op(route_on_cpu, dtype):
     x, x_adv, grad = make_inputs((3, 3, 5, 7), dtype=dtype, channels_last=True, device=route_on_cpu)
     out = pgd_step(x, x_adv, grad, EPS, ALPHA)
@@ -79,7 +79,7 @@ def test_uniform_start_through_the_triton_op(route_on_cpu):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("training", [True, False])
 def test_dual_batch_norm_through_the_triton_ops(route_on_cpu, dtype, training):
     """Forward, input and parameter gradients (the autograd formula registered on the triton_op) and buffers."""
