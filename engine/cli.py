@@ -317,6 +317,11 @@ def cmd_eval(args) -> None:
     # under torchrun: the chunks are shared among the ranks (the collectives bounded by the run's timeout; the
     # gathers of finished chunks by the chunks' own time, evaluate._attack_result)
     info = distributed.init(DistConfig(timeout_min=cfg.dist.timeout_min), device.type)
+    try:  # each rank evaluates its chunks on its own node's copy: the flags of two copies must not mix
+        distributed.check_same_data({"test images": split.fingerprint()} if info.enabled else {}, info)
+    except UserError:
+        distributed.shutdown(info, wait=False)
+        raise
     device = distributed.local_device(info, device)
     make_current(device)
     if note := distributed.idle_gpus_note(info, device):

@@ -215,6 +215,25 @@ def gather_objects(obj, info: DistInfo, wait: timedelta | None = None) -> list:
     return out
 
 
+def check_same_data(fingerprints: dict[str, str], info: DistInfo) -> None:
+    """Refuse, on every rank alike, ranks that read other data: each rank loads its node's copy of the dataset
+    (another copy on another node, or a relative data folder seen from another working directory), and training
+    or evaluating on a mix would go on without a word. `fingerprints`: {what: this rank's hash of it}, e.g. the
+    training and test splits'. One process: nothing to compare."""
+    if not info.enabled:
+        return
+    gathered = gather_objects((socket.gethostname(), fingerprints), info)
+    host0, first = gathered[0]
+    for rank, (host, mine) in enumerate(gathered):
+        for what, fingerprint in mine.items():
+            if fingerprint != first.get(what):
+                where = f"rank {rank} ({host})" + ("" if host != host0 else ", the same host")
+                raise UserError(
+                    f"{where} reads other {what} than rank 0 ({host0}): fingerprint {fingerprint} against "
+                    f"{first.get(what)}; give every node the same copy of the dataset (--data-dir, an absolute path)"
+                )
+
+
 def average_bn_statistics(module: nn.Module, info: DistInfo, sum_counts: bool = True) -> None:
     """Every BN's running mean and variance averaged over the ranks. With `sum_counts` their batch counts are
     summed: statistics each rank accumulated as a cumulative average over its equal share of the batches become the

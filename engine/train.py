@@ -200,6 +200,14 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     perf.make_current(torch.device(cfg.perf.device))
     torch.manual_seed(cfg.seed)
     train_split, test_split = load_splits(cfg.data, cfg.seed)
+    train_data = train_split.fingerprint()  # (every rank's: another node may hold another copy)
+    if info.enabled:
+        try:
+            distributed.check_same_data({"training images": train_data, "test images": test_split.fingerprint()},
+                                        info)  # fmt: skip
+        except UserError:
+            distributed.shutdown(info, wait=False)  # every rank alike: no collective is left waiting
+            raise
     model = build_model(cfg.model, cfg.data.num_classes)
     method = build_method(replace(cfg, method=replace(cfg.method, init="")) if from_checkpoint else cfg, model)
     sync_bn = cfg.dist.sync_bn and info.enabled  # (one process: nothing to synchronize)
@@ -267,7 +275,7 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
         test_split,
         build_grad_sim(cfg, model, method.backbones(), info),
         requested_device=requested_device,
-        train_data=train_split.fingerprint() if info.is_main else None,
+        train_data=train_data,
     )
 
 

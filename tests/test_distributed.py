@@ -466,3 +466,64 @@ def test_each_rank_s_noise_seed_is_apart_from_every_epoch_s_data_seed():
         data = {epoch_generator(seed, epoch).initial_seed() for epoch in range(1, 401)}
         ranks = [rank_seed(seed, rank) for rank in range(64)]
         assert ranks[0] == seed and len(set(ranks)) == 64 and not data & set(ranks), seed
+
+
+PER_RANK_DATA = """
+import os
+import sys
+
+from engine.cli import main
+
+# each rank reads its own copy, as two nodes would (their LOCAL_RANK is 0 on each; here two ranks of one node)
+sys.exit(main(sys.argv[1:] + ["--data-dir", os.environ[f"ARAT_RANK{os.environ['RANK']}_DATA"]]))
+"""
+
+
+def _write_cifar10(root: Path, changed: bool) -> None:
+    """A tiny CIFAR-10 in the official layout; `changed`: one training and one test pixel differ."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (32, 3072), dtype=np.uint8)
+        if changed and name in ("data_batch_5", "test_batch"):
+            data[-1, -1] ^= 1
+        (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": [i % 10 for i in range(32)]}))
+
+
+@pytest.mark.slow
+def test_ranks_reading_other_copies_of_the_dataset_are_refused(tmp_path):
+    """Each rank loads its node's copy of the dataset: on two nodes with two copies (another download, the
+    JPEG-degraded one, a relative data folder), training and the sharded evaluation mixed them without a word (the
+    fingerprint was rank 0's alone). Now every rank stops at once with one line naming the rank and what differs,
+    before any run folder is made; the same copies on both ranks train as before (the other torchrun tests)."""
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    same, other = tmp_path / "a", tmp_path / "b"
+    _write_cifar10(same, changed=False)
+    _write_cifar10(other, changed=True)
+    script = tmp_path / "per_rank_data.py"
+    script.write_text(PER_RANK_DATA)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "ARAT_RANK0_DATA": str(same), "ARAT_RANK1_DATA": str(other)}  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    out = tmp_path / "run"
+    proc = run_group([*launch, "train", "--recipe", "smoke", "--set", "data.dataset=cifar10", "--out", str(out)],
+                     timeout=300, env=env)  # fmt: skip
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "reads other training images than rank 0" in line]
+    assert len(lines) == 2 and all("rank 1 (" in line for line in lines), proc.stderr[-3000:]  # both ranks, one line
+    assert "/engine/" not in proc.stderr and not out.exists()  # no worker's traceback (torchrun prints its own)
+    weights = tmp_path / "net.pt"
+    torch.save(build_model(ModelConfig(width=4, split_bn=False), 10).state_dict(), weights)
+    proc = run_group([*launch, "eval", str(weights), "--model", "resnet18", "--width", "4", "--attacks", "clean",
+                      "--out", str(tmp_path / "eval")], timeout=300, env=env)  # fmt: skip
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "reads other test images than rank 0" in line]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert "/engine/" not in proc.stderr and not (tmp_path / "eval").exists()
