@@ -8,6 +8,8 @@
   under-attack the paper's protocol), Square at 5,000 queries with its step-size schedule rescaled to them
   (torchattacks' `resc_schedule=True`; pyautoattack's standard keeps the 10,000-query schedule), 9 target classes,
   one restart each. Fewer APGD iterations find fewer adversarial examples, so it reads robustness high.
+  On CIFAR-100 too 9 target classes (torchattacks' default n_classes=10): whether the paper's code passed
+  n_classes=100 there (99 targets for APGD-T and FAB-T) is not known.
 
 Each call attacks one chunk of images with one seed (every sub-attack reseeds torch's RNG from it at each batch),
 so the per-image outcome depends on the chunk, its seed and the batch size only.
