@@ -28,12 +28,13 @@ SMOKE_PGD_SHAPES = [(3, 3, 5, 7), (7,)]
 PGD_DTYPES = {  # (x, x_adv, grad); the output has x_adv's dtype
     "fp32": (torch.float32, torch.float32, torch.float32),
     "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    "fp16": (torch.float16, torch.float16, torch.float16),  # autocast's dtype on a GPU without bf16 (a T4)
     "mixed": (torch.float32, torch.bfloat16, torch.float16),
 }
 RN18_SITES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]  # (C, H, W) of ResNet-18's BNs
 ODD_SHAPES = [(6, 5, 3, 7), (10, 70, 12, 12)]
 SMOKE_SITES = [(64, 4, 4)]  # one of the width-8 ResNet-18's: the interpreter takes ~1 s per larger case
-BN_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+BN_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # fp16 rounds 8x finer than bf16
 UNIFORM_DRAWS, SMOKE_UNIFORM_DRAWS = 1 << 20, 1 << 14
 ROW_SECONDS = {"cuda": 4.0, "cpu": 1.0}  # cap left for a case to start: on CUDA it may compile kernels first
 
@@ -330,7 +331,8 @@ def bn_case(check: Checker, shape, dtype, channels_last: bool, training: bool, r
 
 
 def bn_grid(smoke: bool) -> list[tuple]:
-    """bf16 x channels-last x training x relu on/off on every shape; fp32 x both layouts x train/eval on two."""
+    """bf16 x channels-last x training x relu on/off on every shape; fp32 x both layouts x train/eval on two; fp16
+    (a GPU without bf16) x channels-last x training with relu on two, after the bf16 ones."""
     if smoke:  # the interpreter takes seconds per case at (10, 70, 12, 12)
         sites, fp32_shapes = [(4, *site) for site in SMOKE_SITES] + ODD_SHAPES[:1], ODD_SHAPES[:1]
     else:
@@ -338,6 +340,7 @@ def bn_grid(smoke: bool) -> list[tuple]:
     fp32 = [(s, torch.float32, cl, tr, False) for s in fp32_shapes for cl in (False, True) for tr in (True, False)]
     early = [case for case in fp32 if case[0] == fp32_shapes[0] and case[3]]  # one fp32 case per layout first
     grid = [(s, torch.bfloat16, True, True, relu) for s in sites for relu in (False, True)]
+    grid += [(s, torch.float16, True, True, True) for s in (sites[0], sites[-1])]
     return early + grid + [case for case in fp32 if case not in early]
 
 
