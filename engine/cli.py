@@ -279,7 +279,7 @@ def cmd_eval(args) -> None:
 
     from . import distributed
     from .config import DistConfig
-    from .data import load_test_split, resolve_dataset
+    from .data import DataError, data_source, load_test_split, resolve_dataset
     from .evaluate import evaluate, format_results, summary, write_flags
     from .perf import make_current, resolve_device
     from .rundir import RunDir, RunDirError, RunDirInUse, atomic_json, environment
@@ -313,14 +313,18 @@ def cmd_eval(args) -> None:
         raise ConfigError(f"{told}: {data_cfg.num_classes} classes, but the network has {classes} outputs; "
                           "evaluate it on the data it was trained for (--dataset)")  # fmt: skip
     record = Path(args.out) if args.out else target / "eval" if target.is_dir() else target.with_suffix(".eval")
-    split = load_test_split(data_cfg, cfg.seed)
+    try:
+        split, missing = load_test_split(data_cfg, cfg.seed), None
+    except DataError as e:  # under torchrun said on every rank, below (a node without the data)
+        split, missing = None, e
     # under torchrun: the chunks are shared among the ranks (the collectives bounded by the run's timeout; the
     # gathers of finished chunks by the chunks' own time, evaluate._attack_result)
     info = distributed.init(DistConfig(timeout_min=cfg.dist.timeout_min), device.type)
     try:  # each rank evaluates its chunks on its own node's copy: the flags of two copies must not mix
-        distributed.check_same_data({"test images": split.fingerprint()} if info.enabled else {}, info)
+        data = missing or ({"test images": split.fingerprint()} if info.enabled else {})
+        distributed.check_same_data(data, data_source(data_cfg), info)
     except UserError:
-        distributed.shutdown(info, wait=False)
+        distributed.shutdown(info, wait=False)  # every rank raises after the same gather (see train.py's)
         raise
     device = distributed.local_device(info, device)
     make_current(device)

@@ -215,21 +215,30 @@ def gather_objects(obj, info: DistInfo, wait: timedelta | None = None) -> list:
     return out
 
 
-def check_same_data(fingerprints: dict[str, str], info: DistInfo) -> None:
-    """Refuse, on every rank alike, ranks that read other data: each rank loads its node's copy of the dataset
-    (another copy on another node, or a relative data folder seen from another working directory), and training
-    or evaluating on a mix would go on without a word. `fingerprints`: {what: this rank's hash of it}, e.g. the
-    training and test splits'. One process: nothing to compare."""
+def check_same_data(data: dict[str, str] | UserError, source: str, info: DistInfo) -> None:
+    """Refuse, on every rank alike, ranks that read other data or none: each rank loads its node's copy of the
+    dataset (another copy on another node, a relative data folder seen from another working directory, or the
+    synthetic stand-in where a node lacks the data), and training or evaluating on a mix would go on without a
+    word; a node that cannot load it would leave the others waiting in their first collective for the group's
+    timeout. `data`: {what: this rank's fingerprint of it}, e.g. the training and test splits', or the error its
+    loading raised; `source`: where they come from (engine.data.data_source). One process: its own error only."""
     if not info.enabled:
+        if isinstance(data, UserError):
+            raise data
         return
-    gathered = gather_objects((socket.gethostname(), fingerprints), info)
-    host0, first = gathered[0]
-    for rank, (host, mine) in enumerate(gathered):
-        for what, fingerprint in mine.items():
+    mine = str(data) if isinstance(data, UserError) else data
+    gathered = gather_objects((socket.gethostname(), source, mine), info)
+    for rank, (host, _, theirs) in enumerate(gathered):
+        if isinstance(theirs, str):
+            raise UserError(f"rank {rank} ({host}): {theirs}")
+    host0, source0, first = gathered[0]
+    for rank, (host, where, theirs) in enumerate(gathered):
+        for what, fingerprint in theirs.items():
             if fingerprint != first.get(what):
-                where = f"rank {rank} ({host})" + ("" if host != host0 else ", the same host")
+                place = f"rank {rank} ({host}" + (", the same host)" if host == host0 else ")")
+                sources = f"{where} against {source0}; " if where != source0 else ""
                 raise UserError(
-                    f"{where} reads other {what} than rank 0 ({host0}): fingerprint {fingerprint} against "
+                    f"{place} reads other {what} than rank 0 ({host0}): {sources}fingerprint {fingerprint} against "
                     f"{first.get(what)}; give every node the same copy of the dataset (--data-dir, an absolute path)"
                 )
 

@@ -25,7 +25,7 @@ from .config import (
     resume_change,
     schedule_notice,
 )
-from .data import ArraySplit, Loader, build_loaders, data_notice, load_splits, resolve_dataset
+from .data import ArraySplit, DataError, Loader, build_loaders, data_notice, data_source, load_splits, resolve_dataset
 from .errors import UserError
 from .evaluate import evaluate, format_results, summary, write_flags
 from .methods import Method, Nets, build_method
@@ -199,15 +199,7 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     cfg.perf.device = str(distributed.local_device(info, device))
     perf.make_current(torch.device(cfg.perf.device))
     torch.manual_seed(cfg.seed)
-    train_split, test_split = load_splits(cfg.data, cfg.seed)
-    train_data = train_split.fingerprint()  # (every rank's: another node may hold another copy)
-    if info.enabled:
-        try:
-            distributed.check_same_data({"training images": train_data, "test images": test_split.fingerprint()},
-                                        info)  # fmt: skip
-        except UserError:
-            distributed.shutdown(info, wait=False)  # every rank alike: no collective is left waiting
-            raise
+    train_split, test_split, train_data = same_data_on_every_rank(cfg, info)
     model = build_model(cfg.model, cfg.data.num_classes)
     method = build_method(replace(cfg, method=replace(cfg.method, init="")) if from_checkpoint else cfg, model)
     sync_bn = cfg.dist.sync_bn and info.enabled  # (one process: nothing to synchronize)
@@ -277,6 +269,27 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
         requested_device=requested_device,
         train_data=train_data,
     )
+
+
+def same_data_on_every_rank(cfg: TrainConfig, info: distributed.DistInfo) -> tuple[ArraySplit, ArraySplit, str]:
+    """The training and test splits and the training split's fingerprint, after every rank has checked that it
+    loaded the same images as rank 0 (distributed.check_same_data: another node may hold another copy, or none)."""
+    source = data_source(cfg.data)
+    try:
+        try:
+            train_split, test_split = load_splits(cfg.data, cfg.seed)
+        except DataError as e:  # said on every rank (one process: raised as it is)
+            distributed.check_same_data(e, source, info)
+            raise
+        train_data = train_split.fingerprint()  # (every rank's: another node may hold another copy)
+        data = {"training images": train_data, "test images": test_split.fingerprint()} if info.enabled else {}
+        distributed.check_same_data(data, source, info)
+    except UserError:
+        # every rank raises after the same gather: none is left waiting. Not waiting for the others to leave the
+        # store (as opened_by_rank0): under torchrun the first rank to exit has the others killed before they print
+        distributed.shutdown(info, wait=False)
+        raise
+    return train_split, test_split, train_data
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -479,8 +479,8 @@ sys.exit(main(sys.argv[1:] + ["--data-dir", os.environ[f"ARAT_RANK{os.environ['R
 """
 
 
-def _write_cifar10(root: Path, changed: bool) -> None:
-    """A tiny CIFAR-10 in the official layout; `changed`: one training and one test pixel differ."""
+def _write_cifar10(root: Path, changed: tuple[str, ...] = ()) -> None:
+    """A tiny CIFAR-10 in the official layout; in each batch file named in `changed` one pixel differs."""
     import pickle
 
     import numpy as np
@@ -490,7 +490,7 @@ def _write_cifar10(root: Path, changed: bool) -> None:
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (32, 3072), dtype=np.uint8)
-        if changed and name in ("data_batch_5", "test_batch"):
+        if name in changed:
             data[-1, -1] ^= 1
         (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": [i % 10 for i in range(32)]}))
 
@@ -500,30 +500,63 @@ def test_ranks_reading_other_copies_of_the_dataset_are_refused(tmp_path):
     """Each rank loads its node's copy of the dataset: on two nodes with two copies (another download, the
     JPEG-degraded one, a relative data folder), training and the sharded evaluation mixed them without a word (the
     fingerprint was rank 0's alone). Now every rank stops at once with one line naming the rank and what differs,
-    before any run folder is made; the same copies on both ranks train as before (the other torchrun tests)."""
+    before any run folder is made; the same copies on both ranks train as before (the other torchrun tests). Each
+    case fails on the old code (the run trained, the evaluation evaluated)."""
     from engine.config import ModelConfig
     from engine.models import build_model
 
-    same, other = tmp_path / "a", tmp_path / "b"
-    _write_cifar10(same, changed=False)
-    _write_cifar10(other, changed=True)
+    copies = {"same": (), "train": ("data_batch_5",), "test": ("test_batch",)}
+    for name, changed in copies.items():
+        _write_cifar10(tmp_path / name, changed)
+    (tmp_path / "none").mkdir()  # a node without the data: the smoke recipe falls back to synthetic images
     script = tmp_path / "per_rank_data.py"
     script.write_text(PER_RANK_DATA)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "ARAT_RANK0_DATA": str(same), "ARAT_RANK1_DATA": str(other)}  # fmt: skip
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    out = tmp_path / "run"
-    proc = run_group([*launch, "train", "--recipe", "smoke", "--set", "data.dataset=cifar10", "--out", str(out)],
-                     timeout=300, env=env)  # fmt: skip
-    assert proc.returncode != 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if "reads other training images than rank 0" in line]
-    assert len(lines) == 2 and all("rank 1 (" in line for line in lines), proc.stderr[-3000:]  # both ranks, one line
-    assert "/engine/" not in proc.stderr and not out.exists()  # no worker's traceback (torchrun prints its own)
     weights = tmp_path / "net.pt"
     torch.save(build_model(ModelConfig(width=4, split_bn=False), 10).state_dict(), weights)
-    proc = run_group([*launch, "eval", str(weights), "--model", "resnet18", "--width", "4", "--attacks", "clean",
-                      "--out", str(tmp_path / "eval")], timeout=300, env=env)  # fmt: skip
-    assert proc.returncode != 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if "reads other test images than rank 0" in line]
-    assert len(lines) == 2, proc.stderr[-3000:]
-    assert "/engine/" not in proc.stderr and not (tmp_path / "eval").exists()
+    train = ["train", "--recipe", "smoke", "--set", "data.dataset=cifar10", "--set", "data.synthetic_fallback=true"]
+    evaluate = ["eval", str(weights), "--model", "resnet18", "--width", "4", "--attacks", "clean"]
+    cases = [  # (rank 1's copy, command, the line each rank ends with)
+        ("train", train, "reads other training images than rank 0"),
+        ("test", train, "reads other test images than rank 0"),
+        ("none", train, f"synthetic data (no cifar10 under {tmp_path / 'none'}: data.synthetic_fallback) against"),
+        ("test", evaluate, "reads other test images than rank 0"),
+    ]
+    for copy, command, line in cases:
+        out = tmp_path / f"out-{copy}-{command[0]}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+               "ARAT_RANK0_DATA": str(tmp_path / "same"), "ARAT_RANK1_DATA": str(tmp_path / copy)}  # fmt: skip
+        proc = run_group([*launch, *command, "--out", str(out)], timeout=300, env=env)
+        assert proc.returncode != 0, proc.stderr[-2000:]
+        lines = [text for text in proc.stderr.splitlines() if line in text]
+        # every rank raises it (the gather is the same on each: the test below); torchrun may kill the second to
+        # exit before it prints (its monitor stops the group at the first failure)
+        assert lines and all("rank 1 (" in text for text in lines), (copy, proc.stderr[-3000:])
+        assert "/engine/" not in proc.stderr and not out.exists()  # no worker's traceback (torchrun prints its own)
+
+
+def test_a_rank_without_the_data_or_with_other_data_says_so_on_every_rank(monkeypatch):
+    """distributed.check_same_data on rank 0's side of a two-rank gather: rank 1's loading error is raised on every
+    rank (before, the others waited in their first collective for the group's timeout, on another node); other
+    images or another source are named; the same data passes; one process raises its own error as it is."""
+    from engine import distributed
+    from engine.data import DataError
+    from engine.errors import UserError
+
+    info = distributed.DistInfo(rank=0, world_size=2)
+    mine = {"training images": "aaaa", "test images": "bbbb"}
+
+    def rank1_sends(theirs, source="cifar10 in /d"):
+        monkeypatch.setattr(distributed, "gather_objects", lambda obj, info: [obj, ("node-b", source, theirs)])
+
+    rank1_sends(dict(mine))
+    distributed.check_same_data(mine, "cifar10 in /d", info)  # the same: nothing said
+    rank1_sends("cifar10 not found: expected the official layout /d/cifar-10-batches-py/")
+    with pytest.raises(UserError, match=r"^rank 1 \(node-b\): cifar10 not found"):
+        distributed.check_same_data(mine, "cifar10 in /d", info)
+    rank1_sends(mine | {"test images": "cccc"}, "cifar10 in /e")
+    with pytest.raises(UserError, match=r"rank 1 \(node-b\) reads other test images than rank 0 \(.*\): cifar10 in /e "
+                                        r"against cifar10 in /d; fingerprint cccc against bbbb"):  # fmt: skip
+        distributed.check_same_data(mine, "cifar10 in /d", info)
+    with pytest.raises(DataError, match="gone"):
+        distributed.check_same_data(DataError("gone"), "cifar10 in /d", distributed.DistInfo())

@@ -18,6 +18,7 @@ __all__ = [
     "DeviceLoader",
     "Loader",
     "build_loaders",
+    "data_source",
     "load_splits",
     "load_test_split",
     "to_unit_interval",
@@ -82,6 +83,16 @@ def build_loaders(
     )
     test_loader = None if test is None else DeviceLoader(test, eval_batch_size, train=False, **common)
     return train_loader, test_loader
+
+
+def data_source(cfg: DataConfig) -> str:
+    """Where this process's data comes from, in a few words: `cifar10 in /abs/data`, or the synthetic stand-in."""
+    folder = Path(cfg.data_dir).resolve()
+    if cfg.dataset == "synthetic":
+        return "synthetic data"
+    if resolve_dataset(cfg) == "synthetic":
+        return f"synthetic data (no {cfg.dataset} under {folder}: data.synthetic_fallback)"
+    return f"{cfg.dataset} in {folder}"
 
 
 def data_notice(cfg: DataConfig) -> str | None:

@@ -74,7 +74,8 @@ def load_plain(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
         outputs = own[resized[0]].shape[0]
         raise CheckpointError(
             f"{source} classifies into {classes} classes, this network into {outputs}: weights for another dataset "
-            f"(CIFAR-10: 10 classes, CIFAR-100: 100): pick the dataset they were trained on (--dataset / data.dataset)"
+            f"(CIFAR-10: 10 classes, CIFAR-100: 100): use them on the dataset they were trained on (arat eval "
+            f"--dataset, data.dataset), or weights trained on this one"
         )
     if missing or unexpected or resized:
         what = (

@@ -4,7 +4,9 @@ Tolerances (vs the F.batch_norm definition, which reduces in another order and c
 where the kernels compute x * scale + shift): fp32 outputs and input gradients 1e-5 abs / 1e-4 rel, parameter
 gradients (sums over B*H*W terms) 1e-4 / 1e-4, running buffers 1e-6 / 1e-5. bf16 inputs (fp32 parameters): one or
 two bf16 roundings of the output, 2e-2 / 2e-2 on maps, 5e-2 on parameter gradients, running buffers 1e-4 / 1e-4.
-fp16 inputs (what autocast picks on a GPU without bf16): held to bf16's tolerances (fp16 rounds 8x finer).
+fp16 inputs (what autocast picks on a GPU without bf16): 2e-3 / 2e-3 on maps, 1e-3 on parameter gradients (the
+interpreter's worst: 9.8e-4 on outputs, 1.2e-4 on parameter gradients; a kernel that rounded fp16 inputs to bf16 was
+23% off and passed bf16's tolerances), running buffers 1e-4 / 1e-4.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def tolerances(dtype: torch.dtype) -> dict[str, dict]:
             "map": {"atol": 1e-5, "rtol": 1e-4},
             "param": {"atol": 1e-4, "rtol": 1e-4},
             "buffer": {"atol": 1e-6, "rtol": 1e-5},
+        }
+    if dtype == torch.float16:
+        return {
+            "map": {"atol": 2e-3, "rtol": 2e-3},
+            "param": {"atol": 1e-3, "rtol": 1e-3},
+            "buffer": {"atol": 1e-4, "rtol": 1e-4},
         }
     return {
         "map": {"atol": 2e-2, "rtol": 2e-2},
