@@ -102,14 +102,18 @@ def adversary(model: nn.Module, protocol: Protocol, seed: int, device: torch.dev
 
 
 class _StageLog(logging.Handler):
-    """Collects "initial accuracy: 45.00%" and "robust accuracy after APGD-CE: 42.00%" lines, as AutoAttack logs
-    them before its first stage and after each (keyed "clean" and by stage)."""
+    """Collects "initial accuracy: 45.00%" and "robust accuracy after APGD-CE: 42.00% (total time 12.3 s)" lines,
+    as AutoAttack logs them before its first stage and after each (keyed "clean" and by stage; the time is since
+    the attack began, its clean pass included)."""
 
-    PATTERN = re.compile(r"(?:initial accuracy|robust accuracy after ([A-Z-]+)): ([0-9.]+)%")
+    PATTERN = re.compile(
+        r"(?:initial accuracy|robust accuracy after ([A-Z-]+)): ([0-9.]+)%(?: \(total time ([0-9.]+) s\))?"
+    )
 
     def __init__(self, on_stage=None):
         super().__init__(logging.DEBUG)
         self.after: dict[str, float] = {}
+        self.total_s: dict[str, float] = {}
         self.on_stage = on_stage
         self.warnings: list[str] = []
 
@@ -124,16 +128,27 @@ class _StageLog(logging.Handler):
         if match:
             stage = (match.group(1) or "clean").lower()
             self.after[stage] = float(match.group(2)) / 100
+            if match.group(3) is not None:
+                self.total_s[stage] = float(match.group(3))
             if self.on_stage is not None:
                 self.on_stage(stage, self.after[stage])
 
 
 def attack_chunk(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, protocol: Protocol, seed: int, batch_size: int, on_stage=None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    protocol: Protocol,
+    seed: int,
+    batch_size: int,
+    on_stage=None,
+    stage_seconds: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """(robust flag per image (bool, on the CPU), robust count after each stage, clean first). An image is robust
     when it is classified correctly and every attack of the protocol failed on it. `on_stage(stage, accuracy)` is
-    called as AutoAttack reports the clean accuracy and each stage's robust accuracy (for a progress line)."""
+    called as AutoAttack reports the clean accuracy and each stage's robust accuracy (for a progress line).
+    `stage_seconds`, if given, is filled with each stage's seconds as AutoAttack logs them (the first stage's with
+    the clean pass; a stage skipped, nothing left to attack, 0)."""
     aa = adversary(model, protocol, seed, x.device)
     log = logging.getLogger("auto-attack")
     handler, level, propagate = _StageLog(on_stage), log.level, log.propagate
@@ -148,6 +163,11 @@ def attack_chunk(
         log.setLevel(level)
         log.propagate = propagate
     flags = (y_adv == y).cpu()
+    if stage_seconds is not None:
+        before = 0.0
+        for stage in protocol.attacks:
+            total = handler.total_s.get(stage, before)
+            stage_seconds[stage], before = round(max(total - before, 0.0), 3), total
     last = round(handler.after["clean"] * len(y))
     counts = {"clean": last}
     for stage in protocol.attacks:  # a stage skipped (nothing left to attack) leaves the count as it was

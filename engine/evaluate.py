@@ -455,16 +455,18 @@ def _attack_chunk(name: str, chunk: tuple, nets: tuple, batch: int, protocol, ba
     stage counts and its seconds out."""
     k, lo, x, y, seed = chunk
     classifier, attacker, aa_net = nets
-    start, counts = time.perf_counter(), None
+    start, counts, stage_seconds = time.perf_counter(), None, None
     if name == "clean":
         flags = _clean_flags(classifier, x, y, batch)
     elif name == "pgd20":
         flags = _pgd_flags(classifier, attacker, x, y, batch, seed)
     else:
         bar.set_postfix_str("")  # not the last chunk's stages
-        flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, seed, batch, _postfix(bar, protocol.attacks))
+        stage_seconds = {}
+        flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, seed, batch, _postfix(bar, protocol.attacks),
+                                                stage_seconds)  # fmt: skip
     return {"index": k, "start": lo, "stop": lo + len(y), "seed": seed, "flags": pack(flags), "counts": counts,
-            "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+            "seconds": round(time.perf_counter() - start, 3), "stage_seconds": stage_seconds}  # fmt: skip
 
 
 def _attack_result(name: str, records: list[dict], n: int, cfg: EvalConfig, protocol, config: dict, reused: int,
@@ -496,8 +498,16 @@ def _attack_result(name: str, records: list[dict], n: int, cfg: EvalConfig, prot
     }
     if name == "aa":
         stages = {s: sum(r["counts"][s] for r in records) / n for s in ("clean", *protocol.attacks)}
-        result |= {"version": cfg.aa_version, "stages": stages}
+        result |= {"version": cfg.aa_version, "stages": stages, "stage_seconds": _stage_seconds(records, protocol)}
     return result
+
+
+def _stage_seconds(records: list[dict], protocol) -> dict[str, float] | None:
+    """Each AutoAttack stage's seconds summed over the chunks (its cost: Square's queries, FAB-T's targets), or None
+    where a chunk saved by an older engine did not record them."""
+    if not all(isinstance(r.get("stage_seconds"), dict) for r in records):
+        return None
+    return {s: round(sum(r["stage_seconds"].get(s, 0.0) for r in records), 2) for s in protocol.attacks}
 
 
 def num_images(attack: str, cfg: EvalConfig, available: int) -> int:

@@ -89,6 +89,17 @@ def test_flags_are_mixed_and_stages_add_up(reference):
     assert aa["version"] == "standard" and aa["config"]["protocol"]["iterations"] == 100
     assert aa["chunks"] == 2 and aa["config"]["chunk_size"] == 16 and aa["config"]["seed"] == 3
     assert aa["config"]["chunk_size_rule"] == "set"
+    assert set(aa["stage_seconds"]) == set(autoattack.STAGES) and all(v >= 0 for v in aa["stage_seconds"].values())
+    assert sum(aa["stage_seconds"].values()) <= aa["chunk_seconds"] + 0.2  # AutoAttack's share of the chunks' time
+
+
+def test_stage_seconds_add_up_over_chunks_and_are_none_beside_an_older_engine_s_chunk():
+    from engine.evaluate import _stage_seconds
+
+    protocol, chunk = autoattack.PROTOCOLS["standard"], {"stage_seconds": {"apgd-ce": 1.0, "apgd-t": 2.0,
+                                                                           "fab-t": 0.5, "square": 3.25}}  # fmt: skip
+    assert _stage_seconds([chunk, chunk], protocol) == {"apgd-ce": 2.0, "apgd-t": 4.0, "fab-t": 1.0, "square": 6.5}
+    assert _stage_seconds([chunk, {"counts": {}}], protocol) is None  # a reused chunk saved without them
 
 
 def test_the_default_chunk_is_sized_for_the_device():
@@ -366,8 +377,15 @@ def test_each_autoattack_stage_is_reported_as_it_ends():
     def on_stage(stage, accuracy):
         seen.append((stage, accuracy, len(calls)))
 
+    seconds = {}
     with one_thread():
-        flags, counts = autoattack.attack_chunk(model, x, y, autoattack.PROTOCOLS["legacy-10"], 0, 16, on_stage)
+        begun = time.perf_counter()
+        flags, counts = autoattack.attack_chunk(model, x, y, autoattack.PROTOCOLS["legacy-10"], 0, 16, on_stage,
+                                                seconds)  # fmt: skip
+        took = time.perf_counter() - begun
+    # each stage's seconds as AutoAttack logs them (its totals to 0.1 s): every stage, and they add up to the chunk
+    assert list(seconds) == list(autoattack.STAGES) and all(s >= 0 for s in seconds.values()), seconds
+    assert abs(sum(seconds.values()) - took) <= 0.05 + 0.1 * len(seconds), (seconds, took)
     stages = [stage for stage, _, _ in seen]
     assert stages == ["clean", *autoattack.STAGES], stages  # the model stays partly robust: every stage runs
     assert seen[0][1] == 28 / 32
