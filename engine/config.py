@@ -385,6 +385,9 @@ def _check_finite(cfg: TrainConfig) -> None:
 
 
 SECTIONS = {f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
+# Keys added after runs were made whose default is not what the engines before them did: a config written without
+# the key (by an older engine) reads as what its run trained with, not as today's default
+ADDED_LATER = {("method", "published_bn_updates"): False}  # ec95a82, 2026-12-02: one BN update per half before
 
 
 def from_dict(raw: Any, source: str = "config") -> TrainConfig:
@@ -405,6 +408,9 @@ def from_dict(raw: Any, source: str = "config") -> TrainConfig:
         unknown = sorted(str(k) for k in value if k not in fields)
         _check(not unknown, f"{source}: unknown keys {unknown[:3]} in {name}; it was written by another engine version")
         kwargs[name] = type(default)(**{k: _typed(v, fields[k], f"{name}.{k}", source) for k, v in value.items()})
+        for (section, key), before in ADDED_LATER.items():
+            if section == name and key not in value:
+                kwargs[name] = dataclasses.replace(kwargs[name], **{key: before})
     return TrainConfig(**kwargs)
 
 
@@ -487,7 +493,7 @@ def resume_change(
             return (f"config.json's {named} ({_said(value)}) is not the checkpoint's ({_said(old[key])}): a run cannot "
                     "change what it trains part-way; restore it, or start a new run with it")  # fmt: skip
     for e in range(1, epochs_done + 1):  # the schedule's keys, by what they did
-        if lr_at(trained, e) != lr_at(now, e):
+        if not math.isclose(lr_at(trained, e), lr_at(now, e), rel_tol=1e-9):  # (0.1 * 0.1 * 0.1 is not 0.1 * 0.01)
             return (f"config.json's learning-rate schedule changes epoch {e}'s rate ({lr_at(trained, e):g} -> "
                     f"{lr_at(now, e):g}), which the run trained already: change it only past the trained epochs, "
                     "or start a new run")  # fmt: skip

@@ -115,9 +115,10 @@ def run_label(recipe: str, cfg: dict) -> str:
     return own
 
 
-def training_settings(cfg: dict, dataset: str, world_size: int = 1) -> dict:
-    """What a run trains, flattened to dotted keys (NOT_SETTINGS and METHOD_KEYS say what is left out)."""
-    flat: dict = {"world_size": world_size}
+def training_settings(cfg: dict, dataset: str, world_size: int | None = 1) -> dict:
+    """What a run trains, flattened to dotted keys (NOT_SETTINGS and METHOD_KEYS say what is left out).
+    `world_size` None: not recorded (an older engine), so not a setting that splits a row."""
+    flat: dict = {} if world_size is None else {"world_size": world_size}
     method = cfg.get("method", {}).get("name") if isinstance(cfg.get("method"), dict) else None
     swa_on = isinstance(cfg.get("swa"), dict) and cfg["swa"].get("enabled")
     for key, value in cfg.items():
@@ -137,7 +138,7 @@ def training_settings(cfg: dict, dataset: str, world_size: int = 1) -> dict:
                 continue
             flat[f"{key}.{k}"] = v
     dist = cfg.get("dist")  # how processes talk, not what is trained: but for synchronized BN statistics
-    if world_size > 1:  # (one process: nothing to synchronize)
+    if world_size is not None and world_size > 1:  # (one process: nothing to synchronize)
         flat["dist.sync_bn"] = bool(isinstance(dist, dict) and dist.get("sync_bn"))
     return flat
 
@@ -220,7 +221,7 @@ def read_run(path: Path) -> RunResult:
         model = model_name(cfg["model"])
         label = run_label(recipe, cfg)
         unfinished = RunDir(path).unfinished(cfg.get("epochs"))  # its figures are its latest checkpoint's
-        world_size = record.get("world_size", 1)
+        world_size = record.get("world_size")  # (None: an older engine's run, which did not record it)
     except (KeyError, TypeError, AttributeError) as e:
         names = ", ".join(f.name for f in files)
         raise TableError(

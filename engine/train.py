@@ -28,7 +28,7 @@ from .config import (
 from .data import ArraySplit, DataError, Loader, build_loaders, data_notice, data_source, load_splits, resolve_dataset
 from .errors import UserError
 from .evaluate import evaluate, format_results, summary, write_flags
-from .methods import Method, Nets, build_method
+from .methods import Method, Nets, build_method, check_method
 from .models import CheckpointError, build_model, read_checkpoint, set_sync_bn
 from .progress import progress_bar
 from .rundir import FINAL, LATEST, RunDir, RunDirError, environment
@@ -507,7 +507,15 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
     """Train (or resume) a run in `out_dir`, then evaluate it; returns the run directory."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise RunDirError(f"{Path(out_dir)} is a file; pick a directory for --out")
-    run = build_run(cfg, from_checkpoint=resume and (Path(out_dir) / "checkpoints" / LATEST).is_file())
+    from_checkpoint = resume and (Path(out_dir) / "checkpoints" / LATEST).is_file()
+    if from_checkpoint:
+        try:
+            check_trainable(cfg)  # (build_run checks both again, for every other caller)
+            check_method(cfg)
+        except ConfigError as e:  # an older engine took settings today's refuses: restoring config.json cannot help
+            raise ConfigError(f"{e} (if an older version of this engine started {out_dir} so, the run cannot be "
+                              f"resumed: `arat eval {out_dir}` and `arat export` still read it)") from None  # fmt: skip
+    run = build_run(cfg, from_checkpoint=from_checkpoint)
     # rank 0's: a default --out is named from the clock on each rank, and ranks straddling a second named two
     rundir = RunDir(distributed.gather_objects(str(out_dir), run.dist)[0])
     with opened_by_rank0(run, rundir, resume):
@@ -784,6 +792,10 @@ def load_checkpoint(path: Path) -> dict:
     state = read_checkpoint(path)
     if not isinstance(state, dict) or not state.keys() >= CHECKPOINT_KEYS:
         missing = "/".join(sorted(CHECKPOINT_KEYS - state.keys())) if isinstance(state, dict) else "every part"
+        if isinstance(state, dict) and {"model", "rng_cpu"} <= state.keys():  # the first engine's (2026-11) layout
+            raise RunDirError(f"{path} was written by an older version of this engine (its RNG states as rng_cpu/"
+                              "rng_cuda), which cannot be resumed: `arat eval` and `arat export` still read the run, "
+                              "or train it again in a new folder")  # fmt: skip
         raise RunDirError(f"{path} is not a training checkpoint of this engine (no {missing}); copy the run's own "
                           "again, or start the run over in a new folder")  # fmt: skip
     return state

@@ -229,3 +229,28 @@ def test_a_milestone_the_run_never_reaches_is_said():
     assert "method.finetune_milestones=10,25: the learning rate never decays after epoch 25 in a run of 20" in (
         schedule_notice(arrest)
     )
+
+
+def test_a_config_written_before_a_later_key_reads_as_what_its_run_trained_with():
+    """helper-118: method.published_bn_updates (2026-12-02, default on) read from an older run's config.json took
+    today's default, so a resumed TRADES/LBGAT run changed its BN updates part-way without a word, and `arat table`
+    grouped it with runs that differ. A config without the key reads as the engines before it did (off)."""
+    raw = get_recipe("trades-resnet18-cifar10").to_dict()
+    assert from_dict(raw).method.published_bn_updates is True  # written today: as written
+    del raw["method"]["published_bn_updates"]
+    assert from_dict(raw, "config.json").method.published_bn_updates is False
+    raw["method"]["published_bn_updates"] = True
+    assert from_dict(raw).method.published_bn_updates is True
+
+
+def test_a_resume_compares_learning_rates_as_numbers_not_their_last_bits():
+    """A decay of 0.01 at one milestone is the rate of two decays of 0.1 at the same one (0.1 * 0.1 * 0.1 is not
+    0.1 * 0.01 in floating point: a resume was refused, "0.001 -> 0.001")."""
+    from engine.config import resume_change
+
+    raw = get_recipe("smoke").to_dict()
+    raw["optim"] |= {"milestones": [1, 1], "decay": 0.1, "lr": 0.1, "first_epoch_lr": 0.1}
+    trained = from_dict(raw)
+    now = apply_overrides(trained, ["optim.milestones=1", "optim.decay=0.01", "train.epochs=3"])
+    assert resume_change(trained, now, 2) is None
+    assert "epoch 2's rate" in resume_change(trained, apply_overrides(now, ["optim.decay=0.02"]), 2)

@@ -170,8 +170,9 @@ def test_rows_are_not_split_by_what_does_not_change_training(tmp_path):
 
 def test_what_does_change_training_splits_rows_in_numeric_order(tmp_path):
     root = tmp_path / "runs"
-    for epochs in (10, 4):
-        write_run(root, f"e{epochs}", "demo", epochs / 100, width=16, cfg=arat_cfg(epochs=epochs))
+    for epochs in (10, 4):  # one process, recorded (an older engine's run, recording none, joins a row: below)
+        write_run(root, f"e{epochs}", "demo", epochs / 100, width=16, cfg=arat_cfg(epochs=epochs),
+                  environment={"world_size": 1})  # fmt: skip
     # 8 processes, each with a batch of its own: another training than one process (results.json's environment)
     write_run(root, "ddp", "demo", 0.3, width=16, cfg=arat_cfg(epochs=4), environment={"world_size": 8})
     odd = arat_cfg(epochs=4, method=arat_cfg()["method"] | {"predictor": False})
@@ -349,3 +350,22 @@ def test_an_unfinished_run_keeps_its_method_s_place_and_paper_numbers(tmp_path):
     assert methods == ["AT", "AT (unfinished: after epoch 50 of 100)", "AR-AT"], methods
     assert row_of(md, "ResNet-18", "AT (unfinished: after epoch 50 of 100)")[2:4] == ["70.00", "30.00"]
     assert row_of(md, "ResNet-18", "AT (unfinished: after epoch 50 of 100)")[-1] == "83.77 / 42.42"
+
+
+def test_an_older_engine_s_fuller_figure_stays_and_its_unrecorded_processes_split_no_row():
+    """helper-118: results.json written before the weights' hash was recorded (2026-12-02) lost its 64-image figure
+    to a quick 16-image `arat eval RUN --num-examples 16`; and a run that did not record its processes was labelled
+    world_size=1, a row apart from a 2-process run of the same settings."""
+    from engine.rundir import results_on
+    from engine.table import training_settings
+
+    old = {"results": {"clean": {"accuracy": 0.1875, "num_examples": 64}}}  # no config, no model hash
+    quick = {"results": {"clean": {"accuracy": 0.125, "num_examples": 16, "config": {"model": "ab12"}}}}
+    results, _ = results_on("synthetic", [("results.json", old), ("eval.json", quick)])
+    assert results["clean"]["num_examples"] == 64
+    fuller = {"results": {"clean": {"accuracy": 0.2, "num_examples": 128, "config": {"model": "ab12"}}}}
+    results, _ = results_on("synthetic", [("results.json", old), ("eval.json", fuller)])
+    assert results["clean"]["num_examples"] == 128  # more images: the later figure
+    cfg = {"recipe": "smoke", "model": {"arch": "resnet18"}, "dist": {"sync_bn": False}}
+    assert "world_size" not in training_settings(cfg, "synthetic", None)
+    assert training_settings(cfg, "synthetic", 2)["world_size"] == 2

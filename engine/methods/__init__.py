@@ -16,7 +16,7 @@ from .trades import TRADES
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ARAT, AT, TRADES, MART, LBGAT, ARREST, Standard)}
 
-__all__ = ["METHODS", "Method", "Nets", "StepOutput", "build_method", "method_class"]
+__all__ = ["METHODS", "Method", "Nets", "StepOutput", "build_method", "check_method", "method_class"]
 
 
 def method_class(name: str) -> type[Method]:
@@ -26,6 +26,12 @@ def method_class(name: str) -> type[Method]:
 
 
 def build_method(cfg: TrainConfig, model: nn.Module) -> Method:
+    check_method(cfg)
+    return method_class(cfg.method.name)(cfg, model)
+
+
+def check_method(cfg: TrainConfig) -> None:
+    """What the configured method refuses to train with (its Split-BN need, the official attack's switches)."""
     cls = method_class(cfg.method.name)
     if cls.split_bn is not None and cls.split_bn != cfg.model.split_bn:
         need = "true" if cls.split_bn else "false"
@@ -38,4 +44,3 @@ def build_method(cfg: TrainConfig, model: nn.Module) -> Method:
     if cfg.attack.official_quirk and cfg.attack.start != "uniform":
         raise ConfigError("attack.official_quirk starts from the official code's x + U(-eps, eps), whatever "
                           "attack.start says: leave attack.start=uniform")  # fmt: skip
-    return cls(cfg, model)
