@@ -407,7 +407,10 @@ def from_dict(raw: Any, source: str = "config") -> TrainConfig:
         fields = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
         unknown = sorted(str(k) for k in value if k not in fields)
         _check(not unknown, f"{source}: unknown keys {unknown[:3]} in {name}; it was written by another engine version")
-        kwargs[name] = type(default)(**{k: _typed(v, fields[k], f"{name}.{k}", source) for k, v in value.items()})
+        try:  # the section's own checks (a value an older engine took, or an edit): said with the file
+            kwargs[name] = type(default)(**{k: _typed(v, fields[k], f"{name}.{k}", source) for k, v in value.items()})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}" if source else str(e)) from None
         for (section, key), before in ADDED_LATER.items():
             if section == name and key not in value:
                 kwargs[name] = dataclasses.replace(kwargs[name], **{key: before})
@@ -588,7 +591,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     # ran at the recipe's rate, then the new one
     if "optim.lr" in keys and "optim.first_epoch_lr" not in keys and cfg.optim.first_epoch_lr == cfg.optim.lr:
         raw["optim"]["first_epoch_lr"] = raw["optim"]["lr"]
-    return from_dict(raw)
+    return from_dict(raw, source="")  # (a bad value is said as --set gave it, without a file's name)
 
 
 def schedule_notice(cfg: TrainConfig) -> str | None:

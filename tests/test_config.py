@@ -254,3 +254,14 @@ def test_a_resume_compares_learning_rates_as_numbers_not_their_last_bits():
     now = apply_overrides(trained, ["optim.milestones=1", "optim.decay=0.01", "train.epochs=3"])
     assert resume_change(trained, now, 2) is None
     assert "epoch 2's rate" in resume_change(trained, apply_overrides(now, ["optim.decay=0.02"]), 2)
+
+
+def test_a_saved_config_s_refused_value_names_the_file():
+    """helper-118: a value an older engine took (eval.aa_version=plus) stopped `arat export` with a line that did
+    not say it came from the run's config.json; a --set value is still said as given."""
+    raw = get_recipe("smoke").to_dict()
+    raw["eval"]["aa_version"] = "plus"
+    with pytest.raises(ConfigError, match=r"^runs/x/config.json: eval.aa_version='plus' is not one of"):
+        from_dict(raw, "runs/x/config.json")
+    with pytest.raises(ConfigError, match=r"^eval.aa_version='plus' is not one of"):
+        apply_overrides(get_recipe("smoke"), ["eval.aa_version=plus"])
