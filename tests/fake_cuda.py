@@ -91,15 +91,28 @@ def install_stand_ins() -> None:
     heuristics.CachingAutotuner._make_launchers = lambda self: None  # loading a cubin needs the driver
 
 
-def compile_graph(fn, *args) -> list[str]:
+def compile_graph(fn, *args, tracing_mode: str = "real") -> list[str]:
     """Trace fn (returning a tuple of tensors) as AOTAutograd does and compile the graph with Inductor for the
-    stand-in device; returns the names of the kernels Triton compiled for it."""
+    stand-in device; returns the names of the kernels Triton compiled for it. `tracing_mode="symbolic"` keeps the
+    inputs' symbolic sizes (fake tensors of a mode with a ShapeEnv: `symbolic_batch`) symbolic in the graph."""
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
 
     start = len(COMPILED)
     traced = dispatch_functionalize(fn, mode=FunctionalTensorMode())
     with args[0].fake_mode:
-        graph = make_fx(traced, decomposition_table=select_decomp_table(), tracing_mode="real")(*args)
+        graph = make_fx(traced, decomposition_table=select_decomp_table(), tracing_mode=tracing_mode)(*args)
         compile_fx_inner(graph, list(args))
     return COMPILED[start:]
+
+
+def symbolic_batch(mode, shape: tuple[int, ...], stride: tuple[int, ...], hint: int = 8) -> torch.Tensor:
+    """A fake CUDA tensor of `mode` (which has a ShapeEnv) whose first dimension is a symbol (hint `hint`), as
+    dynamo makes a dimension marked dynamic; `stride` must not depend on that dimension (e.g. channels-last)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    env = mode.shape_env
+    batch = env.create_symintnode(env.create_symbol(hint, ConstantSource("batch"), DimDynamic.DYNAMIC), hint=hint)
+    with mode:
+        return torch.empty_strided((batch, *shape[1:]), stride, device="cuda")

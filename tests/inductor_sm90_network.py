@@ -4,8 +4,9 @@ test_inductor_sm90.py in a subprocess without TRITON_INTERPRET.
 
 Graphs, as the compiled roles run them on CUDA by default: the training forward (Split-BN's dual branch over a batch
 of 2B in train mode, bf16 autocast, channels-last, the fused dual BN as engine.perf installs it when compiled; under
-no_grad, since a backward cannot be traced here) and the evaluation forward (adv BN, eval mode, fp32 logits; in
-Inductor's deterministic mode, as the evaluation compiles it).
+no_grad, since a backward cannot be traced here), the evaluation forward (adv BN, eval mode, fp32 logits; in
+Inductor's deterministic mode, as the evaluation compiles it), and the same forward with a symbolic batch, as
+AutoAttack's role compiles it (engine.evaluate.SubsetBatch marks the batch dynamic: one graph for every subset).
 Usage: python tests/inductor_sm90_network.py [resnet18|wrn34-10] [width] [batch]
 """
 
@@ -24,6 +25,7 @@ import fake_cuda  # noqa: E402  (first: it sets the compile environment before t
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.func import functional_call  # noqa: E402
+from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: E402
 
 
 def fake_state(model: torch.nn.Module, mode: FakeTensorMode) -> dict[str, torch.Tensor]:
@@ -70,6 +72,16 @@ def main(arch: str = "resnet18", width: int = 64, batch: int = 128) -> None:
         with pinned:
             compiled = fake_cuda.compile_graph(fn, *state.values(), x)
         graphs[name] = {"kernels": len(compiled), "user": sorted({k for k in compiled if not k.startswith("triton_")})}
+    # AutoAttack's role: the evaluation forward over a batch whose size is a symbol (a mode with a ShapeEnv)
+    symbolic = FakeTensorMode(shape_env=ShapeEnv())
+    state = fake_state(model, symbolic)
+    xs = fake_cuda.symbolic_batch(symbolic, (batch, 3, 32, 32), (3 * 32 * 32, 1, 32 * 3, 3))  # channels-last
+    with repeatable_kernels():
+        compiled = fake_cuda.compile_graph(eval_forward, *state.values(), xs, tracing_mode="symbolic")
+    graphs["autoattack forward, symbolic batch"] = {
+        "kernels": len(compiled), "user": sorted({k for k in compiled if not k.startswith("triton_")}),
+        "batch": str(xs.shape[0]),
+    }  # fmt: skip
     print(json.dumps({"torch": torch.__version__, "arch": arch, "width": width, "graphs": graphs}))
 
 
