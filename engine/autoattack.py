@@ -104,7 +104,7 @@ def adversary(model: nn.Module, protocol: Protocol, seed: int, device: torch.dev
 class _StageLog(logging.Handler):
     """Collects "initial accuracy: 45.00%" and "robust accuracy after APGD-CE: 42.00% (total time 12.3 s)" lines,
     as AutoAttack logs them before its first stage and after each (keyed "clean" and by stage; the time is since
-    the attack began, its clean pass included)."""
+    its first stage began, after the clean pass)."""
 
     PATTERN = re.compile(
         r"(?:initial accuracy|robust accuracy after ([A-Z-]+)): ([0-9.]+)%(?: \(total time ([0-9.]+) s\))?"
@@ -147,8 +147,8 @@ def attack_chunk(
     """(robust flag per image (bool, on the CPU), robust count after each stage, clean first). An image is robust
     when it is classified correctly and every attack of the protocol failed on it. `on_stage(stage, accuracy)` is
     called as AutoAttack reports the clean accuracy and each stage's robust accuracy (for a progress line).
-    `stage_seconds`, if given, is filled with each stage's seconds as AutoAttack logs them (the first stage's with
-    the clean pass; a stage skipped, nothing left to attack, 0)."""
+    `stage_seconds`, if given, is filled with each stage's seconds as AutoAttack logs them (a stage skipped, nothing
+    left to attack, 0; left empty where a stage's line carried no time)."""
     aa = adversary(model, protocol, seed, x.device)
     log = logging.getLogger("auto-attack")
     handler, level, propagate = _StageLog(on_stage), log.level, log.propagate
@@ -163,7 +163,7 @@ def attack_chunk(
         log.setLevel(level)
         log.propagate = propagate
     flags = (y_adv == y).cpu()
-    if stage_seconds is not None:
+    if stage_seconds is not None and all(s in handler.total_s for s in handler.after if s != "clean"):
         before = 0.0
         for stage in protocol.attacks:
             total = handler.total_s.get(stage, before)

@@ -407,8 +407,9 @@ def from_dict(raw: Any, source: str = "config") -> TrainConfig:
         fields = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
         unknown = sorted(str(k) for k in value if k not in fields)
         _check(not unknown, f"{source}: unknown keys {unknown[:3]} in {name}; it was written by another engine version")
-        try:  # the section's own checks (a value an older engine took, or an edit): said with the file
-            kwargs[name] = type(default)(**{k: _typed(v, fields[k], f"{name}.{k}", source) for k, v in value.items()})
+        typed = {k: _typed(v, fields[k], f"{name}.{k}", source) for k, v in value.items()}  # (said with the file)
+        try:  # the section's own checks (a value an older engine took, or an edit): said with the file too
+            kwargs[name] = type(default)(**typed)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}" if source else str(e)) from None
         for (section, key), before in ADDED_LATER.items():

@@ -466,7 +466,7 @@ def _attack_chunk(name: str, chunk: tuple, nets: tuple, batch: int, protocol, ba
         flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, seed, batch, _postfix(bar, protocol.attacks),
                                                 stage_seconds)  # fmt: skip
     return {"index": k, "start": lo, "stop": lo + len(y), "seed": seed, "flags": pack(flags), "counts": counts,
-            "seconds": round(time.perf_counter() - start, 3), "stage_seconds": stage_seconds}  # fmt: skip
+            "seconds": round(time.perf_counter() - start, 3), "stage_seconds": stage_seconds or None}  # fmt: skip
 
 
 def _attack_result(name: str, records: list[dict], n: int, cfg: EvalConfig, protocol, config: dict, reused: int,

@@ -165,15 +165,14 @@ def results_on(dataset: str, evaluations: list[tuple[str, dict]]) -> tuple[dict,
 
 
 def fewer_images_of_the_same_network(later: Any, earlier: Any) -> bool:
-    """Whether `later` covers fewer images than `earlier` of the same network: its weights' hash, or, where either
-    record lacks one (an older engine's results.json), the run's own network (a run trained further writes its
-    results.json again, with the hash)."""
+    """Whether `later` covers fewer images than `earlier` of the same network (its weights' hash). A record without
+    one (an older engine's) may be of another network (engines before 2026-12-05 left a shorter run's results.json
+    when it trained on past its end), so a later figure replaces it whatever its image count."""
     if not isinstance(later, dict) or not isinstance(earlier, dict):
         return False
     model = [r.get("config", {}).get("model") if isinstance(r.get("config"), dict) else None for r in (later, earlier)]
     fewer = isinstance(later.get("num_examples"), int) and later["num_examples"] < earlier.get("num_examples", 0)
-    same = model[0] == model[1] or None in model
-    return same and fewer
+    return model[0] is not None and model[0] == model[1] and fewer
 
 
 def first_fingerprint(env: Any) -> str | None:

@@ -265,3 +265,6 @@ def test_a_saved_config_s_refused_value_names_the_file():
         from_dict(raw, "runs/x/config.json")
     with pytest.raises(ConfigError, match=r"^eval.aa_version='plus' is not one of"):
         apply_overrides(get_recipe("smoke"), ["eval.aa_version=plus"])
+    raw["eval"]["aa_version"], raw["model"]["width"] = "standard", "64"  # a wrong type: said with the file once
+    with pytest.raises(ConfigError, match=r"^runs/x/config.json: model.width='64' is not a"):
+        from_dict(raw, "runs/x/config.json")

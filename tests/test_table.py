@@ -353,19 +353,34 @@ def test_an_unfinished_run_keeps_its_method_s_place_and_paper_numbers(tmp_path):
 
 
 def test_an_older_engine_s_fuller_figure_stays_and_its_unrecorded_processes_split_no_row():
-    """helper-118: results.json written before the weights' hash was recorded (2026-12-02) lost its 64-image figure
-    to a quick 16-image `arat eval RUN --num-examples 16`; and a run that did not record its processes was labelled
-    world_size=1, a row apart from a 2-process run of the same settings."""
+    """helper-118: a run that did not record its processes was labelled world_size=1, a row apart from a 2-process
+    run of the same settings. A fuller figure of the same network (its weights' hash) stays against a quick
+    re-evaluation on fewer images; one without the hash (an older engine's) may be another network's: replaced."""
     from engine.rundir import results_on
     from engine.table import training_settings
 
     old = {"results": {"clean": {"accuracy": 0.1875, "num_examples": 64}}}  # no config, no model hash
     quick = {"results": {"clean": {"accuracy": 0.125, "num_examples": 16, "config": {"model": "ab12"}}}}
+    # (helper-119) an older engine's results.json may be a shorter run's, left when it trained on past its end:
+    # without a hash to say it is the same network, the later figure replaces it
     results, _ = results_on("synthetic", [("results.json", old), ("eval.json", quick)])
-    assert results["clean"]["num_examples"] == 64
-    fuller = {"results": {"clean": {"accuracy": 0.2, "num_examples": 128, "config": {"model": "ab12"}}}}
-    results, _ = results_on("synthetic", [("results.json", old), ("eval.json", fuller)])
-    assert results["clean"]["num_examples"] == 128  # more images: the later figure
+    assert results["clean"]["num_examples"] == 16
+    same = {"results": {"clean": old["results"]["clean"] | {"config": {"model": "ab12"}}}}
+    results, _ = results_on("synthetic", [("results.json", same), ("eval.json", quick)])
+    assert results["clean"]["num_examples"] == 64  # the same network: the fuller figure stays
     cfg = {"recipe": "smoke", "model": {"arch": "resnet18"}, "dist": {"sync_bn": False}}
     assert "world_size" not in training_settings(cfg, "synthetic", None)
     assert training_settings(cfg, "synthetic", 2)["world_size"] == 2
+
+
+def test_an_older_engine_s_trades_run_gets_a_row_apart_from_today_s(tmp_path):
+    """helper-119: a TRADES config.json written before method.published_bn_updates (one BN update per half) joined
+    the row of today's runs (the key missing agreed with any value): it is read as what it trained with, false."""
+    root = tmp_path / "runs"
+    base = {"recipe": "trades-resnet18-cifar10", "model": {"arch": "resnet18", "width": 16, "split_bn": False},
+            "data": {"dataset": "cifar10"}, "epochs": 4}  # fmt: skip
+    write_run(root, "old", "trades-resnet18-cifar10", 0.8, cfg=base | {"method": {"name": "trades", "beta": 6.0}})
+    write_run(root, "new", "trades-resnet18-cifar10", 0.9,
+              cfg=base | {"method": {"name": "trades", "beta": 6.0, "published_bn_updates": True}})  # fmt: skip
+    methods = [line.split("|")[2].strip() for line in render(table([str(root)])).splitlines() if "TRADES" in line]
+    assert len(methods) == 2 and any("published_bn_updates=false" in m for m in methods), methods
