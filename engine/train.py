@@ -509,12 +509,7 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
         raise RunDirError(f"{Path(out_dir)} is a file; pick a directory for --out")
     from_checkpoint = resume and (Path(out_dir) / "checkpoints" / LATEST).is_file()
     if from_checkpoint:
-        try:
-            check_trainable(cfg)  # (build_run checks both again, for every other caller)
-            check_method(cfg)
-        except ConfigError as e:  # an older engine took settings today's refuses: restoring config.json cannot help
-            raise ConfigError(f"{e} (if an older version of this engine started {out_dir} so, the run cannot be "
-                              f"resumed: `arat eval {out_dir}` and `arat export` still read it)") from None  # fmt: skip
+        refused_since_it_started(cfg, Path(out_dir) / "checkpoints" / LATEST)
     run = build_run(cfg, from_checkpoint=from_checkpoint)
     # rank 0's: a default --out is named from the clock on each rank, and ranks straddling a second named two
     rundir = RunDir(distributed.gather_objects(str(out_dir), run.dist)[0])
@@ -522,6 +517,28 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
         train_and_finish(run, rundir, resume, evaluate_at_end)
     distributed.shutdown(run.dist)
     return rundir.path
+
+
+def refused_since_it_started(cfg: TrainConfig, checkpoint: Path) -> None:
+    """A resume whose config today's engine refuses to train with (build_run checks the same): where the checkpoint's
+    own config is refused too, an older version of this engine started the run so, and editing config.json cannot
+    help (the resume would refuse the edit as a change to what the run trains): said so. Otherwise the refusal as it
+    is (config.json edited since, e.g. an empty data folder: restore it)."""
+    try:
+        check_trainable(cfg)
+        check_method(cfg)
+    except ConfigError as e:
+        try:  # read only on this refusal: the config the run's epochs trained with
+            trained = from_dict(load_checkpoint(checkpoint)["config"], "the checkpoint's config")
+            check_trainable(trained)
+            check_method(trained)
+        except ConfigError:
+            raise ConfigError(f"{e} (an older version of this engine started {checkpoint.parents[1]} so: the run "
+                              f"cannot be resumed; `arat eval {checkpoint.parents[1]}` and `arat export` still read "
+                              "it)") from None  # fmt: skip
+        except (UserError, KeyError, TypeError):  # no readable config there: the refusal as it is
+            pass
+        raise
 
 
 @contextlib.contextmanager

@@ -721,14 +721,17 @@ def test_an_older_engine_s_run_with_settings_refused_today_says_it_cannot_be_res
     WRN-34-10) are refused today; on a resume the message said to change config.json, and the change was then
     refused as a change to what the run trains. Now it says the run cannot be resumed, and what still reads it."""
     from engine.config import ConfigError
-    from engine.train import load_checkpoint
+    from engine.train import CHECKPOINT_KEYS, load_checkpoint
 
     run = tmp_path / "old"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "latest.pt").write_bytes(b"")  # (refused before the checkpoint is read)
     cfg = apply_overrides(tiny_cfg, ["attack.official_quirk=true", "attack.start=none"])
-    with pytest.raises(ConfigError, match="cannot be resumed: `arat eval .*` and `arat export` still read it"):
-        run_training(cfg, run, resume=True)
+    for trained, said in ((cfg, "cannot be resumed; `arat eval .*` and `arat export` still read it"),
+                          (tiny_cfg, r"leave attack.start=uniform$")):  # fmt: skip
+        # the checkpoint's config: an older engine's that started so, or today's (config.json edited since)
+        torch.save(dict.fromkeys(CHECKPOINT_KEYS, 0) | {"config": trained.to_dict()}, run / "checkpoints" / "latest.pt")
+        with pytest.raises(ConfigError, match=said):
+            run_training(cfg, run, resume=True)
     torch.save({"model": {}, "rng_cpu": torch.zeros(3, dtype=torch.uint8)}, run / "first.pt")  # 2026-11's layout
     with pytest.raises(Exception, match="written by an older version of this engine"):
         load_checkpoint(run / "first.pt")
