@@ -320,9 +320,9 @@ def cmd_eval(args) -> None:
     # under torchrun: the chunks are shared among the ranks (the collectives bounded by the run's timeout; the
     # gathers of finished chunks by the chunks' own time, evaluate._attack_result)
     info = distributed.init(DistConfig(timeout_min=cfg.dist.timeout_min), device.type)
+    test_data = None if missing else split.fingerprint()  # which test images (another copy has the same name)
     try:  # each rank evaluates its chunks on its own node's copy: the flags of two copies must not mix
-        data = missing or ({"test images": split.fingerprint()} if info.enabled else {})
-        distributed.check_same_data(data, data_source(data_cfg), info)
+        distributed.check_same_data(missing or {"test images": test_data}, data_source(data_cfg), info)
     except UserError:
         distributed.shutdown(info, wait=False)  # every rank raises after the same gather (see train.py's)
         raise
@@ -345,7 +345,6 @@ def cmd_eval(args) -> None:
     print(f"{args.target}: {format_results(results)}")  # printed first: a failed write below loses nothing
     env = environment(device) | {"world_size": info.world_size}
     dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
-    test_data = split.fingerprint()  # which test images, where the dataset's name does not say (another copy)
     entry = {"target": str(target.resolve()), "dataset": dataset, "test_data": test_data, "results": summary(results),
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
 

@@ -390,6 +390,15 @@ SECTIONS = {f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_da
 ADDED_LATER = {("method", "published_bn_updates"): False}  # ec95a82, 2026-12-02: one BN update per half before
 
 
+def as_trained(raw: dict) -> dict:
+    """A config as JSON holds it, with the keys of ADDED_LATER its sections lack filled with what the engines before
+    them did (config.json of an older engine's run: what it trained with)."""
+    for (section, key), before in ADDED_LATER.items():
+        if isinstance(raw.get(section), dict) and key not in raw[section]:
+            raw = raw | {section: raw[section] | {key: before}}
+    return raw
+
+
 def from_dict(raw: Any, source: str = "config") -> TrainConfig:
     """Inverse of `TrainConfig.to_dict` (a run's `config.json`, a checkpoint's config). Plain data only: unknown
     keys and values of the wrong type are a `ConfigError` naming `source` and the key, never a TypeError."""
@@ -397,6 +406,7 @@ def from_dict(raw: Any, source: str = "config") -> TrainConfig:
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(str(k) for k in raw if k not in known)
     _check(not unknown, f"{source}: unknown config keys {unknown[:3]}; it was written by another engine version")
+    raw = as_trained(raw)
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         default = known[name].default_factory() if name in SECTIONS else known[name].default  # type: ignore[misc]
@@ -412,9 +422,6 @@ def from_dict(raw: Any, source: str = "config") -> TrainConfig:
             kwargs[name] = type(default)(**typed)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}" if source else str(e)) from None
-        for (section, key), before in ADDED_LATER.items():
-            if section == name and key not in value:
-                kwargs[name] = dataclasses.replace(kwargs[name], **{key: before})
     return TrainConfig(**kwargs)
 
 

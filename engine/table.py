@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ADDED_LATER, METHOD_KEYS
+from .config import METHOD_KEYS, as_trained
 from .errors import UserError
 from .recipes import ABLATION_NAMES, ABLATIONS
 
@@ -119,9 +119,7 @@ def training_settings(cfg: dict, dataset: str, world_size: int | None = 1) -> di
     """What a run trains, flattened to dotted keys (NOT_SETTINGS and METHOD_KEYS say what is left out).
     `world_size` None: not recorded (an older engine), so not a setting that splits a row."""
     flat: dict = {} if world_size is None else {"world_size": world_size}
-    for (section, key), before in ADDED_LATER.items():  # written by an older engine: what its run trained with
-        if isinstance(cfg.get(section), dict) and key not in cfg[section]:
-            cfg = cfg | {section: cfg[section] | {key: before}}
+    cfg = as_trained(cfg)  # written by an older engine: what its run trained with
     method = cfg.get("method", {}).get("name") if isinstance(cfg.get("method"), dict) else None
     swa_on = isinstance(cfg.get("swa"), dict) and cfg["swa"].get("enabled")
     for key, value in cfg.items():

@@ -69,7 +69,7 @@ def load_plain(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     resized = [k for k in own if k in state and state[k].shape != own[k].shape]
-    classes = other_class_count(model, state, resized)
+    classes = other_class_count(model, own, state, resized)
     if classes is not None and not missing and not unexpected:
         outputs = own[resized[0]].shape[0]
         raise CheckpointError(
@@ -89,14 +89,15 @@ def load_plain(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     model.load_state_dict(state)
 
 
-def other_class_count(model: nn.Module, state: dict[str, torch.Tensor], resized: list[str]) -> int | None:
-    """The weights' class count where only the classifier (the network's last linear layer) differs from `model` in
-    its number of outputs, else None."""
+def other_class_count(
+    model: nn.Module, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], resized: list[str]
+) -> int | None:
+    """The weights' class count where only the classifier (the network's last linear layer) differs from `model`
+    (whose state_dict is `own`) in its number of outputs, else None."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears or not resized:
         return None
     head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"}
-    own = model.state_dict()
     if not set(resized) <= head or any(state[k].shape[1:] != own[k].shape[1:] for k in resized):
         return None
     return int(state[resized[0]].shape[0])

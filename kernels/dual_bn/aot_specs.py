@@ -34,7 +34,7 @@ def aot_specs() -> list[dict]:
             plans.setdefault((channels_last, p.block_s, p.block_c), p)  # one activation per distinct tile config
     first = next(iter(plans.values()))
     specs = []
-    for dtype in ("fp32", "bf16", "fp16"):  # fp16: autocast's dtype on a GPU without bf16 (and perf.amp_dtype=fp16)
+    for dtype in ("fp32", "bf16", "fp16"):  # fp16: autocast's dtype on a GPU without bf16 (and perf.dtype=fp16)
         for p in plans.values():
             specs += _tile_specs(dtype, p)
         specs += [_stats_finalize_spec(dtype, True, channels_last, first) for channels_last in (True, False)]

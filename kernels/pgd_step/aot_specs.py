@@ -8,7 +8,7 @@ from .triton_impl import BLOCK, NUM_WARPS, _pgd_step_kernel, _uniform_start_kern
 def aot_specs() -> list[dict]:
     """Every kernel x config compiled ahead of time by kernels.aot (signatures as the launchers specialise them)."""
     specs = []
-    for dtype in ("fp32", "bf16", "fp16"):  # fp16: autocast's dtype on a GPU without bf16 (and perf.amp_dtype=fp16)
+    for dtype in ("fp32", "bf16", "fp16"):  # fp16: autocast's dtype on a GPU without bf16 (and perf.dtype=fp16)
         ptr = f"*{dtype}"
         specs.append(
             {
