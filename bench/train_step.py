@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import statistics
 import time
 from collections import Counter
@@ -55,6 +56,7 @@ from engine.attacks.graphs import set_attack_graphs
 from engine.config import TrainConfig, apply_overrides
 from engine.errors import UserError
 from engine.methods.arat import attack_inputs
+from engine.models import build_model
 from engine.perf import cpu_has_native_bf16, cuda_has_native_bf16, forward_flops, peak_tflops, resolve_device
 from engine.perf import dynamo_counts as engine_dynamo_counts
 from engine.recipes import get_recipe
@@ -86,7 +88,7 @@ LADDER = [
 CUDA_ONLY = {"+cudnn.benchmark", "+CUDA graphs"}
 CPU_ONLY = {"+GEMM small convs"}
 LADDER_KEYS = {switch.partition("=")[0] for _, switches in LADDER for switch in switches}
-CEILING: dict = {}  # matmul_ceiling(), measured once at the start of main()
+CEILING: dict = {}  # matmul_ceiling() and conv_ceiling(), measured once at the start of main()
 
 
 def applies(rung: str, device_type: str) -> bool:
@@ -220,6 +222,72 @@ def matmul_ceiling(device: torch.device) -> dict:
     return {"matmul_ceiling_tflops": round(2 * n**3 / ms / 1e9, 3), "matmul_ceiling_case": case}
 
 
+def network_convs(model: torch.nn.Module, batch: int, device: torch.device) -> Counter:
+    """The distinct convolutions one forward of `model` (adv branch) runs at `batch`, as (input shape, weight shape,
+    stride, padding, dilation, groups) -> how many times."""
+    convs: Counter = Counter()
+
+    def seen(module: torch.nn.Conv2d, inputs: tuple, _output) -> None:
+        convs[(tuple(inputs[0].shape), tuple(module.weight.shape), *conv_args(module))] += 1
+
+    hooks = [m.register_forward_hook(seen) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(batch, 3, 32, 32, device=device), bn="adv")
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return convs
+
+
+def conv_args(module: torch.nn.Conv2d) -> tuple:
+    return module.stride, module.padding, module.dilation, module.groups
+
+
+def conv_flops(out_shape: tuple, weight_shape: tuple) -> int:
+    """One forward pass of a convolution: 2 x multiply-adds (each output element: in-channels/groups x kernel)."""
+    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
+
+
+def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
+    """The network's own convolutions alone, per dtype: each distinct one run forward and back to its input (the
+    attack's passes, most of a step) at the row's batch in channels-last, timed, weighted by how often the network
+    runs it. Their TFLOP/s is about the most a step of that dtype could reach on this device if nothing but its
+    convolutions ran (no batch norm, no activation, no Python), so the fastest dtype's figure over the fp32 eager
+    row's TFLOP/s bounds what the ladder can gain here (ladder_bound): on a CPU whose bf16 convolutions run 2x its
+    fp32 ones, a 3x ladder would have to compute less. fp32, and the lower precision perf.dtype=auto picks where the
+    device runs it natively (bf16; fp16 on a GPU without bf16)."""
+    model = build_model(cfg.model, cfg.data.num_classes).to(device)
+    convs = network_convs(model, cfg.batch_size, device)
+    del model
+    if device.type == "cuda":
+        low = torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
+    else:
+        low = torch.bfloat16 if cpu_has_native_bf16() else None
+    figures, generator = {}, torch.Generator(device).manual_seed(0)
+    for dtype in [torch.float32] + ([low] if low is not None else []):
+        flops = ms = 0.0
+        make = lambda size, dtype=dtype: torch.randn(size, generator=generator, device=device, dtype=dtype)  # noqa: E731
+        for (shape, weight_shape, *args), count in convs.items():
+            x = make(shape).to(memory_format=torch.channels_last).requires_grad_()
+            w = make(weight_shape).to(memory_format=torch.channels_last)
+            grad = make(torch.nn.functional.conv2d(x, w, None, *args).shape).to(memory_format=torch.channels_last)
+
+            def passes(x=x, w=w, grad=grad, args=args) -> None:
+                torch.autograd.grad(torch.nn.functional.conv2d(x, w, None, *args), x, grad)
+
+            passes()  # oneDNN / cuDNN pick and cache their algorithm
+            ms += count * median_ms(passes, device, 3)
+            flops += count * 2 * conv_flops(grad.shape, weight_shape)  # forward + input gradient
+        figures[str(dtype).removeprefix("torch.")] = round(flops / ms / 1e9, 3)
+    return {
+        "conv_ceiling_tflops": figures,
+        "conv_ceiling_case": f"{sum(convs.values())} convolutions, batch {cfg.batch_size}, forward + input gradient",
+    }
+
+
 def inside_aten(event) -> bool:
     parent = event.cpu_parent
     while parent is not None:
@@ -330,7 +398,7 @@ def cost_figures(row: Row, images_per_s: float) -> dict:
     the measured matmul ceiling. The cost model is AR-AT's: another method's row, or one with analysis.grad_sim (two
     more backwards a step, which the model leaves out), gets None for each (not a wrong figure)."""
     if not row.arat or row.cfg.analysis.grad_sim:
-        return dict.fromkeys(("gflop_per_image_step", "tflops", "peak_fraction", "pct_ceiling"))
+        return dict.fromkeys(("gflop_per_image_step", "tflops", "peak_fraction", "pct_ceiling", "pct_conv_ceiling"))
     device = row.run.perf.device
     flops = forward_flops(row.run.nets.raw, row.x[:8]) * forward_units(row.cfg.attack.num_steps)
     tflops = images_per_s * flops / 1e12
@@ -339,7 +407,14 @@ def cost_figures(row: Row, images_per_s: float) -> dict:
         "gflop_per_image_step": round(flops / 1e9, 3), "tflops": round(tflops, 4),
         "peak_fraction": round(tflops / peak, 4) if peak else None,
         "pct_ceiling": derived(images_per_s, flops, CEILING.get("matmul_ceiling_tflops"))["pct_ceiling"],
+        # the row's own dtype's convolutions alone (an fp32 row: fp32's, a bf16 row: bf16's): how far its step is
+        # from what its convolutions alone reach
+        "pct_conv_ceiling": derived(images_per_s, flops, conv_rate(row.run.perf.dtype))["pct_ceiling"],
     }  # fmt: skip
+
+
+def conv_rate(dtype: torch.dtype) -> float | None:
+    return (CEILING.get("conv_ceiling_tflops") or {}).get(str(dtype).removeprefix("torch."))
 
 
 def release(row: Row) -> None:
@@ -618,10 +693,12 @@ def benchmark(args) -> int:
     base = base_overrides(args)
     # the rows run where the configuration says (--set perf.device=cpu on a GPU machine: the CPU ladder); a bad
     # setting is a UserError, one line and exit 2 through run_cli
-    device = resolve_device(apply_overrides(get_recipe("demo"), base).perf.device)
+    first = apply_overrides(get_recipe("demo"), base)
+    device = resolve_device(first.perf.device)
     if args.quick:  # compiling takes minutes on a small CPU
         LADDER = [rung for rung in LADDER if rung[0] != "+torch.compile"]
     CEILING.update(matmul_ceiling(device))
+    CEILING.update(conv_ceiling(first, device))
     order = "direct" if args.direct else "compare" if args.compare else "cumulative" if args.cumulative else "greedy"
     stamp, written = provenance(device), []
 
@@ -668,7 +745,7 @@ def benchmark(args) -> int:
 def print_table(rows: list[dict], stamp: dict, order: str, device_type: str, accuracy: bool) -> None:
     columns = ["config", "kept", "images_per_s", "step_ms", "step_spread", "vs_fp32_eager", "vs_first", "attack_ms",
                "attack_share", "ops_per_step", "graphs", "recompiles_after_warmup", "graph_breaks", "eager_frames",
-               "tflops", "pct_ceiling", "epoch_s", "run100_min", "warmup_s"]  # fmt: skip
+               "tflops", "pct_ceiling", "pct_conv_ceiling", "epoch_s", "run100_min", "warmup_s"]  # fmt: skip
     if device_type == "cuda":
         at = columns.index("ops_per_step") + 1
         columns[at:at] = ["kernels_per_step", "launches_per_step", "busy_fraction"]
@@ -679,6 +756,35 @@ def print_table(rows: list[dict], stamp: dict, order: str, device_type: str, acc
     )
     failed = ["failed"] if any(row.get("failed") for row in rows) else []
     print(markdown_table(rows, columns + (["clean", "pgd20"] if accuracy else []) + failed))
+    if CEILING.get("conv_ceiling_tflops"):
+        print(ladder_bound(rows))
+
+
+def ladder_bound(rows: list[dict]) -> str:
+    """The convolution ceilings, and what the fastest of them bounds the ladder to: its TFLOP/s over the fp32 eager
+    row's (the cost model's FLOPs; the ceiling leaves out batch norm, activations and Python, so the bound is
+    generous)."""
+    conv = CEILING.get("conv_ceiling_tflops") or {}
+    line = f"convolutions alone ({CEILING.get('conv_ceiling_case')}, channels-last): " + ", ".join(
+        f"{dtype} {tflops} TFLOP/s" for dtype, tflops in conv.items()
+    )
+    reference = fp32_eager_tflops(rows)
+    if reference is None:
+        return line
+    best = max(conv, key=conv.get)
+    return (
+        f"{line}; a step at the {best} rate would be {conv[best] / reference:.2f}x the fp32 eager row "
+        f"({reference:.3g} TFLOP/s): the most the ladder can gain on this device without computing less"
+    )
+
+
+def fp32_eager_tflops(rows: list[dict]) -> float | None:
+    """fp32 eager's TFLOP/s: from a direct row (its fp32 eager step timed interleaved with it; the same FLOPs per
+    step), else from the ladder's fp32 eager row; None without either (or without the cost model: another method)."""
+    for row in rows:
+        if row.get("fp32_eager_step_ms") and row.get("tflops") and row.get("step_ms"):
+            return row["tflops"] * row["step_ms"] / row["fp32_eager_step_ms"]
+    return next((row["tflops"] for row in rows if row.get("config") == "fp32 eager" and row.get("tflops")), None)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,12 @@ def test_a_tiny_ladder_row_carries_the_derived_figures(tmp_path):
     assert row["ops_per_step"] > 0 and row["kernels_per_step"] is None and row["busy_fraction"] is None  # CPU
     assert row["cpu"] and row["cpu_native_bf16"] in (True, False)
     assert row["gflop_per_image_step"] == pytest.approx(forward_units(1) * resnet18_flops(8) / 1e9, abs=1e-3)
+    # the network's own convolutions alone, per dtype; the row's % of its dtype's (fp32 here) and the ladder's bound
+    conv = row["conv_ceiling_tflops"]
+    assert conv["float32"] > 0 and list(conv) == ["float32"] + (["bfloat16"] if row["cpu_native_bf16"] else [])
+    assert row["conv_ceiling_case"] == "20 convolutions, batch 8, forward + input gradient"
+    assert row["pct_conv_ceiling"] == pytest.approx(100 * row["tflops"] / conv["float32"], rel=0.02, abs=0.01)
+    assert "convolutions alone (20 convolutions, batch 8" in done.stdout and "x the fp32 eager row" in done.stdout
 
 
 def test_another_methods_rows_time_its_step_without_ar_at_s_cost_model(tmp_path):
@@ -141,6 +147,44 @@ def resnet18_flops(width: int, classes: int = 10) -> int:
         total += conv(c, out, 3, side) + 3 * conv(out, out, 3, side)
         c = out
     return total + 2 * c * classes
+
+
+def test_the_convolution_ceiling_times_every_convolution_of_the_network():
+    """The convolutions the ceiling times are the network's own, each as often as a forward runs it: their forward
+    FLOPs add up to the hand count less the classifier; WRN-34-10's 34 too."""
+    import torch
+    from train_step import conv_flops, network_convs
+
+    from engine.config import ModelConfig
+    from engine.models import build_model
+
+    model = build_model(ModelConfig(arch="resnet18", width=8), 10).train()
+    convs = network_convs(model, 2, torch.device("cpu"))
+    assert sum(convs.values()) == 20 and model.training  # left in the mode it was in
+    total = 0
+    for (shape, weight_shape, *args), count in convs.items():
+        out = torch.nn.functional.conv2d(torch.zeros(shape), torch.zeros(weight_shape), None, *args)
+        total += count * conv_flops(out.shape, weight_shape)
+    assert total == 2 * (resnet18_flops(8) - 2 * 64 * 10)
+    assert sum(network_convs(build_model(ModelConfig(arch="wrn34-10"), 10), 1, torch.device("cpu")).values()) == 34
+
+
+def test_the_ladder_bound_is_the_fastest_convolution_rate_over_fp32_eager_s(monkeypatch):
+    """The summary line: the fastest dtype's convolution TFLOP/s over the fp32 eager row's, taken from the direct
+    row's own fp32 eager step when there is one (the same FLOPs per step), else from the ladder's first row."""
+    import train_step as ts
+
+    conv = {"conv_ceiling_tflops": {"float32": 0.2, "bfloat16": 0.4}, "conv_ceiling_case": "20 convolutions"}
+    monkeypatch.setattr(ts, "CEILING", conv)
+    ladder = [{"config": "fp32 eager", "tflops": 0.1, "step_ms": 500.0}, {"config": "+bf16", "tflops": 0.2}]
+    assert ts.ladder_bound(ladder).endswith(
+        "bfloat16 0.4 TFLOP/s; a step at the bfloat16 rate would be 4.00x the fp32 eager row (0.1 TFLOP/s): the most "
+        "the ladder can gain on this device without computing less"
+    )
+    direct = {"config": "+bf16 (direct vs fp32 eager)", "tflops": 0.2, "step_ms": 250.0, "fp32_eager_step_ms": 625.0}
+    assert "would be 5.00x the fp32 eager row (0.08 TFLOP/s)" in ts.ladder_bound([*ladder, direct])
+    other = ts.ladder_bound([{"config": "fp32 eager", "tflops": None}])  # another method: no cost model, no bound
+    assert other == "convolutions alone (20 convolutions, channels-last): float32 0.2 TFLOP/s, bfloat16 0.4 TFLOP/s"
 
 
 def test_the_cost_model_counts_what_method_9_says():
@@ -328,6 +372,7 @@ def test_the_ladder_runs_on_the_configured_device_and_refuses_a_set_it_would_ove
     )
     monkeypatch.setattr(ts, "matmul_ceiling", lambda device: seen.append(device.type) or {
         "matmul_ceiling_tflops": 1.0, "matmul_ceiling_case": "stand-in"})  # fmt: skip
+    monkeypatch.setattr(ts, "conv_ceiling", lambda cfg, device: {})
     monkeypatch.setattr(ts, "provenance", lambda device: {"cpu": "x", "cpu_native_bf16": False, "cpu_threads": 1})
     monkeypatch.setattr(ts, "append_jsonl", lambda path, rows: None)
     strict = []
@@ -866,6 +911,7 @@ def test_a_direct_configuration_that_fails_is_a_failed_row(monkeypatch, capsys):
 
     monkeypatch.setattr(ts, "build_row", broken)
     monkeypatch.setattr(ts, "matmul_ceiling", lambda device: {"matmul_ceiling_tflops": 1.0, "matmul_ceiling_case": "x"})
+    monkeypatch.setattr(ts, "conv_ceiling", lambda cfg, device: {})
     monkeypatch.setattr(ts, "provenance", lambda device: {"cpu": "x", "cpu_native_bf16": False, "cpu_threads": 1})
     monkeypatch.setattr(ts, "append_jsonl", lambda path, rows: written.extend(rows))
     assert ts.main(["--direct", "perf.channels_last=true"]) == 1

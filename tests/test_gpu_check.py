@@ -70,6 +70,8 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     evaluation = doc["summary"]["evaluation"]  # smoke: dynamo without codegen, so compiled == eager exactly
     assert evaluation["agreement"] == {"clean": 1.0, "pgd20": 1.0} and evaluation["chunk_rule"]["repeats"] is True
     assert evaluation["compiled_graphs"] == 2  # the classifier and the attacker: the short last chunk was padded
+    assert doc["summary"]["conv_ceiling"]["conv_ceiling_tflops"]["float32"] > 0
+    assert "| RN18 B=128 convolutions alone | float32 " in (out / "gpu_check.md").read_text()
     assert_output_limits(out)
     assert done.stdout.rstrip().splitlines()[-1].startswith("outputs:")  # the summary table is printed last
 
@@ -339,9 +341,14 @@ def test_a_failing_eager_row_is_recorded_and_the_next_rows_run(tmp_path, monkeyp
     record = StageRecord("step_eager", tmp_path / "se.json", 60, smoke=True)
     with pytest.raises(StageFailed, match="capture failed"):
         steps.step_eager(record)
-    rows = record.data["rows"]
+    conv = [r for r in record.data["rows"] if r.get("case") == "convolutions alone"]
+    rows = [r for r in record.data["rows"] if r.get("case") != "convolutions alone"]
     assert len(rows) == len(steps.SMOKE_ROWS) and rows[0]["ok"] is False
     assert all(r.get("finite_loss") for r in rows[1:])
+    # after the B=128 rows, the network's convolutions alone (smoke: width 8, batch 8, on the CPU)
+    (conv,) = conv
+    assert conv["conv_ceiling_tflops"]["float32"] > 0 and conv["conv_ceiling_case"].startswith("20 convolutions")
+    assert record.data["figures"]["conv_ceiling"]["conv_ceiling_case"] == conv["conv_ceiling_case"]
 
 
 def test_methods_time_replays_of_a_graphed_attack():

@@ -4,7 +4,8 @@ First row 4 with cudnn.benchmark on (the headline figures), then that row with t
 (perf.cuda_graphs, the engine's CUDA default), then rows 0-4 with cudnn.benchmark off (as the ladder was measured).
 The two headline rows and row 3 at B=128 are profiled: aten ops and CUDA kernels per step, the host's kernel and
 graph launches per step and the GPU-busy fraction (they show what the capture saved; the kernels the GPU executes
-stay as many), and aten::_to_copy per step.
+stay as many), and aten::_to_copy per step. After the B=128 rows, ResNet-18's convolutions alone at B=128 (fp32
+and bf16): how far the steps are from what their convolutions reach.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import gc
 from typing import Any
 
 import torch
-from train_step import LADDER
+from train_step import LADDER, conv_ceiling
 
 from engine.train import build_run, train_step
 
-from .common import DEFAULT_ROW, capture_problem, first_batch, ladder_config, measure_steps, profile_steps
+from .common import DEFAULT_ROW, capture_problem, device, first_batch, ladder_config, measure_steps, profile_steps
 from .record import BUDGET_SKIP, StageFailed, StageRecord, guarded, profile_or_error
 
 CUDNN_OFF, CUDNN_ON = "perf.cudnn_benchmark=off", "perf.cudnn_benchmark=on"
@@ -36,6 +37,7 @@ WARMUP, STEPS, SMOKE_WARMUP, SMOKE_STEPS = 3, 20, 1, 2
 PROFILE_STEPS = 2
 ROW_SECONDS = {128: 4.0, 512: 8.0}
 PROFILE_SECONDS = 8.0  # a profiled row's extra: the profiler's start-up, its steps and the trace's export
+CONV_SECONDS = 6.0  # the network's convolutions alone, fp32 and bf16 (20 of them, one model built, no training)
 
 
 def release_memory() -> None:
@@ -93,11 +95,30 @@ def step_eager(record: StageRecord) -> None:
     plan = SMOKE_ROWS if record.smoke else ROWS
     for case in (c for c in plan if c[0] == 128):
         step_case(record, case, rows, busy)
+    with record.optional("convolutions alone"):
+        conv_case(record)
     with record.optional("B=512 rows"):
         for case in (c for c in plan if c[0] != 128):
             step_case(record, case, rows, busy)
     if record.failed:
         raise StageFailed(record.data["error"])
+
+
+def conv_case(record: StageRecord) -> None:
+    """ResNet-18's convolutions alone at B=128, forward and back to the input, fp32 and bf16 (bench/train_step.py's
+    conv_ceiling): the TFLOP/s a step of each dtype could reach if nothing but its convolutions ran. A headline row's
+    TFLOP/s over it is how much of its step goes to its convolutions; the rest (batch norm, activations, launches,
+    the optimizer) is what fusing and capturing can win. Extra: a cut or a skip leaves the stage as it was."""
+    if not record.has_time_for("conv", CONV_SECONDS):
+        record.row({"case": "convolutions alone", "status": BUDGET_SKIP})
+        return
+    cfg = ladder_config(0, 128, record.smoke)
+    with record.timed_case("conv"):
+        result = guarded(record, "convolutions alone", conv_ceiling, cfg, device())
+    if result.get("ok") is False:
+        return  # (guarded wrote its row)
+    record.row({"case": "convolutions alone", "batch_size": cfg.batch_size, **result})
+    record.figure("conv_ceiling", result)
 
 
 def step_case(record: StageRecord, case: tuple, rows: list[dict[str, Any]], busy: dict[int, Any]) -> None:

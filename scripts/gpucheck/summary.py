@@ -22,6 +22,7 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "compile_cache": compiled.get("compile_cache"),
         },
         "cuda_graphs": {"b128": fig["step_eager"].get("b128_cuda_graphs")},
+        "conv_ceiling": fig["step_eager"].get("conv_ceiling"),
         "compile_variants": compiled.get("speed_vs_main"),
         "defaults": compiled.get("defaults"),  # what `arat train` runs, profiled
         "compile_variant_problems": compiled.get("extra_problems"),
@@ -138,6 +139,7 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
          f"{'cold' if s['compiled'].get('compile_cache') != 'warm' else 'warm-cache'} compile "
          f"{compile_seconds(s['compiled'])}"],
         ["RN18 B=128 eager + CUDA graphs", throughput(s["cuda_graphs"]["b128"])],
+        ["RN18 B=128 convolutions alone", conv_line(s.get("conv_ceiling"), s["cuda_graphs"]["b128"] or s["eager"]["b128"])],  # noqa: E501
         ["compile variants", variants_line(s.get("compile_variants"), s.get("compile_variant_problems"))],
         ["RN18 B=128 `arat train` step", defaults_line(s.get("defaults"))],
         ["methods", f"{fmt(m['ok'])}/{fmt(m['total'])} ok" + (f" (failed: {', '.join(m['failed'])})" if m["failed"]
@@ -151,6 +153,20 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
         ["probes", pytest_line(s["probes"])],
         ["pytest kernels", pytest_line(s["pytest_kernels"])],
     ]  # fmt: skip
+
+
+def conv_line(conv: dict[str, Any] | None, step: dict[str, Any] | None) -> str:
+    """The network's convolutions alone per dtype, and the share of that rate the eager step reaches (its attack
+    captured where measured)."""
+    rates = (conv or {}).get("conv_ceiling_tflops")
+    if not rates:
+        return "not measured"
+    line = ", ".join(f"{dtype} {fmt(tflops)}" for dtype, tflops in rates.items()) + " TFLOP/s"
+    low = next((rates[d] for d in ("bfloat16", "float16") if d in rates), None)
+    if low and step and step.get("tflops"):
+        share = 100 * step["tflops"] / low
+        line += f"; the eager step ({step.get('config')}) reaches {share:.0f}% of the lower precision's"
+    return f"{line} ({conv.get('conv_ceiling_case')}, channels-last)"
 
 
 def compile_seconds(c: dict[str, Any]) -> str:
