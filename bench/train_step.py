@@ -763,7 +763,7 @@ def print_table(rows: list[dict], stamp: dict, order: str, device_type: str, acc
 def ladder_bound(rows: list[dict]) -> str:
     """The convolution ceilings, and what the fastest of them bounds the ladder to: its TFLOP/s over the fp32 eager
     row's (the cost model's FLOPs; the ceiling leaves out batch norm, activations and Python, so the bound is
-    generous)."""
+    generous, but it times no weight gradient: those convolutions may run a little faster or slower, hence "about")."""
     conv = CEILING.get("conv_ceiling_tflops") or {}
     line = f"convolutions alone ({CEILING.get('conv_ceiling_case')}, channels-last): " + ", ".join(
         f"{dtype} {tflops} TFLOP/s" for dtype, tflops in conv.items()
@@ -774,7 +774,7 @@ def ladder_bound(rows: list[dict]) -> str:
     best = max(conv, key=conv.get)
     return (
         f"{line}; a step at the {best} rate would be {conv[best] / reference:.2f}x the fp32 eager row "
-        f"({reference:.3g} TFLOP/s): the most the ladder can gain on this device without computing less"
+        f"({reference:.3g} TFLOP/s): about the most the ladder can gain on this device without computing less"
     )
 
 

@@ -178,8 +178,8 @@ def test_the_ladder_bound_is_the_fastest_convolution_rate_over_fp32_eager_s(monk
     monkeypatch.setattr(ts, "CEILING", conv)
     ladder = [{"config": "fp32 eager", "tflops": 0.1, "step_ms": 500.0}, {"config": "+bf16", "tflops": 0.2}]
     assert ts.ladder_bound(ladder).endswith(
-        "bfloat16 0.4 TFLOP/s; a step at the bfloat16 rate would be 4.00x the fp32 eager row (0.1 TFLOP/s): the most "
-        "the ladder can gain on this device without computing less"
+        "bfloat16 0.4 TFLOP/s; a step at the bfloat16 rate would be 4.00x the fp32 eager row (0.1 TFLOP/s): about the "
+        "most the ladder can gain on this device without computing less"
     )
     direct = {"config": "+bf16 (direct vs fp32 eager)", "tflops": 0.2, "step_ms": 250.0, "fp32_eager_step_ms": 625.0}
     assert "would be 5.00x the fp32 eager row (0.08 TFLOP/s)" in ts.ladder_bound([*ladder, direct])
