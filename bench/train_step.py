@@ -89,6 +89,7 @@ CUDA_ONLY = {"+cudnn.benchmark", "+CUDA graphs"}
 CPU_ONLY = {"+GEMM small convs"}
 LADDER_KEYS = {switch.partition("=")[0] for _, switches in LADDER for switch in switches}
 CEILING: dict = {}  # matmul_ceiling() and conv_ceiling(), measured once at the start of main()
+CONV_ROUNDS = 3  # conv_ceiling's rounds over every convolution (its figure: each one's best)
 
 
 def applies(rung: str, device_type: str) -> bool:
@@ -253,12 +254,12 @@ def conv_flops(out_shape: tuple, weight_shape: tuple) -> int:
 
 def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
     """The network's own convolutions alone, per dtype: each distinct one run forward and back to its input (the
-    attack's passes, most of a step) at the row's batch in channels-last, timed, weighted by how often the network
-    runs it. Their TFLOP/s is about the most a step of that dtype could reach on this device if nothing but its
-    convolutions ran (no batch norm, no activation, no Python), so the fastest dtype's figure over the fp32 eager
-    row's TFLOP/s bounds what the ladder can gain here (ladder_bound): on a CPU whose bf16 convolutions run 2x its
-    fp32 ones, a 3x ladder would have to compute less. fp32, and the lower precision perf.dtype=auto picks where the
-    device runs it natively (bf16; fp16 on a GPU without bf16)."""
+    attack's passes, most of a step) at the row's batch in channels-last, its best of CONV_ROUNDS rounds, weighted by
+    how often the network runs it. Their TFLOP/s is about the most a step of that dtype could reach on this device
+    if nothing but its convolutions ran (no batch norm, no activation, no Python), so the fastest dtype's figure over
+    the fp32 eager row's TFLOP/s bounds what the ladder can gain here (ladder_bound): on a CPU whose bf16
+    convolutions run 2x its fp32 ones, a 3x ladder would have to compute less. fp32, and the lower precision
+    perf.dtype=auto picks where the device runs it natively (bf16; fp16 on a GPU without bf16)."""
     model = build_model(cfg.model, cfg.data.num_classes).to(device)
     convs = network_convs(model, cfg.batch_size, device)
     del model
@@ -266,9 +267,9 @@ def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
         low = torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     else:
         low = torch.bfloat16 if cpu_has_native_bf16() else None
-    figures, generator = {}, torch.Generator(device).manual_seed(0)
-    for dtype in [torch.float32] + ([low] if low is not None else []):
-        flops = ms = 0.0
+    dtypes = [torch.float32] + ([low] if low is not None else [])
+    generator, cases = torch.Generator(device).manual_seed(0), []  # (dtype, count, FLOPs, the passes)
+    for dtype in dtypes:
         make = lambda size, dtype=dtype: torch.randn(size, generator=generator, device=device, dtype=dtype)  # noqa: E731
         for (shape, weight_shape, *args), count in convs.items():
             x = make(shape).to(memory_format=torch.channels_last).requires_grad_()
@@ -279,9 +280,18 @@ def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
                 torch.autograd.grad(torch.nn.functional.conv2d(x, w, None, *args), x, grad)
 
             passes()  # oneDNN / cuDNN pick and cache their algorithm
-            ms += count * median_ms(passes, device, 3)
-            flops += count * 2 * conv_flops(grad.shape, weight_shape)  # forward + input gradient
-        figures[str(dtype).removeprefix("torch.")] = round(flops / ms / 1e9, 3)
+            cases.append((dtype, count, 2 * conv_flops(grad.shape, weight_shape), passes))  # forward + input gradient
+    # a ceiling: each convolution's best of CONV_ROUNDS rounds (a busy moment only slows one down), the dtypes taking
+    # turns so that a slow stretch of the machine does not fall on one of them
+    best = [math.inf] * len(cases)
+    for _ in range(CONV_ROUNDS):
+        for i, (*_, passes) in enumerate(cases):
+            best[i] = min(best[i], median_ms(passes, device, 3))
+    figures = {}
+    for dtype in dtypes:
+        mine = [(count, flops, ms) for (d, count, flops, _), ms in zip(cases, best, strict=True) if d == dtype]
+        total_flops, total_ms = sum(c * f for c, f, _ in mine), sum(c * ms for c, _, ms in mine)
+        figures[str(dtype).removeprefix("torch.")] = round(total_flops / total_ms / 1e9, 3)
     return {
         "conv_ceiling_tflops": figures,
         "conv_ceiling_case": f"{sum(convs.values())} convolutions, batch {cfg.batch_size}, forward + input gradient",
