@@ -23,6 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .attacks.pgd import frozen
@@ -101,6 +102,9 @@ def adversary(model: nn.Module, protocol: Protocol, seed: int, device: torch.dev
     return aa
 
 
+_WARNED: set[str] = set()  # AutoAttack's warnings printed so far in this process
+
+
 class _StageLog(logging.Handler):
     """Collects "initial accuracy: 45.00%" and "robust accuracy after APGD-CE: 42.00% (total time 12.3 s)" lines,
     as AutoAttack logs them before its first stage and after each (keyed "clean" and by stage; the time is since
@@ -115,14 +119,14 @@ class _StageLog(logging.Handler):
         self.after: dict[str, float] = {}
         self.total_s: dict[str, float] = {}
         self.on_stage = on_stage
-        self.warnings: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.WARNING:  # AutoAttack's reliability checks (randomness, gradient masking, ...)
             message = record.getMessage()
-            if message not in self.warnings:
-                self.warnings.append(message)
-                print(f"AutoAttack warning: {message}", file=sys.stderr, flush=True)
+            if message not in _WARNED:  # once per process: each chunk runs its own AutoAttack (20 on a 10k CPU run)
+                _WARNED.add(message)
+                rank = f" (rank {dist.get_rank()})" if dist.is_available() and dist.is_initialized() else ""
+                print(f"AutoAttack warning{rank}: {message}", file=sys.stderr, flush=True)
             return
         match = self.PATTERN.search(record.getMessage())
         if match:

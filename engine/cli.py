@@ -7,6 +7,7 @@ line on stderr and exit status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -27,16 +28,6 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="dataset root (default: $ARAT_DATA_DIR or ./data)")
 
 
-def version_line() -> str:
-    """arat's version and commit, and the torch / triton it runs on (what a bug report needs)."""
-    from .rundir import git_commit, package_version
-
-    own = package_version("arat") or "(not installed)"  # run from a checkout without `pip install -e .`
-    commit = git_commit()
-    where = f" (commit {commit[:12]})" if commit else ""
-    return f"arat {own}{where}, torch {torch.__version__}, triton {package_version('triton') or 'none'}"
-
-
 class VersionAction(argparse.Action):
     """`--version`, its line built only when asked for (it runs git)."""
 
@@ -44,6 +35,8 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
+        from .rundir import version_line
+
         print(version_line())  # stdout, as argparse's own "version" action writes
         parser.exit()
 
@@ -594,6 +587,7 @@ def _terminated(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    line_buffered(sys.stdout)
     main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
@@ -601,6 +595,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:  # a caller's own handler (pytest, the GPU check's stages) again after the command
             signal.signal(signal.SIGTERM, before)
+
+
+def line_buffered(stream) -> None:
+    """stdout sent to a file or a pipe (`nohup arat train ... > log`, SLURM, `| tee`) is block-buffered: the start
+    line and the compile notice waited there through epoch 1's first pass (the compiling they announce) and a
+    SIGKILL lost the lines since the last flush. Each line is written as it is printed instead."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # a stream no TextIOWrapper (a caller's own)
+        stream.reconfigure(line_buffering=True)
 
 
 def run_command(args) -> int:

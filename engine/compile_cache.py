@@ -13,6 +13,8 @@ import getpass
 import hashlib
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,11 +33,23 @@ def cpuinfo(*keys: str) -> str:
     return ""
 
 
+def mac_cpu() -> str:
+    """macOS (no /proc/cpuinfo): the CPU's name as sysctl gives it ("Apple M2 Pro"), "" elsewhere or unreadable."""
+    if sys.platform != "darwin":
+        return ""
+    try:
+        done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def cpu_key() -> str:
-    """The CPU capability torch uses (honours ATEN_CPU_CAPABILITY) plus a hash of the CPU's feature flags."""
+    """The CPU capability torch uses (honours ATEN_CPU_CAPABILITY) plus a hash of the CPU's feature flags (on macOS,
+    of its name: every Mac hashed the same empty string)."""
     import torch
 
-    digest = hashlib.sha256(cpuinfo("flags", "Features").encode()).hexdigest()[:8]
+    digest = hashlib.sha256((cpuinfo("flags", "Features") or mac_cpu()).encode()).hexdigest()[:8]
     return f"{torch.backends.cpu.get_cpu_capability().lower()}-{digest}"
 
 

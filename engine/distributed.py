@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import pickle
 import socket
@@ -48,6 +49,7 @@ def init(cfg: DistConfig, device_type: str) -> DistInfo:
         torch.cuda.set_device(info.gpu)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.timeout_min))
+    tag_engine_warnings(info.rank)
     if device_type == "cuda":
         try:
             check_distinct_gpus(info)
@@ -55,6 +57,25 @@ def init(cfg: DistConfig, device_type: str) -> DistInfo:
             dist.destroy_process_group()  # no collective ran yet: every rank leaves the same way
             raise
     return info
+
+
+class _RankTag(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"[rank {self.rank}] {record.msg}"
+        return True
+
+
+def tag_engine_warnings(rank: int) -> None:
+    """The engine's own warnings (attacks/graphs.py: an attack's capture failed, it synchronizes with the host) are
+    printed by each rank that meets them: each says which rank it is (eight bare copies said nothing of where)."""
+    log = logging.getLogger("engine")
+    for old in [f for f in log.filters if isinstance(f, _RankTag)]:
+        log.removeFilter(old)
+    log.addFilter(_RankTag(rank))
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"perf.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # e.g. Apple's mps: refused here, before a network or data is loaded
+        raise ConfigError(f"device {name}: this engine runs on cpu or cuda (auto picks the GPU where CUDA has one); "
+                          "use the CPU (arat train: --set perf.device=cpu; arat eval: --device cpu)")  # fmt: skip
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name} but CUDA is not available here; use the CPU (arat train: --set "
                           "perf.device=cpu; arat eval: --device cpu)")  # fmt: skip
@@ -101,6 +105,11 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def x86_cpu() -> bool:
+    """Whether this is an x86 CPU, the only kind cpu_has_native_bf16 can answer yes for (its queries are x86's)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
 def cuda_has_native_bf16(device: torch.device) -> bool:
     with torch.cuda.device(device):
         return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -112,6 +121,8 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
     if name != "auto":
         dtype = DTYPES[name]
         if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+            if not x86_cpu():
+                return dtype, "set; bf16 speed on this (non-x86) CPU not measured: time it against perf.dtype=fp32"
             return dtype, "set; WARNING: this CPU emulates bf16 (10-15x slower than fp32): use perf.dtype=auto"
         if dtype == torch.float16 and device.type == "cpu":
             return dtype, "set; WARNING: CPUs compute fp16 autocast slowly (~9x fp32 measured): use perf.dtype=auto"
@@ -124,6 +135,8 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
         return torch.float16, "auto: the GPU lacks bf16, fp16 with a gradient scaler"
     if cpu_has_native_bf16():
         return torch.bfloat16, "auto: the CPU has native bf16"
+    if not x86_cpu():  # an ARM CPU may have bf16 (Neoverse V1/V2, Apple M2+): not measured with this engine
+        return torch.float32, "auto: bf16 is detected on x86 CPUs only (AVX512-BF16/AMX); not measured on this CPU"
     return torch.float32, "auto: the CPU has no native bf16 (emulated bf16 is 10-15x slower)"
 
 

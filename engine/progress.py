@@ -31,11 +31,15 @@ class _LogFileBar(tqdm):
 
 
 def progress_bar(iterable=None, **kwargs) -> tqdm:
-    """tqdm(iterable, **kwargs), redrawing at most every 30 s where stderr is no terminal."""
+    """tqdm(iterable, **kwargs), redrawing at most every 30 s where stderr is no terminal, and first drawn 30 s in."""
     if "mininterval" in kwargs or "TQDM_MININTERVAL" in os.environ or _terminal(sys.stderr):
         return tqdm(iterable, **kwargs)
     kwargs["mininterval"] = LOG_FILE_INTERVAL_S
     kwargs.setdefault("maxinterval", LOG_FILE_INTERVAL_S)
+    # nothing drawn before the first interval: a bar shorter than it (an epoch on a GPU) writes nothing, where its
+    # first and last draws had glued "\repoch 3/100: 0%|...|\r   \r" before each epoch's line (`grep ^epoch log`
+    # found none)
+    kwargs.setdefault("delay", LOG_FILE_INTERVAL_S)
     return _LogFileBar(iterable, **kwargs)
 
 

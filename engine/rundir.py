@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .compile_cache import cpuinfo
+from .compile_cache import cpuinfo, mac_cpu
 from .config import TrainConfig
 from .errors import UserError
 from .locks import flock_within
@@ -85,6 +85,27 @@ def git_commit() -> str | None:
         return None
 
 
+def git_dirty() -> bool | None:
+    """Whether the engine's checkout has tracked files changed since its commit (the run did not run that commit's
+    code as it is); None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def version_line() -> str:
+    """arat's version and commit (marked where the checkout has uncommitted changes), and the torch / triton it runs
+    on (what a bug report needs; the start line of every run)."""
+    own = package_version("arat") or "(not installed)"  # run from a checkout without `pip install -e .`
+    commit = git_commit()
+    changed = ", with uncommitted changes" if commit and git_dirty() else ""
+    where = f" (commit {commit[:12]}{changed})" if commit else ""
+    return f"arat {own}{where}, torch {torch.__version__}, triton {package_version('triton') or 'none'}"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     try:
         import triton
@@ -101,9 +122,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "device_type": device.type,
         "num_threads": torch.get_num_threads(),
-        "cpu": cpuinfo("model name") or platform.machine(),
+        "cpu": cpuinfo("model name") or mac_cpu() or platform.machine(),
         "pyautoattack": package_version("pyautoattack"),
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "host": platform.node(),
     }
 

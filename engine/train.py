@@ -31,7 +31,7 @@ from .evaluate import evaluate, format_results, summary, write_flags
 from .methods import Method, Nets, build_method, check_method
 from .models import CheckpointError, build_model, read_checkpoint, set_sync_bn
 from .progress import progress_bar
-from .rundir import FINAL, LATEST, RunDir, RunDirError, environment
+from .rundir import FINAL, LATEST, RunDir, RunDirError, environment, version_line
 from .swa import SWA
 
 
@@ -471,7 +471,8 @@ def clock(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def start_line(run: Run) -> str:
+def start_line(run: Run, out: Path | None = None) -> str:
+    """What a run trains and how, its seed and folder, and the engine's version (a log alone reproduces it)."""
     cfg = run.cfg
     dataset = resolve_dataset(cfg.data)
     return (
@@ -480,6 +481,9 @@ def start_line(run: Run) -> str:
         f"split_bn={cfg.model.split_bn} data={dataset}/{cfg.data.backend} ({run.train_loader.num_images} train "
         f"images) {run.perf.summary()} world_size={run.dist.world_size}"
         + (" sync_bn (BN statistics over every rank's batch)" if cfg.dist.sync_bn and run.dist.enabled else "")
+        + f" seed={cfg.seed}"
+        + (f" out={out} (its config.json holds every setting)" if out is not None else "")
+        + f"\n{version_line()}"
         + (f"\nnote: {note}" if (note := distributed.idle_gpus_note(run.dist, run.perf.device)) else "")
     )
 
@@ -659,7 +663,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         say(f"{rundir.path} finished its {cfg.epochs} epochs already: nothing to train (`arat eval {rundir.path}` "
             "evaluates it again; raise epochs in its config.json to train on)")  # fmt: skip
         return
-    say(start_line(run))
+    say(start_line(run, rundir.path))
     if resume and not run.epoch:
         say(f"{rundir.path} has no checkpoint yet (none is written before epoch 1 ends): starting it from epoch 1")
     if notice := data_notice(cfg.data):

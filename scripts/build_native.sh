@@ -11,5 +11,6 @@ fi
 prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 cmake -S . -B build -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
 # a build cut short (a compile error, a link killed) must not leave a library that make then takes as up to date
-cmake --build build -j"$(nproc)" >/dev/null || { rm -f build/libarat_native.so; exit 1; }
+jobs=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2) # (macOS has no nproc)
+cmake --build build -j"$jobs" >/dev/null || { rm -f build/libarat_native.so; exit 1; }
 echo "built build/libarat_native.so"

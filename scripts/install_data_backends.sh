@@ -25,6 +25,7 @@ imports() {
 }
 
 NO_ROOT=3 # the exit status when only root (apt-get) was missing: scripts/test.sh goes on, those backends' tests skip
+NO_APT=4  # ffcv's system libraries missing on a system without apt-get (macOS, Fedora, Amazon Linux): the same
 
 can_sudo() { # without a password, or (at a terminal) after asking for it once
     command -v sudo >/dev/null || return 1
@@ -43,6 +44,11 @@ ffcv_system_libs() {
     if command -v pkg-config >/dev/null && command -v g++ >/dev/null &&
         pkg-config --exists libturbojpeg && { pkg-config --exists opencv4 || pkg-config --exists opencv; }; then
         return
+    fi
+    if ! command -v apt-get >/dev/null; then # (asked before sudo: no password prompt for a command that is not there)
+        echo "ffcv: no apt-get here: install libjpeg-turbo, OpenCV 4, pkg-config and g++ with this system's" \
+            "package manager, then rerun" >&2
+        return "$NO_APT"
     fi
     echo "ffcv: installing system libraries (apt-get; on a bare machine ~250 packages, a few minutes)"
     as_root apt-get update -qq || return
@@ -80,7 +86,7 @@ all)
     # ffcv without root: dali still installs, then the exit status says only root was missing
     ffcv_rc=0
     install_ffcv || ffcv_rc=$?
-    [ "$ffcv_rc" = 0 ] || [ "$ffcv_rc" = "$NO_ROOT" ] || exit "$ffcv_rc"
+    [ "$ffcv_rc" = 0 ] || [ "$ffcv_rc" = "$NO_ROOT" ] || [ "$ffcv_rc" = "$NO_APT" ] || exit "$ffcv_rc"
     install_dali
     exit "$ffcv_rc"
     ;;

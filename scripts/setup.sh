@@ -41,6 +41,15 @@ stamp=.venv/.arat-installed
 pinned=$(sed -n 's/^torch==\([^[:space:]#]*\).*/\1/p' constraints/cpu.txt)
 installed=$(.venv/bin/python -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null || true)
 constraints=(-c constraints/cpu.txt)
+if [ "$(uname -s)" = Darwin ]; then
+    # macOS: torch's wheels there carry no +cpu label (PyPI's plain torch is the CPU/MPS build; no CUDA build to
+    # avoid) and triton has none (pyproject.toml installs it on Linux only; the engine runs without it, the kernel
+    # tests skip): the same pin without its label
+    pinned=${pinned%+cpu}
+    mkdir -p .venv
+    sed 's/^\(torch==[^+[:space:]#]*\)+cpu/\1/' constraints/cpu.txt > .venv/constraints-macos.txt
+    constraints=(-c .venv/constraints-macos.txt)
+fi
 if [ "${ARAT_KEEP_TORCH:-0}" = 1 ] && [ -n "$installed" ]; then # a venv with a CUDA build its user chose
     echo "setup: ARAT_KEEP_TORCH=1: keeping .venv's torch $installed (the CPU pin $pinned is not installed)" >&2
     constraints=()
@@ -64,8 +73,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints/cpu.txt
     # (https://download.pytorch.org/whl/cpu; PyPI has no +cpu builds, and its plain torch is the CUDA one)
     .venv/bin/python -m pip install -q ${constraints[@]+"${constraints[@]}"} \
         ${ARAT_TORCH_INDEX:+--extra-index-url "$ARAT_TORCH_INDEX"} -e ".[test]" || {
-        echo "setup: pip could not install the pinned torch $pinned with the engine; if pip found no $pinned, set" \
-            "ARAT_TORCH_INDEX=https://download.pytorch.org/whl/cpu and rerun" >&2
+        if [ "$(uname -s)" = Darwin ]; then
+            echo "setup: pip could not install torch $pinned with the engine (above); macOS needs Python 3.10+ on" \
+                "an arm64 Mac (Intel Macs have no torch wheels since 2.3)" >&2
+        else
+            echo "setup: pip could not install the pinned torch $pinned with the engine; if pip found no $pinned," \
+                "set ARAT_TORCH_INDEX=https://download.pytorch.org/whl/cpu and rerun" >&2
+        fi
         exit 1
     }
     echo "$here" > "$stamp"

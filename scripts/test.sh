@@ -11,6 +11,8 @@ backends=0
 PYTHON=.venv/bin/python bash scripts/install_data_backends.sh all || backends=$?
 if [ "$backends" = 3 ]; then # only root was missing (ffcv's system libraries): its tests skip, say so
     echo "test: ffcv not installed (its system libraries need root): its tests will skip" >&2
+elif [ "$backends" = 4 ]; then # no apt-get (macOS, another Linux): the same
+    echo "test: ffcv not installed (its system libraries: no apt-get here, above): its tests will skip" >&2
 elif [ "$backends" != 0 ]; then # optional too (a mirror, a wheel or a build failing): the tests run, theirs skip
     echo "test: WARNING: the data backends did not install (exit $backends, above): the FFCV/DALI tests will skip" >&2
 fi
@@ -26,7 +28,7 @@ export ARAT_TEST_DATA=${ARAT_TEST_DATA:-${ARAT_DATA_DIR:-data}}
 # One pytest-xdist worker per core (at most 4), torch at one thread in each (tests/conftest.py): much of the suite is
 # compiling (Inductor's C++, Triton's ahead-of-time builds) and starting processes, which a worker per core overlaps
 # (on two cores 7-16 min by CPU model, against 14-21 min in one process). ARAT_TEST_WORKERS=0 runs it in one process.
-workers=${ARAT_TEST_WORKERS:-$(nproc)}
+workers=${ARAT_TEST_WORKERS:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}
 [[ "$workers" =~ ^[0-9]+$ ]] || { echo "ARAT_TEST_WORKERS=$workers: give a number of workers (0: one process)" >&2; exit 2; }
 [ "$workers" -le 4 ] || workers=4
 [ "$workers" -ge 2 ] || workers=0

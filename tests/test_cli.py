@@ -1,9 +1,12 @@
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -990,3 +993,17 @@ def main_table(run) -> str:
     from engine.table import render, table
 
     return render(table([str(run)]))
+
+
+def test_stdout_to_a_file_is_written_line_by_line():
+    """`nohup arat train ... > log`: stdout to a file or pipe was block-buffered, so the start line waited through
+    the first compile and a SIGKILL (out of memory, scancel) lost every line since the last flush. A process killed
+    right after printing (os._exit: no flush at exit) still leaves its line."""
+    code = (
+        "import os\nfrom engine import cli\n"
+        "cli.run_command = lambda args: (print('arat: recipe=smoke ...'), os._exit(0))\n"
+        "cli.main(['train', '--recipe', 'smoke'])\n"
+    )
+    repo, env = Path(__file__).resolve().parents[1], {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout == "arat: recipe=smoke ...\n", done.stderr[-2000:]

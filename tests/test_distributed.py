@@ -560,3 +560,22 @@ def test_a_rank_without_the_data_or_with_other_data_says_so_on_every_rank(monkey
         distributed.check_same_data(mine, "cifar10 in /d", info)
     with pytest.raises(DataError, match="gone"):
         distributed.check_same_data(DataError("gone"), "cifar10 in /d", distributed.DistInfo())
+
+
+def test_the_engine_s_warnings_say_which_rank_met_them(caplog):
+    """Under torchrun each rank prints the engine's own warnings (a failed attack capture): each copy names its rank,
+    and joining again (a second group in one process) does not tag them twice."""
+    import logging
+
+    from engine import distributed
+
+    log = logging.getLogger("engine")
+    try:
+        distributed.tag_engine_warnings(3)
+        distributed.tag_engine_warnings(3)
+        log.warning("CUDA graph capture of an attack failed (%s); attacks run eagerly from now on", "x")
+    finally:
+        for f in [f for f in log.filters if isinstance(f, distributed._RankTag)]:
+            log.removeFilter(f)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said == "[rank 3] CUDA graph capture of an attack failed (x); attacks run eagerly from now on"

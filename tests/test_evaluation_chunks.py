@@ -839,25 +839,35 @@ def test_evaluation_compiles_in_inductors_default_mode_whatever_training_used(mo
     assert modes == ["default"] * 6  # per run: the classifier, the attacker, AutoAttack's classifier
 
 
-def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys):
+def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys, monkeypatch):
     """AutoAttack's own checks (a randomized or gradient-masking defense, Square lowering the robust accuracy) log
-    warnings; the stage-figure handler, the logger's only one during a chunk, prints them once each."""
+    warnings; the stage-figure handler, the logger's only one during a chunk, prints them once each per process:
+    each chunk has a handler of its own (a 10k evaluation printed the same warning in each of its 20 chunks)."""
     import logging
 
-    handler = autoattack._StageLog()
+    monkeypatch.setattr(autoattack, "_WARNED", set())
     log = logging.getLogger("auto-attack")
-    log.addHandler(handler)
     level, log.level = log.level, logging.DEBUG  # as attack_chunk sets it
+    handlers = []
     try:
-        for _ in range(2):
-            log.warning('it seems to be a randomized defense! Please use version="rand".')
-        log.info("robust accuracy after APGD-CE: 42.00%")
+        for chunk in range(2):
+            handler = autoattack._StageLog()
+            log.addHandler(handler)
+            for _ in range(2):
+                log.warning('it seems to be a randomized defense! Please use version="rand".')
+            if chunk:
+                log.warning("Square lowered the robust accuracy")
+            log.info("robust accuracy after APGD-CE: 42.00%")
+            log.removeHandler(handler)
+            handlers.append(handler)
     finally:
-        log.removeHandler(handler)
+        for handler in handlers:
+            log.removeHandler(handler)
         log.setLevel(level)
     err = capsys.readouterr().err
     assert err.count("AutoAttack warning: it seems to be a randomized defense!") == 1
-    assert handler.after == {"apgd-ce": 0.42} and len(handler.warnings) == 1
+    assert err.count("AutoAttack warning: Square lowered the robust accuracy") == 1
+    assert all(handler.after == {"apgd-ce": 0.42} for handler in handlers)
 
 
 def test_flags_of_other_attacks_are_kept_and_each_entry_says_its_network_data_and_version(tmp_path):

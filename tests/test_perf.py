@@ -311,6 +311,52 @@ def test_auto_dtype_follows_the_cpu(monkeypatch, native):
     assert why.startswith("auto") and ("no native" in why) != native
 
 
+@pytest.mark.parametrize("machine", ["aarch64", "arm64"])
+def test_an_arm_cpu_gets_fp32_without_being_called_an_emulator(monkeypatch, machine):
+    """bf16 is detected with x86 queries only: an ARM CPU (Graviton, Apple M2+: bf16 in hardware) gets fp32 under
+    auto, told that bf16 was not measured there rather than that it is emulated; bf16 set by hand: no x86 warning."""
+    from engine import perf
+
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(perf.platform, "machine", lambda: machine)
+    dtype, why = perf.resolve_dtype("auto", torch.device("cpu"))
+    assert dtype == torch.float32 and "x86 CPUs only" in why and "emulated" not in why
+    dtype, why = perf.resolve_dtype("bf16", torch.device("cpu"))
+    assert dtype == torch.bfloat16 and "not measured" in why and "emulates" not in why
+    monkeypatch.setattr(perf.platform, "machine", lambda: "x86_64")
+    assert "emulates bf16" in perf.resolve_dtype("bf16", torch.device("cpu"))[1]
+
+
+@pytest.mark.parametrize("name", ["mps", "mps:0", "meta", "xpu"])
+def test_a_device_other_than_cpu_or_cuda_is_refused_in_one_line(name):
+    """Apple's MPS (or any other torch device type) is refused where the device is read, before a network or data
+    is loaded (arat eval --device mps had loaded both, then failed naming perf.device)."""
+    from engine.config import ConfigError
+    from engine.perf import resolve_device
+
+    with pytest.raises(ConfigError, match=f"device {name}: this engine runs on cpu or cuda.*arat eval: --device cpu"):
+        resolve_device(name)
+
+
+def test_macs_get_a_cpu_key_of_their_own(monkeypatch):
+    """Without /proc/cpuinfo (macOS) the CPU key hashed an empty string: every Mac shared one evaluation-chunk key.
+    It hashes sysctl's CPU name there."""
+    import subprocess
+
+    from engine import compile_cache
+
+    monkeypatch.setattr(compile_cache, "cpuinfo", lambda *keys: "")
+    monkeypatch.setattr(compile_cache.sys, "platform", "darwin")
+    keys = []
+    for brand in ("Apple M1", "Apple M4 Max"):
+        monkeypatch.setattr(subprocess, "run", lambda *a, brand=brand, **k: subprocess.CompletedProcess(a, 0, brand))
+        assert compile_cache.mac_cpu() == brand
+        keys.append(compile_cache.cpu_key())
+    assert keys[0] != keys[1]
+    monkeypatch.setattr(compile_cache.sys, "platform", "linux")
+    assert compile_cache.mac_cpu() == ""
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_follows_the_gpu(monkeypatch, native):
     from engine import perf
@@ -329,6 +375,23 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_in_the_start_line(monkeypatch, 
     assert run.perf.dtype == torch.bfloat16 and "emulates bf16" in start_line(run)
     run = build_run(apply_overrides(tiny_cfg, ["perf.device=cpu"]))  # the smoke recipe keeps the default: auto
     assert run.perf.dtype == torch.float32 and "no native bf16" in start_line(run)
+
+
+def test_the_start_line_says_the_seed_the_folder_and_the_engine_s_version(monkeypatch, tiny_cfg):
+    """A log alone reproduces a run: the start line names its seed, its folder (the default one is named from the
+    clock) and the engine's commit, marked where the checkout had uncommitted changes."""
+    from pathlib import Path
+
+    from engine import rundir
+    from engine.train import start_line
+
+    run = build_run(apply_overrides(tiny_cfg, ["perf.device=cpu", "train.seed=7"]))
+    monkeypatch.setattr(rundir, "git_commit", lambda: "0123456789abcdef")
+    for dirty, says in ((False, "(commit 0123456789ab), torch"), (True, "(commit 0123456789ab, with uncommitted")):
+        monkeypatch.setattr(rundir, "git_dirty", lambda dirty=dirty: dirty)
+        first, second = start_line(run, Path("runs/x")).splitlines()[:2]
+        assert " seed=7 out=runs/x (its config.json holds every setting)" in first
+        assert second.startswith("arat ") and says in second and f"torch {torch.__version__}" in second
 
 
 def test_auto_switches_are_on_for_cuda_only():
@@ -565,7 +628,7 @@ def test_torchrun_processes_share_the_machine_s_compile_workers(monkeypatch):
     from engine.perf import share_compile_workers
 
     monkeypatch.setattr(os, "cpu_count", lambda: 128)  # the host's; this process may use 16 of them (a cpuset)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)  # (macOS has none)
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     for local, threads, want in (("8", 16, 2), ("1", 32, 32), ("32", 16, 1)):  # one process: Inductor's 32 kept
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local)

@@ -57,3 +57,26 @@ def test_a_log_file_bar_redraws_about_every_30s_whatever_the_postfix_and_descrip
     assert "loss" in out.getvalue() and "epoch 1/3:" in out.getvalue()  # they are shown, at the next redraw
     # the first draw, one per 30 s of the 200, and none per postfix (there are 80); but it does redraw as time passes
     assert steps * step_s // LOG_FILE_INTERVAL_S <= redraws_before_close <= 1 + steps * step_s / LOG_FILE_INTERVAL_S + 1
+
+
+def test_a_log_file_bar_shorter_than_its_interval_writes_nothing(monkeypatch):
+    """An epoch of a few seconds (a GPU's) in a log file: its bar wrote "\\repoch 3/100: 0%|...|" when it began and
+    cleared it when it closed, gluing both before the epoch's own line (`grep ^epoch log` found none). Now nothing
+    is drawn before the first interval; a longer bar still shows up after it."""
+    import tqdm.std
+
+    now = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    short, long = io.StringIO(), io.StringIO()
+    with progress_bar(total=10, file=short, desc="epoch 3/100") as bar:
+        for _ in range(10):
+            now[0] += 1.0
+            bar.update(1)
+    assert short.getvalue() == ""
+    with progress_bar(total=100, file=long, desc="epoch 4/100") as bar:
+        for _ in range(100):
+            now[0] += 1.0
+            bar.update(1)
+    assert "epoch 4/100" in long.getvalue()

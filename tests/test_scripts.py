@@ -60,6 +60,23 @@ def test_ffcv_without_root_still_installs_dali_and_says_only_root_was_missing(tm
     assert "sudo -v" not in calls  # no terminal: no password asked for
 
 
+def test_ffcv_without_apt_get_still_installs_dali_and_asks_no_password(tmp_path):
+    """A system without apt-get (macOS, Fedora, Amazon Linux): one line naming what to install, no sudo asked for
+    (a password prompt for a command that is not there), DALI still reached, exit 4 (scripts/test.sh goes on)."""
+    env = stand_ins(tmp_path, NO_FFCV_DALI_OK)
+    (tmp_path / "bin" / "apt-get").unlink()
+    tools = tmp_path / "tools"  # PATH without the machine's own apt-get: only what the script itself calls
+    tools.mkdir()
+    for name in ("bash", "dirname"):
+        (tools / name).symlink_to(shutil.which(name))
+    env["PATH"] = f"{tmp_path / 'bin'}:{tools}"
+    result = run_script(env, "all")
+    assert result.returncode == 4, result.stderr
+    assert "ffcv: no apt-get here: install libjpeg-turbo, OpenCV 4, pkg-config and g++" in result.stderr
+    assert "dali: already installed" in result.stdout
+    assert "sudo" not in (tmp_path / "calls.txt").read_text()
+
+
 def test_an_ffcv_build_failure_stops_the_script(tmp_path):
     """Root is not the problem (the libraries are there) but pip fails: exit 1, not 3, and dali is not reached."""
     body = """case "$*" in *"-m pip"*) exit 1 ;; *"import ffcv"*) exit 1 ;; esac; exit 0"""
@@ -117,6 +134,51 @@ def test_setup_reinstalls_a_venv_torch_other_than_the_pin(tmp_path, case):
         assert result.returncode == 0, result.stderr
         assert "-m pip install" not in calls
         assert ("keeping .venv's torch 2.11.0+cu130" in result.stderr) == (case == "kept")
+
+
+@pytest.mark.parametrize("installed", ["pin", "none"])
+def test_setup_on_macos_pins_torch_without_the_cpu_label(tmp_path, installed):
+    """macOS's torch wheels carry no +cpu label: setup.sh (with a stand-in `uname` saying Darwin) takes a venv
+    holding the unlabelled pin as installed (no pip), and installs with a constraints file whose torch line has no
+    label (the stand-in pip then fails: setup stops with a macOS hint, not the download.pytorch.org one)."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    (root / "constraints").mkdir()
+    for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
+        (root / rel).write_bytes((REPO / rel).read_bytes())
+    lines = (REPO / "constraints/cpu.txt").read_text().splitlines()
+    labelled = next(line.split("==")[1].split()[0] for line in lines if line.startswith("torch=="))
+    assert labelled.endswith("+cpu")
+    plain = labelled.removesuffix("+cpu")
+    venv_python = root / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    log = tmp_path / "calls.txt"
+    version = plain if installed == "pin" else ""
+    venv_python.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "python $*" >> {log}\n'
+        f'case "$*" in *importlib.metadata*) [ -z "{version}" ] && exit 1; echo {version} ;;'
+        ' *"-m pip install"*" -e "*) exit 1 ;; esac\n'
+    )
+    venv_python.chmod(0o755)
+    if installed == "pin":
+        (root / ".venv" / ".arat-installed").write_text(f"{root}\n")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "uname").write_text("#!/usr/bin/env bash\necho Darwin\n")
+    (bin_ / "uname").chmod(0o755)
+    env = {**os.environ, "ARAT_DATA_DIR": str(tmp_path / "data"), "PATH": f"{bin_}:{os.environ['PATH']}"}
+    env.pop("ARAT_KEEP_TORCH", None)
+    result = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    calls = log.read_text()
+    if installed == "pin":
+        assert result.returncode == 0 and "-m pip install" not in calls, result.stderr
+        return
+    assert result.returncode == 1 and "-c .venv/constraints-macos.txt" in calls
+    constraints = (root / ".venv" / "constraints-macos.txt").read_text()
+    assert [line for line in constraints.splitlines() if line.startswith("torch==")] == [f"torch=={plain}"]
+    assert "arm64 Mac" in result.stderr and "ARAT_TORCH_INDEX" not in result.stderr
 
 
 OLD_PYTHON = 'case "$*" in *version_info*) exit 1 ;; *python_version*) echo 3.8.10 ;; esac\n'

@@ -40,7 +40,7 @@ def test_smoke_run_writes_a_complete_run_dir(tiny_cfg, tmp_path):
         assert key in rows[0], key
     assert rows[0]["lr"] == pytest.approx(0.02)
     env = json.loads((run / "env.json").read_text())
-    assert env["torch"] == torch.__version__ and "git_commit" in env
+    assert env["torch"] == torch.__version__ and "git_commit" in env and env["git_dirty"] in (True, False, None)
     results = json.loads((run / "results.json").read_text())["results"]
     assert set(results) == {"clean", "pgd20"} and results["pgd20"]["accuracy"] <= results["clean"]["accuracy"]
     assert results["clean"]["num_examples"] == 64
