@@ -252,6 +252,22 @@ def conv_flops(out_shape: tuple, weight_shape: tuple) -> int:
     return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
 
 
+def captured(fn):
+    """fn captured as a CUDA graph (warmed on a side stream, as torch's graph docs do): its replay, which launches
+    the passes' kernels without Python in between (a ceiling of the GPU's work, not of the host's launches).
+    CUDA only; not yet run on a GPU."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
     """The network's own convolutions alone, per dtype: each distinct one run forward and back to its input (the
     attack's passes, most of a step) at the row's batch in channels-last, its best of CONV_ROUNDS rounds, weighted by
@@ -259,7 +275,9 @@ def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
     if nothing but its convolutions ran (no batch norm, no activation, no Python), so the fastest dtype's figure over
     the fp32 eager row's TFLOP/s bounds what the ladder can gain here (ladder_bound): on a CPU whose bf16
     convolutions run 2x its fp32 ones, a 3x ladder would have to compute less. fp32, and the lower precision
-    perf.dtype=auto picks where the device runs it natively (bf16; fp16 on a GPU without bf16)."""
+    perf.dtype=auto picks where the device runs it natively (bf16; fp16 on a GPU without bf16). On CUDA: cuDNN's
+    autotuned algorithms, fp32 with TF32 as torch allows it by default (as the ladder's fp32 rows run), each pass
+    captured as a CUDA graph and replayed (not yet run on a GPU)."""
     model = build_model(cfg.model, cfg.data.num_classes).to(device)
     convs = network_convs(model, cfg.batch_size, device)
     del model
@@ -268,6 +286,15 @@ def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
     else:
         low = torch.bfloat16 if cpu_has_native_bf16() else None
     dtypes = [torch.float32] + ([low] if low is not None else [])
+    autotuning = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # the ceiling: cuDNN's fastest algorithms (a no-op on a CPU)
+    try:
+        return measured_convs(convs, dtypes, device, cfg.batch_size)
+    finally:
+        torch.backends.cudnn.benchmark = autotuning  # the rows set their own (perf.cudnn_benchmark)
+
+
+def measured_convs(convs: Counter, dtypes: list[torch.dtype], device: torch.device, batch: int) -> dict:
     generator, cases = torch.Generator(device).manual_seed(0), []  # (dtype, count, FLOPs, the passes)
     for dtype in dtypes:
         make = lambda size, dtype=dtype: torch.randn(size, generator=generator, device=device, dtype=dtype)  # noqa: E731
@@ -280,13 +307,15 @@ def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
                 torch.autograd.grad(torch.nn.functional.conv2d(x, w, None, *args), x, grad)
 
             passes()  # oneDNN / cuDNN pick and cache their algorithm
+            if device.type == "cuda":  # a layer4 pass is ~20 us of GPU work at B=128, less than its Python launch
+                passes = captured(passes)
             cases.append((dtype, count, 2 * conv_flops(grad.shape, weight_shape), passes))  # forward + input gradient
     # a ceiling: each convolution's best of CONV_ROUNDS rounds (a busy moment only slows one down), the dtypes taking
     # turns so that a slow stretch of the machine does not fall on one of them
     best = [math.inf] * len(cases)
     for _ in range(CONV_ROUNDS):
         for i, (*_, passes) in enumerate(cases):
-            best[i] = min(best[i], median_ms(passes, device, 3))
+            best[i] = min(best[i], median_ms(passes, device, 3 if device.type == "cpu" else 20))
     figures = {}
     for dtype in dtypes:
         mine = [(count, flops, ms) for (d, count, flops, _), ms in zip(cases, best, strict=True) if d == dtype]
@@ -294,7 +323,7 @@ def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
         figures[str(dtype).removeprefix("torch.")] = round(total_flops / total_ms / 1e9, 3)
     return {
         "conv_ceiling_tflops": figures,
-        "conv_ceiling_case": f"{sum(convs.values())} convolutions, batch {cfg.batch_size}, forward + input gradient",
+        "conv_ceiling_case": f"{sum(convs.values())} convolutions, batch {batch}, forward + input gradient",
     }
 
 

@@ -149,7 +149,7 @@ def resnet18_flops(width: int, classes: int = 10) -> int:
     return total + 2 * c * classes
 
 
-def test_the_convolution_ceiling_times_every_convolution_of_the_network():
+def test_the_convolution_ceiling_times_every_convolution_of_the_network(monkeypatch):
     """The convolutions the ceiling times are the network's own, each as often as a forward runs it: their forward
     FLOPs add up to the hand count less the classifier; WRN-34-10's 34 too."""
     import torch
@@ -167,6 +167,20 @@ def test_the_convolution_ceiling_times_every_convolution_of_the_network():
         total += count * conv_flops(out.shape, weight_shape)
     assert total == 2 * (resnet18_flops(8) - 2 * 64 * 10)
     assert sum(network_convs(build_model(ModelConfig(arch="wrn34-10"), 10), 1, torch.device("cpu")).values()) == 34
+    # measured with cuDNN's autotuning on (a ceiling), the process's own setting back after (the rows set theirs)
+    from train_step import conv_ceiling
+
+    from engine.config import apply_overrides
+    from engine.recipes import get_recipe
+
+    cfg = apply_overrides(get_recipe("demo"), ["model.width=8", "train.batch_size=2", "data.dataset=synthetic"])
+    seen = []
+    monkeypatch.setattr("train_step.median_ms", lambda fn, device, reps: seen.append(torch.backends.cudnn.benchmark)
+                        or 1.0)  # fmt: skip
+    torch.backends.cudnn.benchmark = False
+    figures = conv_ceiling(cfg, torch.device("cpu"))
+    assert set(seen) == {True} and torch.backends.cudnn.benchmark is False
+    assert figures["conv_ceiling_case"] == "20 convolutions, batch 2, forward + input gradient"
 
 
 def test_the_ladder_bound_is_the_fastest_convolution_rate_over_fp32_eager_s(monkeypatch):
