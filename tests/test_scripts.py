@@ -97,30 +97,14 @@ def test_setup_reinstalls_a_venv_torch_other_than_the_pin(tmp_path, case):
     in the venv, or none left beside a stamp, it installs the pin (the stand-in's pip then fails it: setup stops with
     its hint); with the pinned torch (its line carrying a comment) and a fresh stamp it runs no pip; ARAT_KEEP_TORCH=1
     keeps another torch."""
-    root = tmp_path / "repo"
-    (root / "scripts").mkdir(parents=True)
-    (root / "constraints").mkdir()
-    for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
-        (root / rel).write_bytes((REPO / rel).read_bytes())
+    pinned, log = PINNED, tmp_path / "calls.txt"
+    version = {"other": "2.11.0+cu130", "pinned": pinned, "removed": "", "kept": "2.11.0+cu130"}[case]
+    root, env = setup_copy(tmp_path, "exit 1", version, log)
     lines = (REPO / "constraints/cpu.txt").read_text().splitlines()
-    pinned = next(line.split("==")[1].split()[0] for line in lines if line.startswith("torch=="))
     (root / "constraints/cpu.txt").write_text(
         "\n".join(f"{line}  # the CPU build" if line.startswith("torch==") else line for line in lines) + "\n"
     )
-    version = {"other": "2.11.0+cu130", "pinned": pinned, "removed": "", "kept": "2.11.0+cu130"}[case]
-    venv_python = root / ".venv" / "bin" / "python"
-    venv_python.parent.mkdir(parents=True)
-    log = tmp_path / "calls.txt"
-    venv_python.write_text(
-        "#!/usr/bin/env bash\n"
-        f'echo "python $*" >> {log}\n'
-        f'case "$*" in *importlib.metadata*) [ -z "{version}" ] && exit 1; echo {version} ;;'
-        ' *"-m pip install"*" -e "*) exit 1 ;; esac\n'
-    )
-    venv_python.chmod(0o755)
     (root / ".venv" / ".arat-installed").write_text(f"{root}\n")  # installed for this folder
-    env = {**os.environ, "ARAT_DATA_DIR": str(tmp_path / "data")}
-    env.pop("ARAT_KEEP_TORCH", None)
     if case == "kept":
         env["ARAT_KEEP_TORCH"] = "1"
     result = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
@@ -141,34 +125,16 @@ def test_setup_on_macos_pins_torch_without_the_cpu_label(tmp_path, installed):
     """macOS's torch wheels carry no +cpu label: setup.sh (with a stand-in `uname` saying Darwin) takes a venv
     holding the unlabelled pin as installed (no pip), and installs with a constraints file whose torch line has no
     label (the stand-in pip then fails: setup stops with a macOS hint, not the download.pytorch.org one)."""
-    root = tmp_path / "repo"
-    (root / "scripts").mkdir(parents=True)
-    (root / "constraints").mkdir()
-    for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
-        (root / rel).write_bytes((REPO / rel).read_bytes())
-    lines = (REPO / "constraints/cpu.txt").read_text().splitlines()
-    labelled = next(line.split("==")[1].split()[0] for line in lines if line.startswith("torch=="))
-    assert labelled.endswith("+cpu")
-    plain = labelled.removesuffix("+cpu")
-    venv_python = root / ".venv" / "bin" / "python"
-    venv_python.parent.mkdir(parents=True)
-    log = tmp_path / "calls.txt"
-    version = plain if installed == "pin" else ""
-    venv_python.write_text(
-        "#!/usr/bin/env bash\n"
-        f'echo "python $*" >> {log}\n'
-        f'case "$*" in *importlib.metadata*) [ -z "{version}" ] && exit 1; echo {version} ;;'
-        ' *"-m pip install"*" -e "*) exit 1 ;; esac\n'
-    )
-    venv_python.chmod(0o755)
+    assert PINNED.endswith("+cpu")
+    plain, log = PINNED.removesuffix("+cpu"), tmp_path / "calls.txt"
+    root, env = setup_copy(tmp_path, "exit 1", plain if installed == "pin" else "", log)
     if installed == "pin":
         (root / ".venv" / ".arat-installed").write_text(f"{root}\n")
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     (bin_ / "uname").write_text("#!/usr/bin/env bash\necho Darwin\n")
     (bin_ / "uname").chmod(0o755)
-    env = {**os.environ, "ARAT_DATA_DIR": str(tmp_path / "data"), "PATH": f"{bin_}:{os.environ['PATH']}"}
-    env.pop("ARAT_KEEP_TORCH", None)
+    env["PATH"] = f"{bin_}:{os.environ['PATH']}"
     result = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     calls = log.read_text()
@@ -222,9 +188,13 @@ PINNED = next(
 )
 
 
-def setup_copy(tmp_path: Path, on_pip_install: str) -> tuple[Path, dict[str, str]]:
-    """setup.sh copied with its constraints into a folder whose .venv/bin/python is a stand-in holding the pinned
-    torch, running `on_pip_install` (bash) for the engine's pip install: (the copy's root, setup's environment)."""
+def setup_copy(
+    tmp_path: Path, on_pip_install: str, version: str | None = None, log: Path | None = None
+) -> tuple[Path, dict[str, str]]:
+    """setup.sh copied with its constraints into a folder whose .venv/bin/python is a stand-in holding torch
+    `version` (default the pin; "": none), running `on_pip_install` (bash) for the engine's pip install and logging
+    its calls to `log` if given: (the copy's root, setup's environment)."""
+    version = PINNED if version is None else version
     root = tmp_path / "copy"
     (root / "scripts").mkdir(parents=True)
     (root / "constraints").mkdir()
@@ -232,7 +202,8 @@ def setup_copy(tmp_path: Path, on_pip_install: str) -> tuple[Path, dict[str, str
         (root / rel).write_bytes((REPO / rel).read_bytes())
     venv_python = root / ".venv" / "bin" / "python"
     venv_python.parent.mkdir(parents=True)
-    venv_python.write_text(f'#!/usr/bin/env bash\ncase "$*" in *importlib.metadata*) echo {PINNED} ;;'
+    venv_python.write_text("#!/usr/bin/env bash\n" + (f'echo "python $*" >> {log}\n' if log else "")
+                           + f'case "$*" in *importlib.metadata*) [ -z "{version}" ] && exit 1; echo {version} ;;'
                            f' *"-m pip install"*" -e "*) {on_pip_install} ;; esac\n')  # fmt: skip
     venv_python.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "ARAT_KEEP_TORCH"} | {"ARAT_DATA_DIR": str(tmp_path / "d")}
