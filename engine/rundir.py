@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,6 +25,9 @@ from .locks import flock_within
 LOCK = ".lock"  # held by the process writing the run (train, or eval writing eval.json)
 LATEST, FINAL = "latest.pt", "final.pt"  # checkpoints/: after each epoch; the network the run ended with
 WRITE_PROBE = ".write-test"  # written and removed to check a run folder is writable
+# what a run writes in its folder (atomically: a kill leaves a temporary `.NAME.XXXXXXXX`, mkstemp's 8 characters)
+OWN_FILES = ("config.json", "env.json", "progress.json", "results.json", "eval.json", "metrics.jsonl")
+TEMP_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}")
 
 
 class RunDirError(UserError):
@@ -358,10 +362,13 @@ class RunDir:
         return rows
 
     def remove_stale_temp_files(self) -> None:
-        """Temporary files of atomic writes that a kill interrupted (`.latest.pt.XXXX`): never read, only clutter."""
-        for folder in (self.path, self.checkpoints):
-            for tmp in folder.glob(".*.*") if folder.is_dir() else []:
-                if tmp.is_file() and tmp.name != WRITE_PROBE:
+        """Temporary files of atomic writes that a kill interrupted (`.latest.pt.XXXX`): never read, only clutter.
+        Only the temporaries of the files a run writes itself: `.*.*` took a user's hidden files too (`.notes.txt`),
+        and an `arat export RUN/x.pt` writing at the same moment."""
+        for folder, own in ((self.path, OWN_FILES), (self.checkpoints, (LATEST, FINAL))):
+            for tmp in folder.iterdir() if folder.is_dir() else []:
+                stale = TEMP_NAME.fullmatch(tmp.name)
+                if stale and stale.group(1) in own and tmp.is_file():
                     tmp.unlink(missing_ok=True)
 
     def rewrite_metrics(self, rows: list[dict]) -> None:

@@ -331,3 +331,16 @@ def test_fine_tuning_starts_without_the_standard_stages_momentum(tiny_cfg):
     train_epoch(run, 2)  # fine-tuning's first epoch
     assert seen[0] and not seen[1]
     assert [run.method.fresh_optimizer_at(e) for e in (1, 2, 3)] == [False, True, False]
+
+
+def test_final_checkpoints_leave_out_the_frozen_teacher_and_keep_trained_networks(tiny_cfg):
+    """final.pt stored the method's whole state: ARREST's frozen teacher (a second copy of the network, 185 MB for
+    WRN-34-10) that nothing reads from it (latest.pt keeps it to resume). Trained second networks stay (LBGAT's)."""
+    from engine.train import trained_state
+
+    _, _, arrest, _ = setup(tiny_cfg)
+    full, kept = arrest.state_dict(), trained_state(arrest)
+    assert any(k.startswith("teacher.") for k in full) and not any(k.startswith("teacher.") for k in kept)
+    assert set(kept) == {k for k in full if not k.startswith("teacher.")}  # its own buffers (teacher_ready) stay
+    _, _, lbgat, _ = method_case(tiny_cfg, "lbgat")
+    assert trained_state(lbgat).keys() == lbgat.state_dict().keys() and len(lbgat.state_dict()) > 0

@@ -187,10 +187,15 @@ def test_resume_trims_metrics_to_the_checkpoint_and_cleans_temp_files(tiny_cfg, 
         f.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n" + '{"epoch": 3, "lo')  # ... and a half line
     with (run / "metrics.jsonl").open("ab") as f:  # whose tail a power cut left undecodable (a traceback before)
         f.write(b"\xff\xfe")
-    stale = run / "checkpoints" / ".latest.pt.abc123"
-    stale.write_bytes(b"partial")
+    stale = [run / "checkpoints" / ".latest.pt.ab_c1234", run / ".config.json.k2j4l5m9"]  # mkstemp's 8 characters
+    # a user's hidden files, and the temporary of an `arat export RUN/x.pt` writing at the same moment, are not the
+    # run's: they stay (a resume deleted every `.*.*` there)
+    kept = [run / ".notes.txt", run / ".x.pt.abcd1234", run / "checkpoints" / ".mine.pt"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
     run_training(cfg, run, resume=True, evaluate_at_end=False)
-    assert [r["epoch"] for r in read_rows(run)] == [1, 2] and not stale.exists()
+    assert [r["epoch"] for r in read_rows(run)] == [1, 2]
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
 
 
 def test_resume_without_a_checkpoint_says_it_starts_over(tiny_cfg, tmp_path, capsys):
