@@ -115,6 +115,7 @@ def conv_case(record: StageRecord) -> None:
     cfg = ladder_config(0, 128, record.smoke)
     with record.timed_case("conv"):
         result = guarded(record, "convolutions alone", conv_ceiling, cfg, device())
+    release_memory()  # its graphs' pools, before the B=512 rows measure their peak memory
     if result.get("ok") is False:
         return  # (guarded wrote its row)
     record.row({"case": "convolutions alone", "batch_size": cfg.batch_size, **result})
