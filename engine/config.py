@@ -340,7 +340,8 @@ def check_trainable(cfg: TrainConfig) -> None:
     # SWA re-estimates the averaged network's BN statistics on PGD examples (METHOD 4)
     _check(not swa.enabled or method.name != "std", "swa.enabled: SWA's BN statistics are re-estimated on PGD "
            "examples, which standard training never sees; set swa.enabled=false")  # fmt: skip
-    mixes_stages = method.name == "arrest" and swa.start_epoch <= method.pretrain_epochs
+    # (no standard stage with --init, pretrain_epochs=0: start_epoch 0 is epoch 1, as anywhere else)
+    mixes_stages = method.name == "arrest" and method.pretrain_epochs > 0 and swa.start_epoch <= method.pretrain_epochs
     _check(not swa.enabled or not mixes_stages,
            f"swa.enabled: ARREST's standard stage runs to epoch {method.pretrain_epochs}: averaging from "
            f"swa.start_epoch={swa.start_epoch} mixes its weights with fine-tuned ones; start later")  # fmt: skip

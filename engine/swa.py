@@ -20,6 +20,7 @@ class SWA:
         self.cfg = cfg
         self.count = 0
         self.started_on_resume = False  # turned on in config.json for a resume of a run that trained without it
+        self.kept: dict | None = None  # with SWA off: the checkpoint's average, carried over to the next checkpoint
         # an fp32 copy of the parameters only where SWA is on (WRN-34-10: ~185 MB on the device and in each checkpoint)
         params = model.named_parameters() if cfg.enabled else ()
         self.average = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params}
@@ -45,10 +46,16 @@ class SWA:
             self.average[name].add_(p.float() - self.average[name], alpha=1 / self.count)
 
     def state_dict(self) -> dict:
+        if not self.cfg.enabled and self.kept is not None:  # off for now: the checkpoint's average carried over
+            return self.kept
         return {"count": self.count, "average": self.average}
 
     def load_state_dict(self, state: dict) -> None:
-        if not self.cfg.enabled:  # nothing to average into (a checkpoint of a run with SWA on, or of an older engine)
+        if not self.cfg.enabled:  # nothing to average into: the checkpoint's average, if any, is carried over as it
+            # is (SWA turned off in config.json and on again later: averaging goes on from it, where the next
+            # checkpoint had dropped it and started over, saying SWA had been off for every epoch)
+            if state.get("average"):
+                self.kept = state
             return
         if not state["average"]:  # the checkpoint's run had SWA off: averaging starts now, from the fresh zeros
             self.started_on_resume = True

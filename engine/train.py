@@ -675,6 +675,11 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         say(f"resuming after epoch {run.epoch}/{cfg.epochs} from {rundir.checkpoint(LATEST)}")
     if swa_notice:
         say(swa_notice)
+    elif run.swa.kept is not None and run.epoch < cfg.epochs:
+        say(
+            f"SWA is off (config.json): the final network is the plain one; the checkpoint's average of "
+            f"{run.swa.kept['count']} snapshots is kept, not updated (swa.enabled=true again averages on from it)"
+        )
     elif cfg.swa.enabled and run.epoch < cfg.epochs:  # swa.every counts steps: a batch per process changes it
         steps, n = len(run.train_loader), run.swa.updates(len(run.train_loader), cfg.epochs, done=run.epoch)
         say(f"SWA averages {n} snapshot{'s' * (n != 1)} from here: every {cfg.swa.every} steps from epoch "

@@ -120,6 +120,11 @@ def test_swa_where_its_bn_re_estimation_or_averaging_cannot_fit_the_method_is_re
     with pytest.raises(ConfigError, match="runs to epoch 100"):
         trainable("arrest-resnet18-cifar10", ["swa.enabled=true"])
     trainable("arrest-resnet18-cifar10", ["swa.enabled=true", "swa.start_epoch=101"])
+    # fine-tuning an --init (no standard stage): averaging from its first epoch, start_epoch 0 or 1 alike (0 was
+    # refused for "a standard stage running to epoch 0")
+    for start in (0, 1):
+        trainable("arrest-resnet18-cifar10", ["method.init=x.pt", "method.pretrain_epochs=0", "swa.enabled=true",
+                                              f"swa.start_epoch={start}"])  # fmt: skip
     trainable("trades-resnet18-cifar10", ["swa.enabled=true"])
 
 

@@ -159,3 +159,33 @@ def test_swa_turned_on_for_a_resume_averages_from_there_or_is_refused_at_once(ti
     run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
     said = "SWA averages 4 snapshots from here: every 1 steps from epoch 4 (2 steps per epoch)"
     assert said in capsys.readouterr().out
+
+
+def test_swa_turned_off_and_on_again_keeps_its_average(tiny_cfg, tmp_path, capsys):
+    """config.json may turn SWA off (the final network is then the plain one) and on again: the average collected
+    before is carried over while it is off and averaged on from when it is back (it was dropped: the next checkpoint
+    held an empty one, and the resume after said SWA had been off for every epoch trained)."""
+    import json
+
+    from engine.config import apply_overrides
+    from engine.train import load_run_config, run_training
+
+    small = ["data.synthetic_size=64", "train.epochs=2", "perf.dtype=fp32", "method.balance_images=32",
+             "swa.enabled=true", "swa.start_epoch=1", "swa.every=1"]  # fmt: skip
+    run = run_training(apply_overrides(tiny_cfg, small), tmp_path / "run", evaluate_at_end=False)
+    before = torch.load(run / "checkpoints" / "latest.pt")["swa"]
+    assert before["count"] == 4  # 2 steps per epoch
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"], config["swa"]["enabled"] = 3, False
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
+    assert "the checkpoint's average of 4 snapshots is kept, not updated" in capsys.readouterr().out
+    kept = torch.load(run / "checkpoints" / "latest.pt")["swa"]
+    assert kept["count"] == 4 and all(torch.equal(kept["average"][k], v) for k, v in before["average"].items())
+    config["epochs"], config["swa"]["enabled"] = 4, True
+    (run / "config.json").write_text(json.dumps(config))
+    run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
+    out = capsys.readouterr().out
+    assert "SWA was off" not in out and "SWA averages 2 snapshots from here" in out
+    assert torch.load(run / "checkpoints" / "latest.pt")["swa"]["count"] == 6  # epochs 1, 2 and 4
