@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from kernels import aot
     except ImportError as e:  # triton is the optional `kernels` extra
-        raise UserError(f"{e}: install Triton (pip install -e '.[kernels]') to compile the kernels") from None
+        raise UserError(f"{e}: install a recent Triton (pip install -e '.[kernels]') to compile the kernels") from None
 
     stamp = provenance("cpu") | {"device": "none (compiled ahead of time)"}  # a GPU, if any, is not used
     rows = [compiled_row(aot, spec, arch) | stamp for spec in aot.all_specs() for arch in args.arch or aot.ARCHS]

@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     # a frame at dynamo's recompile limit runs eagerly for the rest of the process without counting again
     # (helper-114): a later row would time eager code under a compiled name. Raised instead: that row fails (for
     # this benchmark only: a caller's later compiles keep dynamo's own behaviour)
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    with torch._dynamo.config.patch(fail_on_cache_limit_hit=True):  # (fail_on_recompile_limit_hit from torch 2.7)
         return benchmark(args)
 
 

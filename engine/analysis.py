@@ -98,10 +98,10 @@ def keep_saved_tensors(compiled: bool = True) -> None:
     # force_disable_caches too: TORCHINDUCTOR_FX_GRAPH_CACHE / TORCHINDUCTOR_AUTOGRAD_CACHE set in the environment
     # override the two switches (helper-114 reproduced the wrong gradients with them set); read back, since the
     # environment can override that one as well
-    torch.compiler.config.force_disable_caches = True
+    torch._inductor.config.force_disable_caches = True  # (torch.compiler.config's from torch 2.9, aliased here)
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    if compiled and not torch.compiler.config.force_disable_caches:
+    if compiled and not torch._inductor.config.force_disable_caches:
         raise ConfigError(
             "analysis.grad_sim under torch.compile needs Inductor's caches off, and TORCHINDUCTOR_FORCE_DISABLE_CACHES"
             " (or TORCH_COMPILE_FORCE_DISABLE_CACHES) in the environment keeps them on: unset it, or perf.compile=off"

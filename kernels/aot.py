@@ -8,6 +8,7 @@ Run in a process where triton was imported WITHOUT TRITON_INTERPRET=1 (the inter
 
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import tempfile
@@ -16,6 +17,12 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+if "constexprs" not in inspect.signature(ASTSource).parameters:  # an ImportError: the callers' one-line refusal
+    raise ImportError(
+        f"triton {triton.__version__}'s ASTSource predates the constexprs API these compiles use (triton 3.6 and 3.7 "
+        "have it, 3.2, torch 2.6's, does not)"
+    )
 
 ARCHS = (75, 80, 90)  # T4 (fp16 autocast: no bf16), A100, H100/H200
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -57,10 +57,9 @@ def compile_settings_as_they_were():
     each test, so that a later test in this worker compiles as a run without grad-sim does (Inductor's caches on)."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
-    import torch.compiler.config as compiler_config
 
     settings = [(functorch_config, "donated_buffer"), (functorch_config, "enable_autograd_cache"),
-                (inductor_config, "fx_graph_cache"), (compiler_config, "force_disable_caches")]  # fmt: skip
+                (inductor_config, "fx_graph_cache"), (inductor_config, "force_disable_caches")]  # fmt: skip
     saved = [getattr(module, name) for module, name in settings]
     yield
     for (module, name), value in zip(settings, saved, strict=True):

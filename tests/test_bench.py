@@ -390,13 +390,13 @@ def test_the_ladder_runs_on_the_configured_device_and_refuses_a_set_it_would_ove
     monkeypatch.setattr(ts, "provenance", lambda device: {"cpu": "x", "cpu_native_bf16": False, "cpu_threads": 1})
     monkeypatch.setattr(ts, "append_jsonl", lambda path, rows: None)
     strict = []
-    monkeypatch.setattr(ts, "greedy", lambda *a, **k: strict.append(torch._dynamo.config.fail_on_recompile_limit_hit)
+    monkeypatch.setattr(ts, "greedy", lambda *a, **k: strict.append(torch._dynamo.config.fail_on_cache_limit_hit)
                         or seen.append(a[4]) or [])  # fmt: skip
     ts.main(["--set", "perf.device=cpu"])
     ts.main([])  # auto: the GPU this machine (says it) has
     assert seen == ["cpu", "cpu", "cuda", "cuda"]
     # rows at dynamo's recompile limit fail inside the benchmark, and the process's setting is as it was after
-    assert strict == [True, True] and torch._dynamo.config.fail_on_recompile_limit_hit is False
+    assert strict == [True, True] and torch._dynamo.config.fail_on_cache_limit_hit is False
     for argv in (["--set", "perf.dtype=fp32"], ["--direct", "perf.compile=on", "--set", "perf.gemm_conv=8"],
                  ["--direct", "perf.compile=on", "--compare", "perf.kernels=off,on"]):  # fmt: skip
         with pytest.raises(SystemExit) as refused:
@@ -617,7 +617,25 @@ def test_aot_report_refuses_the_interpreter_and_a_missing_triton_in_one_line(mon
     with pytest.raises(SystemExit) as missing:
         aot_report.run_cli(lambda: aot_report.main(["--out", "unused.jsonl"]), "bench/aot_report.py")
     err = capsys.readouterr().err
-    assert missing.value.code == 2 and "install Triton" in err and len(err.strip().splitlines()) == 1, err
+    assert missing.value.code == 2 and "install a recent Triton" in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    # a Triton whose ASTSource predates the constexprs API (3.2, torch 2.6's): one line too, not a TypeError later
+    triton_compiler = pytest.importorskip("triton.compiler")
+
+    class OldASTSource:
+        def __init__(self, fn, signature, constants=None, attrs=None): ...
+
+    import kernels
+
+    monkeypatch.setattr(triton_compiler, "ASTSource", OldASTSource)
+    monkeypatch.delitem(sys.modules, "kernels.aot", raising=False)
+    monkeypatch.delattr(kernels, "aot", raising=False)  # (`from kernels import aot` reads it first)
+    with pytest.raises(SystemExit) as old:
+        aot_report.run_cli(lambda: aot_report.main(["--out", "unused.jsonl"]), "bench/aot_report.py")
+    err = capsys.readouterr().err
+    assert old.value.code == 2 and "predates the constexprs API" in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.delitem(sys.modules, "kernels.aot", raising=False)  # (imported again with the real one later)
+    monkeypatch.delattr(kernels, "aot", raising=False)
 
 
 def test_aa_dtype_runs_bf16_under_autocast_alternates_order_and_counts_differing_flags(tmp_path, monkeypatch):

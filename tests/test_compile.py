@@ -150,7 +150,7 @@ def test_a_function_dynamo_gives_up_on_is_counted_and_named(dynamo_fresh):
     from engine.train import epoch_line
 
     double = torch.compile(lambda x: x * 2, dynamic=False, backend="eager")
-    with torch._dynamo.config.patch(recompile_limit=2):  # not monkeypatch: its undo deletes the config's key
+    with torch._dynamo.config.patch(cache_size_limit=2):  # not monkeypatch: its undo deletes the config's key
         for n in range(4):
             double(torch.ones(n + 1))  # a new shape each call: two graphs, then the limit
     assert dynamo_counts() == {"graphs": 2, "graph_breaks": 0, "eager_frames": 1}

@@ -125,8 +125,9 @@ class CudaCapture:
         to eager use: torch 2.11's capture_end raises before it takes the generator out of capture mode, and every
         later random draw (the eager fallback's random start first) would then fail."""
         index = self.device.index
-        with contextlib.suppress(Exception):
-            torch._C._cuda_endAllocateToPool(index, self.pool)
+        with contextlib.suppress(Exception):  # (torch 2.6-2.7: _cuda_endAllocateCurrentStreamToPool)
+            end = getattr(torch._C, "_cuda_endAllocateToPool", None) or torch._C._cuda_endAllocateCurrentStreamToPool
+            end(index, self.pool)
         with contextlib.suppress(Exception):
             torch._C._cuda_releasePool(index, self.pool)
         with contextlib.suppress(Exception):  # a fresh state with the same seed and offset, not capturing

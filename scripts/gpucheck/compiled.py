@@ -399,7 +399,8 @@ def mark_compiled() -> None:
 def compile_stage(record: StageRecord) -> None:
     for name in ("profile_compiled.txt", "compile_notes.txt"):
         record.side_file(name).unlink(missing_ok=True)
-    torch._dynamo.config.recompile_limit = 64  # the extras compile the same forward again; never fall back silently
+    # the extras compile the same forward again; never fall back silently (recompile_limit from torch 2.7, aliased)
+    torch._dynamo.config.cache_size_limit = 64
     record.figure("compile_cache", compile_cache_state())
     with smoke_compile(record.smoke):
         row = guarded(record, "main", main_case, record)  # a failing main case still leaves the extras' figures

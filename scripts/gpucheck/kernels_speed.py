@@ -146,7 +146,8 @@ def inductor_wins(rows: list[dict]) -> list[str]:
 
 def kernels_speed(record: StageRecord) -> None:
     dev = device()
-    torch._dynamo.config.recompile_limit = 64  # one compiled reference per shape and direction: never fall back
+    # one compiled reference per shape and direction: never fall back (recompile_limit from torch 2.7, aliased)
+    torch._dynamo.config.cache_size_limit = 64
     copy_tb_s = read_figures(record, "ceilings").get("copy_tb_s")
     planned = plan(record.smoke, dev)
     record.figure("planned", len(planned))

@@ -19,8 +19,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def skip_without_aot() -> None:
+    """Triton absent (an optional extra), or one whose ASTSource predates the API kernels/aot.py compiles with
+    (triton 3.2, torch 2.6's: kernels/aot.py raises ImportError, and bench/aot_report.py says so in one line)."""
+    triton = pytest.importorskip("triton", reason="triton is optional (pip install arat[kernels])")
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip(f"triton {triton.__version__}: its ASTSource predates the AOT compiles' API")
+
+
 def test_every_kernel_compiles_for_sm75_sm80_and_sm90_without_spills(tmp_path):
-    pytest.importorskip("triton", reason="triton is optional (pip install arat[kernels])")
+    skip_without_aot()
     from kernels import aot
 
     out = tmp_path / "aot.jsonl"
@@ -52,7 +64,7 @@ def test_every_kernel_compiles_for_sm75_sm80_and_sm90_without_spills(tmp_path):
 def test_every_kernel_compiles_with_the_fp64_scalars_inductor_passes():
     """Inductor types a Python float argument of a user-defined Triton kernel as fp64 (direct launches pass fp32);
     tl.sqrt_rn takes fp32 only, which first showed on the H200 as a failed compile of the dual-BN finalize kernel."""
-    pytest.importorskip("triton", reason="triton is optional (pip install arat[kernels])")
+    skip_without_aot()
     code = (
         "from kernels import aot\n"
         "specs = aot.all_specs()\n"
