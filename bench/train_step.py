@@ -265,7 +265,11 @@ def captured(fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return graph.replay
+
+    def replay(fn=fn) -> None:  # holds fn, whose defaults hold the inputs the graph reads: a graph keeps only their
+        graph.replay()  # addresses, and freed they would be replayed from reused memory
+
+    return replay
 
 
 def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:

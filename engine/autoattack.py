@@ -102,7 +102,7 @@ def adversary(model: nn.Module, protocol: Protocol, seed: int, device: torch.dev
     return aa
 
 
-_WARNED: set[str] = set()  # AutoAttack's warnings printed so far in this process
+_WARNED: set[tuple[int, str]] = set()  # (network, warning) AutoAttack printed so far in this process
 
 
 class _StageLog(logging.Handler):
@@ -114,8 +114,9 @@ class _StageLog(logging.Handler):
         r"(?:initial accuracy|robust accuracy after ([A-Z-]+)): ([0-9.]+)%(?: \(total time ([0-9.]+) s\))?"
     )
 
-    def __init__(self, on_stage=None):
+    def __init__(self, on_stage=None, network: int = 0):
         super().__init__(logging.DEBUG)
+        self.network = network  # whose warnings: each network evaluated in a process is told its own once
         self.after: dict[str, float] = {}
         self.total_s: dict[str, float] = {}
         self.on_stage = on_stage
@@ -123,8 +124,8 @@ class _StageLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.WARNING:  # AutoAttack's reliability checks (randomness, gradient masking, ...)
             message = record.getMessage()
-            if message not in _WARNED:  # once per process: each chunk runs its own AutoAttack (20 on a 10k CPU run)
-                _WARNED.add(message)
+            if (self.network, message) not in _WARNED:  # once per network: each chunk runs its own AutoAttack
+                _WARNED.add((self.network, message))
                 rank = f" (rank {dist.get_rank()})" if dist.is_available() and dist.is_initialized() else ""
                 print(f"AutoAttack warning{rank}: {message}", file=sys.stderr, flush=True)
             return
@@ -155,7 +156,7 @@ def attack_chunk(
     left to attack, 0; left empty where a stage's line carried no time)."""
     aa = adversary(model, protocol, seed, x.device)
     log = logging.getLogger("auto-attack")
-    handler, level, propagate = _StageLog(on_stage), log.level, log.propagate
+    handler, level, propagate = _StageLog(on_stage, id(model)), log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     log.propagate = False  # AutoAttack's debug lines are read here, not printed (its warnings are)

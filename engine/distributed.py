@@ -69,13 +69,15 @@ class _RankTag(logging.Filter):
         return True
 
 
-def tag_engine_warnings(rank: int) -> None:
+def tag_engine_warnings(rank: int | None) -> None:
     """The engine's own warnings (attacks/graphs.py: an attack's capture failed, it synchronizes with the host) are
-    printed by each rank that meets them: each says which rank it is (eight bare copies said nothing of where)."""
+    printed by each rank that meets them: each says which rank it is (eight bare copies said nothing of where).
+    None: untagged again (the group left)."""
     log = logging.getLogger("engine")
     for old in [f for f in log.filters if isinstance(f, _RankTag)]:
         log.removeFilter(old)
-    log.addFilter(_RankTag(rank))
+    if rank is not None:
+        log.addFilter(_RankTag(rank))
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -303,6 +305,7 @@ def shutdown(info: DistInfo, wait: bool = True) -> None:
     0's process hosts the store (`env://` or `tcp://` outside torchrun), the others may still be reading the last
     gather when rank 0 is through it. `wait=False` on the way out of an error: the other ranks may never get here,
     and a rank waiting for them would hide the failure from torchrun for the whole timeout."""
+    tag_engine_warnings(None)  # this process's later warnings are no rank's (a second group tags them again)
     if not (info.enabled and dist.is_initialized()):
         return
     if not wait:

@@ -93,8 +93,10 @@ def git_dirty() -> bool | None:
     """Whether the engine's checkout has tracked files changed since its commit (the run did not run that commit's
     code as it is); None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).resolve().parent)  # fmt: skip
+        # (--no-optional-locks: no index.lock taken, e.g. under a user's own git command in the checkout)
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=5, cwd=here)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .attacks import graphs, pgd
-from .config import AttackConfig, SWAConfig
+from .config import AttackConfig, ConfigError, SWAConfig
 from .data import Loader
 from .errors import UserError
 from .progress import progress_bar
@@ -48,18 +48,29 @@ class SWA:
     def state_dict(self) -> dict:
         if not self.cfg.enabled and self.kept is not None:  # off for now: the checkpoint's average carried over
             return self.kept
-        return {"count": self.count, "average": self.average}
+        # the cadence the average was taken at: a run that turns SWA off and on again must keep it (below)
+        return {"count": self.count, "average": self.average, "start_epoch": self.cfg.start_epoch,
+                "every": self.cfg.every}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         if not self.cfg.enabled:  # nothing to average into: the checkpoint's average, if any, is carried over as it
             # is (SWA turned off in config.json and on again later: averaging goes on from it, where the next
             # checkpoint had dropped it and started over, saying SWA had been off for every epoch)
-            if state.get("average"):
+            if state.get("average") and state.get("count"):
                 self.kept = state
             return
         if not state["average"]:  # the checkpoint's run had SWA off: averaging starts now, from the fresh zeros
             self.started_on_resume = True
             return
+        taken = {key: state[key] for key in ("start_epoch", "every") if key in state}  # (older checkpoints: none)
+        changed = {k: v for k, v in taken.items() if v != getattr(self.cfg, k)}
+        if state["count"] and changed:  # a resume with SWA on all along is refused earlier (config.resume_change)
+            raise ConfigError(
+                f"the checkpoint's SWA average of {state['count']} snapshots was taken with "
+                + ", ".join(f"swa.{k}={v}" for k, v in taken.items())
+                + " (before SWA was turned off in config.json): set them back to average on from it, or keep "
+                "swa.enabled=false"
+            )
         self.count = state["count"]
         self.average = {k: v.to(self.average[k].device) for k, v in state["average"].items()}
 

@@ -663,7 +663,8 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         say(f"{rundir.path} finished its {cfg.epochs} epochs already: nothing to train (`arat eval {rundir.path}` "
             "evaluates it again; raise epochs in its config.json to train on)")  # fmt: skip
         return
-    say(start_line(run, rundir.path))
+    if run.dist.is_main:  # (built on rank 0 only: it runs git)
+        say(start_line(run, rundir.path))
     if resume and not run.epoch:
         say(f"{rundir.path} has no checkpoint yet (none is written before epoch 1 ends): starting it from epoch 1")
     if notice := data_notice(cfg.data):

@@ -64,3 +64,13 @@ def compile_settings_as_they_were():
     yield
     for (module, name), value in zip(settings, saved, strict=True):
         setattr(module, name, value)
+
+
+@pytest.fixture(autouse=True)
+def engine_warnings_untagged():
+    """A test that joins a (stubbed) process group tags the engine's warnings with its rank; untagged after each
+    test, so a later one in this worker reads its messages exactly (helper-124: a stubbed init left `[rank 1] `)."""
+    yield
+    from engine.distributed import tag_engine_warnings
+
+    tag_engine_warnings(None)

@@ -183,6 +183,49 @@ def test_the_convolution_ceiling_times_every_convolution_of_the_network(monkeypa
     assert figures["conv_ceiling_case"] == "20 convolutions, batch 2, forward + input gradient"
 
 
+def test_a_captured_convolution_keeps_the_inputs_its_graph_reads(monkeypatch):
+    """A CUDA graph keeps only the addresses of what it reads: the replay returned for a captured pass must hold
+    the pass (whose defaults hold its inputs), or the inputs are freed and the next capture's memory replayed
+    (helper-124). torch.cuda's graph, streams and capture stood in for (no GPU here): the inputs outlive the
+    function that made them, and the replay runs the graph."""
+    import contextlib
+    import gc
+    import weakref
+
+    import torch
+    from train_step import captured
+
+    replays = []
+
+    class Graph:
+        def replay(self):
+            replays.append(1)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+
+    def make():
+        x = torch.ones(4)
+
+        def passes(x=x):
+            x.mul(2)
+
+        return captured(passes), weakref.ref(x)
+
+    replay, alive = make()
+    gc.collect()
+    assert alive() is not None
+    replay()
+    assert replays == [1]
+
+
 def test_the_ladder_bound_is_the_fastest_convolution_rate_over_fp32_eager_s(monkeypatch):
     """The summary line: the fastest dtype's convolution TFLOP/s over the fp32 eager row's, taken from the direct
     row's own fp32 eager step when there is one (the same FLOPs per step), else from the ladder's first row."""

@@ -841,8 +841,9 @@ def test_evaluation_compiles_in_inductors_default_mode_whatever_training_used(mo
 
 def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys, monkeypatch):
     """AutoAttack's own checks (a randomized or gradient-masking defense, Square lowering the robust accuracy) log
-    warnings; the stage-figure handler, the logger's only one during a chunk, prints them once each per process:
-    each chunk has a handler of its own (a 10k evaluation printed the same warning in each of its 20 chunks)."""
+    warnings; the stage-figure handler, the logger's only one during a chunk, prints them once each per network
+    in a process: each chunk has a handler of its own (a 10k evaluation printed the same warning in each of its 20
+    chunks); another network evaluated in the same process is told its own."""
     import logging
 
     monkeypatch.setattr(autoattack, "_WARNED", set())
@@ -851,7 +852,7 @@ def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys, monkey
     handlers = []
     try:
         for chunk in range(2):
-            handler = autoattack._StageLog()
+            handler = autoattack._StageLog(network=1)
             log.addHandler(handler)
             for _ in range(2):
                 log.warning('it seems to be a randomized defense! Please use version="rand".')
@@ -860,12 +861,16 @@ def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys, monkey
             log.info("robust accuracy after APGD-CE: 42.00%")
             log.removeHandler(handler)
             handlers.append(handler)
+        other = autoattack._StageLog(network=2)  # another network evaluated in this process: told its own
+        log.addHandler(other)
+        log.warning('it seems to be a randomized defense! Please use version="rand".')
+        log.removeHandler(other)
     finally:
         for handler in handlers:
             log.removeHandler(handler)
         log.setLevel(level)
     err = capsys.readouterr().err
-    assert err.count("AutoAttack warning: it seems to be a randomized defense!") == 1
+    assert err.count("AutoAttack warning: it seems to be a randomized defense!") == 2
     assert err.count("AutoAttack warning: Square lowered the robust accuracy") == 1
     assert all(handler.after == {"apgd-ce": 0.42} for handler in handlers)
 

@@ -306,6 +306,7 @@ def test_auto_dtype_follows_the_cpu(monkeypatch, native):
     from engine import perf
 
     monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(perf.platform, "machine", lambda: "x86_64")  # (an ARM host is told otherwise: below)
     dtype, why = perf.resolve_dtype("auto", torch.device("cpu"))
     assert dtype == (torch.bfloat16 if native else torch.float32)
     assert why.startswith("auto") and ("no native" in why) != native
@@ -371,6 +372,7 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_in_the_start_line(monkeypatch, 
     from engine.train import start_line
 
     monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(perf.platform, "machine", lambda: "x86_64")
     run = build_run(apply_overrides(tiny_cfg, ["perf.dtype=bf16", "perf.device=cpu"]))
     assert run.perf.dtype == torch.bfloat16 and "emulates bf16" in start_line(run)
     run = build_run(apply_overrides(tiny_cfg, ["perf.device=cpu"]))  # the smoke recipe keeps the default: auto

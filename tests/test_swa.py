@@ -183,7 +183,13 @@ def test_swa_turned_off_and_on_again_keeps_its_average(tiny_cfg, tmp_path, capsy
     assert "the checkpoint's average of 4 snapshots is kept, not updated" in capsys.readouterr().out
     kept = torch.load(run / "checkpoints" / "latest.pt")["swa"]
     assert kept["count"] == 4 and all(torch.equal(kept["average"][k], v) for k, v in before["average"].items())
-    config["epochs"], config["swa"]["enabled"] = 4, True
+    config["epochs"], config["swa"] = 4, config["swa"] | {"enabled": True, "start_epoch": 4, "every": 2}
+    (run / "config.json").write_text(json.dumps(config))  # back on at another cadence: the average would mix two
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="average of 4 snapshots was taken with swa.start_epoch=1, swa.every=1"):
+        run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
+    config["swa"] |= {"start_epoch": 1, "every": 1}
     (run / "config.json").write_text(json.dumps(config))
     run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
     out = capsys.readouterr().out

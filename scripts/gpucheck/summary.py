@@ -156,7 +156,7 @@ def headline_rows(doc: dict[str, Any]) -> list[list[str]]:
 
 
 def conv_line(conv: dict[str, Any] | None, step: dict[str, Any] | None) -> str:
-    """The network's convolutions alone per dtype, and the share of that rate the eager step reaches (its attack
+    """The network's convolutions alone per dtype, and the share of that rate the uncompiled step reaches (its attack
     captured where measured)."""
     rates = (conv or {}).get("conv_ceiling_tflops")
     if not rates:
@@ -165,7 +165,7 @@ def conv_line(conv: dict[str, Any] | None, step: dict[str, Any] | None) -> str:
     low = next((rates[d] for d in ("bfloat16", "float16") if d in rates), None)
     if low and step and step.get("tflops"):
         share = 100 * step["tflops"] / low
-        line += f"; the eager step ({step.get('config')}) reaches {share:.0f}% of the lower precision's"
+        line += f"; the step ({step.get('config')}) reaches {share:.0f}% of the lower precision's"
     return f"{line} ({conv.get('conv_ceiling_case')}, channels-last)"
 
 
