@@ -40,6 +40,9 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
     # first and last draws had glued "\repoch 3/100: 0%|...|\r   \r" before each epoch's line (`grep ^epoch log`
     # found none)
     kwargs.setdefault("delay", LOG_FILE_INTERVAL_S)
+    # a bar that did draw ends on a line of its own, its last state, so that the line printed after it (an epoch's)
+    # starts at the left: cleared instead (leave=False), that line followed the bar's carriage returns
+    kwargs["leave"] = True
     return _LogFileBar(iterable, **kwargs)
 
 

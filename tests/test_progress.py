@@ -80,3 +80,10 @@ def test_a_log_file_bar_shorter_than_its_interval_writes_nothing(monkeypatch):
             now[0] += 1.0
             bar.update(1)
     assert "epoch 4/100" in long.getvalue()
+    # a bar that drew, even one asked not to stay (leave=False), ends its line: what follows starts at the left
+    closed = io.StringIO()
+    with progress_bar(total=100, file=closed, desc="epoch 5/100", leave=False) as bar:
+        for _ in range(100):
+            now[0] += 1.0
+            bar.update(1)
+    assert closed.getvalue().endswith("\n") and "100/100" in closed.getvalue().splitlines()[-1]
