@@ -270,7 +270,9 @@ def test_cli_init_fine_tunes_a_standard_run(tiny_cfg, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     std = torch.load(tmp_path / "std" / "checkpoints" / "final.pt")["model"]
     ft = torch.load(tmp_path / "ft" / "checkpoints" / "final.pt")
-    assert all(torch.equal(ft["method"][f"teacher.{k}"], v) for k, v in std.items())  # the teacher: the init
+    teacher = torch.load(tmp_path / "ft" / "checkpoints" / "latest.pt")["method"]  # (final.pt leaves it out)
+    assert all(torch.equal(teacher[f"teacher.{k}"], v) for k, v in std.items())  # the teacher: the init
+    assert not any(k.startswith("teacher.") for k in ft["method"])
     assert not torch.equal(ft["model"]["linear.weight"], std["linear.weight"])  # the student moved
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert cfg["method"]["init"] == str(tmp_path / "std") and cfg["method"]["pretrain_epochs"] == 0
@@ -279,7 +281,7 @@ def test_cli_init_fine_tunes_a_standard_run(tiny_cfg, tmp_path, capsys):
     (tmp_path / "std").rename(tmp_path / "std-moved")
     (tmp_path / "ft" / "config.json").write_text(json.dumps(cfg | {"epochs": 2}))
     assert main(["train", "--resume", str(tmp_path / "ft"), "--no-eval"]) == 0, capsys.readouterr().err
-    again = torch.load(tmp_path / "ft" / "checkpoints" / "final.pt")
+    again = torch.load(tmp_path / "ft" / "checkpoints" / "latest.pt")
     assert again["epoch"] == 2 and all(torch.equal(again["method"][f"teacher.{k}"], v) for k, v in std.items())
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["method"]["init"] == str(tmp_path / "std")
 
@@ -298,8 +300,11 @@ def test_resume_across_the_stage_boundary(tiny_cfg, tmp_path):
     (partial / "config.json").write_text(json.dumps(saved))
     resumed = run_training(load_run_config(partial), partial, resume=True)
     a, b = (torch.load(r / "checkpoints" / "final.pt") for r in (full, resumed))
-    for part in ("model", "method"):  # the method's: the same teacher
+    for part in ("model", "method"):
         assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    a, b = (torch.load(r / "checkpoints" / "latest.pt")["method"] for r in (full, resumed))  # the same teacher
+    assert any(k.startswith("teacher.") for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_init_paths_are_stored_resolved(tmp_path, monkeypatch):
