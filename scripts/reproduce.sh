@@ -11,7 +11,9 @@
 #        analysis.grad_sim on), SWA (0; 1 adds AR-AT + SWA, CIFAR-10 only), NPROC (1; N trains and evaluates each
 #        run under `torchrun --standalone --nproc_per_node N`, each process taking 128/N images of the batch of 128:
 #        N must divide 128, unless a --set train.batch_size of yours, which wins, sets each process's batch),
-#        DATA_DIR (default $ARAT_DATA_DIR, else the checkout's data/),
+#        DATA_DIR (default $ARAT_DATA_DIR, else the checkout's data/), PRUNE (0; 1 deletes each finished and
+#        evaluated run's checkpoints/latest.pt, needed only to train it on: ~24 GB of a three-seed WRN-34-10 sweep
+#        with ABLATIONS=1 SWA=1; final.pt, which eval, export, table and ARREST's --init read, stays),
 #        ARREST_SET (extra --set arguments for ARREST only), ARAT (the arat command; default .venv/bin/arat, else
 #        `arat` on PATH), TORCHRUN (default: the torchrun beside $ARAT)
 #   Every --set after OUT_DIR goes to every new run (e.g. --set eval.aa_num_examples=1000 for a shorter evaluation);
@@ -44,6 +46,7 @@ SEEDS=${SEEDS:-0}
 METHODS=${METHODS:-std at trades mart lbgat arat arrest}
 ABLATIONS=${ABLATIONS:-0}
 SWA=${SWA:-0}
+PRUNE=${PRUNE:-0}
 NPROC=${NPROC:-1}
 # --data-dir only where DATA_DIR/ARAT_DATA_DIR is set: arat's default is the checkout's data/ (scripts/setup.sh
 # prepares it), and a resume given none keeps the data folder its run started with
@@ -82,7 +85,7 @@ for seed in $SEEDS; do
     [[ "$seed" =~ ^[0-9]+$ ]] || die "SEEDS: $seed is not a seed (whole numbers, e.g. SEEDS=\"0 1 2\")"
 done
 [ -n "${SEEDS// /}" ] || die "SEEDS is empty: leave it unset for seed 0, or list seeds (SEEDS=\"0 1 2\")"
-for flag in ABLATIONS SWA; do
+for flag in ABLATIONS SWA PRUNE; do
     case "${!flag}" in 0 | 1) ;; *) die "$flag=${!flag}: 0 or 1" ;; esac
 done
 # Under torchrun train.batch_size is each process's: NPROC ranks keep METHOD's batch of 128 (the recipes') at
@@ -163,6 +166,7 @@ train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interru
     fi
     if [ -f "$run/results.json" ]; then
         echo "reproduce: $run is done"
+        prune "$run"
         return
     elif [ -f "$run/config.json" ]; then
         echo "reproduce: resuming $run"
@@ -176,6 +180,14 @@ train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interru
     [ "$interrupted" = 0 ] || exit "$interrupted" # the run stopped, its last epoch kept; stop here
     [ "$rc" != 130 ] || exit 130                   # a run stopped by a Ctrl-C of its own
     [ "$rc" = 0 ] || failed+=("$run (exit $rc)")
+    [ "$rc" != 0 ] || prune "$run"
+}
+prune() { # PRUNE=1: a finished, evaluated run's latest.pt goes (only a run trained on reads it)
+    if [ "$PRUNE" = 1 ] && [ -f "$1/results.json" ] && [ -f "$1/checkpoints/final.pt" ] &&
+        [ -f "$1/checkpoints/latest.pt" ]; then
+        rm -f "$1/checkpoints/latest.pt"
+        echo "reproduce: removed $1/checkpoints/latest.pt (PRUNE=1; final.pt kept)"
+    fi
 }
 
 recipes=()

@@ -348,8 +348,13 @@ def test_reproduce_trains_every_method_then_tables_and_a_rerun_trains_nothing(tm
     table = (out / "table.md").read_text()
     assert all(row in table for row in ("| Std. training |", "| AT |", "| ARREST |"))
     assert (out / "tradeoff.png").is_file()
-    again = reproduce(out, env, *TINY)
+    again = reproduce(out, env | {"PRUNE": "1"}, *TINY)
     assert again.returncode == 0 and again.stdout.count("is done") == 3 and "reproduce: training" not in again.stdout
+    # PRUNE=1: each finished run's latest.pt (only needed to train it on) removed, final.pt kept, the table rebuilt
+    for name in ("std-s0", "at-s0", "arrest-s0"):
+        assert not (out / name / "checkpoints" / "latest.pt").exists()
+        assert (out / name / "checkpoints" / "final.pt").is_file()
+    assert again.stdout.count("(PRUNE=1; final.pt kept)") == 3 and (out / "table.md").is_file()
 
 
 @pytest.mark.parametrize(
@@ -361,6 +366,7 @@ def test_reproduce_trains_every_method_then_tables_and_a_rerun_trains_nothing(tm
         ({"NPROC": "two"}, [], "NPROC=two"),
         ({"SEEDS": "0 one"}, [], "SEEDS: one is not a seed"),
         ({"SWA": "yes"}, [], "SWA=yes: 0 or 1"),
+        ({"PRUNE": "true"}, [], "PRUNE=true: 0 or 1"),
         ({}, ["--sett", "a=b"], "only --set KEY=VALUE pairs"),
         ({}, ["--set"], "only --set KEY=VALUE pairs"),
     ],
