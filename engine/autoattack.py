@@ -102,7 +102,7 @@ def adversary(model: nn.Module, protocol: Protocol, seed: int, device: torch.dev
     return aa
 
 
-_WARNED: set[tuple[int, str]] = set()  # (network, warning) AutoAttack printed so far in this process
+_WARNED: set[tuple[object, str]] = set()  # (network, warning) AutoAttack printed so far in this process
 
 
 class _StageLog(logging.Handler):
@@ -114,7 +114,7 @@ class _StageLog(logging.Handler):
         r"(?:initial accuracy|robust accuracy after ([A-Z-]+)): ([0-9.]+)%(?: \(total time ([0-9.]+) s\))?"
     )
 
-    def __init__(self, on_stage=None, network: int = 0):
+    def __init__(self, on_stage=None, network: object = 0):
         super().__init__(logging.DEBUG)
         self.network = network  # whose warnings: each network evaluated in a process is told its own once
         self.after: dict[str, float] = {}
@@ -148,6 +148,7 @@ def attack_chunk(
     batch_size: int,
     on_stage=None,
     stage_seconds: dict[str, float] | None = None,
+    network: str | int | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """(robust flag per image (bool, on the CPU), robust count after each stage, clean first). An image is robust
     when it is classified correctly and every attack of the protocol failed on it. `on_stage(stage, accuracy)` is
@@ -156,7 +157,10 @@ def attack_chunk(
     left to attack, 0; left empty where a stage's line carried no time)."""
     aa = adversary(model, protocol, seed, x.device)
     log = logging.getLogger("auto-attack")
-    handler, level, propagate = _StageLog(on_stage, id(model)), log.level, log.propagate
+    # whose warnings: the caller's name for the network (the evaluation's: its weights' fingerprint; the wrapper it
+    # passes is built anew per evaluation, and a freed one's id comes back for the next network)
+    key = id(model) if network is None else network
+    handler, level, propagate = _StageLog(on_stage, key), log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     log.propagate = False  # AutoAttack's debug lines are read here, not printed (its warnings are)

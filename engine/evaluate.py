@@ -436,7 +436,8 @@ def _evaluate(
                 if record is None:
                     chunk = (k, lo, x_all[lo:hi], y_all[lo:hi], chunk_seed(seed, name, k))
                     try:
-                        record = _attack_chunk(name, chunk, (classifier, attacker, aa_net), batch, protocol, bar)
+                        nets = (classifier, attacker, aa_net)
+                        record = _attack_chunk(name, chunk, nets, batch, protocol, bar, model_hash)
                     except (torch.OutOfMemoryError, MemoryError) as e:
                         raise EvaluationOutOfMemory(name, cfg.chunk_size, batch, e) from None
                     store.save(k, record)
@@ -450,9 +451,9 @@ def _evaluate(
     return results
 
 
-def _attack_chunk(name: str, chunk: tuple, nets: tuple, batch: int, protocol, bar) -> dict:
+def _attack_chunk(name: str, chunk: tuple, nets: tuple, batch: int, protocol, bar, network: str = "") -> dict:
     """One chunk's record: (index, first image, images, labels, seed) in; its packed per-image flags, AutoAttack's
-    stage counts and its seconds out."""
+    stage counts and its seconds out. `network`: the weights' fingerprint (AutoAttack's warnings, once each)."""
     k, lo, x, y, seed = chunk
     classifier, attacker, aa_net = nets
     start, counts, stage_seconds = time.perf_counter(), None, None
@@ -464,7 +465,7 @@ def _attack_chunk(name: str, chunk: tuple, nets: tuple, batch: int, protocol, ba
         bar.set_postfix_str("")  # not the last chunk's stages
         stage_seconds = {}
         flags, counts = autoattack.attack_chunk(aa_net, x, y, protocol, seed, batch, _postfix(bar, protocol.attacks),
-                                                stage_seconds)  # fmt: skip
+                                                stage_seconds, network)  # fmt: skip
     return {"index": k, "start": lo, "stop": lo + len(y), "seed": seed, "flags": pack(flags), "counts": counts,
             "seconds": round(time.perf_counter() - start, 3), "stage_seconds": stage_seconds or None}  # fmt: skip
 

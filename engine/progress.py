@@ -54,7 +54,7 @@ def _terminal(stream) -> bool:
 
 
 def close_bars() -> None:
-    """Close every open bar (a command ending on an error inside an epoch or an evaluation): its line is cleared,
-    so the error line that follows starts at the left, not after the bar."""
+    """Close every open bar (a command ending on an error inside an epoch or an evaluation): its line is cleared (in
+    a log file: ended, its last state kept), so the error line that follows starts at the left, not after the bar."""
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()

@@ -613,7 +613,8 @@ def check_checkpoint_kept(rundir: RunDir) -> None:
         return
     if rundir.checkpoint(FINAL).exists():  # finished; latest.pt deleted (to save disk?)
         raise RunDirError(f"{rundir.path} finished its training (checkpoints/{FINAL}): `arat eval {rundir.path}` "
-                          f"evaluates it; training it further needs its checkpoints/{LATEST}")  # fmt: skip
+                          f"evaluates it; training it further needs its checkpoints/{LATEST}, removed (by hand or "
+                          "reproduce.sh's PRUNE=1): copy it back, or train on in a new run")  # fmt: skip
     trained = max((r.get("epoch", 0) for r in rundir.metrics()), default=0)
     if trained >= 2:
         raise RunDirError(

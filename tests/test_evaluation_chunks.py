@@ -875,6 +875,29 @@ def test_autoattacks_reliability_warnings_are_shown_not_swallowed(capsys, monkey
     assert all(handler.after == {"apgd-ce": 0.42} for handler in handlers)
 
 
+def test_each_network_is_told_autoattack_s_warnings_once(capsys, monkeypatch):
+    """attack_chunk keys AutoAttack's warnings by the caller's name for the network (the evaluation passes its
+    weights' fingerprint): keyed by the wrapper's id, a second network evaluated in the process was told nothing,
+    the freed wrapper's id coming back for the next one (helper-126)."""
+    import logging
+    from types import SimpleNamespace
+
+    class Adversary:
+        def run_standard_evaluation(self, x, y, batch_size):
+            log = logging.getLogger("auto-attack")
+            log.info("initial accuracy: 100.00%")
+            log.warning("it seems to be a randomized defense!")
+            log.info("robust accuracy after APGD-CE: 100.00%")
+            return x, y  # (every image robust: the labels kept)
+
+    monkeypatch.setattr(autoattack, "_WARNED", set())
+    monkeypatch.setattr(autoattack, "adversary", lambda model, protocol, seed, device: Adversary())
+    model, x, y = torch.nn.Linear(2, 2), torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
+    for network in ("weights-a", "weights-a", "weights-b"):  # the same module object: one id for all three
+        autoattack.attack_chunk(model, x, y, SimpleNamespace(attacks=("apgd-ce",)), 0, 3, network=network)
+    assert capsys.readouterr().err.count("AutoAttack warning: it seems to be a randomized defense!") == 2
+
+
 def test_flags_of_other_attacks_are_kept_and_each_entry_says_its_network_data_and_version(tmp_path):
     """`arat eval RUN --attacks pgd20` rewrote RUN/eval/flags.json with PGD-20 alone, losing the run's AutoAttack
     flags, and a legacy-10 AutoAttack's flags were stored under "aa" with no version, then in the standard

@@ -198,6 +198,20 @@ def test_resume_trims_metrics_to_the_checkpoint_and_cleans_temp_files(tiny_cfg, 
     assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
 
 
+def test_a_finished_run_whose_latest_checkpoint_was_removed_is_evaluated_not_trained_on(tiny_cfg, tmp_path):
+    """A finished run's latest.pt may go (README; reproduce.sh PRUNE=1): training it on is refused in one line that
+    says where it went and what still works, before anything is written."""
+    from engine.rundir import RunDirError
+
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=1", "eval.attacks=clean"])
+    run = run_training(cfg, tmp_path / "run", evaluate_at_end=False)
+    (run / "checkpoints" / "latest.pt").unlink()
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(RunDirError, match=r"finished its training .*`arat eval .*PRUNE=1\): copy it back, or train"):
+        run_training(apply_overrides(cfg, ["train.epochs=2"]), run, resume=True, evaluate_at_end=False)
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
 def test_resume_without_a_checkpoint_says_it_starts_over(tiny_cfg, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
