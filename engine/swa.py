@@ -63,7 +63,8 @@ class SWA:
             self.started_on_resume = True
             return
         taken = {key: state[key] for key in ("start_epoch", "every") if key in state}  # (older checkpoints: none)
-        changed = {k: v for k, v in taken.items() if v != getattr(self.cfg, k)}
+        same = {"start_epoch": lambda a, b: max(a, 1) == max(b, 1), "every": lambda a, b: a == b}  # (epoch 0 is 1)
+        changed = {k: v for k, v in taken.items() if not same[k](v, getattr(self.cfg, k))}
         if state["count"] and changed:  # a resume with SWA on all along is refused earlier (config.resume_change)
             raise ConfigError(
                 f"the checkpoint's SWA average of {state['count']} snapshots was taken with "

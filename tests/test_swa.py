@@ -189,7 +189,7 @@ def test_swa_turned_off_and_on_again_keeps_its_average(tiny_cfg, tmp_path, capsy
 
     with pytest.raises(ConfigError, match="average of 4 snapshots was taken with swa.start_epoch=1, swa.every=1"):
         run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
-    config["swa"] |= {"start_epoch": 1, "every": 1}
+    config["swa"] |= {"start_epoch": 0, "every": 1}  # start_epoch 0 is epoch 1: the same cadence
     (run / "config.json").write_text(json.dumps(config))
     run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
     out = capsys.readouterr().out
