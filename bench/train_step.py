@@ -20,7 +20,10 @@ well below 1: the GPU waits on Python and launches). FLOPs follow METHOD 9 (benc
 step, (2 * attack steps + 6) forward passes F, with F counted by torch.utils.flop_counter on the network itself;
 from them TFLOP/s, the fraction of the device's datasheet peak (CUDA), the % of a matrix-product ceiling measured at
 the start of the run (bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere), and the projected seconds per
-epoch and minutes per 100 epochs of the full training set at the row's batch size.
+epoch and minutes per 100 epochs of the full training set at the row's batch size. Also measured at the start: the
+network's own convolutions alone in fp32 and in the device's native lower precision (`conv_ceiling_tflops`; each
+row's `pct_conv_ceiling` of its dtype's), and a summary line bounds the ladder with them (the fastest dtype's
+convolution rate over the fp32 eager row's TFLOP/s).
 
     python bench/train_step.py --quick                      # CPU-sized: ResNet-18 width 16, batch 64, PGD-5
     python bench/train_step.py --width 64 --batch-size 32   # the CPU figure: the real ResNet-18 at batch 32
