@@ -92,9 +92,9 @@ def positive_int(text: str) -> int:
 
 def cpu_model() -> str:
     """The CPU's model name (benchmark rows differ by CPU: AVX2 vs AVX-512, native bf16 or not)."""
-    from engine.compile_cache import cpuinfo, mac_cpu
+    from engine.compile_cache import cpu_name
 
-    return cpuinfo("model name") or mac_cpu() or platform.processor() or platform.machine()
+    return cpu_name() or platform.processor() or platform.machine()
 
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:

@@ -60,8 +60,8 @@ from engine.config import TrainConfig, apply_overrides
 from engine.errors import UserError
 from engine.methods.arat import attack_inputs
 from engine.models import build_model
-from engine.perf import cpu_has_native_bf16, cuda_has_native_bf16, forward_flops, peak_tflops, resolve_device
 from engine.perf import dynamo_counts as engine_dynamo_counts
+from engine.perf import forward_flops, peak_tflops, resolve_device, resolve_dtype
 from engine.recipes import get_recipe
 from engine.train import Run, build_run, train_step
 
@@ -213,10 +213,7 @@ def matmul_ceiling(device: torch.device) -> dict:
     """The machine's matrix-product throughput in TFLOP/s, the ceiling each row is a % of: bf16 where the device
     has it natively, else what perf.dtype=auto picks there (fp16 on such a GPU, fp32 on such a CPU: emulated bf16
     is no ceiling); 8192^3 on CUDA, 2048^3 on a CPU."""
-    if device.type == "cuda":
-        dtype, n = (torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16), 8192
-    else:
-        dtype, n = (torch.bfloat16 if cpu_has_native_bf16() else torch.float32), 2048
+    dtype, n = resolve_dtype("auto", device)[0], 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     per_call = 10 if device.type == "cuda" else 1  # back to back between syncs: a ~1.4 ms product, not its launch
@@ -288,11 +285,8 @@ def conv_ceiling(cfg: TrainConfig, device: torch.device) -> dict:
     model = build_model(cfg.model, cfg.data.num_classes).to(device)
     convs = network_convs(model, cfg.batch_size, device)
     del model
-    if device.type == "cuda":
-        low = torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
-    else:
-        low = torch.bfloat16 if cpu_has_native_bf16() else None
-    dtypes = [torch.float32] + ([low] if low is not None else [])
+    low = resolve_dtype("auto", device)[0]  # what perf.dtype=auto runs there (fp32 on a CPU without native bf16)
+    dtypes = [torch.float32] + ([low] if low != torch.float32 else [])
     autotuning = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True  # the ceiling: cuDNN's fastest algorithms (a no-op on a CPU)
     try:

@@ -44,6 +44,12 @@ def mac_cpu() -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
+def cpu_name() -> str:
+    """The CPU's model name: /proc/cpuinfo's, or sysctl's on macOS; "" where neither says (an ARM /proc/cpuinfo has no
+    model name line)."""
+    return cpuinfo("model name") or mac_cpu()
+
+
 def cpu_key() -> str:
     """The CPU capability torch uses (honours ATEN_CPU_CAPABILITY) plus a hash of the CPU's feature flags (on macOS,
     of its name: every Mac hashed the same empty string)."""

@@ -451,7 +451,7 @@ def _evaluate(
     return results
 
 
-def _attack_chunk(name: str, chunk: tuple, nets: tuple, batch: int, protocol, bar, network: str = "") -> dict:
+def _attack_chunk(name: str, chunk: tuple, nets: tuple, batch: int, protocol, bar, network: str) -> dict:
     """One chunk's record: (index, first image, images, labels, seed) in; its packed per-image flags, AutoAttack's
     stage counts and its seconds out. `network`: the weights' fingerprint (AutoAttack's warnings, once each)."""
     k, lo, x, y, seed = chunk

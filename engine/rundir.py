@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .compile_cache import cpuinfo, mac_cpu
+from .compile_cache import cpu_name
 from .config import TrainConfig
 from .errors import UserError
 from .locks import flock_within
@@ -128,7 +128,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "device_type": device.type,
         "num_threads": torch.get_num_threads(),
-        "cpu": cpuinfo("model name") or mac_cpu() or platform.machine(),
+        "cpu": cpu_name() or platform.machine(),
         "pyautoattack": package_version("pyautoattack"),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),

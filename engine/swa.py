@@ -62,15 +62,14 @@ class SWA:
         if not state["average"]:  # the checkpoint's run had SWA off: averaging starts now, from the fresh zeros
             self.started_on_resume = True
             return
-        taken = {key: state[key] for key in ("start_epoch", "every") if key in state}  # (older checkpoints: none)
-        same = {"start_epoch": lambda a, b: max(a, 1) == max(b, 1), "every": lambda a, b: a == b}  # (epoch 0 is 1)
-        changed = {k: v for k, v in taken.items() if not same[k](v, getattr(self.cfg, k))}
-        if state["count"] and changed:  # a resume with SWA on all along is refused earlier (config.resume_change)
+        cadence = lambda start_epoch, every: (max(start_epoch, 1), every)  # noqa: E731 (start_epoch 0 is epoch 1)
+        taken = (state["start_epoch"], state["every"]) if "every" in state else None  # (older checkpoints: none)
+        # a resume with SWA on all along is refused a change earlier (config.resume_change)
+        if state["count"] and taken is not None and cadence(*taken) != cadence(self.cfg.start_epoch, self.cfg.every):
             raise ConfigError(
-                f"the checkpoint's SWA average of {state['count']} snapshots was taken with "
-                + ", ".join(f"swa.{k}={v}" for k, v in taken.items())
-                + " (before SWA was turned off in config.json): set them back to average on from it, or keep "
-                "swa.enabled=false"
+                f"the checkpoint's SWA average of {state['count']} snapshots was taken with swa.start_epoch="
+                f"{taken[0]}, swa.every={taken[1]} (before SWA was turned off in config.json): set them back to "
+                "average on from it, or keep swa.enabled=false"
             )
         self.count = state["count"]
         self.average = {k: v.to(self.average[k].device) for k, v in state["average"].items()}

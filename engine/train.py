@@ -769,12 +769,12 @@ def trained_state(method: nn.Module) -> dict[str, torch.Tensor]:
     """The method's state for final.pt without its frozen networks (ARREST's teacher: a copy of the network at the
     end of its first stage, 185 MB for WRN-34-10, which nothing reads from final.pt; latest.pt keeps it to resume).
     Trained modules stay (LBGAT's clean model, AR-AT's predictors)."""
-    frozen = [
-        name
+    frozen = tuple(
+        f"{name}."
         for name, child in method.named_children()
         if any(True for _ in child.parameters()) and not any(p.requires_grad for p in child.parameters())
-    ]
-    return {k: v for k, v in method.state_dict().items() if not k.startswith(tuple(f"{name}." for name in frozen))}
+    )
+    return {k: v for k, v in method.state_dict().items() if not k.startswith(frozen)}
 
 
 def finish(run: Run, rundir: RunDir, evaluate_at_end: bool, say) -> None:

@@ -190,9 +190,9 @@ def measure_copy() -> dict[str, Any]:
 def measure_matmul() -> dict[str, Any]:
     """The matrix-product ceiling in bf16, or fp16 where the GPU has no bf16 tensor cores (emulated bf16 is not its
     ceiling); the case names which."""
-    from engine.perf import cuda_has_native_bf16
+    from engine.perf import resolve_dtype
 
-    dtype = torch.bfloat16 if cuda_has_native_bf16(torch.device("cuda")) else torch.float16
+    dtype = resolve_dtype("auto", torch.device("cuda"))[0]  # bf16 where native, else fp16
     a = torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=dtype)
     b = torch.randn_like(a)
     ms = event_median_ms(lambda: a @ b, 3, 10)
