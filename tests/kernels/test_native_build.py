@@ -41,9 +41,64 @@ def test_cmake_build_from_scratch(tmp_path):
     for cmd in (configure, ["cmake", "--build", str(build), "-j2"]):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # quiet: torch's headers are system headers (no -Wextra wall from them), no run-path or kineto warning
+        said = (result.stdout + result.stderr).lower()
+        assert "warning" not in said, result.stdout[-3000:] + result.stderr[-3000:]
     library = build / "libarat_native.so"
     assert library.is_file()
     # A fresh process: a TORCH_LIBRARY namespace can be registered once per process, and this one may hold it.
     smoke = SMOKE.format(repo=str(REPO), lib=str(library))
     result = subprocess.run([sys.executable, "-c", smoke], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+def _configure_against(tmp_path, config_text: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Configure the library against a stand-in torch install: the real torch's headers and libraries, and a
+    TorchConfig.cmake holding `config_text`. Returns the configure result and the compile command of one source."""
+    real = Path(torch.utils.cmake_prefix_path).parents[1]  # torch/ (share/cmake's grandparent)
+    fake = tmp_path / "torch"
+    (fake / "share" / "cmake" / "Torch").mkdir(parents=True)
+    (fake / "include").symlink_to(real / "include")
+    (fake / "lib").symlink_to(real / "lib")
+    (fake / "share" / "cmake" / "Torch" / "TorchConfig.cmake").write_text(config_text)
+    build = tmp_path / "build"
+    result = subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(build), f"-DCMAKE_PREFIX_PATH={fake / 'share' / 'cmake'}",
+         "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    commands = build / "compile_commands.json"
+    return result, commands.read_text() if commands.is_file() else ""
+
+
+# What torch's own config does when torch is a CUDA build (PyPI's default wheel) on a machine without the CUDA
+# toolkit: it stops configuring, though this library is CPU code (seen with torch 2.11's wheel, 2026-12-07).
+CUDA_BUILD_WITHOUT_TOOLKIT = """
+message(FATAL_ERROR "Your installed Caffe2 version uses CUDA but I cannot find the CUDA libraries.")
+"""
+
+
+@pytest.mark.parametrize("abi", ["0", "1", None])
+def test_configures_against_a_cuda_torch_without_its_toolkit_and_takes_its_abi(tmp_path, abi):
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("cmake and a C++ compiler are needed to configure the native library")
+    # as torch 2.6's TorchConfig.cmake says it (torch 2.11's has no such line)
+    abi_flag = f'set(TORCH_CXX_FLAGS "-D_GLIBCXX_USE_CXX11_ABI={abi}")'
+    flags = "" if abi is None else f'if(CMAKE_SYSTEM_NAME STREQUAL "Linux")\n  {abi_flag}\nendif()\n'
+    result, commands = _configure_against(tmp_path, flags + CUDA_BUILD_WITHOUT_TOOLKIT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "warning" not in (result.stdout + result.stderr).lower(), result.stderr[-3000:]
+    assert "libtorch_cpu" in (tmp_path / "build" / "CMakeCache.txt").read_text()
+    # torch <= 2.7's Linux wheels were built with the old libstdc++ ABI: the library must be too, or it fails to load
+    assert ("-D_GLIBCXX_USE_CXX11_ABI=0" in commands) == (abi == "0" and sys.platform.startswith("linux"))
+
+
+def test_a_prefix_without_torch_is_one_message_naming_what_to_set(tmp_path):
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("cmake and a C++ compiler are needed to configure the native library")
+    result = subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(tmp_path / "build"), f"-DCMAKE_PREFIX_PATH={tmp_path / 'nothing'}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "CMAKE_PREFIX_PATH" in result.stderr and "cmake_prefix_path" in result.stderr, result.stderr
