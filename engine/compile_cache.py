@@ -56,7 +56,14 @@ def cpu_key() -> str:
     import torch
 
     digest = hashlib.sha256((cpuinfo("flags", "Features") or mac_cpu()).encode()).hexdigest()[:8]
-    return f"{torch.backends.cpu.get_cpu_capability().lower()}-{digest}"
+    return f"{cpu_capability(torch.backends.cpu.get_cpu_capability())}-{digest}"
+
+
+def cpu_capability(name: str) -> str:
+    """torch's CPU capability as a folder name: lower case, "default" for the baseline (torch before 2.7 says "NO
+    AVX" for it: the folder was named with a space), anything else outside [a-z0-9_] as "-"."""
+    name = name.strip().lower()
+    return "default" if name in ("no avx", "default") else re.sub(r"[^a-z0-9_]+", "-", name) or "default"
 
 
 def inductor_default_dir() -> str:

@@ -7,6 +7,10 @@ user-defined ones it launches) to sm_90 cubins, which are never loaded or run (n
 Used by tests/kernels/inductor_sm90.py (the fused ops' graphs) and tests/inductor_sm90_network.py (the engine's
 network), each in a subprocess of its test: install_stand_ins() changes torch.cuda for the whole process.
 
+Runs under torch 2.6 too (2026-12-07): there a fake CUDA convolution asks the CUDA runtime for its backend (answered
+here with cuDNN's), wrap_triton makes a launch's num_warps a Triton autotuner (the stub driver has a benchmarker that
+is never called) and Inductor's precompile loads each binary unless told to warm the cache only (told so here).
+
 Limits: forward graphs only (a backward through autograd asks the CUDA runtime about the device), and no Python
 indexing of a fake CUDA tensor (`x[i]` takes a device guard; `x.select(0, i)` does not). Nothing here says a kernel
 is right or fast: the GPU check does (docs/gpu.md). Added after the H200's first check (2026-12-04) failed every
@@ -52,7 +56,37 @@ def install_stand_ins() -> None:
     if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU wheel
         torch._C._cuda_getCurrentRawStream = lambda index: 0
     fake_tensor.init_gpu_context = lambda device: None  # it would allocate on the device
+    select_conv_backend = torch._C._select_conv_backend
 
+    def conv_backend(*args, **kwargs):  # torch < 2.11's CUDA build asks the CUDA runtime (no driver here)
+        try:
+            return select_conv_backend(*args, **kwargs)
+        except RuntimeError as e:
+            if "CUDA driver" not in str(e):
+                raise
+            return torch._C._ConvBackend.Cudnn  # what the H200 runs a convolution with
+
+    torch._C._select_conv_backend = conv_backend
+
+    install_triton_stub()
+    import torch._inductor.runtime.triton_helpers as helpers
+    import torch._inductor.runtime.triton_heuristics as heuristics
+
+    helpers.set_driver_to_gpu = lambda: None
+    compile_config = heuristics.CachingAutotuner._precompile_config
+
+    def logged(self, config, *warm_cache_only):
+        # torch < 2.11 passes warm_cache_only, and loads the binary unless it is true: compile only
+        result = compile_config(self, config, *(True for _ in warm_cache_only))
+        COMPILED.append(self.fn.__name__)
+        return result
+
+    heuristics.CachingAutotuner._precompile_config = logged
+    heuristics.CachingAutotuner._make_launchers = lambda self: None  # loading a cubin needs the driver
+
+
+def install_triton_stub() -> None:
+    """Triton's driver replaced by a stub naming an sm_90 target (no GPU driver here)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -75,20 +109,13 @@ def install_stand_ins() -> None:
         def is_active(self):
             return True
 
+        def get_benchmarker(self):  # torch < 2.11's wrap_triton wraps a launch's num_warps in an autotuner, which
+            def never(*args, **kwargs):  # asks for this when made; nothing is timed here
+                raise RuntimeError("the stand-in H200 runs nothing")
+
+            return never
+
     triton.runtime.driver.set_active(StubDriver())
-    import torch._inductor.runtime.triton_helpers as helpers
-    import torch._inductor.runtime.triton_heuristics as heuristics
-
-    helpers.set_driver_to_gpu = lambda: None
-    compile_config = heuristics.CachingAutotuner._precompile_config
-
-    def logged(self, config):
-        result = compile_config(self, config)
-        COMPILED.append(self.fn.__name__)
-        return result
-
-    heuristics.CachingAutotuner._precompile_config = logged
-    heuristics.CachingAutotuner._make_launchers = lambda self: None  # loading a cubin needs the driver
 
 
 def compile_graph(fn, *args, tracing_mode: str = "real") -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.compile_cache import CHOSEN_ENV, ENV, isolate_inductor_cache
+from engine.compile_cache import CHOSEN_ENV, ENV, cpu_capability, isolate_inductor_cache
 
 REPO = Path(__file__).resolve().parents[1]
 STEP = """
@@ -74,6 +74,16 @@ def test_the_cache_dir_is_inductor_s_own_per_account_and_inherited_defaults_are_
     assert Path(isolated).parent == Path(os.path.abspath(default_cache_dir())) and "torchinductor_user" not in isolated
     monkeypatch.setenv(ENV, default_cache_dir())  # what a parent process's first compile left in the environment
     assert isolate_inductor_cache() == isolated
+
+
+def test_the_capability_in_a_folder_name_is_one_word_whatever_torch_calls_it():
+    """torch before 2.7 calls the baseline "NO AVX" (run under torch 2.6: the folder was "arat-no avx-<hash>", where
+    the other ISA test expects "arat-default-"); newer ones "DEFAULT"."""
+    assert cpu_capability("NO AVX") == cpu_capability("DEFAULT") == "default"
+    assert [cpu_capability(name) for name in ("AVX2", "AVX512", "SVE256", "ZVECTOR")] == [
+        "avx2", "avx512", "sve256", "zvector"]  # fmt: skip
+    assert cpu_capability("some new/ISA") == "some-new-isa" and cpu_capability(" ") == "default"
+    assert cpu_capability(torch.backends.cpu.get_cpu_capability()).isidentifier()
 
 
 @pytest.mark.skipif(

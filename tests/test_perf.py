@@ -595,12 +595,19 @@ def test_deterministic_pins_what_could_differ_between_processes(tiny_cfg, monkey
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # restored as it was after the test
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
-    # Inductor's config through its own patch: monkeypatch's undo deleted the key (later reads raised)
+    # Inductor's config through its own patch: monkeypatch's undo deleted the key (later reads raised). Its
+    # deterministic mode exists from torch 2.10 (before it: nothing to pin, read here as off)
+    mode = hasattr(inductor, "deterministic")
+
+    def inductor_deterministic() -> bool:
+        return getattr(inductor, "deterministic", False)
+
     with contextlib.ExitStack() as undo:
-        undo.enter_context(inductor.patch(deterministic=False))
+        if mode:
+            undo.enter_context(inductor.patch(deterministic=False))
         undo.callback(torch.use_deterministic_algorithms, False)
         run = build_run(apply_overrides(tiny_cfg, ["perf.deterministic=true", "train.epochs=1"]))
-        assert torch.are_deterministic_algorithms_enabled() and inductor.deterministic
+        assert torch.are_deterministic_algorithms_enabled() and inductor_deterministic() == mode
         assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert run.perf.summary().endswith(" deterministic")
         with warnings.catch_warnings(record=True) as caught:
@@ -610,10 +617,10 @@ def test_deterministic_pins_what_could_differ_between_processes(tiny_cfg, monkey
         plain = build_run(tiny_cfg)  # a benchmark alternating runs: each run's activate() sets its own (helper-86)
         assert torch.are_deterministic_algorithms_enabled()  # leaked, until activated
         plain.perf.activate()
-        assert not torch.are_deterministic_algorithms_enabled() and not inductor.deterministic
+        assert not torch.are_deterministic_algorithms_enabled() and not inductor_deterministic()
         run.perf.activate()
-        assert torch.are_deterministic_algorithms_enabled() and inductor.deterministic
-    assert not torch.are_deterministic_algorithms_enabled() and inductor.deterministic is False
+        assert torch.are_deterministic_algorithms_enabled() and inductor_deterministic() == mode
+    assert not torch.are_deterministic_algorithms_enabled() and not inductor_deterministic()
     assert not plain.perf.summary().endswith("deterministic")
     with pytest.raises(ConfigError, match="perf.cudnn_benchmark"):
         PerfConfig(deterministic=True, cudnn_benchmark="on")
