@@ -60,8 +60,8 @@ def cpu_key() -> str:
 
 
 def cpu_capability(name: str) -> str:
-    """torch's CPU capability as a folder name: lower case, "default" for the baseline (torch before 2.7 says "NO
-    AVX" for it: the folder was named with a space), anything else outside [a-z0-9_] as "-"."""
+    """torch's CPU capability as a folder name: lower case, "default" for the baseline (torch 2.6 calls it "NO AVX":
+    the folder was named with a space), anything else outside [a-z0-9_] as "-"."""
     name = name.strip().lower()
     return "default" if name in ("no avx", "default") else re.sub(r"[^a-z0-9_]+", "-", name) or "default"
 

@@ -6,6 +6,7 @@ Every file is written atomically (temporary file + rename), so an interrupted ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -79,6 +80,7 @@ def read_json_or_none(path: Path) -> Any:
         return None
 
 
+@functools.cache  # once per process (the start line and env.json each asked: git ran four times at a run's start)
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -89,9 +91,10 @@ def git_commit() -> str | None:
         return None
 
 
+@functools.cache
 def git_dirty() -> bool | None:
     """Whether the engine's checkout has tracked files changed since its commit (the run did not run that commit's
-    code as it is); None outside a git checkout."""
+    code as it is); None outside a git checkout. Asked once per process: its code is the code it imported."""
     try:
         # (--no-optional-locks: no index.lock taken, e.g. under a user's own git command in the checkout)
         here = Path(__file__).resolve().parent

@@ -58,7 +58,7 @@ def install_stand_ins() -> None:
     fake_tensor.init_gpu_context = lambda device: None  # it would allocate on the device
     select_conv_backend = torch._C._select_conv_backend
 
-    def conv_backend(*args, **kwargs):  # torch < 2.11's CUDA build asks the CUDA runtime (no driver here)
+    def conv_backend(*args, **kwargs):  # torch 2.6's CUDA build asks the CUDA runtime (no driver here)
         try:
             return select_conv_backend(*args, **kwargs)
         except RuntimeError as e:
@@ -76,7 +76,7 @@ def install_stand_ins() -> None:
     compile_config = heuristics.CachingAutotuner._precompile_config
 
     def logged(self, config, *warm_cache_only):
-        # torch < 2.11 passes warm_cache_only, and loads the binary unless it is true: compile only
+        # torch 2.6 passes warm_cache_only, and loads the binary unless it is true: compile only
         result = compile_config(self, config, *(True for _ in warm_cache_only))
         COMPILED.append(self.fn.__name__)
         return result
@@ -109,7 +109,7 @@ def install_triton_stub() -> None:
         def is_active(self):
             return True
 
-        def get_benchmarker(self):  # torch < 2.11's wrap_triton wraps a launch's num_warps in an autotuner, which
+        def get_benchmarker(self):  # torch 2.6's wrap_triton wraps a launch's num_warps in an autotuner, which
             def never(*args, **kwargs):  # asks for this when made; nothing is timed here
                 raise RuntimeError("the stand-in H200 runs nothing")
 

@@ -77,7 +77,7 @@ def test_the_cache_dir_is_inductor_s_own_per_account_and_inherited_defaults_are_
 
 
 def test_the_capability_in_a_folder_name_is_one_word_whatever_torch_calls_it():
-    """torch before 2.7 calls the baseline "NO AVX" (run under torch 2.6: the folder was "arat-no avx-<hash>", where
+    """torch 2.6 calls the baseline "NO AVX" (run under torch 2.6: the folder was "arat-no avx-<hash>", where
     the other ISA test expects "arat-default-"); newer ones "DEFAULT"."""
     assert cpu_capability("NO AVX") == cpu_capability("DEFAULT") == "default"
     assert [cpu_capability(name) for name in ("AVX2", "AVX512", "SVE256", "ZVECTOR")] == [

@@ -396,6 +396,23 @@ def test_the_start_line_says_the_seed_the_folder_and_the_engine_s_version(monkey
         assert second.startswith("arat ") and says in second and f"torch {torch.__version__}" in second
 
 
+def test_git_is_asked_once_per_process(monkeypatch):
+    """The start line and env.json each asked git for the commit and the checkout's state (four git processes at a
+    run's start, under torchrun on rank 0): now once per process, whose code is the code it imported."""
+    import subprocess
+
+    from engine import rundir
+
+    calls = []
+    run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k: calls.append(cmd[0]) or run(cmd, *a, **k))
+    rundir.git_commit.cache_clear(), rundir.git_dirty.cache_clear()
+    first = rundir.version_line()
+    env = rundir.environment(torch.device("cpu"))
+    assert calls.count("git") == 2 and rundir.version_line() == first and calls.count("git") == 2
+    assert env["git_commit"] == rundir.git_commit() and env["git_dirty"] == rundir.git_dirty()
+
+
 def test_auto_switches_are_on_for_cuda_only():
     from engine.perf import resolve_switch
 

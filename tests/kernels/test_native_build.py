@@ -89,7 +89,7 @@ def test_configures_against_a_cuda_torch_without_its_toolkit_and_takes_its_abi(t
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "warning" not in (result.stdout + result.stderr).lower(), result.stderr[-3000:]
     assert "libtorch_cpu" in (tmp_path / "build" / "CMakeCache.txt").read_text()
-    # torch <= 2.7's Linux wheels were built with the old libstdc++ ABI: the library must be too, or it fails to load
+    # torch 2.6's Linux wheels were built with the old libstdc++ ABI: the library must be too, or it fails to load
     assert ("-D_GLIBCXX_USE_CXX11_ABI=0" in commands) == (abi == "0" and sys.platform.startswith("linux"))
 
 

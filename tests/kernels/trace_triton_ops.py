@@ -43,7 +43,9 @@ def main() -> None:
     from kernels.pgd_step.triton_impl import uniform_start_op
 
     _triton_util._sm_count = lambda index: 132  # no device to ask; only sizes the dual-BN grid
-    if torch.__version__ < "2.11":  # its wrap_triton makes a launch's num_warps an autotuner, which wants a driver
+    # torch 2.6's wrap_triton makes a launch's num_warps an autotuner, which wants a driver (2.11's does not; 2.7-2.10
+    # not run: given the stub too)
+    if torch.__version__ < "2.11":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: fake_cuda
         from fake_cuda import install_triton_stub
 
