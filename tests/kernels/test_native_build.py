@@ -102,3 +102,18 @@ def test_a_prefix_without_torch_is_one_message_naming_what_to_set(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "CMAKE_PREFIX_PATH" in result.stderr and "cmake_prefix_path" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("config_says", "built_with"), [(None, "17"), ("17", "17"), ("20", "20")])
+def test_compiles_with_the_cxx_standard_torch_asks_for(tmp_path, config_says, built_with):
+    """torch 2.14's headers refuse anything older than C++20 (`#error C++20 or later compatible compiler is required
+    to use ATen`, 2026-12-07: the library did not build); its config and 2.13's set CXX_STANDARD 20 on torch's own
+    target, 2.11's and 2.6's 17: the library takes the newer of 17 and that."""
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("cmake and a C++ compiler are needed to configure the native library")
+    says = f"set_target_properties(torch PROPERTIES\n    CXX_STANDARD {config_says}\n)\n"  # as torch's config says it
+    target = "" if config_says is None else says
+    result, commands = _configure_against(tmp_path, target + CUDA_BUILD_WITHOUT_TOOLKIT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    standards = {word[-2:] for word in commands.split() if word.startswith("-std=")}
+    assert standards == {built_with}, commands
