@@ -637,7 +637,7 @@ def test_deterministic_pins_what_could_differ_between_processes(tiny_cfg, monkey
         assert not torch.are_deterministic_algorithms_enabled() and not inductor_deterministic()
         run.perf.activate()
         assert torch.are_deterministic_algorithms_enabled() and inductor_deterministic() == mode
-    assert not torch.are_deterministic_algorithms_enabled() and not inductor_deterministic()
+    assert not torch.are_deterministic_algorithms_enabled() and inductor_deterministic() is False
     assert not plain.perf.summary().endswith("deterministic")
     with pytest.raises(ConfigError, match="perf.cudnn_benchmark"):
         PerfConfig(deterministic=True, cudnn_benchmark="on")
