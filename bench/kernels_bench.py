@@ -28,17 +28,22 @@ import kernels
 
 PGD_SHAPES = {"full": [(128, 3, 32, 32), (512, 3, 32, 32)], "quick": [(16, 3, 32, 32)]}
 BN_SHAPES = {"full": [(2 * 128, 64, 32, 32), (2 * 128, 512, 4, 4)], "quick": [(2 * 8, 64, 16, 16), (2 * 8, 512, 4, 4)]}
-COLUMNS = ["op", "shape", "dtype", "backend", "median_ms", "gb_per_s"]
+COLUMNS = ["op", "shape", "dtype", "backend", "median_ms", "gb_per_s", "timing"]
 
 
-def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn(): on the GPU Triton's `do_bench` (back-to-back calls between CUDA events, L2
-    flushed before each: events around one call on an idle GPU would time the launch too, ~20x a 1 us kernel), on
-    the CPU perf_counter (the op is synchronous there)."""
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> tuple[float, str]:
+    """Median milliseconds of fn() and how they were taken. On the GPU: Triton's `do_bench_cudagraph` (replays of a
+    captured call: GPU time without launch gaps; L2 is not flushed, so shapes that fit in it read from it); where the
+    call cannot be captured, `do_bench` (CUDA events around one call after an L2 flush: for an op of several launches
+    with Python between them, the GPU waits on the host inside that window: the H200's eager dual BN forward read
+    684 us there and 293 us in a graph). On the CPU: perf_counter (the op is synchronous there)."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
-        return do_bench(fn, return_mode="median")  # its own warm-up and repetitions (~25 and ~100 ms)
+        try:
+            return do_bench_cudagraph(fn, return_mode="median"), "cuda graph"
+        except Exception:  # noqa: BLE001 - not capturable: one call between events, launch gaps included
+            return do_bench(fn, return_mode="median"), "one call (do_bench)"  # its own warm-up and repetitions
     for _ in range(warmup):
         fn()
     samples = []
@@ -46,7 +51,7 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int
         begin = time.perf_counter()
         fn()
         samples.append(1e3 * (time.perf_counter() - begin))
-    return statistics.median(samples)
+    return statistics.median(samples), "perf_counter"
 
 
 def backends(device: torch.device) -> list[str]:
@@ -63,7 +68,7 @@ def bench_pgd(shape, dtype, device, args) -> list[dict]:
     for backend in backends(device):
         with kernels.force_backend(backend):
             ms = timed(lambda: kernels.pgd_step(x, x_adv, grad, 8 / 255, 2 / 255), device, args.warmup, args.reps)
-        rows.append(_row("pgd_step", shape, dtype, backend, ms, 4 * x.numel() * x.element_size()))
+        rows.append(_row("pgd_step", shape, dtype, backend, *ms, 4 * x.numel() * x.element_size()))
     return rows
 
 
@@ -91,19 +96,10 @@ def bench_dual_bn(shape, dtype, device, args) -> list[dict]:
         with kernels.force_backend(forced):
             forward = _dual_bn_call(op, x, state, backward=False)
             fwd_bwd = _dual_bn_call(op, x.detach().requires_grad_(), state, backward=True)
-            rows.append(
-                _row("dual_bn fwd", shape, dtype, backend, timed(forward, device, args.warmup, args.reps), bytes_fwd)
-            )
-            rows.append(
-                _row(
-                    "dual_bn fwd+bwd",
-                    shape,
-                    dtype,
-                    backend,
-                    timed(fwd_bwd, device, args.warmup, args.reps),
-                    bytes_fwd_bwd,
-                )
-            )
+            fwd_ms = timed(forward, device, args.warmup, args.reps)
+            rows.append(_row("dual_bn fwd", shape, dtype, backend, *fwd_ms, bytes_fwd))
+            fwd_bwd_ms = timed(fwd_bwd, device, args.warmup, args.reps)
+            rows.append(_row("dual_bn fwd+bwd", shape, dtype, backend, *fwd_bwd_ms, bytes_fwd_bwd))
     return rows
 
 
@@ -124,13 +120,14 @@ def _dual_bn_call(op, x, state, backward: bool) -> Callable[[], object]:
     return run
 
 
-def _row(op, shape, dtype, backend, ms, nbytes) -> dict:
+def _row(op, shape, dtype, backend, ms, timing, nbytes) -> dict:
     return {
         "op": op,
         "shape": "x".join(map(str, shape)),
         "dtype": str(dtype).removeprefix("torch."),
         "backend": backend,
         "median_ms": ms,
+        "timing": timing,
         "gb_per_s": nbytes / ms / 1e6,
         "bytes": nbytes,
     }

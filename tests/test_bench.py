@@ -994,3 +994,37 @@ def test_a_direct_configuration_that_fails_is_a_failed_row(monkeypatch, capsys):
     assert row["config"] == "perf.channels_last=true (direct vs fp32 eager)" and "out of memory" in row["failed"]
     with pytest.raises(UserError):
         ts.main(["--direct", "perf.no_such_key=1"])
+
+
+def test_kernels_bench_rows_say_how_they_were_timed_and_gpu_times_come_from_graph_replays(tmp_path, monkeypatch):
+    """bench/kernels_bench.py on the CPU end to end (each row: its timing, GB/s = bytes / median time), and its CUDA
+    timing on stand-ins: replays of a captured call, else one call between events, each row saying which (one call
+    counts the host's launch gaps: the H200's eager dual BN forward read 684 us that way, 293 us in a graph)."""
+    import kernels_bench
+    import torch
+
+    out = tmp_path / "kernels.jsonl"
+    kernels_bench.main(["--quick", "--device", "cpu", "--reps", "2", "--warmup", "0", "--threads", "1",
+                        "--out", str(out)])  # fmt: skip
+    rows = [json.loads(line) for line in out.read_text().splitlines() if '"op"' in line]
+    ops = {r["op"] for r in rows}
+    assert ops == {"pgd_step", "dual_bn fwd", "dual_bn fwd+bwd"} and all(r["cpu"] for r in rows)
+    for r in rows:
+        assert r["timing"] == "perf_counter" and r["median_ms"] > 0
+        assert r["gb_per_s"] == pytest.approx(r["bytes"] / r["median_ms"] / 1e6)
+    pgd = next(r for r in rows if r["op"] == "pgd_step")
+    assert pgd["bytes"] == 4 * 16 * 3 * 32 * 32 * 4  # read x, x_adv, grad, write out: fp32 on the CPU
+
+    pytest.importorskip("triton")
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: 0.293)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 0.684)
+    cuda = torch.device("cuda")
+    assert kernels_bench.timed(lambda: None, cuda, 0, 1) == (0.293, "cuda graph")
+
+    def not_capturable(fn, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", not_capturable)
+    assert kernels_bench.timed(lambda: None, cuda, 0, 1) == (0.684, "one call (do_bench)")

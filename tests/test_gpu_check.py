@@ -74,6 +74,12 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     assert "| RN18 B=128 convolutions alone | float32 " in (out / "gpu_check.md").read_text()
     assert_output_limits(out)
     assert done.stdout.rstrip().splitlines()[-1].startswith("outputs:")  # the summary table is printed last
+    # AutoAttack's timing: every attack at the eps that breaks nothing, its start passes counted
+    timed = {r["case"]: r for r in doc["stages"]["real_run"]["rows"] if str(r.get("case")).startswith("time ")}
+    assert sorted(timed) == ["time apgd-ce", "time apgd-t", "time fab-t", "time square"], sorted(timed)
+    assert all(r["eps"] == 1e-5 and r["passes"] > r["iterations"] for r in timed.values()), timed
+    speed = [r for r in doc["stages"]["kernels_speed"]["rows"] if "gb_s" in r]
+    assert speed and all(r["gb_s_from"] == "wall_us" for r in speed)  # smoke: no do_bench, no graph on a CPU
 
 
 def write_stage(work: Path, name: str, status: str, rc, data: dict | None = None, log: str = "", reason=None) -> None:
@@ -323,6 +329,38 @@ def test_a_failing_kernel_case_is_a_row_and_the_next_cases_run(tmp_path, monkeyp
     assert rows[0]["pass"] is False and "PassManager" in rows[0]["why"]
     assert [r["op"] for r in rows if r["op"] != "pgd_step"] == ["replay", "opcheck", "dual_batch_norm"]
     assert record.data["figures"]["total"] == len(rows) and record.data["figures"]["passed"] == len(rows) - 2
+
+
+def test_kernel_bandwidth_is_read_from_the_gpu_time_in_a_graph_and_inductor_is_compared_there():
+    """do_bench times one call between events: the eager dual BN's launch gaps were in it (H200, 2026-12-04:
+    2048x64x32x32 forward 683.57 us, 293.17 us inside a CUDA graph), so its GB/s came out at 43% of the graph's.
+    GB/s now comes from the graph's time where there is one, and Inductor is compared with Triton there too."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpucheck import kernels_speed as ks
+
+    nbytes = 3 * 2048 * 64 * 32 * 32 * 2  # read x, write y (bf16) and the statistics pass: kernels_bench's count
+    h200 = {"gpu_us": 683.57, "graph_us": 293.17, "wall_us": 326.44}
+    got = ks.bandwidth(h200, nbytes, 4.25)
+    assert got["gb_s_from"] == "graph_us" and got["gb_s"] == pytest.approx(2746.9, abs=0.1)
+    assert got["cold_gb_s"] == pytest.approx(1178.1, abs=0.1) and got["pct_copy"] == pytest.approx(64.6, abs=0.1)
+    no_graph = ks.bandwidth({"gpu_us": 683.57, "graph_us": None, "wall_us": 326.44}, nbytes, None)
+    assert no_graph == {"gb_s": 1178.1, "gb_s_from": "gpu_us", "pct_copy": None}
+    assert ks.bandwidth({"gpu_us": "smoke", "graph_us": "smoke", "wall_us": 2.0}, 4000, None)["gb_s_from"] == "wall_us"
+
+    def row(impl, gpu_us, graph_us, shape="256x64x32x32"):
+        return {"op": "dual_bn", "impl": impl, "shape": shape, "direction": "fwd", "gpu_us": gpu_us,
+                "graph_us": graph_us}  # fmt: skip
+
+    # Inductor faster than the eager Triton op's one call (launch gaps), slower inside graphs: Triton wins
+    rows = [row("triton", 459.01, 64.22), row("inductor", 120.0, 80.0)]
+    assert ks.inductor_wins(rows) == []
+    rows.append(row("inductor", 120.0, 50.0, shape="256x128x16x16"))
+    rows.append(row("triton", 556.38, 34.3, shape="256x128x16x16"))
+    assert ks.inductor_wins(rows) == []
+    rows[-1]["graph_us"] = 60.0  # Inductor now faster in the graph
+    assert ks.inductor_wins(rows) == ["dual_bn fwd 256x128x16x16: inductor 50.0 us < triton 60.0 us (graph_us)"]
+    uncaptured = [row("triton", 459.01, None), row("inductor", 120.0, None)]  # no graph times: do_bench's
+    assert ks.inductor_wins(uncaptured) == ["dual_bn fwd 256x64x32x32: inductor 120.0 us < triton 459.0 us (gpu_us)"]
 
 
 def test_a_failing_eager_row_is_recorded_and_the_next_rows_run(tmp_path, monkeypatch):

@@ -202,9 +202,9 @@ def compiled_aa_row(record: StageRecord, model, split, cfg, dev, figures: dict[s
     start = time.perf_counter()
     time_attacks(record, model, x[right], y[right], forward=net, label="compiled warm-up ")
     record.figure("compiled_aa_warmup_s", round(time.perf_counter() - start, 2))
-    per_image_iter = time_attacks(record, model, x, y, forward=net, label="compiled ")
+    per_image_pass = time_attacks(record, model, x, y, forward=net, label="compiled ")
     iters = SMOKE_TIMING_ITERS if record.smoke else TIMING_ITERS
-    projection = aa_projection(per_image_iter, figures, f"{len(y)} images at {iters} iterations, compiled")
+    projection = aa_projection(per_image_pass, figures, f"{len(y)} images at {iters} iterations, compiled")
     record.figure("aa_projection_compiled", projection)
     return record.row({"case": "compiled AA projection", **projection})
 
