@@ -22,8 +22,8 @@ PERTURBATION = 2.0**-17  # relative input noise of the conditioning probe: ~64 f
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return float((got.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+    ref = ref.detach().double()
+    return float((got.detach().double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def perturbed(x: torch.Tensor) -> torch.Tensor:

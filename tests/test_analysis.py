@@ -177,6 +177,10 @@ def test_grad_sim_is_right_where_inductor_s_cache_holds_the_graph_compiled_witho
                               timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr[-1500:]
         outputs.append(dict(line.split() for line in done.stdout.splitlines()))
+        if grad_sim == "off":  # it filled the caches the grad-sim run would hit (else this test would prove nothing)
+            root = tmp_path / "inductor"
+            filled = [k for k in ("fxgraph", "aotautograd") if any(f.is_file() for f in root.glob(f"{k}/**/*"))]
+            assert filled == ["fxgraph", "aotautograd"], sorted(p.name for p in root.iterdir())
     for out in outputs:
         assert float(out["gap"]) < 1e-5, outputs  # compiled gradients: eager's
     for out in outputs[1:]:

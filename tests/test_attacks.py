@@ -162,9 +162,14 @@ def test_fp16_gradient_scale_is_a_power_of_two_bounding_the_logit_gradient():
 
     logits = torch.tensor([[30.0, 0.0, -5.0], [0.0, 0.0, 0.0]])
     scale = fp16_gradient_scale(logits, torch.tensor([0, 1]), None)
-    assert torch.log2(scale) == torch.round(torch.log2(scale))
-    largest = (torch.softmax(logits, 1) - torch.eye(3)[[0, 1]]).abs().max()
-    assert 2**7 <= largest * scale <= 2**8
+    largest = (torch.softmax(logits, 1) - torch.eye(3)[[0, 1]]).abs().max()  # row 1's: 1 - 1/3
+    assert scale.item() == 2.0**8 and 2**7 <= largest * scale <= 2**8
+    # one per image: row 0 is confident (its gap ~ exp(-30) ~ 2^-43.3, lifted to 2^7..2^8 by 2^51); row 1 as above
+    per_image = fp16_gradient_scale(logits, torch.tensor([0, 1]), None, per_image=True)
+    assert per_image.tolist() == [2.0**51, 2.0**8]
+    gaps = (torch.softmax(logits, 1) - torch.eye(3)[[0, 1]]).abs().amax(1)
+    lifted = gaps * per_image
+    assert ((lifted >= 2**7) & (lifted <= 2**8)).all()
 
 
 def test_gaussian_start_is_not_clamped_as_in_the_published_codes():

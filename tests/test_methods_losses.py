@@ -88,17 +88,29 @@ def test_trades_step_by_hand(tiny_cfg):
     torch.testing.assert_close(out.terms["inv"], 6 * kl, rtol=1e-4, atol=1e-6)
 
 
+def attacked_in_the_other_mode(ref, x, y, cfg, train: bool, loss) -> torch.Tensor:
+    """The loss on the same attack (same randomness) run with BN in the other mode, on a copy: a test that names the
+    attack's mode must be able to tell the two apart."""
+    twin = copy.deepcopy(ref)
+    torch.manual_seed(5)
+    x_other = pgd(twin, x, y, cfg.attack, bn="adv", train=train)
+    assert not torch.equal(x_other, x)
+    return loss(twin(x_other))
+
+
 def test_mart_step_attacks_in_eval_mode(tiny_cfg):
     cfg, model, method, nets = setup(tiny_cfg, "mart", "attack.start=gaussian", "method.beta=5")
     ref = copy.deepcopy(model)
     x, y = batch()
     torch.manual_seed(5)
     out = method.step(nets, x, y, NO_AMP)
+    train_mode = attacked_in_the_other_mode(ref, x, y, cfg, True, lambda la: boosted_ce(la, y))
     torch.manual_seed(5)
     x_adv = pgd(ref, x, y, cfg.attack, bn="adv", train=False)
     lc, la = ref(x), ref(x_adv)
     torch.testing.assert_close(out.terms["cls"], boosted_ce(la, y), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.terms["inv"], 5 * weighted_kl(lc, la, y), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(out.terms["cls"], train_mode, rtol=1e-3, atol=1e-4)  # a train-mode attack: another loss
 
 
 def test_at_step_attacks_in_train_mode(tiny_cfg):
@@ -107,10 +119,12 @@ def test_at_step_attacks_in_train_mode(tiny_cfg):
     x, y = batch()
     torch.manual_seed(5)
     out = method.step(nets, x, y, NO_AMP)
+    eval_mode = attacked_in_the_other_mode(ref, x, y, cfg, False, lambda la: F.cross_entropy(la, y))
     torch.manual_seed(5)
     x_adv = pgd(ref, x, y, cfg.attack, bn="adv", train=True)
     torch.testing.assert_close(out.terms["cls"], F.cross_entropy(ref(x_adv), y), rtol=1e-4, atol=1e-5)
     assert set(out.terms) == {"cls"} and set(out.sums) == {"correct_adv"}
+    assert not torch.allclose(out.terms["cls"], eval_mode, rtol=1e-3, atol=1e-4)  # an eval-mode attack: another loss
 
 
 def test_std_step_is_clean_cross_entropy(tiny_cfg):

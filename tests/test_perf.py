@@ -634,7 +634,7 @@ def test_deterministic_pins_what_could_differ_between_processes(tiny_cfg, monkey
         plain = build_run(tiny_cfg)  # a benchmark alternating runs: each run's activate() sets its own (helper-86)
         assert torch.are_deterministic_algorithms_enabled()  # leaked, until activated
         plain.perf.activate()
-        assert not torch.are_deterministic_algorithms_enabled() and not inductor_deterministic()
+        assert not torch.are_deterministic_algorithms_enabled() and inductor_deterministic() is False
         run.perf.activate()
         assert torch.are_deterministic_algorithms_enabled() and inductor_deterministic() == mode
     assert not torch.are_deterministic_algorithms_enabled() and inductor_deterministic() is False

@@ -142,6 +142,14 @@ def test_a_checkpoint_without_fp16_resumes_where_fp16_is_chosen(tiny_cfg):
     run.scaler = torch.amp.GradScaler("cpu", enabled=True)  # as on an fp16 GPU
     run.load_state_dict(state)
     assert run.scaler.is_enabled() and run.scaler.get_scale() == 65536.0
+    # and an fp16 run's own scaler comes back as it was saved (the scale it had lowered to)
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    saved = run.state_dict()
+    assert saved["scaler"]["scale"] == 1024.0
+    resumed = build_run(apply_overrides(tiny_cfg, ["eval.attacks=clean"]))
+    resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    resumed.load_state_dict(saved)
+    assert resumed.scaler.get_scale() == 1024.0 and resumed.scaler.get_growth_interval() == 7
 
 
 def test_a_diverged_run_stops_keeps_its_last_checkpoint_and_writes_no_results(tiny_cfg, tmp_path):
@@ -576,13 +584,19 @@ def test_an_arat_epoch_row_gives_its_tflop_per_s_by_the_benchs_cost_model(tiny_c
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from cost_model import forward_units
+    from test_bench import resnet18_flops  # the hand count
     from train_step import forward_flops
 
     run = build_run(apply_overrides(tiny_cfg, ["train.epochs=1"]))
     row = train_epoch(run, 1)
     x = torch.rand(4, 3, 32, 32)
-    assert run.step_flops == forward_flops(run.nets.raw, x) * forward_units(run.cfg.attack.num_steps) > 0
-    assert row["tflop_per_s"] == float(f"{row['images_per_s'] * run.step_flops / 1e12:.4g}") > 0
+    units = forward_units(run.cfg.attack.num_steps)
+    assert run.cfg.model.arch == "resnet18" and units == 2 * run.cfg.attack.num_steps + 6
+    assert run.step_flops == resnet18_flops(run.cfg.model.width) * units  # one image's forward, counted by hand
+    assert run.step_flops == forward_flops(run.nets.raw, x) * units  # as the bench's rows count it
+    assert row["tflop_per_s"] > 0 and row["tflop_per_s"] == pytest.approx(
+        row["images_per_s"] * run.step_flops / 1e12, rel=1e-3
+    )  # 4 significant digits
     assert f"{row['tflop_per_s']:.3g} TFLOP/s" in epoch_line(row | {"epoch": 1}, 1)
     at = build_run(apply_overrides(tiny_cfg, ["train.epochs=1", "method.name=at", "model.split_bn=false"]))
     assert "tflop_per_s" not in train_epoch(at, 1)

@@ -61,6 +61,59 @@ def test_every_kernel_compiles_for_sm75_sm80_and_sm90_without_spills(tmp_path):
         assert row["nan_dropping_minmax"] == (None if row["arch"] == "sm_75" else 0), row
 
 
+RELU_KERNEL = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def relu_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, KEEP_NAN: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    if KEEP_NAN:
+        y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        y = tl.maximum(x, 0.0)  # tl.maximum's default: NaN becomes 0
+    tl.store(out_ptr + offs, y, mask=offs < n)
+"""
+
+
+def test_the_nan_dropping_count_finds_a_plain_relu_and_not_a_nan_keeping_one(tmp_path):
+    """The check above reads 0 NaN-dropping min/max in every kernel: its pattern must find one where there is one
+    (a ReLU by tl.maximum's default, compiled for sm_80 and sm_90), and none in the NaN-keeping form, else a pattern
+    that matched nothing would pass it. The fused ReLU's NaN is GPU-only: the interpreter cannot show it."""
+    skip_without_aot()
+    from kernels.aot import NAN_DROPPING_MINMAX
+
+    assert NAN_DROPPING_MINMAX.findall("max.f32 %f3, %f1, %f2;\n min.ftz.f32 %f4, %f3, %f2;") == [
+        "max.f32",
+        "min.ftz.f32",
+    ]
+    assert NAN_DROPPING_MINMAX.findall("max.NaN.f32 %f3, %f1, %f2;\n max.s32 %r1, %r2, %r3;") == []
+    (tmp_path / "relu_aot.py").write_text(RELU_KERNEL)
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from relu_aot import relu_kernel\n"
+        "from kernels import aot\n"
+        "sig = {'x_ptr': '*fp32', 'out_ptr': '*fp32', 'n': 'i32', 'BLOCK': 'constexpr', 'KEEP_NAN': 'constexpr'}\n"
+        "counts = {}\n"
+        "for keep in (0, 1):\n"
+        "    spec = {'name': f'relu{keep}', 'fn': relu_kernel, 'signature': sig, 'num_warps': 4,\n"
+        "            'constexprs': {'BLOCK': 256, 'KEEP_NAN': keep}, 'values': {'n': 1000}}\n"
+        "    counts[keep] = [aot.compile_spec(spec, arch)['nan_dropping_minmax'] for arch in (80, 90)]\n"
+        "print(json.dumps(counts))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert all(n > 0 for n in counts["0"]), counts  # the plain ReLU: found on sm_80 and sm_90
+    assert counts["1"] == [0, 0], counts  # max.NaN.f32: not counted
+
+
 def test_every_kernel_compiles_with_the_fp64_scalars_inductor_passes():
     """Inductor types a Python float argument of a user-defined Triton kernel as fp64 (direct launches pass fp32);
     tl.sqrt_rn takes fp32 only, which first showed on the H200 as a failed compile of the dual-BN finalize kernel."""
