@@ -76,26 +76,33 @@ def test_trades_step_by_hand(tiny_cfg):
     torch.manual_seed(5)
     out = method.step(nets, x, y, NO_AMP)  # dual forward (one pass, per-half BN statistics)
     assert model.training  # the step's attack ran in eval mode and left the network training
-    torch.manual_seed(5)
     ref.eval()
     with torch.no_grad():
         target = F.softmax(ref(x), dim=1)
+
+    def kl(net, x_adv):
+        lc, la = net(x), net(x_adv)  # two separate passes, train mode
+        return (F.softmax(lc, 1) * (F.log_softmax(lc, 1) - F.log_softmax(la, 1))).sum() / len(y)
+
+    ref.train()
+    train_mode = attacked_in_the_other_mode(ref, x, y, cfg, True, kl, target_probs=target)
+    ref.eval()
+    torch.manual_seed(5)
     x_adv = pgd(ref, x, y, cfg.attack, bn="adv", train=False, target_probs=target)
     ref.train()
-    lc, la = ref(x), ref(x_adv)  # two separate passes
-    kl = (F.softmax(lc, 1) * (F.log_softmax(lc, 1) - F.log_softmax(la, 1))).sum() / len(y)
-    torch.testing.assert_close(out.terms["cls"], F.cross_entropy(lc, y), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.terms["inv"], 6 * kl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.terms["cls"], F.cross_entropy(ref(x), y), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.terms["inv"], 6 * kl(ref, x_adv), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(out.terms["inv"], 6 * train_mode, rtol=1e-3, atol=1e-5)  # a train-mode attack's KL
 
 
-def attacked_in_the_other_mode(ref, x, y, cfg, train: bool, loss) -> torch.Tensor:
-    """The loss on the same attack (same randomness) run with BN in the other mode, on a copy: a test that names the
-    attack's mode must be able to tell the two apart."""
+def attacked_in_the_other_mode(ref, x, y, cfg, train: bool, loss, **attack) -> torch.Tensor:
+    """loss(network, x~) on the same attack (same randomness) run with BN in the other mode, on a copy taken before
+    ref's own forwards: a test that names the attack's mode must be able to tell the two apart."""
     twin = copy.deepcopy(ref)
     torch.manual_seed(5)
-    x_other = pgd(twin, x, y, cfg.attack, bn="adv", train=train)
+    x_other = pgd(twin, x, y, cfg.attack, bn="adv", train=train, **attack)
     assert not torch.equal(x_other, x)
-    return loss(twin(x_other))
+    return loss(twin, x_other)
 
 
 def test_mart_step_attacks_in_eval_mode(tiny_cfg):
@@ -104,7 +111,7 @@ def test_mart_step_attacks_in_eval_mode(tiny_cfg):
     x, y = batch()
     torch.manual_seed(5)
     out = method.step(nets, x, y, NO_AMP)
-    train_mode = attacked_in_the_other_mode(ref, x, y, cfg, True, lambda la: boosted_ce(la, y))
+    train_mode = attacked_in_the_other_mode(ref, x, y, cfg, True, lambda net, xa: boosted_ce(net(xa), y))
     torch.manual_seed(5)
     x_adv = pgd(ref, x, y, cfg.attack, bn="adv", train=False)
     lc, la = ref(x), ref(x_adv)
@@ -119,7 +126,7 @@ def test_at_step_attacks_in_train_mode(tiny_cfg):
     x, y = batch()
     torch.manual_seed(5)
     out = method.step(nets, x, y, NO_AMP)
-    eval_mode = attacked_in_the_other_mode(ref, x, y, cfg, False, lambda la: F.cross_entropy(la, y))
+    eval_mode = attacked_in_the_other_mode(ref, x, y, cfg, False, lambda net, xa: F.cross_entropy(net(xa), y))
     torch.manual_seed(5)
     x_adv = pgd(ref, x, y, cfg.attack, bn="adv", train=True)
     torch.testing.assert_close(out.terms["cls"], F.cross_entropy(ref(x_adv), y), rtol=1e-4, atol=1e-5)
