@@ -737,6 +737,7 @@ def benchmark(args) -> int:
     device = resolve_device(first.perf.device)
     if args.quick:  # compiling takes minutes on a small CPU
         LADDER = [rung for rung in LADDER if rung[0] != "+torch.compile"]
+    CEILING.clear()  # measured afresh on this device (a second call in one process: another device's figures)
     CEILING.update(matmul_ceiling(device))
     CEILING.update(conv_ceiling(first, device))
     order = "direct" if args.direct else "compare" if args.compare else "cumulative" if args.cumulative else "greedy"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -64,6 +66,24 @@ def compile_settings_as_they_were():
     yield
     for (module, name), value in zip(settings, saved, strict=True):
         setattr(module, name, value)
+
+
+def pytest_collection_finish(session):
+    """Triton's interpreter mode is fixed by its first import. Imported here, after collection (where
+    tests/kernels/conftest.py sets TRITON_INTERPRET=1), so that a test removing the variable for itself (the AOT
+    reports) is never the first import: it left the whole worker compiled, and the Triton tests there skipped."""
+    if importlib.util.find_spec("triton") is not None:  # optional (pip install arat[kernels])
+        importlib.import_module("triton")
+
+
+@pytest.fixture(autouse=True)
+def pgd_step_as_it_was():
+    """A run built with perf.kernels on installs the fused PGD step process-wide (engine.attacks.set_step_kernel):
+    put back after each test, so that a later test's attacks take the step their own settings choose."""
+    yield
+    from engine.attacks import set_step_kernel
+
+    set_step_kernel(None)
 
 
 @pytest.fixture(autouse=True)

@@ -1004,8 +1004,7 @@ def test_kernels_bench_rows_say_how_they_were_timed_and_gpu_times_come_from_grap
     import torch
 
     out = tmp_path / "kernels.jsonl"
-    kernels_bench.main(["--quick", "--device", "cpu", "--reps", "2", "--warmup", "0", "--threads", "1",
-                        "--out", str(out)])  # fmt: skip
+    kernels_bench.main(["--quick", "--device", "cpu", "--reps", "2", "--warmup", "0", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines() if '"op"' in line]
     ops = {r["op"] for r in rows}
     assert ops == {"pgd_step", "dual_bn fwd", "dual_bn fwd+bwd"} and all(r["cpu"] for r in rows)

@@ -70,6 +70,7 @@ def test_the_cache_dir_is_inductor_s_own_per_account_and_inherited_defaults_are_
     monkeypatch.delenv("LOGNAME", raising=False)
     assert inductor_default_dir() == os.path.abspath(default_cache_dir())
     monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv(CHOSEN_ENV, raising=False)  # both are written below: given back as they were after the test
     isolated = isolate_inductor_cache()
     assert Path(isolated).parent == Path(os.path.abspath(default_cache_dir())) and "torchinductor_user" not in isolated
     monkeypatch.setenv(ENV, default_cache_dir())  # what a parent process's first compile left in the environment
