@@ -363,6 +363,31 @@ def test_kernel_bandwidth_is_read_from_the_gpu_time_in_a_graph_and_inductor_is_c
     assert ks.inductor_wins(uncaptured) == ["dual_bn fwd 256x64x32x32: inductor 120.0 us < triton 459.0 us (gpu_us)"]
 
 
+def test_the_autoattack_projection_counts_each_target_s_start_pass_and_times_three_targets():
+    """Standard AA's passes per attacked image: APGD-CE 1 x (100 + 1), APGD-T and FAB-T 9 x (100 + 1), Square
+    5,000 + 1 (10 timed APGD iterations are 11 passes: scaling iterations alone read 110 for 101); the timing runs
+    3 of the 9 targets, set on pyautoattack's own attacks; the projection by hand."""
+    pytest.importorskip("pyautoattack")
+    from gpucheck import real_run as rr
+    from pyautoattack import AutoAttack
+    from torch import nn
+
+    assert [rr.passes(*rr.STANDARD[k]) for k in ("apgd-ce", "apgd-t", "fab-t", "square")] == [101, 909, 909, 5001]
+    assert rr.passes(*rr.TIMING["apgd-t"]) == 33
+    adversary = AutoAttack(nn.Sequential(nn.Flatten(), nn.Linear(12, 10)), norm="Linf", eps=rr.TIMING_EPS,
+                           version="standard", device="cpu", seed=0)  # fmt: skip
+    rr.set_iterations(adversary, rr.TIMING)
+    apgd, apgd_t, fab, square = adversary.apgd, adversary.apgd_targeted, adversary.fab, adversary.square
+    assert (apgd.n_iter, apgd_t.n_target_classes, apgd_t.n_iter) == (10, 3, 10)
+    assert (fab.n_target_classes, fab.n_iter, square.n_queries) == (3, 10, 100)
+    assert apgd_t.n_iter_2 < 10  # the step-size schedule follows the 10 iterations (not 100's first checkpoint, 22)
+    per_pass = dict.fromkeys(rr.STANDARD, 1e-3)  # 1 ms per attacked image and pass
+    got = rr.aa_projection(per_pass, {"clean": 0.8, "pgd20": 0.4, "aa": 0.3}, "stand-in")
+    # 10k x faced x passes x 1 ms: 808 + 3,636 + 2,727 + 15,003 s
+    assert got["per_attack_s"] == {"apgd-ce": 808.0, "apgd-t": 3636.0, "fab-t": 2727.0, "square": 15003.0}
+    assert got["aa_10k_min"] == round(22174 / 60, 1) and "eps 1e-05" in got["basis"]
+
+
 def test_a_failing_eager_row_is_recorded_and_the_next_rows_run(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "bench"))
     from gpucheck import steps

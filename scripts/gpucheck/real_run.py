@@ -53,14 +53,13 @@ AA_S = 35.0
 # training left them none (the projection needs EXTRA_SECONDS to start and ~10 s on a GPU)
 EXTRAS_S = 15.0
 CLEAN_FLOOR = {2: 0.30, 1: 0.20}  # the clean-accuracy criterion after 2 epochs, or after 1 (planned_epochs)
-# standard AA (Linf): iterations per attacked image, targets included
-STANDARD = {"apgd-ce": 100, "apgd-t": 9 * 100, "fab-t": 9 * 100, "square": 5000}
-TIMING_ITERS = {"apgd-ce": 10, "apgd-t": 9 * 10, "fab-t": 9 * 10, "square": 100}  # per image, targets included
-SMOKE_TIMING_ITERS = {"apgd-ce": 1, "apgd-t": 9, "fab-t": 9, "square": 1}
-# per attacked image, besides the iterations: the start point's gradient (APGD; per target for APGD-T), forward (FAB-T,
-# per target) or query (Square). Scaling iterations alone, 10 timed APGD iterations (11 passes) counted 110 for
-# 100's 101
-START_PASSES = {"apgd-ce": 1, "apgd-t": 9, "fab-t": 9, "square": 1}
+# standard AA (Linf), per attacked image: (target classes, iterations per target). Each target's run also makes one
+# start pass (the start point's gradient for APGD, a forward for FAB-T, the first query for Square): scaling the
+# iterations alone, 10 timed APGD iterations (11 passes) counted 110 for 100's 101
+STANDARD = {"apgd-ce": (1, 100), "apgd-t": (9, 100), "fab-t": (9, 100), "square": (1, 5000)}
+# timed on 3 of the 9 targets: where no image breaks (TIMING_EPS), every target's run costs the same
+TIMING = {"apgd-ce": (1, 10), "apgd-t": (3, 10), "fab-t": (3, 10), "square": (1, 100)}
+SMOKE_TIMING = {"apgd-ce": (1, 1), "apgd-t": (1, 1), "fab-t": (1, 1), "square": (1, 1)}
 # the attacks are timed at an eps that breaks no image: pyautoattack's APGD-T and FAB-T attack each target only on
 # the images still robust, Square queries only those, so at 8/255 a 1-2 epoch network's images break early and the
 # timing reads low for a robust image, which runs every target and query (the projection's faced images)
@@ -68,13 +67,19 @@ TIMING_EPS = 1e-5
 TIMING_IMAGES, SMOKE_TIMING_IMAGES = 500, 4
 
 
-def set_iterations(adversary, iters: dict[str, int]) -> None:
-    """Fewer iterations for a pyautoattack AutoAttack (APGD's schedule is derived from n_iter at construction)."""
-    for apgd, key in ((adversary.apgd, "apgd-ce"), (adversary.apgd_targeted, "apgd-t")):
-        n = iters[key] if key == "apgd-ce" else max(1, iters[key] // apgd.n_target_classes)
-        set_apgd_iterations(apgd, n)
-    adversary.fab.n_iter = max(1, iters["fab-t"] // adversary.fab.n_target_classes)
-    adversary.square.n_queries = iters["square"]
+def passes(targets: int, iterations: int) -> int:
+    """Passes per attacked image: each target's run makes its start pass, then its iterations."""
+    return targets * (iterations + 1)
+
+
+def set_iterations(adversary, plan: dict[str, tuple[int, int]]) -> None:
+    """Targets and iterations per target of a pyautoattack AutoAttack's attacks (APGD's step-size schedule is
+    derived from n_iter at construction: set with it)."""
+    set_apgd_iterations(adversary.apgd, plan["apgd-ce"][1])
+    adversary.apgd_targeted.n_target_classes, iterations = plan["apgd-t"]
+    set_apgd_iterations(adversary.apgd_targeted, iterations)
+    adversary.fab.n_target_classes, adversary.fab.n_iter = plan["fab-t"]
+    adversary.square.n_queries = plan["square"][1]
 
 
 @contextlib.contextmanager
@@ -87,7 +92,8 @@ def short_autoattack(n_iter: int):
     class ShortAutoAttack(original):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            set_iterations(self, {"apgd-ce": n_iter, "apgd-t": n_iter * 9, "fab-t": n_iter * 9, "square": n_iter})
+            set_iterations(self, {"apgd-ce": (1, n_iter), "apgd-t": (9, n_iter), "fab-t": (9, n_iter),
+                                  "square": (1, n_iter)})  # fmt: skip
 
     pyautoattack.AutoAttack = ShortAutoAttack
     try:
@@ -316,17 +322,17 @@ def model_test_row(record: StageRecord, cfg, dev) -> dict[str, Any]:
 def time_attacks(
     record: StageRecord, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, forward=None, label: str = ""
 ) -> dict[str, float]:
-    """Seconds per attacked image and pass (iterations + START_PASSES) of each standard-AA attack, at small fixed
-    iteration counts and at TIMING_EPS (every attacked image runs every target, iteration and query, as a robust
-    image does), through `forward` (default: the eager evaluation forward of `model`); rows `{label}time NAME`."""
+    """Seconds per attacked image and pass (`passes`) of each standard-AA attack, at TIMING's few targets and
+    iterations and at TIMING_EPS (every attacked image runs every target, iteration and query, as a robust image
+    does), through `forward` (default: the eager evaluation forward of `model`); rows `{label}time NAME`."""
     from pyautoattack import AutoAttack
 
     from engine.perf import EvalForward
 
-    iters = SMOKE_TIMING_ITERS if record.smoke else TIMING_ITERS
+    plan = SMOKE_TIMING if record.smoke else TIMING
     net = forward if forward is not None else EvalForward(model)
     adversary = AutoAttack(net, norm="Linf", eps=TIMING_EPS, version="standard", device=x.device, seed=0)
-    set_iterations(adversary, iters)
+    set_iterations(adversary, plan)
     adversary.fab.targeted, adversary.fab.n_restarts, adversary.apgd.loss = True, 1, "ce"
     with torch.no_grad():
         attacked = max(1, int((EvalForward(model)(x).argmax(1) == y).sum()))  # each attack skips misclassified images
@@ -335,7 +341,7 @@ def time_attacks(
     per_image_pass = {}
     with as_in_evaluation(model):
         for name, perturb in calls.items():
-            per_image_pass[name] = time_attack(record, name, perturb, x, y, attacked, iters, label)
+            per_image_pass[name] = time_attack(record, name, perturb, x, y, attacked, plan[name], label)
     return per_image_pass
 
 
@@ -350,17 +356,19 @@ def as_in_evaluation(model: torch.nn.Module):
         yield
 
 
-def time_attack(record: StageRecord, name: str, perturb, x, y, attacked: int, iters: dict, label: str) -> float:
-    """Seconds per attacked image and pass (iterations and start passes) of one attack."""
+def time_attack(record: StageRecord, name: str, perturb, x, y, attacked: int, plan: tuple[int, int], label: str):
+    """Seconds per attacked image and pass of one attack (a float), run for `plan`'s targets and iterations per
+    target."""
     sync(x.device)
     start = time.perf_counter()
     perturb(x, y)
     sync(x.device)
     seconds = time.perf_counter() - start
-    passes = iters[name] + START_PASSES[name]
-    record.row({"case": f"{label}time {name}", "images": len(y), "attacked": attacked, "iterations": iters[name],
-                "passes": passes, "eps": TIMING_EPS, "seconds": round(seconds, 3)})  # fmt: skip
-    return seconds / attacked / passes
+    targets, iterations = plan
+    record.row({"case": f"{label}time {name}", "images": len(y), "attacked": attacked, "targets": targets,
+                "iterations": iterations, "passes": passes(*plan), "eps": TIMING_EPS,
+                "seconds": round(seconds, 3)})  # fmt: skip
+    return seconds / attacked / passes(*plan)
 
 
 def aa_projection(per_image_pass: dict[str, float], figures: dict[str, Any], timed_on: str) -> dict[str, Any]:
@@ -370,7 +378,7 @@ def aa_projection(per_image_pass: dict[str, float], figures: dict[str, Any], tim
     clean, pgd20 = figures.get("clean") or 0.0, figures.get("pgd20") or 0.0
     robust = figures.get("aa") if figures.get("aa") is not None else pgd20
     faced = {"apgd-ce": clean, "apgd-t": pgd20, "fab-t": robust, "square": robust}
-    seconds = {k: per_image_pass[k] * (STANDARD[k] + START_PASSES[k]) * 10_000 * faced[k] for k in per_image_pass}
+    seconds = {k: per_image_pass[k] * passes(*STANDARD[k]) * 10_000 * faced[k] for k in per_image_pass}
     return {
         "aa_10k_min": round(sum(seconds.values()) / 60, 1),
         "per_attack_s": {k: round(v, 1) for k, v in seconds.items()},
@@ -401,9 +409,9 @@ def aa_timing_row(record: StageRecord, run_dir: Path, cfg, dev, figures) -> dict
 
     n = SMOKE_TIMING_IMAGES if record.smoke else TIMING_IMAGES
     x, y = test_tensors(load_test_split(cfg.data, cfg.seed), n, dev)
-    iters = SMOKE_TIMING_ITERS if record.smoke else TIMING_ITERS
+    plan = SMOKE_TIMING if record.smoke else TIMING
     per_image_pass = time_attacks(record, trained_model(run_dir, cfg, dev), x, y)
-    projection = aa_projection(per_image_pass, figures, f"{len(y)} images at {iters} iterations")
+    projection = aa_projection(per_image_pass, figures, f"{len(y)} images, (targets, iterations) {plan}")
     record.figure("aa_projection", projection)
     return record.row({"case": "AA projection", **projection})
 
