@@ -40,10 +40,12 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int
     if device.type == "cuda":
         from triton.testing import do_bench, do_bench_cudagraph
 
+        torch.cuda.synchronize()  # the inputs' kernels done: the capture's warm-up runs on a side stream
         try:
             return do_bench_cudagraph(fn, return_mode="median"), "cuda graph"
-        except Exception:  # noqa: BLE001 - not capturable: one call between events, launch gaps included
-            return do_bench(fn, return_mode="median"), "one call (do_bench)"  # its own warm-up and repetitions
+        except Exception as exc:  # noqa: BLE001 - not capturable: one call between events, launch gaps included
+            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+            return do_bench(fn, return_mode="median"), f"one call (do_bench; not captured: {why})"
     for _ in range(warmup):
         fn()
     samples = []

@@ -1020,10 +1020,14 @@ def test_kernels_bench_rows_say_how_they_were_timed_and_gpu_times_come_from_grap
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: 0.293)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 0.684)
     cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # (no GPU here)
     assert kernels_bench.timed(lambda: None, cuda, 0, 1) == (0.293, "cuda graph")
 
     def not_capturable(fn, **kw):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", not_capturable)
-    assert kernels_bench.timed(lambda: None, cuda, 0, 1) == (0.684, "one call (do_bench)")
+    assert kernels_bench.timed(lambda: None, cuda, 0, 1) == (
+        0.684,
+        "one call (do_bench; not captured: RuntimeError: operation not permitted when stream is capturing)",
+    )

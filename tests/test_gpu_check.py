@@ -335,6 +335,7 @@ def test_kernel_bandwidth_is_read_from_the_gpu_time_in_a_graph_and_inductor_is_c
     """do_bench times one call between events: the eager dual BN's launch gaps were in it (H200, 2026-12-04:
     2048x64x32x32 forward 683.57 us, 293.17 us inside a CUDA graph), so its GB/s came out at 43% of the graph's.
     GB/s now comes from the graph's time where there is one, and Inductor is compared with Triton there too."""
+    pytest.importorskip("triton")  # (kernels_speed imports triton.testing)
     sys.path.insert(0, str(REPO / "bench"))
     from gpucheck import kernels_speed as ks
 
@@ -361,26 +362,55 @@ def test_kernel_bandwidth_is_read_from_the_gpu_time_in_a_graph_and_inductor_is_c
     assert ks.inductor_wins(rows) == ["dual_bn fwd 256x128x16x16: inductor 50.0 us < triton 60.0 us (graph_us)"]
     uncaptured = [row("triton", 459.01, None), row("inductor", 120.0, None)]  # no graph times: do_bench's
     assert ks.inductor_wins(uncaptured) == ["dual_bn fwd 256x64x32x32: inductor 120.0 us < triton 459.0 us (gpu_us)"]
+    one_captured = [row("triton", 459.01, None), row("inductor", 120.0, 80.0)]  # not comparable: no advice
+    assert ks.inductor_wins(one_captured) == []
 
 
-def test_the_autoattack_projection_counts_each_target_s_start_pass_and_times_three_targets():
+def test_the_autoattack_projection_counts_each_target_s_start_pass_and_times_three_targets(tmp_path, monkeypatch):
     """Standard AA's passes per attacked image: APGD-CE 1 x (100 + 1), APGD-T and FAB-T 9 x (100 + 1), Square
-    5,000 + 1 (10 timed APGD iterations are 11 passes: scaling iterations alone read 110 for 101); the timing runs
-    3 of the 9 targets, set on pyautoattack's own attacks; the projection by hand."""
+    5,000 + 1 (10 timed APGD iterations are 11 passes: scaling iterations alone read 110 for 101). The timing, run
+    on a counting stand-in network: 3 of the 9 targets, at an eps where no image breaks, so every image runs every
+    target's iterations (the gradient passes counted); the projection by hand."""
     pytest.importorskip("pyautoattack")
+    import torch
     from gpucheck import real_run as rr
-    from pyautoattack import AutoAttack
+    from gpucheck.record import StageRecord
     from torch import nn
 
     assert [rr.passes(*rr.STANDARD[k]) for k in ("apgd-ce", "apgd-t", "fab-t", "square")] == [101, 909, 909, 5001]
-    assert rr.passes(*rr.TIMING["apgd-t"]) == 33
-    adversary = AutoAttack(nn.Sequential(nn.Flatten(), nn.Linear(12, 10)), norm="Linf", eps=rr.TIMING_EPS,
-                           version="standard", device="cpu", seed=0)  # fmt: skip
-    rr.set_iterations(adversary, rr.TIMING)
-    apgd, apgd_t, fab, square = adversary.apgd, adversary.apgd_targeted, adversary.fab, adversary.square
-    assert (apgd.n_iter, apgd_t.n_target_classes, apgd_t.n_iter) == (10, 3, 10)
-    assert (fab.n_target_classes, fab.n_iter, square.n_queries) == (3, 10, 100)
-    assert apgd_t.n_iter_2 < 10  # the step-size schedule follows the 10 iterations (not 100's first checkpoint, 22)
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.calls, self.gradient_calls = nn.Linear(48, 10), 0, 0
+
+        def forward(self, x, bn="adv"):
+            self.calls += 1
+            self.gradient_calls += int(torch.is_grad_enabled() and x.requires_grad)
+            return self.linear(x.flatten(1))
+
+    torch.manual_seed(0)
+    net, x = Counting(), torch.rand(4, 3, 4, 4)
+    with torch.no_grad():
+        y = net(x).argmax(1)  # every image classified right: every one attacked
+    counts, time_attack = {}, rr.time_attack
+
+    def counted(record, name, attack, *args):
+        before = (net.calls, net.gradient_calls)
+        result = time_attack(record, name, attack, *args)
+        counts[name] = (net.calls - before[0], net.gradient_calls - before[1])
+        return result
+
+    monkeypatch.setattr(rr, "time_attack", counted)
+    record = StageRecord("real_run", tmp_path / "real_run.json", 60, smoke=False)
+    per_pass = rr.time_attacks(record, net, x, y, forward=net)
+    assert counts["apgd-ce"][1] == rr.passes(*rr.TIMING["apgd-ce"]) == 11  # the start gradient and 10 iterations
+    assert counts["apgd-t"][1] == rr.passes(*rr.TIMING["apgd-t"]) == 33  # 3 targets, not 9, none cut short
+    assert counts["fab-t"][1] == 3 * 10  # a gradient per iteration and target (its start pass is a forward)
+    assert counts["square"][0] >= 101 and counts["square"][1] == 0  # every query, no gradient
+    rows = [r for r in record.data["rows"] if r["case"].startswith("time ")]
+    assert len(rows) == 4 and all(r["eps"] == rr.TIMING_EPS == 1e-5 and r["attacked"] == 4 for r in rows), rows
+    assert all(v > 0 for v in per_pass.values())
     per_pass = dict.fromkeys(rr.STANDARD, 1e-3)  # 1 ms per attacked image and pass
     got = rr.aa_projection(per_pass, {"clean": 0.8, "pgd20": 0.4, "aa": 0.3}, "stand-in")
     # 10k x faced x passes x 1 ms: 808 + 3,636 + 2,727 + 15,003 s

@@ -336,12 +336,12 @@ def time_attacks(
     adversary.fab.targeted, adversary.fab.n_restarts, adversary.apgd.loss = True, 1, "ce"
     with torch.no_grad():
         attacked = max(1, int((EvalForward(model)(x).argmax(1) == y).sum()))  # each attack skips misclassified images
-    calls = {"apgd-ce": adversary.apgd.perturb, "apgd-t": adversary.apgd_targeted.perturb,
-             "fab-t": adversary.fab.perturb, "square": adversary.square.perturb}  # fmt: skip
+    attacks = {"apgd-ce": adversary.apgd, "apgd-t": adversary.apgd_targeted, "fab-t": adversary.fab,
+               "square": adversary.square}  # fmt: skip
     per_image_pass = {}
     with as_in_evaluation(model):
-        for name, perturb in calls.items():
-            per_image_pass[name] = time_attack(record, name, perturb, x, y, attacked, plan[name], label)
+        for name, attack in attacks.items():
+            per_image_pass[name] = time_attack(record, name, attack, x, y, attacked, plan[name], label)
     return per_image_pass
 
 
@@ -356,17 +356,17 @@ def as_in_evaluation(model: torch.nn.Module):
         yield
 
 
-def time_attack(record: StageRecord, name: str, perturb, x, y, attacked: int, plan: tuple[int, int], label: str):
-    """Seconds per attacked image and pass of one attack (a float), run for `plan`'s targets and iterations per
-    target."""
+def time_attack(record: StageRecord, name: str, attack, x, y, attacked: int, plan: tuple[int, int], label: str):
+    """Seconds per attacked image and pass of one pyautoattack attack (a float), run for `plan`'s targets and
+    iterations per target; its row records the eps the attack ran at."""
     sync(x.device)
     start = time.perf_counter()
-    perturb(x, y)
+    attack.perturb(x, y)
     sync(x.device)
     seconds = time.perf_counter() - start
     targets, iterations = plan
     record.row({"case": f"{label}time {name}", "images": len(y), "attacked": attacked, "targets": targets,
-                "iterations": iterations, "passes": passes(*plan), "eps": TIMING_EPS,
+                "iterations": iterations, "passes": passes(*plan), "eps": float(attack.eps),
                 "seconds": round(seconds, 3)})  # fmt: skip
     return seconds / attacked / passes(*plan)
 

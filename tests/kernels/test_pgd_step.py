@@ -85,7 +85,8 @@ def test_backend_mixed_layouts_and_nan(backend):
     x[2, 0, 0, 0] = float("nan")
     out = pgd_step(x, x_adv, grad, EPS, ALPHA)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    expected = torch.clamp(torch.clamp(x_adv + ALPHA * grad.sign(), x - EPS, x + EPS), 0, 1)  # the plain formula
+    step = torch.where(grad > 0, ALPHA, torch.where(grad < 0, -ALPHA, 0.0))  # a NaN gradient: no step (not sign's)
+    expected = torch.clamp(torch.clamp(x_adv + step, x - EPS, x + EPS), 0, 1)  # the plain formula
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
     assert out[0, 0, 0, 0] == x_adv[0, 0, 0, 0] and out[1, 0, 0, 0].isnan() and out[2, 0, 0, 0].isnan()
 
