@@ -18,9 +18,11 @@ on a CPU without native bf16 (e.g. AVX2-only), bf16 autocast is emulated and ran
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -334,7 +336,22 @@ def attack_graphs(cfg: PerfConfig, device: torch.device, reuse: AttackGraphs | N
 
 
 def compile_wanted(cfg: PerfConfig, device: torch.device) -> bool:
-    return resolve_switch(cfg.compile, device)
+    """perf.compile resolved for `device`; off (said once) where torch.compile misses mode switches, and
+    perf.compile=on refused there (compile_misses_mode_switches)."""
+    if not resolve_switch(cfg.compile, device):
+        return False
+    problem = compile_misses_mode_switches()
+    if problem is None:
+        return True
+    if cfg.compile == "on":
+        raise ConfigError(problem)
+    _say_compile_off(problem)
+    return False
+
+
+@functools.cache
+def _say_compile_off(problem: str) -> None:
+    logging.getLogger("engine").warning("perf.compile=auto: compiling is off: %s", problem)
 
 
 def one_thread_cpu(device: torch.device) -> bool:
@@ -355,6 +372,41 @@ def inductor_options(cfg: PerfConfig, device: torch.device) -> dict:
         return {"mode": cfg.compile_mode} if cfg.compile_mode != "default" else {}
     options = dict(torch._inductor.list_mode_options(cfg.compile_mode)) if cfg.compile_mode != "default" else {}
     return {"options": options | {"cpp.dynamic_threads": True}}
+
+
+class _ModeProbe(nn.Module):
+    """A batch norm compiled, run in eval mode, then in train mode (compile_misses_mode_switches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+
+@functools.cache
+def compile_misses_mode_switches() -> str | None:
+    """Why torch.compile cannot be trusted here (None: it can). On Python 3.13.0 (CPython issue 125608: some
+    attribute writes leave an object's __dict__ version as it was), torch 2.10's dynamo missed a module's switch from
+    eval to train mode: the compiled network went on running its eval-mode graph, and TRADES's and LBGAT's
+    running-statistics forward left BN's statistics unchanged (tests/test_compile.py under Python 3.13.0 / torch
+    2.10, 2026-12-07; torch 2.14 there, and torch 2.10 on Python 3.12, see the switch; turning dynamo's
+    inline_inbuilt_nn_modules off did not mend the engine's case). Probed on Python 3.13.0 only, once per process."""
+    if sys.version_info[:3] != (3, 13, 0):
+        return None
+    module = _ModeProbe()
+    compiled = torch.compile(module, backend="eager", dynamic=False)
+    with torch.no_grad():
+        compiled.eval()
+        compiled(torch.arange(8.0).reshape(4, 2))
+        compiled.train()
+        compiled(torch.arange(8.0).reshape(4, 2))
+    if module.bn.running_mean.abs().sum() > 0:
+        return None
+    return (f"torch.compile under Python 3.13.0 and torch {torch.__version__} misses a module's switch between eval "
+            "and train mode (CPython issue 125608) and would train on wrong BN statistics: use Python 3.13.1+ (or a "
+            "newer torch), or perf.compile=off")  # fmt: skip
 
 
 def compile_role(role: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:

@@ -674,3 +674,37 @@ def test_torchrun_processes_share_the_machine_s_compile_workers(monkeypatch):
     with inductor.patch(compile_threads=16):
         eval_network(torch.nn.Linear(2, 2), PerfConfig(compile="on", compile_backend="eager"), torch.device("cpu"))
         assert inductor.compile_threads == 2
+
+
+def test_compiling_is_refused_where_torch_compile_misses_a_mode_switch(monkeypatch, caplog):
+    """Python 3.13.0 with torch 2.10 (CPython issue 125608): a compiled module switched from eval to train mode ran
+    its eval graph (TRADES's and LBGAT's BN statistics went wrong, 2026-12-07). There perf.compile=on is refused in
+    one line and auto turns compiling off, said once; elsewhere the probe does not run. The probe itself, run here
+    as if on 3.13.0, sees this torch's switch."""
+    import logging
+    import types
+
+    from engine import perf
+    from engine.config import ConfigError, PerfConfig
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(perf, "compile_misses_mode_switches", lambda: "compile misses mode switches here")
+    with pytest.raises(ConfigError, match="compile misses mode switches here"):
+        perf.compile_wanted(PerfConfig(compile="on"), torch.device("cpu"))
+    perf._say_compile_off.cache_clear()
+    caplog.set_level(logging.WARNING, logger="engine")
+    assert perf.compile_wanted(PerfConfig(compile="auto"), cuda) is False
+    assert perf.compile_wanted(PerfConfig(compile="auto"), cuda) is False
+    said = [r.getMessage() for r in caplog.records if "compiling is off" in r.getMessage()]
+    assert said == ["perf.compile=auto: compiling is off: compile misses mode switches here"]  # once
+    assert perf.compile_wanted(PerfConfig(compile="off"), cuda) is False
+    perf._say_compile_off.cache_clear()
+    monkeypatch.undo()
+    probe = perf.compile_misses_mode_switches
+    probe.cache_clear()
+    monkeypatch.setattr(perf, "sys", types.SimpleNamespace(version_info=(3, 13, 0, "final", 0)))
+    try:
+        assert probe() is None  # this torch sees the switch: the probe compiled, ran both modes, found the update
+    finally:
+        probe.cache_clear()
+    assert perf.compile_wanted(PerfConfig(compile="auto"), cuda) is True
