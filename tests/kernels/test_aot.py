@@ -31,6 +31,16 @@ def skip_without_aot() -> None:
         pytest.skip(f"triton {triton.__version__}: its ASTSource predates the AOT compiles' API")
 
 
+def run_compiling(code: str, timeout: int) -> str:
+    """`python -c code` from the repository without TRITON_INTERPRET (compiles need real @triton.jit functions):
+    its stdout, the test failing with its output if it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
 def test_every_kernel_compiles_for_sm75_sm80_and_sm90_without_spills(tmp_path):
     skip_without_aot()
     from kernels import aot
@@ -104,12 +114,7 @@ def test_the_nan_dropping_count_finds_a_plain_relu_and_not_a_nan_keeping_one(tmp
         "    counts[keep] = [aot.compile_spec(spec, arch)['nan_dropping_minmax'] for arch in (80, 90)]\n"
         "print(json.dumps(counts))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    counts = json.loads(run_compiling(code, timeout=300).strip().splitlines()[-1])
     assert all(n > 0 for n in counts["0"]), counts  # the plain ReLU: found on sm_80 and sm_90
     assert counts["1"] == [0, 0], counts  # max.NaN.f32: not counted
 
@@ -126,12 +131,7 @@ def test_every_kernel_compiles_with_the_fp64_scalars_inductor_passes():
         "    aot.compile_spec(spec, 90, float_scalars='fp64')\n"
         "print(len(specs))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert int(result.stdout.split()[-1]) > 0
+    assert int(run_compiling(code, timeout=600).split()[-1]) > 0
 
 
 def test_inductor_compiles_every_fused_kernel_for_sm90_without_a_gpu():
