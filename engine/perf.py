@@ -395,13 +395,13 @@ def compile_misses_mode_switches() -> str | None:
     inline_inbuilt_nn_modules off did not mend the engine's case). Probed on Python 3.13.0 only, once per process."""
     if sys.version_info[:3] != (3, 13, 0):
         return None
-    module = _ModeProbe()
+    module, x = _ModeProbe(), torch.arange(8.0).reshape(4, 2)
     compiled = torch.compile(module, backend="eager", dynamic=False)
     with torch.no_grad():
         compiled.eval()
-        compiled(torch.arange(8.0).reshape(4, 2))
+        compiled(x)
         compiled.train()
-        compiled(torch.arange(8.0).reshape(4, 2))
+        compiled(x)
     if module.bn.running_mean.abs().sum() > 0:
         return None
     return (f"torch.compile under Python 3.13.0 and torch {torch.__version__} misses a module's switch between eval "

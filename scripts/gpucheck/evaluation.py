@@ -49,13 +49,12 @@ from engine.recipes import get_recipe
 from .common import peak_mem_gib, read_figures, reset_peak, shape_overrides, smoke_compile, sync
 from .real_run import (
     RECIPE,
-    SMOKE_TIMING,
     SMOKE_TIMING_IMAGES,
-    TIMING,
     TIMING_IMAGES,
     aa_projection,
     autoattack_importable,
     time_attacks,
+    timing_plan,
     wait_for_data,
 )
 from .record import BUDGET_SKIP, StageFailed, StageRecord, error_line, guarded, traceback_tail
@@ -203,7 +202,7 @@ def compiled_aa_row(record: StageRecord, model, split, cfg, dev, figures: dict[s
     time_attacks(record, model, x[right], y[right], forward=net, label="compiled warm-up ")
     record.figure("compiled_aa_warmup_s", round(time.perf_counter() - start, 2))
     per_image_pass = time_attacks(record, model, x, y, forward=net, label="compiled ")
-    plan = SMOKE_TIMING if record.smoke else TIMING
+    plan = timing_plan(record)
     projection = aa_projection(per_image_pass, figures, f"{len(y)} images, (targets, iterations) {plan}, compiled")
     record.figure("aa_projection_compiled", projection)
     return record.row({"case": "compiled AA projection", **projection})

@@ -114,7 +114,7 @@ def measure(record: StageRecord, op: str, impl: str, shape, direction: str, make
 def bandwidth(row: dict[str, Any], nbytes: int, copy_tb_s: float | None) -> dict[str, Any]:
     """GB/s (and % of the copy ceiling) from the GPU time inside a CUDA graph where measured, else from do_bench's
     one-call time, else from the wall time per call; `gb_s_from` names the column, `cold_gb_s` is do_bench's."""
-    basis = next(k for k in ("graph_us", "gpu_us", "wall_us") if isinstance(row.get(k), float) or k == "wall_us")
+    basis = next((k for k in ("graph_us", "gpu_us") if isinstance(row.get(k), float)), "wall_us")
     out = {"gb_s": round(nbytes / row[basis] / 1e3, 1), "gb_s_from": basis}
     if basis == "graph_us" and isinstance(row.get("gpu_us"), float):
         out["cold_gb_s"] = round(nbytes / row["gpu_us"] / 1e3, 1)

@@ -67,6 +67,11 @@ TIMING_EPS = 1e-5
 TIMING_IMAGES, SMOKE_TIMING_IMAGES = 500, 4
 
 
+def timing_plan(record: StageRecord) -> dict[str, tuple[int, int]]:
+    """The (targets, iterations per target) each attack is timed with: TIMING, SMOKE_TIMING in a smoke run."""
+    return SMOKE_TIMING if record.smoke else TIMING
+
+
 def passes(targets: int, iterations: int) -> int:
     """Passes per attacked image: each target's run makes its start pass, then its iterations."""
     return targets * (iterations + 1)
@@ -329,7 +334,7 @@ def time_attacks(
 
     from engine.perf import EvalForward
 
-    plan = SMOKE_TIMING if record.smoke else TIMING
+    plan = timing_plan(record)
     net = forward if forward is not None else EvalForward(model)
     adversary = AutoAttack(net, norm="Linf", eps=TIMING_EPS, version="standard", device=x.device, seed=0)
     set_iterations(adversary, plan)
@@ -365,10 +370,11 @@ def time_attack(record: StageRecord, name: str, attack, x, y, attacked: int, pla
     sync(x.device)
     seconds = time.perf_counter() - start
     targets, iterations = plan
+    n = passes(targets, iterations)
     record.row({"case": f"{label}time {name}", "images": len(y), "attacked": attacked, "targets": targets,
-                "iterations": iterations, "passes": passes(*plan), "eps": float(attack.eps),
+                "iterations": iterations, "passes": n, "eps": float(attack.eps),
                 "seconds": round(seconds, 3)})  # fmt: skip
-    return seconds / attacked / passes(*plan)
+    return seconds / attacked / n
 
 
 def aa_projection(per_image_pass: dict[str, float], figures: dict[str, Any], timed_on: str) -> dict[str, Any]:
@@ -409,9 +415,8 @@ def aa_timing_row(record: StageRecord, run_dir: Path, cfg, dev, figures) -> dict
 
     n = SMOKE_TIMING_IMAGES if record.smoke else TIMING_IMAGES
     x, y = test_tensors(load_test_split(cfg.data, cfg.seed), n, dev)
-    plan = SMOKE_TIMING if record.smoke else TIMING
     per_image_pass = time_attacks(record, trained_model(run_dir, cfg, dev), x, y)
-    projection = aa_projection(per_image_pass, figures, f"{len(y)} images, (targets, iterations) {plan}")
+    projection = aa_projection(per_image_pass, figures, f"{len(y)} images, (targets, iterations) {timing_plan(record)}")
     record.figure("aa_projection", projection)
     return record.row({"case": "AA projection", **projection})
 
