@@ -139,6 +139,21 @@ class _StageLog(logging.Handler):
                 self.on_stage(stage, self.after[stage])
 
 
+BALL_SLACK = 1e-5  # fp32 rounding of x + delta, clamped to [x - eps, x + eps] and [0, 1], read back as x_adv - x
+
+
+def check_inside_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> None:
+    """AutoAttack's adversarial examples lie in the Linf eps-ball around x and in [0, 1] (AutoAttack itself only
+    logs their reach, at debug level): an image counted as broken by an example outside would read robustness low."""
+    if not len(x):
+        return
+    reach, low, high = (x_adv - x).abs().amax().item(), x_adv.amin().item(), x_adv.amax().item()
+    if not (reach <= eps + BALL_SLACK and low >= 0 and high <= 1):  # (NaN fails every comparison)
+        raise RuntimeError(f"AutoAttack returned adversarial examples outside the eps-ball or [0, 1] (max |x_adv - x| "
+                           f"{reach:.6f} for eps {eps:.6f}, values in [{low:.4f}, {high:.4f}]): its flags are not "
+                           "used")  # fmt: skip
+
+
 def attack_chunk(
     model: nn.Module,
     x: torch.Tensor,
@@ -166,11 +181,12 @@ def attack_chunk(
     log.propagate = False  # AutoAttack's debug lines are read here, not printed (its warnings are)
     try:  # frozen weights: FAB's backward (a plain .backward()) would otherwise compute and keep weight gradients
         with frozen(model):
-            _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+            x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
         log.propagate = propagate
+    check_inside_ball(x_adv, x, protocol.eps)
     flags = (y_adv == y).cpu()
     if stage_seconds is not None and all(s in handler.total_s for s in handler.after if s != "clean"):
         before = 0.0

@@ -267,23 +267,16 @@ def exported_dataset(weights: Path) -> str | None:
     return dataset if dataset in ("cifar10", "cifar100") else None
 
 
-def cmd_eval(args) -> None:
-    import dataclasses
-
-    from . import distributed
-    from .config import DistConfig
-    from .data import DataError, data_source, load_test_split, resolve_dataset
-    from .evaluate import evaluate, format_results, summary, write_flags
-    from .perf import make_current, resolve_device
-    from .rundir import RunDir, RunDirError, RunDirInUse, atomic_json, environment
-
+def eval_config(args) -> EvalConfig:
+    """`arat eval`'s flags as an EvalConfig, validated before anything is loaded; a bad number is said with the flag
+    typed, not the config key behind it."""
     flags = {"--num-examples": (args.num_examples, ""), "--batch-size": (args.batch_size, ""),
              "--aa-num-examples": (args.aa_num_examples, " (0: as --num-examples)"),
              "--chunk-size": (args.chunk_size, " (0: sized for the device)")}  # fmt: skip
-    for flag, (value, zero) in flags.items():  # said with the flag typed, not the config key behind it
+    for flag, (value, zero) in flags.items():
         if value is not None and value < (0 if zero else 1):
             raise ConfigError(f"{flag} {value}: give at least {0 if zero else 1}{zero}")
-    eval_cfg = EvalConfig(  # validated before anything is loaded
+    return EvalConfig(
         attacks=args.attacks,
         num_examples=10000 if args.num_examples is None else args.num_examples,
         aa_num_examples=args.aa_num_examples or 0,
@@ -291,6 +284,19 @@ def cmd_eval(args) -> None:
         aa_version=args.aa_version,
         chunk_size=args.chunk_size,
     )
+
+
+def cmd_eval(args) -> None:
+    import dataclasses
+
+    from . import distributed
+    from .config import DistConfig
+    from .data import DataError, data_source, load_test_split, resolve_dataset
+    from .evaluate import evaluate, format_results, summary
+    from .perf import make_current, resolve_device
+    from .rundir import environment
+
+    eval_cfg = eval_config(args)
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out is empty: name a directory, or leave --out out for the default")
     device = resolve_device(args.device)
@@ -340,6 +346,14 @@ def cmd_eval(args) -> None:
     dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
     entry = {"target": str(target.resolve()), "dataset": dataset, "test_data": test_data, "results": summary(results),
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    write_evaluation(target, record, results, entry)
+
+
+def write_evaluation(target: Path, record: Path, results: dict, entry: dict) -> None:
+    """The evaluation's flags and record into `record`, and its summary merged into the run's eval.json when
+    `target` is a run directory."""
+    from .evaluate import write_flags
+    from .rundir import RunDir, RunDirError, RunDirInUse, atomic_json
 
     def write_record() -> None:
         write_flags(record, results)
@@ -359,8 +373,8 @@ def cmd_eval(args) -> None:
         with RunDir(target).open_for_writing(resume=True, wait_s=EVAL_LOCK_WAIT_S) as rundir:
             if in_run:
                 write_record()
-            merged = merged_evaluation(rundir.path / "eval.json", dataset, summary(results), test_data)
-            rundir.write_json("eval.json", merged)
+            now = entry["dataset"], entry["results"], entry["test_data"]
+            rundir.write_json("eval.json", merged_evaluation(rundir.path / "eval.json", *now))
     except RunDirInUse as e:
         raise RunDirError(f"{e}: the results above were not written into the run; the same `arat eval` again "
                           "writes them in seconds (every chunk is saved)") from None  # fmt: skip

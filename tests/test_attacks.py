@@ -17,25 +17,35 @@ def model():
     return build_model(ModelConfig(width=8), 10)
 
 
+@pytest.mark.parametrize("objective", ["ce", "kl"])
 @pytest.mark.parametrize("start", ["uniform", "gaussian", "none"])
 @pytest.mark.parametrize("train", [True, False])
-def test_pgd_invariants(model, start, train):
-    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    x_before = x.clone()
+def test_pgd_invariants(model, start, train, objective):
+    """Cross-entropy on labels (AT, MART, AR-AT) and KL to a target distribution without labels (TRADES, LBGAT)."""
+    x, y, target = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)), None
+    if objective == "kl":
+        model.eval()
+        with torch.no_grad():
+            target = model(x).softmax(1)  # (B, classes)
+        model.train()
+        y, target_before = None, target.clone()
+    x_before, y_before = x.clone(), None if y is None else y.clone()
     params_before = [p.detach().clone() for p in model.parameters()]
     buffers_before = {k: b.clone() for k, b in model.named_buffers()}
-    x_adv = pgd(model, x, y, AttackConfig(num_steps=3, start=start), bn="adv", train=train)
+    x_adv = pgd(model, x, y, AttackConfig(num_steps=3, start=start), bn="adv", train=train, target_probs=target)
     if not train:  # eval mode: running statistics used, none moved, no batch counted
         assert all(torch.equal(b, buffers_before[k]) for k, b in model.named_buffers())
     else:
         assert not torch.equal(model.bn1.adv.running_mean, buffers_before["bn1.adv.running_mean"])
-    assert torch.equal(x, x_before)  # input unchanged
+    assert torch.equal(x, x_before)  # inputs unchanged
+    assert torch.equal(target, target_before) if y is None else torch.equal(y, y_before)
     assert (x_adv - x).abs().max() <= EPS + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert all(p.grad is None for p in model.parameters())  # no parameter gradient
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params_before, strict=True))
     assert model.training  # caller's mode restored
-    assert not torch.equal(x_adv, x)
+    if not (objective == "kl" and start == "none" and not train):  # x itself is the KL's minimum: no gradient
+        assert not torch.equal(x_adv, x)
 
 
 def test_the_uniform_start_fills_the_eps_ball_on_both_sides():

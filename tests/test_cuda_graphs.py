@@ -92,6 +92,8 @@ def test_captured_attacks_equal_eager_ones_call_by_call(train):
     for a, b in zip(eager, replayed, strict=True):
         assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(replayed, kept, strict=True))  # copies, not the static buffer
+    for (x, y), (x0, y0) in zip(data, batches(5), strict=True):  # the callers' batches: copied in, never written
+        assert torch.equal(x, x0) and torch.equal(y, y0)
     for (k, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 

@@ -902,8 +902,39 @@ def test_each_network_is_told_autoattack_s_warnings_once(capsys, monkeypatch):
     monkeypatch.setattr(autoattack, "adversary", lambda model, protocol, seed, device: Adversary())
     model, x, y = torch.nn.Linear(2, 2), torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
     for network in ("weights-a", "weights-a", "weights-b"):  # the same module object: one id for all three
-        autoattack.attack_chunk(model, x, y, SimpleNamespace(attacks=("apgd-ce",)), 0, 3, network=network)
+        autoattack.attack_chunk(model, x, y, SimpleNamespace(attacks=("apgd-ce",), eps=8 / 255), 0, 3,
+                                network=network)  # fmt: skip
     assert capsys.readouterr().err.count("AutoAttack warning: it seems to be a randomized defense!") == 2
+
+
+@pytest.mark.parametrize("case", ["inside", "beyond eps", "above 1", "below 0", "nan"])
+def test_autoattack_examples_outside_the_eps_ball_or_0_1_are_refused(monkeypatch, case):
+    """AutoAttack only logs its examples' reach (at debug level): the chunk now checks them, since an image counted
+    as broken by an example outside the ball would read robustness low. At exactly eps (fp32) it passes."""
+    import logging
+    from types import SimpleNamespace
+
+    eps = 8 / 255
+    x = torch.tensor([[0.5, 0.99, 0.01], [0.2, 0.3, 0.4]])
+    x_adv = {"inside": (x + eps).clamp(0, 1), "beyond eps": x + 0.05, "above 1": x + torch.tensor([0.0, 0.02, 0.0]),
+             "below 0": x - torch.tensor([0.0, 0.0, 0.02]), "nan": x.clone().fill_(float("nan"))}[case]  # fmt: skip
+    y = torch.tensor([0, 1])
+
+    class Adversary:
+        def run_standard_evaluation(self, x, y, batch_size):
+            log = logging.getLogger("auto-attack")
+            log.info("initial accuracy: 100.00%")
+            log.info("robust accuracy after APGD-CE: 50.00%")
+            return x_adv, torch.tensor([0, 0])  # the second image broken
+
+    monkeypatch.setattr(autoattack, "adversary", lambda model, protocol, seed, device: Adversary())
+    protocol = SimpleNamespace(attacks=("apgd-ce",), eps=eps)
+    if case == "inside":
+        flags, counts = autoattack.attack_chunk(torch.nn.Linear(3, 2), x, y, protocol, 0, 2)
+        assert flags.tolist() == [True, False] and counts == {"clean": 2, "apgd-ce": 1}
+        return
+    with pytest.raises(RuntimeError, match="outside the eps-ball or"):
+        autoattack.attack_chunk(torch.nn.Linear(3, 2), x, y, protocol, 0, 2)
 
 
 def test_flags_of_other_attacks_are_kept_and_each_entry_says_its_network_data_and_version(tmp_path):

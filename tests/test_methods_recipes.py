@@ -100,7 +100,9 @@ def one_step(cfg, image_size: int):
     model.train()
     method.train()
     x, y = torch.rand(4, 3, image_size, image_size), torch.randint(0, cfg.data.num_classes, (4,))
+    x_before, y_before = x.clone(), y.clone()
     out = method.step(nets, x, y, NO_AMP)
+    assert torch.equal(x, x_before) and torch.equal(y, y_before)  # the step and its attack work on copies
     assert torch.isfinite(out.loss) and out.terms["cls"].ndim == 0
     out.loss.backward()
     assert model.conv1.weight.grad.abs().max() > 0

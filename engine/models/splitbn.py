@@ -30,7 +30,9 @@ class _BranchNorm(nn.Module):
     dual_kernel: DualBNKernel | None = None
 
     def _dual(self, x: torch.Tensor, clean: nn.BatchNorm2d, adv: nn.BatchNorm2d, relu: bool) -> torch.Tensor:
-        assert x.shape[0] % 2 == 0, "the dual branch needs a batch of 2B (clean half, adversarial half)"
+        if x.shape[0] % 2:
+            raise ValueError(f"bn='dual' needs a batch of 2B images (clean half, then adversarial half), got "
+                             f"{x.shape[0]}")  # fmt: skip
         kernel = self.dual_kernel or dual_bn_reference
         return kernel(x, clean, adv, relu)
 

@@ -33,6 +33,7 @@ from .record import SMOKE_SKIP, StageRecord
 SMOKE_WIDTH, SMOKE_ATTACK_STEPS = 8, 2
 SMOKE_BATCH = {128: 8, 512: 16}  # the check's two batch sizes, shrunk
 DEFAULT_ROW = 4  # LADDER[4], "+fused kernels": the last eager row, the GPU default
+ATTACK_CALLS = 5  # attack_ms: the mean of this many back-to-back attacks (~20-150 ms each on the H200)
 
 
 def device() -> torch.device:
@@ -131,7 +132,7 @@ def measure_steps(run: Run, record: StageRecord, warmup: int, steps: int) -> dic
         train_step(run, x, y)
     last = {}
     step_ms = ms_per_call(lambda: last.update(train_step(run, x, y)), steps, dev)
-    attack_ms = ms_per_call(lambda: attack_inputs(run.nets, x, y, run.cfg.attack, run.perf.autocast), 2, dev)
+    attack_ms = ms_per_call(lambda: attack_inputs(run.nets, x, y, run.cfg.attack, run.perf.autocast), ATTACK_CALLS, dev)
     loss = float(last["loss"])
     flops = flops_per_image_step(run, x, run.cfg.attack.num_steps)
     figures = derived(len(y) / (step_ms / 1e3), flops, ceiling_tflops(record), epoch_images(len(y)))
