@@ -21,9 +21,9 @@ log = logging.getLogger("kernels")
 def ineligible(clean: nn.BatchNorm2d, adv: nn.BatchNorm2d) -> str | None:
     """Why the fused dual BN cannot run this Split-BN pair (None: it can): it needs one momentum (not None) and eps
     for both halves, and affine parameters and running statistics in each."""
-    for name, bn in (("clean", clean), ("adv", adv)):
+    for name, bn in (("clean ", clean), ("adv ", adv)) if clean is not adv else (("", clean),):
         if not (bn.track_running_stats and bn.affine and bn.momentum is not None):
-            return f"its {name} BN has no running statistics, no affine parameters or momentum None"
+            return f"its {name}BN has no running statistics, no affine parameters or momentum None"
     if (clean.momentum, clean.eps) != (adv.momentum, adv.eps):
         return "its halves differ in momentum or eps"
     return None

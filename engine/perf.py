@@ -391,8 +391,9 @@ def compile_misses_mode_switches() -> str | None:
     attribute writes leave an object's __dict__ version as it was), torch 2.10's dynamo missed a module's switch from
     eval to train mode: the compiled network went on running its eval-mode graph, and TRADES's and LBGAT's
     running-statistics forward left BN's statistics unchanged (tests/test_compile.py under Python 3.13.0 / torch
-    2.10, 2026-12-07; torch 2.14 there, and torch 2.10 on Python 3.12, see the switch; turning dynamo's
-    inline_inbuilt_nn_modules off did not mend the engine's case). Probed on Python 3.13.0 only, once per process."""
+    2.10, 2026-12-07; on 3.13.0 torch 2.11.0 misses it too, 2.12.0, 2.13.0 and 2.14.1 see it, as torch 2.10 does on
+    Python 3.12; turning dynamo's inline_inbuilt_nn_modules off did not mend the engine's case). Probed on Python
+    3.13.0 only, once per process."""
     if sys.version_info[:3] != (3, 13, 0):
         return None
     module, x = _ModeProbe(), torch.arange(8.0).reshape(4, 2)
@@ -405,8 +406,8 @@ def compile_misses_mode_switches() -> str | None:
     if module.bn.running_mean.abs().sum() > 0:
         return None
     return (f"torch.compile under Python 3.13.0 and torch {torch.__version__} misses a module's switch between eval "
-            "and train mode (CPython issue 125608) and would train on wrong BN statistics: use Python 3.13.1+ (or a "
-            "newer torch), or perf.compile=off")  # fmt: skip
+            "and train mode (CPython issue 125608) and would train on wrong BN statistics: use Python 3.13.1+ "
+            "(or torch >= 2.12), or perf.compile=off")  # fmt: skip
 
 
 def compile_role(role: nn.Module, cfg: PerfConfig, device: torch.device) -> nn.Module:

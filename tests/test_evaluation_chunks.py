@@ -916,8 +916,9 @@ def test_autoattack_examples_outside_the_eps_ball_or_0_1_are_refused(monkeypatch
 
     eps = 8 / 255
     x = torch.tensor([[0.5, 0.99, 0.01], [0.2, 0.3, 0.4]])
-    x_adv = {"inside": (x + eps).clamp(0, 1), "beyond eps": x + 0.05, "above 1": x + torch.tensor([0.0, 0.02, 0.0]),
-             "below 0": x - torch.tensor([0.0, 0.0, 0.02]), "nan": x.clone().fill_(float("nan"))}[case]  # fmt: skip
+    step = {"beyond eps": [0.05, 0.0, 0.0], "above 1": [0.0, 0.02, 0.0], "below 0": [0.0, 0.0, -0.02]}
+    x_adv = (x + eps).clamp(0, 1) if case == "inside" else x + torch.tensor(step.get(case, [float("nan")] * 3))
+    # (each case breaks one rule only: 0.5 + 0.05 stays in [0, 1]; 0.99 + 0.02 and 0.01 - 0.02 stay within eps)
     y = torch.tensor([0, 1])
 
     class Adversary:

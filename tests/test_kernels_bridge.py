@@ -12,23 +12,26 @@ from engine.models import build_model
 from engine.models.splitbn import dual_bn_reference
 
 
-def test_a_split_bn_the_fused_op_cannot_run_is_named_at_install_and_runs_the_reference(caplog):
+@pytest.mark.parametrize("split_bn", [True, False])
+def test_a_bn_pair_the_fused_op_cannot_run_is_named_at_install_and_runs_the_reference(caplog, split_bn):
     """The per-call fallback cannot log (torch.compile traces it, and a log call would break the graph): `install`
-    names each ineligible pair once instead (helper-132: the fallback was silent)."""
+    names each ineligible pair once instead (helper-132: the fallback was silent). Without Split-BN one BN serves
+    both halves."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(width=8), 10).train()
-    model.bn1.adv.momentum = None  # cumulative average: the fused op updates with a fixed momentum
+    model = build_model(ModelConfig(width=8, split_bn=split_bn), 10).train()
+    broken = model.bn1.adv if split_bn else model.bn1
+    broken.momentum = None  # cumulative average: the fused op updates with a fixed momentum
     with caplog.at_level(logging.WARNING, logger="kernels"):
         kernels_bridge.install(model, dual=True)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dual BN")]
-    assert said == ["dual BN bn1 runs the plain-torch reference, not the fused op: its adv BN has no running "
-                    "statistics, no affine parameters or momentum None"]  # fmt: skip
+    assert said == [f"dual BN bn1 runs the plain-torch reference, not the fused op: its {'adv ' if split_bn else ''}"
+                    "BN has no running statistics, no affine parameters or momentum None"]  # fmt: skip
     assert model.bn1.dual_kernel is kernels_bridge.fused_dual_bn
     twin = copy.deepcopy(model.bn1)
+    pair = (twin.clean, twin.adv) if split_bn else (twin, twin)
     x = torch.rand(4, 8, 16, 16)
-    torch.testing.assert_close(model.bn1(x, bn="dual", relu=True), dual_bn_reference(x, twin.clean, twin.adv, True),
-                               rtol=0, atol=0)  # fmt: skip
-    assert torch.equal(model.bn1.adv.running_mean, twin.adv.running_mean)  # updated alike
+    torch.testing.assert_close(model.bn1(x, bn="dual", relu=True), dual_bn_reference(x, *pair, True), rtol=0, atol=0)
+    assert torch.equal(broken.running_mean, pair[1].running_mean)  # updated alike
 
 
 @pytest.mark.parametrize("change", ["momentum", "eps"])
