@@ -17,6 +17,7 @@ from . import distributed, perf
 from .analysis import GradSim, build_grad_sim
 from .config import (
     ConfigError,
+    PerfConfig,
     TrainConfig,
     check_trainable,
     flatten,
@@ -179,13 +180,29 @@ def restore_optimizer_kind(optimizer: torch.optim.Optimizer, device: torch.devic
             state["momentum_buffer"] = torch.empty_like(param).copy_(buffer)
 
 
-def _check_sync_bn(perf_cfg) -> None:
-    """dist.sync_bn's refusals, where it synchronizes (more than one process)."""
+def sync_bn_perf(perf_cfg: PerfConfig) -> PerfConfig:
+    """The perf settings under dist.sync_bn, where it synchronizes (more than one process): uncompiled and
+    uncaptured (its all-reduce inside every BN is neither compiled nor captured yet); auto resolves to off, on is
+    refused."""
     if "on" in (perf_cfg.compile, perf_cfg.cuda_graphs):
         raise ConfigError(
             "dist.sync_bn runs uncompiled and uncaptured (its all-reduce inside every BN is neither "
             "compiled nor captured yet): leave perf.compile and perf.cuda_graphs at auto or off"
         )
+    return replace(perf_cfg, compile="off", cuda_graphs="off")
+
+
+def synchronize_bn(model: nn.Module, method: Method, switches: perf.Perf) -> None:
+    """Every BN of the network and the method's own (AR-AT's predictors, LBGAT's clean model) synchronized."""
+    if switches.dtype == torch.float16:  # each rank's attack scales its loss by its own power of two
+        raise ConfigError(
+            "dist.sync_bn with fp16 (perf.dtype auto picks it where the GPU has no bf16): the "
+            "ranks' summed input gradients would mix their loss scales; set perf.dtype=fp32"
+        )
+    set_sync_bn(model, True)
+    set_sync_bn(method, True)
+    if switches.kernels != "off":  # the fused dual BN computes each rank's own statistics: set_sync_bn took it off
+        switches.kernels += " (no dual BN: dist.sync_bn)"
 
 
 def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
@@ -203,23 +220,12 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     model = build_model(cfg.model, cfg.data.num_classes)
     method = build_method(replace(cfg, method=replace(cfg.method, init="")) if from_checkpoint else cfg, model)
     sync_bn = cfg.dist.sync_bn and info.enabled  # (one process: nothing to synchronize)
-    # synchronized BN runs uncompiled and uncaptured: auto resolves to off, on is refused
-    if sync_bn:
-        _check_sync_bn(cfg.perf)
-    perf_cfg = replace(cfg.perf, compile="off", cuda_graphs="off") if sync_bn else cfg.perf
+    perf_cfg = sync_bn_perf(cfg.perf) if sync_bn else cfg.perf
     train_net, attack_net, switches = perf.apply(model, perf_cfg)
     method.to(switches.device)
     method.follow(lambda net: perf.follow(net, perf_cfg, switches.device))
-    if sync_bn:  # every BN of the network and the method's own (AR-AT's predictors, LBGAT's clean model)
-        if switches.dtype == torch.float16:  # each rank's attack scales its loss by its own power of two
-            raise ConfigError(
-                "dist.sync_bn with fp16 (perf.dtype auto picks it where the GPU has no bf16): the "
-                "ranks' summed input gradients would mix their loss scales; set perf.dtype=fp32"
-            )
-        set_sync_bn(model, True)
-        set_sync_bn(method, True)
-        if switches.kernels != "off":  # the fused dual BN computes each rank's own statistics: set_sync_bn took it off
-            switches.kernels += " (no dual BN: dist.sync_bn)"
+    if sync_bn:
+        synchronize_bn(model, method, switches)
     nets = Nets(train=distributed.wrap(train_net, info, switches.device), attack=attack_net, raw=model)
     torch.manual_seed(distributed.rank_seed(cfg.seed, info.rank))  # same initial weights, distinct noise per rank
     train_loader, _ = build_loaders(
