@@ -176,3 +176,26 @@ def test_pixels_become_their_quotient_by_255_by_a_table_the_same_on_every_device
     nchw = to_unit_interval(hwc).permute(0, 3, 1, 2)  # as the loaders' finish: channels-last strides kept
     assert nchw.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(nchw, hwc.permute(0, 3, 1, 2).float() / 255)
+
+
+def test_an_archive_extracts_without_setuid_or_group_write_bits_and_without_a_deprecation_warning(tmp_path):
+    """safe_extract uses tarfile's "data" filter where Python has it (Python 3.14 makes it the default, and 3.12-3.13
+    warned without it): a member's setuid and group/other write bits are dropped."""
+    import io
+    import tarfile
+    import warnings
+
+    from engine.data.download import safe_extract
+
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        member = tarfile.TarInfo("cifar-10-batches-py/readme.html")
+        member.size, member.mode = 2, 0o4777
+        tar.addfile(member, io.BytesIO(b"hi"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        safe_extract(archive, tmp_path / "out")
+    extracted = tmp_path / "out" / "cifar-10-batches-py" / "readme.html"
+    assert extracted.read_bytes() == b"hi"
+    if hasattr(tarfile, "data_filter"):
+        assert extracted.stat().st_mode & 0o7777 == 0o755
