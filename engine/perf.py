@@ -199,7 +199,11 @@ class Perf:
             f"cudnn_benchmark={self.cudnn_benchmark}"
             if self.device.type == "cuda"
             else f"threads={torch.get_num_threads()}"
-            + (" (compiled C++ for any thread count)" if self.compiled and one_thread_cpu(self.device) else "")
+            + (
+                " (compiled C++ for any thread count)"
+                if self.compiled and one_thread_cpu(self.device) and dynamic_threads_compile()
+                else ""
+            )
         )
         return (
             f"device={self.device} dtype={DTYPE_NAMES[self.dtype]} ({self.dtype_reason}) "
@@ -371,7 +375,18 @@ def inductor_options(cfg: PerfConfig, device: torch.device) -> dict:
     if not one_thread_cpu(device):
         return {"mode": cfg.compile_mode} if cfg.compile_mode != "default" else {}
     options = dict(torch._inductor.list_mode_options(cfg.compile_mode)) if cfg.compile_mode != "default" else {}
+    if not dynamic_threads_compile():
+        return {"options": options} if options else {}
     return {"options": options | {"cpp.dynamic_threads": True}}
+
+
+def dynamic_threads_compile(version: str = torch.__version__) -> bool:
+    """Whether Inductor's C++ for any thread count compiles under this torch. torch 2.7's declares each parallel
+    reduction's accumulator array twice (`tmp_acc0_arr[16]`, then `tmp_acc0_arr[max_threads]`: a C++ compile error
+    in every compiled step at one thread, torch 2.7.1, 2026-12-07); there the one-thread code runs instead, which gave
+    eager's results and gradients under that torch (tests/test_perf.py and tests/test_compile.py). 2.6 and 2.8 on
+    compile it."""
+    return not version.startswith("2.7.")
 
 
 class _ModeProbe(nn.Module):

@@ -285,20 +285,33 @@ def test_inductor_compiled_evaluation_forwards_equal_eager():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
-def test_one_cpu_thread_compiles_for_any_thread_count(threads, mode):
+@pytest.mark.parametrize("compiles", [True, False])
+def test_one_cpu_thread_compiles_for_any_thread_count(threads, mode, compiles, monkeypatch):
+    """Except under torch 2.7 (`compiles` False), whose C++ for any thread count does not compile."""
+    from engine import perf
     from engine.config import PerfConfig
-    from engine.perf import inductor_options
 
+    monkeypatch.setattr(perf, "dynamic_threads_compile", lambda: compiles)
     with torch_threads(threads):
-        cpu = inductor_options(PerfConfig(compile_mode=mode), torch.device("cpu"))
-        cuda = inductor_options(PerfConfig(compile_mode=mode), torch.device("cuda"))
+        cpu = perf.inductor_options(PerfConfig(compile_mode=mode), torch.device("cpu"))
+        cuda = perf.inductor_options(PerfConfig(compile_mode=mode), torch.device("cuda"))
     plain = {} if mode == "default" else {"mode": mode}
     assert cuda == plain
     if threads == 2:
         assert cpu == plain
+    elif not compiles:
+        assert "cpp.dynamic_threads" not in cpu.get("options", {}) and "mode" not in cpu
+        assert (cpu.get("options", {}).get("max_autotune") is True) == (mode != "default")
     else:
         assert cpu["options"]["cpp.dynamic_threads"] is True and "mode" not in cpu  # torch.compile: mode or options
         assert (cpu["options"].get("max_autotune") is True) == (mode != "default")  # the mode's own options kept
+
+
+def test_torch_2_7_alone_compiles_no_code_for_any_thread_count():
+    from engine.perf import dynamic_threads_compile
+
+    versions = ["2.6.0+cpu", "2.7.0", "2.7.1+cu126", "2.8.0+cu128", "2.13.0+cpu", "2.14.1"]
+    assert [dynamic_threads_compile(v) for v in versions] == [True, False, False, True, True, True]
 
 
 @pytest.mark.parametrize("native", [True, False])
