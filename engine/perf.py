@@ -162,6 +162,7 @@ class Perf:
     attack_graphs: AttackGraphs | None = None  # the captured attacks (None: attacks run eagerly)
     gemm_convs: str = "off"  # perf.gemm_conv as resolved: "off" or which convolutions run as matrix products
     deterministic: bool = False  # perf.deterministic
+    any_thread_cpp: bool = False  # compiled with Inductor's C++ for any thread count (one CPU thread: inductor_options)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -199,11 +200,7 @@ class Perf:
             f"cudnn_benchmark={self.cudnn_benchmark}"
             if self.device.type == "cuda"
             else f"threads={torch.get_num_threads()}"
-            + (
-                " (compiled C++ for any thread count)"
-                if self.compiled and one_thread_cpu(self.device) and dynamic_threads_compile()
-                else ""
-            )
+            + (" (compiled C++ for any thread count)" if self.any_thread_cpp else "")
         )
         return (
             f"device={self.device} dtype={DTYPE_NAMES[self.dtype]} ({self.dtype_reason}) "
@@ -369,7 +366,8 @@ def inductor_options(cfg: PerfConfig, device: torch.device) -> dict:
     (torch 2.13, AVX-512) returned NaN gradients from the backward of the Split-BN dual forward (ResNet-18; the first
     NaN leaves a fused ReLU-mask / batch-norm-backward kernel; at two threads the gradients are eager's). There it
     compiles with `cpp.dynamic_threads` (code for any thread count, read at run time): eager's gradients, vectorized
-    (`cpp.simdlen=1`, also right, ran the step 1.9x slower). tests/test_perf.py checks a one-thread compiled step."""
+    (`cpp.simdlen=1`, also right, ran the step 1.9x slower), except under torch 2.7 (`dynamic_threads_compile`).
+    tests/test_perf.py checks a one-thread compiled step."""
     if cfg.compile_backend != "inductor":
         return {}
     if not one_thread_cpu(device):
@@ -417,16 +415,23 @@ def compile_misses_mode_switches() -> str | None:
     compiled = torch.compile(module, backend="eager", dynamic=False)
     # its two graphs (the switch seen: a recompile) are not the caller's: dynamo's counters (graphs, recompiles, which
     # the GPU check and the benchmarks read) come back as they were, and a caller's recompile errors do not apply
+    # (restored in place: a caller may hold counters["stats"]); and two graphs must fit the cache, whatever a
+    # caller's limit (at 1 the train-mode call would run eagerly, update the statistics and pass the probe)
     saved = {key: counter.copy() for key, counter in counters.items()}
+    limit = max(torch._dynamo.config.cache_size_limit, 8)
     try:
-        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False):
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False, cache_size_limit=limit):
             compiled.eval()
             compiled(x)
             compiled.train()
             compiled(x)
     finally:
-        counters.clear()
-        counters.update(saved)
+        for key in list(counters):
+            counters[key].clear()
+            if key in saved:
+                counters[key].update(saved[key])
+            else:
+                del counters[key]
     if module.bn.running_mean.abs().sum() > 0:
         return None
     return (f"torch.compile under Python 3.13.0 and torch {torch.__version__} misses a module's switch between eval "
@@ -488,7 +493,8 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
     graphs = attack_graphs(cfg, device)
     set_attack_graphs(graphs)
     switches = (device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel, graphs, gemm)
-    return train, attack, Perf(*switches, cfg.deterministic)
+    any_thread = on and "cpp.dynamic_threads" in inductor_options(cfg, device).get("options", {})
+    return train, attack, Perf(*switches, cfg.deterministic, any_thread_cpp=any_thread)
 
 
 def share_compile_workers() -> None:

@@ -1,3 +1,5 @@
+import tarfile
+
 import numpy as np
 import pytest
 import torch
@@ -199,3 +201,19 @@ def test_an_archive_extracts_without_setuid_or_group_write_bits_and_without_a_de
     assert extracted.read_bytes() == b"hi"
     if hasattr(tarfile, "data_filter"):
         assert extracted.stat().st_mode & 0o7777 == 0o755
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE, tarfile.CHRTYPE])
+def test_an_archive_member_that_is_not_a_file_or_a_folder_is_refused_by_name(tmp_path, kind):
+    """Links, FIFOs and device files are refused by name before anything is extracted (a FIFO or a device reached
+    the data filter, whose SpecialFileError was then reported as "not a gzip tar archive", helper-134)."""
+    from engine.data.download import safe_extract
+
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        member = tarfile.TarInfo("cifar-10-batches-py/odd")
+        member.type, member.linkname = kind, "cifar-10-batches-py/other"
+        tar.addfile(member)
+    with pytest.raises(DataError, match="unsafe member 'cifar-10-batches-py/odd'"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))

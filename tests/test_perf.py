@@ -718,13 +718,38 @@ def test_compiling_is_refused_where_torch_compile_misses_a_mode_switch(monkeypat
     monkeypatch.setattr(perf, "sys", types.SimpleNamespace(version_info=(3, 13, 0, "final", 0)))
     from torch._dynamo.utils import counters
 
-    counters["stats"]["unique_graphs"] += 7  # a caller's count so far, e.g. the GPU check's evaluation
+    torch._dynamo.reset()  # the probe compiles afresh (an earlier probe's graphs would be reused: no recompile)
+    stats = counters["stats"]  # as a caller may hold it
+    stats["unique_graphs"] += 7  # a caller's count so far, e.g. the GPU check's evaluation
     before = {key: dict(counter) for key, counter in counters.items()}
-    try:
-        with torch._dynamo.config.patch(error_on_recompile=True):  # a caller's, e.g. tests/test_compile.py's
+    try:  # a caller's recompile errors (tests/test_compile.py's) and cache limit (1: no second graph)
+        with torch._dynamo.config.patch(error_on_recompile=True, cache_size_limit=1):
             assert probe() is None  # this torch sees the switch: the probe compiled, ran both modes, found the update
     finally:
         probe.cache_clear()
+        stats["unique_graphs"] -= 7
     # its own graphs not counted as the caller's (on Python 3.13.0 the GPU check's evaluation read 4 graphs for 2)
-    assert {key: dict(counter) for key, counter in counters.items()} == before
+    before["stats"]["unique_graphs"] -= 7
+    assert {key: dict(counter) for key, counter in counters.items()} == before and counters["stats"] is stats
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    assert len(_debug_get_cache_entry_list(perf._ModeProbe.forward.__code__)) == 2  # both modes compiled, limit 1
     assert perf.compile_wanted(PerfConfig(compile="auto"), cuda) is True
+
+
+@pytest.mark.parametrize(("backend", "threads", "compiles", "said"),
+                         [("inductor", 1, True, True), ("inductor", 1, False, False), ("eager", 1, True, False),
+                          ("inductor", 2, True, False)])  # fmt: skip
+def test_the_start_up_line_says_any_thread_code_only_where_it_was_asked_for(monkeypatch, backend, threads,
+                                                                            compiles, said):  # fmt: skip
+    """ "(compiled C++ for any thread count)" was said for the eager/aot_eager backends (no C++) and would have been
+    under torch 2.7 (none asked for): it now follows what inductor_options passed (helper-134)."""
+    from engine import perf
+    from engine.config import ModelConfig, PerfConfig
+    from engine.models import build_model
+
+    monkeypatch.setattr(perf, "dynamic_threads_compile", lambda: compiles)
+    cfg = PerfConfig(device="cpu", dtype="fp32", compile="on", compile_backend=backend)
+    with torch_threads(threads):
+        _, _, switches = perf.apply(build_model(ModelConfig(width=8), 10), cfg)
+        assert ("(compiled C++ for any thread count)" in switches.summary()) is said

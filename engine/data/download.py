@@ -49,10 +49,10 @@ def safe_extract(archive: Path, dest: Path) -> None:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar.getmembers():
                 target = (dest / member.name).resolve()
-                if not target.is_relative_to(dest.resolve()) or member.issym() or member.islnk():
+                if not target.is_relative_to(dest.resolve()) or not (member.isreg() or member.isdir()):
                     raise DataError(f"{archive} has an unsafe member {member.name!r}; not extracting it")
-            # the "data" filter too where Python has it (3.12, and 3.10.12 / 3.11.4 on): no device files, no
-            # permission bits beyond the user's; Python 3.14 makes it the default and warns without it before
+            # the "data" filter too where Python has it (3.12, and 3.10.12 / 3.11.4 on): no setuid, setgid or
+            # sticky bits, no group/other write; Python 3.14 makes it the default, and 3.12-3.13 warn without it
             tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(
