@@ -9,7 +9,6 @@ from __future__ import annotations
 DATASHEET_TFLOPS = 989.0  # H100/H200 dense bf16
 TRAIN_IMAGES = 50_000  # CIFAR-10 / CIFAR-100 training sets
 EPOCH_IMAGES = 49_920  # 390 full batches of 128 (the recipes' batch; the last partial batch is dropped)
-STEPS_PER_EPOCH = 390
 
 
 def forward_units(attack_steps: int) -> int:

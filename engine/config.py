@@ -40,14 +40,14 @@ def default_data_dir() -> str:
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"  # cifar10 | cifar100 | synthetic
-    data_dir: str = field(default_factory=default_data_dir)
+    data_dir: str = field(default_factory=default_data_dir)  # $ARAT_DATA_DIR, else ./data
     backend: str = "device"  # device | ffcv | dali
     train_subset: int = 0  # 0 = the whole training set; else the first N images (official order)
-    test_subset: int = 0
+    test_subset: int = 0  # the same for the test set
     synthetic_fallback: bool = False  # use synthetic data (with a notice) when the real dataset is absent
-    synthetic_size: int = 2048
-    drop_last: bool = True
-    augment: bool = True
+    synthetic_size: int = 2048  # images in the synthetic training set (its test set is a quarter of it)
+    drop_last: bool = True  # training: the last partial batch is dropped (static shapes; METHOD's 390 steps)
+    augment: bool = True  # training: random 32x32 crop of the 4-pixel zero-padded image, then a random flip
 
     def __post_init__(self):
         _one_of("data.dataset", self.dataset, ("cifar10", "cifar100", "synthetic"))
@@ -64,7 +64,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet18"  # resnet18 | wrn34-10
     width: int = 64  # ResNet-18 stem width (64 = the real network; 16 for CPU tests)
-    split_bn: bool = True
+    split_bn: bool = True  # Split-BN: clean and adversarial images through their own BNs (false: one BN for both)
 
     def __post_init__(self):
         _one_of("model.arch", self.arch, ("resnet18", "wrn34-10"))
@@ -73,9 +73,9 @@ class ModelConfig:
 
 @dataclass
 class AttackConfig:
-    eps: float = EPS_8
-    step_size: float = STEP_2
-    num_steps: int = 10
+    eps: float = EPS_8  # L-inf radius of the training attack (8/255)
+    step_size: float = STEP_2  # PGD step (2/255)
+    num_steps: int = 10  # PGD iterations of the training attack (0: the random start alone)
     start: str = "uniform"  # uniform | gaussian | none
     official_quirk: bool = False  # reproduce the official code's in-place random start (METHOD 4); off = correct
 
@@ -88,13 +88,13 @@ class AttackConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "arat"
+    name: str = "arat"  # `arat recipes` lists the methods' recipes (arat, at, trades, mart, lbgat, arrest, std, ...)
     invariance_weight: float = 30.0  # lambda, split evenly over the tapped layers
     auto_balance: bool = True  # w_adv = clean-BN eval accuracy at epoch start, w_clean = 1 - w_adv
-    balance_images: int = 1024
+    balance_images: int = 1024  # images the epoch-start auto_balance measures (METHOD 4's ~1024)
     fixed_adv_weight: float = 0.5  # used when auto_balance is off
-    stop_grad: bool = True
-    predictor: bool = True
+    stop_grad: bool = True  # the invariance loss's clean features are a fixed target (stop-gradient)
+    predictor: bool = True  # the adversarial features pass a predictor head before the invariance loss
     # without stop_grad (the V0 / +split-BN ablations): `full` = the gradient of Dist(z', z) into both sides (METHOD
     # 5); `average` = (Dist(z', sg(z)) + Dist(sg(z'), z)) / 2, the poster's form (same value, half the gradient each)
     symmetric: str = "full"
@@ -105,7 +105,7 @@ class MethodConfig:
     # ARREST (METHOD 6; reconstructed, unverified): invariance_weight is its lambda
     init: str = ""  # checkpoint or run directory to fine-tune; replaces the standard-training stage
     pretrain_epochs: int = 0  # standard-training epochs at the start of the run (optim.* schedule)
-    finetune_lr: float = 0.025
+    finetune_lr: float = 0.025  # learning rate of the fine-tuning epochs
     finetune_milestones: tuple[int, ...] = (10, 15)  # lr *= optim.decay after these fine-tuning epochs
     replay_cos: float = 0.8660254  # noisy replay while the clean-feature cosine to the teacher is below cos(30 deg)
     replay_until: float = 0.5  # ... and within this fraction of the fine-tuning epochs
@@ -141,13 +141,13 @@ def _epochs(key: str, values) -> tuple[int, ...]:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1
+    lr: float = 0.1  # SGD learning rate from epoch 2 (before the milestones)
     first_epoch_lr: float = 0.02  # METHOD 4: lr 0.02 in epoch 1
     milestones: tuple[int, ...] = (76, 91)  # lr *= decay after these epochs
     decay: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum (no recipe uses it)
+    weight_decay: float = 5e-4  # L2 weight decay on every trained parameter (BN's and the predictors' too)
 
     def __post_init__(self):
         self.milestones = _epochs("optim.milestones", self.milestones)
@@ -155,6 +155,7 @@ class OptimConfig:
         _check(all(m >= 1 for m in self.milestones), "optim.milestones are epochs: each must be >= 1")
         _check(0 < self.decay <= 1, "optim.decay multiplies the learning rate at each milestone: 0 < decay <= 1")
         _check(self.weight_decay >= 0 and 0 <= self.momentum < 1, "optim.weight_decay >= 0, 0 <= momentum < 1")
+        _check(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based `epoch` (piecewise constant)."""
@@ -165,7 +166,7 @@ class OptimConfig:
 
 @dataclass
 class SWAConfig:
-    enabled: bool = False
+    enabled: bool = False  # keep an average of the weights; its adv BN statistics re-estimated at the end
     start_epoch: int = 76  # averaging runs from this (1-based) epoch on
     every: int = 500  # iterations between averaging updates
 
@@ -178,7 +179,7 @@ EVAL_ATTACKS = ("clean", "pgd20", "aa")  # and the order they run in
 
 @dataclass
 class EvalConfig:
-    attacks: tuple[str, ...] = ("clean", "pgd20", "aa")
+    attacks: tuple[str, ...] = ("clean", "pgd20", "aa")  # any of these, run in this order
     num_examples: int = 10000  # first N test images (official order) for clean and PGD-20
     aa_num_examples: int = 0  # first N for AutoAttack (0 = num_examples): AA costs ~10^4 forwards per robust image
     batch_size: int = 1000  # at most this many images per forward (the batch is the chunk when smaller)
@@ -204,7 +205,7 @@ class EvalConfig:
 class PerfConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # autocast: auto (bf16 where native, else fp16 on CUDA / fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory layout of images and convolution weights
     compile: str = "auto"  # auto (on for CUDA) | on | off: torch.compile, one static-shape graph set per role
     compile_backend: str = "inductor"  # torch.compile backend (tests use eager / aot_eager: no codegen)
     compile_mode: str = "default"  # default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
@@ -256,16 +257,16 @@ class DistConfig:
 
 @dataclass
 class AnalysisConfig:
-    grad_sim: bool = False
+    grad_sim: bool = False  # per step: cosine of the classification and invariance gradients (2 more backwards)
 
 
 @dataclass
 class TrainConfig:
-    recipe: str = "custom"
-    description: str = ""
-    seed: int = 0
+    recipe: str = "custom"  # the recipe's name, as recorded (set by --recipe)
+    description: str = ""  # the recipe's one line, as recorded
+    seed: int = 0  # initial weights, data order, augmentation, attack noise (each rank its own noise)
     epochs: int = 100
-    batch_size: int = 128
+    batch_size: int = 128  # per process (under torchrun the step sees batch_size x ranks images)
     log_every: int = 50  # steps between progress-bar updates (reads device metrics: a host sync)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -56,6 +56,13 @@ def test_bad_overrides_say_what_is_wrong(override, message):
         apply_overrides(TrainConfig(), [override])
 
 
+def test_nesterov_without_momentum_is_one_line_not_torch_s_error():
+    """torch's SGD raised its own ValueError when built, after the data had loaded; now the config says it."""
+    with pytest.raises(ConfigError, match="optim.nesterov needs optim.momentum > 0"):
+        apply_overrides(TrainConfig(), ["optim.nesterov=true", "optim.momentum=0"])
+    assert apply_overrides(TrainConfig(), ["optim.nesterov=true"]).optim.nesterov
+
+
 def test_round_trip_through_dict():
     cfg = get_recipe("arat-swa-wrn34-10-cifar10")
     assert from_dict(cfg.to_dict()) == cfg

@@ -149,9 +149,10 @@ def test_dual_pass_equals_two_passes():
 def test_an_unknown_branch_is_refused_not_read_as_clean():
     """Any bn= other than adv, clean or dual used to run the clean BNs (training-only): a typo would have evaluated
     the wrong branch without a word."""
-    m = build_model(ModelConfig(width=8), 10).eval()
-    with pytest.raises(ValueError, match="bn='robust': expected one of"):
-        m(torch.rand(2, 3, 32, 32), bn="robust")
+    for split_bn in (True, False):  # single-BN networks (AT, TRADES, ...) ran a typo as adv
+        m = build_model(ModelConfig(width=8, split_bn=split_bn), 10).eval()
+        with pytest.raises(ValueError, match="bn='robust': expected one of"):
+            m(torch.rand(2, 3, 32, 32), bn="robust")
 
 
 def test_export_of_a_wrapped_checkpoint_writes_plain_keys(tmp_path, capsys):

@@ -305,12 +305,14 @@ def test_progress_is_on_disk_before_an_epoch_ends(tiny_cfg, tmp_path, monkeypatc
     assert json.loads((tmp_path / "run" / "progress.json").read_text())["step"] == progress[-1][0]["steps"]
 
 
-def test_the_cpu_optimizer_is_foreach_and_updates_as_the_per_parameter_loop(tiny_cfg):
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_cpu_optimizer_is_foreach_and_updates_as_the_per_parameter_loop(tiny_cfg, nesterov):
     """build_optimizer on a CPU uses torch's foreach SGD (one op per step per quantity instead of ~5 per parameter;
     the compiled CPU step dispatched 1,557 aten ops with the loop and 1,073 with foreach): the same updates, bit for
-    bit, as torch's per-parameter loop."""
+    bit, as torch's per-parameter loop; optim.nesterov (no recipe sets it) reaches it too."""
     from engine.train import build_optimizer
 
+    tiny_cfg.optim.nesterov = nesterov
     torch.manual_seed(0)
     params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
     twins = [p.detach().clone().requires_grad_(True) for p in params]
@@ -318,7 +320,7 @@ def test_the_cpu_optimizer_is_foreach_and_updates_as_the_per_parameter_loop(tiny
     o = tiny_cfg.optim
     loop = torch.optim.SGD(twins, lr=o.lr_at(1), momentum=o.momentum, weight_decay=o.weight_decay,
                            nesterov=o.nesterov, foreach=False)  # fmt: skip
-    assert fast.defaults["foreach"] and not fast.defaults["fused"]
+    assert fast.defaults["foreach"] and not fast.defaults["fused"] and fast.defaults["nesterov"] is nesterov
     for _ in range(3):
         grads = [torch.randn_like(p) for p in params]
         for group, opt in ((params, fast), (twins, loop)):

@@ -51,7 +51,7 @@ class SplitBatchNorm2d(_BranchNorm):
         elif bn == "clean":
             y = self.clean(x)
         else:  # a typo must not evaluate the training-only clean branch
-            raise ValueError(f"bn={bn!r}: expected one of {BRANCHES}")
+            check_branch(bn)
         return F.relu(y) if relu else y
 
 
@@ -64,6 +64,7 @@ class BranchBatchNorm2d(_BranchNorm, SyncableBatchNorm2d):
     def forward(self, x: torch.Tensor, bn: str = "adv", relu: bool = False) -> torch.Tensor:
         if bn == "dual":  # same BN, but each half still gets its own batch statistics
             return self._dual(x, self, self, relu)
+        check_branch(bn)  # a typo fails here as in a Split-BN network, not only once split_bn is on
         y = super().forward(x)
         return F.relu(y) if relu else y
 
@@ -73,6 +74,7 @@ def make_norm(split_bn: bool) -> Callable[[int], _BranchNorm]:
 
 
 def check_branch(bn: str) -> None:
+    """A branch name other than clean, adv or dual is a ValueError (under torch.compile: checked while tracing)."""
     if bn not in BRANCHES:
         raise ValueError(f"bn={bn!r}: expected one of {BRANCHES}")
 

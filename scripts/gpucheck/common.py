@@ -40,10 +40,6 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def is_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
 def sync(dev: torch.device | None = None) -> None:
     if (dev or device()).type == "cuda":
         torch.cuda.synchronize()
