@@ -144,7 +144,7 @@ class OptimConfig:
     lr: float = 0.1  # SGD learning rate from epoch 2 (before the milestones)
     first_epoch_lr: float = 0.02  # METHOD 4: lr 0.02 in epoch 1
     milestones: tuple[int, ...] = (76, 91)  # lr *= decay after these epochs
-    decay: float = 0.1
+    decay: float = 0.1  # the learning rate's factor at each milestone
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = False  # Nesterov momentum (no recipe uses it)
     weight_decay: float = 5e-4  # L2 weight decay on every trained parameter (BN's and the predictors' too)
@@ -265,7 +265,7 @@ class TrainConfig:
     recipe: str = "custom"  # the recipe's name, as recorded (set by --recipe)
     description: str = ""  # the recipe's one line, as recorded
     seed: int = 0  # initial weights, data order, augmentation, attack noise (each rank its own noise)
-    epochs: int = 100
+    epochs: int = 100  # training epochs (each a pass over the training set)
     batch_size: int = 128  # per process (under torchrun the step sees batch_size x ranks images)
     log_every: int = 50  # steps between progress-bar updates (reads device metrics: a host sync)
     data: DataConfig = field(default_factory=DataConfig)
