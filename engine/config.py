@@ -45,9 +45,9 @@ class DataConfig:
     train_subset: int = 0  # 0 = the whole training set; else the first N images (official order)
     test_subset: int = 0  # the same for the test set
     synthetic_fallback: bool = False  # use synthetic data (with a notice) when the real dataset is absent
-    synthetic_size: int = 2048  # images in the synthetic training set (its test set is a quarter of it)
+    synthetic_size: int = 2048  # images in the synthetic training set (its test set: a quarter of it, at least 64)
     drop_last: bool = True  # training: the last partial batch is dropped (static shapes; METHOD's 390 steps)
-    augment: bool = True  # training: random 32x32 crop of the 4-pixel zero-padded image, then a random flip
+    augment: bool = True  # training: random 32x32 crop of the 4-pixel zero-padded image, horizontal flip p=0.5
 
     def __post_init__(self):
         _one_of("data.dataset", self.dataset, ("cifar10", "cifar100", "synthetic"))
@@ -88,7 +88,7 @@ class AttackConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "arat"  # `arat recipes` lists the methods' recipes (arat, at, trades, mart, lbgat, arrest, std, ...)
+    name: str = "arat"  # the training objective: arat | at | trades | mart | lbgat | arrest | std
     invariance_weight: float = 30.0  # lambda, split evenly over the tapped layers
     auto_balance: bool = True  # w_adv = clean-BN eval accuracy at epoch start, w_clean = 1 - w_adv
     balance_images: int = 1024  # images the epoch-start auto_balance measures (METHOD 4's ~1024)
@@ -264,9 +264,9 @@ class AnalysisConfig:
 class TrainConfig:
     recipe: str = "custom"  # the recipe's name, as recorded (set by --recipe)
     description: str = ""  # the recipe's one line, as recorded
-    seed: int = 0  # initial weights, data order, augmentation, attack noise (each rank its own noise)
+    seed: int = 0  # weights, data order, augmentation, attack noise (per rank), synthetic data, evaluation's attacks
     epochs: int = 100  # training epochs (each a pass over the training set)
-    batch_size: int = 128  # per process (under torchrun the step sees batch_size x ranks images)
+    batch_size: int = 128  # per process (under torchrun one optimizer step averages batch_size x ranks images)
     log_every: int = 50  # steps between progress-bar updates (reads device metrics: a host sync)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -46,12 +46,8 @@ class SplitBatchNorm2d(_BranchNorm):
     def forward(self, x: torch.Tensor, bn: str, relu: bool = False) -> torch.Tensor:
         if bn == "dual":
             return self._dual(x, self.clean, self.adv, relu)
-        if bn == "adv":
-            y = self.adv(x)
-        elif bn == "clean":
-            y = self.clean(x)
-        else:  # a typo must not evaluate the training-only clean branch
-            check_branch(bn)
+        check_branch(bn)  # a typo must not evaluate the training-only clean branch
+        y = self.adv(x) if bn == "adv" else self.clean(x)
         return F.relu(y) if relu else y
 
 
