@@ -7,6 +7,7 @@ line on stderr and exit status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -605,10 +606,33 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        return run_command(args)
+        code = run_command(args)
     finally:
         if main_thread:  # a caller's own handler (pytest, the GPU check's stages) again after the command
             signal.signal(signal.SIGTERM, before)
+    if argv is None:  # run as a program (`arat`, `python -m engine.cli`), not a caller's main([...])
+        from . import distributed
+
+        if distributed.joined_a_group():  # a torchrun rank
+            leave_without_finalizing(code)
+    return code
+
+
+def leave_without_finalizing(code: int) -> None:
+    """A torchrun rank ends here once its command is done and its files are written: the exit handlers run
+    (logging's flush, Inductor's compile workers), then the process leaves without the interpreter's finalization.
+    There a thread of the process group (gloo's, with the last work of DDP's or sync BN's collectives) could still
+    be dropping tensors, waiting for the GIL the finalizing interpreter holds: "terminate called without an active
+    exception", SIGABRT, and torchrun called a finished run failed (rarely: 2026-12-02, the gathers, mended by
+    moving them to the store; 2026-12-07, a sync-BN training run under the test suite)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    atexit._run_exitfuncs()  # what a normal exit runs first; it reports a failing handler itself and goes on
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def line_buffered(stream) -> None:

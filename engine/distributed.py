@@ -34,8 +34,18 @@ class DistInfo:
         return self.world_size > 1
 
 
+_joined = False  # this process joined a process group in `init` (whether it has left it since or not)
+
+
+def joined_a_group() -> bool:
+    """Whether `init` joined a process group in this process: its collectives' threads may outlive the group (see
+    engine.cli.leave_without_finalizing)."""
+    return _joined
+
+
 def init(cfg: DistConfig, device_type: str) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    global _joined
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()
@@ -49,6 +59,7 @@ def init(cfg: DistConfig, device_type: str) -> DistInfo:
         torch.cuda.set_device(info.gpu)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.timeout_min))
+        _joined = True
     tag_engine_warnings(info.rank)
     if device_type == "cuda":
         try:

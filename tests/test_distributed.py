@@ -586,3 +586,37 @@ def test_the_engine_s_warnings_say_which_rank_met_them(caplog):
             log.removeFilter(f)
     said = [r.getMessage() for r in caplog.records]
     assert said == ["[rank 3] CUDA graph capture of an attack failed (x); attacks run eagerly from now on", "after"]
+
+
+def test_a_torchrun_rank_leaves_after_its_exit_handlers_without_the_interpreter_s_finalization(monkeypatch, capsys):
+    """A two-rank sync-BN training run under the whole suite in one process aborted at exit (rank 1: "terminate
+    called without an active exception", 2026-12-07): a process-group thread still dropping tensors while the
+    interpreter finalized. A rank run as a program now runs the exit handlers and leaves with os._exit (the
+    torchrun tests above run that path for real: their output and files complete, their exit codes kept)."""
+    from engine import cli, distributed
+
+    class Left(BaseException):
+        pass
+
+    ran, left = [], []
+
+    def leave(code):
+        left.append(code)
+        raise Left
+
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: ran.append(len(left)))
+    monkeypatch.setattr(cli.os, "_exit", leave)
+    monkeypatch.setattr(sys, "argv", ["arat", "recipes"])
+    monkeypatch.setattr(distributed, "_joined", True)
+    with pytest.raises(Left):
+        cli.main()
+    assert ran == [0] and left == [0]  # the handlers first, then the recipes' exit code
+    assert "arat-resnet18-cifar10" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["arat", "recipes", "--set", "x=1"])  # a refusal: its code 2
+    with pytest.raises(Left):
+        cli.main()
+    assert left == [0, 2]
+    assert cli.main(["recipes"]) == 0  # a caller's main([...]) returns, in a rank too
+    monkeypatch.setattr(distributed, "_joined", False)
+    monkeypatch.setattr(sys, "argv", ["arat", "recipes"])
+    assert cli.main() == 0 and left == [0, 2]  # a process that joined no group exits as before
