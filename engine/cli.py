@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -607,32 +608,50 @@ def main(argv: list[str] | None = None) -> int:
     before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         code = run_command(args)
+    except Exception:  # a traceback: a torchrun rank still leaves without finalizing (below), with exit code 1
+        if not torchrun_rank_program(argv):
+            raise
+        traceback.print_exc()
+        code = 1
     finally:
         if main_thread:  # a caller's own handler (pytest, the GPU check's stages) again after the command
             signal.signal(signal.SIGTERM, before)
-    if argv is None:  # run as a program (`arat`, `python -m engine.cli`), not a caller's main([...])
-        from . import distributed
-
-        if distributed.joined_a_group():  # a torchrun rank
-            leave_without_finalizing(code)
+    if torchrun_rank_program(argv):
+        leave_without_finalizing(code)
     return code
 
 
+def torchrun_rank_program(argv: list[str] | None) -> bool:
+    """Whether this is a torchrun rank run as a program (`arat`, `python -m engine.cli`; not a caller's
+    main([...])) that joined its process group."""
+    if argv is not None:
+        return False
+    from . import distributed
+
+    return distributed.joined_a_group()
+
+
 def leave_without_finalizing(code: int) -> None:
-    """A torchrun rank ends here once its command is done and its files are written: the exit handlers run
-    (logging's flush, Inductor's compile workers), then the process leaves without the interpreter's finalization.
+    """A torchrun rank ends here once its command is done and its files are written: as a normal exit does, its
+    other threads are joined and the exit handlers run (logging's flush, Inductor's compile workers); then the process
+    leaves without the interpreter's finalization.
     There a thread of the process group (gloo's, with the last work of DDP's or sync BN's collectives) could still
     be dropping tensors, waiting for the GIL the finalizing interpreter holds: "terminate called without an active
     exception", SIGABRT, and torchrun called a finished run failed (rarely: 2026-12-02, the gathers, mended by
     moving them to the store; 2026-12-07, a sync-BN training run under the test suite)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    atexit._run_exitfuncs()  # what a normal exit runs first; it reports a failing handler itself and goes on
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    try:
+        for thread in threading.enumerate():  # non-daemon Python threads (the engine starts none today)
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        atexit._run_exitfuncs()  # it reports a failing handler itself and runs the others
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    finally:  # a second Ctrl-C on the way out too
+        os._exit(code)
 
 
 def line_buffered(stream) -> None:

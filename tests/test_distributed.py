@@ -130,8 +130,9 @@ def test_collectives_wait_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: made.update(backend=backend, **kw))
+    monkeypatch.setattr(distributed, "_joined", False)  # (put back after the test: a later main() must not leave)
     info = distributed.init(DistConfig(), "cpu")
-    assert (info.rank, info.world_size) == (1, 2)
+    assert (info.rank, info.world_size) == (1, 2) and distributed.joined_a_group()
     assert made == {"backend": "gloo", "timeout": timedelta(minutes=180)}
     distributed.init(DistConfig(timeout_min=30), "cpu")
     assert made["timeout"] == timedelta(minutes=30)
@@ -174,6 +175,7 @@ def test_two_ranks_on_one_gpu_are_refused_on_every_rank(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: None)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: left.append(True))
+    monkeypatch.setattr(distributed, "_joined", False)  # (put back after the test, as above)
     monkeypatch.setattr(distributed, "gpu_identity", lambda index: f"node GPU-{index}")
     monkeypatch.setattr(distributed, "gather_objects", lambda obj, info: ["node GPU-0", obj])
     with pytest.raises(UserError, match=r"ranks 0 and 1 share one GPU \(node GPU-0\): start at most one process"):
@@ -591,8 +593,9 @@ def test_the_engine_s_warnings_say_which_rank_met_them(caplog):
 def test_a_torchrun_rank_leaves_after_its_exit_handlers_without_the_interpreter_s_finalization(monkeypatch, capsys):
     """A two-rank sync-BN training run under the whole suite in one process aborted at exit (rank 1: "terminate
     called without an active exception", 2026-12-07): a process-group thread still dropping tensors while the
-    interpreter finalized. A rank run as a program now runs the exit handlers and leaves with os._exit (the
-    torchrun tests above run that path for real: their output and files complete, their exit codes kept)."""
+    interpreter finalized. A rank run as a program now runs the exit handlers and leaves with os._exit, after an
+    uncaught error too (code 1; the torchrun tests above run that path for real: their output and files complete,
+    their exit codes kept)."""
     from engine import cli, distributed
 
     class Left(BaseException):
@@ -616,7 +619,21 @@ def test_a_torchrun_rank_leaves_after_its_exit_handlers_without_the_interpreter_
     with pytest.raises(Left):
         cli.main()
     assert left == [0, 2]
+
+    def boom(args):
+        raise ValueError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "recipes", boom)
+    monkeypatch.setattr(sys, "argv", ["arat", "recipes"])
+    with pytest.raises(Left):  # an uncaught error: its traceback, then the same way out with 1
+        cli.main()
+    assert left == [0, 2, 1] and "ValueError: a bug" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a bug"):  # a caller's main([...]) gets the error itself
+        cli.main(["recipes"])
+    monkeypatch.undo()
+    monkeypatch.setattr(cli.os, "_exit", leave)
+    monkeypatch.setattr(distributed, "_joined", True)
     assert cli.main(["recipes"]) == 0  # a caller's main([...]) returns, in a rank too
     monkeypatch.setattr(distributed, "_joined", False)
     monkeypatch.setattr(sys, "argv", ["arat", "recipes"])
-    assert cli.main() == 0 and left == [0, 2]  # a process that joined no group exits as before
+    assert cli.main() == 0 and left == [0, 2, 1]  # a process that joined no group exits as before
