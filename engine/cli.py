@@ -634,22 +634,24 @@ def torchrun_rank_program(argv: list[str] | None) -> bool:
 def leave_without_finalizing(code: int) -> None:
     """A torchrun rank ends here once its command is done and its files are written: the exit handlers run
     (logging's flush, Inductor's compile workers), then the process leaves without the interpreter's finalization.
-    Other Python threads are not joined (the engine starts none; a thread pool's idle workers would never end: a
-    join hung the suite run in one process).
     There a thread of the process group (gloo's, with the last work of DDP's or sync BN's collectives) could still
     be dropping tensors, waiting for the GIL the finalizing interpreter holds: "terminate called without an active
     exception", SIGABRT, and torchrun called a finished run failed (rarely: 2026-12-02, the gathers, mended by
-    moving them to the store; 2026-12-07, a sync-BN training run under the test suite)."""
+    moving them to the store; 2026-12-07, a sync-BN training run under the test suite). Other Python threads are
+    not joined (the engine starts none; a thread pool's idle workers would never end: a join hung the suite run in
+    one process)."""
     try:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        flush_streams()
         atexit._run_exitfuncs()  # it reports a failing handler itself and runs the others
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        flush_streams()  # what the handlers printed
     finally:  # a second Ctrl-C on the way out too
         os._exit(code)
+
+
+def flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or replaced stream: nothing to keep
+            stream.flush()
 
 
 def line_buffered(stream) -> None:
