@@ -521,10 +521,14 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
     if from_checkpoint:
         refused_since_it_started(cfg, Path(out_dir) / "checkpoints" / LATEST)
     run = build_run(cfg, from_checkpoint=from_checkpoint)
-    # rank 0's: a default --out is named from the clock on each rank, and ranks straddling a second named two
-    rundir = RunDir(distributed.gather_objects(str(out_dir), run.dist)[0])
-    with opened_by_rank0(run, rundir, resume):
-        train_and_finish(run, rundir, resume, evaluate_at_end)
+    try:
+        # rank 0's: a default --out is named from the clock on each rank, and ranks straddling a second named two
+        rundir = RunDir(distributed.gather_objects(str(out_dir), run.dist)[0])
+        with opened_by_rank0(run, rundir, resume):
+            train_and_finish(run, rundir, resume, evaluate_at_end)
+    except BaseException:  # a failed rank leaves its group at once (as `arat eval`'s do): no wait for the others
+        distributed.shutdown(run.dist, wait=False)
+        raise
     distributed.shutdown(run.dist)
     return rundir.path
 

@@ -464,6 +464,26 @@ def test_an_epoch_whose_last_update_made_a_weight_nan_keeps_the_last_good_checkp
     assert [r["epoch"] for r in read_rows(tmp_path / "run")] == [1]
 
 
+def test_a_run_whose_training_raises_leaves_its_process_group_without_waiting(tiny_cfg, tmp_path, monkeypatch):
+    """A rank whose training raised left its process group alive (NCCL's communicators up to the interpreter's
+    exit); it now leaves at once, as `arat eval`'s ranks do, without the wait for the other ranks (they may never
+    get there). A run that ends normally leaves after them."""
+    from engine import distributed, train
+
+    calls = []
+    monkeypatch.setattr(distributed, "shutdown", lambda info, wait=True: calls.append(wait))
+    monkeypatch.setattr(train, "train_epoch", lambda run, epoch, on_progress=None: 1 / 0)
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=1", "eval.attacks=clean"])
+    with pytest.raises(ZeroDivisionError):
+        run_training(cfg, tmp_path / "run")
+    assert calls == [False]
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(distributed, "shutdown", lambda info, wait=True: calls.append(wait))
+    run_training(cfg, tmp_path / "ok")
+    assert calls == [True]
+
+
 def test_a_last_batch_of_one_image_is_refused(tiny_cfg, tmp_path):
     from engine.config import ConfigError
 
