@@ -296,15 +296,21 @@ def cmd_eval(args) -> None:
     from .data import DataError, data_source, load_test_split, resolve_dataset
     from .evaluate import evaluate, format_results, summary
     from .perf import make_current, resolve_device
-    from .rundir import environment
+    from .rundir import RunDirError, environment
 
     eval_cfg = eval_config(args)
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out is empty: name a directory, or leave --out out for the default")
     device = resolve_device(args.device)
     target = Path(args.target)
+    refused = None  # rank 0's refusal under torchrun: said by every rank once they are in the group (below)
     if target.is_dir() and (target / "config.json").exists() and int(os.environ.get("RANK", "0")) == 0:
-        writable_now(target)  # before the evaluation's minutes or hours: its eval.json goes into the run
+        try:
+            writable_now(target)  # before the evaluation's minutes or hours: its eval.json goes into the run
+        except RunDirError as e:
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                raise
+            refused = e  # raised here it left the others in the group's start (deaf to SIGTERM: torchrun killed them)
     model, cfg = load_for_eval(args)
     data_cfg = apply_overrides(cfg, [f"data.dataset={args.dataset}"] if args.dataset else []).data
     if args.data_dir:
@@ -323,7 +329,7 @@ def cmd_eval(args) -> None:
     info = distributed.init(DistConfig(timeout_min=cfg.dist.timeout_min), device.type)
     test_data = None if missing else split.fingerprint()  # which test images (another copy has the same name)
     try:  # each rank evaluates its chunks on its own node's copy: the flags of two copies must not mix
-        distributed.check_same_data(missing or {"test images": test_data}, data_source(data_cfg), info)
+        distributed.check_same_data(refused or missing or {"test images": test_data}, data_source(data_cfg), info)
     except UserError:
         distributed.shutdown(info, wait=False)  # every rank raises after the same gather (see train.py's)
         raise

@@ -559,9 +559,11 @@ def refused_since_it_started(cfg: TrainConfig, checkpoint: Path) -> None:
 def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
     """Rank 0 opens the run directory (the only writer); every rank learns whether it could. On a refusal on rank 0
     alone (--out holding another run, unwritable) the other ranks went on building and training until torchrun
-    killed them; now every rank stops at once with the same line."""
+    killed them; now every rank stops at once with the same line. Any other error there (a disk's, reading the
+    run's records) is raised on rank 0 as it is, and said to the other ranks, which waited in the gather for the
+    group's timeout where torchrun did not stop them (another node)."""
     with contextlib.ExitStack() as stack:
-        problem = None
+        problem, error = None, None
         if run.dist.is_main:
             try:
                 # a resume writes into the run itself: --out is no way out
@@ -570,9 +572,15 @@ def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
                 problem = other_data_on_resume(run, rundir) if resume else None
             except RunDirError as e:
                 problem = str(e)
+            except Exception as e:
+                if not run.dist.enabled:
+                    raise
+                problem, error = f"rank 0 could not open {rundir.path}: {e} (rank 0 says more)", e
         problem = distributed.gather_objects(problem, run.dist)[0]
         if problem is not None:
             distributed.shutdown(run.dist, wait=False)
+            if error is not None:
+                raise error
             raise RunDirError(problem)
         yield
 
