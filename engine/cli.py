@@ -567,16 +567,21 @@ COMMANDS = {
 
 
 def interrupted_line(args) -> str:
-    """What an interrupted command keeps and how to go on."""
+    """What an interrupted command keeps and how to go on; under torchrun, which stops every rank when one fails
+    (SIGTERM), where to look for that failure (the stopped ranks blamed an interrupt alone)."""
+    line = "arat: interrupted"
     if args.command == "train" and getattr(args, "run_dir", None):
         if not (Path(args.run_dir) / "config.json").exists():  # stopped while setting up: nothing to resume yet
-            return "arat: interrupted before the run started (no config.json yet); the same command starts it again"
-        # a wrapper that knows better how its user goes on (scripts/demo.sh: arat is not on the demo user's PATH)
-        how = os.environ.get("ARAT_CONTINUE_HINT") or f"`arat train --resume {args.run_dir}`"
-        return f"arat: interrupted; {how} continues the run from its last finished epoch"
-    if args.command == "eval":
-        return "arat: interrupted; the same `arat eval` command again skips the chunks already finished"
-    return "arat: interrupted"
+            line = "arat: interrupted before the run started (no config.json yet); the same command starts it again"
+        else:  # a wrapper that knows better how its user goes on (scripts/demo.sh: arat is not on its user's PATH)
+            how = os.environ.get("ARAT_CONTINUE_HINT") or f"`arat train --resume {args.run_dir}`"
+            line = f"arat: interrupted; {how} continues the run from its last finished epoch"
+    elif args.command == "eval":
+        line = "arat: interrupted; the same `arat eval` command again skips the chunks already finished"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank = os.environ.get("RANK", "?")
+        line += f" (rank {rank}: where torchrun stopped the ranks because one failed, its error is above)"
+    return line
 
 
 def resource_line(args, error: BaseException) -> str | None:

@@ -297,6 +297,12 @@ def test_an_interrupted_train_names_the_wrappers_command_when_it_gives_one(monke
     assert interrupted_line(args) == (
         "arat: interrupted; `bash scripts/demo.sh` again continues the run from its last finished epoch"
     )
+    # a torchrun rank: torchrun stops every rank (SIGTERM) when one fails, and the stopped ones said "interrupted" only
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert interrupted_line(args).endswith(
+        "finished epoch (rank 1: where torchrun stopped the ranks because one failed, its error is above)"
+    )
 
 
 TINY = [
