@@ -303,14 +303,15 @@ def cmd_eval(args) -> None:
         raise ConfigError("--out is empty: name a directory, or leave --out out for the default")
     device = resolve_device(args.device)
     target = Path(args.target)
-    refused = None  # rank 0's refusal under torchrun: said by every rank once they are in the group (below)
     if target.is_dir() and (target / "config.json").exists() and int(os.environ.get("RANK", "0")) == 0:
         try:
             writable_now(target)  # before the evaluation's minutes or hours: its eval.json goes into the run
         except RunDirError as e:
             if int(os.environ.get("WORLD_SIZE", "1")) == 1:
                 raise
-            refused = e  # raised here it left the others in the group's start (deaf to SIGTERM: torchrun killed them)
+            # under torchrun said by every rank, at the first gather of the group they all join: raised before it,
+            # it left the others in the group's start (deaf to SIGTERM) until torchrun killed them
+            checked_on_every_rank(e, "", distributed.init(DistConfig(), device.type))
     model, cfg = load_for_eval(args)
     data_cfg = apply_overrides(cfg, [f"data.dataset={args.dataset}"] if args.dataset else []).data
     if args.data_dir:
@@ -328,11 +329,8 @@ def cmd_eval(args) -> None:
     # gathers of finished chunks by the chunks' own time, evaluate._attack_result)
     info = distributed.init(DistConfig(timeout_min=cfg.dist.timeout_min), device.type)
     test_data = None if missing else split.fingerprint()  # which test images (another copy has the same name)
-    try:  # each rank evaluates its chunks on its own node's copy: the flags of two copies must not mix
-        distributed.check_same_data(refused or missing or {"test images": test_data}, data_source(data_cfg), info)
-    except UserError:
-        distributed.shutdown(info, wait=False)  # every rank raises after the same gather (see train.py's)
-        raise
+    # each rank evaluates its chunks on its own node's copy: the flags of two copies must not mix
+    checked_on_every_rank(missing or {"test images": test_data}, data_source(data_cfg), info)
     device = distributed.local_device(info, device)
     make_current(device)
     if note := distributed.idle_gpus_note(info, device):
@@ -389,6 +387,18 @@ def write_evaluation(target: Path, record: Path, results: dict, entry: dict) -> 
 
 
 EVAL_LOCK_WAIT_S = 60.0  # how long an ending `arat eval` waits for another holder of its run's lock
+
+
+def checked_on_every_rank(data, source: str, info) -> None:
+    """distributed.check_same_data (`data`: this rank's fingerprints, or its error); on a refusal this rank leaves
+    its group first: every rank raises after the same gather (see train.py's same_data_on_every_rank)."""
+    from . import distributed
+
+    try:
+        distributed.check_same_data(data, source, info)
+    except UserError:
+        distributed.shutdown(info, wait=False)
+        raise
 
 
 def writable_now(run: Path) -> None:
@@ -567,8 +577,8 @@ COMMANDS = {
 
 
 def interrupted_line(args) -> str:
-    """What an interrupted command keeps and how to go on; under torchrun, which stops every rank when one fails
-    (SIGTERM), where to look for that failure (the stopped ranks blamed an interrupt alone)."""
+    """What an interrupted command keeps and how to go on; under torchrun, which stops the ranks of a failed rank's
+    node (SIGTERM), where to look for that failure (the stopped ranks blamed an interrupt alone)."""
     line = "arat: interrupted"
     if args.command == "train" and getattr(args, "run_dir", None):
         if not (Path(args.run_dir) / "config.json").exists():  # stopped while setting up: nothing to resume yet
@@ -580,7 +590,7 @@ def interrupted_line(args) -> str:
         line = "arat: interrupted; the same `arat eval` command again skips the chunks already finished"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank = os.environ.get("RANK", "?")
-        line += f" (rank {rank}: where torchrun stopped the ranks because one failed, its error is above)"
+        line += f" (rank {rank}: if torchrun stopped this node's ranks because one failed, its error is above)"
     return line
 
 

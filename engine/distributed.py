@@ -91,20 +91,26 @@ def tag_engine_warnings(rank: int | None) -> None:
         log.addFilter(_RankTag(rank))
 
 
-def leave_after_an_error() -> None:
+def leave_after_an_error(rank: int) -> None:
     """Leave the process group on the way out of an error, without raising (the error being handled is the one to
     tell). An NCCL group is aborted, not destroyed: NCCL's shutdown waits for the rank's pending work, which a
     collective that a failed peer never joins never finishes (until NCCL's timeout, `dist.timeout_min`). Gloo's
     destroy is kept (it returned at once in the two-rank tests); the NCCL abort has not run (no NCCL group was ever
     formed here)."""
     try:
+        backend = dist.get_backend()
+    except Exception:  # any: destroyed as any other group
+        backend = None
+    try:
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if dist.get_backend() == "nccl" and abort is not None:
+        if backend == "nccl" and abort is not None:
             abort()
         else:
             dist.destroy_process_group()
     except Exception as e:  # any: the error being handled is the one to report
-        logging.getLogger("engine").warning("leaving the process group after an error failed too: %s", e)
+        logging.getLogger("engine").warning(
+            "[rank %s] leaving the process group after an error failed too: %s", rank, e
+        )
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -336,7 +342,7 @@ def shutdown(info: DistInfo, wait: bool = True) -> None:
     if not (info.enabled and dist.is_initialized()):
         return
     if not wait:
-        leave_after_an_error()
+        leave_after_an_error(info.rank)
         return
     global _last_gather
     store = dist.distributed_c10d._get_default_store()

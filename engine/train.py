@@ -575,7 +575,7 @@ def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
             except Exception as e:
                 if not run.dist.enabled:
                     raise
-                problem, error = f"rank 0 could not open {rundir.path}: {e} (rank 0 says more)", e
+                problem, error = f"rank 0 could not open or read {rundir.path}: {e} (rank 0 says more)", e
         problem = distributed.gather_objects(problem, run.dist)[0]
         if problem is not None:
             distributed.shutdown(run.dist, wait=False)

@@ -301,7 +301,7 @@ def test_an_interrupted_train_names_the_wrappers_command_when_it_gives_one(monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert interrupted_line(args).endswith(
-        "finished epoch (rank 1: where torchrun stopped the ranks because one failed, its error is above)"
+        "finished epoch (rank 1: if torchrun stopped this node's ranks because one failed, its error is above)"
     )
 
 
