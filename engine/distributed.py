@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -101,6 +102,10 @@ def leave_after_an_error(rank: int) -> None:
         backend = dist.get_backend()
     except Exception:  # any: destroyed as any other group
         backend = None
+    try:  # the ranks waiting in a store exchange this rank will not reach stop at once (wait_for_entries)
+        dist.distributed_c10d._get_default_store().set(_failed_key(_rounds + 1), str(rank))
+    except Exception as e:  # any: a store gone with its host (the others learn of it from their own store calls)
+        logging.getLogger("engine").warning("[rank %s] could not tell the other ranks it stopped: %s", rank, e)
     try:
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
         if backend == "nccl" and abort is not None:
@@ -237,6 +242,35 @@ def _gather_key(n: int, rank: int) -> str:
     return f"{_KEY}/gather/{n}/{rank}"
 
 
+POLL_S = 10.0  # how often a rank waiting for the others' store entries looks whether one of them left on an error
+
+
+def _failed_key(n: int) -> str:
+    return f"{_KEY}/failed/{n}"
+
+
+def wait_for_entries(store, keys: list[str], n: int, total: timedelta) -> None:
+    """Wait up to `total` for `keys` of round `n`, looking every POLL_S seconds whether a rank left on an error
+    before writing its entry (leave_after_an_error marks the round it did not reach): then this rank stops at once
+    with one line, where it waited the whole time (the group's timeout, hours for an evaluation's chunks) unless
+    torchrun stopped it, which it does only on the failed rank's own node."""
+    deadline = time.monotonic() + total.total_seconds()
+    while True:
+        step = max(min(POLL_S, deadline - time.monotonic()), 0.001)
+        started = time.monotonic()
+        try:
+            store.wait(keys, timedelta(seconds=step))
+            return
+        except RuntimeError:  # the store's timeout (DistStoreError, a RuntimeError), or the store itself failing
+            if store.check([_failed_key(n)]):  # (a store that failed raises here)
+                rank = store.get(_failed_key(n)).decode()
+                raise UserError(
+                    f"rank {rank} stopped on an error (its own output says which); this rank stops too"
+                ) from None
+            if time.monotonic() >= deadline or time.monotonic() - started < step / 2:  # not a poll that timed out
+                raise
+
+
 def _next_round() -> int:
     global _rounds
     _rounds += 1
@@ -261,9 +295,9 @@ def gather_objects(obj, info: DistInfo, wait: timedelta | None = None) -> list:
     store = dist.distributed_c10d._get_default_store()
     n = _next_round()
     store.set(_gather_key(n, info.rank), pickle.dumps(obj))
-    if wait is not None:
-        store.wait([_gather_key(n, r) for r in range(info.world_size)], max(wait, store.timeout))
-    out = [pickle.loads(store.get(_gather_key(n, r))) for r in range(info.world_size)]
+    keys = [_gather_key(n, r) for r in range(info.world_size)]
+    wait_for_entries(store, keys, n, store.timeout if wait is None else max(wait, store.timeout))
+    out = [pickle.loads(store.get(key)) for key in keys]
     global _last_gather
     if _last_gather is not None:  # every rank wrote round n after reading all of that one: no one reads it again
         store.delete_key(_gather_key(_last_gather, info.rank))
@@ -350,7 +384,7 @@ def shutdown(info: DistInfo, wait: bool = True) -> None:
     store.set(f"{_KEY}/done/{n}/{info.rank}", b"1")
     if info.is_main:  # then no rank reads the store again: rank 0 clears what is left of this engine's keys
         done = [f"{_KEY}/done/{n}/{r}" for r in range(info.world_size)]
-        store.wait(done)
+        wait_for_entries(store, done, n, store.timeout)
         last = [] if _last_gather is None else [_gather_key(_last_gather, r) for r in range(info.world_size)]
         for key in done + last:
             store.delete_key(key)

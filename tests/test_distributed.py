@@ -292,6 +292,45 @@ def _gathering_rank(rank: int, init: str, out: str) -> None:
     Path(out, f"{rank}.json").write_text(json.dumps(record))
 
 
+def _rank_left_behind(rank: int, init: str, out: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from engine import distributed
+    from engine.errors import UserError
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(minutes=5))
+    dist.distributed_c10d._get_default_store().set_timeout(timedelta(seconds=30))  # the group's, as its gathers wait
+    distributed.POLL_S = 0.2
+    info = distributed.DistInfo(rank, 2)
+    distributed.gather_objects(rank, info)
+    if rank == 1:  # an error here: this rank leaves, and never writes its entry of the next round
+        distributed.shutdown(info, wait=False)
+        return
+    started = time.monotonic()
+    try:
+        distributed.gather_objects(rank, info, wait=timedelta(seconds=60))  # an evaluation's wait for the chunks
+        said = "returned"
+    except UserError as e:
+        said = str(e)
+    Path(out, "0.json").write_text(json.dumps({"said": said, "waited": time.monotonic() - started}))
+    dist.destroy_process_group()
+
+
+def test_a_rank_waiting_in_a_gather_stops_when_another_left_on_an_error(tmp_path):
+    """A rank that left on an error never writes its entry of the next gather; the others waited for it the whole
+    time (the group's timeout, or hours in an evaluation's gather), unless torchrun stopped them, which it does on
+    the failed rank's own node only. The rank leaving marks the round it will not reach, and the waiting ranks look
+    for that mark as they wait: one line, within a poll, here 0.2 s."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_left_behind, args=(f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
+    got = json.loads((tmp_path / "0.json").read_text())
+    assert got["said"] == "rank 1 stopped on an error (its own output says which); this rank stops too"
+    assert got["waited"] < 20  # the store's timeout is 30 s, the gather's own wait a minute (hours in evaluations)
+
+
 def test_gathered_objects_go_through_the_store_not_a_backend_collective(tmp_path):
     """The evaluation's gathers (the last exchange before a rank exits) use the process group's store: a gloo
     collective's worker thread may still be dropping its tensors, GIL needed, as the interpreter finalizes, which
