@@ -328,18 +328,18 @@ def cmd_eval(args) -> None:
     # under torchrun: the chunks are shared among the ranks (the collectives bounded by the run's timeout; the
     # gathers of finished chunks by the chunks' own time, evaluate._attack_result)
     info = distributed.init(DistConfig(timeout_min=cfg.dist.timeout_min), device.type)
-    test_data = None if missing else split.fingerprint()  # which test images (another copy has the same name)
-    # each rank evaluates its chunks on its own node's copy: the flags of two copies must not mix
-    checked_on_every_rank(missing or {"test images": test_data}, data_source(data_cfg), info)
-    device = distributed.local_device(info, device)
-    make_current(device)
-    if note := distributed.idle_gpus_note(info, device):
-        print(f"arat eval: note: {note}", file=sys.stderr)
-    seed = cfg.seed if args.seed is None else args.seed
-    graphs = cfg.perf.cuda_graphs if device.type == "cuda" else "auto"  # a GPU run's `on` must not stop a CPU eval
-    perf_cfg = dataclasses.replace(cfg.perf, device=str(device), compile=args.compile or cfg.perf.compile,
-                                   cuda_graphs=graphs)  # fmt: skip
-    try:
+    try:  # this rank leaves its group at once on an error, marking the exchange it will not reach
+        test_data = None if missing else split.fingerprint()  # which test images (another copy has the same name)
+        # each rank evaluates its chunks on its own node's copy: the flags of two copies must not mix
+        distributed.check_same_data(missing or {"test images": test_data}, data_source(data_cfg), info)
+        device = distributed.local_device(info, device)
+        make_current(device)
+        if note := distributed.idle_gpus_note(info, device):
+            print(f"arat eval: note: {note}", file=sys.stderr)
+        seed = cfg.seed if args.seed is None else args.seed
+        graphs = cfg.perf.cuda_graphs if device.type == "cuda" else "auto"  # a GPU run's `on` must not stop a CPU one
+        perf_cfg = dataclasses.replace(cfg.perf, device=str(device), compile=args.compile or cfg.perf.compile,
+                                       cuda_graphs=graphs)  # fmt: skip
         results = evaluate(model.to(device), split, eval_cfg, device, seed, perf_cfg, info, record)
     except BaseException:
         distributed.shutdown(info, wait=False)

@@ -103,7 +103,8 @@ def leave_after_an_error(rank: int) -> None:
     except Exception:  # any: destroyed as any other group
         backend = None
     try:  # the ranks waiting in a store exchange this rank will not reach stop at once (wait_for_entries)
-        dist.distributed_c10d._get_default_store().set(_failed_key(_rounds + 1), str(rank))
+        # the round it will not reach, used up here: a later group in this process on the same store starts past it
+        dist.distributed_c10d._get_default_store().set(_failed_key(_next_round()), str(rank))
     except Exception as e:  # any: a store gone with its host (the others learn of it from their own store calls)
         logging.getLogger("engine").warning("[rank %s] could not tell the other ranks it stopped: %s", rank, e)
     try:
@@ -293,8 +294,10 @@ def gather_objects(obj, info: DistInfo, wait: timedelta | None = None) -> list:
     if not info.enabled:
         return [obj]
     store = dist.distributed_c10d._get_default_store()
-    n = _next_round()
-    store.set(_gather_key(n, info.rank), pickle.dumps(obj))
+    payload = pickle.dumps(obj)
+    n = _rounds + 1
+    store.set(_gather_key(n, info.rank), payload)
+    _next_round()  # only now: a rank failing before its entry is written marks this round (leave_after_an_error)
     keys = [_gather_key(n, r) for r in range(info.world_size)]
     wait_for_entries(store, keys, n, store.timeout if wait is None else max(wait, store.timeout))
     out = [pickle.loads(store.get(key)) for key in keys]

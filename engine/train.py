@@ -213,6 +213,17 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     requested_device = cfg.perf.device
     device = perf.resolve_device(cfg.perf.device)
     info = distributed.init(cfg.dist, device.type)
+    try:
+        return build_in_group(cfg, from_checkpoint, info, device, requested_device)
+    except BaseException:  # this rank leaves its group at once, marking the exchange it will not reach
+        distributed.shutdown(info, wait=False)
+        raise
+
+
+def build_in_group(
+    cfg: TrainConfig, from_checkpoint: bool, info: distributed.DistInfo, device: torch.device, requested_device: str
+) -> Run:
+    """build_run's part once this process is in its group (torchrun): the data, network, method and optimizer."""
     cfg.perf.device = str(distributed.local_device(info, device))
     perf.make_current(torch.device(cfg.perf.device))
     torch.manual_seed(cfg.seed)
