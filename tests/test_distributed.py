@@ -134,8 +134,11 @@ def test_a_rank_leaving_after_an_error_picks_abort_for_nccl_and_never_raises(mon
 
     from engine import distributed
 
-    calls = []
+    calls, marks = [], {}
+    store = type("Store", (), {"set": lambda self, key, value: marks.update({key: value})})()
+    monkeypatch.setattr(distributed, "_rounds", distributed._rounds)  # (put back after the test)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
     monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: calls.append("abort"))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
 
@@ -145,8 +148,11 @@ def test_a_rank_leaving_after_an_error_picks_abort_for_nccl_and_never_raises(mon
     for backend, expected in (("nccl", "abort"), ("gloo", "destroy"), (unreadable, "destroy")):
         monkeypatch.setattr(dist, "get_backend", backend if callable(backend) else lambda b=backend: b)
         calls.clear()
+        next_round = distributed._rounds + 1
         distributed.shutdown(distributed.DistInfo(0, 2), wait=False)
         assert calls == [expected], backend
+        # the exchange this rank will not reach is marked for the ranks waiting in it, and its round used up
+        assert marks.pop(f"arat/failed/{next_round}") == "0" and distributed._rounds == next_round
     monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
     monkeypatch.delattr(dist.distributed_c10d, "_abort_process_group")
     calls.clear()
