@@ -311,7 +311,11 @@ def cmd_eval(args) -> None:
                 raise
             # under torchrun said by every rank, at the first gather of the group they all join: raised before it,
             # it left the others in the group's start (deaf to SIGTERM) until torchrun killed them
-            checked_on_every_rank(e, "", distributed.init(DistConfig(), device.type))
+            info = distributed.init(DistConfig(), device.type)
+            try:
+                distributed.check_same_data(e, "", info)  # raises it, on every rank
+            finally:
+                distributed.shutdown(info, wait=False)
     model, cfg = load_for_eval(args)
     data_cfg = apply_overrides(cfg, [f"data.dataset={args.dataset}"] if args.dataset else []).data
     if args.data_dir:
@@ -387,18 +391,6 @@ def write_evaluation(target: Path, record: Path, results: dict, entry: dict) -> 
 
 
 EVAL_LOCK_WAIT_S = 60.0  # how long an ending `arat eval` waits for another holder of its run's lock
-
-
-def checked_on_every_rank(data, source: str, info) -> None:
-    """distributed.check_same_data (`data`: this rank's fingerprints, or its error); on a refusal this rank leaves
-    its group first: every rank raises after the same gather (see train.py's same_data_on_every_rank)."""
-    from . import distributed
-
-    try:
-        distributed.check_same_data(data, source, info)
-    except UserError:
-        distributed.shutdown(info, wait=False)
-        raise
 
 
 def writable_now(run: Path) -> None:

@@ -215,7 +215,10 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     info = distributed.init(cfg.dist, device.type)
     try:
         return build_in_group(cfg, from_checkpoint, info, device, requested_device)
-    except BaseException:  # this rank leaves its group at once, marking the exchange it will not reach
+    except BaseException:
+        # this rank leaves its group at once, marking the exchange it will not reach. Not waiting for the others to
+        # leave the store: a refusal every rank raises after the same gather leaves none waiting, and under torchrun
+        # the first rank to exit has the others killed before they print
         distributed.shutdown(info, wait=False)
         raise
 
@@ -291,21 +294,15 @@ def build_in_group(
 def same_data_on_every_rank(cfg: TrainConfig, info: distributed.DistInfo) -> tuple[ArraySplit, ArraySplit, str]:
     """The training and test splits and the training split's fingerprint, after every rank has checked that it
     loaded the same images as rank 0 (distributed.check_same_data: another node may hold another copy, or none)."""
-    source = data_source(cfg.data)
+    source = data_source(cfg.data)  # a refusal is raised on every rank after the same gather (build_run leaves)
     try:
-        try:
-            train_split, test_split = load_splits(cfg.data, cfg.seed)
-        except DataError as e:  # said on every rank (one process: raised as it is)
-            distributed.check_same_data(e, source, info)
-            raise
-        train_data = train_split.fingerprint()  # (every rank's: another node may hold another copy)
-        data = {"training images": train_data, "test images": test_split.fingerprint()} if info.enabled else {}
-        distributed.check_same_data(data, source, info)
-    except UserError:
-        # every rank raises after the same gather: none is left waiting. Not waiting for the others to leave the
-        # store (as opened_by_rank0): under torchrun the first rank to exit has the others killed before they print
-        distributed.shutdown(info, wait=False)
+        train_split, test_split = load_splits(cfg.data, cfg.seed)
+    except DataError as e:  # said on every rank (one process: raised as it is)
+        distributed.check_same_data(e, source, info)
         raise
+    train_data = train_split.fingerprint()  # (every rank's: another node may hold another copy)
+    data = {"training images": train_data, "test images": test_split.fingerprint()} if info.enabled else {}
+    distributed.check_same_data(data, source, info)
     return train_split, test_split, train_data
 
 
@@ -588,8 +585,7 @@ def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
                     raise
                 problem, error = f"rank 0 could not open or read {rundir.path}: {e} (rank 0 says more)", e
         problem = distributed.gather_objects(problem, run.dist)[0]
-        if problem is not None:
-            distributed.shutdown(run.dist, wait=False)
+        if problem is not None:  # (every rank raises: run_training leaves the group)
             if error is not None:
                 raise error
             raise RunDirError(problem)
