@@ -13,7 +13,10 @@ def pgd_step_reference(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor,
     """clamp(clamp(x_adv + alpha * sign(grad), x - eps, x + eps), 0, 1); never writes to its inputs.
 
     The step is selected by the gradient's sign, not multiplied by it, as the fused kernels do: a NaN or zero
-    gradient does not move (alpha * sign would give NaN at alpha = inf, or for a NaN gradient on CUDA)."""
+    gradient does not move (alpha * sign would give NaN at alpha = inf, or for a NaN gradient on CUDA). A bf16/fp16
+    x_adv is stepped in float32 and rounded once to its dtype, as the kernels do."""
+    if x_adv.dtype != torch.float32:
+        return pgd_step_reference(x.float(), x_adv.float(), grad.float(), eps, alpha).to(x_adv.dtype)
     stepped = x_adv + torch.where(grad > 0, alpha, torch.where(grad < 0, -alpha, 0.0))
     return torch.clamp(torch.minimum(torch.maximum(stepped, x - eps), x + eps), 0, 1)
 

@@ -199,3 +199,17 @@ def test_every_implementation_agrees_at_an_unbounded_step(backend, alpha):
                 engine_step(x, x_adv, grad, EPS, alpha)):  # fmt: skip
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "channels_last"), LAYOUTS[:2])
+def test_the_engine_s_plain_step_equals_the_kernels_reference_in_every_dtype(shape, channels_last, dtype):
+    """The engine's own step (its path when no kernel is installed) gives the kernels' reference bit for bit, in
+    x_adv's dtype and memory format: a bf16/fp16 x_adv stepped in float32 and rounded once. It returned float32
+    for bf16/fp16 before (the step's float32 scalars promoted the sum), its bounds rounded in bf16."""
+    from engine.attacks.step import pgd_step_reference as engine_step
+
+    x, x_adv, grad = make_inputs(shape, dtype, channels_last)
+    out, expected = engine_step(x, x_adv, grad, EPS, ALPHA), pgd_step_reference(x, x_adv, grad, EPS, ALPHA)
+    assert out.dtype == dtype and out.stride() == expected.stride() == x_adv.stride()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
