@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import time
+from pathlib import Path
+
+
+def open_for_locking(path: Path) -> int:
+    """A descriptor of `path` (created if missing) to flock: read-write where this process may write it, since NFS
+    takes an exclusive flock only on a file opened for writing (EBADF on one opened for reading: no lock at all);
+    else read-only (another user's lock file, where a local disk still locks it). Raises the OSError of a folder
+    where neither opens."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
 
 
 def flock_within(fd: int, wait_s: float, poll_s: float = 0.2) -> bool:

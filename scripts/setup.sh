@@ -7,13 +7,8 @@ set -euo pipefail
 # ARAT_DATA_DIR given relative to the caller's folder, as arat itself reads it (the script works from the checkout)
 if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_DATA_DIR=$PWD/$ARAT_DATA_DIR; fi
 cd "$(dirname "$0")/.."
-# One setup at a time (the demo and the tests started together on a fresh checkout would build one .venv twice
-# and prepare one data folder twice): the second waits for the first, then finds its work done
-# (the lock is on this script, opened for reading: a read-only checkout needs no write for it)
-if command -v flock >/dev/null; then
-    exec 9<scripts/setup.sh
-    flock 9
-fi
+source scripts/setup_lock.sh
+take_setup_lock setup # one setup at a time (scripts/setup_lock.sh)
 here=$(pwd -P) # the real folder: reached through a symlink or not, one checkout
 PY=${PYTHON:-python3}
 if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then

@@ -6,6 +6,10 @@ set -euo pipefail
 if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_DATA_DIR=$PWD/$ARAT_DATA_DIR; fi
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The data backends' pip installs and the native build write .venv and build/ as setup does: under its lock too (two
+# test runs, or the tests beside a demo's setup, in one checkout), released before the tests
+source scripts/setup_lock.sh
+take_setup_lock test
 # PYTHON names the base interpreter for setup.sh; the child scripts take the project's (.venv)
 backends=0
 PYTHON=.venv/bin/python bash scripts/install_data_backends.sh all || backends=$?
@@ -24,6 +28,7 @@ else # optional: the suite runs without it (the native backend's tests skip), sa
     echo "test: cmake or a C++ compiler not found: the native CPU kernels are not built and their tests skip" \
         "(apt-get install -y cmake g++)" >&2
 fi
+exec 9<&-
 export ARAT_TEST_DATA=${ARAT_TEST_DATA:-${ARAT_DATA_DIR:-data}}
 # One pytest-xdist worker per core (at most 4), torch at one thread in each (tests/conftest.py): much of the suite is
 # compiling (Inductor's C++, Triton's ahead-of-time builds) and starting processes, which a worker per core overlaps

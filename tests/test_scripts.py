@@ -167,7 +167,7 @@ def test_setup_without_a_usable_python_says_what_to_do_in_one_line(tmp_path, pyt
     root = tmp_path / "copy"
     (root / "scripts").mkdir(parents=True)
     (root / "constraints").mkdir()
-    for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
+    for rel in ("scripts/setup.sh", "scripts/setup_lock.sh", "constraints/cpu.txt", "pyproject.toml"):
         (root / rel).write_bytes((REPO / rel).read_bytes())
     interpreter = "python-nowhere"
     if python is not None:
@@ -198,7 +198,7 @@ def setup_copy(
     root = tmp_path / "copy"
     (root / "scripts").mkdir(parents=True)
     (root / "constraints").mkdir()
-    for rel in ("scripts/setup.sh", "constraints/cpu.txt", "pyproject.toml"):
+    for rel in ("scripts/setup.sh", "scripts/setup_lock.sh", "constraints/cpu.txt", "pyproject.toml"):
         (root / rel).write_bytes((REPO / rel).read_bytes())
     venv_python = root / ".venv" / "bin" / "python"
     venv_python.parent.mkdir(parents=True)
@@ -238,6 +238,46 @@ def test_two_setups_started_together_install_once(tmp_path):
                                text=True) for _ in range(2)]  # fmt: skip
     assert [p.wait(timeout=60) for p in setups] == [0, 0]
     assert log.read_text().splitlines() == ["install"]
+
+
+def nfs_like_flock(tmp_path: Path, refuse_all: bool = False) -> str:
+    """A bin folder holding a `flock` that refuses a file opened only for reading as NFS does (an exclusive flock
+    is a write lock there: "Bad file descriptor"), then runs the real one; or that refuses every file (a filesystem
+    without locks): the PATH to give."""
+    bin_ = tmp_path / "nfs-bin"
+    bin_.mkdir()
+    read_only = "true" if refuse_all else "(( (8#$(awk '/^flags:/ {print $2}' /proc/$$/fdinfo/\"$1\") & 3) == 0 ))"
+    (bin_ / "flock").write_text(f'#!/usr/bin/env bash\nif {read_only}; then echo "flock: $1: Bad file descriptor"'
+                                f' >&2; exit 1; fi\nexec {shutil.which("flock")} "$@"\n')  # fmt: skip
+    (bin_ / "flock").chmod(0o755)
+    return f"{bin_}:{os.environ['PATH']}"
+
+
+@pytest.mark.skipif(shutil.which("flock") is None or not Path("/proc/self/fdinfo").is_dir(), reason="flock, /proc")
+def test_two_setups_on_nfs_install_once_and_a_filesystem_without_locks_goes_on(tmp_path):
+    """On NFS, flock on setup.sh opened for reading fails (EBADF), and setup.sh ended there (set -e) on every run:
+    it now opens the script read-write there and still installs once for two setups started together. Where no file
+    locks at all, it says so in one line and goes on."""
+    log = tmp_path / "calls.txt"
+    root, env = setup_copy(tmp_path, f"echo install >> {log}; sleep 1")
+    env["PATH"] = nfs_like_flock(tmp_path)
+    setups = [subprocess.Popen(["bash", str(root / "scripts" / "setup.sh")], env=env, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]  # fmt: skip
+    assert [p.wait(timeout=60) for p in setups] == [0, 0], [p.stderr.read() for p in setups]
+    assert log.read_text().splitlines() == ["install"]
+    assert not any("could not lock" in p.stderr.read() for p in setups)
+
+    (root / ".venv" / ".arat-installed").unlink()  # installs again: the stamp is gone
+    (tmp_path / "none").mkdir()
+    env["PATH"] = nfs_like_flock(tmp_path / "none", refuse_all=True)
+    result = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "could not lock" in line]
+    assert said == [
+        "setup: could not lock scripts/setup.sh here (a filesystem without file locks?): going on unlocked; run one "
+        "setup at a time in this checkout"
+    ]
 
 
 def demo_folder(tmp_path: Path) -> tuple[Path, Path]:

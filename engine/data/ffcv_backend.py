@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..locks import flock_within
+from ..locks import flock_within, open_for_locking
 from .cifar import ArraySplit, DataError, load_split
 from .loader import PAD, SIZE, Batch, PlannedLoader
 from .optional import require
@@ -165,7 +165,7 @@ def _writer_lock(path: Path, wait_s: float):
     temporary copy, which the atomic rename makes safe, as without a lock); none where the folder takes no lock
     (NFS without lockd, another user's lock file)."""
     try:
-        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+        fd = open_for_locking(path.with_name(f".{path.name}.lock"))
     except OSError:
         yield
         return

@@ -502,6 +502,49 @@ def test_ranks_building_their_loaders_at_once_write_each_beton_once(tmp_path, mo
     assert len(writes) == 2 and (tmp_path / "unlocked.beton").read_bytes() == b"beton"
 
 
+def test_the_beton_lock_holds_where_an_exclusive_flock_needs_a_writable_file(tmp_path, monkeypatch):
+    """NFS takes an exclusive flock only on a file opened for writing (EBADF on one opened for reading). The beton
+    writer's lock file was opened read-only, so there the lock was silently off and every rank wrote its own copy.
+    With NFS's rule stood in, a second taker now waits while the writer holds it; another user's lock file, which
+    this process may not write, is still opened (read-only: a local disk locks it so)."""
+    import errno
+    import fcntl
+    from types import SimpleNamespace
+
+    import engine.locks
+    from engine.data import ffcv_backend
+
+    def nfs_flock(fd, operation):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        fcntl.flock(fd, operation)
+
+    nfs = SimpleNamespace(flock=nfs_flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+    monkeypatch.setattr(engine.locks, "fcntl", nfs)  # (this module's; fcntl itself untouched)
+    path = tmp_path / "x.beton"
+    with ffcv_backend._writer_lock(path, 60):
+        other = os.open(tmp_path / ".x.beton.lock", os.O_RDWR)
+        try:
+            assert engine.locks.flock_within(other, 0.3, poll_s=0.1) is False  # held by the writer
+        finally:
+            os.close(other)
+
+    opened = []
+
+    def not_ours(file, flags, *mode):  # as for another user's 0644 file (root may write any: stood in)
+        opened.append(flags & os.O_ACCMODE)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(file, flags, *mode)
+
+    real_open = os.open
+    monkeypatch.setattr(os, "open", not_ours)
+    fd = engine.locks.open_for_locking(tmp_path / ".x.beton.lock")
+    monkeypatch.setattr(os, "open", real_open)
+    os.close(fd)
+    assert opened == [os.O_RDWR, os.O_RDONLY]
+
+
 def _running(pid: int) -> bool:
     """Whether process `pid` still runs (a killed one may linger as a zombie its new parent never reaps)."""
     try:
