@@ -316,6 +316,7 @@ def cmd_eval(args) -> None:
                 distributed.check_same_data(e, "", info)  # raises it, on every rank
             finally:
                 distributed.shutdown(info, wait=False)
+    network = run_network(target)  # before it is read: compared when the results go into the run
     model, cfg = load_for_eval(args)
     data_cfg = apply_overrides(cfg, [f"data.dataset={args.dataset}"] if args.dataset else []).data
     if args.data_dir:
@@ -356,12 +357,27 @@ def cmd_eval(args) -> None:
     dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
     entry = {"target": str(target.resolve()), "dataset": dataset, "test_data": test_data, "results": summary(results),
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-    write_evaluation(target, record, results, entry)
+    write_evaluation(target, record, results, entry, network)
 
 
-def write_evaluation(target: Path, record: Path, results: dict, entry: dict) -> None:
+def run_network(run: Path) -> tuple | None:
+    """Which network a run directory holds now: the checkpoint `resolve_target` picks (final.pt, else latest.pt),
+    by path and file identity (each is written whole under a new name, then renamed over the old); None for a
+    checkpoint file or a run without one."""
+    from .rundir import FINAL, LATEST
+
+    for name in (FINAL, LATEST) if run.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(run / "checkpoints" / name)
+            return name, st.st_ino, st.st_size, st.st_mtime_ns
+    return None
+
+
+def write_evaluation(target: Path, record: Path, results: dict, entry: dict, network: tuple | None = None) -> None:
     """The evaluation's flags and record into `record`, and its summary merged into the run's eval.json when
-    `target` is a run directory."""
+    `target` is a run directory. `network`: `run_network(target)` when its network was read; where the run holds
+    another one by the end (trained on meanwhile: `arat eval` holds no lock while it evaluates, so a resume may
+    start), the results are of the network it held before and are not merged into the run, said in one line."""
     from .evaluate import write_flags
     from .rundir import RunDir, RunDirError, RunDirInUse, atomic_json
 
@@ -381,6 +397,12 @@ def write_evaluation(target: Path, record: Path, results: dict, entry: dict) -> 
     # (printed above) wait for a rerun, which finds every chunk saved
     try:
         with RunDir(target).open_for_writing(resume=True, wait_s=EVAL_LOCK_WAIT_S) as rundir:
+            if network is not None and run_network(target) != network:
+                raise RunDirError(
+                    f"{target} holds another network than the one evaluated ({network[0]} was written again while "
+                    "it was evaluated: the run trained on meanwhile): the results above are of the network it held "
+                    "before and were not written into the run; the same `arat eval` again evaluates the one it holds"
+                )
             if in_run:
                 write_record()
             now = entry["dataset"], entry["results"], entry["test_data"]

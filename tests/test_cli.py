@@ -1007,3 +1007,38 @@ def test_stdout_to_a_file_is_written_line_by_line():
     repo, env = Path(__file__).resolve().parents[1], {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout == "arat: recipe=smoke ...\n", done.stderr[-2000:]
+
+
+def test_an_evaluation_of_a_run_trained_on_meanwhile_is_not_merged_into_it(tmp_path, capsys, monkeypatch):
+    """`arat eval RUN` holds no lock while it evaluates, so `arat train --resume RUN` may start and write another
+    network meanwhile. Its results, of the network read before, were merged into RUN/eval.json under the new one's
+    results.json, and so into `arat table` and `arat export`'s figures: now refused in one line, nothing written
+    into the run; evaluated again, they are."""
+    import engine.cli
+    import engine.evaluate
+
+    run = tmp_path / "run"
+    small = ["--set", "train.epochs=1", "--set", "eval.num_examples=16", "--set", "eval.attacks=clean"]
+    assert main(["train", "--recipe", "smoke", "--out", str(run), *small]) == 0
+    evaluate = engine.evaluate.evaluate
+    final = run / "checkpoints" / "final.pt"  # the network `arat eval RUN` reads (a resume trained past the end)
+
+    def and_meanwhile_a_resume_writes(*args, **kwargs):
+        results = evaluate(*args, **kwargs)
+        fresh = final.with_name("fresh.pt")  # written whole, then renamed over, as the engine's checkpoints are
+        fresh.write_bytes(final.read_bytes())
+        os.replace(fresh, final)
+        return results
+
+    flags, records = run / "eval" / "flags.json", run / "eval" / "records"
+    before = flags.read_text()  # the training's closing evaluation's
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.evaluate, "evaluate", and_meanwhile_a_resume_writes)
+        assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 2
+    said = _last_line(capsys.readouterr().err)
+    assert "holds another network than the one evaluated (final.pt was written again" in said
+    assert "not written into the run" in said
+    assert not (run / "eval.json").exists() and flags.read_text() == before and not records.exists()
+    assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 0
+    assert (run / "eval.json").exists() and len(list(records.iterdir())) == 1
