@@ -326,8 +326,9 @@ def cmd_eval(args) -> None:
         raise ConfigError(f"{told}: {data_cfg.num_classes} classes, but the network has {classes} outputs; "
                           "evaluate it on the data it was trained for (--dataset)")  # fmt: skip
     record = Path(args.out) if args.out else target / "eval" if target.is_dir() else target.with_suffix(".eval")
+    dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
     try:
-        split, missing = load_test_split(data_cfg, cfg.seed), None
+        split, missing = load_test_split(data_cfg, cfg.seed, dataset), None
     except DataError as e:  # under torchrun said on every rank, below (a node without the data)
         split, missing = None, e
     # under torchrun: the chunks are shared among the ranks (the collectives bounded by the run's timeout; the
@@ -354,7 +355,6 @@ def cmd_eval(args) -> None:
         return
     print(f"{args.target}: {format_results(results)}")  # printed first: a failed write below loses nothing
     env = environment(device) | {"world_size": info.world_size}
-    dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
     entry = {"target": str(target.resolve()), "dataset": dataset, "test_data": test_data, "results": summary(results),
              "environment": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     write_evaluation(target, record, results, entry, network)

@@ -61,6 +61,7 @@ class Run:
     step_flops: float | None = None  # METHOD 9's FLOPs per AR-AT image-step, counted at the first epoch's end
     requested_device: str = "auto"  # perf.device as configured (cfg holds the resolved one): what config.json keeps
     train_data: str | None = None  # the training split's fingerprint (env.json: a resume must train on the same)
+    dataset: str = ""  # what it trains on (resolve_dataset's when the splits were read: synthetic for a fallback)
 
     def state_dict(self) -> dict:
         return {
@@ -230,7 +231,7 @@ def build_in_group(
     cfg.perf.device = str(distributed.local_device(info, device))
     perf.make_current(torch.device(cfg.perf.device))
     torch.manual_seed(cfg.seed)
-    train_split, test_split, train_data = same_data_on_every_rank(cfg, info)
+    train_split, test_split, train_data, dataset = same_data_on_every_rank(cfg, info)
     model = build_model(cfg.model, cfg.data.num_classes)
     method = build_method(replace(cfg, method=replace(cfg.method, init="")) if from_checkpoint else cfg, model)
     sync_bn = cfg.dist.sync_bn and info.enabled  # (one process: nothing to synchronize)
@@ -288,22 +289,25 @@ def build_in_group(
         build_grad_sim(cfg, model, method.backbones(), info),
         requested_device=requested_device,
         train_data=train_data,
+        dataset=dataset,
     )
 
 
-def same_data_on_every_rank(cfg: TrainConfig, info: distributed.DistInfo) -> tuple[ArraySplit, ArraySplit, str]:
-    """The training and test splits and the training split's fingerprint, after every rank has checked that it
-    loaded the same images as rank 0 (distributed.check_same_data: another node may hold another copy, or none)."""
+def same_data_on_every_rank(cfg: TrainConfig, info: distributed.DistInfo) -> tuple[ArraySplit, ArraySplit, str, str]:
+    """The training and test splits, the training split's fingerprint and the dataset they are (`resolve_dataset`'s,
+    read once: the run records it), after every rank has checked that it loaded the same images as rank 0
+    (distributed.check_same_data: another node may hold another copy, or none)."""
     source = data_source(cfg.data)  # a refusal is raised on every rank after the same gather (build_run leaves)
+    dataset = resolve_dataset(cfg.data)
     try:
-        train_split, test_split = load_splits(cfg.data, cfg.seed)
+        train_split, test_split = load_splits(cfg.data, cfg.seed, dataset)
     except DataError as e:  # said on every rank (one process: raised as it is)
         distributed.check_same_data(e, source, info)
         raise
     train_data = train_split.fingerprint()  # (every rank's: another node may hold another copy)
     data = {"training images": train_data, "test images": test_split.fingerprint()} if info.enabled else {}
     distributed.check_same_data(data, source, info)
-    return train_split, test_split, train_data
+    return train_split, test_split, train_data, dataset
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -488,7 +492,7 @@ def clock(seconds: float) -> str:
 def start_line(run: Run, out: Path | None = None) -> str:
     """What a run trains and how, its seed and folder, and the engine's version (a log alone reproduces it)."""
     cfg = run.cfg
-    dataset = resolve_dataset(cfg.data)
+    dataset = run.dataset or resolve_dataset(cfg.data)
     return (
         f"arat: recipe={cfg.recipe} method={cfg.method.name} model={cfg.model.arch}"
         f"{'' if cfg.model.arch != 'resnet18' or cfg.model.width == 64 else f'(width {cfg.model.width})'} "
@@ -598,7 +602,7 @@ def other_data_on_resume(run: Run, rundir: RunDir) -> str | None:
     the two without a word (env.json recorded only the first); or other images under the same dataset name (env.json's
     training-set fingerprint)."""
     record = rundir.training_record()
-    trained, now = record.get("dataset"), resolve_dataset(run.cfg.data)
+    trained, now = record.get("dataset"), run.dataset or resolve_dataset(run.cfg.data)
     if not rundir.checkpoint(LATEST).exists():
         return None
     if trained is not None and trained != now:
@@ -661,7 +665,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
     if run.dist.is_main:  # the device as asked for (auto, cuda...): a resume elsewhere resolves it again
         rundir.save_config(replace(cfg, perf=replace(cfg.perf, device=run.requested_device)))
         # what is trained on, and how: the switches as resolved here (auto's choice; each resume records its own)
-        started = {"dataset": resolve_dataset(cfg.data), "train_data": run.train_data,
+        started = {"dataset": run.dataset or resolve_dataset(cfg.data), "train_data": run.train_data,
                    "world_size": run.dist.world_size, "perf": run.perf.resolved()}  # fmt: skip
         rundir.record_environment(environment(run.perf.device) | started, resume)
     swa_notice = swa_from_now(run) if run.swa.started_on_resume and run.epoch < cfg.epochs else None
@@ -836,7 +840,7 @@ def evaluate_and_record(run: Run, rundir: RunDir, model: nn.Module, say) -> None
             "results.json",
             {
                 "recipe": run.cfg.recipe,
-                "dataset": resolve_dataset(run.cfg.data),  # synthetic where the fallback replaced the real data
+                "dataset": run.dataset or resolve_dataset(run.cfg.data),  # synthetic where the fallback replaced it
                 "test_data": run.test_split.fingerprint(),  # which test images (another copy has the same name)
                 "epochs": run.epoch,
                 "model": "adv-bn",

@@ -84,6 +84,23 @@ prepare=../shared/data/cifar10/prepare.py
 # batches.meta is the last file prepare.py writes: a preparation cut short is redone
 if [ ! -f "$data/cifar-10-batches-py/batches.meta" ] && [ -f "$prepare" ]; then
     echo "preparing real CIFAR-10 (JPEG-degraded copy) into $data"
-    .venv/bin/python "$prepare" "$data" || echo "setup: could not prepare CIFAR-10 into $data (above): until it is," \
-        "the demo trains on synthetic data and the real-data tests skip; rerun this script to try again" >&2
+    # into a folder of its own, renamed into place once whole: a run started meanwhile (another checkout's, on a
+    # shared data folder) reads the whole dataset or none (in place it read half-written files as corrupt)
+    # (a staging folder of an hour ago is one a setup stopped outright left: ~180 MB)
+    find "$data" -maxdepth 1 -name '.prepare-*' -mmin +60 -exec rm -rf {} + 2>/dev/null || true
+    mkdir -p "$data" && staging=$(mktemp -d "$data/.prepare-XXXXXX") && .venv/bin/python "$prepare" "$staging" &&
+        .venv/bin/python - "$staging/cifar-10-batches-py" "$data/cifar-10-batches-py" <<'PY' &&
+import os, shutil, sys
+staging, final = sys.argv[1:]
+if os.path.isdir(final) and not os.path.isfile(os.path.join(final, "batches.meta")):
+    shutil.rmtree(final)  # one cut short (an older setup prepared in place)
+try:
+    os.rename(staging, final)
+except OSError:  # another setup's, renamed there first
+    sys.exit(not os.path.isfile(os.path.join(final, "batches.meta")))
+PY
+        echo "setup: CIFAR-10 renamed into place: $data/cifar-10-batches-py" ||
+        echo "setup: could not prepare CIFAR-10 into $data (above): until it is, the demo trains on synthetic data" \
+            "and the real-data tests skip; rerun this script to try again" >&2
+    [ -z "${staging:-}" ] || rm -rf "$staging"
 fi

@@ -677,6 +677,29 @@ def test_a_local_archive_path_downloads_and_a_partial_folder_is_refused_first(tm
     assert code == 2 and "could not download" in err and "Traceback" not in err
 
 
+def test_two_downloads_into_one_folder_at_once_leave_one_dataset_folder(tmp_path, capsys, monkeypatch):
+    """Two `arat data download` at once: the second's extraction was moved into the first's finished folder
+    (cifar-10-batches-py/cifar-10-batches-py/). It now renames its folder into place, or finds the other's there."""
+    import engine.data.download as download
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    md5 = fake_cifar_archive(archive)
+    data = tmp_path / "d"
+    extract = download.safe_extract
+
+    def and_meanwhile_another_download_ends(archive_path, staging):
+        extract(archive_path, staging)
+        shutil.copytree(staging / "cifar-10-batches-py", data / "cifar-10-batches-py")
+
+    monkeypatch.setattr(download, "safe_extract", and_meanwhile_another_download_ends)
+    code, _, err = run_cli(capsys, "data", "download", "--data-dir", str(data), "--url", str(archive), "--md5", md5)
+    assert code == 0, err
+    assert sorted(p.name for p in (data / "cifar-10-batches-py").iterdir()) == sorted(
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    )
+    assert [p.name for p in data.iterdir()] == ["cifar-10-batches-py"]  # the staging folder removed too
+
+
 def test_sigterm_ends_like_ctrl_c(tmp_path):
     """`timeout`, a scheduler or torchrun stopping `arat train` ended it with no message and no resume line."""
     import os

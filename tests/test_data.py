@@ -122,6 +122,23 @@ def test_synthetic_fallback_only_when_allowed(tmp_path):
         load_splits(DataConfig(dataset="cifar10", data_dir=str(tmp_path)), 0)
 
 
+def test_data_prepared_between_the_two_splits_reads_does_not_mix_them(tmp_path, monkeypatch):
+    """The fallback was resolved for each split: CIFAR-10 prepared (or downloaded) between the training and the
+    test reads gave synthetic training with real test images, recorded as cifar10. Now both come from one reading."""
+    import engine.data
+
+    find_layout, reads = engine.data.find_layout, []
+
+    def ready_after_the_first_look(dataset, data_dir):  # the real folder appears once the training split is read
+        reads.append(dataset)
+        return tmp_path if len(reads) > 1 else find_layout(dataset, data_dir)
+
+    monkeypatch.setattr(engine.data, "find_layout", ready_after_the_first_look)
+    cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path), synthetic_fallback=True, synthetic_size=100)
+    train, test = load_splits(cfg, 0)  # (the real files are absent: a second look would fail to read them)
+    assert len(train) == 100 and len(test) == 64 and reads == ["cifar10"]
+
+
 @pytest.mark.data
 def test_real_cifar10_layout(cifar_dir):
     train, test = load_split("cifar10", cifar_dir, True), load_split("cifar10", cifar_dir, False)

@@ -204,7 +204,8 @@ def setup_copy(
     venv_python.parent.mkdir(parents=True)
     venv_python.write_text("#!/usr/bin/env bash\n" + (f'echo "python $*" >> {log}\n' if log else "")
                            + f'case "$*" in *importlib.metadata*) [ -z "{version}" ] && exit 1; echo {version} ;;'
-                           f' *"-m pip install"*" -e "*) {on_pip_install} ;; esac\n')  # fmt: skip
+                           f' *"-m pip install"*" -e "*) {on_pip_install} ;;'
+                           ' *prepare.py*|"- "*) exec python3 "$@" ;; esac\n')  # fmt: skip
     venv_python.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "ARAT_KEEP_TORCH"} | {"ARAT_DATA_DIR": str(tmp_path / "d")}
     return root, env
@@ -238,6 +239,39 @@ def test_two_setups_started_together_install_once(tmp_path):
                                text=True) for _ in range(2)]  # fmt: skip
     assert [p.wait(timeout=60) for p in setups] == [0, 0]
     assert log.read_text().splitlines() == ["install"]
+
+
+FAKE_PREPARE = """import sys, time
+from pathlib import Path
+out = Path(sys.argv[1]) / "cifar-10-batches-py"
+out.mkdir(parents=True, exist_ok=True)
+(out.parents[2] / "prepared-into.txt").write_text(sys.argv[1])
+for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+    (out / name).write_text(name)
+"""
+
+
+def test_setup_prepares_cifar10_beside_the_data_folder_then_renames_it_into_place(tmp_path):
+    """CIFAR-10 was prepared in place: a run started meanwhile from another checkout on the same data folder read
+    half-written files as corrupt (and told to delete them). It is now written into a staging folder inside the
+    data folder and renamed into place whole, replacing one an older setup cut short (no batches.meta)."""
+    root, env = setup_copy(tmp_path, "exit 0")
+    prepare = tmp_path / "shared" / "data" / "cifar10" / "prepare.py"  # ../shared/data/cifar10/ from the copy
+    prepare.parent.mkdir(parents=True)
+    prepare.write_text(FAKE_PREPARE)
+    data = Path(env["ARAT_DATA_DIR"])
+    (data / "cifar-10-batches-py").mkdir(parents=True)
+    (data / "cifar-10-batches-py" / "data_batch_1").write_text("cut short")
+    result = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0 and "could not prepare" not in result.stderr, result.stderr
+    staging = Path((tmp_path / "prepared-into.txt").read_text())
+    assert staging.parent == data and staging.name.startswith(".prepare-") and not staging.exists()
+    final = data / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    assert sorted(p.name for p in final.iterdir()) == sorted(names)
+    assert (final / "data_batch_1").read_text() == "data_batch_1"  # not the one cut short
+    assert [p.name for p in data.iterdir()] == ["cifar-10-batches-py"]
 
 
 def nfs_like_flock(tmp_path: Path, refuse_all: bool = False) -> str:

@@ -32,8 +32,8 @@ def resolve_dataset(cfg: DataConfig) -> str:
     return cfg.dataset
 
 
-def _load(cfg: DataConfig, seed: int, train: bool) -> ArraySplit:
-    dataset = resolve_dataset(cfg)
+def _load(cfg: DataConfig, seed: int, train: bool, dataset: str | None = None) -> ArraySplit:
+    dataset = dataset or resolve_dataset(cfg)
     if dataset == "synthetic":  # the test split is drawn from the same class prototypes, other images
         size = cfg.synthetic_size if train else max(cfg.synthetic_size // 4, 64)
         split = synthetic_split(size, cfg.num_classes, seed, image_seed=seed + (0 if train else 1))
@@ -42,12 +42,16 @@ def _load(cfg: DataConfig, seed: int, train: bool) -> ArraySplit:
     return split.head(cfg.train_subset if train else cfg.test_subset)
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[ArraySplit, ArraySplit]:
-    return _load(cfg, seed, True), _load(cfg, seed, False)
+def load_splits(cfg: DataConfig, seed: int, dataset: str | None = None) -> tuple[ArraySplit, ArraySplit]:
+    """(train, test) of one dataset, `dataset` if given (`resolve_dataset`'s, read once by the caller that records
+    it): where the real one appears between the two reads (prepared meanwhile), both are still the synthetic
+    stand-in, not synthetic training with real test images."""
+    dataset = dataset or resolve_dataset(cfg)
+    return _load(cfg, seed, True, dataset), _load(cfg, seed, False, dataset)
 
 
-def load_test_split(cfg: DataConfig, seed: int) -> ArraySplit:
-    return _load(cfg, seed, False)
+def load_test_split(cfg: DataConfig, seed: int, dataset: str | None = None) -> ArraySplit:
+    return _load(cfg, seed, False, dataset)
 
 
 def build_loaders(

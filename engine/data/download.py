@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import shutil
+import os
 import tarfile
 import tempfile
 import urllib.error
@@ -104,4 +104,8 @@ def fetch_and_extract(dataset: str, data_dir: Path, url: str, md5: str) -> None:
         folder = LAYOUTS[dataset][0]
         if not (staging / folder).is_dir():
             raise DataError(f"{url} does not contain {folder}/; is it the official python archive?")
-        shutil.move(str(staging / folder), data_dir / folder)
+        try:  # a rename within data_dir: readers see the whole folder or none
+            os.rename(staging / folder, data_dir / folder)
+        except OSError:  # a download started beside this one put the folder there first (a move nested this one)
+            if find_layout(dataset, data_dir) is None:
+                raise
