@@ -992,8 +992,8 @@ def test_an_evaluation_on_other_test_images_of_the_same_dataset_is_not_mixed_in(
     trained = json.loads((run / "results.json").read_text())
     load_test_split = engine.data.load_test_split
 
-    def other_copy(cfg, seed):  # the same name, other pixels
-        split = load_test_split(cfg, seed)
+    def other_copy(cfg, seed, dataset=None):  # the same name, other pixels
+        split = load_test_split(cfg, seed, dataset)
         split.images = 255 - split.images
         return split
 

@@ -508,6 +508,8 @@ def test_a_resume_that_would_train_on_other_data_is_refused(tiny_cfg, tmp_path, 
     saved = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps(saved | {"epochs": 2}))
     monkeypatch.setattr(train, "resolve_dataset", lambda cfg: "cifar10")  # as if CIFAR-10 had been downloaded since
+    load_splits = train.load_splits  # (its images stood in: any will do, the resume is refused before training)
+    monkeypatch.setattr(train, "load_splits", lambda cfg, seed, dataset=None: load_splits(cfg, seed, "synthetic"))
     with pytest.raises(RunDirError, match="trained on synthetic, but cifar10 would be used now"):
         run_training(load_run_config(run), run, resume=True)
     assert [r["epoch"] for r in read_rows(run)] == [1]
@@ -532,8 +534,8 @@ def test_a_resume_on_other_images_of_the_same_dataset_is_refused(tiny_cfg, tmp_p
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     load_splits = train.load_splits
 
-    def other_images(cfg, seed):  # another copy under the same name: one pixel differs
-        split, test = load_splits(cfg, seed)
+    def other_images(cfg, seed, dataset=None):  # another copy under the same name: one pixel differs
+        split, test = load_splits(cfg, seed, dataset)
         split.images = split.images.copy()
         split.images[0, 0, 0, 0] ^= 1
         return split, test
