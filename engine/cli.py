@@ -379,6 +379,7 @@ def write_evaluation(target: Path, record: Path, results: dict, entry: dict, net
     another one by the end (trained on meanwhile: `arat eval` holds no lock while it evaluates, so a resume may
     start), the results are of the network it held before and are not merged into the run, said in one line."""
     from .evaluate import write_flags
+    from .locks import held_if_possible
     from .rundir import RunDir, RunDirError, RunDirInUse, atomic_json
 
     def write_record() -> None:
@@ -388,8 +389,10 @@ def write_evaluation(target: Path, record: Path, results: dict, entry: dict, net
         atomic_json(record / "records" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json", entry)
 
     in_run = target.is_dir() and record.resolve().is_relative_to(target.resolve())
-    if not in_run:  # a record folder of its own (--out, or beside a checkpoint file): the run's lock is not needed
-        write_record()
+    if not in_run:  # a record folder of its own (--out, or beside a checkpoint file): its own lock, not the run's
+        # (two evaluations ending together each merged into flags.json as read before the other wrote: one's lost)
+        with held_if_possible(record / ".lock", EVAL_LOCK_WAIT_S):
+            write_record()
     if not target.is_dir():
         return
     # the run's files are written under its lock: two evaluations of one run at once each merged into flags.json as

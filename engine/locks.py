@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -31,3 +33,21 @@ def flock_within(fd: int, wait_s: float, poll_s: float = 0.2) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def held_if_possible(path: Path, wait_s: float) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing) for the block, waited for up to `wait_s`: the block runs
+    unlocked where the lock cannot be had (not taken in time: a holder stopped or hung; a folder or filesystem that
+    takes no lock, NFS without lockd, another user's lock file there) as it would without one."""
+    try:
+        fd = open_for_locking(path)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # ENOLCK, EOPNOTSUPP: no file locks here
+            flock_within(fd, wait_s)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1065,3 +1066,35 @@ def test_an_evaluation_of_a_run_trained_on_meanwhile_is_not_merged_into_it(tmp_p
     assert not (run / "eval.json").exists() and flags.read_text() == before and not records.exists()
     assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 0
     assert (run / "eval.json").exists() and len(list(records.iterdir())) == 1
+
+
+def test_two_evaluations_ending_together_into_one_out_folder_keep_both_attacks_flags(tmp_path, monkeypatch):
+    """`arat eval CKPT --out DIR --attacks clean` beside `... --attacks pgd20`: each merged its flags into DIR's
+    flags.json as read before the other wrote, so one attack's flags were lost. The merge now holds DIR's lock."""
+    import threading
+
+    import engine.evaluate
+    from engine.cli import write_evaluation
+
+    record = tmp_path / "out"
+    record.mkdir()
+    write_json, reading = engine.evaluate.atomic_json, threading.Event()
+
+    def slow_write(path, data, **kwargs):  # the first merge writes late, after the second has started
+        if not reading.is_set():
+            reading.set()
+            time.sleep(0.5)
+        return write_json(path, data, **kwargs)
+
+    monkeypatch.setattr(engine.evaluate, "atomic_json", slow_write)
+
+    def results(attack):
+        return {attack: {"num_examples": 8, "flags": "ff", "accuracy": 1.0, "config": {"model": "m", "data": "d"}}}
+
+    target = tmp_path / "model.pt"  # a checkpoint file: the record folder is its own
+    first = threading.Thread(target=write_evaluation, args=(target, record, results("clean"), {}))
+    first.start()
+    assert reading.wait(10)
+    write_evaluation(target, record, results("pgd20"), {})
+    first.join(10)
+    assert set(json.loads((record / "flags.json").read_text())) == {"clean", "pgd20"}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..locks import flock_within, open_for_locking
+from ..locks import held_if_possible
 from .cifar import ArraySplit, DataError, load_split
 from .loader import PAD, SIZE, Batch, PlannedLoader
 from .optional import require
@@ -159,22 +159,11 @@ def write_beton(split: ArraySplit, path: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
 def _writer_lock(path: Path, wait_s: float):
     """An exclusive lock beside `path` for up to `wait_s` (a holder stopped or hung: then each writes its own
     temporary copy, which the atomic rename makes safe, as without a lock); none where the folder takes no lock
     (NFS without lockd, another user's lock file)."""
-    try:
-        fd = open_for_locking(path.with_name(f".{path.name}.lock"))
-    except OSError:
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):  # ENOLCK, EOPNOTSUPP: no file locks here
-            flock_within(fd, wait_s)  # (not taken in time: written unlocked)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    return held_if_possible(path.with_name(f".{path.name}.lock"), wait_s)
 
 
 def _write_beton(split: ArraySplit, path: Path) -> None:
