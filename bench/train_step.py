@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import statistics
 import time
 from collections import Counter
@@ -747,7 +748,7 @@ def benchmark(args) -> int:
         row = row | {"ladder": order} | stamp
         cfg = row.pop("_cfg", None)
         if args.train_epochs and cfg is not None:
-            at = f"bench/results/runs/train_step-{len(written)}-{time.time():.0f}"
+            at = f"bench/results/runs/train_step-{len(written)}-{time.time():.0f}-{os.getpid()}"  # two benches at once
             row |= short_run_accuracy(cfg, args.train_epochs, at)
         append_jsonl(args.out, [row])
         written.append(row)
