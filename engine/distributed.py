@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
@@ -120,9 +121,14 @@ def leave_after_an_error(rank: int) -> None:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank `rank`'s own draws (its attack noise): `seed` on rank 0 (one process's run unchanged), apart
-    from every epoch's data seed on the others (seed + rank drew, at seed 0, rank r's noise from epoch r's order)."""
-    return seed + rank * 2**40
+    """The seed of rank `rank`'s own draws (its attack noise): a hash of the run's seed and the rank, 63 bits.
+
+    Apart, in their low 32 bits too (all torch's CPU generator keeps), from each other, from every epoch's data seed
+    and from `seed`, which drew the initial weights. Before 2026-12-07 it was seed + rank * 2**40: every CPU rank
+    drew the same noise (the same low 32 bits: helper-145), and rank 0's noise replayed the stream that drew the
+    weights (seed + rank before that drew, at seed 0, rank r's noise from epoch r's data order)."""
+    digest = hashlib.sha256(f"arat attack noise:{seed}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def idle_gpus_note(info: DistInfo, device: torch.device) -> str | None:

@@ -586,16 +586,26 @@ def test_grad_sim_runs_under_two_ranks(tmp_path):
     assert -1 <= row["grad_sim"] <= 1 and 0 <= row["grad_conflict"] <= 1, row
 
 
-def test_each_rank_s_noise_seed_is_apart_from_every_epoch_s_data_seed():
+def test_each_rank_s_noise_stream_is_apart_from_the_others_the_weights_and_every_epoch_s_data():
     """Rank r drew its attack noise from seed + r: at seed 0, epoch r's shuffle and augmentation generator's seed,
-    the same stream. Rank 0 keeps the run's seed (one process's runs unchanged); the others' lie apart."""
+    the same stream. Then from seed + r * 2**40, which torch's CPU generator (it keeps the low 32 bits) reads as
+    `seed` on every rank: every CPU rank drew the same noise, and it replayed the stream that drew the initial
+    weights (`seed`, rank 0's noise seed too). The streams themselves are compared, on the CPU generator."""
     from engine.data.loader import epoch_generator
     from engine.distributed import rank_seed
 
+    def stream(seed: int) -> tuple[float, ...]:
+        return tuple(torch.rand(4, generator=torch.Generator().manual_seed(seed)).tolist())
+
+    low32 = 2**32 - 1
     for seed in range(4):
-        data = {epoch_generator(seed, epoch).initial_seed() for epoch in range(1, 401)}
+        data = {epoch_generator(seed, epoch).initial_seed() & low32 for epoch in range(1, 401)}
         ranks = [rank_seed(seed, rank) for rank in range(64)]
-        assert ranks[0] == seed and len(set(ranks)) == 64 and not data & set(ranks), seed
+        assert all(0 <= r < 2**63 for r in ranks) and rank_seed(seed, 3) == ranks[3]  # (a seed torch takes; fixed)
+        low = {r & low32 for r in ranks}
+        assert len(low) == 64 and not low & data and seed & low32 not in low, seed
+        streams = {stream(r) for r in ranks[:8]}
+        assert len(streams) == 8 and stream(seed) not in streams, seed  # apart from each other and the weights'
 
 
 PER_RANK_DATA = """
