@@ -124,8 +124,11 @@ class _StageLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.WARNING:  # AutoAttack's reliability checks (randomness, gradient masking, ...)
             message = record.getMessage()
-            if (self.network, message) not in _WARNED:  # once per network: each chunk runs its own AutoAttack
-                _WARNED.add((self.network, message))
+            # once per network (each chunk runs its own AutoAttack) and per warning, whatever counts it quotes
+            # ("there are tensor(3) points with zero gradient!": told again for each new count)
+            said = (self.network, re.sub(r"tensor\(\d+[^)]*\)|\d+(?:\.\d+)?", "#", message))
+            if said not in _WARNED:
+                _WARNED.add(said)
                 rank = f" (rank {dist.get_rank()})" if dist.is_available() and dist.is_initialized() else ""
                 print(f"AutoAttack warning{rank}: {message}", file=sys.stderr, flush=True)
             return

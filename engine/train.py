@@ -687,6 +687,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
                 "network (the chunks it finished are kept)")  # fmt: skip
             model = copy.deepcopy(run.nets.raw)
             model.load_state_dict(final["model"])
+            del final  # (its host copy of the weights, through the evaluation)
             set_sync_bn(model, False)  # as final_model's: the evaluation's ranks take unequal chunks
             evaluate_and_record(run, rundir, model, say)
             return
@@ -740,6 +741,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
             rundir.save_checkpoint(LATEST, state)
         # the checkpoint's write, every epoch (seconds for WRN-34-10 with SWA), is in the time left too
         say(epoch_line(row, cfg.epochs, run.method.epoch_cost, time.perf_counter() - saving))
+        del state  # it shares the optimizer's momentum dicts: held, it kept them through the closing evaluation
     finish(run, rundir, evaluate_at_end, say)
 
 
@@ -780,10 +782,15 @@ def set_aside_earlier_end(run: Run, rundir: RunDir, say) -> None:
 
 def release_training_memory(run: Run) -> None:
     """Before the evaluation ending a run (its checkpoints are on disk): the last step's gradients, the optimizer's
-    momentum and the training attacks' CUDA graphs are dropped, and on CUDA the freed blocks go back to the device.
-    The evaluation sizes its chunks by the device's total memory, not by what training left allocated."""
+    momentum, SWA's average (the final network holds it now) and the training attacks' CUDA graphs are dropped, and
+    on CUDA the freed blocks go back to the device. The evaluation sizes its chunks by the device's total memory,
+    not by what training left allocated. The momentum buffers are dropped from their per-parameter dicts, which
+    any state_dict of the optimizer still referenced shares (clearing the mapping alone freed none: helper-144)."""
     run.optimizer.zero_grad(set_to_none=True)
+    for state in run.optimizer.state.values():
+        state.clear()
     run.optimizer.state.clear()
+    run.swa.average = {}
     if run.perf.attack_graphs is not None:
         run.perf.attack_graphs.release()
     if run.perf.device.type == "cuda":

@@ -895,8 +895,12 @@ def test_each_network_is_told_autoattack_s_warnings_once(capsys, monkeypatch):
             log = logging.getLogger("auto-attack")
             log.info("initial accuracy: 100.00%")
             log.warning("it seems to be a randomized defense!")
+            Adversary.zero += 1  # pyautoattack's check quotes a tensor: each chunk its own count
+            log.warning(f"there are {torch.tensor(Adversary.zero)} points with zero gradient! This might be ...")
             log.info("robust accuracy after APGD-CE: 100.00%")
             return x, y  # (every image robust: the labels kept)
+
+        zero = 0
 
     monkeypatch.setattr(autoattack, "_WARNED", set())
     monkeypatch.setattr(autoattack, "adversary", lambda model, protocol, seed, device: Adversary())
@@ -904,7 +908,9 @@ def test_each_network_is_told_autoattack_s_warnings_once(capsys, monkeypatch):
     for network in ("weights-a", "weights-a", "weights-b"):  # the same module object: one id for all three
         autoattack.attack_chunk(model, x, y, SimpleNamespace(attacks=("apgd-ce",), eps=8 / 255), 0, 3,
                                 network=network)  # fmt: skip
-    assert capsys.readouterr().err.count("AutoAttack warning: it seems to be a randomized defense!") == 2
+    err = capsys.readouterr().err
+    assert err.count("AutoAttack warning: it seems to be a randomized defense!") == 2
+    assert err.count("points with zero gradient!") == 2  # (once per network, not once per count)
 
 
 @pytest.mark.parametrize("case", ["inside", "beyond eps", "above 1", "below 0", "nan"])

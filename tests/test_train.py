@@ -648,9 +648,33 @@ def test_the_end_of_training_releases_inductor_s_cuda_graphs_too(monkeypatch):
         calls.clear()
         perf = SimpleNamespace(attack_graphs=None, device=torch.device("cuda"), compiled=True)
         cfg = SimpleNamespace(perf=PerfConfig(compile_mode=mode))
-        run = SimpleNamespace(optimizer=torch.optim.SGD([weight], lr=0.1), cfg=cfg, perf=perf)
+        run = SimpleNamespace(optimizer=torch.optim.SGD([weight], lr=0.1), cfg=cfg, perf=perf, swa=SimpleNamespace())
         release_training_memory(run)
         assert calls == want, mode
+
+
+def test_the_end_of_training_frees_the_momentum_a_checkpoint_s_state_shares_and_swa_s_average():
+    """The last epoch's checkpoint state (Run.state_dict) was still referenced through the closing evaluation, and
+    the optimizer's state_dict shares its per-parameter dicts: clearing the optimizer's mapping freed no momentum
+    (ResNet-18: 45 MB, WRN-34-10: 185 MB on the device), nor was SWA's average (the same again) dropped."""
+    import weakref
+    from types import SimpleNamespace
+
+    from engine.config import PerfConfig
+    from engine.train import release_training_memory
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    weight.grad = torch.ones(2)
+    optimizer.step()
+    held = optimizer.state_dict()  # what a checkpoint's state held
+    momentum = weakref.ref(optimizer.state[weight]["momentum_buffer"])
+    average = torch.zeros(2)
+    swa = SimpleNamespace(average={"weight": average})
+    perf = SimpleNamespace(attack_graphs=None, device=torch.device("cpu"), compiled=False)
+    run = SimpleNamespace(optimizer=optimizer, cfg=SimpleNamespace(perf=PerfConfig()), perf=perf, swa=swa)
+    release_training_memory(run)
+    assert momentum() is None and held["state"] == {0: {}} and swa.average == {}
 
 
 def test_progress_json_is_not_synced_to_disk_every_log_interval(tiny_cfg, tmp_path, monkeypatch):
