@@ -61,9 +61,12 @@ def per_rank_images(num: int, world_size: int, drop_last: bool = True) -> int:
 
 
 def shard(num: int, rank: int, world_size: int, drop_last: bool = True) -> slice:
-    """This rank's share of an epoch's permutation (padded as `per_rank_images` says)."""
+    """This rank's share of an epoch's permutation (padded as `per_rank_images` says): every world_size-th place
+    from `rank` on, as DistributedSampler takes, so that step k's batches of the ranks together are one process's
+    batch k at world_size times the batch (and drop what it drops). Contiguous blocks (before 2026-12-07) trained
+    other groupings of images than one process (helper-147)."""
     per_rank = per_rank_images(num, world_size, drop_last)
-    return slice(rank * per_rank, (rank + 1) * per_rank)
+    return slice(rank, per_rank * world_size, world_size)
 
 
 def draw_augmentation(gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -197,6 +197,30 @@ def test_ranks_draw_their_own_crops_and_flips():
     assert not np.array_equal(plans[0].flip, plans[1].flip)
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_the_ranks_step_batches_together_are_one_process_s_batch(drop_last):
+    """N ranks at batch b take, step by step, what one process at batch N * b takes (the same images, crops and
+    flips; in a rank-interleaved order), and drop what it drops: each rank took a contiguous block of the epoch's
+    permutation, so their step-k batches were another grouping of the images than one process's (helper-147).
+    Without drop_last the padded places come last, so only the last step differs."""
+    split = indexed_split(203, 2)  # 203 = 2 ranks x 101: 6 steps of 2 x 16 (the partial seventh dropped or not)
+    whole = make_loaders("device", split, batch_size=32, drop_last=drop_last)[0].plan()
+    plans = [make_loaders("device", split, batch_size=16, rank=r, world_size=2, drop_last=drop_last)[0].plan()
+             for r in (0, 1)]  # fmt: skip
+    full = 6 * 32
+    for k in range(6):
+        together = np.concatenate([p.order[16 * k:16 * (k + 1)] for p in plans])
+        mine = [np.stack([p.order, p.dy, p.dx, p.flip])[:, 16 * k:16 * (k + 1)] for p in plans]
+        want = np.stack([whole.order, whole.dy, whole.dx, whole.flip])[:, 32 * k:32 * (k + 1)]
+        assert sorted(together) == sorted(want[0]), k
+        got = np.concatenate(mine, axis=1)
+        assert sorted(map(tuple, got.T)) == sorted(map(tuple, want.T)), k  # each image with its own crop and flip
+    if drop_last:
+        assert sum(len(p.order) for p in plans) == len(whole.order) == full
+    else:  # every image, the first one padded in once
+        assert sorted(set(np.concatenate([p.order for p in plans]))) == list(range(203))
+
+
 @pytest.mark.parametrize("augment", [True, False])
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_same_batches_as_device_loader(backend, augment):
