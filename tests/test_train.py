@@ -816,3 +816,24 @@ def test_an_older_engine_s_run_with_settings_refused_today_says_it_cannot_be_res
     torch.save({"model": {}, "rng_cpu": torch.zeros(3, dtype=torch.uint8)}, run / "first.pt")  # 2026-11's layout
     with pytest.raises(Exception, match="written by an older version of this engine"):
         load_checkpoint(run / "first.pt")
+
+
+def test_ranks_that_see_the_run_s_checkpoint_differently_are_refused_alike(tmp_path, monkeypatch):
+    """Each rank decided to resume on its own view of checkpoints/latest.pt: a node without the run's folder trained
+    from epoch 1 beside ranks resuming, and the run hung in its first collective. The views are gathered (stood in
+    here: rank 0 finds it, rank 1 does not) and refused on every rank in one line; equal views go on."""
+    from engine import distributed
+    from engine.distributed import DistInfo
+    from engine.rundir import LATEST, RunDir, RunDirError
+    from engine.train import same_checkpoint_view
+
+    rundir = RunDir(tmp_path)
+    rundir.checkpoints.mkdir()
+    rundir.checkpoint(LATEST).write_bytes(b"x")
+    info = DistInfo(rank=0, world_size=2)
+    monkeypatch.setattr(distributed, "gather_objects", lambda seen, info: [seen, False])
+    with pytest.raises(RunDirError, match=r"rank 0 finds .*latest.pt, rank 1 does not: every rank of a resume"):
+        same_checkpoint_view(rundir, info)
+    monkeypatch.setattr(distributed, "gather_objects", lambda seen, info: [seen, True])
+    same_checkpoint_view(rundir, info)
+    same_checkpoint_view(rundir, DistInfo())  # one process: nothing to compare

@@ -209,9 +209,9 @@ def test_the_ranks_step_batches_together_are_one_process_s_batch(drop_last):
              for r in (0, 1)]  # fmt: skip
     full = 6 * 32
     for k in range(6):
-        together = np.concatenate([p.order[16 * k:16 * (k + 1)] for p in plans])
-        mine = [np.stack([p.order, p.dy, p.dx, p.flip])[:, 16 * k:16 * (k + 1)] for p in plans]
-        want = np.stack([whole.order, whole.dy, whole.dx, whole.flip])[:, 32 * k:32 * (k + 1)]
+        together = np.concatenate([p.order[16 * k : 16 * (k + 1)] for p in plans])
+        mine = [np.stack([p.order, p.dy, p.dx, p.flip])[:, 16 * k : 16 * (k + 1)] for p in plans]
+        want = np.stack([whole.order, whole.dy, whole.dx, whole.flip])[:, 32 * k : 32 * (k + 1)]
         assert sorted(together) == sorted(want[0]), k
         got = np.concatenate(mine, axis=1)
         assert sorted(map(tuple, got.T)) == sorted(map(tuple, want.T)), k  # each image with its own crop and flip
