@@ -237,6 +237,7 @@ def build_in_group(
     sync_bn = cfg.dist.sync_bn and info.enabled  # (one process: nothing to synchronize)
     perf_cfg = sync_bn_perf(cfg.perf) if sync_bn else cfg.perf
     train_net, attack_net, switches = perf.apply(model, perf_cfg)
+    same_precision_on_every_rank(switches, info)
     method.to(switches.device)
     method.follow(lambda net: perf.follow(net, perf_cfg, switches.device))
     if sync_bn:
@@ -308,6 +309,19 @@ def same_data_on_every_rank(cfg: TrainConfig, info: distributed.DistInfo) -> tup
     data = {"training images": train_data, "test images": test_split.fingerprint()} if info.enabled else {}
     distributed.check_same_data(data, source, info)
     return train_split, test_split, train_data, dataset
+
+
+def same_precision_on_every_rank(switches: perf.Perf, info: distributed.DistInfo) -> None:
+    """perf.dtype auto is resolved by each rank for its own device: on GPUs of mixed kinds (one without bf16) some
+    ranks trained fp16 with a loss scaler, others bf16, the scaler's skipped steps apart and the epoch's metrics
+    (fp16's skip share) reduced over other keys, a hang (helper-147). Refused on every rank in one line."""
+    dtypes = distributed.gather_objects((switches.resolved()["dtype"], switches.dtype_reason), info)
+    if len({d for d, _ in dtypes}) > 1:
+        r = next(r for r, (d, _) in enumerate(dtypes) if d != dtypes[0][0])
+        raise ConfigError(
+            f"the ranks train at different precisions (rank 0 {dtypes[0][0]}: {dtypes[0][1]}; rank {r} "
+            f"{dtypes[r][0]}: {dtypes[r][1]}): set perf.dtype to one every rank's device runs (fp16 or fp32)"
+        )
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:

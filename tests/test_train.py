@@ -837,3 +837,23 @@ def test_ranks_that_see_the_run_s_checkpoint_differently_are_refused_alike(tmp_p
     monkeypatch.setattr(distributed, "gather_objects", lambda seen, info: [seen, True])
     same_checkpoint_view(rundir, info)
     same_checkpoint_view(rundir, DistInfo())  # one process: nothing to compare
+
+
+def test_ranks_whose_devices_resolve_other_precisions_are_refused_alike(monkeypatch):
+    """perf.dtype auto is each rank's own: a GPU without bf16 beside GPUs with it trained fp16 beside bf16 (the
+    scaler's skipped steps apart, then a hang in the epoch's metrics). Gathered (stood in here) and refused."""
+    from types import SimpleNamespace
+
+    from engine import distributed
+    from engine.config import ConfigError
+    from engine.distributed import DistInfo
+    from engine.train import same_precision_on_every_rank
+
+    switches = SimpleNamespace(resolved=lambda: {"dtype": "bf16"}, dtype_reason="the GPU runs bf16 natively")
+    info = DistInfo(rank=0, world_size=2)
+    other = ("fp16", "no bf16 on this GPU")
+    monkeypatch.setattr(distributed, "gather_objects", lambda mine, info: [mine, other])
+    with pytest.raises(ConfigError, match=r"rank 0 bf16: .*rank 1 fp16: no bf16 on this GPU\): set perf.dtype"):
+        same_precision_on_every_rank(switches, info)
+    monkeypatch.setattr(distributed, "gather_objects", lambda mine, info: [mine, mine])
+    same_precision_on_every_rank(switches, info)
