@@ -857,3 +857,41 @@ def test_ranks_whose_devices_resolve_other_precisions_are_refused_alike(monkeypa
         same_precision_on_every_rank(switches, info)
     monkeypatch.setattr(distributed, "gather_objects", lambda mine, info: [mine, mine])
     same_precision_on_every_rank(switches, info)
+
+
+@pytest.mark.parametrize("family", ["at", "trades", "mart", "lbgat", "swa"])
+def test_every_method_resumed_after_an_epoch_ends_as_the_uninterrupted_run(family, tmp_path, monkeypatch):
+    """What each method keeps between epochs is in its checkpoint: stopped after epoch 1 of 3 and resumed, the run
+    ends with the uninterrupted one's weights, method state (LBGAT's clean model, whose momentum the optimizer's
+    state holds too) and rows. AR-AT's (test_resume_gives_identical_results) and ARREST's across its stage
+    boundary (tests/test_methods_arrest.py) have their own; SWA here averages across the stop."""
+    from test_compile import FAMILIES, SHAPE
+
+    from engine.recipes import get_recipe
+    from engine.train import load_run_config
+
+    recipe, overrides = FAMILIES[family]
+    shape = [o for o in SHAPE if not o.startswith(("train.epochs", "perf.compile_backend", "eval."))]
+    cfg = apply_overrides(get_recipe(recipe), [*shape, *overrides, "train.epochs=3", "perf.compile=off"])
+    full = run_training(cfg, tmp_path / "full", evaluate_at_end=False)
+    import engine.train
+
+    train_epoch = engine.train.train_epoch
+
+    def stopped_in_epoch_2(run, epoch, *args, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt  # (Ctrl-C: epoch 1's checkpoint is on disk)
+        return train_epoch(run, epoch, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.train, "train_epoch", stopped_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg, tmp_path / "resumed", evaluate_at_end=False)
+    partial = tmp_path / "resumed"
+    resumed = run_training(load_run_config(partial), partial, resume=True, evaluate_at_end=False)
+    drop = ("epoch_seconds", "images_per_s", "tflop_per_s", "wall_seconds")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
+    assert strip(read_rows(full)) == strip(read_rows(resumed))
+    a, b = (torch.load(run / "checkpoints" / "final.pt") for run in (full, resumed))
+    for part in ("model", "method"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
