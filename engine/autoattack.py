@@ -130,7 +130,8 @@ class _StageLog(logging.Handler):
             if said not in _WARNED:
                 _WARNED.add(said)
                 rank = f" (rank {dist.get_rank()})" if dist.is_available() and dist.is_initialized() else ""
-                print(f"AutoAttack warning{rank}: {message}", file=sys.stderr, flush=True)
+                again = " (said once per network: later chunks' figures differ)" if said[1] != message else ""
+                print(f"AutoAttack warning{rank}: {message}{again}", file=sys.stderr, flush=True)
             return
         match = self.PATTERN.search(record.getMessage())
         if match:

@@ -401,8 +401,10 @@ def write_evaluation(target: Path, record: Path, results: dict, entry: dict, net
     try:
         with RunDir(target).open_for_writing(resume=True, wait_s=EVAL_LOCK_WAIT_S) as rundir:
             if network is not None and run_network(target) != network:
+                now = run_network(target)
+                held = "none" if now is None else now[0] if now[0] != network[0] else f"another {now[0]}"
                 raise RunDirError(
-                    f"{target} holds another network than the one evaluated ({network[0]} was written again while "
+                    f"{target} holds another network than the one evaluated ({network[0]}; now: {held}, written while "
                     "it was evaluated: the run trained on meanwhile): the results above are of the network it held "
                     "before and were not written into the run; the same `arat eval` again evaluates the one it holds"
                 )

@@ -320,7 +320,8 @@ def same_precision_on_every_rank(switches: perf.Perf, info: distributed.DistInfo
         r = next(r for r, (d, _) in enumerate(dtypes) if d != dtypes[0][0])
         raise ConfigError(
             f"the ranks train at different precisions (rank 0 {dtypes[0][0]}: {dtypes[0][1]}; rank {r} "
-            f"{dtypes[r][0]}: {dtypes[r][1]}): set perf.dtype to one every rank's device runs (fp16 or fp32)"
+            f"{dtypes[r][0]}: {dtypes[r][1]}): set perf.dtype=fp32 (or fp16 where every rank is a CUDA GPU, "
+            "without dist.sync_bn)"
         )
 
 
@@ -693,6 +694,15 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
             run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
         except CheckpointError as e:  # cut short in a copy, or a disk that lost it: the run cannot go on without it
             raise RunDirError(f"{e}: copy it again from where the run came from (the run is left as it was)") from None
+    if resume:  # a node's stale copy of the run's folder: other epochs on other ranks, a hang at the end
+        epochs = distributed.gather_objects(run.epoch, run.dist)
+        if len(set(epochs)) > 1:
+            other = next(r for r, e in enumerate(epochs) if e != epochs[0])
+            raise RunDirError(
+                f"rank 0 resumes {rundir.path} after epoch {epochs[0]}, rank {other} after epoch {epochs[other]} (its "
+                "node holds another copy of the run's folder): every rank of a resume reads the same folder; put it "
+                "on storage every node reads, at the same path, then resume again"
+            )
     if run.dist.is_main:  # the device as asked for (auto, cuda...): a resume elsewhere resolves it again
         rundir.save_config(replace(cfg, perf=replace(cfg.perf, device=run.requested_device)))
         # what is trained on, and how: the switches as resolved here (auto's choice; each resume records its own)
@@ -729,7 +739,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
         say(start_line(run, rundir.path))
     if resume and not run.epoch:
         say(f"{rundir.path} has no checkpoint yet (none is written before epoch 1 ends): starting it from epoch 1")
-    if notice := data_notice(cfg.data):
+    if notice := data_notice(cfg.data, run.dataset):
         say(notice)
     for notice in (schedule_notice(cfg), ignored_keys_notice(cfg.method)):
         if notice and run.epoch < cfg.epochs:

@@ -87,6 +87,7 @@ if [ ! -f "$data/cifar-10-batches-py/batches.meta" ] && [ -f "$prepare" ]; then
     # into a folder of its own, renamed into place once whole: a run started meanwhile (another checkout's, on a
     # shared data folder) reads the whole dataset or none (in place it read half-written files as corrupt)
     # (a staging folder of an hour ago is one a setup stopped outright left: ~180 MB)
+    staging=
     find "$data" -maxdepth 1 -name '.prepare-*' -mmin +60 -exec rm -rf {} + 2>/dev/null || true
     mkdir -p "$data" && staging=$(mktemp -d "$data/.prepare-XXXXXX") && .venv/bin/python "$prepare" "$staging" &&
         .venv/bin/python - "$staging/cifar-10-batches-py" "$data/cifar-10-batches-py" <<'PY' &&

@@ -4,11 +4,12 @@
 # scripts/setup.sh, opened for reading where that suffices (a checkout whose files are not ours to write); NFS takes
 # an exclusive flock only on a file opened for writing (flock says "Bad file descriptor"), so the script is then
 # opened read-write (nothing is written). Where neither locks (a filesystem without locks), one line, and on.
+# Without flock(1) (util-linux; stock macOS has none) there is no lock.
 take_setup_lock() {
     command -v flock >/dev/null || return 0
     exec 9<scripts/setup.sh
     flock 9 2>/dev/null && return 0
     { exec 9<>scripts/setup.sh && flock 9; } 2>/dev/null && return 0
-    echo "$1: could not lock scripts/setup.sh here (a filesystem without file locks?): going on unlocked; run one" \
-        "setup at a time in this checkout" >&2
+    echo "$1: could not lock scripts/setup.sh here (a filesystem without file locks, or on NFS the script not" \
+        "writable by you?): going on unlocked; run one setup at a time in this checkout" >&2
 }

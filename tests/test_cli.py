@@ -1061,7 +1061,7 @@ def test_an_evaluation_of_a_run_trained_on_meanwhile_is_not_merged_into_it(tmp_p
         patch.setattr(engine.evaluate, "evaluate", and_meanwhile_a_resume_writes)
         assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 2
     said = _last_line(capsys.readouterr().err)
-    assert "holds another network than the one evaluated (final.pt was written again" in said
+    assert "holds another network than the one evaluated (final.pt; now: another final.pt, written while" in said
     assert "not written into the run" in said
     assert not (run / "eval.json").exists() and flags.read_text() == before and not records.exists()
     assert main(["eval", str(run), "--attacks", "clean", "--num-examples", "16"]) == 0

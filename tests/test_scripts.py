@@ -309,8 +309,8 @@ def test_two_setups_on_nfs_install_once_and_a_filesystem_without_locks_goes_on(t
     assert result.returncode == 0, result.stderr
     said = [line for line in result.stderr.splitlines() if "could not lock" in line]
     assert said == [
-        "setup: could not lock scripts/setup.sh here (a filesystem without file locks?): going on unlocked; run one "
-        "setup at a time in this checkout"
+        "setup: could not lock scripts/setup.sh here (a filesystem without file locks, or on NFS the script not "
+        "writable by you?): going on unlocked; run one setup at a time in this checkout"
     ]
 
 

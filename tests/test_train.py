@@ -895,3 +895,27 @@ def test_every_method_resumed_after_an_epoch_ends_as_the_uninterrupted_run(famil
     a, b = (torch.load(run / "checkpoints" / "final.pt") for run in (full, resumed))
     for part in ("model", "method"):
         assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_a_resume_where_a_rank_reads_another_epoch_s_checkpoint_is_refused(tiny_cfg, tmp_path, monkeypatch):
+    """Every rank finding checkpoints/latest.pt is not enough: a node's stale copy of the run's folder resumed its
+    ranks at another epoch than rank 0's, and the run hung at its end. The resumed epochs are gathered (a second
+    rank stood in, one epoch behind) and refused in one line, nothing written."""
+    from engine import distributed
+    from engine.rundir import RunDirError
+    from engine.train import load_run_config
+
+    run = run_training(apply_overrides(tiny_cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    (run / "checkpoints" / "final.pt").unlink()
+    (run / "config.json").write_text(json.dumps(json.loads((run / "config.json").read_text()) | {"epochs": 2}))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    gather = distributed.gather_objects
+
+    def with_a_stale_rank(obj, info, wait=None):
+        mine = gather(obj, info, wait)
+        return mine + [obj - 1] if type(obj) is int else mine + mine
+
+    monkeypatch.setattr(distributed, "gather_objects", with_a_stale_rank)
+    with pytest.raises(RunDirError, match=r"rank 0 resumes .* after epoch 1, rank 1 after epoch 0 \(its node holds"):
+        run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

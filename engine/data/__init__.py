@@ -99,9 +99,10 @@ def data_source(cfg: DataConfig) -> str:
     return f"{cfg.dataset} in {folder}"
 
 
-def data_notice(cfg: DataConfig) -> str | None:
-    """One line to print when the run silently would not use what the user asked for."""
-    if resolve_dataset(cfg) != cfg.dataset:
+def data_notice(cfg: DataConfig, dataset: str | None = None) -> str | None:
+    """One line to print when the run silently would not use what the user asked for (`dataset`: what the caller
+    resolved once and uses, else resolved here)."""
+    if (dataset or resolve_dataset(cfg)) != cfg.dataset:
         hint = how_to_get(cfg.dataset, Path(cfg.data_dir))
         return f"note: no {cfg.dataset} under {cfg.data_dir}; using synthetic data ({hint})"
     return None

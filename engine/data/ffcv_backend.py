@@ -162,7 +162,7 @@ def write_beton(split: ArraySplit, path: Path) -> Path:
 def _writer_lock(path: Path, wait_s: float):
     """An exclusive lock beside `path` for up to `wait_s` (a holder stopped or hung: then each writes its own
     temporary copy, which the atomic rename makes safe, as without a lock); none where the folder takes no lock
-    (NFS without lockd, another user's lock file)."""
+    (NFS without lockd; on NFS another user's lock file, which this process opens only for reading)."""
     return held_if_possible(path.with_name(f".{path.name}.lock"), wait_s)
 
 
