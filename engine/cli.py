@@ -194,17 +194,16 @@ def cmd_train(args) -> None:
 def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
     """(checkpoint file, its run config if it belongs to a run)."""
     from .models import CheckpointError
-    from .rundir import FINAL, LATEST, RunDir
+    from .rundir import RunDir
     from .train import load_run_config
 
     path = Path(target)
     if path.is_dir():
         cfg = load_run_config(path)
-        for name in (FINAL, LATEST):
-            if (path / "checkpoints" / name).exists():
-                if stage := RunDir(path).unfinished(cfg.epochs):  # said, not silent: an unfinished network's figures
-                    print(f"arat: {path} has not finished: using its latest checkpoint ({stage})", file=sys.stderr)
-                return path / "checkpoints" / name, cfg
+        if (checkpoint := run_checkpoint(path)) is not None:
+            if stage := RunDir(path).unfinished(cfg.epochs):  # said, not silent: an unfinished network's figures
+                print(f"arat: {path} has not finished: using its latest checkpoint ({stage})", file=sys.stderr)
+            return checkpoint, cfg
         raise CheckpointError(
             f"{path} has no checkpoint yet: one is written when its first epoch ends; wait for that, or continue "
             f"an interrupted run with `arat train --resume {path}`"
@@ -360,16 +359,23 @@ def cmd_eval(args) -> None:
     write_evaluation(target, record, results, entry, network)
 
 
-def run_network(run: Path) -> tuple | None:
-    """Which network a run directory holds now: the checkpoint `resolve_target` picks (final.pt, else latest.pt),
-    by path and file identity (each is written whole under a new name, then renamed over the old); None for a
-    checkpoint file or a run without one."""
+def run_checkpoint(run: Path) -> Path | None:
+    """The checkpoint of a run directory that its evaluation reads: final.pt (SWA's averaged network), else
+    latest.pt; None where it has neither."""
     from .rundir import FINAL, LATEST
 
-    for name in (FINAL, LATEST) if run.is_dir() else ():
-        with contextlib.suppress(FileNotFoundError):
-            st = os.stat(run / "checkpoints" / name)
-            return name, st.st_ino, st.st_size, st.st_mtime_ns
+    return next((p for p in (run / "checkpoints" / n for n in (FINAL, LATEST)) if p.exists()), None)
+
+
+def run_network(run: Path) -> tuple | None:
+    """Which network a run directory holds now: `run_checkpoint`'s, by name and file identity (each is written whole
+    under a new name, then renamed over the old); None for a checkpoint file or a run without one."""
+    checkpoint = run_checkpoint(run) if run.is_dir() else None
+    if checkpoint is None:
+        return None
+    with contextlib.suppress(FileNotFoundError):  # (removed since it was found)
+        st = os.stat(checkpoint)
+        return checkpoint.name, st.st_ino, st.st_size, st.st_mtime_ns
     return None
 
 
@@ -400,8 +406,7 @@ def write_evaluation(target: Path, record: Path, results: dict, entry: dict, net
     # (printed above) wait for a rerun, which finds every chunk saved
     try:
         with RunDir(target).open_for_writing(resume=True, wait_s=EVAL_LOCK_WAIT_S) as rundir:
-            if network is not None and run_network(target) != network:
-                now = run_network(target)
+            if network is not None and (now := run_network(target)) != network:
                 held = "none" if now is None else now[0] if now[0] != network[0] else f"another {now[0]}"
                 raise RunDirError(
                     f"{target} holds another network than the one evaluated ({network[0]}; now: {held}, written while "
@@ -423,9 +428,9 @@ EVAL_LOCK_WAIT_S = 60.0  # how long an ending `arat eval` waits for another hold
 def writable_now(run: Path) -> None:
     """`arat eval RUN` writes RUN/eval.json at its end: a run in use (still training) or read-only is refused before
     anything is evaluated (it was refused after the whole evaluation, whose chunks a retry then redid)."""
-    from .rundir import FINAL, LATEST, RunDir, RunDirError, RunDirInUse
+    from .rundir import LATEST, RunDir, RunDirError, RunDirInUse
 
-    network = run / "checkpoints" / (FINAL if (run / "checkpoints" / FINAL).exists() else LATEST)  # SWA's: final
+    network = run_checkpoint(run) or run / "checkpoints" / LATEST  # SWA's: final.pt
     apart = f"to evaluate its network without writing there: arat eval {network} --out DIR"
     unwritable = f"arat eval {run} writes {run / 'eval.json'}, which arat table reads; {apart}"
     try:

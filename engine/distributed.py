@@ -314,6 +314,15 @@ def gather_objects(obj, info: DistInfo, wait: timedelta | None = None) -> list:
     return out
 
 
+def apart_from_rank0(value, info: DistInfo, key=None) -> tuple[int, list] | None:
+    """(the first rank whose `value` differs from rank 0's, by `key(value)` if given, and every rank's value), or
+    None where all agree: gathered, so every rank takes the same decision (a refusal raised on every rank alike)."""
+    values = gather_objects(value, info)
+    keys = [v if key is None else key(v) for v in values]
+    other = next((r for r, k in enumerate(keys) if k != keys[0]), None)
+    return None if other is None else (other, values)
+
+
 def check_same_data(data: dict[str, str] | UserError, source: str, info: DistInfo) -> None:
     """Refuse, on every rank alike, ranks that read other data or none: each rank loads its node's copy of the
     dataset (another copy on another node, a relative data folder seen from another working directory, or the

@@ -315,9 +315,9 @@ def same_precision_on_every_rank(switches: perf.Perf, info: distributed.DistInfo
     """perf.dtype auto is resolved by each rank for its own device: on GPUs of mixed kinds (one without bf16) some
     ranks trained fp16 with a loss scaler, others bf16, the scaler's skipped steps apart and the epoch's metrics
     (fp16's skip share) reduced over other keys, a hang (helper-147). Refused on every rank in one line."""
-    dtypes = distributed.gather_objects((switches.resolved()["dtype"], switches.dtype_reason), info)
-    if len({d for d, _ in dtypes}) > 1:
-        r = next(r for r, (d, _) in enumerate(dtypes) if d != dtypes[0][0])
+    mine = switches.resolved()["dtype"], switches.dtype_reason
+    if apart := distributed.apart_from_rank0(mine, info, key=lambda dtype_and_reason: dtype_and_reason[0]):
+        r, dtypes = apart
         raise ConfigError(
             f"the ranks train at different precisions (rank 0 {dtypes[0][0]}: {dtypes[0][1]}; rank {r} "
             f"{dtypes[r][0]}: {dtypes[r][1]}): set perf.dtype=fp32 (or fp16 where every rank is a CUDA GPU, "
@@ -673,9 +673,8 @@ def same_checkpoint_view(rundir: RunDir, info: distributed.DistInfo) -> None:
     from epoch 1 beside ranks resuming at epoch k, their collectives never matching (a hang up to dist.timeout_min;
     helper-147). Views that differ are refused on every rank in one line."""
     path = rundir.checkpoint(LATEST)
-    views = distributed.gather_objects(path.exists(), info)
-    if len(set(views)) > 1:
-        other = next(r for r, seen in enumerate(views) if seen != views[0])
+    if apart := distributed.apart_from_rank0(path.exists(), info):
+        other, views = apart
         raise RunDirError(
             f"rank 0 {'finds' if views[0] else 'does not find'} {path}, rank {other} "
             f"{'finds' if views[other] else 'does not'}: every rank of a resume reads the run's folder; put it on "
@@ -694,15 +693,14 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
             run.load_state_dict(load_checkpoint(rundir.checkpoint(LATEST)))
         except CheckpointError as e:  # cut short in a copy, or a disk that lost it: the run cannot go on without it
             raise RunDirError(f"{e}: copy it again from where the run came from (the run is left as it was)") from None
-    if resume:  # a node's stale copy of the run's folder: other epochs on other ranks, a hang at the end
-        epochs = distributed.gather_objects(run.epoch, run.dist)
-        if len(set(epochs)) > 1:
-            other = next(r for r, e in enumerate(epochs) if e != epochs[0])
-            raise RunDirError(
-                f"rank 0 resumes {rundir.path} after epoch {epochs[0]}, rank {other} after epoch {epochs[other]} (its "
-                "node holds another copy of the run's folder): every rank of a resume reads the same folder; put it "
-                "on storage every node reads, at the same path, then resume again"
-            )
+    # a node's stale copy of the run's folder: other epochs on other ranks, a hang at the end
+    if resume and (apart := distributed.apart_from_rank0(run.epoch, run.dist)):
+        other, epochs = apart
+        raise RunDirError(
+            f"rank 0 resumes {rundir.path} after epoch {epochs[0]}, rank {other} after epoch {epochs[other]} (its "
+            "node holds another copy of the run's folder): every rank of a resume reads the same folder; put it "
+            "on storage every node reads, at the same path, then resume again"
+        )
     if run.dist.is_main:  # the device as asked for (auto, cuda...): a resume elsewhere resolves it again
         rundir.save_config(replace(cfg, perf=replace(cfg.perf, device=run.requested_device)))
         # what is trained on, and how: the switches as resolved here (auto's choice; each resume records its own)
