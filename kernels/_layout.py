@@ -23,8 +23,9 @@ def _dense_by_strides(t: torch.Tensor) -> bool:
 
 
 def like(t: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-    """`t` with the strides of the dense `template` (a copy only when the layouts differ)."""
-    if t.stride() == template.stride():
+    """`t` with the strides of the dense `template` (a copy only when the layouts differ); another shape is an error
+    (copy_'s), never the first elements of a larger `t` read as if they were all of it."""
+    if t.stride() == template.stride() and t.shape == template.shape:
         return t
     return torch.empty_like(template, dtype=t.dtype).copy_(t)
 

@@ -71,13 +71,14 @@ def pgd_step(x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, eps: floa
 def uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """clamp(x + U(-eps, eps), 0, 1) in one pass; a new tensor like x.
 
-    One int64 seed is drawn on x's device from `generator` (torch's default generator when None), so runs repeat
-    under torch.manual_seed; each backend expands the seed with its own generator (Philox in Triton, torch.rand in
-    the reference), so backends agree in distribution only.
+    One int64 seed is drawn from `generator` on its device (torch's default generator of x's device when None), so
+    runs repeat under torch.manual_seed; each backend expands the seed with its own generator (Philox in Triton,
+    torch.rand in the reference), so backends agree in distribution only.
     """
     if eps < 0:
         raise ValueError(f"uniform_start needs eps >= 0, got {eps}")
-    seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64, generator=generator)
+    device = x.device if generator is None else generator.device  # (a CPU generator for CUDA images: drawn there)
+    seed = torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64, generator=generator).to(x.device)
     if _dispatch.traced_triton(x.device, lambda: _common_reason(x)):
         from .triton_impl import uniform_start_op
 

@@ -213,3 +213,19 @@ def test_the_engine_s_plain_step_equals_the_kernels_reference_in_every_dtype(sha
     out, expected = engine_step(x, x_adv, grad, EPS, ALPHA), pgd_step_reference(x, x_adv, grad, EPS, ALPHA)
     assert out.dtype == dtype and out.stride() == expected.stride() == x_adv.stride()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_layout_matching_refuses_another_shape():
+    """helper-151: `like` returned a tensor of matching strides unchanged whatever its shape, so the raw Triton op
+    given an `x` of twice the batch read its first half as if it were all of it; now copy_'s error."""
+    from kernels._layout import like
+
+    template = torch.zeros(4, 3, 4, 4)
+    same = torch.ones(4, 3, 4, 4)
+    assert like(same, template) is same
+    larger = torch.ones(8, 3, 4, 4)
+    assert larger[:4].stride() == template.stride()
+    with pytest.raises(RuntimeError):
+        like(larger, template)
+    cl = like(same, template.contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, same)
