@@ -20,7 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig, apply_overrides, default_data_dir
+from .config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    default_data_dir,
+    flat,
+)
 from .errors import CompiledEvaluationFailed, UserError, innermost
 from .progress import close_bars
 from .recipes import RECIPES, get_recipe
@@ -187,8 +196,32 @@ def cmd_train(args) -> None:
         if args.out is not None and not args.out.strip():
             raise ConfigError("--out is empty: name a run directory, or leave --out out for runs/<recipe>-<time>")
         out = args.out or f"runs/{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resume = bool(args.resume)
+    if not resume and args.out is not None and (Path(out) / "config.json").is_file():
+        resume = the_same_run(cfg, out)  # the same command again: a scheduler's requeue, a rerun
     args.run_dir = out  # named by main() if the run is interrupted
-    run_training(cfg, out, resume=bool(args.resume), evaluate_at_end=not args.no_eval)
+    run_training(cfg, out, resume=resume, evaluate_at_end=not args.no_eval)
+
+
+def the_same_run(cfg: TrainConfig, out: str) -> bool:
+    """`arat train --recipe X --out RUN` where RUN holds a run already (a scheduler requeueing the job, torchrun
+    restarting it, the command typed again): True (continue it, as `--resume RUN` does) when the run trains what
+    this command would, by every key a resume does not take (`resume_takes`: perf.*, dist.*, the evaluation's
+    sizes, and the data folder are this command's); else one line naming the first key that differs."""
+    from .rundir import RunDirError
+    from .train import load_run_config
+
+    saved, new = flat(load_run_config(out)), flat(cfg)
+    differs = [k for k in new if not resume_takes(k) and k != "data.data_dir" and new[k] != saved.get(k)]
+    if differs:
+        key = differs[0].removeprefix("train.")
+        raise RunDirError(f"{out} already holds a run with other settings ({key}: {saved.get(differs[0])!r} there, "
+                          f"{new[differs[0]]!r} here): continue it with `arat train --resume {out}`, or pick another "
+                          "--out")  # fmt: skip
+    if os.environ.get("RANK", "0") == "0":
+        print(f"arat: {out} holds this run (the same recipe and settings): continuing it, as `arat train --resume "
+              f"{out}` does")  # fmt: skip
+    return True
 
 
 def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
@@ -230,7 +263,7 @@ def read_target_weights(ckpt_path: Path, of_a_run: bool, target: str) -> tuple[d
 def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
     """The network to evaluate (Split-BN from a run/engine checkpoint, or plain from a bare state_dict)."""
     from .config import from_dict
-    from .models import CheckpointError, build_model, load_plain
+    from .models import CheckpointError, build_model, export_state_dict, load_plain
 
     ckpt_path, run_cfg = resolve_target(args.target)
     state, saved = read_target_weights(ckpt_path, run_cfg is not None, args.target)
@@ -243,7 +276,7 @@ def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
     if args.model:
         model_cfg = ModelConfig(arch=args.model, width=args.width, split_bn=False)
     else:  # an exported network (or one named like it): its weights' names and shapes say which
-        from .hub import export_state_dict, infer_config
+        from .hub import infer_config
 
         try:
             model_cfg, classes = infer_config(export_state_dict(state))
@@ -251,10 +284,15 @@ def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
             raise ConfigError(f"{ckpt_path} is a plain state_dict of a network this engine cannot name from its "
                               "weights: say which with --model resnet18|wrn34-10 (and --width)") from None  # fmt: skip
     # the data it was made for: --dataset, else the model_info `arat export` wrote beside it, else its class count
-    dataset = args.dataset or exported_dataset(ckpt_path) or ("cifar100" if classes == 100 else "cifar10")
+    exported = exported_dataset(ckpt_path)
+    dataset = args.dataset or exported or ("cifar100" if classes == 100 else "cifar10")
+    if exported is None:  # another tool's weights, maybe: said once the evaluation starts (cmd_eval)
+        args.input_note = (f"{ckpt_path} is a state_dict without this engine's config: it is fed [0, 1] images with "
+                           "no mean/std normalization, as this engine trains; weights trained on normalized images "
+                           "read near chance here")  # fmt: skip
     cfg = TrainConfig(model=model_cfg, data=DataConfig(dataset=dataset))
     model = build_model(cfg.model, classes or cfg.data.num_classes)
-    load_plain(model, state, str(ckpt_path))
+    load_plain(model, export_state_dict(state), str(ckpt_path))  # a Split-BN state_dict saved alone: its adv BNs
     return model, cfg
 
 
@@ -339,8 +377,9 @@ def cmd_eval(args) -> None:
         distributed.check_same_data(missing or {"test images": test_data}, data_source(data_cfg), info)
         device = distributed.local_device(info, device)
         make_current(device)
-        if note := distributed.idle_gpus_note(info, device):
-            print(f"arat eval: note: {note}", file=sys.stderr)
+        for note in (getattr(args, "input_note", None), distributed.idle_gpus_note(info, device)):
+            if note and info.is_main:
+                print(f"arat eval: note: {note}", file=sys.stderr)
         seed = cfg.seed if args.seed is None else args.seed
         graphs = cfg.perf.cuda_graphs if device.type == "cuda" else "auto"  # a GPU run's `on` must not stop a CPU one
         perf_cfg = dataclasses.replace(cfg.perf, device=str(device), compile=args.compile or cfg.perf.compile,
@@ -509,6 +548,11 @@ def cmd_export(args) -> None:
     if saved is not None or run_cfg is not None:  # check it loads into the plain network before writing
         cfg = run_cfg or from_dict(saved, f"{ckpt_path} (its config)")
         load_plain(build_model(cfg.model, cfg.data.num_classes, split_bn=False), plain, str(ckpt_path))
+    else:  # a plain state_dict: into the network its names say (as engine.hub.load_model will load it)
+        from .hub import infer_config
+
+        arch, classes = infer_config(plain)
+        load_plain(build_model(arch, classes, split_bn=False), plain, str(ckpt_path))
     if info_path(out).resolve() == out.resolve():
         raise RunDirError(f"{out}: its model_info ({info_path(out).name}) would overwrite the weights; name it e.g. "
                           f"{out.with_suffix('.pt')}")  # fmt: skip
@@ -568,7 +612,7 @@ def model_info(target: Path, cfg: TrainConfig | None, plain: dict) -> dict:
         "footnote": note,
         "engine": {
             "arch": arch_cfg.arch,
-            "width": arch_cfg.width,
+            "width": arch_cfg.width if arch_cfg.arch == "resnet18" else None,  # (WRN-34-10's is fixed)
             "num_classes": classes,
             "input_range": [0, 1],
             "recipe": cfg.recipe if cfg else None,
@@ -610,6 +654,8 @@ def interrupted_line(args) -> str:
         else:  # a wrapper that knows better how its user goes on (scripts/demo.sh: arat is not on its user's PATH)
             how = os.environ.get("ARAT_CONTINUE_HINT") or f"`arat train --resume {args.run_dir}`"
             line = f"arat: interrupted; {how} continues the run from its last finished epoch"
+            if (Path(args.run_dir) / "checkpoints" / "final.pt").exists():  # stopped in its closing evaluation
+                line = f"arat: interrupted; {how} finishes the run's evaluation (the chunks it finished are kept)"
     elif args.command == "eval":
         line = "arat: interrupted; the same `arat eval` command again skips the chunks already finished"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -642,15 +688,40 @@ def resource_line(args, error: BaseException) -> str | None:
     return f"out of memory ({first}); free the device's memory (another process?) or take smaller batches"
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGHUP", "SIGUSR1")  # `timeout`, schedulers (SLURM's --signal=USR1@T), a closed terminal
+_stopped_by: int | None = None  # the signal that stopped the command (its exit code is 128 + it, as the shell's)
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt  # `timeout`, a scheduler or torchrun stopping the process: Ctrl-C's path and line
+    """`timeout`, a scheduler or torchrun stopping the process: Ctrl-C's path and line. A second stop signal while
+    the command winds down (SLURM signals every process of a step, and torchrun forwards its own) is ignored: it
+    would cut the cleanup short (a group left unclosed, a traceback); SIGKILL and Ctrl-C still end it."""
+    global _stopped_by
+    _stopped_by = signum
+    for name in STOP_SIGNALS:
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # (a platform without it)
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def stop_handlers() -> dict:
+    """`_terminated` for each stop signal the process does not ignore (`nohup` ignores SIGHUP: kept so), with the
+    handlers they replace, to put back after the command."""
+    before = {}
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is None or signal.getsignal(number) == signal.SIG_IGN:
+            continue
+        before[number] = signal.signal(number, _terminated)
+    return before
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _stopped_by
     args = build_parser().parse_args(argv)
     line_buffered(sys.stdout)
     main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    _stopped_by, before = None, stop_handlers() if main_thread else {}
     try:
         code = run_command(args)
     except Exception:  # a traceback: a torchrun rank still leaves without finalizing (below), with exit code 1
@@ -659,8 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         code = 1
     finally:
-        if main_thread:  # a caller's own handler (pytest, the GPU check's stages) again after the command
-            signal.signal(signal.SIGTERM, before)
+        for number, handler in before.items():  # a caller's own (pytest, the GPU check's stages) after the command
+            signal.signal(number, handler)
     if torchrun_rank_program(argv):
         leave_without_finalizing(code)
     return code
@@ -729,7 +800,7 @@ def run_command(args) -> int:
         return 2
     except KeyboardInterrupt:
         print("\n" + interrupted_line(args), file=sys.stderr)  # the newline ends a progress bar's line
-        return 130
+        return 128 + (_stopped_by or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM: as a shell reports them
     return 0
 
 

@@ -239,21 +239,29 @@ def mean_over_ranks(value: float) -> float:
     return t.item() / dist.get_world_size()
 
 
-_KEY = "arat"
+def store_prefix() -> str:
+    """This engine's keys in the process group's store, per torchrun attempt: `torchrun --max-restarts` starts the
+    workers again on the store the killed ones used (torch keeps its rendezvous store across restarts), where a
+    killed attempt's entries (a gather's, the failure mark a stopped rank leaves) would meet the new attempt's
+    rounds of the same numbers: another attempt's RNG states or BN statistics in a checkpoint, or a rank said to
+    have failed."""
+    return f"arat/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 _rounds = 0  # store exchanges this process has made; ranks make the same ones, so their counts agree. Never reset:
 # a process group made again in this process may see the same store, and its keys must not meet the old ones
 _last_gather: int | None = None  # the round of this process's last gather (its entries are deleted one round late)
 
 
 def _gather_key(n: int, rank: int) -> str:
-    return f"{_KEY}/gather/{n}/{rank}"
+    return f"{store_prefix()}/gather/{n}/{rank}"
 
 
 POLL_S = 10.0  # how often a rank waiting for the others' store entries looks whether one of them left on an error
 
 
 def _failed_key(n: int) -> str:
-    return f"{_KEY}/failed/{n}"
+    return f"{store_prefix()}/failed/{n}"
 
 
 def wait_for_entries(store, keys: list[str], n: int, total: timedelta) -> None:
@@ -399,9 +407,9 @@ def shutdown(info: DistInfo, wait: bool = True) -> None:
     global _last_gather
     store = dist.distributed_c10d._get_default_store()
     n = _next_round()
-    store.set(f"{_KEY}/done/{n}/{info.rank}", b"1")
+    store.set(f"{store_prefix()}/done/{n}/{info.rank}", b"1")
     if info.is_main:  # then no rank reads the store again: rank 0 clears what is left of this engine's keys
-        done = [f"{_KEY}/done/{n}/{r}" for r in range(info.world_size)]
+        done = [f"{store_prefix()}/done/{n}/{r}" for r in range(info.world_size)]
         wait_for_entries(store, done, n, store.timeout)
         last = [] if _last_gather is None else [_gather_key(_last_gather, r) for r in range(info.world_size)]
         for key in done + last:

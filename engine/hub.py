@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .models import CheckpointError, build_model, export_state_dict, load_plain, read_weights
+from .models import CheckpointError, build_model, export_state_dict, load_plain, read_weights, run_network_file
 from .perf import EvalForward
 
 
@@ -39,9 +39,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> tuple[ModelConfig, int]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The network at `path` (an `arat export` file, an engine checkpoint, or a run directory: its final network,
     adv BNs), in eval mode, on `device`, taking [0, 1] inputs."""
-    source = Path(path)
-    if source.is_dir():
-        source = source / "checkpoints" / "final.pt"
+    source = run_network_file(path)
     state, _ = read_weights(source)
     plain = export_state_dict(state)
     # the weights' names and shapes name the network (a model_info JSON beside them is not needed: one that is

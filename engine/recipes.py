@@ -51,9 +51,10 @@ for _arch in ("resnet18", "wrn34-10"):
         recipe(f"arat-{_arch}-{_dataset}", f"AR-AT, {_arch}, {_dataset}, 100 epochs (METHOD 4; GPU)")(
             lambda a=_arch, d=_dataset: arat_full(a, d)
         )
-    recipe(f"arat-swa-{_arch}-cifar10", f"AR-AT+SWA, {_arch}, cifar10, averaging from epoch 76 (GPU)")(
-        lambda a=_arch: arat_full(a, "cifar10", swa=True)
-    )
+    for _dataset in ("cifar10", "cifar100"):  # (the seed reports CIFAR-10's; the official code ships both)
+        recipe(f"arat-swa-{_arch}-{_dataset}", f"AR-AT+SWA, {_arch}, {_dataset}, averaging from epoch 76 (GPU)")(
+            lambda a=_arch, d=_dataset: arat_full(a, d, swa=True)
+        )
 
 
 def baseline(method: str, arch: str, dataset: str) -> TrainConfig:

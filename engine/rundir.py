@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -229,18 +230,22 @@ class RunDir:
         self.create(resume, unwritable)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, file_mode())
         try:
-            if not flock_within(fd, wait_s, poll_s=0.5):
-                raise BlockingIOError
+            if not flock_within(fd, 0.0):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                if wait_s > 0:  # (a stopped job's replacement started before it has let go: a scheduler's requeue)
+                    print(f"arat: {self.path} is in use by {holder}: waiting up to {wait_s:.0f} s for it to let go",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                if not flock_within(fd, wait_s, poll_s=0.5):
+                    raise BlockingIOError
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             stale = f"a holder on another host that is down leaves the lock held: then remove {LOCK}"
             said = f"{self.path} is in use by {holder}: wait for it to end (or stop it), retry ({stale})"
             raise RunDirInUse(said) from None
-        except OSError as e:  # ENOLCK, EOPNOTSUPP...: NFS without its lock daemon, some FUSE or SMB mounts
-            os.close(fd)
-            raise RunDirError(f"cannot lock {self.path / LOCK} ({e.strerror}): this filesystem takes no file locks; "
-                              "put the run on a local disk") from None  # fmt: skip
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: NFS without lockd, Lustre's noflock, some FUSE/SMB mounts
+            print(f"arat: cannot lock {self.path / LOCK} ({e.strerror}): this filesystem takes no file locks; going "
+                  "on without one: start no second process on this run while it runs", file=sys.stderr)  # fmt: skip
         try:  # started together with another process, which took the lock and wrote its run first
             self.check_new(resume)
         except RunDirError:

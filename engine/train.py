@@ -582,6 +582,9 @@ def refused_since_it_started(cfg: TrainConfig, checkpoint: Path) -> None:
         raise
 
 
+RESUME_LOCK_WAIT_S = 120.0  # a resume waits this long for another holder of the run (a stopped job still leaving)
+
+
 @contextlib.contextmanager
 def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
     """Rank 0 opens the run directory (the only writer); every rank learns whether it could. On a refusal on rank 0
@@ -595,7 +598,8 @@ def opened_by_rank0(run: Run, rundir: RunDir, resume: bool):
             try:
                 # a resume writes into the run itself: --out is no way out
                 unwritable = "make it writable, or copy the run to a writable folder and resume the copy"
-                stack.enter_context(rundir.open_for_writing(resume, unwritable if resume else "pick a writable --out"))
+                said, wait_s = (unwritable, RESUME_LOCK_WAIT_S) if resume else ("pick a writable --out", 0.0)
+                stack.enter_context(rundir.open_for_writing(resume, said, wait_s))
                 problem = other_data_on_resume(run, rundir) if resume else None
             except RunDirError as e:
                 problem = str(e)
@@ -720,7 +724,7 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
             run.dist,
         )[0]
     if final_exists:
-        final = read_checkpoint(rundir.checkpoint(FINAL)) if evaluate_at_end and not evaluated else {}
+        final = read_checkpoint(rundir.checkpoint(FINAL), own=True) if evaluate_at_end and not evaluated else {}
         if final.get("evaluate_at_end"):  # stopped during the evaluation that ends the run (not a --no-eval run)
             say(f"{rundir.path} finished its {cfg.epochs} epochs; its evaluation did not end: evaluating its final "
                 "network (the chunks it finished are kept)")  # fmt: skip
@@ -904,7 +908,7 @@ CHECKPOINT_KEYS = {"epoch", "step", "model", "method", "optimizer", "scaler", "s
 def load_checkpoint(path: Path) -> dict:
     """A training checkpoint, on the CPU: load_state_dict moves weights and optimizer state to their parameters'
     device, and the RNG states must stay CPU byte tensors. Read with weights_only (tensors and plain data)."""
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, own=True)
     if not isinstance(state, dict) or not state.keys() >= CHECKPOINT_KEYS:
         missing = "/".join(sorted(CHECKPOINT_KEYS - state.keys())) if isinstance(state, dict) else "every part"
         if isinstance(state, dict) and {"model", "rng_cpu"} <= state.keys():  # the first engine's (2026-11) layout

@@ -8,7 +8,7 @@
 #   env: ARCH (resnet18 | wrn34-10), DATASET (cifar10 | cifar100), SEEDS ("0"; "0 1 2" for mean ± std),
 #        METHODS ("std at trades mart lbgat arat arrest"; arrest fine-tunes this script's std run when std is listed,
 #        else trains its own standard stage), ABLATIONS (0; 1 adds the four ablation rows, CIFAR-10 only, with
-#        analysis.grad_sim on), SWA (0; 1 adds AR-AT + SWA, CIFAR-10 only), NPROC (1; N trains and evaluates each
+#        analysis.grad_sim on), SWA (0; 1 adds AR-AT + SWA), NPROC (1; N trains and evaluates each
 #        run under `torchrun --standalone --nproc_per_node N`, each process taking 128/N images of the batch of 128:
 #        N must divide 128, unless a --set train.batch_size of yours, which wins, sets each process's batch),
 #        DATA_DIR (default $ARAT_DATA_DIR, else the checkout's data/), PRUNE (0; 1 deletes each finished and
@@ -98,8 +98,8 @@ if [ "$NPROC" != 1 ] && [[ " ${SETS[*]-} " != *" train.batch_size="* ]]; then
     echo "reproduce: $NPROC processes x $((128 / NPROC)) images = the recipes' batch of 128 (train.batch_size is" \
         "each process's)"
 fi
-if [ "$DATASET" != cifar10 ] && { [ "$ABLATIONS" = 1 ] || [ "$SWA" = 1 ]; }; then
-    die "ABLATIONS and SWA have CIFAR-10 recipes only: set DATASET=cifar10 or leave them 0"
+if [ "$DATASET" != cifar10 ] && [ "$ABLATIONS" = 1 ]; then
+    die "ABLATIONS have CIFAR-10 recipes only: set DATASET=cifar10 or leave ABLATIONS=0"
 fi
 
 # what an interrupted arat says to continue: this script again (it resumes every unfinished run, with NPROC ranks)
@@ -178,7 +178,7 @@ train() { # train RUN_DIR RECIPE ARGS...: skip a finished run, resume an interru
         arat_train --out "$run" ${DATA[@]+"${DATA[@]}"} --recipe "$recipe" ${BATCH[@]+"${BATCH[@]}"} "$@" || rc=$?
     fi
     [ "$interrupted" = 0 ] || exit "$interrupted" # the run stopped, its last epoch kept; stop here
-    [ "$rc" != 130 ] || exit 130                   # a run stopped by a Ctrl-C of its own
+    case $rc in 129 | 130 | 138 | 143) exit "$rc" ;; esac # a run stopped by a signal of its own (HUP, INT, USR1, TERM)
     [ "$rc" = 0 ] || failed+=("$run (exit $rc)")
     [ "$rc" != 0 ] || prune "$run"
 }
@@ -192,7 +192,7 @@ prune() { # PRUNE=1: a finished, evaluated run's latest.pt goes (only a run trai
 
 recipes=()
 for name in $METHODS; do [ "$name" = arrest ] || recipes+=("$name-$ARCH-$DATASET"); done
-[ "$SWA" = 1 ] && recipes+=("arat-swa-$ARCH-cifar10")
+[ "$SWA" = 1 ] && recipes+=("arat-swa-$ARCH-$DATASET")
 if [ "$ABLATIONS" = 1 ]; then
     for v in v0 stopgrad splitbn arat; do recipes+=("ablation-$v-$ARCH-cifar10"); done
 fi

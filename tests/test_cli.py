@@ -334,9 +334,92 @@ def test_crafted_checkpoints_run_no_code_in_eval_and_export(tmp_path, capsys):
     marker, crafted = tmp_path / "pwned", tmp_path / "crafted.pt"
     torch.save({"model": RunsCode(marker)}, crafted)
     assert main(["eval", str(crafted), "--model", "resnet18", "--attacks", "clean"]) == 2
-    assert "not a readable checkpoint" in one_line_error(capsys)
+    assert re.search(
+        r"holds an object of \S*open beside its weights, which this engine does not load", one_line_error(capsys)
+    )
     assert main(["export", str(crafted), str(tmp_path / "out.pt")]) == 2
-    assert "not a readable checkpoint" in one_line_error(capsys) and not marker.exists()
+    assert "does not load (loading it runs code" in one_line_error(capsys) and not marker.exists()
+
+
+def no_data(tmp_path) -> list[str]:
+    """`arat eval` flags that reach past reading the network to data that is not there."""
+    return ["--dataset", "cifar10", "--data-dir", str(tmp_path / "nodata")]
+
+
+def test_other_tools_checkpoints_are_read_where_they_hold_only_data(tmp_path, capsys):
+    """helper-150: most training codes save their weights under "state_dict" (RobustBench's loader), "net"
+    (pytorch-cifar) or "model_state_dict", beside an argparse.Namespace of options and numpy numbers; weights_only
+    refused those objects, said as a corrupt file, and the nested weights as "not a state_dict". A
+    `torch.compile(DDP(model))` state_dict's `_orig_mod.module.` prefix was not taken off. Objects of other code stay
+    refused, named, with the way to save the weights alone."""
+    import argparse
+
+    from engine.models import CheckpointError, read_weights
+
+    weights = _weights()
+    for key in ("state_dict", "net", "model_state_dict"):
+        path = tmp_path / f"{key}.pt"
+        extra = {"args": argparse.Namespace(lr=0.1, arch="resnet18"), "epoch": np.int64(3), "acc": np.float64(0.5),
+                 "history": np.arange(4, dtype=np.float32)}  # fmt: skip
+        torch.save({key: {f"_orig_mod.module.{k}": v for k, v in weights.items()}, **extra}, path)
+        state, config = read_weights(path)
+        assert config is None and state.keys() == {f"_orig_mod.module.{k}" for k in weights}, key
+        # no data there: the network was read and built (before the data is looked for), the data is what is missing
+        assert main(["eval", str(path), "--attacks", "clean", *no_data(tmp_path)]) == 2, key
+        assert "arat data download" in one_line_error(capsys), key
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": weights, "payload": RunsCode(marker)}, tmp_path / "code.pt")
+    with pytest.raises(CheckpointError, match=r"holds an object of \S*open beside .* weights_only=False"):
+        read_weights(tmp_path / "code.pt")
+    assert not marker.exists()
+
+
+def test_a_split_bn_state_dict_saved_alone_is_evaluated_and_a_plain_export_is_checked(tmp_path, capsys):
+    """helper-150: `arat eval` of a Split-BN state_dict saved alone (a run's checkpoint["model"]) inferred the network
+    from its adv BNs, then loaded the Split-BN names into the plain network: "does not fit this model", where
+    `engine.hub.load_model` read it. `arat export` of a plain file wrote it without loading it (a file missing
+    layers exported, labelled ResNet-18, failing only in load_model)."""
+    from engine.hub import load_model
+
+    split = build_model(ModelConfig(width=8), 10).state_dict()
+    assert any(".adv." in k for k in split)
+    torch.save(split, tmp_path / "split.pt")
+    load_model(tmp_path / "split.pt")
+    assert main(["eval", str(tmp_path / "split.pt"), "--attacks", "clean", *no_data(tmp_path)]) == 2
+    assert "arat data download" in one_line_error(capsys)  # past the network: the data is what is missing
+    broken = {k: v for k, v in _weights().items() if not k.startswith("layer3.1.")}
+    torch.save(broken, tmp_path / "broken.pt")
+    assert main(["export", str(tmp_path / "broken.pt"), str(tmp_path / "out.pt")]) == 2
+    assert "does not fit this model (missing ['layer3.1." in one_line_error(capsys)
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_an_unfinished_run_s_network_is_named_not_missing(tmp_path):
+    """helper-150: `engine.hub.load_model(RUN)` and `arat train --init RUN` of a run still training said
+    "final.pt: no such checkpoint"; they name the run's state and its latest checkpoint."""
+    from engine.hub import load_model
+    from engine.models import CheckpointError, run_network_file
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds no network"):
+        load_model(run)
+    torch.save({"model": _weights()}, run / "checkpoints" / "latest.pt")
+    with pytest.raises(CheckpointError, match=r"has not finished .*--resume .*latest\.pt for its last finished"):
+        load_model(run)
+    (run / "checkpoints" / "latest.pt").rename(run / "checkpoints" / "final.pt")
+    assert run_network_file(run) == run / "checkpoints" / "final.pt"
+    load_model(run)
+
+
+def test_model_info_gives_no_resnet_width_for_a_wrn():
+    """helper-153: the model_info beside an exported WRN-34-10 said `width: 64`, ResNet-18's default."""
+    from engine.cli import model_info
+
+    names = {"fc.weight": torch.zeros(10, 640), "block3.layer.0.conv1.weight": torch.zeros(1)}
+    info = model_info(Path("wrn.pt"), None, names)
+    assert info["architecture"] == "WideResNet-34-10" and info["engine"]["width"] is None
+    assert model_info(Path("rn.pt"), None, _weights())["engine"]["width"] == 8
 
 
 def _weights(width=8):
@@ -466,8 +549,10 @@ def test_an_interrupted_training_run_names_its_resume_command(tmp_path, capsys, 
     def ctrl_c(cfg, out, resume, evaluate_at_end):
         raise KeyboardInterrupt
 
+    from engine.recipes import get_recipe
+
     monkeypatch.setattr(engine.train, "run_training", ctrl_c)
-    monkeypatch.setattr(engine.train, "load_run_config", lambda path: None)
+    monkeypatch.setattr(engine.train, "load_run_config", lambda path: get_recipe("smoke"))  # (--out: the same run)
     out = tmp_path / "run"
     args = ["train", "--resume", str(out)] if resume else ["train", "--recipe", "smoke", "--out", str(out)]
     code, _, err = run_cli(capsys, *args)  # stopped while setting up: no config.json, nothing to resume yet
@@ -476,6 +561,10 @@ def test_an_interrupted_training_run_names_its_resume_command(tmp_path, capsys, 
     (out / "config.json").write_text("{}")
     code, _, err = run_cli(capsys, *args)
     assert code == 130 and f"`arat train --resume {out}` continues the run" in err and "Traceback" not in err
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "final.pt").write_bytes(b"")  # trained: stopped in its closing evaluation
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and f"`arat train --resume {out}` finishes the run's evaluation (the chunks it" in err
 
 
 def test_an_interrupted_evaluation_says_its_chunks_are_kept(capsys, monkeypatch):
@@ -723,7 +812,7 @@ def test_sigterm_ends_like_ctrl_c(tmp_path):
         pytest.fail(f"no checkpoint within 300 s (exit {proc.returncode}): {err[-2000:]}")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and f"arat train --resume {run}" in err
+    assert proc.returncode == 143 and f"arat train --resume {run}" in err  # 128 + SIGTERM, as a shell says it
 
 
 def test_evaluating_an_unfinished_run_says_so(tmp_path, capsys):
@@ -1098,3 +1187,61 @@ def test_two_evaluations_ending_together_into_one_out_folder_keep_both_attacks_f
     write_evaluation(target, record, results("pgd20"), {})
     first.join(10)
     assert set(json.loads((record / "flags.json").read_text())) == {"clean", "pgd20"}
+
+
+def test_the_same_train_command_again_continues_its_run(tmp_path, capsys):
+    """helper-152: a scheduler's requeue (SLURM, a Kubernetes restart, `torchrun --max-restarts`) runs the same
+    `arat train --recipe X --out RUN` again, which was refused ("already holds a run", exit 2: a failure the
+    scheduler does not retry). A run of the same recipe and settings is continued as `--resume RUN` does; one of other
+    settings is refused, naming the first difference; how it runs (perf.*) is the command's."""
+    run = tmp_path / "run"
+    command = ["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1", "--no-eval"]
+    assert main(command) == 0
+    (run / "checkpoints" / "final.pt").unlink()  # stopped after its last epoch's checkpoint, before the final one
+    capsys.readouterr()
+    assert main([*command, "--set", "perf.channels_last=false"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run} holds this run (the same recipe and settings): continuing it" in out
+    assert (run / "checkpoints" / "final.pt").exists() and [r["epoch"] for r in RunDir(run).metrics()] == [1]
+    assert main([*command, "--set", "optim.lr=0.0123"]) == 2
+    said = one_line_error(capsys)
+    assert re.search(r"already holds a run with other settings \(optim\.lr: 0\.\d+ there, 0\.0123 here\)", said)
+    assert f"`arat train --resume {run}`" in said
+    assert main(["train", "--recipe", "demo", "--out", str(run), "--no-eval"]) == 2
+    assert "other settings" in one_line_error(capsys)
+
+
+def test_stop_signals_end_like_ctrl_c_once_and_nohup_s_ignored_hangup_stays_ignored():
+    """helper-152: SLURM's `--signal=USR1@90` and a closed terminal's SIGHUP killed arat outright (no checkpoint
+    line); a second SIGTERM (SLURM signals every process of a step, torchrun forwards its own) cut the cleanup
+    short. Each stop signal now takes Ctrl-C's path once, then is ignored; one `nohup` ignores stays ignored."""
+    import signal
+
+    from engine import cli
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+        replaced = cli.stop_handlers()
+        assert set(replaced) == {signal.SIGTERM, signal.SIGUSR1}
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) is cli._terminated
+        with pytest.raises(KeyboardInterrupt):
+            cli._terminated(signal.SIGUSR1, None)
+        assert cli._stopped_by == signal.SIGUSR1
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in before)  # a second one lands nowhere
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+        cli._stopped_by = None
+
+
+def test_another_tool_s_weights_are_evaluated_with_a_note_on_their_inputs(tmp_path, capsys, cifar_dir):
+    """helper-150: pytorch-cifar's ResNet-18 is named as this engine's but trained on normalized images: evaluated on
+    [0, 1] images it reads near chance, with nothing said. A state_dict without the engine's config or model_info
+    is evaluated with a note saying what it is fed (after the data is found: no note before a one-line error)."""
+    torch.save({"net": {f"module.{k}": v for k, v in _weights().items()}, "acc": 95.2}, tmp_path / "ckpt.pth")
+    code, out, err = run_cli(capsys, "eval", str(tmp_path / "ckpt.pth"), "--attacks", "clean", "--num-examples", "8",
+                             "--data-dir", str(cifar_dir))  # fmt: skip
+    assert code == 0, (out, err)
+    assert "is a state_dict without this engine's config: it is fed [0, 1] images with no mean/std" in err

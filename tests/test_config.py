@@ -83,6 +83,8 @@ def test_full_scale_recipes_match_method():
         "arat-wrn34-10-cifar100",
         "arat-swa-resnet18-cifar10",
         "arat-swa-wrn34-10-cifar10",
+        "arat-swa-resnet18-cifar100",  # helper-153: refused by reproduce.sh, though the official code ships it
+        "arat-swa-wrn34-10-cifar100",
         "demo",
         "smoke",
     }
@@ -95,6 +97,9 @@ def test_full_scale_recipes_match_method():
     swa = get_recipe("arat-swa-resnet18-cifar10").swa
     assert (swa.enabled, swa.start_epoch, swa.every) == (True, 76, 500)
     assert get_recipe("arat-resnet18-cifar100").data.num_classes == 100
+    swa100 = get_recipe("arat-swa-wrn34-10-cifar100")
+    assert swa100.swa == get_recipe("arat-swa-wrn34-10-cifar10").swa and swa100.data.num_classes == 100
+    assert swa100.method == get_recipe("arat-wrn34-10-cifar100").method
 
 
 def test_unknown_recipe():

@@ -770,3 +770,28 @@ def test_a_torchrun_rank_leaves_after_its_exit_handlers_without_the_interpreter_
     monkeypatch.setattr(distributed, "_joined", False)
     monkeypatch.setattr(sys, "argv", ["arat", "recipes"])
     assert cli.main() == 0 and left == [0, 2, 1]  # a process that joined no group exits as before
+
+
+def test_a_restarted_attempt_reads_none_of_the_killed_attempt_s_store_entries(monkeypatch):
+    """helper-152: `torchrun --max-restarts` starts the workers again on the rendezvous store the killed ones used;
+    their entries of the same round numbers (a failure mark, a gather's payload) were the new attempt's: a rank said
+    to have failed, or another attempt's states gathered into a checkpoint. The keys carry the attempt."""
+    import torch.distributed as dist
+
+    from engine import distributed
+    from engine.errors import UserError
+
+    store, round_n = dist.HashStore(), 3
+    keys = [distributed._gather_key(round_n, r) for r in range(2)]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    store.set(distributed._failed_key(round_n), "1")  # the killed attempt's rank 1 marked this round
+    store.set(distributed._gather_key(round_n, 0), b"killed attempt")
+    with pytest.raises(UserError, match="rank 1 stopped on an error"):  # (the same attempt: as it should)
+        distributed.wait_for_entries(store, keys, round_n, timedelta(seconds=0.3))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert distributed._gather_key(round_n, 0) not in ("arat/gather/3/0", keys[0])
+    restarted = [distributed._gather_key(round_n, r) for r in range(2)]
+    assert not store.check(restarted + [distributed._failed_key(round_n)])
+    with pytest.raises(RuntimeError) as waited:  # the store's own timeout: no entry, no failure mark of this attempt
+        distributed.wait_for_entries(store, restarted, round_n, timedelta(seconds=0.3))
+    assert not isinstance(waited.value, UserError)

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from precision import torch_threads
 
 from engine import autoattack
-from engine.config import EvalConfig
+from engine.config import EvalConfig, ModelConfig
 from engine.data.synthetic import synthetic_split
 from engine.evaluate import (
     balance_note,
@@ -31,6 +31,7 @@ from engine.evaluate import (
     resolve_chunk_size,
     unpack,
 )
+from engine.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,6 +114,26 @@ def test_the_default_chunk_is_sized_for_the_device():
     cpu = torch.device("cpu")
     assert resolve_chunk_size(EvalConfig(), SparseLinear(), (3, 32, 32), cpu) == (500, "auto: CPU")
     assert resolve_chunk_size(EvalConfig(chunk_size=64), SparseLinear(), (3, 32, 32), cpu) == (64, "set")
+
+
+def test_a_cpu_chunk_fits_the_machine_s_memory(monkeypatch):
+    """helper-153: a CPU evaluation took 500 images per chunk for any network: WRN-34-10's input-gradient pass keeps
+    ~5x ResNet-18's per image, and 500 of them ran a 16-32 GB machine out of memory (the kernel's OOM killer: no
+    line). The CPU chunk follows chunk_for_memory's rule on the machine's memory, at most 500."""
+    import engine.evaluate
+    from engine.evaluate import cpu_bytes_per_image
+
+    cpu, model = torch.device("cpu"), build_model(ModelConfig(width=8), 10)
+    per_image = cpu_bytes_per_image(model, (3, 32, 32))
+    wider = cpu_bytes_per_image(build_model(ModelConfig(width=16), 10), (3, 32, 32))
+    assert per_image > 0 and wider == pytest.approx(2 * per_image, rel=0.05)  # activations scale with the width
+    monkeypatch.setattr(engine.evaluate, "physical_memory", lambda: int(2 * 3 * per_image * 120))  # room for 120
+    size, why = resolve_chunk_size(EvalConfig(), model, (3, 32, 32), cpu)
+    assert size == 100 and why.startswith("auto: CPU, ~") and "memory" in why
+    monkeypatch.setattr(engine.evaluate, "physical_memory", lambda: 2**40)
+    assert resolve_chunk_size(EvalConfig(), model, (3, 32, 32), cpu) == (500, "auto: CPU")
+    monkeypatch.setattr(engine.evaluate, "physical_memory", lambda: None)  # unknown: as before
+    assert resolve_chunk_size(EvalConfig(), model, (3, 32, 32), cpu) == (500, "auto: CPU")
 
 
 def test_too_few_chunks_for_the_ranks_are_named_with_a_chunk_size_that_fits():

@@ -442,7 +442,7 @@ def test_reproduce_trains_every_method_then_tables_and_a_rerun_trains_nothing(tm
     [
         ({"ARCH": "vgg16"}, [], "ARCH=vgg16: resnet18 or wrn34-10"),
         ({"METHODS": "at fgsm"}, [], "unknown method fgsm"),
-        ({"DATASET": "cifar100", "SWA": "1"}, [], "CIFAR-10 recipes only"),
+        ({"DATASET": "cifar100", "ABLATIONS": "1"}, [], "CIFAR-10 recipes only"),
         ({"NPROC": "two"}, [], "NPROC=two"),
         ({"SEEDS": "0 one"}, [], "SEEDS: one is not a seed"),
         ({"SWA": "yes"}, [], "SWA=yes: 0 or 1"),

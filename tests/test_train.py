@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -264,29 +265,52 @@ import sys, time
 from engine.rundir import RunDir
 with RunDir(sys.argv[1]).open_for_writing(True):
     print("locked", flush=True)
-    time.sleep(60)
+    time.sleep(float(sys.argv[2]))
 """
 
 
-def test_a_second_process_cannot_write_into_a_run_in_use(tiny_cfg, tmp_path):
+def test_a_second_process_cannot_write_into_a_run_in_use(tiny_cfg, tmp_path, monkeypatch, capsys):
     import subprocess
     import sys
 
+    from engine import train
     from engine.rundir import RunDir, RunDirError
 
+    monkeypatch.setattr(train, "RESUME_LOCK_WAIT_S", 1.0)
     cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
     run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run), "60"], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirError, match=f"in use by process {proc.pid}"):
             run_training(cfg, run, resume=True)
+        assert f"in use by process {proc.pid}" in capsys.readouterr().err  # (said while it waited)
     finally:
         proc.kill()
         proc.wait()
     with RunDir(run).open_for_writing(resume=True):  # free again once the holder is gone
         pass
     assert [r["epoch"] for r in read_rows(run)] == [1]
+
+
+def test_a_resume_waits_for_a_holder_that_is_leaving(tiny_cfg, tmp_path, capsys):
+    """helper-152: a scheduler's replacement job (a Kubernetes pod, a requeue) started while the stopped one was still
+    leaving was refused at once, a failure the scheduler does not retry: a resume waits up to RESUME_LOCK_WAIT_S for
+    the holder to let go, saying so."""
+    import subprocess
+    import sys
+
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=2", "eval.attacks=clean"])
+    run = run_training(apply_overrides(cfg, ["train.epochs=1"]), tmp_path / "run", evaluate_at_end=False)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run), "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        run_training(cfg, run, resume=True, evaluate_at_end=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert re.search(rf"in use by process {proc.pid} on \S+: waiting up to 120 s", capsys.readouterr().err)
+    assert [r["epoch"] for r in read_rows(run)] == [1, 2]
 
 
 def test_progress_is_on_disk_before_an_epoch_ends(tiny_cfg, tmp_path, monkeypatch):

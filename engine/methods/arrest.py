@@ -25,7 +25,7 @@ from torch import nn
 from ..attacks import mode, pgd, random_start
 from ..config import ConfigError, TrainConfig, in_replay_window, lr_at
 from ..distributed import average_bn_statistics, group_info, mean_over_ranks_of
-from ..models import build_model, export_state_dict, load_plain, read_weights
+from ..models import build_model, export_state_dict, load_plain, read_weights, run_network_file
 from .base import Method, Nets, StepOutput, correct, freeze
 from .std import natural_step
 
@@ -55,10 +55,7 @@ class FeatureTap:
 
 def read_init_state(path: str) -> dict[str, torch.Tensor]:
     """A plain state_dict from a plain checkpoint, an engine checkpoint, or a run directory (its final.pt)."""
-    source = Path(path)
-    if source.is_dir():
-        source = source / "checkpoints" / "final.pt"
-    state, _ = read_weights(source)
+    state, _ = read_weights(run_network_file(path))
     return export_state_dict(state)
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import pickle
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,6 +31,7 @@ __all__ = [
     "check_branch",
     "export_state_dict",
     "read_weights",
+    "run_network_file",
     "set_dual_kernel",
     "set_gemm_convs",
     "set_sync_bn",
@@ -45,9 +50,19 @@ def build_model(cfg: ModelConfig, num_classes: int, split_bn: bool | None = None
     return WideResNet(num_classes, depth=34, widen=10, split_bn=split)
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's / DataParallel's, torch.compile's
+
+
 def unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state_dict without the key prefixes of a DDP (`module.`) or torch.compile (`_orig_mod.`) wrapper."""
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    """A state_dict without the key prefixes of DDP / DataParallel (`module.`) and torch.compile (`_orig_mod.`)
+    wrappers, in either order and nested (`torch.compile(DDP(model))` saves `_orig_mod.module.`)."""
+    return {unprefixed(k): v for k, v in state.items()}
+
+
+def unprefixed(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def export_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,15 +118,55 @@ def other_class_count(
     return int(state[resized[0]].shape[0])
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, own: bool = False) -> dict:
+    """What `torch.load(weights_only=True)` reads at `path`, on the CPU. `own`: a file this engine wrote (a run's
+    training checkpoint), where an object of code is no other tool's way of saving but a damaged or foreign file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError as e:  # weights_only's refusal: an object of code beside the weights
+        if own:
+            raise CheckpointError(f"{path} is not a readable checkpoint ({refused_object(e)}, which this engine "
+                                  "never writes; loading it runs code from the file)") from None  # fmt: skip
+        raise CheckpointError(refused_objects(path, e)) from None
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(e).__name__}); it is corrupt or not a PyTorch file"
         ) from None
+
+
+def data_globals() -> list:
+    """What other tools' checkpoints often hold beside their weights and what builds only data, allowed to
+    `torch.load(weights_only=True)`: an `argparse.Namespace` of the run's options, numpy numbers and numeric arrays
+    (an epoch, a best accuracy), under numpy 1's and numpy 2's module names. Objects of any other code stay
+    refused (loading them runs that code)."""
+    scalar, rebuild = np.int64(0).__reduce__()[0], np.zeros(1).__reduce__()[0]
+    named = [(fn, f"numpy.{core}.multiarray.{fn.__name__}") for fn in (scalar, rebuild) for core in ("core", "_core")]
+    numeric = {type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                            np.uint32, np.uint64, np.float16, np.float32, np.float64)}  # fmt: skip
+    return [argparse.Namespace, np.ndarray, np.dtype, *named, *numeric]
+
+
+def refused_objects(path: str | Path, error: Exception) -> str:
+    """One line for a checkpoint that `weights_only` refused: which object, and how a user who trusts the file
+    saves its weights alone."""
+    resave = (f"python -c \"import torch; c = torch.load('{path}', weights_only=False); torch.save(c.get("
+              "'state_dict', c) if isinstance(c, dict) else c.state_dict(), 'weights.pt')\"")  # fmt: skip
+    return (
+        f"{path} holds {refused_object(error)} beside its weights, which this engine does not load (loading it "
+        f"runs code from the file); if you trust the file, save the weights alone: {resave}, then use weights.pt"
+    )
+
+
+def refused_object(error: Exception) -> str:
+    """What `weights_only` refused, from its message ("... GLOBAL argparse.Namespace was not an allowed global")."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return f"an object of {found.group(1)}" if found else "Python objects"
+
+
+NESTED_KEYS = ("state_dict", "model_state_dict", "net")  # where other tools' checkpoints hold the weights
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -126,6 +181,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
         if config is not None and not isinstance(config, dict):
             raise CheckpointError(f"{path}: its 'config' is a {type(config).__name__}, not a config mapping")
         state = state["model"]
+    elif isinstance(state, dict) and (key := nested_weights(state)):  # another tool's {"state_dict": ..., "epoch": ..}
+        state = state[key]
     if not isinstance(state, dict) or not state:
         kind = "an empty dict" if isinstance(state, dict) else f"a {type(state).__name__}"
         raise CheckpointError(
@@ -137,3 +194,31 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
             f"{path}: {len(bad)} entries are not named tensors (e.g. {str(bad[0])[:60]!r}); it is not a state_dict"
         )
     return state, config
+
+
+def nested_weights(checkpoint: dict) -> str | None:
+    """The key under which another tool's checkpoint holds its state_dict (RobustBench's and most training codes'
+    `state_dict`, `model_state_dict`, pytorch-cifar's `net`) beside other entries; None for a state_dict itself."""
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return None
+    found = [k for k in NESTED_KEYS if isinstance(checkpoint.get(k), dict) and checkpoint[k]]
+    if found and all(isinstance(v, torch.Tensor) for v in checkpoint[found[0]].values()):
+        return found[0]
+    return None
+
+
+def run_network_file(path: str | Path) -> Path:
+    """The file holding the network at `path`: a run directory's final network (checkpoints/final.pt), else `path`
+    itself. A run without final.pt (not finished, or not started) is said in one line naming what it holds."""
+    source = Path(path)
+    if not source.is_dir():
+        return source
+    final, latest = source / "checkpoints" / "final.pt", source / "checkpoints" / "latest.pt"
+    if final.exists():
+        return final
+    if latest.exists():
+        finish = f"finish it with `arat train --resume {source}`"
+        raise CheckpointError(f"{source} has not finished (no checkpoints/final.pt): {finish}, or name {latest} "
+                              "for its last finished epoch's network")  # fmt: skip
+    raise CheckpointError(f"{source} holds no network (no checkpoints/final.pt or latest.pt): name a finished run's "
+                          "directory, a checkpoint or an exported file")  # fmt: skip
