@@ -73,7 +73,8 @@ def build_grad_sim(
     (retain_graph), so no compiled backward may overwrite its saved tensors: `keep_saved_tensors`."""
     if not cfg.analysis.grad_sim:
         return None
-    keep_saved_tensors(compile_wanted(cfg.perf, resolve_device(cfg.perf.device)))
+    if compile_wanted(cfg.perf, resolve_device(cfg.perf.device)):  # (uncompiled, no backward reuses saved tensors:
+        keep_saved_tensors()  # the process's compiled functions and Inductor's caches are left alone; helper-154)
     return GradSim(backbone_weights([model, *extra]), dist)
 
 

@@ -332,7 +332,7 @@ def cmd_eval(args) -> None:
     from .config import DistConfig
     from .data import DataError, data_source, load_test_split, resolve_dataset
     from .evaluate import evaluate, format_results, summary
-    from .perf import make_current, resolve_device
+    from .perf import forget_compiled_roles, make_current, resolve_device
     from .rundir import RunDirError, environment
 
     eval_cfg = eval_config(args)
@@ -388,6 +388,8 @@ def cmd_eval(args) -> None:
     except BaseException:
         distributed.shutdown(info, wait=False)
         raise
+    finally:  # (another evaluation in this process compiles its own)
+        forget_compiled_roles()
     distributed.shutdown(info)
     if not info.is_main:
         return

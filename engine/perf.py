@@ -451,6 +451,21 @@ def role(kind: type[_Role], net: nn.Module, cfg: PerfConfig, device: torch.devic
 
 
 EVAL_ROLES = {False: EvalForward, True: EvalAttackForward, "autoattack": EvalAutoAttackForward}
+ROLES = (TrainForward, AttackForward, AuxForward, *EVAL_ROLES.values())
+
+
+def forget_compiled_roles() -> None:
+    """Drop every role's compiled graphs once a run or an evaluation is done. A role's graphs hang on its class's
+    `forward` code object, shared by every run in the process, and dynamo keeps at most `cache_size_limit` graphs
+    per code object: a program or notebook running several configurations one after another (a sweep of widths)
+    piled them up until a later run's role ran uncompiled (its `eager_frames`; helper-154, the 9th width). The
+    on-disk caches keep what was compiled (a configuration run again compiles from them)."""
+    reset_code = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    reset_code = getattr(reset_code, "reset_code", None)
+    if reset_code is None:  # (a torch without it: the graphs stay, as before)
+        return
+    for kind in ROLES:
+        reset_code(kind.forward.__code__)
 
 
 def eval_network(net: nn.Module, cfg: PerfConfig, device: torch.device, attack: bool | str = False) -> nn.Module:
@@ -488,8 +503,8 @@ def apply(model: nn.Module, cfg: PerfConfig) -> tuple[nn.Module, nn.Module, Perf
     benchmark = resolve_switch(cfg.cudnn_benchmark, device) and not cfg.deterministic
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = benchmark  # process-wide: one run per process
-    if cfg.deterministic:
-        set_deterministic(True)
+    if cfg.deterministic or torch.are_deterministic_algorithms_enabled():  # this run's, or an earlier run's undone
+        set_deterministic(cfg.deterministic)  # (a deterministic run before it in this process: recorded off, left on)
     graphs = attack_graphs(cfg, device)
     set_attack_graphs(graphs)
     switches = (device, dtype, cfg.channels_last, on, kernels, why, benchmark, step_kernel, graphs, gemm)

@@ -211,6 +211,7 @@ def build_run(cfg: TrainConfig, from_checkpoint: bool = False) -> Run:
     `from_checkpoint`: a checkpoint will replace the starting weights, so ARREST's method.init is not read (the
     file may have moved since the run started; the checkpoint holds the network and the teacher)."""
     check_trainable(cfg)  # before a resume's init="" below
+    cfg = replace(cfg, perf=replace(cfg.perf))  # (its device is resolved below: the caller's config keeps `auto`)
     requested_device = cfg.perf.device
     device = perf.resolve_device(cfg.perf.device)
     info = distributed.init(cfg.dist, device.type)
@@ -556,6 +557,8 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, ev
     except BaseException:  # a failed rank leaves its group at once (as `arat eval`'s do): no wait for the others
         distributed.shutdown(run.dist, wait=False)
         raise
+    finally:  # (a later run in this process compiles its own)
+        perf.forget_compiled_roles()
     distributed.shutdown(run.dist)
     return rundir.path
 

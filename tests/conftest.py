@@ -55,8 +55,8 @@ def tiny_cfg():
 
 @pytest.fixture(autouse=True)
 def compile_settings_as_they_were():
-    """engine.analysis.keep_saved_tensors (any grad-sim run) changes process-wide compile settings; restored after
-    each test, so that a later test in this worker compiles as a run without grad-sim does (Inductor's caches on)."""
+    """engine.analysis.keep_saved_tensors (a compiled grad-sim run) changes process-wide compile settings; restored
+    after each test, so that a later test in this worker compiles as a run without grad-sim does (caches on)."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 

@@ -139,7 +139,7 @@ from engine.config import apply_overrides
 from engine.recipes import get_recipe
 
 grad_sim = sys.argv[1] == "on"
-cfg = apply_overrides(get_recipe("smoke"), [f"analysis.grad_sim={str(grad_sim).lower()}"])
+cfg = apply_overrides(get_recipe("smoke"), [f"analysis.grad_sim={str(grad_sim).lower()}", "perf.compile=on"])
 torch.manual_seed(0)
 net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
 eager = copy.deepcopy(net)

@@ -644,8 +644,10 @@ def test_deterministic_pins_what_could_differ_between_processes(tiny_cfg, monkey
             warnings.simplefilter("always")
             train_epoch(run, 1)
         assert not [w for w in caught if "deterministic" in str(w.message)]  # every op of a step has a repeatable form
-        plain = build_run(tiny_cfg)  # a benchmark alternating runs: each run's activate() sets its own (helper-86)
-        assert torch.are_deterministic_algorithms_enabled()  # leaked, until activated
+        plain = build_run(tiny_cfg)  # a later run in the process: not left deterministic (helper-154)
+        assert not torch.are_deterministic_algorithms_enabled() and inductor_deterministic() is False
+        run.perf.activate()  # a benchmark alternating runs: each run's activate() sets its own (helper-86)
+        assert torch.are_deterministic_algorithms_enabled() and inductor_deterministic() == mode
         plain.perf.activate()
         assert not torch.are_deterministic_algorithms_enabled() and inductor_deterministic() is False
         run.perf.activate()

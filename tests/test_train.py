@@ -943,3 +943,38 @@ def test_a_resume_where_a_rank_reads_another_epoch_s_checkpoint_is_refused(tiny_
     with pytest.raises(RunDirError, match=r"rank 0 resumes .* after epoch 1, rank 1 after epoch 0 \(its node holds"):
         run_training(load_run_config(run), run, resume=True, evaluate_at_end=False)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_runs_in_one_process_leave_no_switch_behind(tiny_cfg, tmp_path):
+    """helper-154, the engine as a library (a notebook, a sweep): a perf.deterministic run left deterministic
+    algorithms on for the next run, whose env.json said off; run_training resolved the caller's config's
+    perf.device in place (`auto` became `cpu`); an uncompiled grad-sim run switched off Inductor's caches and
+    dropped the process's compiled functions; every run's compiled roles stayed on their shared code objects, until
+    a later configuration's ran uncompiled (dynamo's per-code limit)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from engine.perf import ROLES
+
+    base = apply_overrides(tiny_cfg, ["train.epochs=1"])
+    try:
+        run_training(apply_overrides(base, ["perf.deterministic=true"]), tmp_path / "det", evaluate_at_end=False)
+        assert torch.are_deterministic_algorithms_enabled()  # (the run's own: on while it is the last one)
+        cfg = apply_overrides(base, ["perf.device=auto"])
+        run_training(cfg, tmp_path / "plain", evaluate_at_end=False)
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+        assert json.loads((tmp_path / "plain" / "env.json").read_text())["perf"]["deterministic"] is False
+        assert cfg.perf.device == "auto"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    before = (functorch_config.donated_buffer, inductor_config.force_disable_caches, inductor_config.fx_graph_cache)
+    run_training(apply_overrides(base, ["analysis.grad_sim=true"]), tmp_path / "gs", evaluate_at_end=False)
+    assert (functorch_config.donated_buffer, inductor_config.force_disable_caches,
+            inductor_config.fx_graph_cache) == before  # fmt: skip
+    entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list
+    compiled = apply_overrides(base, ["perf.compile=on", "perf.compile_backend=eager", "eval.attacks=clean",
+                                      "eval.num_examples=16"])  # fmt: skip
+    run_training(compiled, tmp_path / "compiled")
+    assert json.loads((tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()[0])["compile"]["graphs"] > 0
+    assert all(not entries(kind.forward.__code__) for kind in ROLES)
