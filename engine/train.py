@@ -674,25 +674,32 @@ def check_checkpoint_kept(rundir: RunDir) -> None:
         )
 
 
-def same_checkpoint_view(rundir: RunDir, info: distributed.DistInfo) -> None:
-    """Under torchrun, whether the run has checkpoints/latest.pt as every rank sees it: each rank decided to resume
-    or start afresh on its own view, and a rank on a node without the run's folder (or with a stale copy) trained
-    from epoch 1 beside ranks resuming at epoch k, their collectives never matching (a hang up to dist.timeout_min;
-    helper-147). Views that differ are refused on every rank in one line."""
+def same_checkpoint_view(rundir: RunDir, resume: bool, info: distributed.DistInfo) -> None:
+    """Under torchrun, whether every rank resumes, and sees the run's checkpoints/latest.pt, alike: each rank decided
+    to resume or start afresh on its own view (`arat train --recipe X --out RUN` resumes where RUN/config.json is),
+    and a rank on a node without the run's folder (or with a stale copy) trained from epoch 1 beside ranks resuming
+    at epoch k, their collectives never matching (a hang up to dist.timeout_min; helper-147). Views that differ are
+    refused on every rank in one line."""
     path = rundir.checkpoint(LATEST)
-    if apart := distributed.apart_from_rank0(path.exists(), info):
+    if apart := distributed.apart_from_rank0((resume, resume and path.exists()), info):
         other, views = apart
+        if views[0][0] != views[other][0]:
+            raise RunDirError(
+                f"rank 0 {'continues' if views[0][0] else 'starts'} {rundir.path}, rank {other} "
+                f"{'continues' if views[other][0] else 'starts'} it (one finds its config.json, one does not): every "
+                "rank reads the run's folder; put it on storage every node reads, at the same path, then start again"
+            )  # fmt: skip
         raise RunDirError(
-            f"rank 0 {'finds' if views[0] else 'does not find'} {path}, rank {other} "
-            f"{'finds' if views[other] else 'does not'}: every rank of a resume reads the run's folder; put it on "
+            f"rank 0 {'finds' if views[0][1] else 'does not find'} {path}, rank {other} "
+            f"{'finds' if views[other][1] else 'does not'}: every rank of a resume reads the run's folder; put it on "
             "storage every node reads, at the same path, then resume again"
         )
 
 
 def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bool) -> None:
     cfg = run.cfg
+    same_checkpoint_view(rundir, resume, run.dist)
     if resume:
-        same_checkpoint_view(rundir, run.dist)
         check_checkpoint_kept(rundir)
     say = print if run.dist.is_main else (lambda *a, **k: None)
     if resume and rundir.checkpoint(LATEST).exists():  # read before anything is written: a refusal changes nothing

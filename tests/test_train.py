@@ -855,12 +855,19 @@ def test_ranks_that_see_the_run_s_checkpoint_differently_are_refused_alike(tmp_p
     rundir.checkpoints.mkdir()
     rundir.checkpoint(LATEST).write_bytes(b"x")
     info = DistInfo(rank=0, world_size=2)
-    monkeypatch.setattr(distributed, "gather_objects", lambda seen, info: [seen, False])
+    monkeypatch.setattr(distributed, "gather_objects", lambda seen, info: [seen, (True, False)])
     with pytest.raises(RunDirError, match=r"rank 0 finds .*latest.pt, rank 1 does not: every rank of a resume"):
-        same_checkpoint_view(rundir, info)
-    monkeypatch.setattr(distributed, "gather_objects", lambda seen, info: [seen, True])
-    same_checkpoint_view(rundir, info)
-    same_checkpoint_view(rundir, DistInfo())  # one process: nothing to compare
+        same_checkpoint_view(rundir, True, info)
+    monkeypatch.setattr(distributed, "gather_objects", lambda seen, info: [seen, (True, True)])
+    same_checkpoint_view(rundir, True, info)
+    same_checkpoint_view(rundir, True, DistInfo())  # one process: nothing to compare
+    # `arat train --recipe X --out RUN` again: a rank that finds RUN/config.json continues it, one that does not
+    # (another node's folder) would start it afresh beside it
+    monkeypatch.setattr(distributed, "gather_objects", lambda seen, info: [seen, (False, False)])
+    with pytest.raises(RunDirError, match=r"rank 0 continues .*, rank 1 starts it \(one finds its config.json"):
+        same_checkpoint_view(rundir, True, info)
+    monkeypatch.setattr(distributed, "gather_objects", lambda seen, info: [seen, (False, False)])
+    same_checkpoint_view(rundir, False, info)  # every rank starts afresh: nothing to say
 
 
 def test_ranks_whose_devices_resolve_other_precisions_are_refused_alike(monkeypatch):
