@@ -30,13 +30,14 @@ from .config import (
     default_data_dir,
     flat,
 )
-from .errors import CompiledEvaluationFailed, UserError, innermost
+from .errors import CompiledEvaluationFailed, UserError, innermost, shell_word
 from .progress import close_bars
 from .recipes import RECIPES, get_recipe
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=None, help="dataset root (default: $ARAT_DATA_DIR or ./data)")
+    p.add_argument("--data-dir", default=None, type=os.path.expanduser,  # (`--data-dir=~/x`: no shell expands it)
+                   help="dataset root (default: $ARAT_DATA_DIR or ./data)")  # fmt: skip
 
 
 class VersionAction(argparse.Action):
@@ -165,6 +166,8 @@ def resume_takes(key: str) -> bool:
 
 
 def cmd_train(args) -> None:
+    import dataclasses
+
     from .train import load_run_config, run_training
 
     if args.resume is not None and not args.resume.strip():
@@ -196,6 +199,9 @@ def cmd_train(args) -> None:
         if args.out is not None and not args.out.strip():
             raise ConfigError("--out is empty: name a run directory, or leave --out out for runs/<recipe>-<time>")
         out = args.out or f"runs/{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # recorded absolute: `arat eval RUN` or a resume from another folder reads the same data (a relative one
+        # was read from there: not found, or the synthetic stand-in where the recipe falls back to it)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=os.path.abspath(cfg.data.data_dir)))
     resume = bool(args.resume)
     if not resume and args.out is not None and (Path(out) / "config.json").is_file():
         resume = the_same_run(cfg, out)  # the same command again: a scheduler's requeue, a rerun
@@ -215,12 +221,12 @@ def the_same_run(cfg: TrainConfig, out: str) -> bool:
     differs = [k for k in new if not resume_takes(k) and k != "data.data_dir" and new[k] != saved.get(k)]
     if differs:
         key = differs[0].removeprefix("train.")
+        resume = f"`arat train --resume {shell_word(out)}`"
         raise RunDirError(f"{out} already holds a run with other settings ({key}: {saved.get(differs[0])!r} there, "
-                          f"{new[differs[0]]!r} here): continue it with `arat train --resume {out}`, or pick another "
-                          "--out")  # fmt: skip
+                          f"{new[differs[0]]!r} here): continue it with {resume}, or pick another --out")  # fmt: skip
     if os.environ.get("RANK", "0") == "0":
         print(f"arat: {out} holds this run (the same recipe and settings): continuing it, as `arat train --resume "
-              f"{out}` does")  # fmt: skip
+              f"{shell_word(out)}` does")  # fmt: skip
     return True
 
 
@@ -239,7 +245,7 @@ def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
             return checkpoint, cfg
         raise CheckpointError(
             f"{path} has no checkpoint yet: one is written when its first epoch ends; wait for that, or continue "
-            f"an interrupted run with `arat train --resume {path}`"
+            f"an interrupted run with `arat train --resume {shell_word(path)}`"
         )
     if not path.exists():
         raise CheckpointError(f"{path}: no such run directory or checkpoint")
@@ -257,7 +263,9 @@ def read_target_weights(ckpt_path: Path, of_a_run: bool, target: str) -> tuple[d
     except CheckpointError as e:
         if not of_a_run or ckpt_path.name != FINAL or not ckpt_path.with_name(LATEST).exists():
             raise
-        raise CheckpointError(f"{e}: delete it, then `arat train --resume {target}` writes it again") from None
+        raise CheckpointError(
+            f"{e}: delete it, then `arat train --resume {shell_word(target)}` writes it again"
+        ) from None
 
 
 def load_for_eval(args) -> tuple[torch.nn.Module, TrainConfig]:
@@ -330,7 +338,7 @@ def cmd_eval(args) -> None:
 
     from . import distributed
     from .config import DistConfig
-    from .data import DataError, data_source, load_test_split, resolve_dataset
+    from .data import DataError, data_notice, data_source, load_test_split, resolve_dataset
     from .evaluate import evaluate, format_results, summary
     from .perf import forget_compiled_roles, make_current, resolve_device
     from .rundir import RunDirError, environment
@@ -364,6 +372,8 @@ def cmd_eval(args) -> None:
                           "evaluate it on the data it was trained for (--dataset)")  # fmt: skip
     record = Path(args.out) if args.out else target / "eval" if target.is_dir() else target.with_suffix(".eval")
     dataset = resolve_dataset(data_cfg)  # synthetic where the real data was absent and the fallback allowed it
+    if (notice := data_notice(data_cfg, dataset)) and int(os.environ.get("RANK", "0")) == 0:
+        print(f"arat eval: {notice}", file=sys.stderr)  # (as `arat train` says it)
     try:
         split, missing = load_test_split(data_cfg, cfg.seed, dataset), None
     except DataError as e:  # under torchrun said on every rank, below (a node without the data)
@@ -472,7 +482,7 @@ def writable_now(run: Path) -> None:
     from .rundir import LATEST, RunDir, RunDirError, RunDirInUse
 
     network = run_checkpoint(run) or run / "checkpoints" / LATEST  # SWA's: final.pt
-    apart = f"to evaluate its network without writing there: arat eval {network} --out DIR"
+    apart = f"to evaluate its network without writing there: arat eval {shell_word(network)} --out DIR"
     unwritable = f"arat eval {run} writes {run / 'eval.json'}, which arat table reads; {apart}"
     try:
         with RunDir(run).open_for_writing(resume=True, unwritable=unwritable):
@@ -654,7 +664,7 @@ def interrupted_line(args) -> str:
         if not (Path(args.run_dir) / "config.json").exists():  # stopped while setting up: nothing to resume yet
             line = "arat: interrupted before the run started (no config.json yet); the same command starts it again"
         else:  # a wrapper that knows better how its user goes on (scripts/demo.sh: arat is not on its user's PATH)
-            how = os.environ.get("ARAT_CONTINUE_HINT") or f"`arat train --resume {args.run_dir}`"
+            how = os.environ.get("ARAT_CONTINUE_HINT") or f"`arat train --resume {shell_word(args.run_dir)}`"
             line = f"arat: interrupted; {how} continues the run from its last finished epoch"
             if (Path(args.run_dir) / "checkpoints" / "final.pt").exists():  # stopped in its closing evaluation
                 line = f"arat: interrupted; {how} finishes the run's evaluation (the chunks it finished are kept)"
@@ -679,9 +689,9 @@ def resource_line(args, error: BaseException) -> str | None:
     if args.command == "train":  # (an evaluation's own is an EvaluationOutOfMemory, a UserError)
         run = getattr(args, "run_dir", None)
         if run is not None and (Path(run) / "checkpoints" / "latest.pt").is_file():
-            again = f"its last epoch's checkpoint is kept: `arat train --resume {run}`"
+            again = f"its last epoch's checkpoint is kept: `arat train --resume {shell_word(run)}`"
         elif run is not None and (Path(run) / "config.json").is_file():
-            again = f"no epoch ended: `arat train --resume {run}` starts it again"
+            again = f"no epoch ended: `arat train --resume {shell_word(run)}` starts it again"
         else:
             again = "the same command again"
         if isinstance(cause, torch.OutOfMemoryError):  # the device's: the captured attack and compiled code hold some
@@ -788,9 +798,10 @@ def run_command(args) -> int:
             close_bars()
     except CompiledEvaluationFailed as e:  # the trained network and the finished chunks are saved
         target = getattr(args, "run_dir", None) or getattr(args, "target", "RUN")
-        print(f"arat: error: {e}; evaluate without compiling: `arat eval {target} --compile off` (the trained "
-              "network is saved; the uncompiled evaluation attacks every chunk again, since compiled and eager "
-              "flags may differ in the last bits)", file=sys.stderr)  # fmt: skip
+        again = f"`arat eval {shell_word(target)} --compile off`"
+        print(f"arat: error: {e}; evaluate without compiling: {again} (the trained network is saved; the uncompiled "
+              "evaluation attacks every chunk again, since compiled and eager flags may differ in the last bits)",
+              file=sys.stderr)  # fmt: skip
         return 2
     except UserError as e:  # bad input: one line saying what to do, no traceback
         print(f"arat: error: {e}", file=sys.stderr)

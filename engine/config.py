@@ -34,7 +34,10 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def default_data_dir() -> str:
-    return os.environ.get("ARAT_DATA_DIR") or "./data"  # set but empty: unset, as the scripts read it
+    return os.path.expanduser(os.environ.get("ARAT_DATA_DIR") or "./data")  # set but empty: unset, as the scripts
+
+
+PATH_KEYS = {"data.data_dir"}  # --set values that name a folder: `~` expanded (the shell leaves `key=~/x` as typed)
 
 
 @dataclass
@@ -596,6 +599,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         _check(target is not None, f"--set {key}: unknown section {section!r} (train, {', '.join(sorted(SECTIONS))})")
         _check(name in target and not isinstance(target[name], dict), f"--set {key}: unknown key {name!r}")
         target[name] = _parse_value(text.strip(), target[name], key)
+        if f"{section}.{name}" in PATH_KEYS:
+            target[name] = os.path.expanduser(target[name])
     keys = {item.partition("=")[0].strip() for item in overrides}
     # a recipe without a warm first epoch (first_epoch_lr = lr: the baselines) keeps none when lr is set: epoch 1
     # ran at the recipe's rate, then the new one

@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 import pickle
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ def init(cfg: DistConfig, device_type: str) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.timeout_min))
         _joined = True
+    agree_on_group_token(torch.device("cuda", info.gpu) if dist.get_backend() == "nccl" else torch.device("cpu"))
     tag_engine_warnings(info.rank)
     if device_type == "cuda":
         try:
@@ -239,13 +241,26 @@ def mean_over_ranks(value: float) -> float:
     return t.item() / dist.get_world_size()
 
 
+_group_token = "0"  # set by `init` for each process group it joins: rank 0's random draw, broadcast
+
+
 def store_prefix() -> str:
-    """This engine's keys in the process group's store, per torchrun attempt: `torchrun --max-restarts` starts the
-    workers again on the store the killed ones used (torch keeps its rendezvous store across restarts), where a
-    killed attempt's entries (a gather's, the failure mark a stopped rank leaves) would meet the new attempt's
-    rounds of the same numbers: another attempt's RNG states or BN statistics in a checkpoint, or a rank said to
-    have failed."""
-    return f"arat/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    """This engine's keys in the process group's store, per group: `torchrun --max-restarts` starts the workers
+    again on the store the killed ones used (torch keeps its rendezvous store across restarts), where a killed
+    attempt's entries (a gather's, the failure mark a stopped rank leaves) would meet the new attempt's rounds of
+    the same numbers: another attempt's RNG states or BN statistics in a checkpoint, or a rank said to have failed.
+    Not TORCHELASTIC_RESTART_COUNT: each node's agent counts its own restarts (one whose workers were healthy does
+    not count the restart another node caused), and ranks of two counts would wait for each other's keys."""
+    return f"arat/{_group_token}"
+
+
+def agree_on_group_token(device: torch.device) -> None:
+    """Rank 0 draws the group's store prefix and broadcasts it (a backend collective: only this group's ranks take
+    part, whatever the store holds of an earlier attempt's)."""
+    global _group_token
+    token = torch.tensor([secrets.randbits(62) if dist.get_rank() == 0 else 0], dtype=torch.int64, device=device)
+    dist.broadcast(token, src=0)
+    _group_token = f"{int(token.item()):x}"
 
 
 _rounds = 0  # store exchanges this process has made; ranks make the same ones, so their counts agree. Never reset:

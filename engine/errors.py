@@ -1,5 +1,7 @@
 """The one exception type the CLI turns into a one-line message (each subclass says what to do)."""
 
+import shlex
+
 
 class UserError(ValueError):
     """Bad input from the user: a config value, a path, a dataset, a checkpoint."""
@@ -19,3 +21,9 @@ def innermost(error: BaseException) -> BaseException:
         cause = inner
         seen.add(id(cause))
     return cause
+
+
+def shell_word(path) -> str:
+    """`path` as one word of a command a message suggests (quoted where it holds a space, a bracket, ...): pasted
+    into a shell, `arat train --resume my run (v2)` split or failed."""
+    return shlex.quote(str(path))

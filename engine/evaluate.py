@@ -237,14 +237,31 @@ def cpu_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...]) -> float
 
 
 def physical_memory() -> int | None:
-    """This machine's memory in bytes, or a container's limit below it (cgroup v2's memory.max); None unknown."""
+    """This machine's memory in bytes, or this process's cgroup limit below it (a container's, SLURM's --mem);
+    None unknown."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
-    with contextlib.suppress(OSError, ValueError):
-        total = min(total, int(Path("/sys/fs/cgroup/memory.max").read_text().strip()))  # ("max": no limit)
+    for limit in cgroup_memory_files():
+        with contextlib.suppress(OSError, ValueError):  # ("max": no limit; v1's "none" is a huge number)
+            total = min(total, int(limit.read_text().strip()))
     return total
+
+
+def cgroup_memory_files(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> list[Path]:
+    """The memory-limit files of this process's cgroup, v2 (`memory.max`) and v1 (`memory.limit_in_bytes`), at the
+    path /proc/self/cgroup names (a nested group: SLURM's job) and at the mount's root (a container's namespace)."""
+    files = [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+    with contextlib.suppress(OSError):
+        for line in own.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            relative = path.lstrip("/")
+            if controllers == "":  # v2's unified hierarchy
+                files.append(root / relative / "memory.max")
+            elif "memory" in controllers.split(","):
+                files.append(root / "memory" / relative / "memory.limit_in_bytes")
+    return files
 
 
 def resolve_chunk_size(cfg: EvalConfig, model: nn.Module, image_shape, device: torch.device) -> tuple[int, str]:
@@ -275,9 +292,10 @@ def _ceil_div(a: int, b: int) -> int:
 
 def rank_balance(num_examples: int, chunk_size: int, world_size: int) -> float:
     """The best share of the ranks' time spent attacking when `world_size` ranks take the chunks round-robin: the
-    ranks with one chunk fewer wait for the others (equal chunk times assumed)."""
-    chunks = _ceil_div(num_examples, chunk_size)
-    return chunks / (_ceil_div(chunks, world_size) * world_size)
+    ranks with fewer images wait for the busiest (time per image assumed equal; the last chunk holds the rest)."""
+    sizes = [min(chunk_size, num_examples - start) for start in range(0, num_examples, chunk_size)]
+    busiest = max(sum(sizes[rank::world_size]) for rank in range(world_size)) if sizes else 0
+    return num_examples / (world_size * busiest) if busiest else 1.0
 
 
 def balance_note(num_examples: int, chunk_size: int, world_size: int, floor: float = 0.9) -> str | None:
@@ -287,8 +305,10 @@ def balance_note(num_examples: int, chunk_size: int, world_size: int, floor: flo
     balance = rank_balance(num_examples, chunk_size, world_size)
     if world_size < 2 or balance >= floor:
         return None
-    note = (f"eval: {_ceil_div(num_examples, chunk_size)} chunks of {chunk_size} images over {world_size} ranks "
-            f"keep them busy {100 * balance:.0f}% of the time at best")  # fmt: skip
+    chunks, tail = _ceil_div(num_examples, chunk_size), num_examples % chunk_size
+    sized = f"{min(chunk_size, num_examples)} images" + (f" (the last {tail})" if chunks > 1 and tail else "")
+    note = (f"eval: {chunks} chunk{'s' * (chunks != 1)} of {sized} over {world_size} ranks keep them busy "
+            f"{100 * balance:.0f}% of the time at best")  # fmt: skip
     for c in (c for c in CHUNK_CHOICES if c < chunk_size):
         share = rank_balance(num_examples, c, world_size)
         if share >= floor:

@@ -21,7 +21,7 @@ import torch
 
 from .compile_cache import cpu_name
 from .config import TrainConfig
-from .errors import UserError
+from .errors import UserError, shell_word
 from .locks import flock_within
 
 LOCK = ".lock"  # held by the process writing the run (train, or eval writing eval.json)
@@ -274,7 +274,7 @@ class RunDir:
                 raise RunDirError(f"{self.path} is not empty and holds no run: pick another --out (a new or empty "
                                   "directory)")  # fmt: skip
             raise RunDirError(
-                f"{self.path} already holds a run: resume it with `arat train --resume {self.path}` "
+                f"{self.path} already holds a run: resume it with `arat train --resume {shell_word(self.path)}` "
                 "or pick another --out"
             )
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import METHOD_KEYS, as_trained
-from .errors import UserError
+from .errors import UserError, shell_word
 from .recipes import ABLATION_NAMES, ABLATIONS
 
 # recipe prefix -> method label, in table order
@@ -227,23 +227,23 @@ def read_run(path: Path) -> RunResult:
         names = ", ".join(f.name for f in files)
         raise TableError(
             f"{path}: {names} lack what this engine writes ({type(e).__name__}: {e}); rewrite the results with "
-            f"`arat eval {path}`"
+            f"`arat eval {shell_word(path)}`"
         ) from None
     if not results and len(files) > 1:  # evaluated, but only on other data than it trained on
         raise TableError(f"{path} was evaluated only on other data than it trained on ({dataset}): evaluate it on "
-                         f"that with `arat eval {path} --dataset {dataset}`")  # fmt: skip
+                         f"that with `arat eval {shell_word(path)} --dataset {dataset}`")  # fmt: skip
     if not results:
         if not (path / "checkpoints" / "latest.pt").exists() and not (path / "checkpoints" / "final.pt").exists():
             raise TableError(
                 f"{path} has no results and no checkpoint yet: it is still in its first epoch (wait for it) or "
-                f"was interrupted (continue it with `arat train --resume {path}`)"
+                f"was interrupted (continue it with `arat train --resume {shell_word(path)}`)"
             )
-        raise TableError(f"{path} has no results.json or eval.json: evaluate it with `arat eval {path}`")
+        raise TableError(f"{path} has no results.json or eval.json: evaluate it with `arat eval {shell_word(path)}`")
     aa = results.get("aa")
     aa_version = {"aa_version": aa.get("version") or "standard"} if isinstance(aa, dict) else {}
     # how many test images each figure is over splits rows too: a 1,000-image AutoAttack (eval.aa_num_examples) is
     # never averaged with 10,000-image seeds, and a row that differs in it from its siblings says so
-    counts = {f"{k}_images": num_examples[k] for k in ("clean", "aa") if k in num_examples}
+    counts = {f"{k}_images": num_examples[k] for k in ("clean", "pgd20", "aa") if k in num_examples}
     rows = RunDir(path).metrics()
     sims = [r["grad_sim"] for r in rows if isinstance(r.get("grad_sim"), int | float)]  # None: no finite step
     return RunResult(
@@ -333,6 +333,8 @@ def group(runs: list[RunResult]) -> list[Row]:
     for g, settings in zip(groups, merged, strict=True):
         siblings = [m for h, m in zip(groups, merged, strict=True) if _kind(h[0]) == _kind(g[0])]
         differ = sorted({k for a in siblings for b in siblings for k in a.keys() & b.keys() if a[k] != b[k]})
+        if all(m.get("pgd20_images") == m.get("clean_images") for m in siblings):  # (said once, as clean's)
+            differ = [k for k in differ if k != "pgd20_images"]
         shown = differ + (["aa_version"] if settings.get("aa_version", "standard") != "standard" else [])
         # legacy-10 reads robustness higher: its rows say so even where no sibling differs
         named = ", ".join(f"{k}={_show(k, settings[k]) if k in settings else '?'}" for k in dict.fromkeys(shown))
@@ -368,7 +370,11 @@ def render(rows: list[Row]) -> str:
         for r in part:
             cells = [r.model, r.label, *(r.cell(k, 3 if k == "grad_sim" else 2) for k, _ in cols), str(len(r.runs))]
             lines.append("| " + " | ".join(cells + ([r.paper(sim, r.arch in ablated)] if paper else [])) + " |")
-        note = _images_note(part, "clean", "clean and PGD-20") + _images_note(part, "aa", "AutoAttack")
+        # PGD-20 on as many images as clean (one `arat eval` evaluates both on the same): said together
+        pgd_apart = any("pgd20" in run.num_examples and run.num_examples["pgd20"] != run.num_examples.get("clean")
+                        for r in part for run in r.runs)  # fmt: skip
+        note = _images_note(part, "clean", "clean" if pgd_apart else "clean and PGD-20")
+        note += (_images_note(part, "pgd20", "PGD-20") if pgd_apart else "") + _images_note(part, "aa", "AutoAttack")
         out += [f"### {DATASETS.get(dataset, dataset)}", "", *lines, ""]
         out.append(f"Accuracy in %, mean ± sample std over the runs of one setting (seeds){note}.")
         out.append("")

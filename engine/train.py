@@ -27,7 +27,7 @@ from .config import (
     schedule_notice,
 )
 from .data import ArraySplit, DataError, Loader, build_loaders, data_notice, data_source, load_splits, resolve_dataset
-from .errors import UserError
+from .errors import UserError, shell_word
 from .evaluate import evaluate, format_results, summary, write_flags
 from .methods import Method, Nets, build_method, check_method
 from .models import CheckpointError, build_model, read_checkpoint, set_sync_bn
@@ -372,7 +372,7 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
         dynamic_ncols=True,
         disable=not run.dist.is_main,
     )
-    start, images = time.perf_counter(), 0
+    start, images, first_images = time.perf_counter(), 0, 0
     for i, (x, y) in enumerate(itertools.chain(head, batches), 1):
         for k, v in train_step(run, x, y).items():
             totals[k] = totals.get(k, 0) + v
@@ -380,6 +380,7 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
             run.warm = True
             first["first_step_seconds"] = round(synced_seconds(begun, run.perf.device), 2)
             first["epoch_start_seconds"] = round(start - begun, 2)  # the balance pass, its compiling included
+            first_images = images + len(y)
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
         run.step += 1
         run.swa.maybe_update(run.nets.raw, epoch, run.step)
@@ -404,7 +405,11 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
         bar.update(1)
     bar.close()
     seconds = synced_seconds(start, run.perf.device)
-    throughput = round(images * run.dist.world_size / seconds, 1)
+    counted, timed = images, seconds  # the pace: a compiling epoch's first step (graphs built) left out (helper-156:
+    compiled_in = first["first_step_seconds"] - first["epoch_start_seconds"] if first else 0.0  # ~7x slow on a GPU)
+    if first and images > first_images and seconds > compiled_in:
+        counted, timed = images - first_images, seconds - compiled_in
+    throughput = round(counted * run.dist.world_size / timed, 1)
     timing = {"lr": lr, "epoch_seconds": round(seconds, 3), "images_per_s": throughput}
     # METHOD 9's cost model is AR-AT's (an ablation's too), without grad-sim's two extra backwards: achieved TFLOP/s
     if cfg.method.name == "arat" and run.grad_sim is None:
@@ -509,11 +514,14 @@ def start_line(run: Run, out: Path | None = None) -> str:
     """What a run trains and how, its seed and folder, and the engine's version (a log alone reproduces it)."""
     cfg = run.cfg
     dataset = run.dataset or resolve_dataset(cfg.data)
+    per_rank = run.train_loader.num_images  # (under torchrun each process's share: the set's size said first)
+    images = f"{getattr(run.train_loader, 'num_total', per_rank * run.dist.world_size)} train images"
+    images += f", {per_rank} per process" if run.dist.world_size > 1 else ""
     return (
         f"arat: recipe={cfg.recipe} method={cfg.method.name} model={cfg.model.arch}"
         f"{'' if cfg.model.arch != 'resnet18' or cfg.model.width == 64 else f'(width {cfg.model.width})'} "
-        f"split_bn={cfg.model.split_bn} data={dataset}/{cfg.data.backend} ({run.train_loader.num_images} train "
-        f"images) {run.perf.summary()} world_size={run.dist.world_size}"
+        f"split_bn={cfg.model.split_bn} data={dataset}/{cfg.data.backend} ({images}) "
+        f"{run.perf.summary()} world_size={run.dist.world_size}"
         + (" sync_bn (BN statistics over every rank's batch)" if cfg.dist.sync_bn and run.dist.enabled else "")
         + f" seed={cfg.seed}"
         + (f" out={out} (its config.json holds every setting)" if out is not None else "")
@@ -577,9 +585,9 @@ def refused_since_it_started(cfg: TrainConfig, checkpoint: Path) -> None:
             check_trainable(trained)
             check_method(trained)
         except ConfigError:
-            raise ConfigError(f"{e} (an older version of this engine started {checkpoint.parents[1]} so: the run "
-                              f"cannot be resumed; `arat eval {checkpoint.parents[1]}` and `arat export` still read "
-                              "it)") from None  # fmt: skip
+            run = checkpoint.parents[1]
+            raise ConfigError(f"{e} (an older version of this engine started {run} so: the run cannot be resumed; "
+                              f"`arat eval {shell_word(run)}` and `arat export` still read it)") from None  # fmt: skip
         except (UserError, KeyError, TypeError):  # no readable config there: the refusal as it is
             pass
         raise
@@ -663,7 +671,8 @@ def check_checkpoint_kept(rundir: RunDir) -> None:
     if rundir.checkpoint(LATEST).exists():
         return
     if rundir.checkpoint(FINAL).exists():  # finished; latest.pt deleted (to save disk?)
-        raise RunDirError(f"{rundir.path} finished its training (checkpoints/{FINAL}): `arat eval {rundir.path}` "
+        evaluate = f"`arat eval {shell_word(rundir.path)}`"
+        raise RunDirError(f"{rundir.path} finished its training (checkpoints/{FINAL}): {evaluate} "
                           f"evaluates it; training it further needs its checkpoints/{LATEST}, removed (by hand or "
                           "reproduce.sh's PRUNE=1): copy it back, or train on in a new run")  # fmt: skip
     trained = max((r.get("epoch", 0) for r in rundir.metrics()), default=0)
@@ -744,7 +753,8 @@ def train_and_finish(run: Run, rundir: RunDir, resume: bool, evaluate_at_end: bo
             set_sync_bn(model, False)  # as final_model's: the evaluation's ranks take unequal chunks
             evaluate_and_record(run, rundir, model, say)
             return
-        say(f"{rundir.path} finished its {cfg.epochs} epochs already: nothing to train (`arat eval {rundir.path}` "
+        evaluate = f"`arat eval {shell_word(rundir.path)}`"
+        say(f"{rundir.path} finished its {cfg.epochs} epochs already: nothing to train ({evaluate} "
             "evaluates it again; raise epochs in its config.json to train on)")  # fmt: skip
         return
     if run.dist.is_main:  # (built on rank 0 only: it runs git)

@@ -4,6 +4,7 @@
 # one (or with arguments, which only a new run takes), it starts a new run in runs/demo-<date>.
 set -euo pipefail
 # ARAT_DATA_DIR given relative to the caller's folder, as arat itself reads it (the script works from the checkout)
+if [ -n "${ARAT_DATA_DIR:-}" ]; then export ARAT_DATA_DIR=${ARAT_DATA_DIR/#\~/$HOME}; fi # a quoted "~/data" too
 if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_DATA_DIR=$PWD/$ARAT_DATA_DIR; fi
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,7 +17,8 @@ else
     args=(--recipe demo --out "$run" "$@")
 fi
 # What arat says when interrupted (Ctrl-C, SIGTERM): the demo's own command where it continues this run, else
-# the venv's arat (not on the demo user's PATH). exec: signals reach arat itself, which saves and exits 130.
+# the venv's arat (not on the demo user's PATH). exec: signals reach arat itself, which saves and exits 130
+# (143 on SIGTERM).
 if [ "$run" = runs/demo ]; then
     export ARAT_CONTINUE_HINT="\`bash scripts/demo.sh\` again (without arguments)"
 else

@@ -27,7 +27,8 @@
 # runs and the script exits 1. One OUT_DIR holds one ARCH and DATASET (its run folders are named by method).
 set -euo pipefail
 from_caller() { # a path given relative to the caller's folder, made absolute (the script works from the checkout)
-    if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi
+    local path=${1/#\~/$HOME} # a quoted "~/data" too
+    if [[ $path == /* ]]; then echo "$path"; else echo "$PWD/$path"; fi
 }
 ARCH=${ARCH:-resnet18}
 DATASET=${DATASET:-cifar10}

@@ -3,6 +3,7 @@
 # pytest arguments pass through, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
 # ARAT_DATA_DIR given relative to the caller's folder, as arat itself reads it (the script works from the checkout)
+if [ -n "${ARAT_DATA_DIR:-}" ]; then export ARAT_DATA_DIR=${ARAT_DATA_DIR/#\~/$HOME}; fi # a quoted "~/data" too
 if [ -n "${ARAT_DATA_DIR:-}" ] && [[ $ARAT_DATA_DIR != /* ]]; then export ARAT_DATA_DIR=$PWD/$ARAT_DATA_DIR; fi
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

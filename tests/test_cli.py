@@ -367,6 +367,19 @@ def test_other_tools_checkpoints_are_read_where_they_hold_only_data(tmp_path, ca
         # no data there: the network was read and built (before the data is looked for), the data is what is missing
         assert main(["eval", str(path), "--attacks", "clean", *no_data(tmp_path)]) == 2, key
         assert "arat data download" in one_line_error(capsys), key
+    for nested in ("net", "model"):  # the re-save line the message gives reaches the weights of either layout
+        torch.save({nested: weights, "payload": RunsCode(tmp_path / "pwned")}, tmp_path / "nested.pt")
+        with pytest.raises(CheckpointError) as refused:
+            read_weights(tmp_path / "nested.pt")
+        resave = re.search(r'python -c "(.*)", then use weights.pt', str(refused.value)).group(1)
+        subprocess.run(
+            [sys.executable, "-c", resave.replace("weights.pt", str(tmp_path / "w.pt"))], check=True, cwd=tmp_path
+        )  # fmt: skip  (the file is trusted here: this test wrote it)
+        assert read_weights(tmp_path / "w.pt")[0].keys() == weights.keys(), nested
+        (tmp_path / "pwned").unlink()
+    (tmp_path / "html.pt").write_bytes(b"<html><body>404 Not Found</body></html>")  # a broken download: no object
+    with pytest.raises(CheckpointError, match="is not a readable checkpoint .*corrupt or not a PyTorch file"):
+        read_weights(tmp_path / "html.pt")
     marker = tmp_path / "pwned"
     torch.save({"state_dict": weights, "payload": RunsCode(marker)}, tmp_path / "code.pt")
     with pytest.raises(CheckpointError, match=r"holds an object of \S*open beside .* weights_only=False"):
@@ -1245,3 +1258,47 @@ def test_another_tool_s_weights_are_evaluated_with_a_note_on_their_inputs(tmp_pa
                              "--data-dir", str(cifar_dir))  # fmt: skip
     assert code == 0, (out, err)
     assert "is a state_dict without this engine's config: it is fed [0, 1] images with no mean/std" in err
+
+
+def test_paths_as_users_type_them(tmp_path, capsys, monkeypatch):
+    """helper-157: `--data-dir=~/data`, `--set data.data_dir=~/data` and ARAT_DATA_DIR="~/data" reach arat with a
+    literal `~` (no shell expands it there): "not found" for a folder that exists. A relative data folder was
+    recorded as typed, so `arat eval RUN` from another folder read nothing there (or the synthetic stand-in). A
+    suggested command naming a path with a space or a bracket did not paste into a shell."""
+    import argparse
+
+    from engine.cli import interrupted_line
+    from engine.config import apply_overrides, default_data_dir
+    from engine.recipes import get_recipe
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    assert apply_overrides(get_recipe("smoke"), ["data.data_dir=~/data"]).data.data_dir == str(home / "data")
+    monkeypatch.setenv("ARAT_DATA_DIR", "~/cifar")
+    assert default_data_dir() == str(home / "cifar")
+    monkeypatch.delenv("ARAT_DATA_DIR")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "my run (v2)"
+    assert main(["train", "--recipe", "smoke", "--out", str(run), "--set", "train.epochs=1", "--no-eval",
+                 "--data-dir=~/data"]) == 0  # fmt: skip
+    assert json.loads((run / "config.json").read_text())["data"]["data_dir"] == str(home / "data")
+    assert main(["train", "--recipe", "smoke", "--out", "rel", "--set", "train.epochs=1", "--no-eval",
+                 "--set", "data.data_dir=d"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["data"]["data_dir"] == str(tmp_path / "d")
+    line = interrupted_line(argparse.Namespace(command="train", run_dir=str(run)))
+    assert f"`arat train --resume '{run}'`" in line  # (one word, pasted)
+
+
+def test_numpy_values_beside_weights_must_be_plain_numbers(tmp_path):
+    """helper-155: numpy's dtype classes, allowed for other tools' numbers, take a state from the file that can give
+    a dtype fields of Python objects, read from the file's bytes as pointers: every numpy value read is checked to
+    be a plain number type (here its check on values of such dtypes)."""
+    from engine.models import CheckpointError, plain_numbers_only
+
+    plain_numbers_only({"a": [np.float64(1.0), np.arange(3)], "b": (np.dtype("int64"),)}, "ok.pt")
+    looped: list = []
+    looped.append(looped)  # (a pickle may hold a cycle)
+    plain_numbers_only({"cycle": looped}, "ok.pt")
+    for bad in (np.zeros(2, dtype=[("a", "O")]), np.dtype([("x", "f8")]), np.array(["s"]), np.zeros(2, dtype="O")):
+        with pytest.raises(CheckpointError, match="not a plain number type"):
+            plain_numbers_only({"nested": {"value": bad}}, "bad.pt")

@@ -287,14 +287,15 @@ def _gathering_rank(rank: int, init: str, out: str) -> None:
     info = distributed.DistInfo(rank, 2)
     rounds = [distributed.gather_objects({"rank": rank, "round": k, "big": [rank] * 1000 * k}, info) for k in range(3)]
     store = dist.distributed_c10d._get_default_store()
-    record = {"rounds": rounds, "left": [store.check([f"arat/gather/{n}/{rank}"]) for n in (1, 2, 3)]}
+    record = {"rounds": rounds, "left": [store.check([distributed._gather_key(n, rank)]) for n in (1, 2, 3)]}
     if rank == 1:
         time.sleep(0.5)  # rank 0 must not leave before this rank is done with the store
     record["shutdown_called"] = time.time()
     distributed.shutdown(info)
     record["shutdown_returned"] = time.time()
     if rank == 0:  # the last gather's entries and the exit keys are cleared
-        record["after"] = [store.check([key]) for key in ("arat/gather/3/0", "arat/gather/3/1", "arat/done/4/1")]
+        keys = [distributed._gather_key(3, 0), distributed._gather_key(3, 1), f"{distributed.store_prefix()}/done/4/1"]
+        record["after"] = [store.check([key]) for key in keys]
     Path(out, f"{rank}.json").write_text(json.dumps(record))
 
 
@@ -775,23 +776,24 @@ def test_a_torchrun_rank_leaves_after_its_exit_handlers_without_the_interpreter_
 def test_a_restarted_attempt_reads_none_of_the_killed_attempt_s_store_entries(monkeypatch):
     """helper-152: `torchrun --max-restarts` starts the workers again on the rendezvous store the killed ones used;
     their entries of the same round numbers (a failure mark, a gather's payload) were the new attempt's: a rank said
-    to have failed, or another attempt's states gathered into a checkpoint. The keys carry the attempt."""
+    to have failed, or another attempt's states gathered into a checkpoint. The keys carry the group's token, rank
+    0's draw broadcast when the group forms (helper-155: not TORCHELASTIC_RESTART_COUNT, which each node's agent
+    counts for itself); the 2-process tests form their groups through it."""
     import torch.distributed as dist
 
     from engine import distributed
     from engine.errors import UserError
 
     store, round_n = dist.HashStore(), 3
+    monkeypatch.setattr(distributed, "_group_token", "killed")
     keys = [distributed._gather_key(round_n, r) for r in range(2)]
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     store.set(distributed._failed_key(round_n), "1")  # the killed attempt's rank 1 marked this round
     store.set(distributed._gather_key(round_n, 0), b"killed attempt")
-    with pytest.raises(UserError, match="rank 1 stopped on an error"):  # (the same attempt: as it should)
+    with pytest.raises(UserError, match="rank 1 stopped on an error"):  # (the same group: as it should)
         distributed.wait_for_entries(store, keys, round_n, timedelta(seconds=0.3))
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert distributed._gather_key(round_n, 0) not in ("arat/gather/3/0", keys[0])
+    monkeypatch.setattr(distributed, "_group_token", "restarted")
     restarted = [distributed._gather_key(round_n, r) for r in range(2)]
-    assert not store.check(restarted + [distributed._failed_key(round_n)])
-    with pytest.raises(RuntimeError) as waited:  # the store's own timeout: no entry, no failure mark of this attempt
+    assert not set(restarted) & set(keys) and not store.check(restarted + [distributed._failed_key(round_n)])
+    with pytest.raises(RuntimeError) as waited:  # the store's own timeout: no entry, no failure mark of this group
         distributed.wait_for_entries(store, restarted, round_n, timedelta(seconds=0.3))
     assert not isinstance(waited.value, UserError)

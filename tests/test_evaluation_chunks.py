@@ -140,7 +140,11 @@ def test_too_few_chunks_for_the_ranks_are_named_with_a_chunk_size_that_fits():
     """10k images in chunks of 1000 (the H200 default for ResNet-18) over 8 ranks: 2 chunks for two ranks, 1 for the
     six others, who wait: 62% at best; chunks of 250 (40) keep all 8 busy."""
     assert rank_balance(10000, 1000, 8) == 10 / 16 and rank_balance(10000, 250, 8) == 1.0
-    assert rank_balance(10000, 1000, 1) == 1.0 and rank_balance(100, 25, 2) == 1.0 and rank_balance(90, 50, 2) == 1.0
+    assert rank_balance(10000, 1000, 1) == 1.0 and rank_balance(100, 25, 2) == 1.0
+    # the last chunk holds the rest (helper-156: counted full, 64 images in 50 + 14 read as 100% busy)
+    assert rank_balance(90, 50, 2) == 0.9 and rank_balance(64, 50, 2) == 0.64
+    assert balance_note(64, 500, 2).startswith("eval: 1 chunk of 64 images over 2 ranks keep them busy 50%")
+    assert balance_note(64, 50, 2).startswith("eval: 2 chunks of 50 images (the last 14) over 2 ranks")
     note = balance_note(10000, 1000, 8)
     assert note.startswith("eval: 10 chunks of 1000 images over 8 ranks keep them busy 62% of the time at best")
     assert "chunks of 250 (--chunk-size / eval.chunk_size) would keep them 100% busy" in note
@@ -1038,3 +1042,16 @@ def test_the_ranks_wait_for_a_whole_chunk_at_their_own_pace(monkeypatch):
             engine.evaluate._attack_result("clean", records, 520, cfg, None, {}, 0, 0.0, DistInfo(0, 2))
         # 45 s per image (20 images in 900 s): four chunks of 500 and 600 s; a week with no chunk of its own
         assert waits == [timedelta(days=7) if not records else timedelta(seconds=4 * 45 * 500 + 600)]
+
+
+def test_the_memory_limit_of_a_nested_cgroup_is_found(tmp_path):
+    """helper-155: only a container's cgroup v2 root limit was read; SLURM's --mem (a nested group) and cgroup v1
+    were not, so a CPU evaluation's chunk could be sized for the whole machine."""
+    from engine.evaluate import cgroup_memory_files
+
+    root, own = tmp_path / "cgroup", tmp_path / "self_cgroup"
+    own.write_text("0::/slurm/job_7/step_0\n4:memory:/slurm/job_7\n3:cpu,cpuacct:/slurm/job_7\n")
+    files = cgroup_memory_files(root, own)
+    assert root / "slurm/job_7/step_0/memory.max" in files
+    assert root / "memory/slurm/job_7/memory.limit_in_bytes" in files
+    assert root / "memory.max" in files and not any("cpu" in str(f) for f in files)

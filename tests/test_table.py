@@ -384,3 +384,22 @@ def test_an_older_engine_s_trades_run_gets_a_row_apart_from_today_s(tmp_path):
               cfg=base | {"method": {"name": "trades", "beta": 6.0, "published_bn_updates": True}})  # fmt: skip
     methods = [line.split("|")[2].strip() for line in render(table([str(root)])).splitlines() if "TRADES" in line]
     assert len(methods) == 2 and any("published_bn_updates=false" in m for m in methods), methods
+
+
+def test_pgd20_on_other_image_counts_splits_rows_and_is_said_apart(tmp_path):
+    """helper-156: only the clean and AutoAttack counts split rows, and the note said "clean and PGD-20 on N" with
+    clean's N: a seed whose PGD-20 covered 64 images (a later `arat eval --attacks pgd20`) was averaged with one of
+    32, under the clean count."""
+    root = tmp_path / "runs"
+    for seed, n in enumerate((32, 64)):
+        pgd = {"pgd20": {"accuracy": 0.1 + seed / 10, "num_examples": n}}
+        write_run(root, f"s{seed}", "arat-resnet18-cifar10", 0.8, None, eval_json=pgd, cfg={"seed": seed})
+    md = render(table([str(root)]))
+    assert row_of(md, "ResNet-18", "AR-AT (pgd20_images=32)") and row_of(md, "ResNet-18", "AR-AT (pgd20_images=64)")
+    assert "clean on 1000 test images; PGD-20 on 32 test images" in md, md
+    same = tmp_path / "same"
+    for seed in (0, 1):  # PGD-20 on the clean images: one row, said together, no label
+        pgd = {"pgd20": {"accuracy": 0.1, "num_examples": 1000}}
+        write_run(same, f"s{seed}", "arat-resnet18-cifar10", 0.8, None, eval_json=pgd, cfg={"seed": seed})
+    md = render(table([str(same)]))
+    assert "2" in row_of(md, "ResNet-18", "AR-AT") and "clean and PGD-20 on 1000 test images" in md, md

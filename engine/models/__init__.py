@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import UserError
+from ..errors import UserError, shell_word
 from .gemm_conv import GemmConv2d, set_gemm_convs
 from .resnet import ResNet18
 from .splitbn import BRANCHES, SplitBatchNorm2d, check_branch, set_dual_kernel, split_bn_layers
@@ -123,18 +123,47 @@ def read_checkpoint(path: str | Path, own: bool = False) -> dict:
     training checkpoint), where an object of code is no other tool's way of saving but a damaged or foreign file."""
     try:
         with torch.serialization.safe_globals(data_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
-    except pickle.UnpicklingError as e:  # weights_only's refusal: an object of code beside the weights
-        if own:
-            raise CheckpointError(f"{path} is not a readable checkpoint ({refused_object(e)}, which this engine "
-                                  "never writes; loading it runs code from the file)") from None  # fmt: skip
-        raise CheckpointError(refused_objects(path, e)) from None
+    except pickle.UnpicklingError as e:  # weights_only's refusal of an object of code (named), or a broken pickle
+        if (what := refused_object(e)) is not None and own:
+            raise CheckpointError(f"{path} is not a readable checkpoint ({what}, which this engine never writes; "
+                                  "loading it runs code from the file)") from None  # fmt: skip
+        if what is not None:
+            raise CheckpointError(refused_objects(path, what)) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (UnpicklingError); it is corrupt or not a "
+                              "PyTorch file") from None  # fmt: skip
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(e).__name__}); it is corrupt or not a PyTorch file"
         ) from None
+    plain_numbers_only(loaded, path)
+    return loaded
+
+
+def plain_numbers_only(loaded, path: str | Path) -> None:
+    """Refuse numpy values `data_globals` let through whose dtype is not a plain number type: a dtype's state in
+    the file can give it fields of Python objects, which numpy then reads from the file's bytes as pointers (a
+    crash, or worse, when a caller reads the value; helper-155)."""
+    stack, seen = [loaded], set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+        elif isinstance(value, argparse.Namespace):
+            stack.extend(vars(value).values())
+        elif isinstance(value, np.ndarray | np.generic | np.dtype):
+            dtype = value if isinstance(value, np.dtype) else value.dtype
+            plain = dtype.fields is None and dtype.subdtype is None and not dtype.hasobject and dtype.kind in "biuf"
+            if not plain or dtype != np.dtype(dtype.str):
+                raise CheckpointError(f"{path} holds a numpy value of dtype {dtype!r}, not a plain number type: "
+                                      "not loaded (its bytes could be read as pointers)")  # fmt: skip
 
 
 def data_globals() -> list:
@@ -149,21 +178,24 @@ def data_globals() -> list:
     return [argparse.Namespace, np.ndarray, np.dtype, *named, *numeric]
 
 
-def refused_objects(path: str | Path, error: Exception) -> str:
-    """One line for a checkpoint that `weights_only` refused: which object, and how a user who trusts the file
-    saves its weights alone."""
-    resave = (f"python -c \"import torch; c = torch.load('{path}', weights_only=False); torch.save(c.get("
-              "'state_dict', c) if isinstance(c, dict) else c.state_dict(), 'weights.pt')\"")  # fmt: skip
+def refused_objects(path: str | Path, what: str) -> str:
+    """One line for a checkpoint that `weights_only` refused (`what`: the object), and how a user who trusts the
+    file saves its weights alone (the first of the layouts `nested_weights` knows, a whole network's state_dict)."""
+    keys = ", ".join(repr(k) for k in ("model", *NESTED_KEYS))
+    resave = (f"python -c \"import torch; c = torch.load('{path}', weights_only=False); w = next((c[k] for k in "
+              f"({keys}) if isinstance(c, dict) and k in c), c); torch.save(getattr(w, 'state_dict', lambda: w)(), "
+              "'weights.pt')\"")  # fmt: skip
     return (
-        f"{path} holds {refused_object(error)} beside its weights, which this engine does not load (loading it "
-        f"runs code from the file); if you trust the file, save the weights alone: {resave}, then use weights.pt"
+        f"{path} holds {what} beside its weights, which this engine does not load (loading it runs code from the "
+        f"file); if you trust the file, save the weights alone: {resave}, then use weights.pt"
     )
 
 
-def refused_object(error: Exception) -> str:
-    """What `weights_only` refused, from its message ("... GLOBAL argparse.Namespace was not an allowed global")."""
+def refused_object(error: Exception) -> str | None:
+    """What `weights_only` refused, from its message ("... GLOBAL argparse.Namespace was not an allowed global");
+    None where it names none (a broken pickle, not an object refused)."""
     found = re.search(r"GLOBAL (\S+)", str(error))
-    return f"an object of {found.group(1)}" if found else "Python objects"
+    return f"an object of {found.group(1)}" if found else None
 
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "net")  # where other tools' checkpoints hold the weights
@@ -176,7 +208,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
     `CheckpointError` with one line, before any of it reaches a model."""
     state = read_checkpoint(path)
     config = None
-    if isinstance(state, dict) and "model" in state:
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # (not {"model": "resnet18", ...})
         config = state.get("config")
         if config is not None and not isinstance(config, dict):
             raise CheckpointError(f"{path}: its 'config' is a {type(config).__name__}, not a config mapping")
@@ -217,7 +249,7 @@ def run_network_file(path: str | Path) -> Path:
     if final.exists():
         return final
     if latest.exists():
-        finish = f"finish it with `arat train --resume {source}`"
+        finish = f"finish it with `arat train --resume {shell_word(source)}`"
         raise CheckpointError(f"{source} has not finished (no checkpoints/final.pt): {finish}, or name {latest} "
                               "for its last finished epoch's network")  # fmt: skip
     raise CheckpointError(f"{source} holds no network (no checkpoints/final.pt or latest.pt): name a finished run's "
