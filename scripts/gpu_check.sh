@@ -30,7 +30,7 @@ SELECTED=""
 CAP_OVERRIDES=() # name=seconds: this run's cap for a stage (e.g. methods, whose 15 cases need ~2 minutes)
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' scripts/gpu_check.sh | sed 's/^# \{0,1\}//' # (after the cd above: $0 may be relative)
     exit "${1:-0}"
 }
 
