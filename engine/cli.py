@@ -183,7 +183,7 @@ def cmd_train(args) -> None:
             raise ConfigError("--resume continues a run with its saved config.json: of --set it takes only perf.*, "
                               "dist.* (not dist.sync_bn) and eval.chunk_size / eval.batch_size (how and where it "
                               "runs: perf.device=cpu...), not what it trains")  # fmt: skip
-        moved = [f"data.data_dir={args.data_dir}"] if args.data_dir else []  # the data may live elsewhere now
+        moved = [f"data.data_dir={os.path.abspath(args.data_dir)}"] if args.data_dir else []  # (moved: absolute)
         cfg, out = load_run_config(args.resume), args.resume
         cfg = apply_overrides(cfg, moved + how) if moved or how else cfg
     else:

@@ -63,7 +63,7 @@ def init(cfg: DistConfig, device_type: str) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=cfg.timeout_min))
         _joined = True
-    agree_on_group_token(torch.device("cuda", info.gpu) if dist.get_backend() == "nccl" else torch.device("cpu"))
+    agree_on_group_token(info)
     tag_engine_warnings(info.rank)
     if device_type == "cuda":
         try:
@@ -254,10 +254,11 @@ def store_prefix() -> str:
     return f"arat/{_group_token}"
 
 
-def agree_on_group_token(device: torch.device) -> None:
+def agree_on_group_token(info: DistInfo) -> None:
     """Rank 0 draws the group's store prefix and broadcasts it (a backend collective: only this group's ranks take
     part, whatever the store holds of an earlier attempt's)."""
     global _group_token
+    device = torch.device("cuda", info.gpu) if dist.get_backend() == "nccl" else torch.device("cpu")
     token = torch.tensor([secrets.randbits(62) if dist.get_rank() == 0 else 0], dtype=torch.int64, device=device)
     dist.broadcast(token, src=0)
     _group_token = f"{int(token.item()):x}"

@@ -152,7 +152,7 @@ def test_a_rank_leaving_after_an_error_picks_abort_for_nccl_and_never_raises(mon
         distributed.shutdown(distributed.DistInfo(0, 2), wait=False)
         assert calls == [expected], backend
         # the exchange this rank will not reach is marked for the ranks waiting in it, and its round used up
-        assert marks.pop(f"arat/failed/{next_round}") == "0" and distributed._rounds == next_round
+        assert marks.pop(distributed._failed_key(next_round)) == "0" and distributed._rounds == next_round
     monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
     monkeypatch.delattr(dist.distributed_c10d, "_abort_process_group")
     calls.clear()
@@ -178,7 +178,7 @@ def test_an_error_on_rank_0_opening_the_run_is_raised_there_and_said_to_the_othe
     from engine.distributed import DistInfo
     from engine.rundir import RunDir, RunDirError
 
-    def broken_disk(self, resume, unwritable):
+    def broken_disk(self, resume, unwritable, wait_s=0.0):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(RunDir, "open_for_writing", broken_disk)
@@ -214,6 +214,7 @@ def test_collectives_wait_dist_timeout_min_not_nccls_ten_minutes(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: made.update(backend=backend, **kw))
+    monkeypatch.setattr(distributed, "agree_on_group_token", lambda info: None)  # (no group stood in for it)
     monkeypatch.setattr(distributed, "_joined", False)  # (put back after the test: a later main() must not leave)
     info = distributed.init(DistConfig(), "cpu")
     assert (info.rank, info.world_size) == (1, 2) and distributed.joined_a_group()
@@ -258,6 +259,7 @@ def test_two_ranks_on_one_gpu_are_refused_on_every_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: None)
+    monkeypatch.setattr(distributed, "agree_on_group_token", lambda info: None)  # (no group stood in for it)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: left.append(True))
     monkeypatch.setattr(distributed, "_joined", False)  # (put back after the test, as above)
     monkeypatch.setattr(distributed, "gpu_identity", lambda index: f"node GPU-{index}")
