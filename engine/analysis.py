@@ -78,7 +78,7 @@ def build_grad_sim(
     return GradSim(backbone_weights([model, *extra]), dist)
 
 
-def keep_saved_tensors(compiled: bool = True) -> None:
+def keep_saved_tensors() -> None:
     """Compiled backwards from here on in this process keep their saved tensors (process-wide; call it before the
     first compile). torch.compile's backward may reuse the tensors it saved as its own buffers ("donated buffers"),
     which a second backward over the same graph then reads overwritten: gradients silently wrong. So: donated
@@ -86,8 +86,8 @@ def keep_saved_tensors(compiled: bool = True) -> None:
     reused); and Inductor's on-disk caches neither read nor written, since Inductor's graph cache does not key on
     donated buffers (torch 2.13): a backward compiled with them by a run without grad-sim (an ablation after
     `arat-...`) was loaded and gave gradients up to 5.8 away from eager's on a 3-layer test network
-    (tests/test_analysis.py). A grad-sim run compiles from scratch: minutes on a CPU, about one on a GPU.
-    `compiled`: the run compiles; then an environment that forces the caches on is refused in one line."""
+    (tests/test_analysis.py). A grad-sim run compiles from scratch: minutes on a CPU, about one on a GPU. An
+    environment that forces the caches on is refused in one line."""
     import torch._dynamo
     import torch._functorch.config
     import torch._inductor.config
@@ -102,7 +102,7 @@ def keep_saved_tensors(compiled: bool = True) -> None:
     torch._inductor.config.force_disable_caches = True  # (torch.compiler.config's from torch 2.9, aliased here)
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    if compiled and not torch._inductor.config.force_disable_caches:
+    if not torch._inductor.config.force_disable_caches:
         raise ConfigError(
             "analysis.grad_sim under torch.compile needs Inductor's caches off, and TORCHINDUCTOR_FORCE_DISABLE_CACHES"
             " (or TORCH_COMPILE_FORCE_DISABLE_CACHES) in the environment keeps them on: unset it, or perf.compile=off"

@@ -204,16 +204,17 @@ def cmd_train(args) -> None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=os.path.abspath(cfg.data.data_dir)))
     resume = bool(args.resume)
     if not resume and args.out is not None and (Path(out) / "config.json").is_file():
-        resume = the_same_run(cfg, out)  # the same command again: a scheduler's requeue, a rerun
+        check_same_run(cfg, out)  # the same command again (a scheduler's requeue, a rerun): it continues the run
+        resume = True
     args.run_dir = out  # named by main() if the run is interrupted
     run_training(cfg, out, resume=resume, evaluate_at_end=not args.no_eval)
 
 
-def the_same_run(cfg: TrainConfig, out: str) -> bool:
+def check_same_run(cfg: TrainConfig, out: str) -> None:
     """`arat train --recipe X --out RUN` where RUN holds a run already (a scheduler requeueing the job, torchrun
-    restarting it, the command typed again): True (continue it, as `--resume RUN` does) when the run trains what
-    this command would, by every key a resume does not take (`resume_takes`: perf.*, dist.*, the evaluation's
-    sizes, and the data folder are this command's); else one line naming the first key that differs."""
+    restarting it, the command typed again): it is continued (as `--resume RUN` does) when it trains what this
+    command would, by every key a resume does not take (`resume_takes`: perf.*, dist.*, the evaluation's sizes,
+    and the data folder are this command's); else refused in one line naming the first key that differs."""
     from .rundir import RunDirError
     from .train import load_run_config
 
@@ -227,7 +228,6 @@ def the_same_run(cfg: TrainConfig, out: str) -> bool:
     if os.environ.get("RANK", "0") == "0":
         print(f"arat: {out} holds this run (the same recipe and settings): continuing it, as `arat train --resume "
               f"{shell_word(out)}` does")  # fmt: skip
-    return True
 
 
 def resolve_target(target: str) -> tuple[Path, TrainConfig | None]:
@@ -563,8 +563,8 @@ def cmd_export(args) -> None:
     else:  # a plain state_dict: into the network its names say (as engine.hub.load_model will load it)
         from .hub import infer_config
 
-        arch, classes = infer_config(plain)
-        load_plain(build_model(arch, classes, split_bn=False), plain, str(ckpt_path))
+        model_cfg, classes = infer_config(plain)
+        load_plain(build_model(model_cfg, classes, split_bn=False), plain, str(ckpt_path))
     if info_path(out).resolve() == out.resolve():
         raise RunDirError(f"{out}: its model_info ({info_path(out).name}) would overwrite the weights; name it e.g. "
                           f"{out.with_suffix('.pt')}")  # fmt: skip

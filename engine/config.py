@@ -34,10 +34,11 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def default_data_dir() -> str:
-    return os.path.expanduser(os.environ.get("ARAT_DATA_DIR") or "./data")  # set but empty: unset, as the scripts
+    # ARAT_DATA_DIR set but empty: unset, as the scripts read it; `~` expanded (a quoted "~/data" reaches it as is)
+    return os.path.expanduser(os.environ.get("ARAT_DATA_DIR") or "./data")
 
 
-PATH_KEYS = {"data.data_dir"}  # --set values that name a folder: `~` expanded (the shell leaves `key=~/x` as typed)
+PATH_KEYS = {"data.data_dir", "method.init"}  # --set values naming a path: `~` expanded (no shell does in `key=~/x`)
 
 
 @dataclass

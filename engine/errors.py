@@ -1,4 +1,5 @@
-"""The one exception type the CLI turns into a one-line message (each subclass says what to do)."""
+"""The one exception type the CLI turns into a one-line message (each subclass says what to do), and what those
+messages use (a path quoted as one word of a suggested command)."""
 
 import shlex
 

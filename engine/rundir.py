@@ -226,7 +226,8 @@ class RunDir:
     def open_for_writing(self, resume: bool, unwritable: str = "pick a writable --out", wait_s: float = 0.0):
         """Create (or reopen, to resume) the run directory and hold an exclusive lock on it until the block ends:
         a second process writing into the same run gets one line naming the holder (after waiting up to `wait_s`
-        for it to let go). `unwritable`: what to do when the folder cannot be written (the caller knows)."""
+        for it to let go, named again then: another may hold it by then). On a filesystem that takes no file locks
+        the block runs unlocked, said in one line. `unwritable`: what to do when the folder cannot be written."""
         self.create(resume, unwritable)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, file_mode())
         try:

@@ -405,8 +405,9 @@ def train_epoch(run: Run, epoch: int, on_progress=None) -> dict[str, float]:
         bar.update(1)
     bar.close()
     seconds = synced_seconds(start, run.perf.device)
-    counted, timed = images, seconds  # the pace: a compiling epoch's first step (graphs built) left out (helper-156:
-    compiled_in = first["first_step_seconds"] - first["epoch_start_seconds"] if first else 0.0  # ~7x slow on a GPU)
+    # the pace: a compiling epoch's first step (its graphs built) left out (helper-156: ~7x slow on a GPU)
+    counted, timed = images, seconds
+    compiled_in = first["first_step_seconds"] - first["epoch_start_seconds"] if first else 0.0
     if first and images > first_images and seconds > compiled_in:
         counted, timed = images - first_images, seconds - compiled_in
     throughput = round(counted * run.dist.world_size / timed, 1)
@@ -515,7 +516,7 @@ def start_line(run: Run, out: Path | None = None) -> str:
     cfg = run.cfg
     dataset = run.dataset or resolve_dataset(cfg.data)
     per_rank = run.train_loader.num_images  # (under torchrun each process's share: the set's size said first)
-    images = f"{getattr(run.train_loader, 'num_total', per_rank * run.dist.world_size)} train images"
+    images = f"{run.train_loader.num_total} train images"
     images += f", {per_rank} per process" if run.dist.world_size > 1 else ""
     return (
         f"arat: recipe={cfg.recipe} method={cfg.method.name} model={cfg.model.arch}"
@@ -692,15 +693,16 @@ def same_checkpoint_view(rundir: RunDir, resume: bool, info: distributed.DistInf
     path = rundir.checkpoint(LATEST)
     if apart := distributed.apart_from_rank0((resume, resume and path.exists()), info):
         other, views = apart
-        if views[0][0] != views[other][0]:
+        (resumes, finds), (other_resumes, other_finds) = views[0], views[other]
+        if resumes != other_resumes:
             raise RunDirError(
-                f"rank 0 {'continues' if views[0][0] else 'starts'} {rundir.path}, rank {other} "
-                f"{'continues' if views[other][0] else 'starts'} it (one finds its config.json, one does not): every "
+                f"rank 0 {'continues' if resumes else 'starts'} {rundir.path}, rank {other} "
+                f"{'continues' if other_resumes else 'starts'} it (one finds its config.json, one does not): every "
                 "rank reads the run's folder; put it on storage every node reads, at the same path, then start again"
             )  # fmt: skip
         raise RunDirError(
-            f"rank 0 {'finds' if views[0][1] else 'does not find'} {path}, rank {other} "
-            f"{'finds' if views[other][1] else 'does not'}: every rank of a resume reads the run's folder; put it on "
+            f"rank 0 {'finds' if finds else 'does not find'} {path}, rank {other} "
+            f"{'finds' if other_finds else 'does not'}: every rank of a resume reads the run's folder; put it on "
             "storage every node reads, at the same path, then resume again"
         )
 

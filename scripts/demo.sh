@@ -17,8 +17,8 @@ else
     args=(--recipe demo --out "$run" "$@")
 fi
 # What arat says when interrupted (Ctrl-C, SIGTERM): the demo's own command where it continues this run, else
-# the venv's arat (not on the demo user's PATH). exec: signals reach arat itself, which saves and exits 130
-# (143 on SIGTERM).
+# the venv's arat (not on the demo user's PATH). exec: signals reach arat itself, which saves and exits 128 + the
+# signal (130 after Ctrl-C, 143 after SIGTERM; also SIGHUP and SIGUSR1).
 if [ "$run" = runs/demo ]; then
     export ARAT_CONTINUE_HINT="\`bash scripts/demo.sh\` again (without arguments)"
 else

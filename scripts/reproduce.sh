@@ -137,7 +137,7 @@ failed=()
 # scheduler) is passed to the run as SIGTERM, which arat ends like Ctrl-C (its last finished epoch's checkpoint
 # kept, the interrupted epoch lost), and the script stops after it. (A child run in the foreground outlived a
 # SIGTERM'd script, holding its run's lock; a child started with & has Ctrl-C's SIGINT ignored, hence TERM for both.)
-interrupted=0 # the status to stop with: 130 after Ctrl-C, 143 after SIGTERM
+interrupted=0 # the status to stop with: 128 + the signal (130 after Ctrl-C, 143 after SIGTERM, 129 HUP, 138 USR1)
 child=0
 stop_run() {
     interrupted=$1
@@ -145,6 +145,8 @@ stop_run() {
 }
 trap 'stop_run 130' INT
 trap 'stop_run 143' TERM
+trap 'stop_run 129' HUP  # a closed terminal (under nohup: ignored, as nohup set it)
+trap 'stop_run 138' USR1 # SLURM's --signal=USR1@T
 run_child() { # "$@" as the run this script passes its signals to; returns its exit status
     local rc=0
     [ "$interrupted" = 0 ] || return "$interrupted" # a signal between two runs: start no other

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -371,7 +372,7 @@ def test_other_tools_checkpoints_are_read_where_they_hold_only_data(tmp_path, ca
         torch.save({nested: weights, "payload": RunsCode(tmp_path / "pwned")}, tmp_path / "nested.pt")
         with pytest.raises(CheckpointError) as refused:
             read_weights(tmp_path / "nested.pt")
-        resave = re.search(r'python -c "(.*)", then use weights.pt', str(refused.value)).group(1)
+        resave = shlex.split(re.search(r"alone: (python -c .*), then use weights.pt", str(refused.value)).group(1))[2]
         subprocess.run(
             [sys.executable, "-c", resave.replace("weights.pt", str(tmp_path / "w.pt"))], check=True, cwd=tmp_path
         )  # fmt: skip  (the file is trusted here: this test wrote it)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, shell_word
 
 LAYOUTS = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
@@ -49,7 +49,7 @@ def how_to_get(dataset: str, data_dir: Path) -> str:
         return f"{data_dir} is a file: point --data-dir / ARAT_DATA_DIR at the directory that holds {folder}/"
     return (
         f"expected the official layout {data_dir / folder}/; get it with `arat data download --dataset {dataset} "
-        f"--data-dir {data_dir}`, or set --data-dir / ARAT_DATA_DIR to where it is"
+        f"--data-dir {shell_word(data_dir)}`, or set --data-dir / ARAT_DATA_DIR to where it is"
     )
 
 

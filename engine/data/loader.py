@@ -40,6 +40,7 @@ class Loader(Protocol):
 
     batch_size: int
     num_images: int  # images this rank sees per epoch
+    num_total: int  # images in the split (every rank's together, without padding)
 
     def __len__(self) -> int: ...  # batches per epoch
 

@@ -129,10 +129,11 @@ def read_checkpoint(path: str | Path, own: bool = False) -> dict:
     except pickle.UnpicklingError as e:  # weights_only's refusal of an object of code (named), or a broken pickle
         if (what := refused_object(e)) is not None and own:
             raise CheckpointError(f"{path} is not a readable checkpoint ({what}, which this engine never writes; "
-                                  "loading it runs code from the file)") from None  # fmt: skip
+                                  "loading it runs code from the file): restore the run's checkpoint from a copy "
+                                  "you trust, or start the run again") from None  # fmt: skip
         if what is not None:
-            raise CheckpointError(refused_objects(path, what)) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (UnpicklingError); it is corrupt or not a "
+            raise CheckpointError(resave_line(path, what)) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); it is corrupt or not a "
                               "PyTorch file") from None  # fmt: skip
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(
@@ -178,13 +179,15 @@ def data_globals() -> list:
     return [argparse.Namespace, np.ndarray, np.dtype, *named, *numeric]
 
 
-def refused_objects(path: str | Path, what: str) -> str:
+def resave_line(path: str | Path, what: str) -> str:
     """One line for a checkpoint that `weights_only` refused (`what`: the object), and how a user who trusts the
     file saves its weights alone (the first of the layouts `nested_weights` knows, a whole network's state_dict)."""
     keys = ", ".join(repr(k) for k in ("model", *NESTED_KEYS))
-    resave = (f"python -c \"import torch; c = torch.load('{path}', weights_only=False); w = next((c[k] for k in "
-              f"({keys}) if isinstance(c, dict) and k in c), c); torch.save(getattr(w, 'state_dict', lambda: w)(), "
-              "'weights.pt')\"")  # fmt: skip
+    code = (
+        f"import torch; c = torch.load({str(path)!r}, weights_only=False); w = next((c[k] for k in ({keys}) "
+        "if isinstance(c, dict) and k in c), c); torch.save(getattr(w, 'state_dict', lambda: w)(), 'weights.pt')"
+    )
+    resave = f"python -c {shell_word(code)}"
     return (
         f"{path} holds {what} beside its weights, which this engine does not load (loading it runs code from the "
         f"file); if you trust the file, save the weights alone: {resave}, then use weights.pt"
