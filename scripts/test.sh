@@ -38,6 +38,4 @@ workers=${ARAT_TEST_WORKERS:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>
 [[ "$workers" =~ ^[0-9]+$ ]] || { echo "ARAT_TEST_WORKERS=$workers: give a number of workers (0: one process)" >&2; exit 2; }
 [ "$workers" -le 4 ] || workers=4
 [ "$workers" -ge 2 ] || workers=0
-schedule=() # the slow tests come first (tests/conftest.py SLOW_FIRST): handed out a few at a time, not in blocks
-[ "$workers" = 0 ] || schedule=(--maxschedchunk 1)
-exec .venv/bin/python -m pytest -q -n "$workers" ${schedule[@]+"${schedule[@]}"} "$@"
+exec .venv/bin/python -m pytest -q -n "$workers" "$@"

@@ -68,35 +68,6 @@ def compile_settings_as_they_were():
         setattr(module, name, value)
 
 
-# The slowest tests (CI's --durations, 2026-12-07), started first: in collection (alphabetical) order the 113 s
-# real-data run began near the end and one worker idled for a minute while it ran. With `--maxschedchunk 1`
-# (scripts/test.sh) each worker takes tests a few at a time, so the slow ones spread over the workers.
-SLOW_FIRST = [
-    "test_distributed.py::test_compiled_ddp_epochs_have_no_recompiles_or_graph_breaks",
-    "test_train.py::test_short_real_data_run_beats_chance",
-    "test_gpu_check.py::test_cpu_smoke_runs_every_stage",
-    "test_compile_cache.py::test_avx2_after_avx512_in_one_temp_dir_stays_finite",
-    "test_perf.py::test_compiled_objectives_equal_eager",
-    "test_evaluation_chunks.py::test_a_trained_runs_autoattack_record_is_read_back_from_disk",
-    "test_perf.py::test_compiled_gemm_convolutions_equal_eager",
-    "test_analysis.py::test_grad_sim_is_right_where_inductor_s_cache_holds_the_graph_compiled_without_it",
-    "test_inductor_sm90.py::test_the_networks_compile_for_sm90_with_the_fused_dual_bn",
-    "test_aot.py::test_every_kernel_compiles_for_sm75_sm80_and_sm90_without_spills",
-    "test_perf.py::test_compile_equals_eager",
-    "test_native_build.py::test_cmake_build_from_scratch",
-    "test_perf.py::test_inductor_compiled_evaluation_forwards_equal_eager",
-    "test_distributed.py::test_a_resumed_two_rank_run_equals_an_uninterrupted_one",
-    "test_perf.py::test_inductor_compiled_attack_gradient_equals_eager",
-]
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items):
-    """The SLOW_FIRST tests first, in that order; the rest as collected (the sort is stable)."""
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(f"{Path(str(item.fspath)).name}::{item.originalname}", len(rank)))
-
-
 def pytest_collection_finish(session):
     """Triton's interpreter mode is fixed by its first import. Imported here, after collection (where
     tests/kernels/conftest.py sets TRITON_INTERPRET=1), so that a test removing the variable for itself (the AOT

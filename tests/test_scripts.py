@@ -646,17 +646,3 @@ def test_reproduce_refuses_an_out_dir_holding_another_arch_s_runs(tmp_path):
     other = subprocess.run(cmd, env=env | {"DATASET": "cifar100"}, cwd=tmp_path, capture_output=True, text=True,
                            timeout=60)  # fmt: skip
     assert other.returncode == 2 and "holds a std-resnet18-cifar10 run, not std-resnet18-cifar100" in other.stderr
-
-
-def test_every_slow_first_entry_names_a_test_that_exists():
-    """tests/conftest.py's SLOW_FIRST orders the suite's slowest tests first: a renamed or removed test there would
-    silently go back to its collected place."""
-    import ast
-
-    # read, not imported: under xdist `conftest` may name tests/kernels/conftest.py
-    tree = ast.parse((REPO / "tests" / "conftest.py").read_text())
-    (listed,) = [n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "SLOW_FIRST"]
-    for entry in ast.literal_eval(listed):
-        file, name = entry.split("::")
-        (path,) = [p for p in (REPO / "tests").rglob(file) if p.is_file()]
-        assert f"def {name}(" in path.read_text(), entry
