@@ -561,10 +561,9 @@ def cmd_export(args) -> None:
         cfg = run_cfg or from_dict(saved, f"{ckpt_path} (its config)")
         load_plain(build_model(cfg.model, cfg.data.num_classes, split_bn=False), plain, str(ckpt_path))
     else:  # a plain state_dict: into the network its names say (as engine.hub.load_model will load it)
-        from .hub import infer_config
+        from .hub import plain_network
 
-        model_cfg, classes = infer_config(plain)
-        load_plain(build_model(model_cfg, classes, split_bn=False), plain, str(ckpt_path))
+        plain_network(plain, str(ckpt_path))
     if info_path(out).resolve() == out.resolve():
         raise RunDirError(f"{out}: its model_info ({info_path(out).name}) would overwrite the weights; name it e.g. "
                           f"{out.with_suffix('.pt')}")  # fmt: skip

@@ -41,10 +41,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     adv BNs), in eval mode, on `device`, taking [0, 1] inputs."""
     source = run_network_file(path)
     state, _ = read_weights(source)
-    plain = export_state_dict(state)
-    # the weights' names and shapes name the network (a model_info JSON beside them is not needed: one that is
-    # foreign or broken, a common name, raised before)
+    net = plain_network(export_state_dict(state), str(source))
+    return EvalForward(net).to(device).eval()  # the plain network's single BN holds the adv-BN statistics
+
+
+def plain_network(plain: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The plain network `plain` (a plain state_dict) loads into, named by its weights' names and shapes (a
+    model_info JSON beside them is not needed: one that is foreign or broken, a common name, raised before)."""
     cfg, classes = infer_config(plain)
     net = build_model(cfg, classes, split_bn=False)
-    load_plain(net, plain, str(source))
-    return EvalForward(net).to(device).eval()  # the plain network's single BN holds the adv-BN statistics
+    load_plain(net, plain, source)
+    return net
